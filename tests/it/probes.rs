@@ -1,0 +1,181 @@
+//! The real probes, attached to a real process: does the daemon see exactly the syscalls the
+//! process made, with the right fds, byte counts and ioctl numbers, and nothing of its own?
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+use tracer_tests::{TempDir, Tracer, events_of, privileged_or_skip};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
+const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
+
+/// NVIDIA ioctl numbers the testbed issues (RM_ALLOC, RM_CONTROL, RM_FREE) and its child issues
+/// (UVM_INITIALIZE); see ../shared/notes/nvidia-driver.md.
+const IOCTLS: [u64; 3] = [0xC030_462B, 0xC020_462A, 0xC010_4629];
+const CHILD_IOCTL: u64 = 0x3000_0001;
+const REQUEST: &[u8] = b"GET /probe HTTP/1.1\r\nHost: testbed\r\nX-Marker: 42\r\n\r\n";
+
+fn expect_line(lines: &mut impl Iterator<Item = String>, word: &str) -> Vec<u64> {
+    let line = lines
+        .next()
+        .unwrap_or_else(|| panic!("testbed ended before `{word}`"));
+    let mut parts = line.split_whitespace();
+    assert_eq!(parts.next(), Some(word), "unexpected testbed line {line:?}");
+    parts.map(|p| p.parse().expect("number")).collect()
+}
+
+fn num(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"))
+}
+
+#[test]
+fn daemon_sees_exactly_the_targets_syscalls() {
+    if !privileged_or_skip("daemon_sees_exactly_the_targets_syscalls") {
+        return;
+    }
+    let dir = TempDir::new("probes");
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(&dev).expect("dev dir");
+    // Stand-in device nodes: regular files, so ioctls reach the tracepoints and fail with ENOTTY.
+    std::fs::write(dev.join("nvidia0"), b"").expect("nvidia0");
+    std::fs::write(dev.join("nvidiactl"), b"").expect("nvidiactl");
+    let dev_root = dev.to_str().expect("utf8");
+
+    let mut args = vec!["--device-root".to_string(), dev_root.to_string()];
+    for cmd in IOCTLS {
+        args.extend(["--ioctl".into(), format!("{cmd:x}")]);
+    }
+    args.extend(["--child-ioctl".into(), format!("{CHILD_IOCTL:x}")]);
+    let mut testbed = Command::new(TESTBED)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn testbed");
+    let pid = testbed.id();
+    let mut lines = BufReader::new(testbed.stdout.take().expect("stdout"))
+        .lines()
+        .map(|l| l.expect("testbed stdout"));
+    let port = expect_line(&mut lines, "listening")[0];
+
+    let pid_s = pid.to_string();
+    let tracer = Tracer::start(
+        TRACER,
+        dir.path(),
+        &[
+            "--pid",
+            &pid_s,
+            "--device-root",
+            dev_root,
+            "--poll-interval-ms",
+            "5",
+            "--summary-interval-ms",
+            "200",
+        ],
+    );
+
+    let mut stdin = testbed.stdin.take().expect("stdin");
+    writeln!(stdin, "go").expect("go");
+    let mut client = TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
+    client.write_all(REQUEST).expect("send request");
+    let mut response = Vec::new();
+    client.read_to_end(&mut response).expect("read response");
+    let fd = expect_line(&mut lines, "accepted")[0];
+    assert_eq!(expect_line(&mut lines, "request")[0], REQUEST.len() as u64);
+    let sizes = expect_line(&mut lines, "response");
+    let (head_len, body_len) = (sizes[0], sizes[1]);
+    assert_eq!(response.len() as u64, head_len + body_len);
+    let dev_fd = expect_line(&mut lines, "dev")[0];
+    let child = expect_line(&mut lines, "forked")[0] as u32;
+    expect_line(&mut lines, "done");
+
+    // Let the poll timer drain, then stop; the daemon drains once more on the way out.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let events = tracer.stop();
+    drop(stdin);
+    let _ = testbed.wait();
+
+    // Only the target and its child: not the test process (the client), not the daemon.
+    for e in &events {
+        let tgid = num(e, "tgid") as u32;
+        assert!(
+            tgid == pid || tgid == child,
+            "event from untraced process: {e}"
+        );
+    }
+
+    let conns = events_of(&events, "conn", pid);
+    assert_eq!(conns.len(), 1, "one accepted connection: {conns:?}");
+    let conn = conns[0];
+    assert_eq!(num(conn, "fd"), fd);
+    assert_eq!(conn["syscall"], "accept4");
+    assert_eq!(conn["family"], 2);
+    let local_port = client.local_addr().expect("addr").port();
+    assert_eq!(conn["peer"], format!("127.0.0.1:{local_port}"));
+    let conn_id = num(conn, "conn_id");
+
+    let data = events_of(&events, "data", pid);
+    let inbound: Vec<_> = data.iter().filter(|d| d["inbound"] == true).collect();
+    let outbound: Vec<_> = data.iter().filter(|d| d["inbound"] == false).collect();
+    assert_eq!(inbound.len(), 1, "one read: {inbound:?}");
+    assert_eq!(inbound[0]["syscall"], "read");
+    assert_eq!(num(inbound[0], "total_len"), REQUEST.len() as u64);
+    assert_eq!(
+        inbound[0]["payload"],
+        std::str::from_utf8(REQUEST).expect("utf8")
+    );
+    assert_eq!(outbound.len(), 2, "write + writev: {outbound:?}");
+    assert_eq!(outbound[0]["syscall"], "write");
+    assert_eq!(num(outbound[0], "total_len"), head_len);
+    assert_eq!(outbound[1]["syscall"], "writev");
+    assert_eq!(num(outbound[1], "total_len"), body_len);
+    assert_eq!(num(outbound[1], "iov_segs"), 3);
+    assert_eq!(outbound[1]["payload"], "0123456789abcdefghijKLMNOPQRST");
+    for d in &data {
+        assert_eq!(num(d, "fd"), fd);
+        assert_eq!(num(d, "conn_id"), conn_id);
+    }
+    let closes = events_of(&events, "close", pid);
+    assert_eq!(closes.len(), 1, "one close: {closes:?}");
+    assert_eq!(
+        (num(closes[0], "fd"), num(closes[0], "conn_id")),
+        (fd, conn_id)
+    );
+
+    let opens = events_of(&events, "dev_open", pid);
+    assert_eq!(opens.len(), 1, "{opens:?}");
+    assert_eq!(num(opens[0], "fd"), dev_fd);
+    assert_eq!(opens[0]["path"], format!("{dev_root}/nvidia0"));
+    let ioctls = events_of(&events, "ioctl", pid);
+    let cmds: Vec<u64> = ioctls.iter().map(|e| num(e, "cmd")).collect();
+    assert_eq!(cmds, IOCTLS.to_vec());
+    for e in &ioctls {
+        assert_eq!(num(e, "fd"), dev_fd);
+        assert_eq!(e["ret"], -i64::from(libc::ENOTTY));
+    }
+    assert_eq!(events_of(&events, "dev_close", pid).len(), 1);
+
+    // The forked child was followed in the kernel: its device open and ioctl were seen.
+    let forks: Vec<_> = events_of(&events, "fork", pid)
+        .into_iter()
+        .filter(|e| num(e, "child") == u64::from(child))
+        .collect();
+    assert_eq!(forks.len(), 1, "fork of {child} seen");
+    let child_opens = events_of(&events, "dev_open", child);
+    assert_eq!(child_opens.len(), 1);
+    assert_eq!(child_opens[0]["path"], format!("{dev_root}/nvidiactl"));
+    let child_ioctls = events_of(&events, "ioctl", child);
+    assert_eq!(child_ioctls.len(), 1);
+    assert_eq!(num(child_ioctls[0], "cmd"), CHILD_IOCTL);
+    assert_eq!(
+        events_of(&events, "exit", child).len(),
+        1,
+        "child exit seen"
+    );
+}

@@ -1,0 +1,160 @@
+//! Harness for tracer's integration tests: root checks, running the real daemon, reading what it
+//! saw. The tests themselves live in `it/`.
+
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Whether this test may load eBPF. Root: yes. Not root: under `CI=true` that is a failure (CI
+/// runs as root, so a skip there would hide a broken setup); elsewhere the test skips, loudly.
+pub fn privileged_or_skip(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: CI=true but not running as root: the probes cannot load, refusing to skip"
+    );
+    eprintln!("SKIPPED {test}: needs root to load eBPF (run `cargo xtask test`, which uses sudo)");
+    false
+}
+
+/// The daemon under test, running with `--events-out`.
+pub struct Tracer {
+    child: Option<Child>,
+    events: PathBuf,
+    log: PathBuf,
+}
+
+impl Tracer {
+    /// Starts `exe run <args> --events-out <dir>/events.jsonl` and waits until it has attached
+    /// (the events file appears once the probes are attached).
+    pub fn start(exe: &str, dir: &Path, args: &[&str]) -> Tracer {
+        let events = dir.join("events.jsonl");
+        let log = dir.join("tracer.log");
+        let log_file = std::fs::File::create(&log).expect("create log");
+        let child = Command::new(exe)
+            .arg("run")
+            .args(args)
+            .arg("--events-out")
+            .arg(&events)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn tracer");
+        let mut t = Tracer {
+            child: Some(child),
+            events,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !t.events.exists() {
+            if let Some(status) = t.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "tracer exited early ({status}) — probes did not load:\n{}",
+                    t.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer did not attach in 60 s:\n{}",
+                t.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM, expects a clean exit, and returns every event it wrote.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer ignored SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = self.log_text();
+        assert!(status.success(), "tracer exited with {status}:\n{log}");
+        assert!(
+            log.contains("probes detached"),
+            "no clean detach in log:\n{log}"
+        );
+        let mut text = String::new();
+        std::fs::File::open(&self.events)
+            .expect("events file")
+            .read_to_string(&mut text)
+            .expect("read events");
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `tracer-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("tracer-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Events of one kind from one process.
+pub fn events_of<'a>(
+    events: &'a [serde_json::Value],
+    kind: &str,
+    tgid: u32,
+) -> Vec<&'a serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind && e["tgid"] == tgid)
+        .collect()
+}

@@ -1,0 +1,430 @@
+//! Records in the ring buffer, keys and values of the maps, and the probes' configuration.
+//!
+//! Layout rules: every record starts with [`Header`]; fields are ordered largest first and padded
+//! explicitly so the layout is the same on every target; sizes are checked at compile time below.
+//! Timestamps are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC nanoseconds).
+
+/// Most payload bytes copied from one socket read/write; the full byte count is always reported.
+/// A power of two: the probes mask offsets and lengths with it for the verifier.
+pub const CAPTURE_MAX: usize = 4096;
+/// iovec segments walked per readv/writev/recvmsg/sendmsg (bounded loop in the probe).
+pub const IOV_WALK_MAX: usize = 8;
+/// Bytes of an opened path copied into [`DevOpenEvent`].
+pub const PATH_CAPTURE: usize = 128;
+/// Longest device-root prefix (e.g. `/dev/nvidia`) the probes compare paths against.
+pub const DEV_PREFIX_MAX: usize = 96;
+/// Length of a task's `comm`, as in the kernel.
+pub const COMM_LEN: usize = 16;
+/// Number of slots in the per-CPU statistics array ([`Stat`]).
+pub const STAT_SLOTS: u32 = 64;
+
+/// What a ring-buffer record is. Stored in [`Header::kind`].
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// A connection appeared: accept/accept4 (server side) or connect (client side).
+    Conn = 1,
+    /// Bytes moved on a tracked connection.
+    Data = 2,
+    /// A tracked connection's fd was closed.
+    Close = 3,
+    /// A device node under the configured device root was opened.
+    DevOpen = 4,
+    /// A tracked device fd was closed.
+    DevClose = 5,
+    /// An ioctl on a tracked device fd returned.
+    Ioctl = 6,
+    /// A target created a task (process or thread); the child is now a target.
+    ProcFork = 7,
+    /// A target (or a process whose comm matched) called exec.
+    ProcExec = 8,
+    /// The last thread of a target process exited.
+    ProcExit = 9,
+}
+
+impl Kind {
+    /// Every kind, in discriminant order.
+    pub const ALL: [Kind; 9] = [
+        Kind::Conn,
+        Kind::Data,
+        Kind::Close,
+        Kind::DevOpen,
+        Kind::DevClose,
+        Kind::Ioctl,
+        Kind::ProcFork,
+        Kind::ProcExec,
+        Kind::ProcExit,
+    ];
+
+    /// Decodes a header's kind field.
+    pub const fn from_u16(v: u16) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Conn),
+            2 => Some(Kind::Data),
+            3 => Some(Kind::Close),
+            4 => Some(Kind::DevOpen),
+            5 => Some(Kind::DevClose),
+            6 => Some(Kind::Ioctl),
+            7 => Some(Kind::ProcFork),
+            8 => Some(Kind::ProcExec),
+            9 => Some(Kind::ProcExit),
+            _ => None,
+        }
+    }
+
+    /// Short lowercase name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Conn => "conn",
+            Kind::Data => "data",
+            Kind::Close => "close",
+            Kind::DevOpen => "dev_open",
+            Kind::DevClose => "dev_close",
+            Kind::Ioctl => "ioctl",
+            Kind::ProcFork => "fork",
+            Kind::ProcExec => "exec",
+            Kind::ProcExit => "exit",
+        }
+    }
+
+    /// Slot of this kind's "emitted" counter in the statistics array.
+    pub const fn emitted_stat(self) -> u32 {
+        self as u32
+    }
+
+    /// Slot of this kind's "dropped (ring buffer full)" counter in the statistics array.
+    pub const fn dropped_stat(self) -> u32 {
+        16 + self as u32
+    }
+}
+
+/// The syscall that produced a record (and that a stashed entry belongs to).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Syscall {
+    Accept = 1,
+    Accept4 = 2,
+    Connect = 3,
+    Read = 4,
+    Readv = 5,
+    Recvfrom = 6,
+    Recvmsg = 7,
+    Write = 8,
+    Writev = 9,
+    Sendto = 10,
+    Sendmsg = 11,
+    Close = 12,
+    Openat = 13,
+    Ioctl = 14,
+}
+
+impl Syscall {
+    /// Decodes a record's syscall field.
+    pub const fn from_u8(v: u8) -> Option<Syscall> {
+        match v {
+            1 => Some(Syscall::Accept),
+            2 => Some(Syscall::Accept4),
+            3 => Some(Syscall::Connect),
+            4 => Some(Syscall::Read),
+            5 => Some(Syscall::Readv),
+            6 => Some(Syscall::Recvfrom),
+            7 => Some(Syscall::Recvmsg),
+            8 => Some(Syscall::Write),
+            9 => Some(Syscall::Writev),
+            10 => Some(Syscall::Sendto),
+            11 => Some(Syscall::Sendmsg),
+            12 => Some(Syscall::Close),
+            13 => Some(Syscall::Openat),
+            14 => Some(Syscall::Ioctl),
+            _ => None,
+        }
+    }
+
+    /// The syscall's name as the kernel spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Syscall::Accept => "accept",
+            Syscall::Accept4 => "accept4",
+            Syscall::Connect => "connect",
+            Syscall::Read => "read",
+            Syscall::Readv => "readv",
+            Syscall::Recvfrom => "recvfrom",
+            Syscall::Recvmsg => "recvmsg",
+            Syscall::Write => "write",
+            Syscall::Writev => "writev",
+            Syscall::Sendto => "sendto",
+            Syscall::Sendmsg => "sendmsg",
+            Syscall::Close => "close",
+            Syscall::Openat => "openat",
+            Syscall::Ioctl => "ioctl",
+        }
+    }
+
+    /// Whether bytes flow into the process (a read) for this syscall.
+    pub const fn is_inbound(self) -> bool {
+        matches!(
+            self,
+            Syscall::Read | Syscall::Readv | Syscall::Recvfrom | Syscall::Recvmsg
+        )
+    }
+}
+
+/// Statistics slots other than the per-kind emitted/dropped counters (see [`Kind::emitted_stat`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A syscall's entry arguments could not be stashed for its exit (map full).
+    StashFull = 40,
+    /// A new connection could not be tracked (connection map full).
+    ConnTableFull = 41,
+    /// A device fd could not be tracked (device-fd map full).
+    DevTableFull = 42,
+    /// A socket payload was longer than the capture limit (counted, not a loss: the full byte
+    /// count is still reported).
+    CaptureTruncated = 43,
+    /// Copying user memory failed (page not resident, bad pointer).
+    UserReadFailed = 44,
+    /// An iovec array had more segments than the probe walks.
+    IovTruncated = 45,
+    /// A forked task could not be added to the target map.
+    TargetTableFull = 46,
+    /// Records emitted with a forced wakeup because the ring buffer was filling up.
+    ForcedWakeups = 47,
+}
+
+/// `Header::flags` bit on a [`Kind::Data`] record: the read returned 0 (peer closed its side).
+pub const DATA_FLAG_EOF: u16 = 1;
+/// `Header::flags` bit on a [`Kind::ProcExec`] record: the process became a target by its comm.
+pub const EXEC_FLAG_COMM_MATCH: u16 = 1;
+
+/// First bytes of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// `bpf_ktime_get_ns()` at the syscall's exit (or at the event).
+    pub ts_ns: u64,
+    /// Process id (tgid) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub tid: u32,
+    /// A [`Kind`] discriminant.
+    pub kind: u16,
+    /// Kind-specific flag bits.
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// [`Kind::Conn`]: a connection the probes now follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub hdr: Header,
+    /// Connection generation: unique per (tgid, fd) lifetime, so fd reuse is never confused.
+    pub conn_id: u64,
+    /// The connection's fd.
+    pub fd: i32,
+    /// The listening fd for accept; -1 for connect.
+    pub listen_fd: i32,
+    /// Peer address family (`AF_INET`, `AF_INET6`, `AF_UNIX`), 0 when the caller passed no
+    /// address buffer.
+    pub family: u16,
+    /// Peer port, host byte order (0 for `AF_UNIX` or unknown).
+    pub port: u16,
+    /// A [`Syscall`] discriminant.
+    pub syscall: u8,
+    pub _pad: [u8; 3],
+    /// Peer address: IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// Fixed part of a [`Kind::Data`] record; `cap_len` payload bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataHead {
+    pub hdr: Header,
+    pub conn_id: u64,
+    /// Bytes the syscall moved (its return value), whatever was captured.
+    pub total_len: u64,
+    pub fd: i32,
+    /// Payload bytes that follow this struct (≤ [`CAPTURE_MAX`]).
+    pub cap_len: u32,
+    /// A [`Syscall`] discriminant.
+    pub syscall: u8,
+    pub _pad1: u8,
+    /// iovec segments walked (0 for plain buffers).
+    pub iov_segs: u16,
+    pub _pad2: u32,
+}
+
+/// [`Kind::Close`] and [`Kind::DevClose`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub hdr: Header,
+    /// Connection generation (0 for device fds).
+    pub conn_id: u64,
+    pub fd: i32,
+    pub _pad: u32,
+}
+
+/// [`Kind::DevOpen`]: a path under the device root was opened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DevOpenEvent {
+    pub hdr: Header,
+    pub fd: i32,
+    /// `openat` flags.
+    pub flags: i32,
+    /// Bytes of `path` used (without the NUL).
+    pub path_len: u32,
+    pub _pad: u32,
+    pub path: [u8; PATH_CAPTURE],
+}
+
+/// [`Kind::Ioctl`]: an ioctl on a tracked device fd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IoctlEvent {
+    pub hdr: Header,
+    /// The syscall's return value.
+    pub ret: i64,
+    /// The third argument (usually a user pointer to the parameter block).
+    pub arg: u64,
+    pub fd: i32,
+    /// The request number as passed.
+    pub cmd: u32,
+}
+
+/// [`Kind::ProcFork`], [`Kind::ProcExec`] and [`Kind::ProcExit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    pub hdr: Header,
+    /// Fork: the new task's id; exec/exit: the process id.
+    pub pid: u32,
+    /// Fork: the parent's tgid; exec/exit: 0.
+    pub ppid: u32,
+    /// The task's comm after the event.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Key of the per-(process, fd) maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Value of the connection map: a socket the probes copy data from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnState {
+    pub conn_id: u64,
+    pub family: u16,
+    /// 1 = server side (accepted), 2 = client side (connected), 3 = seeded from /proc.
+    pub role: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Connection accepted by the target.
+pub const ROLE_SERVER: u8 = 1;
+/// Connection the target opened.
+pub const ROLE_CLIENT: u8 = 2;
+/// Connection found in /proc at attach time.
+pub const ROLE_SEEDED: u8 = 3;
+
+/// A syscall's entry arguments, kept per thread until its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Stash {
+    /// First argument (the fd, or `dfd` for openat).
+    pub fd: i64,
+    /// Buffer / iovec / msghdr / sockaddr / filename pointer.
+    pub ptr: u64,
+    /// Length, iovec count, addrlen pointer, ioctl arg or open flags.
+    pub arg: u64,
+    /// Connection generation for socket I/O.
+    pub conn_id: u64,
+    /// A [`Syscall`] discriminant.
+    pub syscall: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Target map value bits: why a process is traced.
+pub const TARGET_PID: u32 = 1;
+/// Listens on a configured port.
+pub const TARGET_PORT: u32 = 2;
+/// Matched a configured comm.
+pub const TARGET_COMM: u32 = 4;
+/// In a configured cgroup (found at attach time).
+pub const TARGET_CGROUP: u32 = 8;
+/// Forked from a target (followed in the kernel).
+pub const TARGET_CHILD: u32 = 16;
+
+/// The probes' configuration, a global the loader overrides before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeConfig {
+    /// The daemon's own tgid: never traced.
+    pub self_tgid: u32,
+    /// Non-zero when the cgroup map holds targets (saves a helper call when it does not).
+    pub filter_cgroup: u32,
+    /// Non-zero when the comm map holds targets.
+    pub filter_comm: u32,
+    /// Payload bytes to copy per socket syscall (≤ [`CAPTURE_MAX`]).
+    pub capture_bytes: u32,
+    /// Ring-buffer fill level (bytes) above which records force a consumer wakeup.
+    pub wakeup_bytes: u64,
+    /// Bytes of `dev_prefix` in use (0 disables device tracking).
+    pub dev_prefix_len: u32,
+    pub _pad: u32,
+    /// Opened paths starting with this prefix are device fds (e.g. `/dev/nvidia`).
+    pub dev_prefix: [u8; DEV_PREFIX_MAX],
+}
+
+impl ProbeConfig {
+    /// The configuration compiled into the object (no target, nothing captured).
+    pub const DEFAULT: ProbeConfig = ProbeConfig {
+        self_tgid: 0,
+        filter_cgroup: 0,
+        filter_comm: 0,
+        capture_bytes: CAPTURE_MAX as u32,
+        wakeup_bytes: 0,
+        dev_prefix_len: 0,
+        _pad: 0,
+        dev_prefix: [0; DEV_PREFIX_MAX],
+    };
+}
+
+/// Byte offset of the payload in a [`Kind::Data`] record.
+pub const DATA_HEAD_LEN: usize = size_of::<DataHead>();
+
+const _: () = {
+    assert!(size_of::<Header>() == 24);
+    assert!(size_of::<ConnEvent>() == 64);
+    assert!(size_of::<DataHead>() == 56);
+    assert!(size_of::<CloseEvent>() == 40);
+    assert!(size_of::<DevOpenEvent>() == 40 + PATH_CAPTURE);
+    assert!(size_of::<IoctlEvent>() == 48);
+    assert!(size_of::<ProcEvent>() == 48);
+    assert!(size_of::<Stash>() == 40);
+    assert!(size_of::<ConnState>() == 16);
+    assert!(CAPTURE_MAX.is_power_of_two());
+    assert!((Kind::ProcExit as u32) < 16);
+    assert!(Kind::ProcExit.dropped_stat() < Stat::StashFull as u32);
+    assert!((Stat::ForcedWakeups as u32) < STAT_SLOTS);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    //! `aya::Pod` marks types userspace may copy in and out of maps and globals.
+    use super::{ConnState, FdKey, ProbeConfig};
+
+    // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for FdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProbeConfig {}
+}

@@ -1,0 +1,794 @@
+//! The programs. See the crate docs for the rules they follow.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user,
+            bpf_probe_read_user_str,
+        },
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::{info, warn};
+use tracer_ebpf::abi::{
+    CAPTURE_MAX, COMM_LEN, CloseEvent, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN,
+    DEV_PREFIX_MAX, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, FdKey, Header, IOV_WALK_MAX,
+    IoctlEvent, Kind, PATH_CAPTURE, ProbeConfig, ProcEvent, ROLE_CLIENT, ROLE_SERVER, STAT_SLOTS,
+    Stash, Stat, Syscall, TARGET_CHILD, TARGET_COMM,
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EINPROGRESS: i64 = 115;
+
+/// Overridden by the loader before the programs are loaded (a frozen `.rodata` global).
+#[unsafe(no_mangle)]
+static CONFIG: ProbeConfig = ProbeConfig::DEFAULT;
+
+/// Records to userspace. Resized by the loader.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Processes to trace: tgid → why (`TARGET_*` bits).
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(32768, 0);
+
+/// cgroup ids whose members are traced.
+#[map]
+static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(256, 0);
+
+/// Process names whose processes become targets at exec.
+#[map]
+static COMMS: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(256, 0);
+
+/// Sockets of targets whose data is captured: (tgid, fd) → connection.
+#[map]
+static CONNS: HashMap<FdKey, ConnState> = HashMap::with_max_entries(65536, 0);
+
+/// Device fds (paths under the device root) of targets: (tgid, fd) → 1.
+#[map]
+static DEV_FDS: HashMap<FdKey, u32> = HashMap::with_max_entries(8192, 0);
+
+/// Entry arguments per thread (pid_tgid) until the syscall exits. LRU so a lost exit cannot
+/// leak entries forever.
+#[map]
+static STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU counters (see `Stat` and `Kind::{emitted,dropped}_stat`).
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+/// Per-CPU scratch for data records: twice the capture size so masked offset + clamped length
+/// always fit, which is what the verifier needs to see.
+#[repr(C)]
+struct DataScratch {
+    head: DataHead,
+    data: [u8; 2 * CAPTURE_MAX],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch for device-open records (too large for the 512-byte stack with the rest).
+#[map]
+static PATHBUF: PerCpuArray<DevOpenEvent> = PerCpuArray::with_max_entries(1, 0);
+
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: CONFIG is plain data; volatile so the loader's override is what is read.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$field) }
+    };
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(p) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn header(kind: Kind, id: u64, flags: u16) -> Header {
+    Header {
+        ts_ns: now_ns(),
+        tgid: (id >> 32) as u32,
+        tid: id as u32,
+        kind: kind as u16,
+        flags,
+        _pad: 0,
+    }
+}
+
+/// Submit flags: no wakeup unless the ring is filling up, so a busy server costs no wakeup per
+/// event while a stalled consumer still gets woken before records are dropped.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    let threshold: u64 = config!(wakeup_bytes);
+    if threshold == 0 {
+        return 0;
+    }
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= threshold {
+        bump(Stat::ForcedWakeups as u32);
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
+#[inline(always)]
+fn emit<T: 'static>(kind: Kind, record: &T) {
+    if EVENTS.output::<T>(record, submit_flags()).is_ok() {
+        bump(kind.emitted_stat());
+    } else {
+        bump(kind.dropped_stat());
+    }
+}
+
+/// Syscall tracepoint argument `n` (the layout every `syscalls/sys_enter_*` shares).
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: tracepoint context reads within the record, 8-byte aligned.
+    unsafe { *(ctx.as_ptr().cast::<u8>().add(16 + 8 * n).cast::<u64>()) }
+}
+
+/// A `syscalls/sys_exit_*` tracepoint's return value.
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    arg(ctx, 0) as i64
+}
+
+#[inline(always)]
+fn read_user<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper faults safely on bad user pointers.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// Whether the current process is traced; returns its pid_tgid.
+#[inline(always)]
+fn current_target() -> Option<u64> {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: the value is not held across helper calls that could free it.
+    if unsafe { TARGETS.get(&tgid) }.is_some() {
+        return Some(id);
+    }
+    if config!(filter_cgroup) != 0 {
+        // SAFETY: helper without arguments.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        // SAFETY: as above.
+        if unsafe { CGROUPS.get(&cgroup) }.is_some() && tgid != config!(self_tgid) {
+            return Some(id);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn stash(id: u64, entry: &Stash) {
+    if STASH.insert(&id, entry, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::StashFull as u32);
+    }
+}
+
+/// Takes this thread's stashed entry if it belongs to `syscall`.
+#[inline(always)]
+fn take(id: u64, syscall: Syscall) -> Option<Stash> {
+    // SAFETY: copied out before the entry is removed.
+    let entry = unsafe { STASH.get(&id) }.copied()?;
+    let _ = STASH.remove(&id);
+    (entry.syscall == syscall as u8).then_some(entry)
+}
+
+#[inline(always)]
+fn stash_entry(fd: u64, ptr: u64, arg: u64, conn_id: u64, syscall: Syscall) -> Stash {
+    Stash {
+        fd: fd as i64,
+        ptr,
+        arg,
+        conn_id,
+        syscall: syscall as u8,
+        _pad: [0; 7],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+#[inline(always)]
+fn conn_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    // accept(fd, upeer_sockaddr, upeer_addrlen) / connect(fd, uservaddr, addrlen)
+    stash(
+        id,
+        &stash_entry(arg(ctx, 0), arg(ctx, 1), arg(ctx, 2), 0, syscall),
+    );
+    0
+}
+
+#[inline(always)]
+fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, syscall) else {
+        return 0;
+    };
+    let rv = ret(ctx);
+    let (fd, listen_fd, role) = if syscall == Syscall::Connect {
+        if rv != 0 && rv != -EINPROGRESS {
+            return 0;
+        }
+        (entry.fd as i32, -1, ROLE_CLIENT)
+    } else {
+        if rv < 0 {
+            return 0;
+        }
+        (rv as i32, entry.fd as i32, ROLE_SERVER)
+    };
+
+    let mut ev = ConnEvent {
+        hdr: header(Kind::Conn, id, 0),
+        conn_id: 0,
+        fd,
+        listen_fd,
+        family: 0,
+        port: 0,
+        syscall: syscall as u8,
+        _pad: [0; 3],
+        addr: [0; 16],
+    };
+    if entry.ptr != 0 {
+        ev.family = read_user::<u16>(entry.ptr).unwrap_or(0);
+        let port = read_user::<u16>(entry.ptr + 2).unwrap_or(0);
+        match ev.family {
+            AF_INET => {
+                ev.port = u16::from_be(port);
+                if let Some(a) = read_user::<[u8; 4]>(entry.ptr + 4) {
+                    ev.addr[..4].copy_from_slice(&a);
+                }
+            }
+            AF_INET6 => {
+                ev.port = u16::from_be(port);
+                if let Some(a) = read_user::<[u8; 16]>(entry.ptr + 8) {
+                    ev.addr = a;
+                }
+            }
+            // Unix sockets are reported (IPC peers) but their data is not captured.
+            AF_UNIX => {
+                emit(Kind::Conn, &ev);
+                return 0;
+            }
+            0 => {}
+            // Netlink, packet, vsock...: not HTTP.
+            _ => return 0,
+        }
+    }
+    // The connection generation: monotonic time is unique per (tgid, fd) lifetime.
+    ev.conn_id = ev.hdr.ts_ns;
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    let state = ConnState {
+        conn_id: ev.conn_id,
+        family: ev.family,
+        role,
+        _pad: [0; 5],
+    };
+    if CONNS.insert(&key, &state, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::ConnTableFull as u32);
+    }
+    emit(Kind::Conn, &ev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket data
+
+#[inline(always)]
+fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(ctx, 0);
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    // One lookup for everybody: only targets' sockets are in CONNS.
+    // SAFETY: copied out immediately.
+    let Some(conn_id) = (unsafe { CONNS.get(&key) }).map(|c| c.conn_id) else {
+        return 0;
+    };
+    // (fd, buf|iov|msg, count|iovcnt|flags)
+    stash(
+        id,
+        &stash_entry(fd, arg(ctx, 1), arg(ctx, 2), conn_id, syscall),
+    );
+    0
+}
+
+#[inline(always)]
+fn io_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, syscall) else {
+        return 0;
+    };
+    let rv = ret(ctx);
+    if rv < 0 || (rv == 0 && !syscall.is_inbound()) {
+        return 0;
+    }
+    emit_data(id, &entry, syscall, rv as u64);
+    0
+}
+
+/// Copies `len` user bytes to `buf[off..]`, with the offset masked and the length clamped so
+/// the verifier can bound the write. Returns the bytes copied.
+#[inline(always)]
+fn copy_user(buf: &mut [u8; 2 * CAPTURE_MAX], off: u32, src: u64, len: u64) -> u32 {
+    let off = (off as usize) & (CAPTURE_MAX - 1);
+    // Clamp in 64 bits: the helper's size is a u32, and LLVM passes the untruncated register,
+    // so a 32-bit clamp would leave the verifier looking at an unbounded 64-bit value.
+    let n: u64 = if len > CAPTURE_MAX as u64 {
+        CAPTURE_MAX as u64
+    } else {
+        len
+    };
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: off < CAPTURE_MAX and n <= CAPTURE_MAX, so the write stays inside `buf`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            buf.as_mut_ptr().add(off).cast::<c_void>(),
+            n as u32,
+            src as *const c_void,
+        )
+    };
+    if rc < 0 {
+        bump(Stat::UserReadFailed as u32);
+        return 0;
+    }
+    n as u32
+}
+
+/// Walks up to `IOV_WALK_MAX` iovecs, copying until `want` bytes. Returns (copied, segments).
+#[inline(always)]
+fn copy_iov(buf: &mut [u8; 2 * CAPTURE_MAX], iov: u64, iovcnt: u64, want: u64) -> (u32, u16) {
+    let mut off: u32 = 0;
+    let mut segs: u16 = 0;
+    for i in 0..IOV_WALK_MAX as u64 {
+        if i >= iovcnt || u64::from(off) >= want {
+            break;
+        }
+        let Some(base) = read_user::<u64>(iov + i * 16) else {
+            bump(Stat::UserReadFailed as u32);
+            break;
+        };
+        let Some(seg_len) = read_user::<u64>(iov + i * 16 + 8) else {
+            bump(Stat::UserReadFailed as u32);
+            break;
+        };
+        let remaining = want - u64::from(off);
+        let n = if seg_len < remaining {
+            seg_len
+        } else {
+            remaining
+        };
+        off += copy_user(buf, off, base, n);
+        segs += 1;
+    }
+    if iovcnt > IOV_WALK_MAX as u64 && u64::from(off) < want {
+        bump(Stat::IovTruncated as u32);
+    }
+    (off, segs)
+}
+
+#[inline(always)]
+fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    let limit = u64::from(config!(capture_bytes));
+    let mut want = if total < limit { total } else { limit };
+    if want > CAPTURE_MAX as u64 {
+        want = CAPTURE_MAX as u64;
+    }
+    let (mut cap, segs) = match syscall {
+        Syscall::Readv | Syscall::Writev => copy_iov(&mut scratch.data, entry.ptr, entry.arg, want),
+        Syscall::Recvmsg | Syscall::Sendmsg => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            let iov = read_user::<u64>(entry.ptr + 16).unwrap_or(0);
+            let iovcnt = read_user::<u64>(entry.ptr + 24).unwrap_or(0);
+            copy_iov(&mut scratch.data, iov, iovcnt, want)
+        }
+        _ => (copy_user(&mut scratch.data, 0, entry.ptr, want), 0),
+    };
+    if u64::from(cap) < total {
+        bump(Stat::CaptureTruncated as u32);
+    }
+    scratch.head = DataHead {
+        hdr: header(Kind::Data, id, if total == 0 { DATA_FLAG_EOF } else { 0 }),
+        conn_id: entry.conn_id,
+        total_len: total,
+        fd: entry.fd as i32,
+        cap_len: cap,
+        syscall: syscall as u8,
+        _pad1: 0,
+        iov_segs: segs,
+        _pad2: 0,
+    };
+    if cap > CAPTURE_MAX as u32 {
+        cap = CAPTURE_MAX as u32;
+    }
+    let len = DATA_HEAD_LEN + cap as usize;
+    // SAFETY: len <= DATA_HEAD_LEN + CAPTURE_MAX < size_of::<DataScratch>().
+    let bytes =
+        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(scratch).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_ok() {
+        bump(Kind::Data.emitted_stat());
+    } else {
+        bump(Kind::Data.dropped_stat());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// close
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(&ctx, 0) as u32;
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd,
+    };
+    // SAFETY: copied out immediately.
+    if let Some(conn_id) = unsafe { CONNS.get(&key) }.map(|c| c.conn_id) {
+        let _ = CONNS.remove(&key);
+        let ev = CloseEvent {
+            hdr: header(Kind::Close, id, 0),
+            conn_id,
+            fd: fd as i32,
+            _pad: 0,
+        };
+        emit(Kind::Close, &ev);
+    // SAFETY: as above.
+    } else if unsafe { DEV_FDS.get(&key) }.is_some() {
+        let _ = DEV_FDS.remove(&key);
+        let ev = CloseEvent {
+            hdr: header(Kind::DevClose, id, 0),
+            conn_id: 0,
+            fd: fd as i32,
+            _pad: 0,
+        };
+        emit(Kind::DevClose, &ev);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device nodes and ioctls
+
+#[tracepoint]
+pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
+    let prefix_len = config!(dev_prefix_len) as usize;
+    if prefix_len == 0 {
+        return 0;
+    }
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    let Some(buf) = PATHBUF.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let buf = unsafe { &mut *buf };
+    let filename = arg(&ctx, 1);
+    // SAFETY: bounded by the destination size.
+    let n = unsafe {
+        bpf_probe_read_user_str(
+            buf.path.as_mut_ptr().cast::<c_void>(),
+            PATH_CAPTURE as u32,
+            filename as *const c_void,
+        )
+    };
+    if n <= 0 || (n as usize) <= prefix_len {
+        return 0;
+    }
+    for i in 0..DEV_PREFIX_MAX {
+        if i >= prefix_len || i >= PATH_CAPTURE {
+            break;
+        }
+        // SAFETY: CONFIG is plain data.
+        let want = unsafe { core::ptr::read_volatile(&raw const CONFIG.dev_prefix[i]) };
+        if buf.path[i] != want {
+            return 0;
+        }
+    }
+    // (dfd, filename, flags)
+    stash(
+        id,
+        &stash_entry(arg(&ctx, 0), filename, arg(&ctx, 2), 0, Syscall::Openat),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Openat) else {
+        return 0;
+    };
+    let fd = ret(&ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    if DEV_FDS.insert(&key, &1, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::DevTableFull as u32);
+    }
+    let Some(buf) = PATHBUF.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let buf = unsafe { &mut *buf };
+    // SAFETY: bounded by the destination size.
+    let n = unsafe {
+        bpf_probe_read_user_str(
+            buf.path.as_mut_ptr().cast::<c_void>(),
+            PATH_CAPTURE as u32,
+            entry.ptr as *const c_void,
+        )
+    };
+    buf.hdr = header(Kind::DevOpen, id, 0);
+    buf.fd = fd as i32;
+    buf.flags = entry.arg as i32;
+    buf.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
+    buf._pad = 0;
+    emit(Kind::DevOpen, buf);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(&ctx, 0);
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    // One lookup for everybody: only targets' device fds are in DEV_FDS.
+    // SAFETY: presence check only.
+    if unsafe { DEV_FDS.get(&key) }.is_none() {
+        return 0;
+    }
+    // (fd, cmd, arg): stash the arg pointer in `ptr`, the command in `arg`.
+    stash(
+        id,
+        &stash_entry(fd, arg(&ctx, 2), arg(&ctx, 1), 0, Syscall::Ioctl),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_ioctl(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Ioctl) else {
+        return 0;
+    };
+    let ev = IoctlEvent {
+        hdr: header(Kind::Ioctl, id, 0),
+        ret: ret(&ctx),
+        arg: entry.ptr,
+        fd: entry.fd as i32,
+        cmd: entry.arg as u32,
+    };
+    emit(Kind::Ioctl, &ev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process lifecycle: follow targets' children, comm matches, exits.
+
+#[inline(always)]
+fn proc_event(kind: Kind, id: u64, flags: u16, pid: u32, ppid: u32) {
+    let ev = ProcEvent {
+        hdr: header(kind, id, flags),
+        pid,
+        ppid,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    emit(kind, &ev);
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    // Runs in the parent. Threads fire this too; their entries are removed when they exit.
+    let id = bpf_get_current_pid_tgid();
+    let parent = (id >> 32) as u32;
+    // SAFETY: presence check only.
+    if unsafe { TARGETS.get(&parent) }.is_none() {
+        return 0;
+    }
+    // SAFETY: sched_process_fork: child_pid at offset 20.
+    let child = unsafe { *(ctx.as_ptr().cast::<u8>().add(20).cast::<i32>()) } as u32;
+    if TARGETS
+        .insert(&child, &TARGET_CHILD, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // SAFETY: presence check only.
+        if unsafe { TARGETS.get(&child) }.is_none() {
+            bump(Stat::TargetTableFull as u32);
+            warn!(
+                &ctx,
+                "target map full: child {} of {} not followed", child, parent
+            );
+            return 0;
+        }
+    }
+    proc_event(Kind::ProcFork, id, 0, child, parent);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if current_target().is_some() {
+        proc_event(Kind::ProcExec, id, 0, tgid, 0);
+        return 0;
+    }
+    if config!(filter_comm) == 0 || tgid == config!(self_tgid) {
+        return 0;
+    }
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    // SAFETY: presence check only.
+    if unsafe { COMMS.get(&comm) }.is_none() {
+        return 0;
+    }
+    if TARGETS
+        .insert(&tgid, &TARGET_COMM, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(Stat::TargetTableFull as u32);
+        return 0;
+    }
+    info!(&ctx, "process {} became a target by its name", tgid);
+    proc_event(Kind::ProcExec, id, EXEC_FLAG_COMM_MATCH, tgid, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    let tid = id as u32;
+    if tid != tgid {
+        // A thread: drop the entry its creation may have added.
+        let _ = TARGETS.remove(&tid);
+    }
+    // SAFETY: sched_process_exit: group_dead (bool) at offset 32.
+    let group_dead = unsafe { *(ctx.as_ptr().cast::<u8>().add(32)) };
+    if group_dead == 0 || current_target().is_none() {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tgid);
+    proc_event(Kind::ProcExit, id, 0, tgid, 0);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The syscall tracepoints, one enter/exit pair per syscall.
+
+macro_rules! pair {
+    ($enter:ident, $exit:ident, $on_enter:ident, $on_exit:ident, $syscall:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            $on_enter(&ctx, $syscall)
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            $on_exit(&ctx, $syscall)
+        }
+    };
+}
+
+pair!(
+    sys_enter_accept,
+    sys_exit_accept,
+    conn_enter,
+    conn_exit,
+    Syscall::Accept
+);
+pair!(
+    sys_enter_accept4,
+    sys_exit_accept4,
+    conn_enter,
+    conn_exit,
+    Syscall::Accept4
+);
+pair!(
+    sys_enter_connect,
+    sys_exit_connect,
+    conn_enter,
+    conn_exit,
+    Syscall::Connect
+);
+pair!(
+    sys_enter_read,
+    sys_exit_read,
+    io_enter,
+    io_exit,
+    Syscall::Read
+);
+pair!(
+    sys_enter_readv,
+    sys_exit_readv,
+    io_enter,
+    io_exit,
+    Syscall::Readv
+);
+pair!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    io_enter,
+    io_exit,
+    Syscall::Recvfrom
+);
+pair!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    io_enter,
+    io_exit,
+    Syscall::Recvmsg
+);
+pair!(
+    sys_enter_write,
+    sys_exit_write,
+    io_enter,
+    io_exit,
+    Syscall::Write
+);
+pair!(
+    sys_enter_writev,
+    sys_exit_writev,
+    io_enter,
+    io_exit,
+    Syscall::Writev
+);
+pair!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    io_enter,
+    io_exit,
+    Syscall::Sendto
+);
+pair!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    io_enter,
+    io_exit,
+    Syscall::Sendmsg
+);

@@ -1,0 +1,130 @@
+//! Command-line interface: parse arguments, layer them over the config file, call the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Per-request energy attribution for LLM inference servers, measured in the kernel.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the probes to the target processes and trace them until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+/// `tracer run` flags. Each one overrides the same setting from `--config`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (every flag below has a key there).
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trace this process and its descendants (repeatable). [targets] pids
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// Trace the processes listening on this TCP port (repeatable). [targets] ports
+    #[arg(long = "port")]
+    pub ports: Vec<u16>,
+    /// Trace every process in this cgroup v2 directory (repeatable). [targets] cgroups
+    #[arg(long = "cgroup")]
+    pub cgroups: Vec<PathBuf>,
+    /// Trace processes with this name, now and at later execs (repeatable). [targets] comms
+    #[arg(long = "comm")]
+    pub comms: Vec<String>,
+    /// Directory holding the NVIDIA device nodes. [probe] device_root
+    #[arg(long)]
+    pub device_root: Option<PathBuf>,
+    /// Ring-buffer size in bytes (power of two). [probe] ring_bytes
+    #[arg(long)]
+    pub ring_bytes: Option<u32>,
+    /// Payload bytes copied per socket syscall (≤ 4096). [probe] capture_bytes
+    #[arg(long)]
+    pub capture_bytes: Option<u32>,
+    /// Ring-buffer drain period in milliseconds. [probe] poll_interval_ms
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
+    /// Activity summary period in milliseconds, 0 = off. [output] summary_interval_ms
+    #[arg(long)]
+    pub summary_interval_ms: Option<u64>,
+    /// Write every decoded probe event as a JSON line to this file. [output] events_out
+    #[arg(long)]
+    pub events_out: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The file configuration (or defaults) with these flags applied.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        c.targets.pids.extend(self.pids);
+        c.targets.ports.extend(self.ports);
+        c.targets.cgroups.extend(self.cgroups);
+        c.targets.comms.extend(self.comms);
+        if let Some(v) = self.device_root {
+            c.probe.device_root = v;
+        }
+        if let Some(v) = self.ring_bytes {
+            c.probe.ring_bytes = v;
+        }
+        if let Some(v) = self.capture_bytes {
+            c.probe.capture_bytes = v;
+        }
+        if let Some(v) = self.poll_interval_ms {
+            c.probe.poll_interval_ms = v;
+        }
+        if let Some(v) = self.summary_interval_ms {
+            c.output.summary_interval_ms = v;
+        }
+        if self.events_out.is_some() {
+            c.output.events_out = self.events_out;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // try_init: a second call (tests) is not an error worth dying for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the `tracer` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = args.into_config()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::daemon::run(config))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The daemon's configuration: a TOML file (every field optional, unknown keys rejected) with
+//! command-line flags layered on top.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys are errors).
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything `tracer run` can be told.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub targets: TargetsConfig,
+    pub probe: ProbeFileConfig,
+    pub output: OutputConfig,
+}
+
+/// What to trace. Children of every selected process are followed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// Process ids.
+    pub pids: Vec<u32>,
+    /// TCP ports: the processes listening on them.
+    pub ports: Vec<u16>,
+    /// cgroup v2 directories (absolute or relative to /sys/fs/cgroup).
+    pub cgroups: Vec<PathBuf>,
+    /// Process names (`comm`), now and at every later exec.
+    pub comms: Vec<String>,
+}
+
+/// Probe and ring-buffer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeFileConfig {
+    /// Ring-buffer size in bytes (power of two, at least one page).
+    pub ring_bytes: u32,
+    /// Payload bytes copied per socket syscall (at most 4096).
+    pub capture_bytes: u32,
+    /// Directory holding the NVIDIA device nodes.
+    pub device_root: PathBuf,
+    /// How often the ring buffer is drained when no forced wakeup arrives.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ProbeFileConfig {
+    fn default() -> Self {
+        Self {
+            ring_bytes: 8 << 20,
+            capture_bytes: 4096,
+            device_root: PathBuf::from("/dev"),
+            poll_interval_ms: 10,
+        }
+    }
+}
+
+/// Where results and logs go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Period of the activity summary in the log; 0 disables it.
+    pub summary_interval_ms: u64,
+    /// Write every decoded probe event as a JSON line here (debugging and tests).
+    pub events_out: Option<PathBuf>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            summary_interval_ms: 1000,
+            events_out: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ring = self.probe.ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "probe.ring_bytes = {ring}: must be a power of two of at least 4096"
+            )));
+        }
+        if self.probe.capture_bytes > 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "probe.capture_bytes = {}: at most 4096",
+                self.probe.capture_bytes
+            )));
+        }
+        if self.probe.poll_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "probe.poll_interval_ms must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_partial_files() {
+        let c = Config::from_toml("[targets]\nports = [8000]\n").expect("parses");
+        assert_eq!(c.targets.ports, vec![8000]);
+        assert_eq!(c.probe, ProbeFileConfig::default());
+        assert_eq!(Config::from_toml("").expect("empty ok"), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(matches!(
+            Config::from_toml("[targets]\nport = 1\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::from_toml("[probe]\nring_bytes = 1000\n"),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            Config::from_toml("[probe]\ncapture_bytes = 9000\n"),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

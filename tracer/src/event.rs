@@ -1,0 +1,379 @@
+//! Decoding ring-buffer records into typed events.
+//!
+//! The probes and this module share `tracer_ebpf::abi`; a record that is shorter than its kind
+//! says, or of an unknown kind, is an error the caller counts (never a panic).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::Serialize;
+use tracer_ebpf::abi::{
+    self, CloseEvent, ConnEvent, DATA_FLAG_EOF, DATA_HEAD_LEN, DataHead, DevOpenEvent,
+    EXEC_FLAG_COMM_MATCH, Header, IoctlEvent, Kind, ProcEvent, Syscall,
+};
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the record's fixed part.
+    #[error("{kind} record of {len} bytes, need {need}")]
+    Short {
+        kind: &'static str,
+        len: usize,
+        need: usize,
+    },
+    /// The header names no known kind (probe/daemon version mismatch or corruption).
+    #[error("unknown record kind {0}")]
+    UnknownKind(u16),
+    /// The record names no known syscall.
+    #[error("unknown syscall {0} in a {1} record")]
+    UnknownSyscall(u8, &'static str),
+}
+
+/// A decoded record: who, when, what.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event<'a> {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    #[serde(flatten)]
+    pub body: Body<'a>,
+}
+
+/// The kind-specific part of an [`Event`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body<'a> {
+    /// A new connection (accept: server side; connect: client side).
+    Conn {
+        conn_id: u64,
+        fd: i32,
+        /// The listening socket for accept, `None` for connect.
+        listen_fd: Option<i32>,
+        syscall: &'static str,
+        /// Address family as the kernel numbers it (2 = IPv4, 10 = IPv6, 1 = Unix, 0 = unknown).
+        family: u16,
+        /// The peer's address, when the caller passed a buffer for it and it is IP.
+        peer: Option<SocketAddr>,
+    },
+    /// Bytes moved on a connection.
+    Data {
+        conn_id: u64,
+        fd: i32,
+        syscall: &'static str,
+        /// Bytes flowed into the process.
+        inbound: bool,
+        /// Bytes the syscall moved.
+        total_len: u64,
+        /// A read returned 0: the peer closed its side.
+        eof: bool,
+        /// iovec segments walked.
+        iov_segs: u16,
+        /// The first bytes moved (up to the capture limit); shown as lossy UTF-8 in JSON.
+        #[serde(serialize_with = "ser_lossy")]
+        payload: &'a [u8],
+    },
+    /// A connection's fd was closed.
+    Close { conn_id: u64, fd: i32 },
+    /// A device node under the device root was opened.
+    DevOpen { fd: i32, flags: i32, path: String },
+    /// A device fd was closed.
+    DevClose { fd: i32 },
+    /// An ioctl on a device fd.
+    Ioctl {
+        fd: i32,
+        cmd: u32,
+        ret: i64,
+        arg: u64,
+    },
+    /// A target created a task, now followed.
+    Fork {
+        child: u32,
+        parent: u32,
+        comm: String,
+    },
+    /// A target called exec (or became one by its name).
+    Exec {
+        pid: u32,
+        comm: String,
+        comm_match: bool,
+    },
+    /// A target process ended.
+    Exit { pid: u32, comm: String },
+}
+
+fn ser_lossy<S: serde::Serializer>(payload: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(payload))
+}
+
+impl Body<'_> {
+    /// The record kind this body came from.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Body::Conn { .. } => Kind::Conn,
+            Body::Data { .. } => Kind::Data,
+            Body::Close { .. } => Kind::Close,
+            Body::DevOpen { .. } => Kind::DevOpen,
+            Body::DevClose { .. } => Kind::DevClose,
+            Body::Ioctl { .. } => Kind::Ioctl,
+            Body::Fork { .. } => Kind::ProcFork,
+            Body::Exec { .. } => Kind::ProcExec,
+            Body::Exit { .. } => Kind::ProcExit,
+        }
+    }
+}
+
+/// Reads a `T` from the front of `bytes` if it is long enough.
+fn read<T: Copy>(bytes: &[u8], kind: Kind) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            kind: kind.name(),
+            len: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: length checked; every T here is #[repr(C)] plain data valid for any bit pattern.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn cstr(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn syscall(v: u8, kind: Kind) -> Result<Syscall, DecodeError> {
+    Syscall::from_u8(v).ok_or(DecodeError::UnknownSyscall(v, kind.name()))
+}
+
+fn peer(family: u16, port: u16, addr: &[u8; 16]) -> Option<SocketAddr> {
+    let ip = match family {
+        2 => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        10 => IpAddr::V6(Ipv6Addr::from(*addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    if bytes.len() < size_of::<Header>() {
+        return Err(DecodeError::Short {
+            kind: "header",
+            len: bytes.len(),
+            need: size_of::<Header>(),
+        });
+    }
+    // SAFETY: length checked above; Header is plain data.
+    let hdr: Header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Header>()) };
+    let kind = Kind::from_u16(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
+    let body = match kind {
+        Kind::Conn => {
+            let ev: ConnEvent = read(bytes, kind)?;
+            Body::Conn {
+                conn_id: ev.conn_id,
+                fd: ev.fd,
+                listen_fd: (ev.listen_fd >= 0).then_some(ev.listen_fd),
+                syscall: syscall(ev.syscall, kind)?.name(),
+                family: ev.family,
+                peer: peer(ev.family, ev.port, &ev.addr),
+            }
+        }
+        Kind::Data => {
+            let head: DataHead = read(bytes, kind)?;
+            let sc = syscall(head.syscall, kind)?;
+            let cap = (head.cap_len as usize).min(abi::CAPTURE_MAX);
+            let need = DATA_HEAD_LEN + cap;
+            let payload = bytes.get(DATA_HEAD_LEN..need).ok_or(DecodeError::Short {
+                kind: kind.name(),
+                len: bytes.len(),
+                need,
+            })?;
+            Body::Data {
+                conn_id: head.conn_id,
+                fd: head.fd,
+                syscall: sc.name(),
+                inbound: sc.is_inbound(),
+                total_len: head.total_len,
+                eof: hdr.flags & DATA_FLAG_EOF != 0,
+                iov_segs: head.iov_segs,
+                payload,
+            }
+        }
+        Kind::Close | Kind::DevClose => {
+            let ev: CloseEvent = read(bytes, kind)?;
+            if kind == Kind::Close {
+                Body::Close {
+                    conn_id: ev.conn_id,
+                    fd: ev.fd,
+                }
+            } else {
+                Body::DevClose { fd: ev.fd }
+            }
+        }
+        Kind::DevOpen => {
+            let ev: DevOpenEvent = read(bytes, kind)?;
+            let n = (ev.path_len as usize).min(ev.path.len());
+            Body::DevOpen {
+                fd: ev.fd,
+                flags: ev.flags,
+                path: String::from_utf8_lossy(&ev.path[..n]).into_owned(),
+            }
+        }
+        Kind::Ioctl => {
+            let ev: IoctlEvent = read(bytes, kind)?;
+            Body::Ioctl {
+                fd: ev.fd,
+                cmd: ev.cmd,
+                ret: ev.ret,
+                arg: ev.arg,
+            }
+        }
+        Kind::ProcFork | Kind::ProcExec | Kind::ProcExit => {
+            let ev: ProcEvent = read(bytes, kind)?;
+            let comm = cstr(&ev.comm);
+            match kind {
+                Kind::ProcFork => Body::Fork {
+                    child: ev.pid,
+                    parent: ev.ppid,
+                    comm,
+                },
+                Kind::ProcExec => Body::Exec {
+                    pid: ev.pid,
+                    comm,
+                    comm_match: hdr.flags & EXEC_FLAG_COMM_MATCH != 0,
+                },
+                _ => Body::Exit { pid: ev.pid, comm },
+            }
+        }
+    };
+    Ok(Event {
+        ts_ns: hdr.ts_ns,
+        tgid: hdr.tgid,
+        tid: hdr.tid,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the plain-data representation of a #[repr(C)] value.
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn header(kind: Kind, flags: u16) -> Header {
+        Header {
+            ts_ns: 42,
+            tgid: 7,
+            tid: 8,
+            kind: kind as u16,
+            flags,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn data_record_round_trips_with_payload() {
+        let head = DataHead {
+            hdr: header(Kind::Data, 0),
+            conn_id: 99,
+            total_len: 10_000,
+            fd: 5,
+            cap_len: 4,
+            syscall: Syscall::Writev as u8,
+            _pad1: 0,
+            iov_segs: 3,
+            _pad2: 0,
+        };
+        let mut bytes = bytes_of(&head);
+        bytes.extend_from_slice(b"HTTP");
+        let ev = decode(&bytes).expect("decodes");
+        assert_eq!((ev.ts_ns, ev.tgid, ev.tid), (42, 7, 8));
+        match ev.body {
+            Body::Data {
+                conn_id,
+                total_len,
+                inbound,
+                payload,
+                iov_segs,
+                syscall,
+                ..
+            } => {
+                assert_eq!(conn_id, 99);
+                assert_eq!(total_len, 10_000);
+                assert!(!inbound);
+                assert_eq!(payload, b"HTTP");
+                assert_eq!(iov_segs, 3);
+                assert_eq!(syscall, "writev");
+            }
+            other => panic!("wrong body {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncated_payload_is_an_error_not_a_panic() {
+        let head = DataHead {
+            hdr: header(Kind::Data, 0),
+            conn_id: 1,
+            total_len: 100,
+            fd: 5,
+            cap_len: 100,
+            syscall: Syscall::Read as u8,
+            _pad1: 0,
+            iov_segs: 0,
+            _pad2: 0,
+        };
+        let mut bytes = bytes_of(&head);
+        bytes.extend_from_slice(&[b'x'; 10]);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::Short { .. })));
+        let mut hdr = header(Kind::Conn, 0);
+        hdr.kind = 777;
+        assert_eq!(
+            decode(&bytes_of(&hdr)).err(),
+            Some(DecodeError::UnknownKind(777))
+        );
+        // A header alone is too short for a conn record.
+        assert!(matches!(
+            decode(&bytes_of(&header(Kind::Conn, 0))),
+            Err(DecodeError::Short { kind: "conn", .. })
+        ));
+    }
+
+    #[test]
+    fn conn_record_decodes_peer() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let ev = ConnEvent {
+            hdr: header(Kind::Conn, 0),
+            conn_id: 3,
+            fd: 9,
+            listen_fd: 4,
+            family: 2,
+            port: 5555,
+            syscall: Syscall::Accept4 as u8,
+            _pad: [0; 3],
+            addr,
+        };
+        let ev = decode(&bytes_of(&ev)).expect("decodes");
+        match ev.body {
+            Body::Conn {
+                peer, listen_fd, ..
+            } => {
+                assert_eq!(peer, Some("127.0.0.1:5555".parse().expect("addr")));
+                assert_eq!(listen_fd, Some(4));
+            }
+            other => panic!("wrong body {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Loading, configuring and attaching the eBPF probes, and access to their maps.
+//!
+//! Dropping [`Probes`] detaches every program (aya closes the links), so a clean shutdown is
+//! simply letting it go out of scope.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tracer_ebpf::abi::{self, ConnState, FdKey, Kind, ProbeConfig, STAT_SLOTS, Stat};
+
+/// The compiled probes, embedded at build time.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
+
+/// Where tracefs is expected (and mounted if missing).
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// `(category, tracepoint)` pairs the daemon attaches, each to the program of the same name.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_enter_accept"),
+    ("syscalls", "sys_exit_accept"),
+    ("syscalls", "sys_enter_accept4"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_enter_connect"),
+    ("syscalls", "sys_exit_connect"),
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_readv"),
+    ("syscalls", "sys_exit_readv"),
+    ("syscalls", "sys_enter_recvfrom"),
+    ("syscalls", "sys_exit_recvfrom"),
+    ("syscalls", "sys_enter_recvmsg"),
+    ("syscalls", "sys_exit_recvmsg"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+    ("syscalls", "sys_enter_writev"),
+    ("syscalls", "sys_exit_writev"),
+    ("syscalls", "sys_enter_sendto"),
+    ("syscalls", "sys_exit_sendto"),
+    ("syscalls", "sys_enter_sendmsg"),
+    ("syscalls", "sys_exit_sendmsg"),
+    ("syscalls", "sys_enter_close"),
+    ("syscalls", "sys_enter_openat"),
+    ("syscalls", "sys_exit_openat"),
+    ("syscalls", "sys_enter_ioctl"),
+    ("syscalls", "sys_exit_ioctl"),
+    ("sched", "sched_process_fork"),
+    ("sched", "sched_process_exec"),
+    ("sched", "sched_process_exit"),
+];
+
+/// Errors from loading or driving the probes.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The kernel refused the object (verifier, missing privileges, no BTF...).
+    #[error("loading the eBPF object failed (are you root? is BPF enabled?): {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program named in [`TRACEPOINTS`] is not in the object (build mismatch).
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    /// A program could not be loaded into the kernel or attached to its tracepoint.
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map the daemon needs is missing or has the wrong type.
+    #[error("map {name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    /// Reading or updating a map failed.
+    #[error("map operation on {name}: {source}")]
+    MapOp {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// tracefs is not mounted and could not be mounted.
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed: {0}")]
+    Tracefs(std::io::Error),
+    /// The configured device root does not fit the probe's prefix buffer.
+    #[error("device root prefix {0:?} is longer than {max} bytes", max = abi::DEV_PREFIX_MAX)]
+    DevicePrefixTooLong(PathBuf),
+}
+
+/// What the loader configures in the probes.
+#[derive(Debug, Clone)]
+pub struct ProbeSettings {
+    /// Ring-buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Payload bytes copied per socket syscall.
+    pub capture_bytes: u32,
+    /// Directory holding the GPU device nodes (`/dev` on a real host).
+    pub device_root: PathBuf,
+    /// Whether the cgroup map will hold targets.
+    pub filter_cgroup: bool,
+    /// Whether the comm map will hold targets.
+    pub filter_comm: bool,
+}
+
+/// Mounts tracefs if it is not mounted (syscall tracepoints are found through it).
+pub fn ensure_tracefs() -> Result<(), ProbeError> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return Ok(());
+    }
+    let target = CString::new(TRACEFS).map_err(|e| ProbeError::Tracefs(e.into()))?;
+    let fstype = c"tracefs";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
+    }
+    tracing::info!("mounted tracefs at {TRACEFS}");
+    Ok(())
+}
+
+/// The loaded and attached probes.
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+impl Probes {
+    /// Loads the object with `settings`, then loads and attaches every program.
+    pub fn load(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        ensure_tracefs()?;
+        let mut config = ProbeConfig::DEFAULT;
+        config.self_tgid = std::process::id();
+        config.filter_cgroup = u32::from(settings.filter_cgroup);
+        config.filter_comm = u32::from(settings.filter_comm);
+        config.capture_bytes = settings.capture_bytes.min(abi::CAPTURE_MAX as u32);
+        // Force a consumer wakeup once a quarter of the ring is waiting; below that the daemon's
+        // poll timer drains it, so a busy server pays no wakeup per event.
+        config.wakeup_bytes = u64::from(settings.ring_bytes / 4);
+        let prefix = settings.device_root.join("nvidia");
+        let prefix_bytes = prefix.as_os_str().as_encoded_bytes();
+        if prefix_bytes.len() > abi::DEV_PREFIX_MAX {
+            return Err(ProbeError::DevicePrefixTooLong(prefix));
+        }
+        config.dev_prefix[..prefix_bytes.len()].copy_from_slice(prefix_bytes);
+        config.dev_prefix_len = prefix_bytes.len() as u32;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", settings.ring_bytes)
+            .load(PROBES_OBJECT)?;
+        for &(category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .attach(category, name)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Starts forwarding the probes' aya-log records to the `log` facade.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF log forwarding unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map {
+            name: "EVENTS",
+            detail: "missing or already taken".into(),
+        })?;
+        RingBuf::try_from(map).map_err(|e| ProbeError::Map {
+            name: "EVENTS",
+            detail: e.to_string(),
+        })
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, ProbeError> {
+        let map = self.ebpf.map_mut(name).ok_or(ProbeError::Map {
+            name,
+            detail: "missing".into(),
+        })?;
+        HashMap::try_from(map).map_err(|e| ProbeError::Map {
+            name,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Adds a process to the in-kernel target filter.
+    pub fn add_target(&mut self, tgid: u32, reason: u32) -> Result<(), ProbeError> {
+        let mut map = self.hash::<u32, u32>("TARGETS")?;
+        let reason = reason | map.get(&tgid, 0).unwrap_or(0);
+        map.insert(tgid, reason, 0)
+            .map_err(|source| ProbeError::MapOp {
+                name: "TARGETS",
+                source,
+            })
+    }
+
+    /// The processes the kernel currently traces (by tgid), with their reason bits.
+    pub fn targets(&mut self) -> Result<Vec<(u32, u32)>, ProbeError> {
+        let map = self.hash::<u32, u32>("TARGETS")?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Adds a cgroup (by id, the cgroup directory's inode) to the filter.
+    pub fn add_cgroup(&mut self, cgroup_id: u64) -> Result<(), ProbeError> {
+        let mut map = self.hash::<u64, u32>("CGROUPS")?;
+        map.insert(cgroup_id, 1, 0)
+            .map_err(|source| ProbeError::MapOp {
+                name: "CGROUPS",
+                source,
+            })
+    }
+
+    /// Adds a process name (as `comm`, at most 15 bytes) that makes processes targets at exec.
+    pub fn add_comm(&mut self, comm: &str) -> Result<(), ProbeError> {
+        let mut key = [0u8; abi::COMM_LEN];
+        let bytes = comm.as_bytes();
+        let n = bytes.len().min(abi::COMM_LEN - 1);
+        key[..n].copy_from_slice(&bytes[..n]);
+        let mut map = self.hash::<[u8; abi::COMM_LEN], u32>("COMMS")?;
+        map.insert(key, 1, 0).map_err(|source| ProbeError::MapOp {
+            name: "COMMS",
+            source,
+        })
+    }
+
+    /// Starts capturing data on a socket the target already had when the daemon attached.
+    pub fn seed_connection(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        state: ConnState,
+    ) -> Result<(), ProbeError> {
+        let mut map = self.hash::<FdKey, ConnState>("CONNS")?;
+        map.insert(FdKey { tgid, fd }, state, 0)
+            .map_err(|source| ProbeError::MapOp {
+                name: "CONNS",
+                source,
+            })
+    }
+
+    /// Removes every kernel entry of a process that exited (its fds died with it, and its tgid
+    /// may be reused by an unrelated process).
+    pub fn forget_process(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        self.remove_fds_of::<ConnState>("CONNS", tgid)?;
+        self.remove_fds_of::<u32>("DEV_FDS", tgid)?;
+        let mut targets = self.hash::<u32, u32>("TARGETS")?;
+        let _ = targets.remove(&tgid);
+        Ok(())
+    }
+
+    fn remove_fds_of<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        tgid: u32,
+    ) -> Result<(), ProbeError> {
+        let mut map = self.hash::<FdKey, V>(name)?;
+        let stale: Vec<FdKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in &stale {
+            // Already gone is fine: the process may have closed it meanwhile.
+            let _ = map.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU statistics counters.
+    pub fn stats(&mut self) -> Result<KernelStats, ProbeError> {
+        let map = self.ebpf.map("STATS").ok_or(ProbeError::Map {
+            name: "STATS",
+            detail: "missing".into(),
+        })?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|e| ProbeError::Map {
+                name: "STATS",
+                detail: e.to_string(),
+            })?;
+        let mut slots = [0u64; STAT_SLOTS as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let values = array
+                .get(&(i as u32), 0)
+                .map_err(|source| ProbeError::MapOp {
+                    name: "STATS",
+                    source,
+                })?;
+            *slot = values.iter().sum();
+        }
+        Ok(KernelStats { slots })
+    }
+}
+
+/// A snapshot of the probes' counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStats {
+    slots: [u64; STAT_SLOTS as usize],
+}
+
+impl Default for KernelStats {
+    fn default() -> Self {
+        Self {
+            slots: [0; STAT_SLOTS as usize],
+        }
+    }
+}
+
+impl KernelStats {
+    /// Records of `kind` written to the ring buffer.
+    pub fn emitted(&self, kind: Kind) -> u64 {
+        self.slots[kind.emitted_stat() as usize]
+    }
+
+    /// Records of `kind` lost because the ring buffer was full.
+    pub fn dropped(&self, kind: Kind) -> u64 {
+        self.slots[kind.dropped_stat() as usize]
+    }
+
+    /// Records lost of any kind.
+    pub fn dropped_total(&self) -> u64 {
+        Kind::ALL.iter().map(|&k| self.dropped(k)).sum()
+    }
+
+    /// One of the other counters.
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.slots[stat as usize]
+    }
+
+    /// Counter-wise difference `self - earlier` (counters only grow).
+    #[must_use]
+    pub fn since(&self, earlier: &KernelStats) -> KernelStats {
+        let mut slots = [0u64; STAT_SLOTS as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            *slot = self.slots[i].saturating_sub(earlier.slots[i]);
+        }
+        KernelStats { slots }
+    }
+}
