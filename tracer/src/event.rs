@@ -365,7 +365,8 @@ mod tests {
             _pad: [0; 3],
             addr,
         };
-        let ev = decode(&bytes_of(&ev)).expect("decodes");
+        let bytes = bytes_of(&ev);
+        let ev = decode(&bytes).expect("decodes");
         match ev.body {
             Body::Conn {
                 peer, listen_fd, ..
