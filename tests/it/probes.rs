@@ -13,8 +13,8 @@ use tracer_tests::{TempDir, Tracer, events_of, privileged_or_skip};
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
 
-/// NVIDIA ioctl numbers the testbed issues (RM_ALLOC, RM_CONTROL, RM_FREE) and its child issues
-/// (UVM_INITIALIZE); see ../shared/notes/nvidia-driver.md.
+/// NVIDIA ioctl numbers the testbed issues (`RM_ALLOC`, `RM_CONTROL`, `RM_FREE`) and its child issues
+/// (`UVM_INITIALIZE`); see ../shared/notes/nvidia-driver.md.
 const IOCTLS: [u64; 3] = [0xC030_462B, 0xC020_462A, 0xC010_4629];
 const CHILD_IOCTL: u64 = 0x3000_0001;
 const REQUEST: &[u8] = b"GET /probe HTTP/1.1\r\nHost: testbed\r\nX-Marker: 42\r\n\r\n";

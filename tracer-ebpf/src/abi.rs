@@ -2,7 +2,7 @@
 //!
 //! Layout rules: every record starts with [`Header`]; fields are ordered largest first and padded
 //! explicitly so the layout is the same on every target; sizes are checked at compile time below.
-//! Timestamps are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC nanoseconds).
+//! Timestamps are `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC` nanoseconds).
 
 /// Most payload bytes copied from one socket read/write; the full byte count is always reported.
 /// A power of two: the probes mask offsets and lengths with it for the verifier.
@@ -211,7 +211,7 @@ pub struct Header {
     pub kind: u16,
     /// Kind-specific flag bits.
     pub flags: u16,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// [`Kind::Conn`]: a connection the probes now follow.
@@ -232,7 +232,7 @@ pub struct ConnEvent {
     pub port: u16,
     /// A [`Syscall`] discriminant.
     pub syscall: u8,
-    pub _pad: [u8; 3],
+    pub pad: [u8; 3],
     /// Peer address: IPv4 in the first 4 bytes, or IPv6.
     pub addr: [u8; 16],
 }
@@ -250,10 +250,10 @@ pub struct DataHead {
     pub cap_len: u32,
     /// A [`Syscall`] discriminant.
     pub syscall: u8,
-    pub _pad1: u8,
+    pub pad1: u8,
     /// iovec segments walked (0 for plain buffers).
     pub iov_segs: u16,
-    pub _pad2: u32,
+    pub pad2: u32,
 }
 
 /// [`Kind::Close`] and [`Kind::DevClose`].
@@ -264,7 +264,7 @@ pub struct CloseEvent {
     /// Connection generation (0 for device fds).
     pub conn_id: u64,
     pub fd: i32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// [`Kind::DevOpen`]: a path under the device root was opened.
@@ -277,7 +277,7 @@ pub struct DevOpenEvent {
     pub flags: i32,
     /// Bytes of `path` used (without the NUL).
     pub path_len: u32,
-    pub _pad: u32,
+    pub pad: u32,
     pub path: [u8; PATH_CAPTURE],
 }
 
@@ -324,7 +324,7 @@ pub struct ConnState {
     pub family: u16,
     /// 1 = server side (accepted), 2 = client side (connected), 3 = seeded from /proc.
     pub role: u8,
-    pub _pad: [u8; 5],
+    pub pad: [u8; 5],
 }
 
 /// Connection accepted by the target.
@@ -348,7 +348,7 @@ pub struct Stash {
     pub conn_id: u64,
     /// A [`Syscall`] discriminant.
     pub syscall: u8,
-    pub _pad: [u8; 7],
+    pub pad: [u8; 7],
 }
 
 /// Target map value bits: why a process is traced.
@@ -378,7 +378,7 @@ pub struct ProbeConfig {
     pub wakeup_bytes: u64,
     /// Bytes of `dev_prefix` in use (0 disables device tracking).
     pub dev_prefix_len: u32,
-    pub _pad: u32,
+    pub pad: u32,
     /// Opened paths starting with this prefix are device fds (e.g. `/dev/nvidia`).
     pub dev_prefix: [u8; DEV_PREFIX_MAX],
 }
@@ -392,7 +392,7 @@ impl ProbeConfig {
         capture_bytes: CAPTURE_MAX as u32,
         wakeup_bytes: 0,
         dev_prefix_len: 0,
-        _pad: 0,
+        pad: 0,
         dev_prefix: [0; DEV_PREFIX_MAX],
     };
 }

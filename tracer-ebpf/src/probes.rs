@@ -1,5 +1,14 @@
 //! The programs. See the crate docs for the rules they follow.
 
+// eBPF has no real calls between our helpers worth keeping (and the verifier is happier with
+// straight-line code), tracepoint contexts are 8-byte aligned by the kernel, and the program
+// signature (context by value) is fixed by aya.
+#![allow(
+    clippy::inline_always,
+    clippy::cast_ptr_alignment,
+    clippy::needless_pass_by_value
+)]
+
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -57,7 +66,7 @@ static CONNS: HashMap<FdKey, ConnState> = HashMap::with_max_entries(65536, 0);
 #[map]
 static DEV_FDS: HashMap<FdKey, u32> = HashMap::with_max_entries(8192, 0);
 
-/// Entry arguments per thread (pid_tgid) until the syscall exits. LRU so a lost exit cannot
+/// Entry arguments per thread (`pid_tgid`) until the syscall exits. LRU so a lost exit cannot
 /// leak entries forever.
 #[map]
 static STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
@@ -110,7 +119,7 @@ fn header(kind: Kind, id: u64, flags: u16) -> Header {
         tid: id as u32,
         kind: kind as u16,
         flags,
-        _pad: 0,
+        pad: 0,
     }
 }
 
@@ -158,20 +167,20 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// Whether the current process is traced; returns its pid_tgid.
+/// Whether the current process is traced; returns its `pid_tgid`.
 #[inline(always)]
 fn current_target() -> Option<u64> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     // SAFETY: the value is not held across helper calls that could free it.
-    if unsafe { TARGETS.get(&tgid) }.is_some() {
+    if unsafe { TARGETS.get(tgid) }.is_some() {
         return Some(id);
     }
     if config!(filter_cgroup) != 0 {
         // SAFETY: helper without arguments.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         // SAFETY: as above.
-        if unsafe { CGROUPS.get(&cgroup) }.is_some() && tgid != config!(self_tgid) {
+        if unsafe { CGROUPS.get(cgroup) }.is_some() && tgid != config!(self_tgid) {
             return Some(id);
         }
     }
@@ -180,7 +189,7 @@ fn current_target() -> Option<u64> {
 
 #[inline(always)]
 fn stash(id: u64, entry: &Stash) {
-    if STASH.insert(&id, entry, u64::from(BPF_ANY)).is_err() {
+    if STASH.insert(id, entry, u64::from(BPF_ANY)).is_err() {
         bump(Stat::StashFull as u32);
     }
 }
@@ -189,8 +198,8 @@ fn stash(id: u64, entry: &Stash) {
 #[inline(always)]
 fn take(id: u64, syscall: Syscall) -> Option<Stash> {
     // SAFETY: copied out before the entry is removed.
-    let entry = unsafe { STASH.get(&id) }.copied()?;
-    let _ = STASH.remove(&id);
+    let entry = unsafe { STASH.get(id) }.copied()?;
+    let _ = STASH.remove(id);
     (entry.syscall == syscall as u8).then_some(entry)
 }
 
@@ -202,7 +211,7 @@ fn stash_entry(fd: u64, ptr: u64, arg: u64, conn_id: u64, syscall: Syscall) -> S
         arg,
         conn_id,
         syscall: syscall as u8,
-        _pad: [0; 7],
+        pad: [0; 7],
     }
 }
 
@@ -249,7 +258,7 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         family: 0,
         port: 0,
         syscall: syscall as u8,
-        _pad: [0; 3],
+        pad: [0; 3],
         addr: [0; 16],
     };
     if entry.ptr != 0 {
@@ -288,9 +297,9 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         conn_id: ev.conn_id,
         family: ev.family,
         role,
-        _pad: [0; 5],
+        pad: [0; 5],
     };
-    if CONNS.insert(&key, &state, u64::from(BPF_ANY)).is_err() {
+    if CONNS.insert(key, state, u64::from(BPF_ANY)).is_err() {
         bump(Stat::ConnTableFull as u32);
     }
     emit(Kind::Conn, &ev);
@@ -310,7 +319,7 @@ fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     };
     // One lookup for everybody: only targets' sockets are in CONNS.
     // SAFETY: copied out immediately.
-    let Some(conn_id) = (unsafe { CONNS.get(&key) }).map(|c| c.conn_id) else {
+    let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
         return 0;
     };
     // (fd, buf|iov|msg, count|iovcnt|flags)
@@ -429,9 +438,9 @@ fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         fd: entry.fd as i32,
         cap_len: cap,
         syscall: syscall as u8,
-        _pad1: 0,
+        pad1: 0,
         iov_segs: segs,
-        _pad2: 0,
+        pad2: 0,
     };
     if cap > CAPTURE_MAX as u32 {
         cap = CAPTURE_MAX as u32;
@@ -459,23 +468,23 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         fd,
     };
     // SAFETY: copied out immediately.
-    if let Some(conn_id) = unsafe { CONNS.get(&key) }.map(|c| c.conn_id) {
-        let _ = CONNS.remove(&key);
+    if let Some(conn_id) = unsafe { CONNS.get(key) }.map(|c| c.conn_id) {
+        let _ = CONNS.remove(key);
         let ev = CloseEvent {
             hdr: header(Kind::Close, id, 0),
             conn_id,
             fd: fd as i32,
-            _pad: 0,
+            pad: 0,
         };
         emit(Kind::Close, &ev);
     // SAFETY: as above.
-    } else if unsafe { DEV_FDS.get(&key) }.is_some() {
-        let _ = DEV_FDS.remove(&key);
+    } else if unsafe { DEV_FDS.get(key) }.is_some() {
+        let _ = DEV_FDS.remove(key);
         let ev = CloseEvent {
             hdr: header(Kind::DevClose, id, 0),
             conn_id: 0,
             fd: fd as i32,
-            _pad: 0,
+            pad: 0,
         };
         emit(Kind::DevClose, &ev);
     }
@@ -543,7 +552,7 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
         tgid: (id >> 32) as u32,
         fd: fd as u32,
     };
-    if DEV_FDS.insert(&key, &1, u64::from(BPF_ANY)).is_err() {
+    if DEV_FDS.insert(key, 1, u64::from(BPF_ANY)).is_err() {
         bump(Stat::DevTableFull as u32);
     }
     let Some(buf) = PATHBUF.get_ptr_mut(0) else {
@@ -563,7 +572,7 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     buf.fd = fd as i32;
     buf.flags = entry.arg as i32;
     buf.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
-    buf._pad = 0;
+    buf.pad = 0;
     emit(Kind::DevOpen, buf);
     0
 }
@@ -578,7 +587,7 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
     };
     // One lookup for everybody: only targets' device fds are in DEV_FDS.
     // SAFETY: presence check only.
-    if unsafe { DEV_FDS.get(&key) }.is_none() {
+    if unsafe { DEV_FDS.get(key) }.is_none() {
         return 0;
     }
     // (fd, cmd, arg): stash the arg pointer in `ptr`, the command in `arg`.
@@ -626,17 +635,17 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let parent = (id >> 32) as u32;
     // SAFETY: presence check only.
-    if unsafe { TARGETS.get(&parent) }.is_none() {
+    if unsafe { TARGETS.get(parent) }.is_none() {
         return 0;
     }
     // SAFETY: sched_process_fork: child_pid at offset 20.
     let child = unsafe { *(ctx.as_ptr().cast::<u8>().add(20).cast::<i32>()) } as u32;
     if TARGETS
-        .insert(&child, &TARGET_CHILD, u64::from(BPF_NOEXIST))
+        .insert(child, TARGET_CHILD, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // SAFETY: presence check only.
-        if unsafe { TARGETS.get(&child) }.is_none() {
+        if unsafe { TARGETS.get(child) }.is_none() {
             bump(Stat::TargetTableFull as u32);
             warn!(
                 &ctx,
@@ -664,11 +673,11 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // SAFETY: presence check only.
-    if unsafe { COMMS.get(&comm) }.is_none() {
+    if unsafe { COMMS.get(comm) }.is_none() {
         return 0;
     }
     if TARGETS
-        .insert(&tgid, &TARGET_COMM, u64::from(BPF_ANY))
+        .insert(tgid, TARGET_COMM, u64::from(BPF_ANY))
         .is_err()
     {
         bump(Stat::TargetTableFull as u32);
@@ -686,14 +695,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let tid = id as u32;
     if tid != tgid {
         // A thread: drop the entry its creation may have added.
-        let _ = TARGETS.remove(&tid);
+        let _ = TARGETS.remove(tid);
     }
     // SAFETY: sched_process_exit: group_dead (bool) at offset 32.
     let group_dead = unsafe { *(ctx.as_ptr().cast::<u8>().add(32)) };
     if group_dead == 0 || current_target().is_none() {
         return 0;
     }
-    let _ = TARGETS.remove(&tgid);
+    let _ = TARGETS.remove(tgid);
     proc_event(Kind::ProcExit, id, 0, tgid, 0);
     0
 }

@@ -1,5 +1,8 @@
 //! Command-line interface: parse arguments, layer them over the config file, call the library.
 
+// Doc comments here are clap help text, shown verbatim: no Markdown backticks.
+#![allow(clippy::doc_markdown)]
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
@@ -27,34 +30,34 @@ pub struct RunArgs {
     /// TOML configuration file (every flag below has a key there).
     #[arg(long, short = 'c', env = "TRACER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Trace this process and its descendants (repeatable). [targets] pids
+    /// Trace this process and its descendants (repeatable). [config: targets.pids]
     #[arg(long = "pid")]
     pub pids: Vec<u32>,
-    /// Trace the processes listening on this TCP port (repeatable). [targets] ports
+    /// Trace the processes listening on this TCP port (repeatable). [config: targets.ports]
     #[arg(long = "port")]
     pub ports: Vec<u16>,
-    /// Trace every process in this cgroup v2 directory (repeatable). [targets] cgroups
+    /// Trace every process in this cgroup v2 directory (repeatable). [config: targets.cgroups]
     #[arg(long = "cgroup")]
     pub cgroups: Vec<PathBuf>,
-    /// Trace processes with this name, now and at later execs (repeatable). [targets] comms
+    /// Trace processes with this name, now and at later execs (repeatable). [config: targets.comms]
     #[arg(long = "comm")]
     pub comms: Vec<String>,
-    /// Directory holding the NVIDIA device nodes. [probe] device_root
+    /// Directory holding the NVIDIA device nodes. [config: probe.device_root]
     #[arg(long)]
     pub device_root: Option<PathBuf>,
-    /// Ring-buffer size in bytes (power of two). [probe] ring_bytes
+    /// Ring-buffer size in bytes (power of two). [config: probe.ring_bytes]
     #[arg(long)]
     pub ring_bytes: Option<u32>,
-    /// Payload bytes copied per socket syscall (≤ 4096). [probe] capture_bytes
+    /// Payload bytes copied per socket syscall (≤ 4096). [config: probe.capture_bytes]
     #[arg(long)]
     pub capture_bytes: Option<u32>,
-    /// Ring-buffer drain period in milliseconds. [probe] poll_interval_ms
+    /// Ring-buffer drain period in milliseconds. [config: probe.poll_interval_ms]
     #[arg(long)]
     pub poll_interval_ms: Option<u64>,
-    /// Activity summary period in milliseconds, 0 = off. [output] summary_interval_ms
+    /// Activity summary period in milliseconds, 0 = off. [config: output.summary_interval_ms]
     #[arg(long)]
     pub summary_interval_ms: Option<u64>,
-    /// Write every decoded probe event as a JSON line to this file. [output] events_out
+    /// Write every decoded probe event as a JSON line to this file. [config: output.events_out]
     #[arg(long)]
     pub events_out: Option<PathBuf>,
 }

@@ -32,7 +32,7 @@ pub enum DecodeError {
 /// A decoded record: who, when, what.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event<'a> {
-    /// CLOCK_MONOTONIC nanoseconds.
+    /// `CLOCK_MONOTONIC` nanoseconds.
     pub ts_ns: u64,
     /// Process id.
     pub tgid: u32,
@@ -274,7 +274,7 @@ mod tests {
             tid: 8,
             kind: kind as u16,
             flags,
-            _pad: 0,
+            pad: 0,
         }
     }
 
@@ -287,9 +287,9 @@ mod tests {
             fd: 5,
             cap_len: 4,
             syscall: Syscall::Writev as u8,
-            _pad1: 0,
+            pad1: 0,
             iov_segs: 3,
-            _pad2: 0,
+            pad2: 0,
         };
         let mut bytes = bytes_of(&head);
         bytes.extend_from_slice(b"HTTP");
@@ -325,9 +325,9 @@ mod tests {
             fd: 5,
             cap_len: 100,
             syscall: Syscall::Read as u8,
-            _pad1: 0,
+            pad1: 0,
             iov_segs: 0,
-            _pad2: 0,
+            pad2: 0,
         };
         let mut bytes = bytes_of(&head);
         bytes.extend_from_slice(&[b'x'; 10]);
@@ -362,7 +362,7 @@ mod tests {
             family: 2,
             port: 5555,
             syscall: Syscall::Accept4 as u8,
-            _pad: [0; 3],
+            pad: [0; 3],
             addr,
         };
         let bytes = bytes_of(&ev);

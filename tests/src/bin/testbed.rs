@@ -44,7 +44,7 @@ fn main() {
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--device-root" => device_root = it.next().expect("value").clone(),
+            "--device-root" => device_root.clone_from(it.next().expect("value")),
             "--ioctl" => ioctls.push(parse_hex(it.next().expect("value"))),
             "--child-ioctl" => child_ioctl = Some(parse_hex(it.next().expect("value"))),
             "--body" => {
@@ -53,7 +53,7 @@ fn main() {
                     .expect("value")
                     .split(',')
                     .map(String::from)
-                    .collect()
+                    .collect();
             }
             other => panic!("unknown argument {other}"),
         }
