@@ -58,6 +58,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     env::set_current_dir(&root)?;
+    // What `setup` installs with cargo (bpf-linker) must be found by the eBPF build even when
+    // the caller's PATH lacks cargo's bin directory.
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    let bin = cargo_bin_dir();
+    if !dirs.contains(&bin) {
+        dirs.insert(0, bin);
+        // SAFETY: single-threaded at this point; nothing else reads the environment concurrently.
+        unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
+    }
     match cli.command {
         Task::Setup => setup(),
         Task::Test { args } => {
