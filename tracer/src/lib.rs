@@ -10,3 +10,4 @@ pub mod daemon;
 pub mod event;
 pub mod probe;
 pub mod target;
+pub mod ledger;
