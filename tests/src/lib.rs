@@ -1,6 +1,8 @@
 //! Harness for tracer's integration tests: root checks, running the real daemon, reading what it
 //! saw. The tests themselves live in `it/`.
 
+pub mod client;
+
 use std::{
     io::Read as _,
     path::{Path, PathBuf},

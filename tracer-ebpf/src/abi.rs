@@ -116,6 +116,7 @@ pub enum Syscall {
     Close = 12,
     Openat = 13,
     Ioctl = 14,
+    Socket = 15,
 }
 
 impl Syscall {
@@ -136,6 +137,7 @@ impl Syscall {
             12 => Some(Syscall::Close),
             13 => Some(Syscall::Openat),
             14 => Some(Syscall::Ioctl),
+            15 => Some(Syscall::Socket),
             _ => None,
         }
     }
@@ -157,6 +159,7 @@ impl Syscall {
             Syscall::Close => "close",
             Syscall::Openat => "openat",
             Syscall::Ioctl => "ioctl",
+            Syscall::Socket => "socket",
         }
     }
 

@@ -37,6 +37,9 @@ const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EINPROGRESS: i64 = 115;
+const SOCK_DGRAM: u32 = 2;
+/// `SOCK_NONBLOCK | SOCK_CLOEXEC` share the type argument with the type itself.
+const SOCK_TYPE_MASK: u32 = 0xf;
 
 /// Overridden by the loader before the programs are loaded (a frozen `.rodata` global).
 #[unsafe(no_mangle)]
@@ -61,6 +64,12 @@ static COMMS: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(256, 0);
 /// Sockets of targets whose data is captured: (tgid, fd) → connection.
 #[map]
 static CONNS: HashMap<FdKey, ConnState> = HashMap::with_max_entries(65536, 0);
+
+/// Socket type (`SOCK_STREAM`, `SOCK_DGRAM`...) of targets' sockets created while attached:
+/// (tgid, fd) → type. Written at every `socket()` exit, so a reused fd never keeps a stale type;
+/// LRU so it needs no cleanup at close. Lets `connect()` skip UDP sockets (DNS) in the kernel.
+#[map]
+static SOCK_TYPES: LruHashMap<FdKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// Device fds (paths under the device root) of targets: (tgid, fd) → 1.
 #[map]
@@ -242,6 +251,15 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         if rv != 0 && rv != -EINPROGRESS {
             return 0;
         }
+        let key = FdKey {
+            tgid: (id >> 32) as u32,
+            fd: entry.fd as u32,
+        };
+        // SAFETY: copied out immediately.
+        if unsafe { SOCK_TYPES.get(key) }.copied() == Some(SOCK_DGRAM) {
+            // A connected UDP socket (a resolver): not HTTP.
+            return 0;
+        }
         (entry.fd as i32, -1, ROLE_CLIENT)
     } else {
         if rv < 0 {
@@ -303,6 +321,38 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         bump(Stat::ConnTableFull as u32);
     }
     emit(Kind::Conn, &ev);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    // socket(family, type, protocol): keep the type for the exit.
+    stash(
+        id,
+        &stash_entry(0, arg(&ctx, 0), arg(&ctx, 1), 0, Syscall::Socket),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Socket) else {
+        return 0;
+    };
+    let fd = ret(&ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    let kind = entry.arg as u32 & SOCK_TYPE_MASK;
+    let _ = SOCK_TYPES.insert(key, kind, u64::from(BPF_ANY));
     0
 }
 

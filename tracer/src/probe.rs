@@ -24,6 +24,8 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// `(category, tracepoint)` pairs the daemon attaches, each to the program of the same name.
 pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_enter_socket"),
+    ("syscalls", "sys_exit_socket"),
     ("syscalls", "sys_enter_accept"),
     ("syscalls", "sys_exit_accept"),
     ("syscalls", "sys_enter_accept4"),

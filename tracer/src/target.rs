@@ -54,28 +54,43 @@ impl Default for ProcFs {
     }
 }
 
-/// A TCP socket in LISTEN state from `/proc/net/tcp{,6}`.
+/// A TCP socket from `/proc/net/tcp{,6}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listener {
-    pub port: u16,
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Kernel TCP state (1 = established, 10 = listen).
+    pub state: u8,
     pub inode: u64,
+    /// Whether it came from `tcp6`.
+    pub v6: bool,
 }
 
-/// Parses `/proc/net/tcp` or `tcp6` text into its listening sockets. Malformed lines are skipped.
-pub fn parse_listeners(text: &str) -> Vec<Listener> {
-    const TCP_LISTEN: &str = "0A";
+/// TCP state number of a listening socket.
+pub const TCP_LISTEN: u8 = 0x0A;
+/// TCP state number of an established connection.
+pub const TCP_ESTABLISHED: u8 = 0x01;
+
+/// Parses `/proc/net/tcp` or `tcp6` text. Malformed lines are skipped.
+pub fn parse_tcp(text: &str, v6: bool) -> Vec<TcpSocket> {
+    fn port(addr: &str) -> Option<u16> {
+        u16::from_str_radix(addr.rsplit(':').next()?, 16).ok()
+    }
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let mut cols = line.split_whitespace();
             let local = cols.nth(1)?;
-            let state = cols.nth(1)?;
-            if state != TCP_LISTEN {
-                return None;
-            }
+            let remote = cols.next()?;
+            let state = u8::from_str_radix(cols.next()?, 16).ok()?;
             let inode = cols.nth(5)?.parse().ok()?;
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            Some(Listener { port, inode })
+            Some(TcpSocket {
+                local_port: port(local)?,
+                remote_port: port(remote)?,
+                state,
+                inode,
+                v6,
+            })
         })
         .collect()
 }
@@ -114,12 +129,40 @@ impl ProcFs {
         parse_stat(&self.read(format!("{pid}/stat")).ok()?)
     }
 
-    /// The TCP listeners of this network namespace.
-    pub fn listeners(&self) -> Vec<Listener> {
-        ["net/tcp", "net/tcp6"]
+    /// The TCP sockets of a network namespace: the daemon's own (`None`), or a process's.
+    pub fn tcp_sockets(&self, pid: Option<u32>) -> Vec<TcpSocket> {
+        let dir = pid.map_or_else(|| "net".to_string(), |p| format!("{p}/net"));
+        [("tcp", false), ("tcp6", true)]
             .iter()
-            .filter_map(|f| self.read(f).ok())
-            .flat_map(|t| parse_listeners(&t))
+            .filter_map(|(f, v6)| Some(parse_tcp(&self.read(format!("{dir}/{f}")).ok()?, *v6)))
+            .flatten()
+            .collect()
+    }
+
+    /// Established TCP connections a process holds now, with the role it plays in each (server
+    /// when the local port is one of the process's listening ports), for seeding the probes.
+    pub fn established_connections(&self, pid: u32) -> Vec<SeedConnection> {
+        let fds = self.socket_fds(pid);
+        if fds.is_empty() {
+            return Vec::new();
+        }
+        let sockets = self.tcp_sockets(Some(pid));
+        let by_inode: BTreeMap<u64, &TcpSocket> = sockets.iter().map(|s| (s.inode, s)).collect();
+        let listening: BTreeSet<u16> = fds
+            .iter()
+            .filter_map(|(_, inode)| by_inode.get(inode))
+            .filter(|s| s.state == TCP_LISTEN)
+            .map(|s| s.local_port)
+            .collect();
+        fds.iter()
+            .filter_map(|&(fd, inode)| {
+                let s = by_inode.get(&inode)?;
+                (s.state == TCP_ESTABLISHED).then(|| SeedConnection {
+                    fd,
+                    server: listening.contains(&s.local_port),
+                    v6: s.v6,
+                })
+            })
             .collect()
     }
 
@@ -199,6 +242,15 @@ impl ProcFs {
     }
 }
 
+/// A connection a target already had when the daemon attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedConnection {
+    pub fd: u32,
+    /// The process accepted it (its local port is one the process listens on).
+    pub server: bool,
+    pub v6: bool,
+}
+
 /// What to trace, as the operator said it.
 #[derive(Debug, Clone, Default)]
 pub struct TargetSpec {
@@ -238,11 +290,11 @@ pub fn resolve(procfs: &ProcFs, spec: &TargetSpec, self_pid: u32) -> Result<Reso
         *processes.entry(pid).or_default() |= TARGET_PID;
     }
     if !spec.ports.is_empty() {
-        let listeners = procfs.listeners();
+        let sockets = procfs.tcp_sockets(None);
         for &port in &spec.ports {
-            let inodes: BTreeSet<u64> = listeners
+            let inodes: BTreeSet<u64> = sockets
                 .iter()
-                .filter(|l| l.port == port)
+                .filter(|l| l.state == TCP_LISTEN && l.local_port == port)
                 .map(|l| l.inode)
                 .collect();
             let holders = if inodes.is_empty() {
@@ -306,13 +358,25 @@ mod tests {
 ";
 
     #[test]
-    fn listeners_are_parsed_and_only_listen_state_kept() {
+    fn tcp_table_is_parsed_and_garbage_skipped() {
         assert_eq!(
-            parse_listeners(TCP),
-            vec![Listener {
-                port: 8080,
-                inode: 12345
-            }]
+            parse_tcp(TCP, false),
+            vec![
+                TcpSocket {
+                    local_port: 8080,
+                    remote_port: 0,
+                    state: TCP_LISTEN,
+                    inode: 12345,
+                    v6: false
+                },
+                TcpSocket {
+                    local_port: 0xA2C4,
+                    remote_port: 8080,
+                    state: TCP_ESTABLISHED,
+                    inode: 23456,
+                    v6: false
+                }
+            ]
         );
     }
 

@@ -45,6 +45,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// setup, then measure what the probes cost a process (not a target / a target) and print a
+    /// table for BENCHMARKS.md.
+    BenchProbes {
+        /// Iterations per measurement (best of 3 rounds is reported).
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u32,
+    },
     /// setup, then the no-GPU demo: a local HTTP server, the tracer attached to it by port, a
     /// short load, and what the tracer saw.
     Demo {
@@ -77,6 +84,10 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup()?;
             run(&args)
+        }
+        Task::BenchProbes { iterations } => {
+            setup()?;
+            bench_probes(iterations)
         }
         Task::Demo { seconds } => {
             setup()?;
@@ -355,5 +366,134 @@ fn demo(seconds: u64) -> Result<()> {
         lines.lines().count(),
         events.display()
     );
+    Ok(())
+}
+
+/// One `syscall-bench` run: spawn it, optionally attach the tracer (to it or to a decoy), read its
+/// figures.
+fn bench_case(
+    bench: &Path,
+    tracer: &Path,
+    dir: &Path,
+    iterations: u32,
+    target: Option<bool>,
+) -> Result<(f64, f64)> {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        process::Stdio,
+        time::{Duration, Instant},
+    };
+    let mut child = Command::new(bench)
+        .arg(dir)
+        .arg(iterations.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting syscall-bench")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let ready = lines.next().context("syscall-bench said nothing")??;
+    let pid: u32 = ready
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .context("bad ready line")?;
+    let mut decoy = None;
+    let mut daemon = None;
+    if let Some(is_target) = target {
+        let target_pid = if is_target {
+            pid
+        } else {
+            let d = Command::new("sleep").arg("600").spawn()?;
+            let id = d.id();
+            decoy = Some(d);
+            id
+        };
+        let events = dir.join(format!("events-{pid}.jsonl"));
+        let d = privileged(&tracer.to_string_lossy())
+            .args([
+                "run",
+                "--pid",
+                &target_pid.to_string(),
+                "--summary-interval-ms",
+                "0",
+            ])
+            .arg("--device-root")
+            .arg(dir)
+            .arg("--events-out")
+            .arg(&events)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting tracer")?;
+        daemon = Some(d);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !events.exists() {
+            if Instant::now() > deadline {
+                bail!("tracer did not attach");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
+    let mut value = |name: &str| -> Result<f64> {
+        let line = lines.next().context("syscall-bench ended early")??;
+        line.strip_prefix(name)
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("expected {name}, got {line:?}"))
+    };
+    let rw = value("write_read_ns")?;
+    let ioctl = value("ioctl_ns")?;
+    let _ = child.wait();
+    if let Some(d) = daemon {
+        sh(privileged("kill").args(["-INT", &d.id().to_string()]))?;
+        let mut d = d;
+        let _ = d.wait();
+    }
+    if let Some(mut d) = decoy {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    Ok((rw, ioctl))
+}
+
+fn bench_probes(iterations: u32) -> Result<()> {
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer",
+        "--bin",
+        "tracer",
+        "-p",
+        "tracer-tests",
+        "--bin",
+        "syscall-bench",
+    ]))?;
+    let tracer = PathBuf::from("target/release/tracer");
+    let bench = PathBuf::from("target/release/syscall-bench");
+    let dir = env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cases = [
+        ("no tracer", None),
+        ("tracer attached, caller not a target", Some(false)),
+        (
+            "tracer attached, caller is the target (data captured, ioctl recorded)",
+            Some(true),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, target) in cases {
+        let (rw, ioctl) = bench_case(&bench, &tracer, &dir, iterations, target)?;
+        rows.push((name, rw, ioctl));
+    }
+    let (base_rw, base_ioctl) = (rows[0].1, rows[0].2);
+    println!("| case | 64 B write + read, ns | added | ioctl, ns | added |");
+    println!("|---|---|---|---|---|");
+    for (name, rw, ioctl) in rows {
+        println!(
+            "| {name} | {rw:.0} | {:+.0} | {ioctl:.0} | {:+.0} |",
+            rw - base_rw,
+            ioctl - base_ioctl
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""A minimal OpenAI-style server on the Python standard library, for the probe tests.
+
+HTTP/1.1 keep-alive (ThreadingHTTPServer). POST /v1/chat/completions with a JSON body:
+- "stream": true  -> chunked `text/event-stream`: one `data: {...}` event per token, a final
+  usage chunk (`"choices": []`) when stream_options.include_usage, then `data: [DONE]`. Each event
+  is its own chunk written with its own write() (as uvicorn does).
+- otherwise       -> one JSON body with `usage`, Content-Length framing.
+The number of completion tokens is the request's max_tokens. Prints `listening <port>` when ready.
+"""
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b'{"status":"ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        req = json.loads(self.rfile.read(length) or b"{}")
+        n = int(req.get("max_tokens", 4))
+        prompt = len(json.dumps(req.get("messages", []))) // 4
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        rid = self.headers.get("X-Request-Id")
+        if req.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            if rid:
+                self.send_header("X-Request-Id", rid)
+            self.end_headers()
+            self.wfile.flush()
+
+            def chunk(data: bytes):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            for i in range(n):
+                ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": req.get("model"),
+                      "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}]}
+                chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            if req.get("stream_options", {}).get("include_usage"):
+                ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        else:
+            body = json.dumps({"id": "chatcmpl-2", "object": "chat.completion", "model": req.get("model"),
+                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n}}],
+                               "usage": usage}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if rid:
+                self.send_header("X-Request-Id", rid)
+            self.end_headers()
+            self.wfile.write(body)
+
+
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print("listening %d" % server.server_address[1], flush=True)
+    server.serve_forever()
