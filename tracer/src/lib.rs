@@ -8,6 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod event;
+pub mod ledger;
 pub mod probe;
 pub mod target;
-pub mod ledger;
