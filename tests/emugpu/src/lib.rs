@@ -1,0 +1,1 @@
+//! Emulated GPUs (work in progress).

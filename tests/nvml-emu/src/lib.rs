@@ -1,0 +1,1 @@
+//! NVML emulation (work in progress).
