@@ -33,17 +33,22 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Starts `exe run <args> --events-out <dir>/events.jsonl` and waits until it has attached
-    /// (the events file appears once the probes are attached).
+    /// Starts `exe run <args> --events-out <dir>/events.jsonl` and waits until it has attached.
     pub fn start(exe: &str, dir: &Path, args: &[&str]) -> Tracer {
-        let events = dir.join("events.jsonl");
+        Self::start_with(exe, dir, args, true)
+    }
+
+    /// As [`Tracer::start`]; `events` false leaves out the per-event JSON output (load tests).
+    pub fn start_with(exe: &str, dir: &Path, args: &[&str], events: bool) -> Tracer {
+        let events_path = dir.join("events.jsonl");
         let log = dir.join("tracer.log");
         let log_file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(exe)
-            .arg("run")
-            .args(args)
-            .arg("--events-out")
-            .arg(&events)
+        let mut cmd = Command::new(exe);
+        cmd.arg("run").args(args);
+        if events {
+            cmd.arg("--events-out").arg(&events_path);
+        }
+        let child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -53,11 +58,11 @@ impl Tracer {
             .expect("spawn tracer");
         let mut t = Tracer {
             child: Some(child),
-            events,
+            events: events_path,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !t.events.exists() {
+        while !t.log_text().contains("attached") {
             if let Some(status) = t.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
                     "tracer exited early ({status}) — probes did not load:\n{}",
@@ -72,6 +77,11 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(20));
         }
         t
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// The daemon's log so far.
@@ -103,10 +113,9 @@ impl Tracer {
             "no clean detach in log:\n{log}"
         );
         let mut text = String::new();
-        std::fs::File::open(&self.events)
-            .expect("events file")
-            .read_to_string(&mut text)
-            .expect("read events");
+        if let Ok(mut f) = std::fs::File::open(&self.events) {
+            f.read_to_string(&mut text).expect("read events");
+        }
         text.lines()
             .map(|l| serde_json::from_str(l).expect("event JSON"))
             .collect()
@@ -120,6 +129,21 @@ impl Drop for Tracer {
             let _ = c.wait();
         }
     }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the comm.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

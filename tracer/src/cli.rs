@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Write every decoded probe event as a JSON line to this file. [config: output.events_out]
     #[arg(long)]
     pub events_out: Option<PathBuf>,
+    /// Write every finished HTTP request as a JSON line to this file. [config: output.requests_out]
+    #[arg(long)]
+    pub requests_out: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -90,6 +93,9 @@ impl RunArgs {
         }
         if self.events_out.is_some() {
             c.output.events_out = self.events_out;
+        }
+        if self.requests_out.is_some() {
+            c.output.requests_out = self.requests_out;
         }
         c.validate()?;
         Ok(c)

@@ -34,6 +34,8 @@ pub struct Config {
     pub targets: TargetsConfig,
     pub probe: ProbeFileConfig,
     pub output: OutputConfig,
+    /// The HTTP tracker (head size limit, tenant header and hash key).
+    pub http: crate::http::TrackerConfig,
 }
 
 /// What to trace. Children of every selected process are followed.
@@ -83,6 +85,8 @@ pub struct OutputConfig {
     pub summary_interval_ms: u64,
     /// Write every decoded probe event as a JSON line here (debugging and tests).
     pub events_out: Option<PathBuf>,
+    /// Write every finished HTTP request as a JSON line here.
+    pub requests_out: Option<PathBuf>,
 }
 
 impl Default for OutputConfig {
@@ -90,6 +94,7 @@ impl Default for OutputConfig {
         Self {
             summary_interval_ms: 1000,
             events_out: None,
+            requests_out: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `tracer run`: load the probes, select targets, drain the ring buffer, report, shut down cleanly.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io::{BufWriter, Write as _},
     time::Duration,
@@ -16,7 +17,9 @@ use tracer_ebpf::abi::{Kind, Stat};
 use crate::{
     config::Config,
     event::{self, Body, Event},
+    http::{ConnKey, Direction, Lifecycle, Role, Tracker},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
+    requests::RequestCollector,
     target::{self, ProcFs, TargetError, TargetSpec},
 };
 
@@ -87,6 +90,37 @@ struct Pipeline {
     stats: UserStats,
     sink: Option<BufWriter<File>>,
     exited: Vec<u32>,
+    tracker: Tracker,
+    collector: RequestCollector,
+    lifecycle: Vec<Lifecycle>,
+    requests_sink: Option<BufWriter<File>>,
+    /// Open connections by process, to end them when the process exits.
+    conns: BTreeMap<u32, BTreeMap<i32, u64>>,
+    requests_done: u64,
+}
+
+/// Connections without traffic for this long are ended (their close was never seen).
+const IDLE_CONNECTION_NS: u64 = 600_000_000_000;
+
+/// `CLOCK_MONOTONIC` now, the probes' clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Writes `v` as a JSON line; a failing output is dropped with a warning, tracing goes on.
+fn write_line<T: serde::Serialize>(sink: &mut Option<BufWriter<File>>, v: &T, what: &str) {
+    if let Some(w) = sink
+        && (serde_json::to_writer(&mut *w, v).is_err() || w.write_all(b"\n").is_err())
+    {
+        tracing::warn!("{what} output failed; no longer writing it");
+        *sink = None;
+    }
 }
 
 impl Pipeline {
@@ -100,16 +134,109 @@ impl Pipeline {
             }
         };
         self.stats.record(&ev);
-        if let Body::Exit { pid, .. } = ev.body {
-            self.exited.push(pid);
+        write_line(&mut self.sink, &ev, "events");
+        self.track(&ev);
+    }
+
+    /// Feeds connection events to the HTTP tracker and turns its output into request records.
+    fn track(&mut self, ev: &Event<'_>) {
+        let key = |fd: i32, conn_id: u64| ConnKey {
+            tgid: ev.tgid,
+            fd,
+            conn_id,
+        };
+        match ev.body {
+            Body::Conn {
+                conn_id,
+                fd,
+                family,
+                syscall,
+                ..
+            } if family != libc::AF_UNIX as u16 => {
+                let role = if syscall == "connect" {
+                    Role::Client
+                } else {
+                    Role::Server
+                };
+                self.tracker.on_open(key(fd, conn_id), ev.ts_ns, role);
+                self.conns.entry(ev.tgid).or_default().insert(fd, conn_id);
+            }
+            Body::Data {
+                conn_id,
+                fd,
+                inbound,
+                total_len,
+                eof,
+                payload,
+                ..
+            } => {
+                let dir = if inbound {
+                    Direction::Inbound
+                } else {
+                    Direction::Outbound
+                };
+                if eof {
+                    self.tracker.on_eof(key(fd, conn_id), ev.ts_ns, dir);
+                } else {
+                    self.tracker
+                        .on_data(key(fd, conn_id), ev.ts_ns, dir, total_len, payload);
+                }
+            }
+            Body::Close { conn_id, fd } => {
+                self.tracker.on_close(key(fd, conn_id), ev.ts_ns);
+                if let Some(m) = self.conns.get_mut(&ev.tgid) {
+                    m.remove(&fd);
+                }
+            }
+            Body::Exit { pid, .. } => {
+                self.exited.push(pid);
+                for (fd, conn_id) in self.conns.remove(&pid).unwrap_or_default() {
+                    self.tracker.on_close(
+                        ConnKey {
+                            tgid: pid,
+                            fd,
+                            conn_id,
+                        },
+                        ev.ts_ns,
+                    );
+                }
+            }
+            _ => return,
         }
-        if let Some(sink) = &mut self.sink {
-            // A failing debug sink must not stop tracing; it is dropped with a warning below.
-            if serde_json::to_writer(&mut *sink, &ev).is_err() || sink.write_all(b"\n").is_err() {
-                tracing::warn!("events output failed; no longer writing it");
-                self.sink = None;
+        self.flush_requests();
+    }
+
+    fn flush_requests(&mut self) {
+        self.tracker.drain_into(&mut self.lifecycle);
+        for lc in self.lifecycle.drain(..) {
+            if let Some(done) = self.collector.apply(&lc) {
+                self.requests_done += 1;
+                write_line(&mut self.requests_sink, &done, "requests");
             }
         }
+    }
+
+    fn http_summary(&self) -> String {
+        let t = self.tracker.stats();
+        format!(
+            "requests done={} in_flight={} conns={} resyncs={} truncated={} unmatched={} errors={}",
+            self.requests_done,
+            self.collector.in_flight(),
+            t.connections_open,
+            t.resyncs,
+            t.truncated,
+            t.unmatched_responses,
+            t.parse_errors + t.heads_too_large,
+        )
+    }
+
+    /// A connection the target had before the daemon attached.
+    fn seed(&mut self, conn: ConnKey, ts_ns: u64, role: Role) {
+        self.tracker.on_open(conn, ts_ns, role);
+        self.conns
+            .entry(conn.tgid)
+            .or_default()
+            .insert(conn.fd, conn.conn_id);
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
@@ -122,16 +249,21 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        if let Some(sink) = &mut self.sink
-            && sink.flush().is_err()
-        {
-            tracing::warn!("events output failed; no longer writing it");
-            self.sink = None;
+        for (sink, what) in [
+            (&mut self.sink, "events"),
+            (&mut self.requests_sink, "requests"),
+        ] {
+            if let Some(w) = sink
+                && w.flush().is_err()
+            {
+                tracing::warn!("{what} output failed; no longer writing it");
+                *sink = None;
+            }
         }
     }
 }
 
-fn summary(k: &KernelStats, u: &UserStats, targets: usize, secs: f64) -> String {
+fn summary(k: &KernelStats, u: &UserStats, targets: usize, secs: f64, http: &str) -> String {
     use std::fmt::Write as _;
     let mut s = String::from("events");
     for kind in Kind::ALL {
@@ -142,7 +274,7 @@ fn summary(k: &KernelStats, u: &UserStats, targets: usize, secs: f64) -> String 
     }
     let _ = write!(
         s,
-        " | bytes in={} out={} | dropped ring={} decode={} stash={} conn_table={} | truncated={} wakeups={} | targets={targets} over {secs:.1}s",
+        " | bytes in={} out={} | dropped ring={} decode={} stash={} conn_table={} | truncated={} wakeups={} | {http} | targets={targets} over {secs:.1}s",
         u.bytes_in,
         u.bytes_out,
         k.dropped_total(),
@@ -198,22 +330,55 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         })?;
 
-    let sink = match &config.output.events_out {
-        Some(path) => Some(BufWriter::new(File::create(path).map_err(|source| {
-            DaemonError::Io {
-                what: "creating the events output",
-                source,
-            }
-        })?)),
-        None => None,
+    let create = |path: &Option<std::path::PathBuf>, what| -> Result<_, DaemonError> {
+        path.as_ref()
+            .map(|p| {
+                File::create(p)
+                    .map(BufWriter::new)
+                    .map_err(|source| DaemonError::Io { what, source })
+            })
+            .transpose()
     };
     let mut pipeline = Pipeline {
         stats: UserStats::default(),
-        sink,
+        sink: create(&config.output.events_out, "creating the events output")?,
         exited: Vec::new(),
+        tracker: Tracker::new(config.http.clone()),
+        collector: RequestCollector::default(),
+        lifecycle: Vec::new(),
+        requests_sink: create(&config.output.requests_out, "creating the requests output")?,
+        conns: BTreeMap::new(),
+        requests_done: 0,
     };
+    // Connections the targets already had: capture them from now on, parsing resyncs at the
+    // next request or response.
+    let now = monotonic_ns();
+    let mut seeded = 0u64;
+    for &pid in resolved.processes.keys() {
+        for c in procfs.established_connections(pid) {
+            let conn_id = now + seeded;
+            seeded += 1;
+            let state = tracer_ebpf::abi::ConnState {
+                conn_id,
+                family: if c.v6 { 10 } else { 2 },
+                role: tracer_ebpf::abi::ROLE_SEEDED,
+                pad: [0; 5],
+            };
+            probes.seed_connection(pid, c.fd, state)?;
+            let role = if c.server { Role::Server } else { Role::Client };
+            pipeline.seed(
+                ConnKey {
+                    tgid: pid,
+                    fd: c.fd as i32,
+                    conn_id,
+                },
+                now,
+                role,
+            );
+        }
+    }
     tracing::info!(
-        "attached {} probes; tracing {} processes {:?}, {} cgroups, {} names; device root {}",
+        "attached {} probes; tracing {} processes {:?}, {} cgroups, {} names, {seeded} open connections; device root {}",
         TRACEPOINTS.len(),
         resolved.processes.len(),
         resolved.processes.keys().collect::<Vec<_>>(),
@@ -254,6 +419,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 }
             }
             _ = report.tick(), if config.output.summary_interval_ms > 0 => {
+                // Connections silent for 10 minutes lost their close somewhere: end them.
+                pipeline.tracker.evict_idle(monotonic_ns(), IDLE_CONNECTION_NS);
+                pipeline.flush_requests();
                 pipeline.flush();
                 let kernel = probes.stats()?;
                 let targets = probes.targets()?.len();
@@ -264,7 +432,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                         &kernel.since(&last_kernel),
                         &pipeline.stats.since(&last_user),
                         targets,
-                        now.duration_since(last_report).as_secs_f64()
+                        now.duration_since(last_report).as_secs_f64(),
+                        &pipeline.http_summary(),
                     )
                 );
                 last_kernel = kernel;
@@ -282,7 +451,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let kernel = probes.stats()?;
     tracing::info!(
         "shutting down: {}",
-        summary(&kernel, &pipeline.stats, probes.targets()?.len(), 0.0)
+        summary(
+            &kernel,
+            &pipeline.stats,
+            probes.targets()?.len(),
+            0.0,
+            &pipeline.http_summary()
+        )
     );
     drop(ring);
     drop(probes);

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod event;
+pub mod http;
 pub mod ledger;
 pub mod probe;
+pub mod requests;
 pub mod target;

@@ -1,0 +1,139 @@
+//! Requests off the wire: real servers on loopback, the real probes attached by port, a
+//! keep-alive client recording the truth; every request must come out with the right
+//! boundaries, status, sizes, event counts and usage.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+use serde_json::Value;
+use tracer_tests::{TempDir, Tracer, client::Client, privileged_or_skip};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
+const AXUM: &str = env!("CARGO_BIN_EXE_openai-axum");
+
+/// Starts a server that prints `listening <port>`; returns it and the port.
+fn start(cmd: &mut Command) -> (Child, u16) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("server output");
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected server output {line:?}"));
+    (child, port)
+}
+
+fn requests_of(dir: &std::path::Path, tgid: u32) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("requests.jsonl")).expect("requests output");
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("request JSON"))
+        .filter(|r| r["tgid"] == tgid)
+        .collect()
+}
+
+/// Drives `n` alternating streaming / non-streaming chat requests over one connection and checks
+/// the tracer's records against what the client saw.
+fn check_server(name: &str, server: &mut Command, keepalive_comments: bool) {
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let dir = TempDir::new(name);
+    let (mut child, port) = start(server);
+    let requests_out = dir.path().join("requests.jsonl");
+    let tracer = Tracer::start(
+        TRACER,
+        dir.path(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--poll-interval-ms",
+            "5",
+            "--requests-out",
+            requests_out.to_str().expect("utf8"),
+        ],
+    );
+    let mut client = Client::connect(port).expect("connect");
+    let mut truth = Vec::new();
+    for i in 0..10u64 {
+        let stream = i % 2 == 0;
+        let body = format!(
+            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"keepalive":{keepalive_comments},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
+            3 + i
+        );
+        let rid = format!("req-{i}");
+        let ex = client
+            .post("/v1/chat/completions", &body, &[("X-Request-Id", &rid)])
+            .expect("exchange");
+        assert_eq!(ex.status, 200);
+        truth.push((i, stream, rid, ex));
+    }
+    drop(client);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let events = tracer.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!events.is_empty());
+
+    let records = requests_of(dir.path(), child.id());
+    assert_eq!(
+        records.len(),
+        truth.len(),
+        "{name}: one record per request: {records:#?}"
+    );
+    for (rec, (i, stream, rid, ex)) in records.iter().zip(&truth) {
+        let ctx = format!("{name} request {i}: {rec}");
+        assert_eq!(rec["method"], "POST", "{ctx}");
+        assert_eq!(rec["path"], "/v1/chat/completions", "{ctx}");
+        assert_eq!(rec["status"], 200, "{ctx}");
+        assert_eq!(rec["outcome"], "complete", "{ctx}");
+        assert_eq!(rec["model"], format!("m-{i}"), "{ctx}");
+        assert_eq!(rec["stream"], *stream, "{ctx}");
+        assert_eq!(rec["request_id"], rid.as_str(), "{ctx}");
+        assert_eq!(rec["request_bytes"], ex.request_bytes, "{ctx}");
+        assert_eq!(rec["response_bytes"], ex.response_bytes, "{ctx}");
+        assert_eq!(rec["completion_tokens"], 3 + i, "{ctx}");
+        if *stream {
+            // Token events plus the usage chunk, never [DONE] or comments.
+            assert_eq!(rec["events"], ex.events, "{ctx}");
+            assert!(ex.done);
+            assert!(
+                rec["first_event_ns"].as_u64() >= rec["first_byte_ns"].as_u64(),
+                "{ctx}"
+            );
+        } else {
+            assert_eq!(rec["events"], 0, "{ctx}");
+        }
+        let (a, f, e) = (
+            rec["arrive_ns"].as_u64().expect("arrive"),
+            rec["first_byte_ns"].as_u64().expect("first byte"),
+            rec["end_ns"].as_u64().expect("end"),
+        );
+        assert!(a <= f && f <= e, "{ctx}");
+    }
+    // Requests on one connection come in order.
+    let seqs: Vec<u64> = records
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn python_stdlib_server_streaming_and_not() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    check_server("python-stdlib", Command::new("python3").arg(script), false);
+}
+
+#[test]
+fn axum_hyper_server_with_keepalive_comments() {
+    check_server("axum", &mut Command::new(AXUM), true);
+}
