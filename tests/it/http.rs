@@ -137,3 +137,57 @@ fn python_stdlib_server_streaming_and_not() {
 fn axum_hyper_server_with_keepalive_comments() {
     check_server("axum", &mut Command::new(AXUM), true);
 }
+
+#[test]
+fn connection_opened_before_attach_is_seeded_from_proc() {
+    if !privileged_or_skip("connection_opened_before_attach_is_seeded_from_proc") {
+        return;
+    }
+    let dir = TempDir::new("seeded");
+    let (mut child, port) = start(&mut Command::new(AXUM));
+    // A keep-alive connection, used once before the tracer exists.
+    let mut client = Client::connect(port).expect("connect");
+    let body = r#"{"model":"before","max_tokens":2}"#;
+    client
+        .post("/v1/chat/completions", body, &[])
+        .expect("first exchange");
+    let requests_out = dir.path().join("requests.jsonl");
+    let tracer = Tracer::start(
+        TRACER,
+        dir.path(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--poll-interval-ms",
+            "5",
+            "--requests-out",
+            requests_out.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        tracer.log_text().contains("1 open connections"),
+        "{}",
+        tracer.log_text()
+    );
+    let mut truth = Vec::new();
+    for i in 0..3 {
+        let body = format!(r#"{{"model":"after-{i}","max_tokens":{}}}"#, 2 + i);
+        truth.push(
+            client
+                .post("/v1/chat/completions", &body, &[])
+                .expect("exchange"),
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = tracer.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+    let records = requests_of(dir.path(), child.id());
+    assert_eq!(records.len(), 3, "{records:#?}");
+    for (i, (rec, ex)) in records.iter().zip(&truth).enumerate() {
+        assert_eq!(rec["model"], format!("after-{i}"));
+        assert_eq!(rec["outcome"], "complete");
+        assert_eq!(rec["request_bytes"], ex.request_bytes);
+        assert_eq!(rec["response_bytes"], ex.response_bytes);
+    }
+}
