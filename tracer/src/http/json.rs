@@ -126,15 +126,30 @@ fn string(bytes: &[u8], mut i: usize) -> (String, usize) {
         match bytes[i] {
             b'"' => return (String::from_utf8_lossy(&out).into_owned(), i + 1),
             b'\\' => {
-                if let Some(&c) = bytes.get(i + 1) {
-                    let c = match c {
-                        b'n' => b'\n',
-                        b't' => b'\t',
-                        other => other,
-                    };
-                    if out.len() < 256 {
-                        out.push(c);
+                match bytes.get(i + 1) {
+                    Some(b'u') => {
+                        let (ch, used) = unicode_escape(&bytes[i..]);
+                        if out.len() < 256 {
+                            let mut tmp = [0u8; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+                        }
+                        i += used;
+                        continue;
                     }
+                    Some(&c) => {
+                        let c = match c {
+                            b'n' => b'\n',
+                            b't' => b'\t',
+                            b'r' => b'\r',
+                            b'b' => 8,
+                            b'f' => 12,
+                            other => other,
+                        };
+                        if out.len() < 256 {
+                            out.push(c);
+                        }
+                    }
+                    None => {}
                 }
                 i += 2;
             }
@@ -147,6 +162,27 @@ fn string(bytes: &[u8], mut i: usize) -> (String, usize) {
         }
     }
     (String::from_utf8_lossy(&out).into_owned(), bytes.len())
+}
+
+/// Decodes `\\uXXXX` (and a following low surrogate) at the start of `b`; returns the
+/// character (U+FFFD when invalid or cut off) and the bytes used.
+fn unicode_escape(b: &[u8]) -> (char, usize) {
+    let hex = |at: usize| {
+        b.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+    };
+    let Some(hi) = hex(2) else {
+        return ('\u{fffd}', b.len().min(6));
+    };
+    if (0xD800..0xDC00).contains(&hi)
+        && b.get(6..8) == Some(b"\\u")
+        && let Some(lo) = hex(8).filter(|lo| (0xDC00..0xE000).contains(lo))
+    {
+        let c = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+        return (char::from_u32(c).unwrap_or('\u{fffd}'), 12);
+    }
+    (char::from_u32(hi).unwrap_or('\u{fffd}'), 6)
 }
 
 #[cfg(test)]
@@ -176,6 +212,12 @@ mod tests {
                 ("max_tokens".into(), "64".into()),
             ]
         );
+    }
+
+    #[test]
+    fn unicode_escapes_are_decoded() {
+        let v = collect(r#"{"model":"caf\u00e9-\ud83d\ude00","x":"\u12"}"#);
+        assert_eq!(v[0], ("model".into(), "café-😀".into()));
     }
 
     #[test]
