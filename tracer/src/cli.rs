@@ -63,6 +63,18 @@ pub struct RunArgs {
     /// Write every finished HTTP request as a JSON line to this file. [config: output.requests_out]
     #[arg(long)]
     pub requests_out: Option<PathBuf>,
+    /// Write every request's energy record as a JSON line to this file. [config: output.records_out]
+    #[arg(long)]
+    pub records_out: Option<PathBuf>,
+    /// Path of libnvidia-ml.so.1. [config: power.nvml_lib]
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
+    /// Do not sample GPUs through NVML. [config: power.nvml = false]
+    #[arg(long)]
+    pub no_nvml: bool,
+    /// Power sampling period in milliseconds. [config: power.interval_ms]
+    #[arg(long)]
+    pub power_interval_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -96,6 +108,18 @@ impl RunArgs {
         }
         if self.requests_out.is_some() {
             c.output.requests_out = self.requests_out;
+        }
+        if self.records_out.is_some() {
+            c.output.records_out = self.records_out;
+        }
+        if self.nvml_lib.is_some() {
+            c.power.nvml_lib = self.nvml_lib;
+        }
+        if self.no_nvml {
+            c.power.nvml = false;
+        }
+        if let Some(v) = self.power_interval_ms {
+            c.power.interval_ms = v;
         }
         c.validate()?;
         Ok(c)

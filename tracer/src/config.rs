@@ -36,6 +36,32 @@ pub struct Config {
     pub output: OutputConfig,
     /// The HTTP tracker (head size limit, tenant header and hash key).
     pub http: crate::http::TrackerConfig,
+    /// Power sources.
+    pub power: PowerConfig,
+    /// Attribution (split and idle policies, grace, uncertainty factors).
+    pub ledger: crate::ledger::LedgerConfig,
+}
+
+/// Power sources.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PowerConfig {
+    /// Sample NVIDIA GPUs through NVML.
+    pub nvml: bool,
+    /// Path of `libnvidia-ml.so.1` (default: the system's).
+    pub nvml_lib: Option<PathBuf>,
+    /// Sampling period; at least twice as fast as the sensors update (NVML: 100 ms).
+    pub interval_ms: u64,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        Self {
+            nvml: true,
+            nvml_lib: None,
+            interval_ms: 20,
+        }
+    }
 }
 
 /// What to trace. Children of every selected process are followed.
@@ -87,6 +113,8 @@ pub struct OutputConfig {
     pub events_out: Option<PathBuf>,
     /// Write every finished HTTP request as a JSON line here.
     pub requests_out: Option<PathBuf>,
+    /// Write every request's final energy record as a JSON line here.
+    pub records_out: Option<PathBuf>,
 }
 
 impl Default for OutputConfig {
@@ -95,6 +123,7 @@ impl Default for OutputConfig {
             summary_interval_ms: 1000,
             events_out: None,
             requests_out: None,
+            records_out: None,
         }
     }
 }
@@ -138,6 +167,9 @@ impl Config {
                 "probe.capture_bytes = {}: at most 4096",
                 self.probe.capture_bytes
             )));
+        }
+        if self.power.interval_ms == 0 {
+            return Err(ConfigError::Invalid("power.interval_ms must be > 0".into()));
         }
         if self.probe.poll_interval_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -17,7 +17,9 @@ use tracer_ebpf::abi::{Kind, Stat};
 use crate::{
     config::Config,
     event::{self, Body, Event},
-    http::{ConnKey, Direction, Lifecycle, Role, Tracker},
+    http::{self as wire_http, ConnKey, Direction, Lifecycle, Role, Tracker},
+    ledger::{self, Arrival, DeviceId, DeviceInfo, IdleSource, Ledger, RequestId, ServiceId},
+    power::{self, PowerSource as _, Reading},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
     requests::RequestCollector,
     target::{self, ProcFs, TargetError, TargetSpec},
@@ -26,6 +28,9 @@ use crate::{
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The ledger configuration is invalid.
+    #[error(transparent)]
+    Ledger(ledger::LedgerError),
     /// No `--pid`, `--port`, `--cgroup` or `--comm` was given.
     #[error(
         "nothing to trace: give --pid, --port, --cgroup or --comm (or [targets] in the config)"
@@ -97,6 +102,91 @@ struct Pipeline {
     /// Open connections by process, to end them when the process exits.
     conns: BTreeMap<u32, BTreeMap<i32, u64>>,
     requests_done: u64,
+    /// Attribution: fed with request lifecycles, power readings and GPU occupancy.
+    ledger: Ledger,
+    records_sink: Option<BufWriter<File>>,
+    records_done: u64,
+    /// Power devices by minor number (GPUs), for binding device opens to ledger devices.
+    gpu_by_minor: BTreeMap<u32, DeviceId>,
+    /// Target processes holding each device.
+    holders: BTreeMap<DeviceId, std::collections::BTreeSet<u32>>,
+    /// Wall-clock minus monotonic, for records at the API edge.
+    wall_offset_ns: i128,
+}
+
+/// The one service of this daemon run: every target process serves the same endpoint(s).
+const SERVICE: ServiceId = ServiceId(0);
+
+/// A device node path's GPU minor: `.../nvidia<N>` (not nvidiactl, nvidia-uvm, modeset).
+fn gpu_minor(path: &str) -> Option<u32> {
+    let name = path.rsplit('/').next()?;
+    name.strip_prefix("nvidia")?.parse().ok()
+}
+
+/// A finished request's energy account with its wall-clock end time (the API edge).
+#[derive(serde::Serialize)]
+struct RecordOut<'a> {
+    #[serde(flatten)]
+    record: &'a ledger::RequestRecord,
+    end_unix_ms: i64,
+}
+
+/// Request lifecycle → ledger input.
+fn feed_ledger(l: &mut Ledger, lc: &Lifecycle) {
+    match lc {
+        Lifecycle::Arrive {
+            req,
+            ts_ns,
+            model,
+            request_id,
+            ..
+        } => {
+            let _ = l.arrive(
+                RequestId(req.id),
+                SERVICE,
+                Arrival {
+                    ts_ns: *ts_ns,
+                    model: model.clone(),
+                    external_id: request_id.clone(),
+                    prompt_tokens: None,
+                    cached_tokens: None,
+                },
+            );
+        }
+        Lifecycle::RequestDone { .. } => {}
+        Lifecycle::FirstByte { req, ts_ns, .. } => l.first_byte(RequestId(req.id), *ts_ns),
+        Lifecycle::Event { req, ts_ns } => l.events(RequestId(req.id), *ts_ns, 1),
+        Lifecycle::Usage {
+            req,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        } => l.usage(
+            RequestId(req.id),
+            *prompt_tokens,
+            *completion_tokens,
+            *cached_tokens,
+        ),
+        Lifecycle::End {
+            req,
+            ts_ns,
+            response_bytes,
+            outcome,
+            ..
+        } => {
+            let outcome = match outcome {
+                wire_http::Outcome::Complete => ledger::Outcome::Complete,
+                wire_http::Outcome::ClosedEarly => ledger::Outcome::ClosedEarly,
+                wire_http::Outcome::Truncated => ledger::Outcome::Truncated,
+                wire_http::Outcome::Aborted => ledger::Outcome::Aborted,
+            };
+            l.end(RequestId(req.id), *ts_ns, *response_bytes, outcome);
+        }
+    }
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Io { what, source }
 }
 
 /// Connections without traffic for this long are ended (their close was never seen).
@@ -188,8 +278,24 @@ impl Pipeline {
                     m.remove(&fd);
                 }
             }
+            Body::DevOpen { ref path, .. } => {
+                if let Some(dev) = gpu_minor(path).and_then(|m| self.gpu_by_minor.get(&m).copied())
+                {
+                    let holders = self.holders.entry(dev).or_default();
+                    if holders.is_empty() {
+                        let _ = self.ledger.occupy(dev, SERVICE, ev.ts_ns, None);
+                    }
+                    holders.insert(ev.tgid);
+                }
+                return;
+            }
             Body::Exit { pid, .. } => {
                 self.exited.push(pid);
+                for (dev, holders) in &mut self.holders {
+                    if holders.remove(&pid) && holders.is_empty() {
+                        let _ = self.ledger.release(*dev, SERVICE, ev.ts_ns);
+                    }
+                }
                 for (fd, conn_id) in self.conns.remove(&pid).unwrap_or_default() {
                     self.tracker.on_close(
                         ConnKey {
@@ -209,11 +315,66 @@ impl Pipeline {
     fn flush_requests(&mut self) {
         self.tracker.drain_into(&mut self.lifecycle);
         for lc in self.lifecycle.drain(..) {
+            feed_ledger(&mut self.ledger, &lc);
             if let Some(done) = self.collector.apply(&lc) {
                 self.requests_done += 1;
                 write_line(&mut self.requests_sink, &done, "requests");
             }
         }
+    }
+
+    /// Power readings from the sampler thread.
+    fn power(&mut self, batch: Vec<Reading>) {
+        for r in batch {
+            let _ = match r {
+                Reading::Counter {
+                    device,
+                    ts_ns,
+                    energy_uj,
+                    wrap_uj,
+                } => self
+                    .ledger
+                    .counter(DeviceId(device as u32), ts_ns, energy_uj, wrap_uj),
+                Reading::Power {
+                    device,
+                    ts_ns,
+                    watts,
+                    window_ns,
+                } => self
+                    .ledger
+                    .power(DeviceId(device as u32), ts_ns, watts, window_ns),
+                Reading::Lost { .. } => Ok(()),
+            };
+        }
+    }
+
+    /// Attributes what the grace period allows and writes the final records.
+    fn advance(&mut self, now_ns: u64) {
+        for rec in self.ledger.advance(now_ns) {
+            self.records_done += 1;
+            let end_unix_ms = ((i128::from(rec.end_ns) + self.wall_offset_ns) / 1_000_000) as i64;
+            write_line(
+                &mut self.records_sink,
+                &RecordOut {
+                    record: &rec,
+                    end_unix_ms,
+                },
+                "records",
+            );
+        }
+    }
+
+    fn energy_summary(&self) -> String {
+        let totals = self.ledger.totals();
+        let sum = |f: fn(&ledger::DeviceTotals) -> f64| totals.values().map(f).sum::<f64>();
+        format!(
+            "energy records={} measured={:.1}J requests={:.1}J idle={:.1}J unattributed={:.1}J",
+            self.records_done,
+            sum(|t| t.measured_j),
+            sum(|t| t.request_dynamic_j + t.request_idle_j),
+            sum(|t| t.idle_j),
+            sum(|t| t.unattributed_j),
+        )
     }
 
     fn http_summary(&self) -> String {
@@ -349,7 +510,50 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         requests_sink: create(&config.output.requests_out, "creating the requests output")?,
         conns: BTreeMap::new(),
         requests_done: 0,
+        ledger: Ledger::new(config.ledger.clone()).map_err(DaemonError::Ledger)?,
+        records_sink: create(&config.output.records_out, "creating the records output")?,
+        records_done: 0,
+        gpu_by_minor: BTreeMap::new(),
+        holders: BTreeMap::new(),
+        wall_offset_ns: i128::from(power::realtime_ns()) - i128::from(power::monotonic_ns()),
     };
+    // Power: NVML GPUs on a sampler thread. Without NVML the daemon still traces requests.
+    let (power_tx, power_rx) = std::sync::mpsc::channel();
+    let mut _sampler = None;
+    if config.power.nvml {
+        match power::nvml::NvmlSource::open(config.power.nvml_lib.as_ref()) {
+            Ok(source) => {
+                for (i, d) in source.devices().iter().enumerate() {
+                    let id = DeviceId(i as u32);
+                    pipeline.ledger.register_device(
+                        id,
+                        DeviceInfo {
+                            name: d.name.clone(),
+                            kind: d.kind,
+                            estimated: d.estimated,
+                            idle: IdleSource::default(),
+                        },
+                    );
+                    if let Some(m) = d.minor {
+                        pipeline.gpu_by_minor.insert(m, id);
+                    }
+                    tracing::info!(
+                        "power: {} uuid={} minor={:?} pci={}",
+                        d.name,
+                        d.uuid.as_deref().unwrap_or("?"),
+                        d.minor,
+                        d.pci_bus_id.as_deref().unwrap_or("?")
+                    );
+                }
+                let period = Duration::from_millis(config.power.interval_ms);
+                _sampler = Some(
+                    power::spawn_sampler(Box::new(source), period, power_tx)
+                        .map_err(io_err("starting the power sampler"))?,
+                );
+            }
+            Err(e) => tracing::warn!("{e}; GPU energy will not be attributed"),
+        }
+    }
     // Connections the targets already had: capture them from now on, parsing resyncs at the
     // next request or response.
     let now = monotonic_ns();
@@ -409,6 +613,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             _ = poll.tick() => {
                 pipeline.drain(ring.get_mut());
+                while let Ok(batch) = power_rx.try_recv() {
+                    pipeline.power(batch);
+                }
+                pipeline.advance(monotonic_ns());
                 if let Some(log) = &mut ebpf_log {
                     log.flush();
                 }
@@ -433,7 +641,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                         &pipeline.stats.since(&last_user),
                         targets,
                         now.duration_since(last_report).as_secs_f64(),
-                        &pipeline.http_summary(),
+                        &format!("{} | {}", pipeline.http_summary(), pipeline.energy_summary()),
                     )
                 );
                 last_kernel = kernel;
@@ -456,7 +664,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             &pipeline.stats,
             probes.targets()?.len(),
             0.0,
-            &pipeline.http_summary()
+            &format!(
+                "{} | {}",
+                pipeline.http_summary(),
+                pipeline.energy_summary()
+            )
         )
     );
     drop(ring);

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod event;
 pub mod http;
 pub mod ledger;
+pub mod power;
 pub mod probe;
 pub mod requests;
 pub mod target;

@@ -1,0 +1,127 @@
+//! Power sources: where measured energy comes from.
+//!
+//! Every source sits behind [`PowerSource`] so the daemon (and the tests) run without hardware.
+//! Sources block (NVML calls take milliseconds), so each runs on a dedicated thread
+//! ([`spawn_sampler`]) and sends [`Reading`]s to the event loop; nothing blocks the runtime.
+//! Every reading is stamped in `CLOCK_MONOTONIC` nanoseconds, the probes' clock.
+
+pub mod nvml;
+
+use std::{
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::ledger::DeviceKind;
+
+/// Errors from power sources.
+#[derive(Debug, thiserror::Error)]
+pub enum PowerError {
+    /// The NVML library could not be loaded or initialised (no driver, wrong path).
+    #[error("NVML unavailable: {0}")]
+    NvmlUnavailable(String),
+    /// An NVML call failed for a device.
+    #[error("NVML device {index}: {detail}")]
+    Nvml { index: u32, detail: String },
+}
+
+/// A power-measured device as a source describes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PowerDevice {
+    /// Stable name, e.g. `gpu0`.
+    pub name: String,
+    pub kind: DeviceKind,
+    /// Figures are modelled rather than measured.
+    pub estimated: bool,
+    /// GPU identity (NVML): device minor number, UUID, PCI bus id.
+    pub minor: Option<u32>,
+    pub uuid: Option<String>,
+    pub pci_bus_id: Option<String>,
+    /// Counter range when the energy counter wraps.
+    pub wrap_uj: Option<u64>,
+}
+
+/// One observation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "reading", rename_all = "snake_case")]
+pub enum Reading {
+    /// Cumulative energy counter value, read at `ts_ns`.
+    Counter {
+        device: usize,
+        ts_ns: u64,
+        energy_uj: u64,
+        wrap_uj: Option<u64>,
+    },
+    /// Average power over `[ts_ns − window_ns, ts_ns]` (0 = instantaneous).
+    Power {
+        device: usize,
+        ts_ns: u64,
+        watts: f64,
+        window_ns: u64,
+    },
+    /// The device stopped answering (e.g. fell off the bus): a visible gap from here.
+    Lost {
+        device: usize,
+        ts_ns: u64,
+        reason: String,
+    },
+}
+
+/// A source of power readings.
+pub trait PowerSource: Send {
+    /// What it measures; `Reading::device` indexes this list.
+    fn devices(&self) -> &[PowerDevice];
+    /// Reads every device once, appending to `out`.
+    fn poll(&mut self, out: &mut Vec<Reading>);
+}
+
+/// `CLOCK_MONOTONIC` now in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `CLOCK_REALTIME` now in nanoseconds.
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; both clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs `source` on its own thread every `period`, sending batches of readings until the
+/// receiver is dropped. Returns the thread handle.
+pub fn spawn_sampler(
+    mut source: Box<dyn PowerSource>,
+    period: Duration,
+    tx: mpsc::Sender<Vec<Reading>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("power-sampler".into())
+        .spawn(move || {
+            let mut next = Instant::now();
+            loop {
+                let mut batch = Vec::new();
+                source.poll(&mut batch);
+                if tx.send(batch).is_err() {
+                    return;
+                }
+                next += period;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    // Fell behind (slow driver): do not try to catch up in a burst.
+                    next = now;
+                }
+            }
+        })
+}
