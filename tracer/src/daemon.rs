@@ -323,6 +323,18 @@ impl Pipeline {
         }
     }
 
+    /// A target opened a device node: a GPU node binds that GPU to the service.
+    fn gpu_opened(&mut self, tgid: u32, path: &str, ts_ns: u64) {
+        if let Some(dev) = gpu_minor(path).and_then(|m| self.gpu_by_minor.get(&m).copied()) {
+            let holders = self.holders.entry(dev).or_default();
+            if holders.is_empty() {
+                let _ = self.ledger.occupy(dev, SERVICE, ts_ns, None);
+                tracing::info!("gpu minor {path} bound to the traced service (process {tgid})");
+            }
+            holders.insert(tgid);
+        }
+    }
+
     /// Power readings from the sampler thread.
     fn power(&mut self, batch: Vec<Reading>) {
         for r in batch {
@@ -552,6 +564,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 );
             }
             Err(e) => tracing::warn!("{e}; GPU energy will not be attributed"),
+        }
+    }
+    // GPUs the targets already hold (opened before the daemon attached).
+    let seed_ts = monotonic_ns();
+    for &pid in resolved.processes.keys() {
+        for (_, path) in procfs.fds_under(pid, &config.probe.device_root) {
+            pipeline.gpu_opened(pid, &path.to_string_lossy(), seed_ts);
         }
     }
     // Connections the targets already had: capture them from now on, parsing resyncs at the

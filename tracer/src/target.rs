@@ -188,6 +188,22 @@ impl ProcFs {
             .collect()
     }
 
+    /// Paths of the fds a process holds under `root` (device nodes it has open).
+    pub fn fds_under(&self, pid: u32, root: &Path) -> Vec<(u32, PathBuf)> {
+        let dir = self.proc_root.join(format!("{pid}/fd"));
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let fd = e.file_name().to_str()?.parse().ok()?;
+                let link = fs::read_link(e.path()).ok()?;
+                link.starts_with(root).then_some((fd, link))
+            })
+            .collect()
+    }
+
     /// Processes holding a socket with one of `inodes`.
     pub fn holders_of(&self, inodes: &BTreeSet<u64>) -> Result<BTreeSet<u32>, TargetError> {
         Ok(self
