@@ -52,11 +52,12 @@ enum Task {
         #[arg(long, default_value_t = 200_000)]
         iterations: u32,
     },
-    /// setup, then the no-GPU demo: a local HTTP server, the tracer attached to it by port, a
-    /// short load, and what the tracer saw.
+    /// setup, then the no-GPU demo: the emulated inference host (API process, engine on two
+    /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
+    /// chat-like load, and per-request attribution beside the ground truth.
     Demo {
         /// Seconds of load.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
 }
@@ -297,75 +298,191 @@ fn run(args: &[String]) -> Result<()> {
 
 fn demo(seconds: u64) -> Result<()> {
     use std::{
-        io::{Read as _, Write as _},
-        net::TcpStream,
+        io::{BufRead as _, BufReader},
+        process::Stdio,
         time::{Duration, Instant},
     };
-    let bin = build_release()?;
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer",
+        "--bin",
+        "tracer",
+        "-p",
+        "tracer-emuhost",
+        "-p",
+        "nvml-emu",
+    ]))?;
+    let release = PathBuf::from("target/release");
     let dir = env::temp_dir().join(format!("tracer-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("index.html"),
-        "hello from the demo server\n".repeat(64),
-    )?;
-    let port = 18_181;
-    eprintln!("demo: starting a Python HTTP server on 127.0.0.1:{port}");
-    let mut server = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let dev = dir.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    let lib_dir = dir.join("nvml");
+    std::fs::create_dir_all(&lib_dir)?;
+    let nvml = lib_dir.join("libnvidia-ml.so.1");
+    std::fs::copy(release.join("libnvidia_ml.so"), &nvml).context("copying the NVML emulation")?;
+    let state = dir.join("gpu-state");
+    let truth = dir.join("truth.jsonl");
+    let records = dir.join("records.jsonl");
+    let requests = dir.join("requests.jsonl");
+
+    eprintln!("demo: starting the emulated inference host (API process + engine on 2 GPUs)");
+    let mut host = Command::new(release.join("emuhost"))
+        .args(["serve", "--port", "0", "--gpus", "2"])
+        .arg("--state")
+        .arg(&state)
+        .arg("--device-root")
+        .arg(&dev)
+        .arg("--truth")
+        .arg(&truth)
+        .stdout(Stdio::piped())
         .spawn()
-        .context("starting python3 -m http.server")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let _ = server.kill();
-            bail!("demo server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let events = dir.join("events.jsonl");
-    eprintln!("demo: attaching tracer to port {port}");
-    let mut tracer = privileged(&bin.to_string_lossy())
-        .args(["run", "--port", &port.to_string(), "--events-out"])
-        .arg(&events)
+        .context("starting emuhost")?;
+    let mut line = String::new();
+    BufReader::new(host.stdout.take().context("emuhost stdout")?).read_line(&mut line)?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("emuhost said {line:?}"))?;
+
+    eprintln!("demo: attaching tracer to port {port} (NVML: the emulation's libnvidia-ml.so.1)");
+    let log = dir.join("tracer.log");
+    // `env` carries the emulation's state path through sudo, which drops the environment.
+    let mut tracer = privileged("env")
+        .arg(format!("TRACER_EMU_STATE={}", state.display()))
+        .arg(release.join("tracer"))
+        .args(["run", "--port", &port.to_string()])
+        .arg("--device-root")
+        .arg(&dev)
+        .arg("--nvml-lib")
+        .arg(&nvml)
+        .arg("--records-out")
+        .arg(&records)
+        .arg("--requests-out")
+        .arg(&requests)
+        .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting tracer")?;
-    while !events.exists() {
-        if let Some(status) = tracer.try_wait()? {
-            let _ = server.kill();
-            bail!("tracer exited: {status}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("attached")
+    {
+        if tracer.try_wait()?.is_some() || Instant::now() > deadline {
+            let _ = host.kill();
+            bail!("tracer did not attach:\n{}", std::fs::read_to_string(&log)?);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let end = Instant::now() + Duration::from_secs(seconds);
-    let mut requests = 0u64;
-    while Instant::now() < end {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\nHost: demo\r\n\r\n");
-            let mut buf = Vec::new();
-            let _ = s.read_to_end(&mut buf);
-            requests += 1;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+
+    eprintln!("demo: {seconds} s of chat-like load at concurrency 8");
+    sh(Command::new(release.join("emuload"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .args(["--concurrency", "8"]))?;
+    // Let the grace period pass so every request's energy is final, then stop everything.
+    std::thread::sleep(Duration::from_secs(4));
     sh(privileged("kill").args(["-INT", &tracer.id().to_string()]))?;
-    let status = tracer.wait()?;
-    let _ = server.kill();
-    let _ = server.wait();
-    let lines = std::fs::read_to_string(&events).unwrap_or_default();
+    tracer.wait()?;
+    terminate(host.id());
+    let _ = host.wait();
     eprintln!(
-        "demo: the client made {requests} requests; the tracer wrote {} events to {} (tracer exit: {status})",
-        lines.lines().count(),
-        events.display()
+        "{}",
+        std::fs::read_to_string(&log)?
+            .lines()
+            .rev()
+            .find(|l| l.contains("shutting down"))
+            .unwrap_or("")
     );
+    compare(&records, &truth)
+}
+
+/// SIGTERM to a child (the emulated host then stops its engine and writes the truth summary).
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Prints per-request attribution beside the ground truth, and the totals.
+fn compare(records: &Path, truth: &Path) -> Result<()> {
+    let records = read_jsonl(records)?;
+    let truth = read_jsonl(truth)?;
+    let by_id: std::collections::BTreeMap<&str, &serde_json::Value> = truth
+        .iter()
+        .filter_map(|t| Some((t["request_id"].as_str()?, t)))
+        .collect();
+    println!("| request | tokens in/cached/out | tracer J (± bar) | truth J | error |");
+    println!("|---|---|---|---|---|");
+    let mut errs = Vec::new();
+    let mut inside = 0usize;
+    let (mut sum_rec, mut sum_truth) = (0.0, 0.0);
+    for (i, r) in records.iter().enumerate() {
+        let Some(t) = r["external_id"].as_str().and_then(|id| by_id.get(id)) else {
+            continue;
+        };
+        let got = r["total_j"].as_f64().unwrap_or(0.0);
+        let bar = r["uncertainty_j"].as_f64().unwrap_or(0.0);
+        let want = t["total_j"].as_f64().unwrap_or(0.0);
+        sum_rec += got;
+        sum_truth += want;
+        if want > 0.0 {
+            errs.push((got - want).abs() / want);
+        }
+        if (got - want).abs() <= bar {
+            inside += 1;
+        }
+        if i < 12 {
+            println!(
+                "| {} | {}/{}/{} | {got:.1} (± {bar:.1}) | {want:.1} | {:+.1}% |",
+                r["external_id"].as_str().unwrap_or("?"),
+                t["prompt_tokens"],
+                t["cached_tokens"],
+                t["completion_tokens"],
+                (got - want) / want.max(1e-9) * 100.0
+            );
+        }
+    }
+    errs.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        errs.get(((errs.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+            * 100.0
+    };
+    let summary = truth.iter().find(|t| t["summary"] == true);
+    println!(
+        "\n{} requests matched to ground truth ({} records): median error {:.2}%, p95 {:.2}%, error bar holds the truth for {:.0}%; \
+         requests' energy: tracer {sum_rec:.0} J vs truth {sum_truth:.0} J",
+        errs.len(),
+        records.len(),
+        pct(0.5),
+        pct(0.95),
+        inside as f64 / errs.len().max(1) as f64 * 100.0
+    );
+    if let Some(s) = summary {
+        println!(
+            "GPU energy over the run (true counters): {} J",
+            s["energy_j_per_gpu"]
+        );
+    }
+    if errs.is_empty() {
+        bail!("no request records matched the ground truth");
+    }
     Ok(())
 }
 
