@@ -1,0 +1,65 @@
+//! The JSON-lines protocol between the API process and the engine process.
+
+use serde::{Deserialize, Serialize};
+
+/// API → engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToEngine {
+    /// A new request.
+    Submit {
+        /// Request number assigned by the API process (`cmpl-<rid>`).
+        rid: u64,
+        /// The client's `X-Request-Id`, if any.
+        request_id: Option<String>,
+        /// Prompt text (chat: the concatenated message contents).
+        prompt: String,
+        /// Tokens to generate.
+        max_tokens: u32,
+        /// When the API process received the request, µs of `CLOCK_MONOTONIC`.
+        arrive_us: u64,
+    },
+    /// The client went away: stop generating for `rid`.
+    Cancel {
+        /// Request number.
+        rid: u64,
+    },
+    /// Stop the engine.
+    Shutdown,
+}
+
+/// Token counts reported when a request finishes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+}
+
+/// Engine → API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum FromEngine {
+    /// The engine is initialised (devices opened, sensors running).
+    Ready {
+        /// The engine's pid.
+        pid: u32,
+    },
+    /// One generated token of request `rid`.
+    Token {
+        /// Request number.
+        rid: u64,
+        /// Token text.
+        text: String,
+    },
+    /// Request `rid` finished; no more events for it.
+    Done {
+        /// Request number.
+        rid: u64,
+        /// Token counts.
+        usage: Usage,
+    },
+}
