@@ -117,6 +117,8 @@ pub enum Syscall {
     Openat = 13,
     Ioctl = 14,
     Socket = 15,
+    /// `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD*)`: a second fd for a tracked connection.
+    Dup = 16,
 }
 
 impl Syscall {
@@ -138,6 +140,7 @@ impl Syscall {
             13 => Some(Syscall::Openat),
             14 => Some(Syscall::Ioctl),
             15 => Some(Syscall::Socket),
+            16 => Some(Syscall::Dup),
             _ => None,
         }
     }
@@ -160,6 +163,7 @@ impl Syscall {
             Syscall::Openat => "openat",
             Syscall::Ioctl => "ioctl",
             Syscall::Socket => "socket",
+            Syscall::Dup => "dup",
         }
     }
 

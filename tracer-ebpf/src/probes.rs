@@ -357,6 +357,116 @@ pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Duplicated connection fds (Rust's try_clone is fcntl(F_DUPFD_CLOEXEC); servers dup too)
+
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
+#[inline(always)]
+fn dup_enter(ctx: &TracePointContext, is_fcntl: bool) -> u32 {
+    if is_fcntl {
+        let cmd = arg(ctx, 1);
+        if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
+            return 0;
+        }
+    }
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(ctx, 0);
+    let key = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    };
+    // SAFETY: copied out immediately.
+    let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
+        return 0;
+    };
+    stash(id, &stash_entry(fd, 0, 0, conn_id, Syscall::Dup));
+    0
+}
+
+#[inline(always)]
+fn dup_exit(ctx: &TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Dup) else {
+        return 0;
+    };
+    let newfd = ret(ctx);
+    if newfd < 0 || newfd == entry.fd {
+        return 0;
+    }
+    let old = FdKey {
+        tgid: (id >> 32) as u32,
+        fd: entry.fd as u32,
+    };
+    // SAFETY: copied out immediately.
+    let Some(state) = (unsafe { CONNS.get(old) }).copied() else {
+        return 0;
+    };
+    let new = FdKey {
+        tgid: old.tgid,
+        fd: newfd as u32,
+    };
+    if CONNS.insert(new, state, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::ConnTableFull as u32);
+        return 0;
+    }
+    // Reported as a connection record naming the original fd in `listen_fd`.
+    let ev = ConnEvent {
+        hdr: header(Kind::Conn, id, 0),
+        conn_id: state.conn_id,
+        fd: newfd as i32,
+        listen_fd: entry.fd as i32,
+        family: state.family,
+        port: 0,
+        syscall: Syscall::Dup as u8,
+        pad: [0; 3],
+        addr: [0; 16],
+    };
+    emit(Kind::Conn, &ev);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, true)
+}
+
+#[tracepoint]
+pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup2(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup3(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Socket data
 
 #[inline(always)]

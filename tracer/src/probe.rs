@@ -24,6 +24,14 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// `(category, tracepoint)` pairs the daemon attaches, each to the program of the same name.
 pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_enter_fcntl"),
+    ("syscalls", "sys_exit_fcntl"),
+    ("syscalls", "sys_enter_dup"),
+    ("syscalls", "sys_exit_dup"),
+    ("syscalls", "sys_enter_dup2"),
+    ("syscalls", "sys_exit_dup2"),
+    ("syscalls", "sys_enter_dup3"),
+    ("syscalls", "sys_exit_dup3"),
     ("syscalls", "sys_enter_socket"),
     ("syscalls", "sys_exit_socket"),
     ("syscalls", "sys_enter_accept"),
