@@ -75,6 +75,13 @@ pub struct RunArgs {
     /// Power sampling period in milliseconds. [config: power.interval_ms]
     #[arg(long)]
     pub power_interval_ms: Option<u64>,
+    /// GPU idle power in watts (default: learned). [config: power.gpu_idle_watts]
+    #[arg(long)]
+    pub gpu_idle_watts: Option<f64>,
+    /// Idle energy while requests run: amortize (shared by them) or report (kept on the
+    /// device). [config: ledger.idle]
+    #[arg(long, value_parser = ["amortize", "report"])]
+    pub idle_policy: Option<String>,
 }
 
 impl RunArgs {
@@ -120,6 +127,14 @@ impl RunArgs {
         }
         if let Some(v) = self.power_interval_ms {
             c.power.interval_ms = v;
+        }
+        if self.gpu_idle_watts.is_some() {
+            c.power.gpu_idle_watts = self.gpu_idle_watts;
+        }
+        match self.idle_policy.as_deref() {
+            Some("report") => c.ledger.idle = crate::ledger::IdlePolicy::Report,
+            Some("amortize") => c.ledger.idle = crate::ledger::IdlePolicy::Amortize,
+            _ => {}
         }
         c.validate()?;
         Ok(c)

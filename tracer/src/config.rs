@@ -52,6 +52,9 @@ pub struct PowerConfig {
     pub nvml_lib: Option<PathBuf>,
     /// Sampling period; at least twice as fast as the sensors update (NVML: 100 ms).
     pub interval_ms: u64,
+    /// GPU idle (static) power in watts; unset: learned from quiet periods (a server that is
+    /// never quiet needs this for an accurate idle/dynamic split).
+    pub gpu_idle_watts: Option<f64>,
 }
 
 impl Default for PowerConfig {
@@ -60,6 +63,7 @@ impl Default for PowerConfig {
             nvml: true,
             nvml_lib: None,
             interval_ms: 20,
+            gpu_idle_watts: None,
         }
     }
 }

@@ -99,8 +99,9 @@ struct Pipeline {
     collector: RequestCollector,
     lifecycle: Vec<Lifecycle>,
     requests_sink: Option<BufWriter<File>>,
-    /// Open connections by process, to end them when the process exits.
-    conns: BTreeMap<u32, BTreeMap<i32, u64>>,
+    /// Open connections by (process, generation), to map every fd of a connection to one
+    /// tracker connection and to end them when the process exits.
+    conns: BTreeMap<(u32, u64), OpenConn>,
     requests_done: u64,
     /// Attribution: fed with request lifecycles, power readings and GPU occupancy.
     ledger: Ledger,
@@ -112,6 +113,13 @@ struct Pipeline {
     holders: BTreeMap<DeviceId, std::collections::BTreeSet<u32>>,
     /// Wall-clock minus monotonic, for records at the API edge.
     wall_offset_ns: i128,
+}
+
+/// A traced connection: its tracker key (first fd) and every fd that refers to it.
+#[derive(Debug)]
+struct OpenConn {
+    key: ConnKey,
+    fds: Vec<i32>,
 }
 
 /// The one service of this daemon run: every target process serves the same endpoint(s).
@@ -153,8 +161,9 @@ fn feed_ledger(l: &mut Ledger, lc: &Lifecycle) {
                 },
             );
         }
-        Lifecycle::RequestDone { .. } => {}
-        Lifecycle::FirstByte { req, ts_ns, .. } => l.first_byte(RequestId(req.id), *ts_ns),
+        // Streaming servers send their headers before the first token: the prefill/decode
+        // boundary is the first event, which `events` records.
+        Lifecycle::FirstByte { .. } | Lifecycle::RequestDone { .. } => {}
         Lifecycle::Event { req, ts_ns } => l.events(RequestId(req.id), *ts_ns, 1),
         Lifecycle::Usage {
             req,
@@ -229,12 +238,11 @@ impl Pipeline {
     }
 
     /// Feeds connection events to the HTTP tracker and turns its output into request records.
+    ///
+    /// A connection can have several fds (`dup`, `fcntl(F_DUPFD)`): the tracker knows it by its
+    /// first fd and generation, and it ends when its last fd closes.
     fn track(&mut self, ev: &Event<'_>) {
-        let key = |fd: i32, conn_id: u64| ConnKey {
-            tgid: ev.tgid,
-            fd,
-            conn_id,
-        };
+        let tgid = ev.tgid;
         match ev.body {
             Body::Conn {
                 conn_id,
@@ -243,13 +251,21 @@ impl Pipeline {
                 syscall,
                 ..
             } if family != libc::AF_UNIX as u16 => {
+                if syscall == "dup" {
+                    if let Some(c) = self.conns.get_mut(&(tgid, conn_id)) {
+                        c.fds.push(fd);
+                    } else {
+                        // Duplicated from a connection we never saw opened: follow it anyway.
+                        self.open_conn(tgid, fd, conn_id, ev.ts_ns, Role::Unknown);
+                    }
+                    return;
+                }
                 let role = if syscall == "connect" {
                     Role::Client
                 } else {
                     Role::Server
                 };
-                self.tracker.on_open(key(fd, conn_id), ev.ts_ns, role);
-                self.conns.entry(ev.tgid).or_default().insert(fd, conn_id);
+                self.open_conn(tgid, fd, conn_id, ev.ts_ns, role);
             }
             Body::Data {
                 conn_id,
@@ -260,33 +276,38 @@ impl Pipeline {
                 payload,
                 ..
             } => {
+                let first_fd = self.conns.get(&(tgid, conn_id)).map_or(fd, |c| c.key.fd);
+                let key = ConnKey {
+                    tgid,
+                    fd: first_fd,
+                    conn_id,
+                };
                 let dir = if inbound {
                     Direction::Inbound
                 } else {
                     Direction::Outbound
                 };
                 if eof {
-                    self.tracker.on_eof(key(fd, conn_id), ev.ts_ns, dir);
+                    self.tracker.on_eof(key, ev.ts_ns, dir);
                 } else {
-                    self.tracker
-                        .on_data(key(fd, conn_id), ev.ts_ns, dir, total_len, payload);
+                    self.tracker.on_data(key, ev.ts_ns, dir, total_len, payload);
                 }
             }
             Body::Close { conn_id, fd } => {
-                self.tracker.on_close(key(fd, conn_id), ev.ts_ns);
-                if let Some(m) = self.conns.get_mut(&ev.tgid) {
-                    m.remove(&fd);
+                let Some(c) = self.conns.get_mut(&(tgid, conn_id)) else {
+                    self.tracker
+                        .on_close(ConnKey { tgid, fd, conn_id }, ev.ts_ns);
+                    return;
+                };
+                c.fds.retain(|&f| f != fd);
+                if c.fds.is_empty() {
+                    let key = c.key;
+                    self.conns.remove(&(tgid, conn_id));
+                    self.tracker.on_close(key, ev.ts_ns);
                 }
             }
             Body::DevOpen { ref path, .. } => {
-                if let Some(dev) = gpu_minor(path).and_then(|m| self.gpu_by_minor.get(&m).copied())
-                {
-                    let holders = self.holders.entry(dev).or_default();
-                    if holders.is_empty() {
-                        let _ = self.ledger.occupy(dev, SERVICE, ev.ts_ns, None);
-                    }
-                    holders.insert(ev.tgid);
-                }
+                self.gpu_opened(tgid, path, ev.ts_ns);
                 return;
             }
             Body::Exit { pid, .. } => {
@@ -296,20 +317,27 @@ impl Pipeline {
                         let _ = self.ledger.release(*dev, SERVICE, ev.ts_ns);
                     }
                 }
-                for (fd, conn_id) in self.conns.remove(&pid).unwrap_or_default() {
-                    self.tracker.on_close(
-                        ConnKey {
-                            tgid: pid,
-                            fd,
-                            conn_id,
-                        },
-                        ev.ts_ns,
-                    );
+                let gone: Vec<(u32, u64)> = self
+                    .conns
+                    .range((pid, 0)..=(pid, u64::MAX))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone {
+                    if let Some(c) = self.conns.remove(&k) {
+                        self.tracker.on_close(c.key, ev.ts_ns);
+                    }
                 }
             }
             _ => return,
         }
         self.flush_requests();
+    }
+
+    fn open_conn(&mut self, tgid: u32, fd: i32, conn_id: u64, ts_ns: u64, role: Role) {
+        let key = ConnKey { tgid, fd, conn_id };
+        self.tracker.on_open(key, ts_ns, role);
+        self.conns
+            .insert((tgid, conn_id), OpenConn { key, fds: vec![fd] });
     }
 
     fn flush_requests(&mut self) {
@@ -405,11 +433,7 @@ impl Pipeline {
 
     /// A connection the target had before the daemon attached.
     fn seed(&mut self, conn: ConnKey, ts_ns: u64, role: Role) {
-        self.tracker.on_open(conn, ts_ns, role);
-        self.conns
-            .entry(conn.tgid)
-            .or_default()
-            .insert(conn.fd, conn.conn_id);
+        self.open_conn(conn.tgid, conn.fd, conn.conn_id, ts_ns, role);
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
@@ -543,7 +567,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                             name: d.name.clone(),
                             kind: d.kind,
                             estimated: d.estimated,
-                            idle: IdleSource::default(),
+                            idle: config
+                                .power
+                                .gpu_idle_watts
+                                .map_or_else(IdleSource::default, |watts| IdleSource::Configured {
+                                    watts,
+                                }),
                         },
                     );
                     if let Some(m) = d.minor {

@@ -450,6 +450,18 @@ impl Request {
         match policy {
             SplitPolicy::Equal | SplitPolicy::Auto => Some(1.0),
             SplitPolicy::Tokens => {
+                if self.events == 0 {
+                    // Not streamed: the tokens' timing is invisible, so the whole request is one
+                    // phase of (weighted prefill + completion) tokens over its duration.
+                    let completion = self.completion_tokens?;
+                    let uncached = self
+                        .arrival
+                        .prompt_tokens
+                        .unwrap_or(0)
+                        .saturating_sub(self.arrival.cached_tokens.unwrap_or(0));
+                    let dur = (end - arrive).max(1) as f64 * 1e-9;
+                    return Some((prefill_w * uncached as f64 + completion as f64) / dur);
+                }
                 if in_prefill {
                     let prompt = self.arrival.prompt_tokens?;
                     let uncached = prompt.saturating_sub(self.arrival.cached_tokens.unwrap_or(0));
