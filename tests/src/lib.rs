@@ -40,11 +40,25 @@ impl Tracer {
 
     /// As [`Tracer::start`]; `events` false leaves out the per-event JSON output (load tests).
     pub fn start_with(exe: &str, dir: &Path, args: &[&str], events: bool) -> Tracer {
+        Self::start_env(exe, dir, args, events, &[])
+    }
+
+    /// As [`Tracer::start_with`], with extra environment variables.
+    pub fn start_env(
+        exe: &str,
+        dir: &Path,
+        args: &[&str],
+        events: bool,
+        envs: &[(&str, &Path)],
+    ) -> Tracer {
         let events_path = dir.join("events.jsonl");
         let log = dir.join("tracer.log");
         let log_file = std::fs::File::create(&log).expect("create log");
         let mut cmd = Command::new(exe);
         cmd.arg("run").args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
         if events {
             cmd.arg("--events-out").arg(&events_path);
         }
@@ -131,6 +145,31 @@ impl Drop for Tracer {
     }
 }
 
+/// A binary of another workspace package (`target/<profile>/<name>`, or `deps/` for cdylibs),
+/// built with cargo first if it is missing.
+pub fn workspace_artifact(name: &str, package: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let deps = exe.parent().expect("deps dir").to_path_buf();
+    let profile = deps.parent().expect("profile dir").to_path_buf();
+    let find = || {
+        [profile.join(name), deps.join(name)]
+            .into_iter()
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return p;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", package]);
+    if profile.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    find().unwrap_or_else(|| panic!("{name} not found after building {package}"))
+}
+
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -169,7 +208,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // KEEP_TEST_DIRS=1 keeps them for a look after a failure.
+        if std::env::var_os("KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
