@@ -68,7 +68,7 @@
 
 mod idle;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -492,7 +492,9 @@ pub struct Ledger {
     devices: BTreeMap<DeviceId, Device>,
     requests: HashMap<RequestId, Request>,
     /// Requests not yet emitted, by service, in arrival order of registration.
-    pending: BTreeMap<ServiceId, Vec<RequestId>>,
+    pending: BTreeMap<ServiceId, BTreeSet<RequestId>>,
+    /// Ended requests not yet emitted, by end time: finalisation looks only at these.
+    ended: BTreeSet<(u64, RequestId)>,
     watermark_ns: u64,
     stats: LedgerStats,
 }
@@ -513,6 +515,7 @@ impl Ledger {
             devices: BTreeMap::new(),
             requests: HashMap::new(),
             pending: BTreeMap::new(),
+            ended: BTreeSet::new(),
             watermark_ns: 0,
             stats: LedgerStats::default(),
         })
@@ -758,7 +761,7 @@ impl Ledger {
                 accounts: BTreeMap::new(),
             },
         );
-        self.pending.entry(service).or_default().push(id);
+        self.pending.entry(service).or_default().insert(id);
         self.stats.requests_open += 1;
         Ok(())
     }
@@ -825,9 +828,11 @@ impl Ledger {
             self.stats.duplicate_ends += 1;
             return;
         }
-        r.end_ns = Some(ts_ns.max(r.arrival.ts_ns));
+        let end_ns = ts_ns.max(r.arrival.ts_ns);
+        r.end_ns = Some(end_ns);
         r.response_bytes = response_bytes;
         r.outcome = outcome;
+        self.ended.insert((end_ns, id));
         if ts_ns < horizon {
             self.stats.late_observations += 1;
         }
@@ -997,36 +1002,29 @@ impl Ledger {
     }
 
     fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {
+        // Only requests that ended before the watermark can be final; they are few per call.
         let mut done: Vec<(u64, RequestId)> = Vec::new();
-        for ids in self.pending.values() {
-            for rid in ids {
-                let Some(r) = self.requests.get(rid) else {
-                    continue;
-                };
-                let Some(end) = r.end_ns else {
-                    continue;
-                };
-                if end > watermark {
-                    continue;
-                }
-                let ready = self.devices.iter().all(|(dev_id, d)| {
-                    let used = d.occupancy.iter().any(|o| o.service == r.service)
-                        || r.accounts.contains_key(dev_id);
-                    !used
-                        || d.attributed_ns >= end && d.covered_until_ns >= end
-                        || watermark.saturating_sub(end) >= self.config.stale_ns
-                });
-                if ready {
-                    done.push((end, *rid));
-                }
+        for &(end, rid) in self.ended.range(..=(watermark, RequestId(u64::MAX))) {
+            let Some(r) = self.requests.get(&rid) else {
+                continue;
+            };
+            let ready = self.devices.iter().all(|(dev_id, d)| {
+                let used = d.occupancy.iter().any(|o| o.service == r.service)
+                    || r.accounts.contains_key(dev_id);
+                !used
+                    || d.attributed_ns >= end && d.covered_until_ns >= end
+                    || watermark.saturating_sub(end) >= self.config.stale_ns
+            });
+            if ready {
+                done.push((end, rid));
             }
         }
-        done.sort_unstable();
         let mut out = Vec::with_capacity(done.len());
-        for (_, rid) in done {
+        for (end, rid) in done {
+            self.ended.remove(&(end, rid));
             if let Some(r) = self.requests.remove(&rid) {
                 if let Some(ids) = self.pending.get_mut(&r.service) {
-                    ids.retain(|x| *x != rid);
+                    ids.remove(&rid);
                 }
                 self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
                 self.stats.records_emitted += 1;
@@ -1123,7 +1121,7 @@ impl Ledger {
 /// Whether any request of a service occupying the device is in flight at `t`.
 fn in_flight(
     occupancy: &[Occupancy],
-    pending: &BTreeMap<ServiceId, Vec<RequestId>>,
+    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
     requests: &HashMap<RequestId, Request>,
     t: u64,
 ) -> bool {
@@ -1144,7 +1142,7 @@ fn in_flight(
 /// Whether any request of a service occupying the device is in flight at some time in `[a, b)`.
 fn in_flight_during(
     occupancy: &[Occupancy],
-    pending: &BTreeMap<ServiceId, Vec<RequestId>>,
+    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
     requests: &HashMap<RequestId, Request>,
     a: u64,
     b: u64,
@@ -1242,7 +1240,7 @@ fn attribute_slice(
     d: &mut Device,
     s: &Slice,
     config: &LedgerConfig,
-    pending: &BTreeMap<ServiceId, Vec<RequestId>>,
+    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
     requests: &mut HashMap<RequestId, Request>,
 ) {
     let dt_ns = s.end_ns - s.start_ns;
