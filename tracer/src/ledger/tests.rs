@@ -348,7 +348,7 @@ proptest! {
             }
         }
         // Records carry exactly what the devices say requests got.
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         let mut per_dev: BTreeMap<DeviceId, f64> = BTreeMap::new();
         for (watermark, r) in &records {
             prop_assert!(seen.insert(r.id), "record emitted twice: {:?}", r.id);
