@@ -196,6 +196,15 @@ fn current_target() -> Option<u64> {
     None
 }
 
+/// The (process, fd) key of the connection and device tables.
+#[inline(always)]
+fn fd_key(id: u64, fd: i64) -> FdKey {
+    FdKey {
+        tgid: (id >> 32) as u32,
+        fd: fd as u32,
+    }
+}
+
 #[inline(always)]
 fn stash(id: u64, entry: &Stash) {
     if STASH.insert(id, entry, u64::from(BPF_ANY)).is_err() {
@@ -251,10 +260,7 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         if rv != 0 && rv != -EINPROGRESS {
             return 0;
         }
-        let key = FdKey {
-            tgid: (id >> 32) as u32,
-            fd: entry.fd as u32,
-        };
+        let key = fd_key(id, entry.fd);
         // SAFETY: copied out immediately.
         if unsafe { SOCK_TYPES.get(key) }.copied() == Some(SOCK_DGRAM) {
             // A connected UDP socket (a resolver): not HTTP.
@@ -307,10 +313,7 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     }
     // The connection generation: monotonic time is unique per (tgid, fd) lifetime.
     ev.conn_id = ev.hdr.ts_ns;
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, i64::from(fd));
     let state = ConnState {
         conn_id: ev.conn_id,
         family: ev.family,
@@ -347,10 +350,7 @@ pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
     if fd < 0 {
         return 0;
     }
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, fd);
     let kind = entry.arg as u32 & SOCK_TYPE_MASK;
     let _ = SOCK_TYPES.insert(key, kind, u64::from(BPF_ANY));
     0
@@ -372,10 +372,7 @@ fn dup_enter(ctx: &TracePointContext, is_fcntl: bool) -> u32 {
     }
     let id = bpf_get_current_pid_tgid();
     let fd = arg(ctx, 0);
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, fd as i64);
     // SAFETY: copied out immediately.
     let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
         return 0;
@@ -394,10 +391,7 @@ fn dup_exit(ctx: &TracePointContext) -> u32 {
     if newfd < 0 || newfd == entry.fd {
         return 0;
     }
-    let old = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: entry.fd as u32,
-    };
+    let old = fd_key(id, entry.fd);
     // SAFETY: copied out immediately.
     let Some(state) = (unsafe { CONNS.get(old) }).copied() else {
         return 0;
@@ -473,10 +467,7 @@ pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
 fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let fd = arg(ctx, 0);
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, fd as i64);
     // One lookup for everybody: only targets' sockets are in CONNS.
     // SAFETY: copied out immediately.
     let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
@@ -708,10 +699,7 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     if fd < 0 {
         return 0;
     }
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, fd);
     if DEV_FDS.insert(key, 1, u64::from(BPF_ANY)).is_err() {
         bump(Stat::DevTableFull as u32);
     }
@@ -741,10 +729,7 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let fd = arg(&ctx, 0);
-    let key = FdKey {
-        tgid: (id >> 32) as u32,
-        fd: fd as u32,
-    };
+    let key = fd_key(id, fd as i64);
     // One lookup for everybody: only targets' device fds are in DEV_FDS.
     // SAFETY: presence check only.
     if unsafe { DEV_FDS.get(key) }.is_none() {

@@ -166,8 +166,8 @@ impl ProcFs {
             .collect()
     }
 
-    /// Socket inodes a process holds, by fd.
-    pub fn socket_fds(&self, pid: u32) -> Vec<(u32, u64)> {
+    /// Every fd of a process with what it links to (gone processes have none).
+    pub fn fd_links(&self, pid: u32) -> Vec<(u32, PathBuf)> {
         let dir = self.proc_root.join(format!("{pid}/fd"));
         let Ok(entries) = fs::read_dir(dir) else {
             return Vec::new();
@@ -176,7 +176,16 @@ impl ProcFs {
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let fd = e.file_name().to_str()?.parse().ok()?;
-                let link = fs::read_link(e.path()).ok()?;
+                Some((fd, fs::read_link(e.path()).ok()?))
+            })
+            .collect()
+    }
+
+    /// Socket inodes a process holds, by fd.
+    pub fn socket_fds(&self, pid: u32) -> Vec<(u32, u64)> {
+        self.fd_links(pid)
+            .into_iter()
+            .filter_map(|(fd, link)| {
                 let inode = link
                     .to_str()?
                     .strip_prefix("socket:[")?
@@ -190,17 +199,9 @@ impl ProcFs {
 
     /// Paths of the fds a process holds under `root` (device nodes it has open).
     pub fn fds_under(&self, pid: u32, root: &Path) -> Vec<(u32, PathBuf)> {
-        let dir = self.proc_root.join(format!("{pid}/fd"));
-        let Ok(entries) = fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let fd = e.file_name().to_str()?.parse().ok()?;
-                let link = fs::read_link(e.path()).ok()?;
-                link.starts_with(root).then_some((fd, link))
-            })
+        self.fd_links(pid)
+            .into_iter()
+            .filter(|(_, link)| link.starts_with(root))
             .collect()
     }
 
