@@ -575,6 +575,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                                 }),
                         },
                     );
+                    // NVML's energy counter updates every 100 ms on A100/H100: knowing it
+                    // pins each update's time far better than the read gaps alone.
+                    let _ = pipeline.ledger.set_counter_period(id, Some(100_000_000));
                     if let Some(m) = d.minor {
                         pipeline.gpu_by_minor.insert(m, id);
                     }

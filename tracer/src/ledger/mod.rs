@@ -3,76 +3,121 @@
 //! Pure and deterministic: no I/O, no clock of its own, no randomness. The daemon pushes
 //! observations (energy counters, power samples, device occupancy, request lifecycles) stamped
 //! with `CLOCK_MONOTONIC` nanoseconds and calls [`Ledger::advance`] with the current time; the
-//! ledger attributes every interval that is older than the grace period and returns the requests
-//! whose energy is final.
+//! ledger attributes every interval older than the grace period and returns the requests whose
+//! energy is final.
 //!
 //! # Model
 //!
-//! 1. **Measured energy.** Consecutive readings of a device's cumulative energy counter give the
-//!    energy of the interval between the counter's *updates*. A reading equal to the previous one
-//!    only tells us the update has not happened yet; when the value changes, the update time is
-//!    estimated as the midpoint between the last unchanged read and this read (±half that gap is
-//!    the timing uncertainty). Wraps are undone with the counter's range; a decrease without a
-//!    range is a reset: the interval is an uncovered gap, never negative energy. Devices without a
-//!    counter (power-only sensors, modelled CPU power) integrate their power samples instead.
-//! 2. **Shape.** Each counter interval is cut into slices of at most `slice_ns` and its energy is
-//!    spread over them by the instant-power curve (piecewise linear through the power samples,
-//!    each placed at the middle of the window it averages), or uniformly when there is none.
-//! 3. **Idle.** Each slice's idle energy is `idle_watts × duration`, capped at the slice's energy;
-//!    idle watts are configured per device or learned as a low quantile of recent power.
-//! 4. **Split.** At each slice's midpoint, the services occupying the device share its dynamic
-//!    energy: by their occupancy weights when every occupant has one (e.g. SM utilisation), else
-//!    equally among the services with requests in flight. Within a service, requests in flight
-//!    share it by the split policy:
-//!    - `equal`: each in-flight request weighs 1 (time slicing).
-//!    - `tokens`: a request weighs its token *rate* in its current phase — during prefill
-//!      (arrival → first response byte) `prefill_token_weight × (prompt − cached) / prefill
-//!      time`, during decode `completion tokens / decode time` (completion tokens from usage, else
-//!      streamed events). In continuous batching each step advances every decoding sequence by
-//!      one token and processes prefill tokens of new sequences; a decode token costs a share of a
-//!      memory-bound step while a prefill token is one of thousands in a compute-bound pass, hence
-//!      the (configurable) weight below 1 for prefill tokens.
-//!    - `bytes`: response bytes per second of response time; a fallback when no tokens are known.
-//!    - `auto` (default): `tokens` when every request in the group has token counts, else `equal`.
-//! 5. **Idle policy.** `report`: requests carry only dynamic energy, idle goes to the device's
-//!    idle total. `amortize`: idle energy of slices with requests in flight is shared among them
-//!    by the same weights and shown as each request's idle share; idle with nothing in flight
-//!    stays in the device's idle total.
-//! 6. **Nothing is lost.** Per device, `measured = Σ request dynamic + Σ request idle + idle +
-//!    unattributed` for every attributed slice; dynamic energy with no request in flight (or of
-//!    an occupant without requests) is "unattributed".
+//! 1. **Measured energy.** Readings of a device's cumulative energy counter are kept in time
+//!    order and turned into *segments*: the energy between two counter *updates*. A repeated
+//!    value means "not updated yet"; the update happened between the last unchanged read and
+//!    the changing one. With the counter's update period known ([`Ledger::set_counter_period`]:
+//!    100 ms for NVML on A100/H100) those bounds, projected by whole periods, intersect and pin
+//!    each update down to a few milliseconds; without it the midpoint of the read gap is used.
+//!    Wraps are undone with the counter's range; a decrease without one, or a jump beyond
+//!    [`LedgerConfig::max_device_watts`], is a reset: an uncovered gap, never negative or
+//!    invented energy. Devices without a counter integrate their power samples (each sample's
+//!    window is measured, the time between windows is interpolated and carries its own error).
+//! 2. **Idle.** Static power is configured per device, or learned as a low quantile of the
+//!    power of segments with nothing in flight (falling back to a low quantile of all power
+//!    samples) over a sliding window — not the minimum ever seen, which a single glitch or a
+//!    state never reached again would pin forever. A device that is never idle while watched
+//!    cannot be learned: the fallback is then an upper bound, flagged as
+//!    [`IdleBasis::AllPower`] in [`DeviceTotals`] — configure idle for such devices. A
+//!    segment's idle energy is `idle W × time`, capped at the measured energy, spread uniformly
+//!    in time (it is static). The `tokens` split uses it once: under sustained load only the
+//!    sum of static and busy power is identified, and what is time-sliced among requests is
+//!    the part above idle (above half the fallback when idle is only that upper bound).
+//! 3. **Shape.** The dynamic rest is spread over 10 ms slices by the instant-power curve (linear
+//!    between samples placed at the middle of the window they average), uniformly without
+//!    samples. When requests are in flight in only part of a segment, all of its dynamic energy
+//!    goes to that part: with 25 ms power windows in 100 ms counter intervals the curve alone
+//!    would smear a request's first and last steps into the idle time around it. (Not when an
+//!    occupant has a weight: then the quiet part may be another process's work.)
+//! 4. **Services.** At each slice, the services occupying the device share it by their
+//!    occupancy weights (e.g. SM share) when every occupant has one — an occupant with nothing
+//!    in flight then leaves its share unattributed — else equally among the services with
+//!    requests in flight.
+//! 5. **Requests.** Within a service, each segment's energy (per slice instead when power
+//!    samples cover ≥ 80 % of it) is split among the requests in flight by the policy:
+//!    - `equal`: time slicing; at each instant the requests in flight share equally.
+//!    - `tokens`: in proportion to each request's predicted cost in the segment under a linear
+//!      cost model fitted per (device, service) to the measured segments (`model.rs`):
+//!      `busy W × its time share + b × its prefill tokens + c × its decode tokens + k × Σ its
+//!      decode tokens × their context length`. Prefill tokens are the uncached prompt tokens,
+//!      spread over the engine step that produced the first streamed event (from the
+//!      service's previous step end, seen as the previous cluster of streamed events, to the
+//!      first event; servers often send headers long before the first token, so the first
+//!      response byte is only the fallback). Decode tokens are the streamed events after the
+//!      first (scaled to the reported completion tokens), each spread over the time since the
+//!      request's previous event: the step that produced it. Busy time is time-sliced, except
+//!      that the part of a prefill step its prefills added (its length minus its neighbours')
+//!      is theirs. Why: in continuous batching every step costs a shared part (weights read,
+//!      kernels launched), a prefill part (compute-bound, per token, and the time it adds to
+//!      the step) and a decode part per sequence that grows with its context (KV cache
+//!      reads). The prices depend on the GPU, the model served and the batch size, so they
+//!      are learned, not configured; only their ratios matter, and the measured energy is
+//!      always what is split, so a poor fit costs accuracy, never conservation.
+//!    - `bytes`: response bytes per second of the request's life; a fallback for non-LLM APIs.
+//!    - `auto` (default): `tokens` where every request in the segment has the token counts the
+//!      segment needs (prompt tokens during prefill; events or completion tokens during
+//!      decode), else `equal` (counted in [`LedgerStats::split_fallbacks`]).
+//! 6. **Idle policy.** `report`: requests carry only dynamic energy; idle stays on the device.
+//!    `amortize` (default): the idle energy of slices with requests in flight is shared among
+//!    them by the same weights and shown as each request's idle share; idle with nothing in
+//!    flight stays on the device.
+//! 7. **Nothing is lost.** Per device, `measured = Σ request dynamic + Σ request idle + idle +
+//!    unattributed` over attributed segments, to rounding; dynamic energy with no request in
+//!    flight (or of an occupant without requests) is "unattributed".
 //!
 //! # Watermarks
 //!
-//! [`Ledger::advance`]`(now)` sets the watermark to `now − grace_ns`. Slices are attributed once
-//! they end before the watermark and every request that overlaps them has ended (the token
-//! policy needs each request's phase durations). Input older than the attributed horizon is
-//! counted as late and does not change attributed energy. A request is final once it has ended
-//! and every device its service used has attributed energy up to its end — or, for a device that
-//! stopped reporting, once `stale_ns` has passed (the gap then widens its error bar).
+//! [`Ledger::advance`]`(now)` sets the watermark to `now − grace_ns`. Sensor readings are
+//! processed in time order up to the watermark, and only processed samples shape anything, so
+//! out-of-order input within the grace is simply sorted in (property-tested); observations
+//! older than the watermark are counted as late and ignored. A segment is attributed once it
+//! ends before the watermark and every request overlapping it has ended (the split needs their
+//! phases and token counts, which usage reports at the end) — or, after `max_defer_ns`, with
+//! what is known so far. Records therefore lag by up to the longest request in flight (at most
+//! `max_defer_ns`). A request is final once it has ended and every device its service uses has
+//! attributed energy up to its end; a device that stopped reporting holds it for at most
+//! `stale_ns`, and the missing time widens its error bar.
 //!
 //! # Uncertainty
 //!
-//! Each record's `uncertainty_j` combines, per device:
-//! - *edges*: the request's start and end fall inside counter intervals whose internal shape is
-//!   only known through the power samples; for every slice of such an interval the request's
-//!   share × slice energy × (`edge_factor_shaped` or `edge_factor_uniform`), plus the counter
-//!   update timing uncertainty (share × power × half the read gap);
-//! - *coverage*: time of the request not covered by any counter interval × the device's highest
-//!   dynamic power seen × the request's mean share;
-//! - *split ambiguity*: the difference between the request's energy under the chosen policy and
-//!   under the alternative one (equal ↔ tokens).
+//! Each record's `uncertainty_j` (per device, summed over devices) combines:
+//! - *sensor*: in the segments where the request starts or ends, `edge_factor` × its energy
+//!   there (the shape inside a counter interval is modelled, not measured) plus its share of
+//!   the segment's power × the update-time uncertainty of the segment's ends; energy that
+//!   power-only devices interpolate between sample windows adds its own error;
+//! - *coverage*: time of the request with no sensor data × the device's highest dynamic power
+//!   seen × the request's mean share;
+//! - *split, random*: the cost model's relative residual over recent segments × the request's
+//!   model-split energy, per segment (independent from one segment to the next);
+//! - *split, systematic*: `split_factor` × the difference between the request's energy under
+//!   the policy used and under the alternative (`tokens` ↔ `equal`); when token counts were
+//!   missing and `equal` was used by default, half its energy × (1 − its share); when idle is
+//!   only the fallback upper bound, `idle_factor` × the difference to the split with idle 0 W.
 //!
-//! Edges and coverage are independent errors and add in quadrature; split ambiguity is a model
-//! error and adds linearly. The simulation test calibrates the factors (see BENCHMARKS.md).
+//! Sensor, coverage and random split errors are independent and add in quadrature; the
+//! systematic split error adds linearly. The factors (0.15, 0.3, 1, 0.5) were calibrated with the
+//! simulation test (`tests/ledger_sim.rs`): the bar holds the truth for 97–99 % of requests at
+//! concurrency 1 to 32, with margin left for a world messier than the simulation.
 
+mod attribute;
 mod idle;
+mod model;
+mod sensor;
+mod steps;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 pub use idle::IdleEstimator;
+
+use model::CostModel;
+use sensor::{CounterEvent, PowerCurve, PowerPoint, Push, Segment};
 
 /// Joules per kWh.
 const J_PER_KWH: f64 = 3.6e6;
@@ -85,14 +130,16 @@ pub struct DeviceId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceId(pub u32);
 
-/// A request, as minted by the daemon.
+/// A request, as minted by the daemon (cheap to copy and hash; the server's own id travels in
+/// [`Arrival::external_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId(pub u64);
 
 /// What kind of device a power domain is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
+    #[default]
     Gpu,
     CpuPackage,
     Dram,
@@ -103,7 +150,8 @@ pub enum DeviceKind {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
 pub enum IdleSource {
-    /// A fixed figure (from a datasheet or a measurement of the idle host).
+    /// A fixed figure (from a datasheet or a measurement of the idle host). Best for devices
+    /// that are never idle while the daemon watches them.
     Configured { watts: f64 },
     /// A low quantile of the power observed over a sliding window.
     Learned { quantile: f64, window_ns: u64 },
@@ -119,7 +167,8 @@ impl Default for IdleSource {
 }
 
 /// A device as registered with the ledger.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeviceInfo {
     pub name: String,
     pub kind: DeviceKind,
@@ -132,11 +181,14 @@ pub struct DeviceInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SplitPolicy {
-    /// Tokens when every request in the group has token counts, else equal.
+    /// `tokens` where every request involved has token counts, else `equal`.
     #[default]
     Auto,
+    /// Time slicing: requests in flight share equally at each instant.
     Equal,
+    /// By predicted cost: busy time, prefill tokens, decode tokens (learned prices).
     Tokens,
+    /// By response bytes per second.
     Bytes,
 }
 
@@ -151,25 +203,79 @@ pub enum IdlePolicy {
     Amortize,
 }
 
+/// The `tokens` cost model's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostModelConfig {
+    /// Memory of the fit: older segments weigh `exp(−age / window_ns)`.
+    pub window_ns: u64,
+    /// Before the data says otherwise, a prefill token costs this many decode tokens.
+    pub prior_prefill_weight: f64,
+    /// How many segments' worth of evidence the prior is worth.
+    pub prior_strength: f64,
+}
+
+impl Default for CostModelConfig {
+    fn default() -> Self {
+        Self {
+            window_ns: 600_000_000_000,
+            prior_prefill_weight: 0.1,
+            prior_strength: 0.1,
+        }
+    }
+}
+
+/// Error-bar settings (see the module docs; calibrated by the simulation test).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UncertaintyConfig {
+    /// Fraction of a request's energy in a segment where it starts or ends.
+    pub edge_factor: f64,
+    /// Fraction of the difference to the alternative split policy.
+    pub split_factor: f64,
+    /// Multiplier on the cost model's relative residual.
+    pub residual_factor: f64,
+    /// Fraction of the split's sensitivity to an idle figure guessed from loaded power.
+    pub idle_factor: f64,
+}
+
+impl Default for UncertaintyConfig {
+    fn default() -> Self {
+        Self {
+            edge_factor: 0.15,
+            split_factor: 0.3,
+            residual_factor: 1.0,
+            idle_factor: 0.5,
+        }
+    }
+}
+
 /// Ledger settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
     /// How long to wait for late observations before attributing an interval.
     pub grace_ns: u64,
-    /// Longest slice a counter interval is cut into.
+    /// Longest slice a segment is cut into for shaping and service shares.
     pub slice_ns: u64,
     pub split: SplitPolicy,
     pub idle: IdlePolicy,
-    /// Cost of a prefill token relative to a decode token in the `tokens` policy.
-    pub prefill_token_weight: f64,
+    pub model: CostModelConfig,
+    pub uncertainty: UncertaintyConfig,
+    /// Attribution waits for open requests at most this long, then splits with what is known.
+    pub max_defer_ns: u64,
     /// After this long without power data for a device, requests that used it are finalised
     /// with the gap counted in their uncertainty.
     pub stale_ns: u64,
-    /// Edge uncertainty factor for counter intervals shaped by power samples.
-    pub edge_factor_shaped: f64,
-    /// Edge uncertainty factor for counter intervals spread uniformly.
-    pub edge_factor_uniform: f64,
+    /// Requests open this long are ended as aborted (a lost close must not pin memory).
+    pub max_open_ns: u64,
+    /// A streamed event accounts for decode work at most this far back.
+    pub decode_gap_cap_ns: u64,
+    /// A service's events closer than this belong to one engine step (one write per
+    /// connection, a fraction of a millisecond apart).
+    pub step_merge_ns: u64,
+    /// Counter jumps implying more than this are treated as resets.
+    pub max_device_watts: f64,
 }
 
 impl Default for LedgerConfig {
@@ -179,10 +285,14 @@ impl Default for LedgerConfig {
             slice_ns: 10_000_000,
             split: SplitPolicy::Auto,
             idle: IdlePolicy::Amortize,
-            prefill_token_weight: 0.1,
+            model: CostModelConfig::default(),
+            uncertainty: UncertaintyConfig::default(),
+            max_defer_ns: 60_000_000_000,
             stale_ns: 30_000_000_000,
-            edge_factor_shaped: 0.25,
-            edge_factor_uniform: 0.5,
+            max_open_ns: 3_600_000_000_000,
+            decode_gap_cap_ns: 1_000_000_000,
+            step_merge_ns: 2_000_000,
+            max_device_watts: 10_000.0,
         }
     }
 }
@@ -193,7 +303,7 @@ pub enum LedgerError {
     /// An observation names a device that was never registered.
     #[error("unknown device {0:?}")]
     UnknownDevice(DeviceId),
-    /// A request id was used twice.
+    /// A request id was used twice (the first request is kept).
     #[error("request {0:?} already exists")]
     DuplicateRequest(RequestId),
     /// A configuration value is out of range.
@@ -203,6 +313,7 @@ pub enum LedgerError {
 
 /// What is known about a request when it arrives.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Arrival {
     /// First request byte.
     pub ts_ns: u64,
@@ -223,7 +334,7 @@ pub enum Outcome {
     ClosedEarly,
     /// The capture lost the response framing.
     Truncated,
-    /// No response (client gone, or evicted).
+    /// No response (client gone, evicted, or open past `max_open_ns`).
     Aborted,
 }
 
@@ -236,7 +347,12 @@ pub struct DeviceShare {
     pub estimated: bool,
     pub dynamic_j: f64,
     pub idle_j: f64,
+    /// Combined error bound (see the module docs).
     pub uncertainty_j: f64,
+    /// Its parts: sensor granularity, missing data, split model.
+    pub sensor_j: f64,
+    pub coverage_j: f64,
+    pub split_j: f64,
 }
 
 /// A request's final energy account.
@@ -248,6 +364,7 @@ pub struct RequestRecord {
     pub model: Option<String>,
     pub arrive_ns: u64,
     pub first_byte_ns: Option<u64>,
+    pub first_event_ns: Option<u64>,
     pub end_ns: u64,
     pub outcome: Outcome,
     pub prompt_tokens: Option<u64>,
@@ -261,10 +378,24 @@ pub struct RequestRecord {
     pub idle_j: f64,
     pub total_j: f64,
     pub kwh: f64,
+    /// Per completion token (or streamed event when the count is unknown).
     pub joules_per_output_token: Option<f64>,
     pub uncertainty_j: f64,
-    /// Part of the request's time on some device had no power data.
+    /// Time of the request on some device with no power data.
     pub coverage_gap_ns: u64,
+}
+
+/// The learned prices of the `tokens` split for one (device, service).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CostPrices {
+    /// Static power while the service runs (absorbs idle; not used to split).
+    pub static_w: f64,
+    /// Power while busy, time-sliced among the requests in flight.
+    pub busy_w: f64,
+    pub prefill_j_per_token: f64,
+    pub decode_j_per_token: f64,
+    /// Extra per decode token per token of context (KV cache reads).
+    pub decode_context_j_per_token: f64,
 }
 
 /// Per-device energy totals over everything attributed so far.
@@ -275,10 +406,28 @@ pub struct DeviceTotals {
     pub request_idle_j: f64,
     pub idle_j: f64,
     pub unattributed_j: f64,
-    /// Time covered by attributed slices.
+    /// Time covered by attributed segments.
     pub covered_ns: u64,
-    /// Gaps: resets, readings lost.
+    /// Gaps: resets, implausible readings.
     pub gap_ns: u64,
+    /// Current idle estimate, W, and where it comes from.
+    pub idle_w: f64,
+    pub idle_basis: IdleBasis,
+}
+
+/// Where a device's idle figure comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleBasis {
+    /// No data yet.
+    #[default]
+    Unknown,
+    Configured,
+    /// Learned from time with nothing in flight: trustworthy.
+    Quiet,
+    /// Learned from all power samples because the device was never seen quiet: an overestimate
+    /// under sustained load. Error bars widen accordingly; configure idle for such devices.
+    AllPower,
 }
 
 impl DeviceTotals {
@@ -289,53 +438,38 @@ impl DeviceTotals {
     }
 }
 
-/// Counted anomalies: nothing bad is silent.
+/// Counted anomalies and activity: nothing bad is silent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerStats {
     pub counter_readings: u64,
     pub power_samples: u64,
-    /// Counter decreased without a known range: interval dropped, gap recorded.
+    /// Counter decreased without a known range: a gap until the next update.
     pub counter_resets: u64,
     pub counter_wraps: u64,
-    /// Observations older than the attributed horizon.
+    /// Counter jumps beyond `max_device_watts`: treated as resets.
+    pub implausible_readings: u64,
+    /// Power samples that were negative or not finite, or repeated.
+    pub rejected_power_samples: u64,
+    /// Observations that arrived out of order but within the grace: sorted in.
+    pub reordered_observations: u64,
+    /// Observations older than what was already processed: ignored.
     pub late_observations: u64,
-    /// Events for request ids the ledger does not know.
+    /// Events for request ids the ledger does not know (never arrived, or already final).
     pub unknown_requests: u64,
+    /// A second arrival with the same id.
+    pub duplicate_requests: u64,
     /// A second end for the same request.
     pub duplicate_ends: u64,
     pub requests_open: u64,
     pub records_emitted: u64,
     /// Requests finalised while a device they used had stopped reporting.
     pub stale_finalisations: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct PowerPoint {
-    ts_ns: u64,
-    watts: f64,
-}
-
-/// A counter interval waiting to be sliced.
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    start_ns: u64,
-    end_ns: u64,
-    energy_j: f64,
-    /// Timing uncertainty of the segment's end (half the read gap).
-    tau_ns: u64,
-}
-
-/// A slice ready for attribution.
-#[derive(Debug, Clone, Copy)]
-struct Slice {
-    start_ns: u64,
-    end_ns: u64,
-    energy_j: f64,
-    idle_w: f64,
-    seg_start_ns: u64,
-    seg_end_ns: u64,
-    tau_ns: u64,
-    shaped: bool,
+    /// Segments attributed while a request overlapping them was still open (`max_defer_ns`).
+    pub forced_attributions: u64,
+    /// Requests ended by the ledger after `max_open_ns`.
+    pub expired_requests: u64,
+    /// Split units where `auto`/`tokens` fell back to `equal` for lack of token counts.
+    pub split_fallbacks: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,44 +483,68 @@ struct Occupancy {
 #[derive(Debug)]
 struct Device {
     info: DeviceInfo,
+    counter_period_ns: Option<u64>,
     /// Learned idle from every power observation: the fallback.
     idle: Option<IdleEstimator>,
-    /// Learned idle from counter intervals with no request in flight: the better signal, since
-    /// a busy server may never show a low quantile of its overall power.
+    /// Learned idle from segments with nothing in flight: preferred.
     idle_quiet: Option<IdleEstimator>,
-    // Counter state.
-    last_value_uj: Option<u64>,
-    wrap_uj: Option<u64>,
-    /// Time of the last read that still showed `last_value_uj`.
-    last_same_read_ns: u64,
-    /// Estimated time of the last counter update.
-    last_update_ns: Option<u64>,
-    has_counter: bool,
-    // Data waiting for the watermark.
+    counter: sensor::Counter,
+    power: PowerCurve,
     segments: VecDeque<Segment>,
-    power: VecDeque<PowerPoint>,
-    last_power_ns: u64,
-    slices: VecDeque<Slice>,
     occupancy: Vec<Occupancy>,
     /// Everything before this is attributed.
     attributed_ns: u64,
-    /// Latest time power data covers.
+    /// Latest time sensor data covers.
     covered_until_ns: u64,
     gaps: Vec<(u64, u64)>,
     max_dyn_w: f64,
     totals: DeviceTotals,
+    models: BTreeMap<ServiceId, CostModel>,
 }
 
+impl Device {
+    /// Idle watts and where the figure comes from.
+    fn idle_estimate(&self) -> (f64, IdleBasis) {
+        match self.info.idle {
+            IdleSource::Configured { watts } => (watts.max(0.0), IdleBasis::Configured),
+            IdleSource::Learned { .. } => {
+                if let Some(w) = self.idle_quiet.as_ref().and_then(IdleEstimator::watts) {
+                    (w, IdleBasis::Quiet)
+                } else if let Some(w) = self.idle.as_ref().and_then(IdleEstimator::watts) {
+                    (w, IdleBasis::AllPower)
+                } else {
+                    (0.0, IdleBasis::Unknown)
+                }
+            }
+        }
+    }
+
+    fn uses(&self, service: ServiceId) -> bool {
+        self.occupancy.iter().any(|o| o.service == service)
+    }
+}
+
+/// A request's running account on one device.
 #[derive(Debug, Clone, Copy, Default)]
 struct Account {
     dynamic_j: f64,
     idle_j: f64,
+    /// Linear sum of edge errors.
     edge_j: f64,
-    /// Signed: energy under the alternative policy minus energy under the chosen one.
+    /// Σ of squared independent sensor errors (interpolated power).
+    sensor_var: f64,
+    /// Σ of squared random split errors.
+    split_var: f64,
+    /// Signed: energy under the alternative policy minus energy under the one used.
     split_diff_j: f64,
-    /// Σ share × duration, for the mean share.
+    /// Split by default (`equal` for lack of token counts): a positive bound.
+    split_unknown_j: f64,
+    /// Signed: energy had idle been 0 W minus energy with the idle guessed from loaded power
+    /// (only while the device was never seen quiet).
+    idle_diff_j: f64,
+    /// Σ share × duration and Σ duration, for the mean share.
     share_ns: f64,
-    covered_ns: u64,
+    present_ns: u64,
 }
 
 #[derive(Debug)]
@@ -394,94 +552,52 @@ struct Request {
     service: ServiceId,
     arrival: Arrival,
     first_byte_ns: Option<u64>,
+    first_event_ns: Option<u64>,
     end_ns: Option<u64>,
     outcome: Outcome,
     completion_tokens: Option<u64>,
+    /// Σ of event counts.
     events: u64,
-    /// Event times (and counts), for the local decode rate. Bounded: past the cap, the
-    /// request's mean rate is used.
-    event_times: Vec<(u64, u32)>,
+    /// Event times and counts not yet pruned, in time order.
+    times: VecDeque<(u64, u32)>,
+    /// Time of the last pruned event (the start of the next event's window), if any, and Σ
+    /// of the pruned events' counts.
+    pruned_last_ns: Option<u64>,
+    pruned_events: u64,
+    /// Start of its prefill (the end of the service's engine step before its first event) and
+    /// how much that step outlasted its neighbours; set once the first event is known.
+    prefill_from_ns: Option<u64>,
+    prefill_ext_ns: u64,
     response_bytes: u64,
+    last_seen_ns: u64,
     accounts: BTreeMap<DeviceId, Account>,
 }
 
-/// Events kept per request for local rates.
-const EVENT_TIMES_CAP: usize = 1 << 16;
-/// Half-width of the window the local decode rate is measured over.
-const RATE_HALF_WINDOW_NS: u64 = 150_000_000;
-
 impl Request {
+    fn new(service: ServiceId, arrival: Arrival) -> Self {
+        let ts = arrival.ts_ns;
+        Self {
+            service,
+            arrival,
+            first_byte_ns: None,
+            first_event_ns: None,
+            end_ns: None,
+            outcome: Outcome::Complete,
+            completion_tokens: None,
+            events: 0,
+            times: VecDeque::new(),
+            pruned_last_ns: None,
+            pruned_events: 0,
+            prefill_from_ns: None,
+            prefill_ext_ns: 0,
+            response_bytes: 0,
+            last_seen_ns: ts,
+            accounts: BTreeMap::new(),
+        }
+    }
+
     fn end_or(&self, t: u64) -> u64 {
         self.end_ns.unwrap_or(t)
-    }
-
-    /// Tokens per second around `t`: continuous batching advances every decoding sequence once
-    /// per step, so the local rate (not the request's mean rate) is what makes decoding requests
-    /// weigh the same at the same moment. Scaled by tokens per event when events carry several.
-    fn decode_rate(&self, t: u64, first: u64, end: u64, tokens: u64) -> f64 {
-        let mean = tokens as f64 / ((end - first).max(1) as f64 * 1e-9);
-        if self.events == 0
-            || self.event_times.len() as u64 != self.events.min(EVENT_TIMES_CAP as u64)
-        {
-            return mean;
-        }
-        let a = t.saturating_sub(RATE_HALF_WINDOW_NS).max(first);
-        let b = (t + RATE_HALF_WINDOW_NS).min(end);
-        if b <= a {
-            return mean;
-        }
-        let lo = self.event_times.partition_point(|e| e.0 <= a);
-        let hi = self.event_times.partition_point(|e| e.0 <= b);
-        let n: u64 = self.event_times[lo..hi]
-            .iter()
-            .map(|e| u64::from(e.1))
-            .sum();
-        let per_event = tokens as f64 / self.events as f64;
-        let rate = n as f64 * per_event / ((b - a) as f64 * 1e-9);
-        if rate > 0.0 { rate } else { mean * 0.5 }
-    }
-
-    /// Weight at `t` under `policy`, or None when the policy lacks the inputs it needs.
-    fn weight(&self, t: u64, policy: SplitPolicy, prefill_w: f64) -> Option<f64> {
-        let end = self.end_ns?;
-        let arrive = self.arrival.ts_ns;
-        let first = self.first_byte_ns.unwrap_or(end).clamp(arrive, end);
-        let in_prefill = t < first;
-        match policy {
-            SplitPolicy::Equal | SplitPolicy::Auto => Some(1.0),
-            SplitPolicy::Tokens => {
-                if self.events == 0 {
-                    // Not streamed: the tokens' timing is invisible, so the whole request is one
-                    // phase of (weighted prefill + completion) tokens over its duration.
-                    let completion = self.completion_tokens?;
-                    let uncached = self
-                        .arrival
-                        .prompt_tokens
-                        .unwrap_or(0)
-                        .saturating_sub(self.arrival.cached_tokens.unwrap_or(0));
-                    let dur = (end - arrive).max(1) as f64 * 1e-9;
-                    return Some((prefill_w * uncached as f64 + completion as f64) / dur);
-                }
-                if in_prefill {
-                    let prompt = self.arrival.prompt_tokens?;
-                    let uncached = prompt.saturating_sub(self.arrival.cached_tokens.unwrap_or(0));
-                    let dur = (first - arrive).max(1) as f64 * 1e-9;
-                    Some(prefill_w * uncached as f64 / dur)
-                } else {
-                    let tokens = self
-                        .completion_tokens
-                        .or((self.events > 0).then_some(self.events))?;
-                    Some(self.decode_rate(t, first, end, tokens))
-                }
-            }
-            SplitPolicy::Bytes => {
-                if self.response_bytes == 0 {
-                    return None;
-                }
-                let dur = (end - arrive).max(1) as f64 * 1e-9;
-                Some(self.response_bytes as f64 / dur)
-            }
-        }
     }
 }
 
@@ -491,12 +607,13 @@ pub struct Ledger {
     config: LedgerConfig,
     devices: BTreeMap<DeviceId, Device>,
     requests: HashMap<RequestId, Request>,
-    /// Requests not yet emitted, by service, in arrival order of registration.
-    pending: BTreeMap<ServiceId, BTreeSet<RequestId>>,
-    /// Ended requests not yet emitted, by end time: finalisation looks only at these.
-    ended: BTreeSet<(u64, RequestId)>,
+    /// Requests not yet emitted, by service, in order of arrival registration.
+    pending: BTreeMap<ServiceId, Vec<RequestId>>,
+    /// Per service, the ends of its engine steps (clustered event times).
+    steps: BTreeMap<ServiceId, steps::StepClock>,
     watermark_ns: u64,
     stats: LedgerStats,
+    scratch: attribute::Scratch,
 }
 
 impl Ledger {
@@ -505,19 +622,43 @@ impl Ledger {
         if config.slice_ns == 0 {
             return Err(LedgerError::InvalidConfig("slice_ns must be > 0"));
         }
-        if !(config.prefill_token_weight.is_finite() && config.prefill_token_weight >= 0.0) {
+        let m = &config.model;
+        if !(m.prior_prefill_weight.is_finite() && m.prior_prefill_weight >= 0.0) {
             return Err(LedgerError::InvalidConfig(
-                "prefill_token_weight must be >= 0",
+                "model.prior_prefill_weight must be >= 0",
             ));
+        }
+        if !(m.prior_strength.is_finite() && m.prior_strength > 0.0) || m.window_ns == 0 {
+            return Err(LedgerError::InvalidConfig(
+                "model.prior_strength and model.window_ns must be > 0",
+            ));
+        }
+        let u = &config.uncertainty;
+        if ![
+            u.edge_factor,
+            u.split_factor,
+            u.residual_factor,
+            u.idle_factor,
+        ]
+        .iter()
+        .all(|f| f.is_finite() && *f >= 0.0)
+        {
+            return Err(LedgerError::InvalidConfig(
+                "uncertainty factors must be >= 0",
+            ));
+        }
+        if !(config.max_device_watts.is_finite() && config.max_device_watts > 0.0) {
+            return Err(LedgerError::InvalidConfig("max_device_watts must be > 0"));
         }
         Ok(Self {
             config,
             devices: BTreeMap::new(),
             requests: HashMap::new(),
             pending: BTreeMap::new(),
-            ended: BTreeSet::new(),
+            steps: BTreeMap::new(),
             watermark_ns: 0,
             stats: LedgerStats::default(),
+            scratch: attribute::Scratch::default(),
         })
     }
 
@@ -526,7 +667,7 @@ impl Ledger {
         &self.config
     }
 
-    /// Registers (or re-describes) a device.
+    /// Registers a device, or re-describes one (its data and totals are kept).
     pub fn register_device(&mut self, id: DeviceId, info: DeviceInfo) {
         let idle = match info.idle {
             IdleSource::Learned {
@@ -536,32 +677,30 @@ impl Ledger {
             IdleSource::Configured { .. } => None,
         };
         if let Some(d) = self.devices.get_mut(&id) {
+            if d.info.idle != info.idle {
+                d.idle_quiet.clone_from(&idle);
+                d.idle = idle;
+            }
             d.info = info;
-            d.idle_quiet.clone_from(&idle);
-            d.idle = idle;
             return;
         }
         self.devices.insert(
             id,
             Device {
                 info,
+                counter_period_ns: None,
                 idle_quiet: idle.clone(),
                 idle,
-                last_value_uj: None,
-                wrap_uj: None,
-                last_same_read_ns: 0,
-                last_update_ns: None,
-                has_counter: false,
+                counter: sensor::Counter::default(),
+                power: PowerCurve::default(),
                 segments: VecDeque::new(),
-                power: VecDeque::new(),
-                last_power_ns: 0,
-                slices: VecDeque::new(),
                 occupancy: Vec::new(),
                 attributed_ns: self.watermark_ns,
                 covered_until_ns: 0,
                 gaps: Vec::new(),
                 max_dyn_w: 0.0,
                 totals: DeviceTotals::default(),
+                models: BTreeMap::new(),
             },
         );
     }
@@ -572,8 +711,20 @@ impl Ledger {
             .ok_or(LedgerError::UnknownDevice(id))
     }
 
-    /// A reading of a device's cumulative energy counter (microjoules), read at `ts_ns`.
-    /// `wrap_uj` is the counter's range when it wraps (RAPL, powercap); `None` when it does not.
+    /// How often the device's energy counter updates (NVML on A100/H100: 100 ms; RAPL: about
+    /// 1 ms): sharpens the update-time estimates. `None` (the default): unknown.
+    pub fn set_counter_period(
+        &mut self,
+        id: DeviceId,
+        period_ns: Option<u64>,
+    ) -> Result<(), LedgerError> {
+        self.device(id)?.counter_period_ns = period_ns.filter(|&p| p > 0);
+        Ok(())
+    }
+
+    /// A reading of a device's cumulative energy counter in microjoules (NVML's millijoules
+    /// × 1000, RAPL's microjoules), read at `ts_ns`. `wrap_uj` is the counter's range when it
+    /// wraps (RAPL `max_energy_range_uj`); `None` when it does not.
     pub fn counter(
         &mut self,
         id: DeviceId,
@@ -581,70 +732,26 @@ impl Ledger {
         energy_uj: u64,
         wrap_uj: Option<u64>,
     ) -> Result<(), LedgerError> {
-        let horizon = self.watermark_ns;
         let d = self
             .devices
             .get_mut(&id)
             .ok_or(LedgerError::UnknownDevice(id))?;
-        if ts_ns < horizon {
+        if ts_ns < self.watermark_ns {
             self.stats.late_observations += 1;
             return Ok(());
         }
-        d.has_counter = true;
-        d.wrap_uj = wrap_uj;
-        let Some(last) = d.last_value_uj else {
-            d.last_value_uj = Some(energy_uj);
-            d.last_same_read_ns = ts_ns;
-            self.stats.counter_readings += 1;
-            return Ok(());
-        };
-        if ts_ns < d.last_same_read_ns {
-            self.stats.late_observations += 1;
-            return Ok(());
-        }
-        self.stats.counter_readings += 1;
-        if energy_uj == last {
-            d.last_same_read_ns = ts_ns;
-            return Ok(());
-        }
-        let delta_uj = if energy_uj > last {
-            energy_uj - last
-        } else if let Some(range) = wrap_uj.filter(|&r| r > last) {
-            self.stats.counter_wraps += 1;
-            range - last + energy_uj
-        } else {
-            // A reset: the energy since the last update is unknown.
-            self.stats.counter_resets += 1;
-            if let Some(prev) = d.last_update_ns {
-                d.gaps.push((prev, ts_ns));
-                d.totals.gap_ns += ts_ns - prev;
+        match d.counter.push(ts_ns, energy_uj, wrap_uj) {
+            Push::Late | Push::Repeat => self.stats.late_observations += 1,
+            Push::Appended => self.stats.counter_readings += 1,
+            Push::Reordered => {
+                self.stats.counter_readings += 1;
+                self.stats.reordered_observations += 1;
             }
-            d.last_value_uj = Some(energy_uj);
-            d.last_same_read_ns = ts_ns;
-            d.last_update_ns = None;
-            return Ok(());
-        };
-        // The update happened between the last unchanged read and this one.
-        let update_ns = d.last_same_read_ns + (ts_ns - d.last_same_read_ns) / 2;
-        let tau_ns = (ts_ns - d.last_same_read_ns) / 2;
-        if let Some(prev) = d.last_update_ns
-            && update_ns > prev
-        {
-            d.segments.push_back(Segment {
-                start_ns: prev,
-                end_ns: update_ns,
-                energy_j: delta_uj as f64 * 1e-6,
-                tau_ns,
-            });
-            d.covered_until_ns = d.covered_until_ns.max(update_ns);
         }
-        d.last_update_ns = Some(update_ns);
-        d.last_value_uj = Some(energy_uj);
-        d.last_same_read_ns = ts_ns;
         Ok(())
     }
 
-    /// A power sample: the average of `watts` over `[ts_ns − window_ns, ts_ns]` (0 = instant).
+    /// A power sample: the mean of `watts` over `[ts_ns − window_ns, ts_ns]` (0 = instant).
     pub fn power(
         &mut self,
         id: DeviceId,
@@ -652,37 +759,31 @@ impl Ledger {
         watts: f64,
         window_ns: u64,
     ) -> Result<(), LedgerError> {
-        let horizon = self.watermark_ns;
         let d = self
             .devices
             .get_mut(&id)
             .ok_or(LedgerError::UnknownDevice(id))?;
-        let mid = ts_ns.saturating_sub(window_ns / 2);
-        if !watts.is_finite() || watts < 0.0 || mid < d.last_power_ns || ts_ns < horizon {
+        if !watts.is_finite() || watts < 0.0 {
+            self.stats.rejected_power_samples += 1;
+            return Ok(());
+        }
+        if ts_ns < self.watermark_ns {
             self.stats.late_observations += 1;
             return Ok(());
         }
-        self.stats.power_samples += 1;
-        if d.last_power_ns == mid && !d.power.is_empty() {
-            // Same sample read twice (sensors update slower than they are polled).
-            return Ok(());
-        }
-        d.last_power_ns = mid;
-        d.power.push_back(PowerPoint { ts_ns: mid, watts });
-        if let Some(e) = &mut d.idle {
-            e.push(mid, watts);
-        }
-        if !d.has_counter
-            && let Some(prev) = d.power.iter().rev().nth(1).copied()
-        {
-            // Power-only device: integrate the samples (trapezoid).
-            d.segments.push_back(Segment {
-                start_ns: prev.ts_ns,
-                end_ns: mid,
-                energy_j: f64::midpoint(prev.watts, watts) * (mid - prev.ts_ns) as f64 * 1e-9,
-                tau_ns: window_ns / 2,
-            });
-            d.covered_until_ns = d.covered_until_ns.max(mid);
+        let p = PowerPoint {
+            ts_ns,
+            window_ns: window_ns.min(ts_ns),
+            watts,
+        };
+        match d.power.push(p) {
+            Push::Appended => self.stats.power_samples += 1,
+            Push::Reordered => {
+                self.stats.power_samples += 1;
+                self.stats.reordered_observations += 1;
+            }
+            Push::Late => self.stats.late_observations += 1,
+            Push::Repeat => self.stats.rejected_power_samples += 1,
         }
         Ok(())
     }
@@ -696,6 +797,7 @@ impl Ledger {
         ts_ns: u64,
         weight: Option<f64>,
     ) -> Result<(), LedgerError> {
+        let weight = weight.filter(|w| w.is_finite()).map(|w| w.max(0.0));
         let d = self.device(device)?;
         if let Some(o) = d
             .occupancy
@@ -741,27 +843,14 @@ impl Ledger {
         arrival: Arrival,
     ) -> Result<(), LedgerError> {
         if self.requests.contains_key(&id) {
+            self.stats.duplicate_requests += 1;
             return Err(LedgerError::DuplicateRequest(id));
         }
         if arrival.ts_ns < self.watermark_ns {
             self.stats.late_observations += 1;
         }
-        self.requests.insert(
-            id,
-            Request {
-                service,
-                arrival,
-                first_byte_ns: None,
-                end_ns: None,
-                outcome: Outcome::Complete,
-                completion_tokens: None,
-                events: 0,
-                event_times: Vec::new(),
-                response_bytes: 0,
-                accounts: BTreeMap::new(),
-            },
-        );
-        self.pending.entry(service).or_default().insert(id);
+        self.requests.insert(id, Request::new(service, arrival));
+        self.pending.entry(service).or_default().push(id);
         self.stats.requests_open += 1;
         Ok(())
     }
@@ -776,25 +865,40 @@ impl Ledger {
 
     /// The first response byte.
     pub fn first_byte(&mut self, id: RequestId, ts_ns: u64) {
-        if let Some(r) = self.request(id)
-            && r.first_byte_ns.is_none()
-        {
-            r.first_byte_ns = Some(ts_ns);
+        if let Some(r) = self.request(id) {
+            r.first_byte_ns = Some(r.first_byte_ns.map_or(ts_ns, |f| f.min(ts_ns)));
+            r.last_seen_ns = r.last_seen_ns.max(ts_ns);
         }
     }
 
     /// `n` streamed events (tokens, or groups of tokens) at `ts_ns`.
     pub fn events(&mut self, id: RequestId, ts_ns: u64, n: u64) {
-        if let Some(r) = self.request(id) {
+        let Some(r) = self.requests.get_mut(&id) else {
+            self.stats.unknown_requests += 1;
+            return;
+        };
+        if r.pruned_last_ns.is_some_and(|p| ts_ns <= p) {
+            // Its time was attributed already; it still counts as output.
             r.events += n;
-            if r.event_times.len() < EVENT_TIMES_CAP {
-                r.event_times
-                    .push((ts_ns, n.min(u64::from(u32::MAX)) as u32));
-            }
-            if r.first_byte_ns.is_none() {
-                r.first_byte_ns = Some(ts_ns);
-            }
+            self.stats.late_observations += 1;
+            return;
         }
+        r.events += n;
+        let item = (ts_ns, n.min(u64::from(u32::MAX)) as u32);
+        match r.times.back() {
+            Some(&(last, _)) if last > ts_ns => {
+                let at = r.times.partition_point(|e| e.0 <= ts_ns);
+                r.times.insert(at, item);
+                self.stats.reordered_observations += 1;
+            }
+            _ => r.times.push_back(item),
+        }
+        r.first_event_ns = Some(r.first_event_ns.map_or(ts_ns, |f| f.min(ts_ns)));
+        r.last_seen_ns = r.last_seen_ns.max(ts_ns);
+        self.steps
+            .entry(r.service)
+            .or_default()
+            .record(ts_ns, self.config.step_merge_ns);
     }
 
     /// Token counts reported by the server (usage); each `Some` overrides what was known.
@@ -818,7 +922,7 @@ impl Ledger {
         }
     }
 
-    /// The request ended (last response byte, or close).
+    /// The request ended (last response byte, or close). `response_bytes` feeds `bytes`.
     pub fn end(&mut self, id: RequestId, ts_ns: u64, response_bytes: u64, outcome: Outcome) {
         let horizon = self.watermark_ns;
         let Some(r) = self.request(id) else {
@@ -828,11 +932,10 @@ impl Ledger {
             self.stats.duplicate_ends += 1;
             return;
         }
-        let end_ns = ts_ns.max(r.arrival.ts_ns);
-        r.end_ns = Some(end_ns);
+        r.end_ns = Some(ts_ns.max(r.arrival.ts_ns));
         r.response_bytes = response_bytes;
         r.outcome = outcome;
-        self.ended.insert((end_ns, id));
+        r.last_seen_ns = r.last_seen_ns.max(ts_ns);
         if ts_ns < horizon {
             self.stats.late_observations += 1;
         }
@@ -842,136 +945,118 @@ impl Ledger {
     /// became final, in (end time, id) order.
     pub fn advance(&mut self, now_ns: u64) -> Vec<RequestRecord> {
         let watermark = now_ns.saturating_sub(self.config.grace_ns);
-        if watermark > self.watermark_ns {
-            self.watermark_ns = watermark;
-        }
+        self.watermark_ns = self.watermark_ns.max(watermark);
         let watermark = self.watermark_ns;
+        self.expire(watermark);
         let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
         for id in ids {
-            self.slice_device(id, watermark);
+            self.ingest(id, watermark);
             self.attribute_device(id, watermark);
         }
-        self.finalise(watermark)
+        let out = self.finalise(watermark);
+        self.prune();
+        out
     }
 
-    /// Cuts closed counter intervals into slices shaped by the power samples.
-    fn slice_device(&mut self, id: DeviceId, watermark: u64) {
-        let slice_ns = self.config.slice_ns;
-        let (pending, requests) = (&self.pending, &self.requests);
+    /// Ends every open request at its last activity and attributes and emits everything the
+    /// sensors cover (shutdown). Devices that stopped reporting are treated as stale.
+    pub fn finish(&mut self) -> Vec<RequestRecord> {
+        let open: Vec<RequestId> = self
+            .pending
+            .values()
+            .flatten()
+            .copied()
+            .filter(|id| self.requests.get(id).is_some_and(|r| r.end_ns.is_none()))
+            .collect();
+        for id in open {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.end_ns = Some(r.last_seen_ns);
+                r.outcome = Outcome::Aborted;
+            }
+        }
+        self.advance(u64::MAX)
+    }
+
+    /// Ends requests open longer than `max_open_ns`.
+    fn expire(&mut self, watermark: u64) {
+        let limit = self.config.max_open_ns;
+        for ids in self.pending.values() {
+            for id in ids {
+                if let Some(r) = self.requests.get_mut(id)
+                    && r.end_ns.is_none()
+                    && watermark.saturating_sub(r.arrival.ts_ns) > limit
+                {
+                    r.end_ns = Some(r.last_seen_ns);
+                    r.outcome = Outcome::Aborted;
+                    self.stats.expired_requests += 1;
+                }
+            }
+        }
+    }
+
+    /// Turns sensor readings up to the watermark into segments.
+    fn ingest(&mut self, id: DeviceId, watermark: u64) {
+        let max_w = self.config.max_device_watts;
         let Some(d) = self.devices.get_mut(&id) else {
             return;
         };
-        while let Some(seg) = d.segments.front().copied() {
-            if seg.end_ns > watermark {
-                break;
-            }
-            d.segments.pop_front();
-            let seg_w = seg.energy_j / ((seg.end_ns - seg.start_ns).max(1) as f64 * 1e-9);
-            let quiet =
-                !in_flight_during(&d.occupancy, pending, requests, seg.start_ns, seg.end_ns);
-            if let (true, Some(e)) = (quiet, &mut d.idle_quiet) {
-                e.push(seg.end_ns, seg_w);
-            }
-            let idle_w = match d.info.idle {
-                IdleSource::Configured { watts } => watts,
-                IdleSource::Learned { .. } => {
-                    if d.power.is_empty()
-                        && let Some(e) = &mut d.idle
-                    {
-                        e.push(seg.end_ns, seg_w);
-                    }
-                    d.idle_quiet
-                        .as_ref()
-                        .and_then(IdleEstimator::watts)
-                        .or_else(|| d.idle.as_ref().and_then(IdleEstimator::watts))
-                        .unwrap_or(0.0)
+        let stats = &mut self.stats;
+        let first_new = d.segments.len();
+        d.counter.process(
+            watermark,
+            d.counter_period_ns,
+            max_w,
+            &mut d.segments,
+            &mut d.gaps,
+            |e| match e {
+                CounterEvent::Wrap => stats.counter_wraps += 1,
+                CounterEvent::Reset => stats.counter_resets += 1,
+                CounterEvent::Implausible => stats.implausible_readings += 1,
+                CounterEvent::Unchanged | CounterEvent::First | CounterEvent::Update => {}
+            },
+        );
+        let integrate_before = d.counter.integrate_before();
+        let idle = &mut d.idle;
+        d.power.process(
+            watermark,
+            integrate_before,
+            &mut d.segments,
+            |p: &PowerPoint| {
+                if let Some(e) = idle {
+                    e.push(p.mid_ns(), p.watts);
                 }
-            };
-            let n = (seg.end_ns - seg.start_ns).div_ceil(slice_ns).max(1);
-            let len = seg.end_ns - seg.start_ns;
-            let bounds = |i: u64| (seg.start_ns + len * i / n, seg.start_ns + len * (i + 1) / n);
-            let shaped = has_samples(&d.power, seg.start_ns, seg.end_ns);
-            // Power curve energy per slice (uniform without samples).
-            let shape: Vec<f64> = (0..n)
-                .map(|i| {
-                    let (a, b) = bounds(i);
-                    power_at(&d.power, a + (b - a) / 2).unwrap_or(1.0) * (b - a) as f64 * 1e-9
-                })
-                .collect();
-            // Activity-aware shaping: the idle floor is spread over the whole interval and the
-            // energy above it over the slices where requests were in flight, in proportion to
-            // the curve's excess over idle. Counter intervals are 100 ms long while power
-            // samples cover 25 ms of them, so the curve alone smears a request's first and last
-            // steps into the idle time around it.
-            let active: Vec<bool> = (0..n)
-                .map(|i| {
-                    let (a, b) = bounds(i);
-                    in_flight(&d.occupancy, pending, requests, a + (b - a) / 2)
-                })
-                .collect();
-            let idle_floor = (idle_w * len as f64 * 1e-9).min(seg.energy_j);
-            let mixed = active.iter().any(|&a| a) && active.iter().any(|&a| !a);
-            let fractions: Vec<f64> = if mixed {
-                let excess: Vec<f64> = (0..n)
-                    .map(|i| {
-                        let (a, b) = bounds(i);
-                        let dt = (b - a) as f64 * 1e-9;
-                        if active[i as usize] {
-                            (shape[i as usize] - idle_w * dt).max(1e-3 * dt)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let excess_total: f64 = excess.iter().sum();
-                (0..n)
-                    .map(|i| {
-                        let (a, b) = bounds(i);
-                        let floor = idle_floor * (b - a) as f64 / len as f64;
-                        (floor + (seg.energy_j - idle_floor) * excess[i as usize] / excess_total)
-                            / seg.energy_j.max(f64::MIN_POSITIVE)
-                    })
-                    .collect()
-            } else {
-                let total: f64 = shape.iter().sum();
-                shape
-                    .iter()
-                    .map(|w| {
-                        if total > 0.0 {
-                            w / total
-                        } else {
-                            1.0 / n as f64
-                        }
-                    })
-                    .collect()
-            };
-            for (i, frac) in fractions.iter().enumerate() {
-                let (a, b) = bounds(i as u64);
-                d.slices.push_back(Slice {
-                    start_ns: a,
-                    end_ns: b,
-                    energy_j: seg.energy_j * frac,
-                    idle_w,
-                    seg_start_ns: seg.start_ns,
-                    seg_end_ns: seg.end_ns,
-                    tau_ns: seg.tau_ns,
-                    shaped,
-                });
+            },
+        );
+        // New segments must not overlap what is already covered (a counter that appears after
+        // power-only integration began, or out-of-order power windows): trim them.
+        let mut covered = d.covered_until_ns;
+        let mut i = first_new;
+        while i < d.segments.len() {
+            let s = &mut d.segments[i];
+            if s.end_ns <= covered {
+                d.segments.remove(i);
+                continue;
             }
-            // Samples well before this segment no longer shape anything.
-            while d.power.len() > 2 && d.power[1].ts_ns + 1_000_000_000 < seg.end_ns {
-                d.power.pop_front();
+            if s.start_ns < covered {
+                let keep = (s.end_ns - covered) as f64 / (s.end_ns - s.start_ns) as f64;
+                s.energy_j *= keep;
+                s.interpolated_unc_j *= keep;
+                s.start_ns = covered;
             }
+            covered = s.end_ns;
+            i += 1;
         }
+        d.covered_until_ns = covered;
+        d.totals.gap_ns = d.gaps.iter().map(|g| g.1 - g.0).sum();
     }
 
-    /// Attributes the slices no open request still overlaps.
+    /// Attributes the segments no open request still overlaps (or that waited long enough).
     fn attribute_device(&mut self, id: DeviceId, watermark: u64) {
         let Some(d) = self.devices.get_mut(&id) else {
             return;
         };
-        // The earliest arrival among open requests of services that use this device blocks
-        // attribution from there on (their phase durations are not known yet).
+        // The earliest arrival among open requests of services on this device blocks
+        // attribution from there on: their phases and token counts are not known yet.
         let mut blocked_from = u64::MAX;
         for o in &d.occupancy {
             if let Some(ids) = self.pending.get(&o.service) {
@@ -984,81 +1069,109 @@ impl Ledger {
                 }
             }
         }
-        while let Some(s) = d.slices.front().copied() {
-            if s.end_ns > watermark || s.end_ns > blocked_from {
+        while let Some(s) = d.segments.front().copied() {
+            if s.end_ns > watermark {
                 break;
             }
-            d.slices.pop_front();
-            attribute_slice(id, d, &s, &self.config, &self.pending, &mut self.requests);
+            let forced = s.end_ns > blocked_from;
+            if forced && s.end_ns.saturating_add(self.config.max_defer_ns) > watermark {
+                break;
+            }
+            d.segments.pop_front();
+            self.stats.forced_attributions += u64::from(forced);
+            attribute::segment(
+                attribute::Ctx {
+                    dev_id: id,
+                    config: &self.config,
+                    pending: &self.pending,
+                    steps: &self.steps,
+                    stats: &mut self.stats,
+                    scratch: &mut self.scratch,
+                },
+                d,
+                &s,
+                &mut self.requests,
+            );
             d.attributed_ns = d.attributed_ns.max(s.end_ns);
         }
-        // With no data at all, attribution still moves with the watermark (gaps, idle periods).
-        if d.slices.is_empty() && d.segments.is_empty() {
-            d.attributed_ns = d.attributed_ns.max(watermark.min(blocked_from));
-        }
-        // Occupancy intervals that ended before the attributed horizon are done.
-        let horizon = d.attributed_ns;
-        d.occupancy.retain(|o| o.to_ns >= horizon);
     }
 
     fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {
-        // Only requests that ended before the watermark can be final; they are few per call.
         let mut done: Vec<(u64, RequestId)> = Vec::new();
-        for &(end, rid) in self.ended.range(..=(watermark, RequestId(u64::MAX))) {
-            let Some(r) = self.requests.get(&rid) else {
-                continue;
-            };
-            let ready = self.devices.iter().all(|(dev_id, d)| {
-                let used = d.occupancy.iter().any(|o| o.service == r.service)
-                    || r.accounts.contains_key(dev_id);
-                !used
-                    || d.attributed_ns >= end && d.covered_until_ns >= end
-                    || watermark.saturating_sub(end) >= self.config.stale_ns
-            });
-            if ready {
-                done.push((end, rid));
+        for ids in self.pending.values() {
+            for rid in ids {
+                let Some(r) = self.requests.get(rid) else {
+                    continue;
+                };
+                let Some(end) = r.end_ns else {
+                    continue;
+                };
+                if end > watermark {
+                    continue;
+                }
+                let ready = self.devices.iter().all(|(dev_id, d)| {
+                    let used = d.uses(r.service) || r.accounts.contains_key(dev_id);
+                    !used
+                        || d.attributed_ns >= end
+                        || (d.covered_until_ns < end
+                            && watermark.saturating_sub(end) >= self.config.stale_ns)
+                });
+                if ready {
+                    done.push((end, *rid));
+                }
             }
         }
+        done.sort_unstable();
         let mut out = Vec::with_capacity(done.len());
-        for (end, rid) in done {
-            self.ended.remove(&(end, rid));
+        for (_, rid) in done {
             if let Some(r) = self.requests.remove(&rid) {
-                if let Some(ids) = self.pending.get_mut(&r.service) {
-                    ids.remove(&rid);
+                if let Some(ids) = self.pending.get_mut(&r.service)
+                    && let Some(pos) = ids.iter().position(|x| *x == rid)
+                {
+                    ids.remove(pos);
                 }
                 self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
                 self.stats.records_emitted += 1;
-                out.push(self.record(rid, r, watermark));
+                out.push(self.record(rid, r));
             }
         }
         out
     }
 
-    fn record(&mut self, id: RequestId, r: Request, watermark: u64) -> RequestRecord {
-        let end = r.end_or(watermark);
+    fn record(&mut self, id: RequestId, r: Request) -> RequestRecord {
+        let end = r.end_or(r.last_seen_ns);
+        let span = end.saturating_sub(r.arrival.ts_ns);
         let mut devices = Vec::new();
         let mut gap_total = 0;
         let mut stale = false;
-        for (&dev_id, acc) in &r.accounts {
-            let Some(d) = self.devices.get(&dev_id) else {
+        let u = &self.config.uncertainty;
+        for (&dev_id, d) in &self.devices {
+            let acc = r.accounts.get(&dev_id).copied();
+            if acc.is_none() && !d.uses(r.service) {
                 continue;
-            };
-            let span = end.saturating_sub(r.arrival.ts_ns);
-            let gap_ns = gaps_overlap(&d.gaps, r.arrival.ts_ns, end)
+            }
+            let acc = acc.unwrap_or_default();
+            let gap_ns = (gaps_overlap(&d.gaps, r.arrival.ts_ns, end)
                 + end
                     .saturating_sub(d.covered_until_ns.max(r.arrival.ts_ns))
-                    .min(span);
+                    .min(span))
+            .min(span);
             if d.covered_until_ns < end {
                 stale = true;
             }
             gap_total += gap_ns;
-            let mean_share = if acc.covered_ns > 0 {
-                acc.share_ns / acc.covered_ns as f64
+            let mean_share = if acc.present_ns > 0 {
+                acc.share_ns / acc.present_ns as f64
             } else {
                 1.0
             };
             let coverage_j = d.max_dyn_w * gap_ns as f64 * 1e-9 * mean_share;
-            let uncertainty_j = acc.edge_j.hypot(coverage_j) + acc.split_diff_j.abs();
+            let sensor_j = acc.edge_j.hypot(acc.sensor_var.sqrt());
+            let split_rand = acc.split_var.sqrt() * u.residual_factor;
+            let split_sys = u.split_factor * acc.split_diff_j.abs()
+                + acc.split_unknown_j
+                + u.idle_factor * acc.idle_diff_j.abs();
+            let uncertainty_j = sensor_j.hypot(coverage_j).hypot(split_rand) + split_sys;
             devices.push(DeviceShare {
                 device: dev_id,
                 name: d.info.name.clone(),
@@ -1067,6 +1180,9 @@ impl Ledger {
                 dynamic_j: acc.dynamic_j,
                 idle_j: acc.idle_j,
                 uncertainty_j,
+                sensor_j,
+                coverage_j,
+                split_j: split_rand + split_sys,
             });
         }
         if stale {
@@ -1084,6 +1200,7 @@ impl Ledger {
             model: r.arrival.model,
             arrive_ns: r.arrival.ts_ns,
             first_byte_ns: r.first_byte_ns,
+            first_event_ns: r.first_event_ns,
             end_ns: end,
             outcome: r.outcome,
             prompt_tokens: r.arrival.prompt_tokens,
@@ -1102,6 +1219,61 @@ impl Ledger {
         }
     }
 
+    /// Drops state nothing can need any more: old power samples, occupancy, gaps, and event
+    /// times of open requests before every device has attributed past them.
+    fn prune(&mut self) {
+        let oldest_pending = self
+            .pending
+            .values()
+            .flatten()
+            .filter_map(|id| self.requests.get(id))
+            .map(|r| r.arrival.ts_ns)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut horizon_by_service: BTreeMap<ServiceId, u64> = BTreeMap::new();
+        for d in self.devices.values_mut() {
+            let horizon = d.attributed_ns;
+            d.power.prune(horizon);
+            d.occupancy.retain(|o| o.to_ns >= horizon);
+            d.gaps.retain(|g| g.1 >= oldest_pending.min(horizon));
+            for o in &d.occupancy {
+                let h = horizon_by_service.entry(o.service).or_insert(u64::MAX);
+                *h = (*h).min(horizon);
+            }
+            (d.totals.idle_w, d.totals.idle_basis) = d.idle_estimate();
+        }
+        for (service, steps) in &mut self.steps {
+            let oldest = self
+                .pending
+                .get(service)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.requests.get(id))
+                .filter(|r| r.prefill_from_ns.is_none())
+                .map(|r| r.arrival.ts_ns)
+                .min()
+                .unwrap_or(u64::MAX);
+            steps.prune(oldest);
+        }
+        for (service, ids) in &self.pending {
+            let Some(&h) = horizon_by_service.get(service) else {
+                continue;
+            };
+            for id in ids {
+                if let Some(r) = self.requests.get_mut(id)
+                    && r.times.len() > 64
+                {
+                    while r.times.len() > 1 && r.times[0].0 < h {
+                        if let Some((t, n)) = r.times.pop_front() {
+                            r.pruned_last_ns = Some(t);
+                            r.pruned_events += u64::from(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Per-device totals over everything attributed so far.
     pub fn totals(&self) -> BTreeMap<DeviceId, DeviceTotals> {
         self.devices.iter().map(|(k, d)| (*k, d.totals)).collect()
@@ -1116,243 +1288,25 @@ impl Ledger {
     pub fn watermark_ns(&self) -> u64 {
         self.watermark_ns
     }
-}
 
-/// Whether any request of a service occupying the device is in flight at `t`.
-fn in_flight(
-    occupancy: &[Occupancy],
-    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
-    requests: &HashMap<RequestId, Request>,
-    t: u64,
-) -> bool {
-    occupancy
-        .iter()
-        .filter(|o| o.from_ns <= t && t < o.to_ns)
-        .any(|o| {
-            pending.get(&o.service).is_some_and(|ids| {
-                ids.iter().any(|rid| {
-                    requests
-                        .get(rid)
-                        .is_some_and(|r| r.arrival.ts_ns <= t && t < r.end_or(u64::MAX))
-                })
-            })
+    /// The `tokens` cost model's current prices for a service on a device (explains splits;
+    /// only their ratios matter).
+    pub fn cost_model(&self, device: DeviceId, service: ServiceId) -> Option<CostPrices> {
+        let b = self.devices.get(&device)?.models.get(&service)?.beta();
+        Some(CostPrices {
+            static_w: b[0],
+            busy_w: b[1],
+            prefill_j_per_token: b[2],
+            decode_j_per_token: b[3],
+            decode_context_j_per_token: b[4],
         })
-}
-
-/// Whether any request of a service occupying the device is in flight at some time in `[a, b)`.
-fn in_flight_during(
-    occupancy: &[Occupancy],
-    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
-    requests: &HashMap<RequestId, Request>,
-    a: u64,
-    b: u64,
-) -> bool {
-    occupancy
-        .iter()
-        .filter(|o| o.from_ns < b && a < o.to_ns)
-        .any(|o| {
-            pending.get(&o.service).is_some_and(|ids| {
-                ids.iter().any(|rid| {
-                    requests
-                        .get(rid)
-                        .is_some_and(|r| r.arrival.ts_ns < b && a < r.end_or(u64::MAX))
-                })
-            })
-        })
-}
-
-/// Whether any power sample falls within a second of `[a, b]`.
-fn has_samples(power: &VecDeque<PowerPoint>, a: u64, b: u64) -> bool {
-    power
-        .iter()
-        .any(|p| p.ts_ns + 1_000_000_000 >= a && p.ts_ns <= b + 1_000_000_000)
-}
-
-/// The instant-power curve at `t`: linear between samples, flat beyond the ends. `None` when
-/// there is no sample within a second (then the caller spreads uniformly).
-fn power_at(power: &VecDeque<PowerPoint>, t: u64) -> Option<f64> {
-    const NEAR: u64 = 1_000_000_000;
-    let idx = power.partition_point(|p| p.ts_ns <= t);
-    let after = power.get(idx);
-    let before = idx.checked_sub(1).and_then(|i| power.get(i));
-    match (before, after) {
-        (Some(a), Some(b)) => {
-            let span = (b.ts_ns - a.ts_ns).max(1) as f64;
-            let f = (t - a.ts_ns) as f64 / span;
-            Some(a.watts + (b.watts - a.watts) * f)
-        }
-        (Some(a), None) if t - a.ts_ns <= NEAR => Some(a.watts),
-        (None, Some(b)) if b.ts_ns - t <= NEAR => Some(b.watts),
-        _ => None,
     }
-    .map(|w| w.max(1e-3))
 }
 
 fn gaps_overlap(gaps: &[(u64, u64)], a: u64, b: u64) -> u64 {
     gaps.iter()
         .map(|&(s, e)| e.min(b).saturating_sub(s.max(a)))
         .sum()
-}
-
-/// The alternative policy used to measure split ambiguity.
-fn alternative(policy: SplitPolicy) -> SplitPolicy {
-    match policy {
-        SplitPolicy::Equal | SplitPolicy::Bytes => SplitPolicy::Tokens,
-        SplitPolicy::Tokens | SplitPolicy::Auto => SplitPolicy::Equal,
-    }
-}
-
-/// Weights of `reqs` at `t` under `policy`, falling back to equal when any lacks the inputs
-/// (that is what `auto` means; an explicit policy without inputs degrades the same way).
-fn weights(
-    reqs: &[(RequestId, &Request)],
-    t: u64,
-    policy: SplitPolicy,
-    prefill_w: f64,
-    out: &mut Vec<f64>,
-) -> SplitPolicy {
-    out.clear();
-    let wanted = if policy == SplitPolicy::Auto {
-        SplitPolicy::Tokens
-    } else {
-        policy
-    };
-    for (_, r) in reqs {
-        match r.weight(t, wanted, prefill_w) {
-            Some(w) if w.is_finite() => out.push(w),
-            _ => {
-                out.clear();
-                out.resize(reqs.len(), 1.0);
-                return SplitPolicy::Equal;
-            }
-        }
-    }
-    if out.iter().sum::<f64>() <= 0.0 {
-        out.fill(1.0);
-        return SplitPolicy::Equal;
-    }
-    wanted
-}
-
-#[allow(clippy::many_single_char_names)]
-fn attribute_slice(
-    dev_id: DeviceId,
-    d: &mut Device,
-    s: &Slice,
-    config: &LedgerConfig,
-    pending: &BTreeMap<ServiceId, BTreeSet<RequestId>>,
-    requests: &mut HashMap<RequestId, Request>,
-) {
-    let dt_ns = s.end_ns - s.start_ns;
-    let dt = dt_ns as f64 * 1e-9;
-    let t = s.start_ns + dt_ns / 2;
-    let idle_j = (s.idle_w * dt).min(s.energy_j).max(0.0);
-    let dyn_j = s.energy_j - idle_j;
-    d.totals.measured_j += s.energy_j;
-    d.totals.covered_ns += dt_ns;
-    if dt > 0.0 {
-        d.max_dyn_w = d.max_dyn_w.max(dyn_j / dt);
-    }
-
-    // Occupants at t and their in-flight requests.
-    let mut groups: Vec<(Option<f64>, Vec<RequestId>)> = Vec::new();
-    for o in &d.occupancy {
-        if o.from_ns > t || o.to_ns <= t {
-            continue;
-        }
-        let active: Vec<RequestId> = pending
-            .get(&o.service)
-            .map(|ids| {
-                ids.iter()
-                    .copied()
-                    .filter(|rid| {
-                        requests
-                            .get(rid)
-                            .is_some_and(|r| r.arrival.ts_ns <= t && t < r.end_or(u64::MAX))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        groups.push((o.weight, active));
-    }
-    let all_weighted = !groups.is_empty() && groups.iter().all(|(w, _)| w.is_some());
-    let service_weights: Vec<f64> = if all_weighted {
-        groups
-            .iter()
-            .map(|(w, _)| w.unwrap_or(0.0).max(0.0))
-            .collect()
-    } else {
-        groups
-            .iter()
-            .map(|(_, a)| if a.is_empty() { 0.0 } else { 1.0 })
-            .collect()
-    };
-    let total_w: f64 = service_weights.iter().sum();
-    if total_w <= 0.0 {
-        d.totals.idle_j += idle_j;
-        d.totals.unattributed_j += dyn_j;
-        return;
-    }
-
-    let amortize = config.idle == IdlePolicy::Amortize;
-    let mut attributed_dyn = 0.0;
-    let mut attributed_idle = 0.0;
-    let mut w = Vec::new();
-    let mut w_alt = Vec::new();
-    for ((_, active), sw) in groups.iter().zip(&service_weights) {
-        let share_s = sw / total_w;
-        if active.is_empty() || share_s <= 0.0 {
-            continue;
-        }
-        let reqs: Vec<(RequestId, &Request)> = active
-            .iter()
-            .filter_map(|rid| requests.get(rid).map(|r| (*rid, r)))
-            .collect();
-        let used = weights(&reqs, t, config.split, config.prefill_token_weight, &mut w);
-        weights(
-            &reqs,
-            t,
-            alternative(used),
-            config.prefill_token_weight,
-            &mut w_alt,
-        );
-        let sum: f64 = w.iter().sum();
-        let sum_alt: f64 = w_alt.iter().sum();
-        let energy_for_split = dyn_j + if amortize { idle_j } else { 0.0 };
-        let ids: Vec<RequestId> = reqs.iter().map(|(id, _)| *id).collect();
-        for (i, rid) in ids.iter().enumerate() {
-            let share = share_s * w[i] / sum;
-            let share_alt = share_s * w_alt[i] / sum_alt;
-            let Some(r) = requests.get_mut(rid) else {
-                continue;
-            };
-            let in_segment = |x: u64| (s.seg_start_ns..=s.seg_end_ns).contains(&x);
-            let edge = in_segment(r.arrival.ts_ns) || in_segment(r.end_or(u64::MAX));
-            let acc = r.accounts.entry(dev_id).or_default();
-            acc.dynamic_j += share * dyn_j;
-            attributed_dyn += share * dyn_j;
-            if amortize {
-                acc.idle_j += share * idle_j;
-                attributed_idle += share * idle_j;
-            }
-            acc.split_diff_j += (share_alt - share) * energy_for_split;
-            acc.share_ns += share * dt_ns as f64;
-            acc.covered_ns += dt_ns;
-            if edge {
-                let factor = if s.shaped {
-                    config.edge_factor_shaped
-                } else {
-                    config.edge_factor_uniform
-                };
-                let seg_len = (s.seg_end_ns - s.seg_start_ns).max(1) as f64;
-                acc.edge_j += share * energy_for_split * (factor + s.tau_ns as f64 / seg_len);
-            }
-        }
-    }
-    d.totals.request_dynamic_j += attributed_dyn;
-    d.totals.request_idle_j += attributed_idle;
-    d.totals.unattributed_j += dyn_j - attributed_dyn;
-    d.totals.idle_j += idle_j - attributed_idle;
 }
 
 #[cfg(test)]
