@@ -5,7 +5,11 @@
 //! ([`spawn_sampler`]) and sends [`Reading`]s to the event loop; nothing blocks the runtime.
 //! Every reading is stamped in `CLOCK_MONOTONIC` nanoseconds, the probes' clock.
 
+pub mod cpu;
+pub mod cpumodel;
 pub mod nvml;
+pub mod powercap;
+pub mod rapl;
 
 use std::{
     sync::mpsc,
