@@ -65,6 +65,22 @@ pub enum Reading {
         watts: f64,
         window_ns: u64,
     },
+    /// The compute processes running on a GPU (NVML's running-process list), for binding
+    /// processes the probes did not see open the device.
+    Processes {
+        device: usize,
+        ts_ns: u64,
+        pids: Vec<u32>,
+    },
+    /// A process's share of a GPU's SM time over `[ts_ns − window_ns, ts_ns]` (NVML process
+    /// utilisation samples), for splitting a GPU between services.
+    ProcessUtil {
+        device: usize,
+        ts_ns: u64,
+        pid: u32,
+        sm_percent: u32,
+        window_ns: u64,
+    },
     /// The device stopped answering (e.g. fell off the bus): a visible gap from here.
     Lost {
         device: usize,
@@ -79,6 +95,12 @@ pub trait PowerSource: Send {
     fn devices(&self) -> &[PowerDevice];
     /// Reads every device once, appending to `out`.
     fn poll(&mut self, out: &mut Vec<Reading>);
+    /// How often `device`'s energy counter changes, measured or known (`None`: unknown or no
+    /// counter). The ledger pins each counter update in time with it.
+    fn counter_period_ns(&self, device: usize) -> Option<u64> {
+        let _ = device;
+        None
+    }
 }
 
 /// `CLOCK_MONOTONIC` now in nanoseconds.
