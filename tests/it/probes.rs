@@ -77,6 +77,8 @@ fn daemon_sees_exactly_the_targets_syscalls() {
             "5",
             "--summary-interval-ms",
             "200",
+            // Per-call ioctl events as well as the aggregated GPU state changes.
+            "--ioctl-events",
         ],
     );
 
@@ -160,6 +162,12 @@ fn daemon_sees_exactly_the_targets_syscalls() {
         assert_eq!(e["ret"], -i64::from(libc::ENOTTY));
     }
     assert_eq!(events_of(&events, "dev_close", pid).len(), 1);
+    // Aggregated in the kernel: one state change (first use of GPU minor 0) for three ioctls.
+    let gpu = events_of(&events, "gpu", pid);
+    assert_eq!(gpu.len(), 1, "{gpu:?}");
+    assert_eq!(gpu[0]["change"], "first_use");
+    assert_eq!(gpu[0]["node"]["gpu"], 0);
+    assert_eq!(num(gpu[0], "ioctls"), 1);
 
     // The forked child was followed in the kernel: its device open and ioctl were seen.
     let forks: Vec<_> = events_of(&events, "fork", pid)
@@ -173,6 +181,9 @@ fn daemon_sees_exactly_the_targets_syscalls() {
     let child_ioctls = events_of(&events, "ioctl", child);
     assert_eq!(child_ioctls.len(), 1);
     assert_eq!(num(child_ioctls[0], "cmd"), CHILD_IOCTL);
+    let child_gpu = events_of(&events, "gpu", child);
+    assert_eq!(child_gpu.len(), 1, "{child_gpu:?}");
+    assert_eq!(child_gpu[0]["node"], "ctl");
     assert_eq!(
         events_of(&events, "exit", child).len(),
         1,

@@ -40,11 +40,15 @@ pub enum Kind {
     ProcExec = 8,
     /// The last thread of a target process exited.
     ProcExit = 9,
+    /// What a target holds on a GPU changed (first use of a device, a compute context created
+    /// or destroyed, a GPU registered with UVM): the per-(process, device) counters are
+    /// aggregated in the kernel and only these changes are reported.
+    Gpu = 10,
 }
 
 impl Kind {
     /// Every kind, in discriminant order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Conn,
         Kind::Data,
         Kind::Close,
@@ -54,6 +58,7 @@ impl Kind {
         Kind::ProcFork,
         Kind::ProcExec,
         Kind::ProcExit,
+        Kind::Gpu,
     ];
 
     /// Decodes a header's kind field.
@@ -68,6 +73,7 @@ impl Kind {
             7 => Some(Kind::ProcFork),
             8 => Some(Kind::ProcExec),
             9 => Some(Kind::ProcExit),
+            10 => Some(Kind::Gpu),
             _ => None,
         }
     }
@@ -84,6 +90,7 @@ impl Kind {
             Kind::ProcFork => "fork",
             Kind::ProcExec => "exec",
             Kind::ProcExit => "exit",
+            Kind::Gpu => "gpu",
         }
     }
 
@@ -197,6 +204,12 @@ pub enum Stat {
     TargetTableFull = 46,
     /// Records emitted with a forced wakeup because the ring buffer was filling up.
     ForcedWakeups = 47,
+    /// A per-(process, device) GPU counter entry could not be created (map full).
+    GpuTableFull = 48,
+    /// An RM object handle could not be remembered (map full): a later free of it is not seen.
+    HandleTableFull = 49,
+    /// Ioctls on NVIDIA fds the probes decoded (RM alloc/free, UVM register/unregister).
+    IoctlsDecoded = 50,
 }
 
 /// `Header::flags` bit on a [`Kind::Data`] record: the read returned 0 (peer closed its side).
@@ -302,6 +315,106 @@ pub struct IoctlEvent {
     pub cmd: u32,
 }
 
+/// [`Kind::Gpu`]: a change in what a process holds on a GPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GpuEvent {
+    pub hdr: Header,
+    /// Ioctls the process issued on `dev` so far (the kernel's per-(process, device) counter;
+    /// for context and UVM events, on the fd the ioctl came through).
+    pub ioctls: u64,
+    /// What changed: one of the `GPU_*` constants.
+    pub what: u32,
+    /// [`GPU_FIRST_USE`]: the fd's device code (`DEV_*` or a GPU minor number);
+    /// [`GPU_CONTEXT_UP`] / [`GPU_CONTEXT_DOWN`]: the RM device instance (`NV0080`'s `deviceId`);
+    /// [`GPU_CLIENT_FREED`]: the freed client handle.
+    pub dev: u32,
+    /// Live compute contexts of the process on the RM device after the change.
+    pub contexts: u32,
+    /// The RM class allocated or freed (context events), 0 otherwise.
+    pub class: u32,
+    /// GPU UUID bytes ([`GPU_UVM_REGISTER`] / [`GPU_UVM_UNREGISTER`]).
+    pub uuid: [u8; 16],
+}
+
+/// First ioctl of a process on a device fd's device.
+pub const GPU_FIRST_USE: u32 = 1;
+/// The process's first live compute object on an RM device: it runs work on that GPU.
+pub const GPU_CONTEXT_UP: u32 = 2;
+/// The process's last compute object on an RM device was freed.
+pub const GPU_CONTEXT_DOWN: u32 = 3;
+/// The process registered a GPU (by UUID) with UVM.
+pub const GPU_UVM_REGISTER: u32 = 4;
+/// The process unregistered a GPU from UVM.
+pub const GPU_UVM_UNREGISTER: u32 = 5;
+/// The process freed an RM client: every object under it (its contexts too) is gone.
+pub const GPU_CLIENT_FREED: u32 = 6;
+
+/// Device code of `nvidiactl` (its minor number).
+pub const DEV_CTL: u32 = 255;
+/// Device code of `nvidia-modeset` (its minor number).
+pub const DEV_MODESET: u32 = 254;
+/// Device code of `nvidia-uvm`.
+pub const DEV_UVM: u32 = 256;
+/// Device code of any other node under the prefix (`nvidia-uvm-tools`, `nvidia-caps`...).
+pub const DEV_OTHER: u32 = 511;
+/// Highest GPU minor number (`/dev/nvidia0`..`/dev/nvidia247`).
+pub const GPU_MINOR_MAX: u32 = 247;
+/// [`GpuKey::dev`] of the counters kept per RM device instance (plus the instance).
+pub const RM_DEV_BASE: u32 = 0x1000;
+
+/// Key of the per-(process, device) GPU counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpuKey {
+    pub tgid: u32,
+    /// A device code (`DEV_*` or GPU minor) or `RM_DEV_BASE + instance`.
+    pub dev: u32,
+}
+
+/// Per-(process, device) GPU counters, kept in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpuUse {
+    /// Ioctls issued.
+    pub ioctls: u64,
+    /// Ioctls that failed (syscall error or RM status).
+    pub errors: u64,
+    /// Time of the last ioctl.
+    pub last_ns: u64,
+    /// Live compute objects (RM device entries only).
+    pub contexts: u32,
+    pub pad: u32,
+}
+
+/// Key of the RM object table: an object handle within a client of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HandleKey {
+    pub tgid: u32,
+    pub client: u32,
+    pub handle: u32,
+    pub pad: u32,
+}
+
+/// [`HandleKey`] value bit: the object is a compute object counted in [`GpuUse::contexts`].
+pub const HANDLE_COUNTED: u32 = 0x8000_0000;
+
+/// Key of the UVM registration table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UvmKey {
+    pub tgid: u32,
+    pub pad: u32,
+    pub uuid: [u8; 16],
+}
+
+/// `ProbeConfig::flags` bit: also report every ioctl on a device fd ([`Kind::Ioctl`]).
+pub const CONFIG_IOCTL_EVENTS: u32 = 1;
+/// `ProbeConfig::flags` bit: the device nodes are stand-in files (an emulated host), whose
+/// ioctls fail with `ENOTTY`; decode them as if they had succeeded.
+pub const CONFIG_STANDIN_DEVICES: u32 = 2;
+
 /// [`Kind::ProcFork`], [`Kind::ProcExec`] and [`Kind::ProcExit`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -385,7 +498,8 @@ pub struct ProbeConfig {
     pub wakeup_bytes: u64,
     /// Bytes of `dev_prefix` in use (0 disables device tracking).
     pub dev_prefix_len: u32,
-    pub pad: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
     /// Opened paths starting with this prefix are device fds (e.g. `/dev/nvidia`).
     pub dev_prefix: [u8; DEV_PREFIX_MAX],
 }
@@ -399,7 +513,7 @@ impl ProbeConfig {
         capture_bytes: CAPTURE_MAX as u32,
         wakeup_bytes: 0,
         dev_prefix_len: 0,
-        pad: 0,
+        flags: 0,
         dev_prefix: [0; DEV_PREFIX_MAX],
     };
 }
@@ -415,18 +529,21 @@ const _: () = {
     assert!(size_of::<DevOpenEvent>() == 40 + PATH_CAPTURE);
     assert!(size_of::<IoctlEvent>() == 48);
     assert!(size_of::<ProcEvent>() == 48);
+    assert!(size_of::<GpuEvent>() == 64);
+    assert!(size_of::<GpuUse>() == 32);
+    assert!(size_of::<UvmKey>() == 24);
     assert!(size_of::<Stash>() == 40);
     assert!(size_of::<ConnState>() == 16);
     assert!(CAPTURE_MAX.is_power_of_two());
-    assert!((Kind::ProcExit as u32) < 16);
-    assert!(Kind::ProcExit.dropped_stat() < Stat::StashFull as u32);
-    assert!((Stat::ForcedWakeups as u32) < STAT_SLOTS);
+    assert!((Kind::Gpu as u32) < 16);
+    assert!(Kind::Gpu.dropped_stat() < Stat::StashFull as u32);
+    assert!((Stat::IoctlsDecoded as u32) < STAT_SLOTS);
 };
 
 #[cfg(feature = "user")]
 mod pod {
     //! `aya::Pod` marks types userspace may copy in and out of maps and globals.
-    use super::{ConnState, FdKey, ProbeConfig};
+    use super::{ConnState, FdKey, GpuKey, GpuUse, ProbeConfig};
 
     // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for FdKey {}
@@ -434,4 +551,8 @@ mod pod {
     unsafe impl aya::Pod for ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ProbeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GpuKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GpuUse {}
 }

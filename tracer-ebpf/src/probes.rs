@@ -27,10 +27,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use tracer_ebpf::abi::{
-    CAPTURE_MAX, COMM_LEN, CloseEvent, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN,
-    DEV_PREFIX_MAX, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, FdKey, Header, IOV_WALK_MAX,
-    IoctlEvent, Kind, PATH_CAPTURE, ProbeConfig, ProcEvent, ROLE_CLIENT, ROLE_SERVER, STAT_SLOTS,
-    Stash, Stat, Syscall, TARGET_CHILD, TARGET_COMM,
+    CAPTURE_MAX, COMM_LEN, CONFIG_IOCTL_EVENTS, CONFIG_STANDIN_DEVICES, CloseEvent, ConnEvent,
+    ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN, DEV_CTL, DEV_MODESET, DEV_OTHER, DEV_PREFIX_MAX,
+    DEV_UVM, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, FdKey, GPU_CLIENT_FREED,
+    GPU_CONTEXT_DOWN, GPU_CONTEXT_UP, GPU_FIRST_USE, GPU_MINOR_MAX, GPU_UVM_REGISTER,
+    GPU_UVM_UNREGISTER, GpuEvent, GpuKey, GpuUse, HANDLE_COUNTED, HandleKey, Header, IOV_WALK_MAX,
+    IoctlEvent, Kind, PATH_CAPTURE, ProbeConfig, ProcEvent, RM_DEV_BASE, ROLE_CLIENT, ROLE_SERVER,
+    STAT_SLOTS, Stash, Stat, Syscall, TARGET_CHILD, TARGET_COMM, UvmKey,
 };
 
 const AF_UNIX: u16 = 1;
@@ -71,9 +74,25 @@ static CONNS: HashMap<FdKey, ConnState> = HashMap::with_max_entries(65536, 0);
 #[map]
 static SOCK_TYPES: LruHashMap<FdKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
-/// Device fds (paths under the device root) of targets: (tgid, fd) → 1.
+/// Device fds (paths under the device root) of targets: (tgid, fd) → device code (a GPU minor
+/// number or a `DEV_*` code, from the node's name).
 #[map]
 static DEV_FDS: HashMap<FdKey, u32> = HashMap::with_max_entries(8192, 0);
+
+/// Per-(process, device) ioctl counters and live compute contexts; userspace reads them and
+/// removes a process's entries when it exits.
+#[map]
+static GPU_USE: HashMap<GpuKey, GpuUse> = HashMap::with_max_entries(16384, 0);
+
+/// RM objects that lead to a GPU: (process, client, handle) → RM device instance, with
+/// `HANDLE_COUNTED` on compute objects. LRU: objects freed implicitly (with their parent or
+/// client, or at exit) age out instead of leaking.
+#[map]
+static RM_HANDLES: LruHashMap<HandleKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// GPUs registered with UVM: (process, GPU UUID) → registrations.
+#[map]
+static UVM_REGS: HashMap<UvmKey, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Entry arguments per thread (`pid_tgid`) until the syscall exits. LRU so a lost exit cannot
 /// leak entries forever.
@@ -699,10 +718,6 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     if fd < 0 {
         return 0;
     }
-    let key = fd_key(id, fd);
-    if DEV_FDS.insert(key, 1, u64::from(BPF_ANY)).is_err() {
-        bump(Stat::DevTableFull as u32);
-    }
     let Some(buf) = PATHBUF.get_ptr_mut(0) else {
         return 0;
     };
@@ -716,6 +731,19 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
             entry.ptr as *const c_void,
         )
     };
+    let code = if n > 0 {
+        dev_code(
+            &buf.path,
+            config!(dev_prefix_len) as usize,
+            (n - 1) as usize,
+        )
+    } else {
+        DEV_OTHER
+    };
+    let key = fd_key(id, fd);
+    if DEV_FDS.insert(key, code, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::DevTableFull as u32);
+    }
     buf.hdr = header(Kind::DevOpen, id, 0);
     buf.fd = fd as i32;
     buf.flags = entry.arg as i32;
@@ -725,22 +753,203 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The device code of a node from the part of its path after the prefix (`<root>/nvidia`):
+/// `0`..`247` → that GPU minor, `ctl`, `-uvm`, `-modeset`, anything else [`DEV_OTHER`].
+#[inline(always)]
+fn dev_code(path: &[u8; PATH_CAPTURE], start: usize, len: usize) -> u32 {
+    let rest = len.saturating_sub(start);
+    let at = |i: usize| path[(start + i) & (PATH_CAPTURE - 1)];
+    if rest == 3 && at(0) == b'c' && at(1) == b't' && at(2) == b'l' {
+        return DEV_CTL;
+    }
+    if rest == 4 && at(0) == b'-' && at(1) == b'u' && at(2) == b'v' && at(3) == b'm' {
+        return DEV_UVM;
+    }
+    if rest == 8 && at(0) == b'-' && at(1) == b'm' && at(2) == b'o' {
+        return DEV_MODESET;
+    }
+    if rest == 0 || rest > 3 {
+        return DEV_OTHER;
+    }
+    let mut minor = 0u32;
+    for i in 0..3 {
+        if i >= rest {
+            break;
+        }
+        let c = at(i);
+        if !c.is_ascii_digit() {
+            return DEV_OTHER;
+        }
+        minor = minor * 10 + u32::from(c - b'0');
+    }
+    if minor > GPU_MINOR_MAX {
+        return DEV_OTHER;
+    }
+    minor
+}
+
+/// `_IOC_TYPE` of the NVIDIA driver's ioctls.
+const NV_IOCTL_MAGIC: u64 = b'F' as u64;
+/// `NV_ESC_IOCTL_XFER_CMD`: wraps `{cmd, size, ptr}` for large parameter blocks.
+const NV_ESC_IOCTL_XFER_CMD: u64 = 211;
+/// `NV_ESC_RM_FREE` (`NVOS00_PARAMETERS`).
+const NV_ESC_RM_FREE: u64 = 0x29;
+/// `NV_ESC_RM_ALLOC` (`NVOS64_PARAMETERS`, or the older 32-byte `NVOS21_PARAMETERS`).
+const NV_ESC_RM_ALLOC: u64 = 0x2B;
+/// `sizeof(NVOS64_PARAMETERS)`; its `status` is at offset 40 (`NVOS21`'s at 24).
+const NVOS64_SIZE: u64 = 48;
+/// `NV01_DEVICE_0`: its allocation parameters start with the device instance.
+const CLASS_DEVICE: u32 = 0x80;
+const UVM_REGISTER_GPU: u64 = 37;
+const UVM_UNREGISTER_GPU: u64 = 38;
+
+/// Compute engine classes (`*_COMPUTE_A/B`: 0xA0C0 Kepler … 0xCBC0 Hopper, 0xCDC0 Blackwell).
+#[inline(always)]
+fn is_compute_class(class: u32) -> bool {
+    class & 0xFF == 0xC0 && (0xA0C0..=0xFFC0).contains(&class)
+}
+
+/// Classes a compute object can hang under, so their handles lead back to a device:
+/// subdevice, channel group (TSG), GPFIFO channels, VA space.
+#[inline(always)]
+fn is_path_class(class: u32) -> bool {
+    class == 0x2080
+        || class == 0xA06C
+        || class == 0x90F1
+        || (class & 0xFF == 0x6F && (0xA06F..=0xFF6F).contains(&class))
+}
+
 #[tracepoint]
 pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let fd = arg(&ctx, 0);
     let key = fd_key(id, fd as i64);
     // One lookup for everybody: only targets' device fds are in DEV_FDS.
-    // SAFETY: presence check only.
-    if unsafe { DEV_FDS.get(key) }.is_none() {
+    // SAFETY: copied out immediately.
+    let Some(dev) = (unsafe { DEV_FDS.get(key) }).copied() else {
         return 0;
+    };
+    let cmd = arg(&ctx, 1) & 0xFFFF_FFFF;
+    let mut ptr = arg(&ctx, 2);
+    // What to decode at the exit: (nr, parameter size), 0 = nothing.
+    let mut nr = 0u64;
+    let mut size = 0u64;
+    if dev == DEV_UVM {
+        // UVM uses raw request numbers, not _IOC encodings.
+        if cmd == UVM_REGISTER_GPU || cmd == UVM_UNREGISTER_GPU {
+            nr = cmd;
+        }
+    } else if (cmd >> 8) & 0xFF == NV_IOCTL_MAGIC {
+        nr = cmd & 0xFF;
+        size = (cmd >> 16) & 0x3FFF;
+        if nr == NV_ESC_IOCTL_XFER_CMD {
+            // nv_ioctl_xfer_t { u32 cmd; u32 size; u64 ptr }
+            match read_user::<[u64; 2]>(ptr) {
+                Some(x) => {
+                    nr = x[0] & 0xFF;
+                    size = (x[0] >> 32) & 0x3FFF;
+                    ptr = x[1];
+                }
+                None => {
+                    bump(Stat::UserReadFailed as u32);
+                    nr = 0;
+                }
+            }
+        }
+        if nr != NV_ESC_RM_ALLOC && nr != NV_ESC_RM_FREE {
+            nr = 0;
+        }
     }
-    // (fd, cmd, arg): stash the arg pointer in `ptr`, the command in `arg`.
+    // (fd, cmd, arg): the parameter block in `ptr`, the command in `arg`, and the device code,
+    // the escape to decode and its size packed in `conn_id`.
     stash(
         id,
-        &stash_entry(fd, arg(&ctx, 2), arg(&ctx, 1), 0, Syscall::Ioctl),
+        &stash_entry(
+            fd,
+            ptr,
+            cmd,
+            u64::from(dev) | (nr << 32) | (size << 48),
+            Syscall::Ioctl,
+        ),
     );
     0
+}
+
+#[inline(always)]
+fn gpu_event(id: u64, ioctls: u64, what: u32, dev: u32, contexts: u32, class: u32) -> GpuEvent {
+    GpuEvent {
+        hdr: header(Kind::Gpu, id, 0),
+        ioctls,
+        what,
+        dev,
+        contexts,
+        class,
+        uuid: [0; 16],
+    }
+}
+
+/// Counts an ioctl on (process, device); the first one is a state change worth reporting.
+#[inline(always)]
+fn count_ioctl(id: u64, dev: u32, failed: bool) -> u64 {
+    let key = GpuKey {
+        tgid: (id >> 32) as u32,
+        dev,
+    };
+    if let Some(u) = GPU_USE.get_ptr_mut(key) {
+        // SAFETY: map value; concurrent threads of the process may race on the counters, an
+        // approximate count is fine.
+        unsafe {
+            (*u).ioctls += 1;
+            (*u).errors += u64::from(failed);
+            (*u).last_ns = now_ns();
+            return (*u).ioctls;
+        }
+    }
+    let fresh = GpuUse {
+        ioctls: 1,
+        errors: u64::from(failed),
+        last_ns: now_ns(),
+        contexts: 0,
+        pad: 0,
+    };
+    if GPU_USE.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err() {
+        bump(Stat::GpuTableFull as u32);
+        return 1;
+    }
+    let ev = gpu_event(id, 1, GPU_FIRST_USE, dev, 0, 0);
+    emit(Kind::Gpu, &ev);
+    1
+}
+
+/// Adds `delta` to the live compute objects of (process, RM device instance); returns the
+/// count after the change.
+#[inline(always)]
+fn add_context(tgid: u32, instance: u32, delta: i32) -> u32 {
+    let key = GpuKey {
+        tgid,
+        dev: RM_DEV_BASE + instance,
+    };
+    if let Some(u) = GPU_USE.get_ptr_mut(key) {
+        // SAFETY: map value (see count_ioctl).
+        unsafe {
+            (*u).contexts = (*u).contexts.saturating_add_signed(delta);
+            return (*u).contexts;
+        }
+    }
+    if delta <= 0 {
+        return 0;
+    }
+    let fresh = GpuUse {
+        ioctls: 0,
+        errors: 0,
+        last_ns: now_ns(),
+        contexts: delta as u32,
+        pad: 0,
+    };
+    if GPU_USE.insert(key, fresh, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::GpuTableFull as u32);
+    }
+    delta as u32
 }
 
 #[tracepoint]
@@ -749,15 +958,177 @@ pub fn sys_exit_ioctl(ctx: TracePointContext) -> u32 {
     let Some(entry) = take(id, Syscall::Ioctl) else {
         return 0;
     };
-    let ev = IoctlEvent {
-        hdr: header(Kind::Ioctl, id, 0),
-        ret: ret(&ctx),
-        arg: entry.ptr,
-        fd: entry.fd as i32,
-        cmd: entry.arg as u32,
-    };
-    emit(Kind::Ioctl, &ev);
+    let rv = ret(&ctx);
+    let flags: u32 = config!(flags);
+    let standin = flags & CONFIG_STANDIN_DEVICES != 0;
+    let dev = entry.conn_id as u32;
+    let nr = (entry.conn_id >> 32) & 0xFFFF;
+    let size = entry.conn_id >> 48;
+    let ok = rv == 0 || standin;
+    let ioctls = count_ioctl(id, dev, !ok);
+    if flags & CONFIG_IOCTL_EVENTS != 0 {
+        let ev = IoctlEvent {
+            hdr: header(Kind::Ioctl, id, 0),
+            ret: rv,
+            arg: entry.ptr,
+            fd: entry.fd as i32,
+            cmd: entry.arg as u32,
+        };
+        emit(Kind::Ioctl, &ev);
+    }
+    if nr == 0 || !ok {
+        return 0;
+    }
+    bump(Stat::IoctlsDecoded as u32);
+    let tgid = (id >> 32) as u32;
+    if dev == DEV_UVM {
+        uvm_exit(id, nr, entry.ptr, ioctls);
+    } else if nr == NV_ESC_RM_ALLOC {
+        rm_alloc_exit(id, tgid, entry.ptr, size, standin, ioctls);
+    } else if nr == NV_ESC_RM_FREE {
+        rm_free_exit(id, tgid, entry.ptr, standin, ioctls);
+    }
     0
+}
+
+#[inline(always)]
+fn uvm_exit(id: u64, nr: u64, ptr: u64, ioctls: u64) {
+    let Some(uuid) = read_user::<[u8; 16]>(ptr) else {
+        bump(Stat::UserReadFailed as u32);
+        return;
+    };
+    let key = UvmKey {
+        tgid: (id >> 32) as u32,
+        pad: 0,
+        uuid,
+    };
+    // SAFETY: copied out immediately.
+    let count = unsafe { UVM_REGS.get(key) }.copied().unwrap_or(0);
+    let what = if nr == UVM_REGISTER_GPU {
+        if UVM_REGS.insert(key, count + 1, u64::from(BPF_ANY)).is_err() {
+            bump(Stat::GpuTableFull as u32);
+        }
+        if count != 0 {
+            return;
+        }
+        GPU_UVM_REGISTER
+    } else {
+        if count == 0 {
+            return;
+        }
+        if count == 1 {
+            let _ = UVM_REGS.remove(key);
+        } else {
+            let _ = UVM_REGS.insert(key, count - 1, u64::from(BPF_ANY));
+            return;
+        }
+        GPU_UVM_UNREGISTER
+    };
+    let mut ev = gpu_event(id, ioctls, what, DEV_UVM, 0, 0);
+    ev.uuid = uuid;
+    emit(Kind::Gpu, &ev);
+}
+
+#[inline(always)]
+fn rm_alloc_exit(id: u64, tgid: u32, ptr: u64, size: u64, standin: bool, ioctls: u64) {
+    // NVOS64/NVOS21: { hRoot, hObjectParent, hObjectNew, hClass, pAllocParms, ... status }.
+    let Some(p) = read_user::<[u32; 6]>(ptr) else {
+        bump(Stat::UserReadFailed as u32);
+        return;
+    };
+    let (client, parent, new, class) = (p[0], p[1], p[2], p[3]);
+    if !standin {
+        let status_at = if size == NVOS64_SIZE { 40 } else { 24 };
+        if read_user::<u32>(ptr + status_at) != Some(0) {
+            return;
+        }
+    }
+    let handle = |h: u32| HandleKey {
+        tgid,
+        client,
+        handle: h,
+        pad: 0,
+    };
+    if class == CLASS_DEVICE {
+        // NV0080_ALLOC_PARAMETERS starts with deviceId.
+        let params = u64::from(p[4]) | (u64::from(p[5]) << 32);
+        let Some(instance) = read_user::<u32>(params) else {
+            bump(Stat::UserReadFailed as u32);
+            return;
+        };
+        if RM_HANDLES
+            .insert(handle(new), instance & 0xFF, u64::from(BPF_ANY))
+            .is_err()
+        {
+            bump(Stat::HandleTableFull as u32);
+        }
+        return;
+    }
+    let compute = is_compute_class(class);
+    if !compute && !is_path_class(class) {
+        return;
+    }
+    // SAFETY: copied out immediately.
+    let Some(instance) = (unsafe { RM_HANDLES.get(handle(parent)) }).map(|v| v & 0xFF) else {
+        return;
+    };
+    let value = if compute {
+        instance | HANDLE_COUNTED
+    } else {
+        instance
+    };
+    if RM_HANDLES
+        .insert(handle(new), value, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(Stat::HandleTableFull as u32);
+        return;
+    }
+    if compute {
+        let contexts = add_context(tgid, instance, 1);
+        if contexts == 1 {
+            let ev = gpu_event(id, ioctls, GPU_CONTEXT_UP, instance, contexts, class);
+            emit(Kind::Gpu, &ev);
+        }
+    }
+}
+
+#[inline(always)]
+fn rm_free_exit(id: u64, tgid: u32, ptr: u64, standin: bool, ioctls: u64) {
+    // NVOS00: { hRoot, hObjectParent, hObjectOld, status }.
+    let Some(p) = read_user::<[u32; 4]>(ptr) else {
+        bump(Stat::UserReadFailed as u32);
+        return;
+    };
+    let (client, old) = (p[0], p[2]);
+    if !standin && p[3] != 0 {
+        return;
+    }
+    if old == client {
+        let ev = gpu_event(id, ioctls, GPU_CLIENT_FREED, client, 0, 0);
+        emit(Kind::Gpu, &ev);
+        return;
+    }
+    let key = HandleKey {
+        tgid,
+        client,
+        handle: old,
+        pad: 0,
+    };
+    // SAFETY: copied out immediately.
+    let Some(value) = (unsafe { RM_HANDLES.get(key) }).copied() else {
+        return;
+    };
+    let _ = RM_HANDLES.remove(key);
+    if value & HANDLE_COUNTED == 0 {
+        return;
+    }
+    let instance = value & 0xFF;
+    let contexts = add_context(tgid, instance, -1);
+    if contexts == 0 {
+        let ev = gpu_event(id, ioctls, GPU_CONTEXT_DOWN, instance, 0, 0);
+        emit(Kind::Gpu, &ev);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -82,6 +82,20 @@ pub struct RunArgs {
     /// device). [config: ledger.idle]
     #[arg(long, value_parser = ["amortize", "report"])]
     pub idle_policy: Option<String>,
+    /// Also report every ioctl on an NVIDIA fd as an event. [config: probe.ioctl_events]
+    #[arg(long)]
+    pub ioctl_events: bool,
+    /// The device nodes are stand-in files of an emulated host (tests, demo): decode their
+    /// ioctls although the kernel rejects them. [config: probe.standin_devices]
+    #[arg(long)]
+    pub standin_devices: bool,
+    /// Re-discover services from /proc this often in milliseconds, 0 = at attach only.
+    /// [config: probe.rediscover_ms]
+    #[arg(long)]
+    pub rediscover_ms: Option<u64>,
+    /// Record every attribution input to this file for `tracer replay`. [config: output.record]
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -106,6 +120,14 @@ impl RunArgs {
         }
         if let Some(v) = self.poll_interval_ms {
             c.probe.poll_interval_ms = v;
+        }
+        c.probe.ioctl_events |= self.ioctl_events;
+        c.probe.standin_devices |= self.standin_devices;
+        if let Some(v) = self.rediscover_ms {
+            c.probe.rediscover_ms = v;
+        }
+        if self.record.is_some() {
+            c.output.record = self.record;
         }
         if let Some(v) = self.summary_interval_ms {
             c.output.summary_interval_ms = v;

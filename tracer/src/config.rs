@@ -94,6 +94,13 @@ pub struct ProbeFileConfig {
     pub device_root: PathBuf,
     /// How often the ring buffer is drained when no forced wakeup arrives.
     pub poll_interval_ms: u64,
+    /// Also report every ioctl on an NVIDIA fd (debugging; state changes are always reported).
+    pub ioctl_events: bool,
+    /// The device nodes under `device_root` are stand-in files of an emulated host: decode
+    /// their ioctls although the kernel rejects them (`ENOTTY`). Never set on a real host.
+    pub standin_devices: bool,
+    /// How often services are re-discovered from /proc (new IPC peers); 0 = only at attach.
+    pub rediscover_ms: u64,
 }
 
 impl Default for ProbeFileConfig {
@@ -103,6 +110,9 @@ impl Default for ProbeFileConfig {
             capture_bytes: 4096,
             device_root: PathBuf::from("/dev"),
             poll_interval_ms: 10,
+            ioctl_events: false,
+            standin_devices: false,
+            rediscover_ms: 5000,
         }
     }
 }
@@ -119,6 +129,9 @@ pub struct OutputConfig {
     pub requests_out: Option<PathBuf>,
     /// Write every request's final energy record as a JSON line here.
     pub records_out: Option<PathBuf>,
+    /// Record every input of attribution (probe records, power readings, discoveries) here,
+    /// for `tracer replay`: the audit trail a bill can be recomputed from.
+    pub record: Option<PathBuf>,
 }
 
 impl Default for OutputConfig {
@@ -128,6 +141,7 @@ impl Default for OutputConfig {
             events_out: None,
             requests_out: None,
             records_out: None,
+            record: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::Serialize;
 use tracer_ebpf::abi::{
     self, CloseEvent, ConnEvent, DATA_FLAG_EOF, DATA_HEAD_LEN, DataHead, DevOpenEvent,
-    EXEC_FLAG_COMM_MATCH, Header, IoctlEvent, Kind, ProcEvent, Syscall,
+    EXEC_FLAG_COMM_MATCH, GpuEvent, Header, IoctlEvent, Kind, ProcEvent, Syscall,
 };
 
 /// Why a record could not be decoded.
@@ -102,6 +102,75 @@ pub enum Body<'a> {
     },
     /// A target process ended.
     Exit { pid: u32, comm: String },
+    /// What the process holds on a GPU changed.
+    Gpu {
+        #[serde(flatten)]
+        change: GpuChange,
+        /// Ioctls the process has issued on the device so far.
+        ioctls: u64,
+    },
+}
+
+/// A change in what a process holds on a GPU, as the probes aggregate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum GpuChange {
+    /// First ioctl on a device node: a GPU minor number, or `nvidiactl`/`nvidia-uvm`/other.
+    FirstUse { node: DeviceNode },
+    /// First live compute object on an RM device instance: work runs on that GPU.
+    ContextUp { instance: u32, class: u32 },
+    /// The last compute object on an RM device instance was freed.
+    ContextDown { instance: u32 },
+    /// A GPU registered with UVM (CUDA does this for every GPU a context uses).
+    UvmRegister { uuid: String },
+    /// A GPU unregistered from UVM.
+    UvmUnregister { uuid: String },
+    /// An RM client was freed: every context under it is gone.
+    ClientFreed { client: u32 },
+    /// A code this build does not know (newer probes).
+    Unknown { what: u32 },
+}
+
+/// An NVIDIA device node, from its name under the device root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceNode {
+    /// `nvidia<minor>`: one GPU.
+    Gpu(u32),
+    /// `nvidiactl`.
+    Ctl,
+    /// `nvidia-uvm`.
+    Uvm,
+    /// `nvidia-modeset`.
+    Modeset,
+    /// Anything else under the prefix.
+    Other,
+}
+
+impl DeviceNode {
+    /// From the probes' device code.
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            abi::DEV_CTL => DeviceNode::Ctl,
+            abi::DEV_UVM => DeviceNode::Uvm,
+            abi::DEV_MODESET => DeviceNode::Modeset,
+            m if m <= abi::GPU_MINOR_MAX => DeviceNode::Gpu(m),
+            _ => DeviceNode::Other,
+        }
+    }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, the form NVML and nvidia-smi print.
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from("GPU-");
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
 }
 
 fn ser_lossy<S: serde::Serializer>(payload: &&[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -121,6 +190,7 @@ impl Body<'_> {
             Body::Fork { .. } => Kind::ProcFork,
             Body::Exec { .. } => Kind::ProcExec,
             Body::Exit { .. } => Kind::ProcExit,
+            Body::Gpu { .. } => Kind::Gpu,
         }
     }
 }
@@ -229,6 +299,31 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 cmd: ev.cmd,
                 ret: ev.ret,
                 arg: ev.arg,
+            }
+        }
+        Kind::Gpu => {
+            let ev: GpuEvent = read(bytes, kind)?;
+            let change = match ev.what {
+                abi::GPU_FIRST_USE => GpuChange::FirstUse {
+                    node: DeviceNode::from_code(ev.dev),
+                },
+                abi::GPU_CONTEXT_UP => GpuChange::ContextUp {
+                    instance: ev.dev,
+                    class: ev.class,
+                },
+                abi::GPU_CONTEXT_DOWN => GpuChange::ContextDown { instance: ev.dev },
+                abi::GPU_UVM_REGISTER => GpuChange::UvmRegister {
+                    uuid: uuid_string(&ev.uuid),
+                },
+                abi::GPU_UVM_UNREGISTER => GpuChange::UvmUnregister {
+                    uuid: uuid_string(&ev.uuid),
+                },
+                abi::GPU_CLIENT_FREED => GpuChange::ClientFreed { client: ev.dev },
+                what => GpuChange::Unknown { what },
+            };
+            Body::Gpu {
+                change,
+                ioctls: ev.ioctls,
             }
         }
         Kind::ProcFork | Kind::ProcExec | Kind::ProcExit => {

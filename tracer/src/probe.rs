@@ -13,7 +13,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use tracer_ebpf::abi::{self, ConnState, FdKey, Kind, ProbeConfig, STAT_SLOTS, Stat};
+use tracer_ebpf::abi::{
+    self, ConnState, FdKey, GpuKey, GpuUse, Kind, ProbeConfig, STAT_SLOTS, Stat,
+};
 
 /// The compiled probes, embedded at build time.
 static PROBES_OBJECT: &[u8] =
@@ -102,6 +104,7 @@ pub enum ProbeError {
 
 /// What the loader configures in the probes.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, each a config key
 pub struct ProbeSettings {
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
@@ -113,6 +116,12 @@ pub struct ProbeSettings {
     pub filter_cgroup: bool,
     /// Whether the comm map will hold targets.
     pub filter_comm: bool,
+    /// Also report every ioctl on a device fd (debugging; the GPU state changes are always
+    /// reported).
+    pub ioctl_events: bool,
+    /// The device nodes are stand-in files (an emulated host): decode their ioctls although
+    /// the kernel rejects them with `ENOTTY`.
+    pub standin_devices: bool,
 }
 
 /// Mounts tracefs if it is not mounted (syscall tracepoints are found through it).
@@ -164,6 +173,12 @@ impl Probes {
         }
         config.dev_prefix[..prefix_bytes.len()].copy_from_slice(prefix_bytes);
         config.dev_prefix_len = prefix_bytes.len() as u32;
+        if settings.ioctl_events {
+            config.flags |= abi::CONFIG_IOCTL_EVENTS;
+        }
+        if settings.standin_devices {
+            config.flags |= abi::CONFIG_STANDIN_DEVICES;
+        }
 
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -282,9 +297,24 @@ impl Probes {
     pub fn forget_process(&mut self, tgid: u32) -> Result<(), ProbeError> {
         self.remove_fds_of::<ConnState>("CONNS", tgid)?;
         self.remove_fds_of::<u32>("DEV_FDS", tgid)?;
+        let mut gpu = self.hash::<GpuKey, GpuUse>("GPU_USE")?;
+        let stale: Vec<GpuKey> = gpu
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in &stale {
+            let _ = gpu.remove(key);
+        }
         let mut targets = self.hash::<u32, u32>("TARGETS")?;
         let _ = targets.remove(&tgid);
         Ok(())
+    }
+
+    /// The kernel's per-(process, device) GPU counters: ioctls, failures, live contexts.
+    pub fn gpu_use(&mut self) -> Result<Vec<(GpuKey, GpuUse)>, ProbeError> {
+        let map = self.hash::<GpuKey, GpuUse>("GPU_USE")?;
+        Ok(map.iter().filter_map(Result::ok).collect())
     }
 
     fn remove_fds_of<V: aya::Pod>(

@@ -463,6 +463,9 @@ impl Tracker {
             .filter(|(_, c)| now_ns.saturating_sub(c.last_ns) >= idle_ns)
             .map(|(k, _)| *k)
             .collect();
+        // Sorted: request ids and ends must not depend on hash order (replay is exact).
+        let mut stale = stale;
+        stale.sort_unstable();
         for k in stale {
             self.stats.evicted += 1;
             self.on_close(k, now_ns);

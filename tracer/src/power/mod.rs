@@ -48,7 +48,7 @@ pub struct PowerDevice {
 }
 
 /// One observation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "reading", rename_all = "snake_case")]
 pub enum Reading {
     /// Cumulative energy counter value, read at `ts_ns`.

@@ -28,6 +28,17 @@ enum Cmd {
         #[command(flatten)]
         opts: EngineOpts,
     },
+    /// A bare CUDA-like process: prints `ready <pid>`, waits for a line on stdin, opens the
+    /// GPUs' device nodes and RM objects like a CUDA context does, prints `holding`, waits for
+    /// another line, frees them (`freed`), waits for a last line and exits.
+    Hold {
+        /// Directory of the (stand-in) device nodes.
+        #[arg(long)]
+        device_root: std::path::PathBuf,
+        /// How many emulated GPUs (`GpuSpec::h100(i)`) to open.
+        #[arg(long, default_value_t = 2)]
+        gpus: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +57,22 @@ fn main() -> Result<()> {
             // SAFETY: fcntl on an fd we own.
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             engine::run(&opts, sock)
+        }
+        Cmd::Hold { device_root, gpus } => {
+            use std::io::BufRead as _;
+            let mut lines = std::io::stdin().lock().lines();
+            println!("ready {}", std::process::id());
+            let _ = lines.next();
+            let session = tracer_emuhost::gpu::GpuSession::open(
+                &device_root,
+                &tracer_emugpu::GpuSpec::h100s(gpus),
+            )?;
+            println!("holding");
+            let _ = lines.next();
+            session.close();
+            println!("freed");
+            let _ = lines.next();
+            Ok(())
         }
     }
 }

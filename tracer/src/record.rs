@@ -1,0 +1,351 @@
+//! Recordings: every input of the attribution pipeline, in order, so a bill can be recomputed
+//! from raw data (`tracer replay`).
+//!
+//! Format: the magic `TRACERREC1\n`, then frames of `[tag: u8][len: u32 LE][len bytes]`.
+//! Tag 0 is the header (JSON: format version, start time, the pipeline settings), tag 1 a probe
+//! record exactly as the kernel wrote it (decoded again at replay by the same code), tag 2 any
+//! other [`Input`] as JSON (power readings, devices, services, clock ticks). A recording cut
+//! short (the daemon was killed) replays up to its last whole frame.
+
+use std::{
+    fs::File,
+    io::{BufReader, BufWriter, Read, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::{Input, PipelineConfig};
+
+const MAGIC: &[u8; 11] = b"TRACERREC1\n";
+const TAG_HEADER: u8 = 0;
+const TAG_PROBE: u8 = 1;
+const TAG_INPUT: u8 = 2;
+/// Frames larger than this are corruption, not data (a probe record is at most ~4 KiB).
+const MAX_FRAME: u32 = 64 << 20;
+
+/// Errors reading or writing a recording.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file could not be opened, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with the recording magic.
+    #[error("{0}: not a tracer recording")]
+    NotARecording(PathBuf),
+    /// A frame is malformed (unknown tag, absurd length, invalid JSON).
+    #[error("{path}: bad frame at byte {offset}: {detail}")]
+    BadFrame {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// The first frame is not a header of a version this build reads.
+    #[error("{path}: unsupported header: {detail}")]
+    Header { path: PathBuf, detail: String },
+}
+
+/// The first frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordHeader {
+    /// Format version (1).
+    pub version: u32,
+    /// Wall-clock start of the recording, Unix milliseconds.
+    pub started_unix_ms: i64,
+    /// The tracer version that wrote it.
+    pub tracer_version: String,
+    /// The settings attribution ran with.
+    pub pipeline: PipelineConfig,
+}
+
+/// Writes a recording.
+pub struct Recorder {
+    w: BufWriter<File>,
+    frames: u64,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("frames", &self.frames)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// Creates `path` and writes the header.
+    pub fn create(path: &Path, header: &RecordHeader) -> Result<Self, RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+        w.write_all(MAGIC).map_err(io)?;
+        let mut r = Self { w, frames: 0 };
+        let json = serde_json::to_vec(header).map_err(|e| io(e.into()))?;
+        r.frame(TAG_HEADER, &json).map_err(io)?;
+        Ok(r)
+    }
+
+    fn frame(&mut self, tag: u8, bytes: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+        self.w.write_all(&[tag])?;
+        self.w.write_all(&len.to_le_bytes())?;
+        self.w.write_all(bytes)?;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Appends a raw probe record.
+    pub fn write_probe(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.frame(TAG_PROBE, bytes)
+    }
+
+    /// Appends an input.
+    pub fn write(&mut self, input: &Input) -> std::io::Result<()> {
+        if let Input::Probe { bytes } = input {
+            return self.write_probe(bytes);
+        }
+        let json = serde_json::to_vec(input)?;
+        self.frame(TAG_INPUT, &json)
+    }
+
+    /// Flushes buffered frames to the file.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Reads a recording frame by frame.
+pub struct Replayer {
+    path: PathBuf,
+    r: BufReader<File>,
+    offset: u64,
+    /// The recording's header.
+    pub header: RecordHeader,
+    /// The recording ended inside a frame (cut short).
+    pub truncated: bool,
+}
+
+impl Replayer {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<Self, RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut r = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
+        let mut magic = [0u8; MAGIC.len()];
+        if r.read_exact(&mut magic).is_err() || &magic != MAGIC {
+            return Err(RecordError::NotARecording(path.to_owned()));
+        }
+        let mut me = Self {
+            path: path.to_owned(),
+            r,
+            offset: MAGIC.len() as u64,
+            header: RecordHeader {
+                version: 0,
+                started_unix_ms: 0,
+                tracer_version: String::new(),
+                pipeline: PipelineConfig::default(),
+            },
+            truncated: false,
+        };
+        let bad = |detail: String| RecordError::Header {
+            path: path.to_owned(),
+            detail,
+        };
+        match me.next_frame()? {
+            Some((TAG_HEADER, bytes)) => {
+                let h: RecordHeader =
+                    serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                if h.version != 1 {
+                    return Err(bad(format!("version {}", h.version)));
+                }
+                me.header = h;
+            }
+            _ => return Err(bad("missing".into())),
+        }
+        Ok(me)
+    }
+
+    fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, RecordError> {
+        let mut head = [0u8; 5];
+        match read_full(&mut self.r, &mut head) {
+            Ok(0) => return Ok(None),
+            Ok(5) => {}
+            Ok(_) => {
+                self.truncated = true;
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(RecordError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        }
+        let tag = head[0];
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+        if len > MAX_FRAME || tag > TAG_INPUT {
+            return Err(RecordError::BadFrame {
+                path: self.path.clone(),
+                offset: self.offset,
+                detail: format!("tag {tag}, length {len}"),
+            });
+        }
+        let mut bytes = vec![0u8; len as usize];
+        match read_full(&mut self.r, &mut bytes) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(_) => {
+                self.truncated = true;
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(RecordError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        }
+        self.offset += 5 + u64::from(len);
+        Ok(Some((tag, bytes)))
+    }
+
+    /// The next input, `None` at the end.
+    pub fn next_input(&mut self) -> Result<Option<Input>, RecordError> {
+        let at = self.offset;
+        let Some((tag, bytes)) = self.next_frame()? else {
+            return Ok(None);
+        };
+        match tag {
+            TAG_PROBE => Ok(Some(Input::Probe { bytes })),
+            TAG_INPUT => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| RecordError::BadFrame {
+                        path: self.path.clone(),
+                        offset: at,
+                        detail: e.to_string(),
+                    })
+            }
+            _ => Err(RecordError::BadFrame {
+                path: self.path.clone(),
+                offset: at,
+                detail: "a second header".into(),
+            }),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the end; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::power::Reading;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tracer-record-{}-{name}", std::process::id()))
+    }
+
+    fn header() -> RecordHeader {
+        RecordHeader {
+            version: 1,
+            started_unix_ms: 1,
+            tracer_version: "test".into(),
+            pipeline: PipelineConfig::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_truncation() {
+        let path = temp("rt");
+        let inputs = vec![
+            Input::Probe {
+                bytes: vec![1, 2, 3],
+            },
+            Input::Power {
+                readings: vec![Reading::Counter {
+                    device: 0,
+                    ts_ns: 5,
+                    energy_uj: 7,
+                    wrap_uj: None,
+                }],
+            },
+            Input::Advance { now_ns: 9 },
+            Input::Finish,
+        ];
+        let mut r = Recorder::create(&path, &header()).expect("create");
+        for i in &inputs {
+            r.write(i).expect("write");
+        }
+        r.flush().expect("flush");
+        drop(r);
+        let mut rp = Replayer::open(&path).expect("open");
+        let mut got = Vec::new();
+        while let Some(i) = rp.next_input().expect("read") {
+            got.push(i);
+        }
+        assert_eq!(got, inputs);
+        assert!(!rp.truncated);
+
+        // Cut inside the last frame: replays what is whole, says it was cut.
+        let len = std::fs::metadata(&path).expect("meta").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.set_len(len - 3).expect("truncate");
+        let mut rp = Replayer::open(&path).expect("open");
+        let mut n = 0;
+        while rp.next_input().expect("read").is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        assert!(rp.truncated);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let path = temp("garbage");
+        std::fs::write(&path, b"hello world, not a recording").expect("write");
+        assert!(matches!(
+            Replayer::open(&path),
+            Err(RecordError::NotARecording(_))
+        ));
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[0, 2, 0, 0, 0, b'{', b'}']);
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(matches!(
+            Replayer::open(&path),
+            Err(RecordError::Header { .. })
+        ));
+        let mut r = Recorder::create(&path, &header()).expect("create");
+        r.flush().expect("flush");
+        drop(r);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(&[9, 1, 0, 0, 0, 0]);
+        std::fs::write(&path, &bytes).expect("write");
+        let mut rp = Replayer::open(&path).expect("open");
+        assert!(matches!(rp.next_input(), Err(RecordError::BadFrame { .. })));
+        let _ = std::fs::remove_file(&path);
+    }
+}
