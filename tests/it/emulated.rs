@@ -57,6 +57,7 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("emuhost said {line:?}"));
     let records_path = dir.path().join("records.jsonl");
+    let recording = dir.path().join("run.rec");
     let tracer = Tracer::start_env(
         TRACER,
         dir.path(),
@@ -70,6 +71,8 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
             nvml.to_str().expect("utf8"),
             "--records-out",
             records_path.to_str().expect("utf8"),
+            "--record",
+            recording.to_str().expect("utf8"),
             // The emulated H100's idle power, as an operator would configure it from the
             // datasheet; compare dynamic energy (what requests cause) with the truth.
             "--gpu-idle-watts",
@@ -150,4 +153,54 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         errs[errs.len() - 1] * 100.0
     );
     assert!(median <= 0.10, "median error {median}");
+
+    // The recording recomputes the bill exactly: same records, byte for byte.
+    let replayed = dir.path().join("replayed.jsonl");
+    let out = Command::new(TRACER)
+        .arg("replay")
+        .arg(&recording)
+        .arg("--records-out")
+        .arg(&replayed)
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let original = std::fs::read_to_string(&records_path).expect("records");
+    let again = std::fs::read_to_string(&replayed).expect("replayed");
+    assert_eq!(original, again, "replay differs from the run");
+    println!("replay: {}", String::from_utf8_lossy(&out.stderr).trim());
+
+    // Another policy from the same raw data: per-request figures change, the measured total
+    // and its conservation do not.
+    let out = Command::new(TRACER)
+        .arg("replay")
+        .arg(&recording)
+        .args(["--split", "equal"])
+        .output()
+        .expect("replay equal");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let equal: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record JSON"))
+        .collect();
+    assert_eq!(equal.len(), records.len());
+    let total = |rs: &[serde_json::Value]| -> f64 {
+        rs.iter()
+            .map(|r| r["total_j"].as_f64().expect("total"))
+            .sum()
+    };
+    let differs = records
+        .iter()
+        .zip(&equal)
+        .any(|(a, b)| (a["dynamic_j"].as_f64() != b["dynamic_j"].as_f64()));
+    assert!(differs, "the equal split gave the same figures as tokens");
+    let (a, b) = (total(&records), total(&equal));
+    assert!((a - b).abs() <= 1e-6 * a.max(1.0), "totals {a} vs {b}");
 }

@@ -22,6 +22,42 @@ pub struct Cli {
 pub enum Command {
     /// Attach the probes to the target processes and trace them until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// As run, recording every attribution input (raw probe records, power readings,
+    /// discoveries) to a file that `tracer replay` recomputes every figure from.
+    Record(RecordArgs),
+    /// Recompute the energy records of a recording, with its settings or other split and idle
+    /// policies.
+    Replay(ReplayArgs),
+}
+
+/// `tracer record` flags: `tracer run`'s, plus where to record.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The recording to write.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `tracer replay` flags.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A recording written by `tracer record` (or `run --record`).
+    pub recording: PathBuf,
+    /// Split policy for requests sharing a device: auto, equal, tokens or bytes (default: the
+    /// recording's).
+    #[arg(long, value_parser = ["auto", "equal", "tokens", "bytes"])]
+    pub split: Option<String>,
+    /// Idle policy: amortize or report (default: the recording's).
+    #[arg(long, value_parser = ["amortize", "report"])]
+    pub idle_policy: Option<String>,
+    /// Write the records as JSON lines here (default: standard output).
+    #[arg(long)]
+    pub records_out: Option<PathBuf>,
+    /// Write every decoded probe event as a JSON line here (the audit view of the raw data).
+    #[arg(long)]
+    pub events_out: Option<PathBuf>,
 }
 
 /// `tracer run` flags. Each one overrides the same setting from `--config`.
@@ -187,13 +223,41 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let daemon = |config: Config| -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(crate::daemon::run(config))?;
+        Ok(())
+    };
     match cli.command {
-        Command::Run(args) => {
-            let config = args.into_config()?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(crate::daemon::run(config))?;
+        Command::Run(args) => daemon(args.into_config()?),
+        Command::Record(args) => {
+            let mut config = args.run.into_config()?;
+            config.output.record = Some(args.out);
+            daemon(config)
+        }
+        Command::Replay(args) => {
+            let split = match args.split.as_deref() {
+                Some("equal") => Some(crate::ledger::SplitPolicy::Equal),
+                Some("tokens") => Some(crate::ledger::SplitPolicy::Tokens),
+                Some("bytes") => Some(crate::ledger::SplitPolicy::Bytes),
+                Some("auto") => Some(crate::ledger::SplitPolicy::Auto),
+                _ => None,
+            };
+            let idle = match args.idle_policy.as_deref() {
+                Some("report") => Some(crate::ledger::IdlePolicy::Report),
+                Some("amortize") => Some(crate::ledger::IdlePolicy::Amortize),
+                _ => None,
+            };
+            let summary = crate::replay::replay(&crate::replay::ReplayOptions {
+                recording: args.recording,
+                split,
+                idle,
+                records_out: args.records_out,
+                events_out: args.events_out,
+            })?;
+            eprintln!("{summary}");
             Ok(())
         }
     }

@@ -1,6 +1,6 @@
 //! `tracer run`: load the probes, select targets, drain the ring buffer, report, shut down cleanly.
 
-use std::{fs::File, io::BufWriter, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -12,7 +12,7 @@ use tracer_ebpf::abi::{Kind, Stat};
 use crate::{
     config::Config,
     ledger::{self, DeviceKind},
-    pipeline::{DeviceSetup, Input, Outputs, Pipeline, PipelineConfig, UserStats},
+    pipeline::{DeviceSetup, Input, Outputs, Pipeline, PipelineConfig, Sink, UserStats, file_sink},
     power::{self, PowerSource, Reading},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
     record::{RecordError, RecordHeader, Recorder},
@@ -94,16 +94,9 @@ fn summary(k: &KernelStats, u: &UserStats, targets: usize, secs: f64, http: &str
 }
 
 /// Opens an output file if configured.
-fn create(
-    path: Option<&PathBuf>,
-    what: &'static str,
-) -> Result<Option<BufWriter<File>>, DaemonError> {
-    path.map(|p| {
-        File::create(p)
-            .map(BufWriter::new)
-            .map_err(|source| DaemonError::Io { what, source })
-    })
-    .transpose()
+fn create(path: Option<&PathBuf>, what: &'static str) -> Result<Option<Sink>, DaemonError> {
+    path.map(|p| file_sink(p).map_err(|source| DaemonError::Io { what, source }))
+        .transpose()
 }
 
 /// A running power sampler: its readings' device indices start at `offset` in the pipeline.

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod power;
 pub mod probe;
 pub mod record;
+pub mod replay;
 pub mod requests;
 pub mod service;
 pub mod target;

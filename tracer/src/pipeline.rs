@@ -190,8 +190,16 @@ pub struct RecordOut<'a> {
     pub end_unix_ms: i64,
 }
 
+/// A JSON-lines output (a file, or standard output for replays).
+pub type Sink = BufWriter<Box<dyn std::io::Write + Send>>;
+
+/// A sink writing to the file at `path` (created or truncated).
+pub fn file_sink(path: &std::path::Path) -> std::io::Result<Sink> {
+    Ok(BufWriter::new(Box::new(File::create(path)?)))
+}
+
 /// Writes `v` as a JSON line; a failing output is dropped with a warning, tracing goes on.
-pub fn write_line<T: Serialize>(sink: &mut Option<BufWriter<File>>, v: &T, what: &str) {
+pub fn write_line<T: Serialize>(sink: &mut Option<Sink>, v: &T, what: &str) {
     if let Some(w) = sink
         && (serde_json::to_writer(&mut *w, v).is_err() || w.write_all(b"\n").is_err())
     {
@@ -204,11 +212,11 @@ pub fn write_line<T: Serialize>(sink: &mut Option<BufWriter<File>>, v: &T, what:
 #[derive(Default)]
 pub struct Outputs {
     /// Every decoded probe event, as JSON lines.
-    pub events: Option<BufWriter<File>>,
+    pub events: Option<Sink>,
     /// Every finished HTTP request, as JSON lines.
-    pub requests: Option<BufWriter<File>>,
+    pub requests: Option<Sink>,
     /// Every final energy record, as JSON lines.
-    pub records: Option<BufWriter<File>>,
+    pub records: Option<Sink>,
     /// Every input, for replay.
     pub recorder: Option<Recorder>,
 }

@@ -1,0 +1,135 @@
+//! `tracer replay`: recompute every energy record of a recording.
+//!
+//! The recording holds every input the pipeline acted on, in order; the pipeline has no clock
+//! and no other input, so feeding them again gives the same records, bit for bit, under the
+//! same settings — and a different split or idle policy gives the bill under that policy,
+//! from the same raw data.
+
+use std::{io::BufWriter, path::PathBuf};
+
+use crate::{
+    ledger::{IdlePolicy, LedgerError, SplitPolicy},
+    pipeline::{Outputs, Pipeline, Sink, file_sink},
+    record::{RecordError, Replayer},
+};
+
+/// Errors of a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The recording could not be read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The recorded (or overridden) ledger settings are invalid.
+    #[error("ledger settings: {0}")]
+    Ledger(#[from] LedgerError),
+    /// An output could not be written.
+    #[error("{path}: {source}")]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to replay and how.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub recording: PathBuf,
+    /// Overrides the recording's split policy.
+    pub split: Option<SplitPolicy>,
+    /// Overrides the recording's idle policy.
+    pub idle: Option<IdlePolicy>,
+    /// Records as JSON lines here; `None`: standard output.
+    pub records_out: Option<PathBuf>,
+    /// Decoded probe events as JSON lines here.
+    pub events_out: Option<PathBuf>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaySummary {
+    pub inputs: u64,
+    pub records: u64,
+    pub requests: u64,
+    pub truncated: bool,
+    pub measured_j: f64,
+    pub attributed_j: f64,
+    pub idle_j: f64,
+    pub unattributed_j: f64,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replayed {} inputs{}: {} requests, {} energy records; measured {:.3} J = requests {:.3} J + idle {:.3} J + unattributed {:.3} J",
+            self.inputs,
+            if self.truncated {
+                " (recording cut short: replayed up to its last whole frame)"
+            } else {
+                ""
+            },
+            self.requests,
+            self.records,
+            self.measured_j,
+            self.attributed_j,
+            self.idle_j,
+            self.unattributed_j
+        )
+    }
+}
+
+fn create(path: &PathBuf) -> Result<Sink, ReplayError> {
+    file_sink(path).map_err(|source| ReplayError::Output {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Replays `opts.recording`.
+pub fn replay(opts: &ReplayOptions) -> Result<ReplaySummary, ReplayError> {
+    let mut rp = Replayer::open(&opts.recording)?;
+    let mut config = rp.header.pipeline.clone();
+    if let Some(s) = opts.split {
+        config.ledger.split = s;
+    }
+    if let Some(i) = opts.idle {
+        config.ledger.idle = i;
+    }
+    // Records go to a file, or to standard output, in the daemon's format.
+    let records: Sink = match &opts.records_out {
+        Some(p) => create(p)?,
+        None => BufWriter::new(Box::new(std::io::stdout())),
+    };
+    let outputs = Outputs {
+        events: opts.events_out.as_ref().map(create).transpose()?,
+        requests: None,
+        records: Some(records),
+        recorder: None,
+    };
+    let mut pipeline = Pipeline::new(&config, outputs)?;
+    let mut inputs = 0u64;
+    let mut finished = false;
+    while let Some(input) = rp.next_input()? {
+        inputs += 1;
+        finished |= matches!(input, crate::pipeline::Input::Finish);
+        pipeline.apply(input);
+    }
+    if !finished {
+        // Cut short before the daemon's shutdown: finalise what the recording holds.
+        pipeline.apply(crate::pipeline::Input::Finish);
+    }
+    pipeline.flush();
+    let totals = pipeline.totals();
+    let sum = |f: fn(&crate::ledger::DeviceTotals) -> f64| totals.values().map(f).sum::<f64>();
+    Ok(ReplaySummary {
+        inputs,
+        records: pipeline.records_done,
+        requests: pipeline.requests_done,
+        truncated: rp.truncated,
+        measured_j: sum(|t| t.measured_j),
+        attributed_j: sum(|t| t.request_dynamic_j + t.request_idle_j),
+        idle_j: sum(|t| t.idle_j),
+        unattributed_j: sum(|t| t.unattributed_j),
+    })
+}
