@@ -186,12 +186,12 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let equal: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let equal: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("record JSON"))
         .collect();
     assert_eq!(equal.len(), records.len());
-    let total = |rs: &[serde_json::Value]| -> f64 {
+    let total = |rs: &[Value]| -> f64 {
         rs.iter()
             .map(|r| r["total_j"].as_f64().expect("total"))
             .sum()
@@ -199,7 +199,7 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
     let differs = records
         .iter()
         .zip(&equal)
-        .any(|(a, b)| (a["dynamic_j"].as_f64() != b["dynamic_j"].as_f64()));
+        .any(|(a, b)| a["dynamic_j"].as_f64() != b["dynamic_j"].as_f64());
     assert!(differs, "the equal split gave the same figures as tokens");
     let (a, b) = (total(&records), total(&equal));
     assert!((a - b).abs() <= 1e-6 * a.max(1.0), "totals {a} vs {b}");

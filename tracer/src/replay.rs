@@ -79,9 +79,9 @@ impl std::fmt::Display for ReplaySummary {
     }
 }
 
-fn create(path: &PathBuf) -> Result<Sink, ReplayError> {
+fn create(path: &std::path::Path) -> Result<Sink, ReplayError> {
     file_sink(path).map_err(|source| ReplayError::Output {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }
@@ -102,7 +102,7 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplaySummary, ReplayError> {
         None => BufWriter::new(Box::new(std::io::stdout())),
     };
     let outputs = Outputs {
-        events: opts.events_out.as_ref().map(create).transpose()?,
+        events: opts.events_out.as_deref().map(create).transpose()?,
         requests: None,
         records: Some(records),
         recorder: None,
