@@ -104,6 +104,8 @@ struct SamplerFeed {
     offset: usize,
     rx: std::sync::mpsc::Receiver<Vec<Reading>>,
     _thread: std::thread::JoinHandle<()>,
+    /// What the sampler thread has cost (reported in the summary).
+    stats: std::sync::Arc<power::SamplerStats>,
 }
 
 impl SamplerFeed {

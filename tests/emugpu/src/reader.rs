@@ -167,6 +167,17 @@ impl SensorReader {
         Ok(self.slot(gpu)?.lost.load(Ordering::Acquire) != 0)
     }
 
+    /// Whether GPU `gpu` is in MIG mode (see [`crate::SensorWriter::set_mig`]).
+    pub fn mig_enabled(&self, gpu: usize) -> Result<bool, EmuError> {
+        Ok(self.slot(gpu)?.mig_enabled.load(Ordering::Acquire) != 0)
+    }
+
+    /// Whether GPU `gpu`'s per-process queries are to fail (see
+    /// [`crate::SensorWriter::set_process_queries_failing`]).
+    pub fn process_queries_fail(&self, gpu: usize) -> Result<bool, EmuError> {
+        Ok(self.slot(gpu)?.fail_process_queries.load(Ordering::Acquire) != 0)
+    }
+
     /// A consistent snapshot of GPU `gpu`'s dynamic state (seqlock read; retries while the
     /// writer updates, fails if the writer stays mid-update for 200 ms, e.g. it crashed).
     pub fn snapshot(&self, gpu: usize) -> Result<GpuSnapshot, EmuError> {

@@ -116,6 +116,13 @@ pub(crate) struct Slot {
     pub util_next: AtomicU32,
     pub processes: [ProcSlot; MAX_PROCESSES],
     pub util: [UtilSlot; MAX_UTIL_SAMPLES],
+    // Added after version 1 shipped, inside what was the slot's tail padding: `SLOT_SIZE` is
+    // unchanged, so files from older writers read as zeros here (MIG off, queries answering)
+    // and older readers ignore the fields.
+    /// MIG mode (non-zero: enabled), as `nvmlDeviceGetMigMode` reports it.
+    pub mig_enabled: AtomicU32,
+    /// Non-zero: the per-process queries (running processes, process utilisation) fail.
+    pub fail_process_queries: AtomicU32,
 }
 
 pub(crate) const HEADER_SIZE: usize = size_of::<Header>();
@@ -242,5 +249,11 @@ mod tests {
         assert_eq!(SLOT_SIZE % 64, 0);
         assert_eq!(size_of::<ProcSlot>(), 16);
         assert_eq!(size_of::<UtilSlot>(), 24);
+    }
+
+    #[test]
+    fn slot_size_is_that_of_version_1() {
+        // The fields added after version 1 must stay inside its tail padding.
+        assert_eq!(SLOT_SIZE, 2432);
     }
 }

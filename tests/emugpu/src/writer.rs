@@ -357,6 +357,26 @@ impl SensorWriter {
         );
         Ok(())
     }
+
+    /// Put GPU `gpu` in MIG mode or out of it (NVML's `nvmlDeviceGetMigMode` then reports it
+    /// as current and pending mode). Real GPUs change mode only across a reset; set it before
+    /// the reader opens the GPU.
+    pub fn set_mig(&self, gpu: usize, enabled: bool) -> Result<(), EmuError> {
+        let (_st, slot) = self.gpu(gpu)?;
+        slot.mig_enabled
+            .store(u32::from(enabled), Ordering::Release);
+        Ok(())
+    }
+
+    /// Make GPU `gpu`'s per-process queries (running compute processes, process
+    /// utilisation) fail with an unknown error while its energy and power keep answering, or
+    /// answer again: a driver that cannot list processes (containers, permissions).
+    pub fn set_process_queries_failing(&self, gpu: usize, failing: bool) -> Result<(), EmuError> {
+        let (_st, slot) = self.gpu(gpu)?;
+        slot.fail_process_queries
+            .store(u32::from(failing), Ordering::Release);
+        Ok(())
+    }
 }
 
 fn write_util(dst: &crate::shm::UtilSlot, s: &UtilSample) {

@@ -47,6 +47,8 @@ pub const NVML_FI_DEV_POWER_INSTANT: c_uint = 186;
 
 /// `NVML_DEVICE_MIG_DISABLE`.
 pub const NVML_DEVICE_MIG_DISABLE: c_uint = 0;
+/// `NVML_DEVICE_MIG_ENABLE`.
+pub const NVML_DEVICE_MIG_ENABLE: c_uint = 1;
 
 /// The driver this library pretends to be (before 580.82: nvml-wrapper's V12 field-id scheme).
 pub const DRIVER_VERSION: &CStr = c"550.127.05";
@@ -195,6 +197,18 @@ fn fill_array<const N: usize>(dst: &mut [c_char; N], s: &str) {
 
 fn snapshot(device: nvmlDevice_t) -> Result<GpuSnapshot, nvmlReturn_t> {
     let (r, index) = state::device(device)?;
+    r.snapshot(index).map_err(|_| NVML_ERROR_UNKNOWN)
+}
+
+/// The snapshot behind a per-process query: `NVML_ERROR_UNKNOWN` while the writer makes those
+/// queries fail (`SensorWriter::set_process_queries_failing`).
+fn process_snapshot(device: nvmlDevice_t) -> Result<GpuSnapshot, nvmlReturn_t> {
+    let (r, index) = state::device(device)?;
+    if r.process_queries_fail(index)
+        .map_err(|_| NVML_ERROR_UNKNOWN)?
+    {
+        return Err(NVML_ERROR_UNKNOWN);
+    }
     r.snapshot(index).map_err(|_| NVML_ERROR_UNKNOWN)
 }
 
@@ -539,7 +553,8 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
     }))
 }
 
-/// `nvmlDeviceGetMigMode`: MIG is disabled on every emulated GPU.
+/// `nvmlDeviceGetMigMode`: the mode the writer set (`SensorWriter::set_mig`; disabled unless
+/// set), as both current and pending mode.
 ///
 /// # Safety
 /// `current_mode` and `pending_mode` are null or valid for writes.
@@ -549,14 +564,19 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
     current_mode: *mut c_uint,
     pending_mode: *mut c_uint,
 ) -> nvmlReturn_t {
-    ret(state::device(device).and_then(|_| {
+    ret(state::device(device).and_then(|(r, i)| {
         if current_mode.is_null() || pending_mode.is_null() {
             return Err(NVML_ERROR_INVALID_ARGUMENT);
         }
+        let mode = if r.mig_enabled(i).map_err(|_| NVML_ERROR_UNKNOWN)? {
+            NVML_DEVICE_MIG_ENABLE
+        } else {
+            NVML_DEVICE_MIG_DISABLE
+        };
         // SAFETY: per the caller.
         unsafe {
-            put(current_mode, NVML_DEVICE_MIG_DISABLE)?;
-            put(pending_mode, NVML_DEVICE_MIG_DISABLE)
+            put(current_mode, mode)?;
+            put(pending_mode, mode)
         }
     }))
 }
@@ -781,7 +801,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     info_count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
-    ret(snapshot(device).and_then(|s| {
+    ret(process_snapshot(device).and_then(|s| {
         if info_count.is_null() {
             return Err(NVML_ERROR_INVALID_ARGUMENT);
         }
@@ -829,7 +849,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     process_samples_count: *mut c_uint,
     last_seen_time_stamp: c_ulonglong,
 ) -> nvmlReturn_t {
-    ret(snapshot(device).and_then(|s| {
+    ret(process_snapshot(device).and_then(|s| {
         if process_samples_count.is_null() {
             return Err(NVML_ERROR_INVALID_ARGUMENT);
         }

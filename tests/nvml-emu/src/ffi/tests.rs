@@ -321,6 +321,39 @@ fn c_level_calls() {
             NVML_SUCCESS
         );
         assert_eq!((cur, pend), (0, 0));
+        w.set_mig(1, true).expect("mig");
+        assert_eq!(
+            nvmlDeviceGetMigMode(dev, &raw mut cur, &raw mut pend),
+            NVML_SUCCESS
+        );
+        assert_eq!(
+            (cur, pend),
+            (NVML_DEVICE_MIG_ENABLE, NVML_DEVICE_MIG_ENABLE)
+        );
+        w.set_mig(1, false).expect("mig off");
+
+        // Per-process queries failing: energy still answers.
+        w.set_process_queries_failing(1, true).expect("fail");
+        n = 4;
+        assert_eq!(
+            nvmlDeviceGetComputeRunningProcesses_v3(dev, &raw mut n, infos.as_mut_ptr()),
+            NVML_ERROR_UNKNOWN
+        );
+        assert_eq!(
+            nvmlDeviceGetProcessUtilization(dev, samples.as_mut_ptr(), &raw mut m, 0),
+            NVML_ERROR_UNKNOWN
+        );
+        let mut joules = 0;
+        assert_eq!(
+            nvmlDeviceGetTotalEnergyConsumption(dev, &raw mut joules),
+            NVML_SUCCESS
+        );
+        w.set_process_queries_failing(1, false).expect("answer");
+        n = 4;
+        assert_eq!(
+            nvmlDeviceGetComputeRunningProcesses_v3(dev, &raw mut n, infos.as_mut_ptr()),
+            NVML_SUCCESS
+        );
 
         // Lost GPU: every device call says so; the other GPU is fine.
         w.set_lost(1, true).expect("lost");
