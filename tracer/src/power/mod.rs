@@ -33,6 +33,31 @@ pub enum PowerError {
     /// An NVML call failed for a device.
     #[error("NVML device {index}: {detail}")]
     Nvml { index: u32, detail: String },
+    /// The hardware interface a source needs is not on this host (e.g. no `power` PMU in a VM):
+    /// the chooser moves on to the next source.
+    #[error("{what} at {}", path.display())]
+    NotPresent {
+        what: &'static str,
+        path: std::path::PathBuf,
+    },
+    /// RAPL through perf-event failed (bad PMU description, `perf_event_open` refused).
+    #[error("RAPL (perf): {0}")]
+    Rapl(String),
+    /// RAPL through powercap failed (no usable zone, unreadable `energy_uj`).
+    #[error("powercap: {0}")]
+    Powercap(String),
+    /// The modelled CPU source could not read utilisation.
+    #[error("CPU model: {0}")]
+    CpuModel(String),
+    /// A sysfs or procfs file could not be read.
+    #[error("{}: {source}", path.display())]
+    Sysfs {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The source is switched off in the configuration.
+    #[error("{0} is off in the configuration")]
+    Disabled(&'static str),
 }
 
 /// A power-measured device as a source describes it.
