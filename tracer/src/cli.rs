@@ -132,6 +132,9 @@ pub struct RunArgs {
     /// Record every attribution input to this file for `tracer replay`. [config: output.record]
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// CPU package/DRAM power source. [config: power.cpu.source]
+    #[arg(long, value_parser = ["auto", "rapl", "powercap", "model", "off"])]
+    pub cpu_power: Option<String>,
 }
 
 impl RunArgs {
@@ -164,6 +167,16 @@ impl RunArgs {
         }
         if self.record.is_some() {
             c.output.record = self.record;
+        }
+        if let Some(v) = self.cpu_power.as_deref() {
+            use crate::power::cpu::CpuSource;
+            c.power.cpu.source = match v {
+                "rapl" => CpuSource::Rapl,
+                "powercap" => CpuSource::Powercap,
+                "model" => CpuSource::Model,
+                "off" => CpuSource::Off,
+                _ => CpuSource::Auto,
+            };
         }
         if let Some(v) = self.summary_interval_ms {
             c.output.summary_interval_ms = v;

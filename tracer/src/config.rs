@@ -55,6 +55,14 @@ pub struct PowerConfig {
     /// GPU idle (static) power in watts; unset: learned from quiet periods (a server that is
     /// never quiet needs this for an accurate idle/dynamic split).
     pub gpu_idle_watts: Option<f64>,
+    /// Measure each GPU's energy-counter update period at start (about a second); off: assume
+    /// 100 ms (A100/H100).
+    pub measure_counter_period: bool,
+    /// How often NVML's running processes and per-process utilisation are read (they are
+    /// slow calls); 0 = never (GPUs are then shared equally between services).
+    pub gpu_process_interval_ms: u64,
+    /// CPU package and DRAM power: RAPL (perf), powercap, or a model (labelled estimated).
+    pub cpu: crate::power::cpu::CpuPowerConfig,
 }
 
 impl Default for PowerConfig {
@@ -64,6 +72,9 @@ impl Default for PowerConfig {
             nvml_lib: None,
             interval_ms: 20,
             gpu_idle_watts: None,
+            measure_counter_period: true,
+            gpu_process_interval_ms: 1000,
+            cpu: crate::power::cpu::CpuPowerConfig::default(),
         }
     }
 }

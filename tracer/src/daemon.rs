@@ -170,12 +170,13 @@ fn start_source(
         });
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread =
+    let (thread, stats) =
         power::spawn_sampler(source, period, tx).map_err(io_err("starting a power sampler"))?;
     Ok(SamplerFeed {
         offset,
         rx,
         _thread: thread,
+        stats,
     })
 }
 
@@ -288,7 +289,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut feeds = Vec::new();
     let mut next_device = 0usize;
     if config.power.nvml {
-        match power::nvml::NvmlSource::open(config.power.nvml_lib.as_ref()) {
+        let options = power::nvml::NvmlOptions {
+            lib: config.power.nvml_lib.clone(),
+            measure_counter_period: config.power.measure_counter_period,
+            process_interval: (config.power.gpu_process_interval_ms > 0)
+                .then(|| Duration::from_millis(config.power.gpu_process_interval_ms)),
+            ..power::nvml::NvmlOptions::default()
+        };
+        match power::nvml::NvmlSource::open_with(&options) {
             Ok(source) => {
                 let n = source.devices().len();
                 feeds.push(start_source(
@@ -303,11 +311,27 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Err(e) => tracing::warn!("{e}; GPU energy will not be attributed"),
         }
     }
-    let _ = next_device;
+    match power::cpu::open(&config.power.cpu) {
+        Ok((source, kind)) => {
+            tracing::info!("power: CPU source {kind}");
+            feeds.push(start_source(
+                &mut pipeline,
+                source,
+                next_device,
+                config.power.gpu_idle_watts,
+                period,
+            )?);
+        }
+        Err(e) => tracing::warn!("{e}; CPU energy will not be attributed"),
+    }
 
     // Services: one per daemon run for now, named after what the operator selected.
     let name = describe_targets(&spec);
-    pipeline.apply(Input::Service { id: 0, name });
+    pipeline.apply(Input::Service {
+        id: 0,
+        name,
+        ts_ns: monotonic_ns(),
+    });
     for (&pid, &why) in &resolved.processes {
         pipeline.apply(Input::Member {
             pid,
@@ -385,6 +409,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut last_kernel = probes.stats()?;
     let mut last_user = pipeline.stats;
     let mut last_report = tokio::time::Instant::now();
+    let mut last_sampler_cpu = 0u64;
 
     loop {
         tokio::select! {
@@ -422,7 +447,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                         &pipeline.stats.since(&last_user),
                         targets,
                         now.duration_since(last_report).as_secs_f64(),
-                        &format!("{} | {}", pipeline.http_summary(), pipeline.energy_summary()),
+                        &format!(
+                            "{} | {} | sampler cpu={:.2}%",
+                            pipeline.http_summary(),
+                            pipeline.energy_summary(),
+                            sampler_cpu_percent(&feeds, &mut last_sampler_cpu, now.duration_since(last_report)),
+                        ),
                     )
                 );
                 last_kernel = kernel;
@@ -460,6 +490,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     drop(probes);
     tracing::info!("probes detached");
     Ok(())
+}
+
+/// CPU the sampler threads used since the last call, as a percentage of one core.
+fn sampler_cpu_percent(feeds: &[SamplerFeed], last: &mut u64, elapsed: Duration) -> f64 {
+    let total: u64 = feeds.iter().map(|f| f.stats.cpu_ns()).sum();
+    let used = total.saturating_sub(*last);
+    *last = total;
+    used as f64 / elapsed.as_nanos().max(1) as f64 * 100.0
 }
 
 /// A service name from the operator's selection, e.g. `port 8000`.

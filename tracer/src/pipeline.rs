@@ -43,8 +43,9 @@ pub enum Input {
     Power { readings: Vec<Reading> },
     /// A power-measured device (index = position among `Device` inputs' ids).
     Device { id: u32, setup: DeviceSetup },
-    /// A service: the processes that serve one endpoint.
-    Service { id: u32, name: String },
+    /// A service: the processes that serve one endpoint. It shares the host's CPU and DRAM
+    /// power domains with the other services from `ts_ns`.
+    Service { id: u32, name: String, ts_ns: u64 },
     /// A process belongs to a service, and why (target, descendant, cgroup, IPC peer...).
     Member {
         pid: u32,
@@ -252,6 +253,8 @@ pub struct Pipeline {
     weights: BTreeMap<(DeviceId, u32), Option<f64>>,
     /// Device nodes each process was seen using (first ioctl), for `services` output.
     nodes_used: BTreeMap<u32, BTreeSet<u32>>,
+    /// Since when each service shares the host's CPU/DRAM domains.
+    host_devices_since: BTreeMap<u32, u64>,
 }
 
 impl Pipeline {
@@ -280,6 +283,7 @@ impl Pipeline {
             sm_util: BTreeMap::new(),
             weights: BTreeMap::new(),
             nodes_used: BTreeMap::new(),
+            host_devices_since: BTreeMap::new(),
         })
     }
 
@@ -310,8 +314,21 @@ impl Pipeline {
             Input::Probe { bytes } => self.handle(&bytes),
             Input::Power { readings } => self.power(readings),
             Input::Device { id, setup } => self.add_device(DeviceId(id), setup),
-            Input::Service { id, name } => {
+            Input::Service { id, name, ts_ns } => {
+                let fresh = !self.services.contains_key(&id);
                 self.services.entry(id).or_default().name = name;
+                if fresh {
+                    self.host_devices_since.insert(id, ts_ns);
+                    let host: Vec<DeviceId> = self
+                        .devices
+                        .iter()
+                        .filter(|(_, d)| d.kind != DeviceKind::Gpu)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for dev in host {
+                        let _ = self.ledger.occupy(dev, ServiceId(id), ts_ns, None);
+                    }
+                }
             }
             Input::Member {
                 pid,
@@ -381,6 +398,11 @@ impl Pipeline {
             }
             if let Some(u) = &setup.uuid {
                 self.gpu_by_uuid.insert(u.to_ascii_lowercase(), id);
+            }
+        } else {
+            // Host power domains (CPU packages, DRAM) serve every service: shared equally.
+            for (&svc, &since) in &self.host_devices_since {
+                let _ = self.ledger.occupy(id, ServiceId(svc), since, None);
             }
         }
         self.devices.insert(id, setup);
