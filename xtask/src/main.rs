@@ -443,15 +443,12 @@ fn compare(records: &Path, truth: &Path) -> Result<()> {
         // The truth is the GPUs' energy; the host's CPU share (modelled here, labelled
         // estimated) is reported beside it.
         let gpu_sum = |field: &str| -> f64 {
-            r["devices"]
-                .as_array()
-                .map(|ds| {
-                    ds.iter()
-                        .filter(|d| d["kind"] == "gpu")
-                        .filter_map(|d| d[field].as_f64())
-                        .sum()
-                })
-                .unwrap_or(0.0)
+            r["devices"].as_array().map_or(0.0, |ds| {
+                ds.iter()
+                    .filter(|d| d["kind"] == "gpu")
+                    .filter_map(|d| d[field].as_f64())
+                    .sum()
+            })
         };
         let got = gpu_sum("dynamic_j");
         let bar = gpu_sum("uncertainty_j");
