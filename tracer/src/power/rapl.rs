@@ -282,6 +282,9 @@ pub fn plan(pmu: &PowerPmu, sysfs_root: &Path) -> Result<Vec<PlannedCounter>, Po
     let Some(pkg) = pmu.event("energy-pkg") else {
         return Err(rapl_err(&pmu.path, "no usable energy-pkg event"));
     };
+    let Some(&first_cpu) = pmu.cpus.first() else {
+        return Err(rapl_err(&pmu.path, "empty cpumask"));
+    };
     let mut ids: Vec<u32> = pmu
         .cpus
         .iter()
@@ -315,7 +318,7 @@ pub fn plan(pmu: &PowerPmu, sysfs_root: &Path) -> Result<Vec<PlannedCounter>, Po
         out.push(PlannedCounter {
             device: device("psys".to_owned(), DeviceKind::Other),
             event: psys.clone(),
-            cpu: pmu.cpus[0],
+            cpu: first_cpu,
             required: false,
         });
     }
