@@ -397,6 +397,20 @@ mod tests {
         assert_eq!(report.last().map(String::as_str), Some("chosen: powercap"));
     }
 
+    /// This host: every source is reported; the model always opens on Linux, so `auto` always
+    /// chooses something. Printed for the record (which source this machine would use).
+    #[test]
+    fn real_host_probe_report() {
+        let report = probe_report(&CpuPowerConfig::default());
+        println!("CPU power probe on this host:\n  {}", report.join("\n  "));
+        assert_eq!(report.len(), 4, "{report:?}");
+        assert!(report[0].starts_with("rapl: "));
+        assert!(report[1].starts_with("powercap: "));
+        assert!(report[2].starts_with("model: ok: cpu"), "{report:?}");
+        assert!(report[3].starts_with("chosen: "));
+        assert_ne!(report[3], "chosen: none (no allowed source opened)");
+    }
+
     #[test]
     fn chooser_respects_explicit_source_and_off() {
         let t = TempTree::new("choose-explicit");
