@@ -10,17 +10,22 @@
 //! 3. [`cpumodel`](super::cpumodel): no hardware counter (VMs): power modelled from
 //!    `/proc/stat` utilisation between configured idle and busy figures. Marked estimated.
 //!
-//! The first that opens wins; the log says which one and why the ones before it did not.
+//! The first that opens wins; the log says which one and why the ones before it did not. A
+//! measured source only counts as open when a package counter moves within [`LIVENESS_WAIT`]:
+//! VMs can expose RAPL that reads 0 forever (seen: a KVM guest whose power PMU has only
+//! `energy-psys`, counting nothing).
 //! [`probe_report`] lists what every source found, for a `tracer sensors`-style command.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{PowerError, PowerSource, cpumodel, powercap, rapl};
+use super::{PowerError, PowerSource, Reading, cpumodel, powercap, rapl};
+use crate::ledger::DeviceKind;
 
 /// Which CPU power source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,14 +105,66 @@ impl Default for CpuPowerConfig {
     }
 }
 
-/// Opens one source of kind `kind`.
+/// How long [`open`] watches a measured source's package counters for movement.
+pub const LIVENESS_WAIT: Duration = Duration::from_millis(25);
+
+/// Polls `source` twice, [`LIVENESS_WAIT`] apart, and checks that some CPU package counter
+/// changed. RAPL updates about every millisecond and a package never draws zero, so a counter
+/// that stands still is emulated (VMs can expose RAPL registers that always read 0).
+fn check_live(source: &mut dyn PowerSource) -> Result<(), String> {
+    let counters = |source: &mut dyn PowerSource| {
+        let mut out = Vec::new();
+        source.poll(&mut out);
+        out.into_iter()
+            .filter_map(|r| match r {
+                Reading::Counter {
+                    device, energy_uj, ..
+                } => Some((device, energy_uj)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = counters(source);
+    std::thread::sleep(LIVENESS_WAIT);
+    let after = counters(source);
+    let packages: Vec<usize> = source
+        .devices()
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.kind == DeviceKind::CpuPackage)
+        .map(|(i, _)| i)
+        .collect();
+    let moved = packages.iter().any(|p| {
+        let a = before.iter().find(|(d, _)| d == p);
+        let b = after.iter().find(|(d, _)| d == p);
+        matches!((a, b), (Some((_, a)), Some((_, b))) if a != b)
+    });
+    if moved {
+        Ok(())
+    } else {
+        Err(format!(
+            "package energy counters did not advance in {} ms (emulated RAPL?)",
+            LIVENESS_WAIT.as_millis()
+        ))
+    }
+}
+
+/// Opens one source of kind `kind`; measured sources must show live package counters.
 fn open_kind(
     kind: CpuSourceKind,
     cfg: &CpuPowerConfig,
 ) -> Result<Box<dyn PowerSource>, PowerError> {
     Ok(match kind {
-        CpuSourceKind::Rapl => Box::new(rapl::RaplSource::open(&cfg.sysfs_root)?),
-        CpuSourceKind::Powercap => Box::new(powercap::PowercapSource::open(&cfg.sysfs_root)?),
+        CpuSourceKind::Rapl => {
+            let mut s = rapl::RaplSource::open(&cfg.sysfs_root)?;
+            check_live(&mut s).map_err(PowerError::Rapl)?;
+            Box::new(s)
+        }
+        CpuSourceKind::Powercap => {
+            let mut s = powercap::PowercapSource::open(&cfg.sysfs_root)?;
+            check_live(&mut s).map_err(PowerError::Powercap)?;
+            Box::new(s)
+        }
         CpuSourceKind::Model => Box::new(cpumodel::CpuModelSource::open(
             &cfg.sysfs_root,
             &cfg.proc_root,
@@ -307,8 +364,12 @@ pub(super) mod testutil {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
     use super::{testutil::TempTree, *};
-    use crate::ledger::DeviceKind;
 
     #[test]
     fn cpu_list_parsing() {
@@ -380,14 +441,57 @@ mod tests {
         assert_eq!(report[3], "chosen: model");
     }
 
+    /// Advances a fake `energy_uj` every millisecond (atomic rename) until dropped.
+    struct Ticker {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Ticker {
+        fn new(file: PathBuf) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            let thread = std::thread::spawn(move || {
+                let tmp = file.with_extension("tmp");
+                let mut uj = 1000u64;
+                while !flag.load(Ordering::Relaxed) {
+                    uj += 5000;
+                    if std::fs::write(&tmp, format!("{uj}\n")).is_ok() {
+                        let _ = std::fs::rename(&tmp, &file);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            Self {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Ticker {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    const ZONE: &str = "sys/class/powercap/intel-rapl:0";
+
+    fn fake_powercap(t: &TempTree) {
+        t.write(&format!("{ZONE}/name"), "package-0\n");
+        t.write(&format!("{ZONE}/energy_uj"), "1000\n");
+        t.write(&format!("{ZONE}/max_energy_range_uj"), "262143328850\n");
+    }
+
     #[test]
     fn chooser_picks_powercap_when_only_powercap_exists() {
         let t = TempTree::new("choose-powercap");
         fake_proc(&t);
-        let z = "sys/class/powercap/intel-rapl:0";
-        t.write(&format!("{z}/name"), "package-0\n");
-        t.write(&format!("{z}/energy_uj"), "1000\n");
-        t.write(&format!("{z}/max_energy_range_uj"), "262143328850\n");
+        fake_powercap(&t);
+        let _tick = Ticker::new(t.path().join(ZONE).join("energy_uj"));
         let (source, kind) = open(&cfg_for(&t, CpuSource::Auto)).expect("powercap opens");
         assert_eq!(kind, CpuSourceKind::Powercap);
         assert_eq!(source.devices()[0].name, "cpu0");
@@ -395,6 +499,35 @@ mod tests {
         assert!(!source.devices()[0].estimated);
         let report = probe_report(&cfg_for(&t, CpuSource::Auto));
         assert_eq!(report.last().map(String::as_str), Some("chosen: powercap"));
+    }
+
+    #[test]
+    fn chooser_skips_counters_that_do_not_move() {
+        let t = TempTree::new("choose-dead");
+        fake_proc(&t);
+        fake_powercap(&t); // energy_uj never changes: emulated
+        let (source, kind) = open(&cfg_for(&t, CpuSource::Auto)).expect("model opens");
+        assert_eq!(kind, CpuSourceKind::Model);
+        assert!(source.devices()[0].estimated);
+        let e = open(&cfg_for(&t, CpuSource::Powercap))
+            .err()
+            .expect("dead powercap");
+        assert!(matches!(e, PowerError::Powercap(_)), "{e}");
+        assert!(e.to_string().contains("did not advance"), "{e}");
+    }
+
+    /// This host: every source is reported; the model always opens on Linux, so `auto` always
+    /// chooses something. Printed for the record (which source this machine would use).
+    #[test]
+    fn real_host_probe_report() {
+        let report = probe_report(&CpuPowerConfig::default());
+        println!("CPU power probe on this host:\n  {}", report.join("\n  "));
+        assert_eq!(report.len(), 4, "{report:?}");
+        assert!(report[0].starts_with("rapl: "));
+        assert!(report[1].starts_with("powercap: "));
+        assert!(report[2].starts_with("model: ok: cpu"), "{report:?}");
+        assert!(report[3].starts_with("chosen: "));
+        assert_ne!(report[3], "chosen: none (no allowed source opened)");
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! Every device is marked estimated and named `cpuN-model`. The idle and busy watts are
 //! configured guesses ([`CpuPowerConfig`](super::cpu::CpuPowerConfig)); the readings are
 //! [`Reading::Power`] averages whose window is the time since the previous poll. A poll that
-//! comes before any jiffy has passed on a package emits nothing and widens the next window.
+//! comes before any jiffy has passed emits nothing and widens the next window; a package whose
+//! CPUs counted no jiffy while others did (all offline) gets no reading for that window. CPUs
+//! that come online later are placed by their package id, or in the first package when that
+//! package was not seen at open.
 //! When `/proc/stat` cannot be read every device gets one [`Reading::Lost`]; the next good read
 //! starts a fresh window (nothing is emitted for the gap), and readings resume after it.
 
@@ -202,13 +205,17 @@ impl PowerSource for CpuModelSource {
             busy[d] += b;
             total[d] += b + i;
         }
-        if total.contains(&0) {
-            // Too soon for a jiffy on some package: keep the old baseline, widen the window.
+        if total.iter().all(|&t| t == 0) {
+            // Too soon for a jiffy: keep the old baseline, widen the window.
             self.prev = Some((prev_ts, prev));
             return;
         }
         let window_ns = ts_ns.saturating_sub(prev_ts);
         for (device, (&b, &t)) in busy.iter().zip(&total).enumerate() {
+            if t == 0 {
+                // No jiffy on this package (all its CPUs offline): no figure for this window.
+                continue;
+            }
             let fraction = (b as f64 / t as f64).clamp(0.0, 1.0);
             out.push(Reading::Power {
                 device,

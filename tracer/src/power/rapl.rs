@@ -280,7 +280,18 @@ fn device(name: String, kind: DeviceKind) -> PowerDevice {
 /// (by position in `cpumask` when unknown or repeated, e.g. one CPU per die).
 pub fn plan(pmu: &PowerPmu, sysfs_root: &Path) -> Result<Vec<PlannedCounter>, PowerError> {
     let Some(pkg) = pmu.event("energy-pkg") else {
-        return Err(rapl_err(&pmu.path, "no usable energy-pkg event"));
+        // E.g. a VM whose PMU offers only `energy-psys` (seen counting nothing on a KVM guest).
+        let present: Vec<&str> = pmu.events.iter().map(|e| e.name.as_str()).collect();
+        return Err(rapl_err(
+            &pmu.path,
+            &format!(
+                "no usable energy-pkg event (usable events: [{}])",
+                present.join(", ")
+            ),
+        ));
+    };
+    let Some(&first_cpu) = pmu.cpus.first() else {
+        return Err(rapl_err(&pmu.path, "empty cpumask"));
     };
     let mut ids: Vec<u32> = pmu
         .cpus
@@ -315,7 +326,7 @@ pub fn plan(pmu: &PowerPmu, sysfs_root: &Path) -> Result<Vec<PlannedCounter>, Po
         out.push(PlannedCounter {
             device: device("psys".to_owned(), DeviceKind::Other),
             event: psys.clone(),
-            cpu: pmu.cpus[0],
+            cpu: first_cpu,
             required: false,
         });
     }
@@ -640,6 +651,22 @@ mod tests {
         assert!(matches!(plan(&pmu, &sys), Err(PowerError::Rapl(_))));
     }
 
+    /// As seen on a KVM guest (H200 host, kernel 6.18): type 9, cpumask 0, psys only.
+    #[test]
+    fn psys_only_pmu_has_no_package_counter() {
+        let t = TempTree::new("pmu-psys");
+        fake_pmu(&t, "0", &[("energy-psys", "event=0x05")]);
+        let sys = t.path().join("sys");
+        let pmu = parse_pmu(&sys).expect("parses");
+        assert_eq!(pmu.event("energy-psys").map(|e| e.config), Some(5));
+        let e = plan(&pmu, &sys).expect_err("no package");
+        assert!(
+            e.to_string()
+                .contains("no usable energy-pkg event (usable events: [energy-psys])"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn plan_per_package_skips_cores_and_gpu() {
         let t = TempTree::new("pmu-plan");
@@ -776,6 +803,10 @@ mod tests {
                 },
             ) => {
                 println!("real RAPL: {e} (expected on VMs)");
+            }
+            Err(PowerError::Rapl(msg)) if msg.contains("no usable energy-pkg event") => {
+                // Seen on a KVM guest: the PMU offers only energy-psys, which counts nothing.
+                println!("real RAPL: power PMU without a package counter: {msg}");
             }
             Err(PowerError::Rapl(msg))
                 if msg.contains("perf_event_open")
