@@ -176,6 +176,13 @@ pub struct ServiceState {
     pub members: BTreeMap<u32, String>,
 }
 
+/// CPU packages and DRAM are shared by every service; `Other` domains (RAPL psys, which
+/// contains the packages and DRAM) are measured and reported but never split, so nothing is
+/// counted twice.
+fn is_host_domain(kind: DeviceKind) -> bool {
+    matches!(kind, DeviceKind::CpuPackage | DeviceKind::Dram)
+}
+
 /// The service processes of unknown membership fall into (a single-service daemon run).
 const DEFAULT_SERVICE: u32 = 0;
 /// NVML utilisation samples older than this no longer weigh a service's share of a GPU.
@@ -322,7 +329,7 @@ impl Pipeline {
                     let host: Vec<DeviceId> = self
                         .devices
                         .iter()
-                        .filter(|(_, d)| d.kind != DeviceKind::Gpu)
+                        .filter(|(_, d)| is_host_domain(d.kind))
                         .map(|(id, _)| *id)
                         .collect();
                     for dev in host {
@@ -399,7 +406,7 @@ impl Pipeline {
             if let Some(u) = &setup.uuid {
                 self.gpu_by_uuid.insert(u.to_ascii_lowercase(), id);
             }
-        } else {
+        } else if is_host_domain(setup.kind) {
             // Host power domains (CPU packages, DRAM) serve every service: shared equally.
             for (&svc, &since) in &self.host_devices_since {
                 let _ = self.ledger.occupy(id, ServiceId(svc), since, None);
