@@ -28,6 +28,32 @@ pub enum Command {
     /// Recompute the energy records of a recording, with its settings or other split and idle
     /// policies.
     Replay(ReplayArgs),
+    /// List the power sensors this host has (NVML GPUs, RAPL, powercap, or the CPU model),
+    /// measure their update periods, and sample them for a while.
+    Sensors(SensorsArgs),
+}
+
+/// `tracer sensors` flags.
+#[derive(Debug, Args)]
+pub struct SensorsArgs {
+    /// TOML configuration file (its [power] table is used).
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How long to sample, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Sampling period in milliseconds (default: power.interval_ms).
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    /// Path of libnvidia-ml.so.1.
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
+    /// Do not open NVML.
+    #[arg(long)]
+    pub no_nvml: bool,
+    /// CPU package/DRAM power source.
+    #[arg(long, value_parser = ["auto", "rapl", "powercap", "model", "off"])]
+    pub cpu_power: Option<String>,
 }
 
 /// `tracer record` flags: `tracer run`'s, plus where to record.
@@ -169,14 +195,7 @@ impl RunArgs {
             c.output.record = self.record;
         }
         if let Some(v) = self.cpu_power.as_deref() {
-            use crate::power::cpu::CpuSource;
-            c.power.cpu.source = match v {
-                "rapl" => CpuSource::Rapl,
-                "powercap" => CpuSource::Powercap,
-                "model" => CpuSource::Model,
-                "off" => CpuSource::Off,
-                _ => CpuSource::Auto,
-            };
+            c.power.cpu.source = cpu_source(v);
         }
         if let Some(v) = self.summary_interval_ms {
             c.output.summary_interval_ms = v;
@@ -209,6 +228,17 @@ impl RunArgs {
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+fn cpu_source(v: &str) -> crate::power::cpu::CpuSource {
+    use crate::power::cpu::CpuSource;
+    match v {
+        "rapl" => CpuSource::Rapl,
+        "powercap" => CpuSource::Powercap,
+        "model" => CpuSource::Model,
+        "off" => CpuSource::Off,
+        _ => CpuSource::Auto,
     }
 }
 
@@ -249,6 +279,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = args.run.into_config()?;
             config.output.record = Some(args.out);
             daemon(config)
+        }
+        Command::Sensors(args) => {
+            let mut c = match &args.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            if args.nvml_lib.is_some() {
+                c.power.nvml_lib = args.nvml_lib;
+            }
+            if let Some(v) = args.cpu_power.as_deref() {
+                c.power.cpu.source = cpu_source(v);
+            }
+            let report = crate::sensors::run(&crate::sensors::SensorsOptions {
+                use_nvml: c.power.nvml && !args.no_nvml,
+                nvml: crate::power::nvml::NvmlOptions {
+                    lib: c.power.nvml_lib.clone(),
+                    ..crate::power::nvml::NvmlOptions::default()
+                },
+                cpu: c.power.cpu.clone(),
+                duration: std::time::Duration::from_secs_f64(args.seconds.clamp(0.1, 3600.0)),
+                interval: std::time::Duration::from_millis(
+                    args.interval_ms.unwrap_or(c.power.interval_ms).max(1),
+                ),
+            });
+            print!("{report}");
+            Ok(())
         }
         Command::Replay(args) => {
             let split = match args.split.as_deref() {

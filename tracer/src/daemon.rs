@@ -314,12 +314,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     match power::cpu::open(&config.power.cpu) {
         Ok((source, kind)) => {
             tracing::info!("power: CPU source {kind}");
+            // The model reads /proc/stat: 10 Hz is plenty for a utilisation estimate.
+            let cpu_period = if kind == power::cpu::CpuSourceKind::Model {
+                period.max(Duration::from_millis(100))
+            } else {
+                period
+            };
             feeds.push(start_source(
                 &mut pipeline,
                 source,
                 next_device,
                 config.power.gpu_idle_watts,
-                period,
+                cpu_period,
             )?);
         }
         Err(e) => tracing::warn!("{e}; CPU energy will not be attributed"),

@@ -17,5 +17,6 @@ pub mod probe;
 pub mod record;
 pub mod replay;
 pub mod requests;
+pub mod sensors;
 pub mod service;
 pub mod target;
