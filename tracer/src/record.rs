@@ -324,6 +324,45 @@ mod tests {
     }
 
     #[test]
+    fn floats_come_back_bit_for_bit() {
+        let path = temp("floats");
+        let watts: Vec<f64> = vec![
+            0.1 + 0.2,
+            1.0 / 3.0 * 123.456,
+            41.304_347_826_086_96,
+            f64::MIN_POSITIVE,
+            1e300 / 7.0,
+        ];
+        let input = Input::Power {
+            readings: watts
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| Reading::Power {
+                    device: i,
+                    ts_ns: 1,
+                    watts: w,
+                    window_ns: 0,
+                })
+                .collect(),
+        };
+        let mut r = Recorder::create(&path, &header()).expect("create");
+        r.write(&input).expect("write");
+        r.flush().expect("flush");
+        drop(r);
+        let mut rp = Replayer::open(&path).expect("open");
+        let Some(Input::Power { readings }) = rp.next_input().expect("read") else {
+            panic!("no power input");
+        };
+        for (r, w) in readings.iter().zip(&watts) {
+            let Reading::Power { watts: got, .. } = r else {
+                panic!("not power");
+            };
+            assert_eq!(got.to_bits(), w.to_bits());
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let path = temp("garbage");
         std::fs::write(&path, b"hello world, not a recording").expect("write");
