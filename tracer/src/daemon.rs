@@ -383,9 +383,7 @@ impl Pipeline {
                 } => self
                     .ledger
                     .power(DeviceId(device as u32), ts_ns, watts, window_ns),
-                Reading::Lost { .. } | Reading::Processes { .. } | Reading::ProcessUtil { .. } => {
-                    Ok(())
-                }
+                Reading::Lost { .. } | Reading::Processes { .. } | Reading::ProcessUtil { .. } => Ok(()),
             };
         }
     }
