@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | run | demo`.
+//! Project tasks: `cargo xtask setup | test | run | demo | bench-probes | bench-sampler`.
 //!
 //! `setup` makes a fresh machine able to build and load the probes, and is idempotent: every step
 //! first checks whether it is needed and says what it found or did. `test` and `run` call it first.
@@ -52,6 +52,20 @@ enum Task {
         #[arg(long, default_value_t = 200_000)]
         iterations: u32,
     },
+    /// setup, then measure what the power sampler costs: the real NVML source on emulated GPUs
+    /// through the NVML emulation library, per case (energy only, with processes at 1 Hz, with
+    /// processes every poll), and print a table for BENCHMARKS.md.
+    BenchSampler {
+        /// Emulated GPUs.
+        #[arg(long, default_value_t = 8)]
+        gpus: u32,
+        /// Sampling rate.
+        #[arg(long, default_value_t = 100)]
+        hz: u32,
+        /// Seconds per case.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// setup, then the no-GPU demo: the emulated inference host (API process, engine on two
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
     /// chat-like load, and per-request attribution beside the ground truth.
@@ -89,6 +103,10 @@ fn main() -> Result<()> {
         Task::BenchProbes { iterations } => {
             setup()?;
             bench_probes(iterations)
+        }
+        Task::BenchSampler { gpus, hz, seconds } => {
+            setup()?;
+            bench_sampler(gpus, hz, seconds)
         }
         Task::Demo { seconds } => {
             setup()?;
@@ -629,4 +647,31 @@ fn bench_probes(iterations: u32) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` if set (relative to the workspace root, the
+/// current directory here), else `target`.
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from)
+}
+
+fn bench_sampler(gpus: u32, hz: u32, seconds: u64) -> Result<()> {
+    // Two builds: with a `--bin` filter the library of nvml-emu would be built only as a
+    // dependency, and not copied to target/release where the bench loads it from.
+    sh(Command::new("cargo").args(["build", "--release", "-p", "nvml-emu", "--lib"]))?;
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer-tests",
+        "--bin",
+        "sampler-bench",
+    ]))?;
+    let release = target_dir().join("release");
+    sh(Command::new(release.join("sampler-bench"))
+        .arg("--lib")
+        .arg(release.join("libnvidia_ml.so"))
+        .args(["--gpus", &gpus.to_string()])
+        .args(["--hz", &hz.to_string()])
+        .args(["--seconds", &seconds.to_string()]))
 }
