@@ -146,6 +146,16 @@ pub fn run(opts: &SensorsOptions) -> String {
                             "off"
                         }
                     );
+                    for c in src.call_costs(i, 20) {
+                        let _ = writeln!(
+                            out,
+                            "  {:<44} {:>9.1} µs CPU {:>9.1} µs wall{}",
+                            c.call,
+                            c.cpu_us,
+                            c.wall_us,
+                            if c.ok { "" } else { "  (failed)" }
+                        );
+                    }
                 }
                 sources.push(Box::new(src));
             }

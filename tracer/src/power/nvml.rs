@@ -62,6 +62,50 @@ const TRUST_NS: u64 = 1_000_000_000;
 const UTIL_TRUST_NS: u64 = 60_000_000_000;
 /// `NVML_FI_DEV_POWER_INSTANT`.
 const FIELD_POWER_INSTANT: u32 = 186;
+/// `NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION` (mJ, the same counter as
+/// `nvmlDeviceGetTotalEnergyConsumption`).
+const FIELD_TOTAL_ENERGY: u32 = 83;
+
+/// What one kind of NVML query costs on a GPU (see [`NvmlSource::call_costs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallCost {
+    pub call: &'static str,
+    /// The calling thread's CPU time per call (the driver may spin while the GPU answers).
+    pub cpu_us: f64,
+    pub wall_us: f64,
+    pub ok: bool,
+}
+
+/// Watts from a power field or `power_usage` value (mW).
+fn field_watts(value: SampleValue) -> f64 {
+    match value {
+        SampleValue::U32(mw) => f64::from(mw) / 1000.0,
+        SampleValue::U64(mw) => mw as f64 / 1000.0,
+        SampleValue::F64(mw) => mw / 1000.0,
+        SampleValue::I64(mw) => mw as f64 / 1000.0,
+    }
+}
+
+/// Millijoules from an energy field value.
+fn field_mj(value: SampleValue) -> Option<u64> {
+    match value {
+        SampleValue::U64(v) => Some(v),
+        SampleValue::U32(v) => Some(u64::from(v)),
+        SampleValue::I64(v) => u64::try_from(v).ok(),
+        SampleValue::F64(v) => (v >= 0.0).then_some(v as u64),
+    }
+}
+
+/// CPU time the calling thread has used, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; every Linux thread has a CPU-time clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 /// `NVML_DEVICE_MIG_ENABLE`.
 const MIG_ENABLE: u32 = 1;
 /// Counter changes to wait for while measuring the period: three intervals for the median.
@@ -128,6 +172,9 @@ struct Gpu {
     counter: Query,
     /// The instant power field (`Off`: the averaged power is read instead).
     instant: Query,
+    /// Energy and instant power in one `nvmlDeviceGetFieldValues` call (one driver round trip
+    /// instead of two); `Off` after it fails once, then the separate calls are used.
+    combined: Query,
     period: CounterPeriod,
     processes: Query,
     utilisation: Query,
@@ -371,6 +418,7 @@ impl NvmlSource {
                 mig: false,
                 counter: Query::Answering,
                 instant: Query::Answering,
+                combined: Query::Answering,
                 period: CounterPeriod {
                     period: DEFAULT_COUNTER_PERIOD,
                     measured: false,
@@ -495,10 +543,126 @@ impl NvmlSource {
         self.gpus.get(device).is_some_and(|g| g.mig)
     }
 
+    /// What each query costs on `device`, measured over `n` calls each (diagnostics for
+    /// `tracer sensors`: on GSP-based GPUs a power query can cost milliseconds of CPU).
+    pub fn call_costs(&self, device: usize, n: u32) -> Vec<CallCost> {
+        let Ok(dev) = self.nvml.device_by_index(device as u32) else {
+            return Vec::new();
+        };
+        let n = n.max(1);
+        let mut costs = Vec::new();
+        let mut time = |call: &'static str, f: &dyn Fn() -> bool| {
+            let (c0, w0) = (thread_cpu_ns(), Instant::now());
+            let mut ok = true;
+            for _ in 0..n {
+                ok &= f();
+            }
+            costs.push(CallCost {
+                call,
+                cpu_us: (thread_cpu_ns() - c0) as f64 / f64::from(n) / 1e3,
+                wall_us: w0.elapsed().as_secs_f64() * 1e6 / f64::from(n),
+                ok,
+            });
+        };
+        time("total_energy_consumption", &|| {
+            dev.total_energy_consumption().is_ok()
+        });
+        time("field_values[POWER_INSTANT]", &|| {
+            dev.field_values_for(&[FieldId(FIELD_POWER_INSTANT)])
+                .is_ok()
+        });
+        time("field_values[TOTAL_ENERGY, POWER_INSTANT]", &|| {
+            dev.field_values_for(&[FieldId(FIELD_TOTAL_ENERGY), FieldId(FIELD_POWER_INSTANT)])
+                .is_ok()
+        });
+        time("power_usage", &|| dev.power_usage().is_ok());
+        time("running_compute_processes", &|| {
+            dev.running_compute_processes().is_ok()
+        });
+        costs
+    }
+
+    /// Energy and instant power in one field-values call. `true` when both came back (and were
+    /// pushed); `false` leaves the separate calls to do the work.
+    fn poll_combined(
+        &mut self,
+        index: usize,
+        mono: u64,
+        real: u64,
+        out: &mut Vec<Reading>,
+    ) -> bool {
+        let gpu = &mut self.gpus[index];
+        if gpu.combined == Query::Off || gpu.counter == Query::Off || gpu.instant == Query::Off {
+            return false;
+        }
+        let Ok(dev) = device(&self.nvml, gpu, index) else {
+            return false;
+        };
+        let fields = [FieldId(FIELD_TOTAL_ENERGY), FieldId(FIELD_POWER_INSTANT)];
+        let samples = match dev.field_values_for(&fields) {
+            Ok(s) => s,
+            Err(e) => {
+                if is_permanent(&e) {
+                    gpu.combined = Query::Off;
+                }
+                // Transient (a lost GPU): the separate calls report it.
+                return false;
+            }
+        };
+        let mut values = samples.into_iter().map(|s| {
+            s.and_then(
+                |FieldValueSample {
+                     timestamp, value, ..
+                 }| Ok((timestamp, value?)),
+            )
+        });
+        let (Some(Ok((e_stamp, e_value))), Some(Ok((p_stamp, p_value)))) =
+            (values.next(), values.next())
+        else {
+            gpu.combined = Query::Off;
+            tracing::info!(
+                "NVML gpu{index}: energy and power not readable in one call; reading them apart"
+            );
+            return false;
+        };
+        let Some(energy_mj) = field_mj(e_value) else {
+            gpu.combined = Query::Off;
+            return false;
+        };
+        let stamp = |us: i64| {
+            u64::try_from(us)
+                .ok()
+                .and_then(|s| stamp_to_monotonic(s, mono, real, TRUST_NS))
+        };
+        let (e_ts, p_ts) = (stamp(e_stamp), stamp(p_stamp));
+        log_clock(&mut self.field_clock_logged, "field", p_ts.map(|c| c.1));
+        out.push(Reading::Counter {
+            device: index,
+            ts_ns: e_ts.map_or(mono, |c| c.0),
+            energy_uj: energy_mj.saturating_mul(1000),
+            wrap_uj: None,
+        });
+        out.push(Reading::Power {
+            device: index,
+            ts_ns: p_ts.map_or(mono, |c| c.0),
+            watts: field_watts(p_value),
+            window_ns: 0,
+        });
+        true
+    }
+
     /// Reads one GPU's energy and power.
     fn poll_energy(&mut self, index: usize, out: &mut Vec<Reading>) {
         let mono = monotonic_ns();
         let real = realtime_ns();
+        if self.poll_combined(index, mono, real, out) {
+            let gpu = &mut self.gpus[index];
+            if gpu.lost {
+                gpu.lost = false;
+                tracing::info!("NVML gpu{index} answers again; its readings resume");
+            }
+            return;
+        }
         let gpu = &mut self.gpus[index];
         let dev = match device(&self.nvml, gpu, index) {
             Ok(d) => d,
@@ -534,12 +698,7 @@ impl NvmlSource {
                              }| { Ok((timestamp, value?)) },
                         ) {
                             Ok((stamp_us, value)) => {
-                                let watts = match value {
-                                    SampleValue::U32(mw) => f64::from(mw) / 1000.0,
-                                    SampleValue::U64(mw) => mw as f64 / 1000.0,
-                                    SampleValue::F64(mw) => mw / 1000.0,
-                                    SampleValue::I64(mw) => mw as f64 / 1000.0,
-                                };
+                                let watts = field_watts(value);
                                 let converted = u64::try_from(stamp_us)
                                     .ok()
                                     .and_then(|s| stamp_to_monotonic(s, mono, real, TRUST_NS));
