@@ -77,8 +77,8 @@ pub struct CallCost {
 }
 
 /// Watts from a power field or `power_usage` value (mW).
-fn field_watts(value: SampleValue) -> f64 {
-    match value {
+fn field_watts(value: &SampleValue) -> f64 {
+    match *value {
         SampleValue::U32(mw) => f64::from(mw) / 1000.0,
         SampleValue::U64(mw) => mw as f64 / 1000.0,
         SampleValue::F64(mw) => mw / 1000.0,
@@ -87,8 +87,8 @@ fn field_watts(value: SampleValue) -> f64 {
 }
 
 /// Millijoules from an energy field value.
-fn field_mj(value: SampleValue) -> Option<u64> {
-    match value {
+fn field_mj(value: &SampleValue) -> Option<u64> {
+    match *value {
         SampleValue::U64(v) => Some(v),
         SampleValue::U32(v) => Some(u64::from(v)),
         SampleValue::I64(v) => u64::try_from(v).ok(),
@@ -625,7 +625,7 @@ impl NvmlSource {
             );
             return false;
         };
-        let Some(energy_mj) = field_mj(e_value) else {
+        let Some(energy_mj) = field_mj(&e_value) else {
             gpu.combined = Query::Off;
             return false;
         };
@@ -645,7 +645,7 @@ impl NvmlSource {
         out.push(Reading::Power {
             device: index,
             ts_ns: p_ts.map_or(mono, |c| c.0),
-            watts: field_watts(p_value),
+            watts: field_watts(&p_value),
             window_ns: 0,
         });
         true
@@ -698,7 +698,7 @@ impl NvmlSource {
                              }| { Ok((timestamp, value?)) },
                         ) {
                             Ok((stamp_us, value)) => {
-                                let watts = field_watts(value);
+                                let watts = field_watts(&value);
                                 let converted = u64::try_from(stamp_us)
                                     .ok()
                                     .and_then(|s| stamp_to_monotonic(s, mono, real, TRUST_NS));
