@@ -417,7 +417,7 @@ GPU Excluded:\t No
             let text: String = INFORMATION
                 .lines()
                 .filter(|l| !l.starts_with(drop))
-                .map(|l| format!("{l}\n"))
+                .flat_map(|l| [l, "\n"])
                 .collect();
             assert_eq!(parse_information(&text), None, "without {drop}");
         }

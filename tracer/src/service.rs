@@ -264,7 +264,7 @@ pub enum Reason {
 
 impl Reason {
     /// The member this reason links from, if any.
-    fn from_member(&self) -> Option<u32> {
+    fn linked_from(&self) -> Option<u32> {
         match self {
             Self::Descendant { of } => Some(*of),
             Self::UnixPeer { peer, .. } | Self::LoopbackPeer { peer, .. } => Some(*peer),
@@ -275,7 +275,7 @@ impl Reason {
     /// Whether `other` says the same thing (one reason per kind and peer is enough).
     fn same_as(&self, other: &Self) -> bool {
         std::mem::discriminant(self) == std::mem::discriminant(other)
-            && match (self.from_member(), other.from_member()) {
+            && match (self.linked_from(), other.linked_from()) {
                 (Some(a), Some(b)) => a == b,
                 _ => self == other,
             }
@@ -864,10 +864,10 @@ impl Walker<'_> {
         }
         let is_descendant = matches!(reason, Reason::Descendant { .. });
         // A link back to the member that brought `from` in says nothing new.
-        let back_edge = reason.from_member().is_some_and(|from| {
+        let back_edge = reason.linked_from().is_some_and(|from| {
             walk.members
                 .get(&from)
-                .is_some_and(|rs| rs.iter().any(|r| r.from_member() == Some(pid)))
+                .is_some_and(|rs| rs.iter().any(|r| r.linked_from() == Some(pid)))
         });
         let reasons = walk.members.entry(pid).or_default();
         if !back_edge && !reasons.iter().any(|r| r.same_as(&reason)) {
@@ -1250,9 +1250,9 @@ pub mod unix_diag {
 
     use serde::Serialize;
 
-    /// `NETLINK_SOCK_DIAG` (linux/netlink.h).
+    /// `NETLINK_SOCK_DIAG` (`linux/netlink.h`).
     pub const NETLINK_SOCK_DIAG: i32 = 4;
-    /// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
+    /// `SOCK_DIAG_BY_FAMILY` (`linux/sock_diag.h`).
     pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
     /// `NLM_F_REQUEST | NLM_F_DUMP` (`NLM_F_ROOT | NLM_F_MATCH`).
     pub const NLM_F_REQUEST_DUMP: u16 = 0x0001 | 0x0100 | 0x0200;
@@ -1260,7 +1260,7 @@ pub mod unix_diag {
     pub const NLMSG_ERROR: u16 = 2;
     /// `NLMSG_DONE`.
     pub const NLMSG_DONE: u16 = 3;
-    /// `UDIAG_SHOW_NAME` (linux/unix_diag.h).
+    /// `UDIAG_SHOW_NAME` (`linux/unix_diag.h`).
     pub const UDIAG_SHOW_NAME: u32 = 0x1;
     /// `UDIAG_SHOW_PEER`.
     pub const UDIAG_SHOW_PEER: u32 = 0x4;
@@ -1366,14 +1366,12 @@ pub mod unix_diag {
     }
 
     fn decode_name(raw: &[u8]) -> String {
-        match raw.split_first() {
-            // Abstract: leading NUL, the rest is the name (may contain NULs; shown as is).
-            Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
-            _ => {
-                let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-                String::from_utf8_lossy(&raw[..end]).into_owned()
-            }
+        // Abstract: leading NUL, the rest is the name (may contain NULs; shown as is).
+        if let Some((0, rest)) = raw.split_first() {
+            return format!("@{}", String::from_utf8_lossy(rest));
         }
+        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
     }
 
     /// Parses one `unix_diag_msg` with its attributes.
