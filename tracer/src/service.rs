@@ -608,6 +608,8 @@ struct TcpTable {
     entries: Vec<TcpEntry>,
     by_inode: HashMap<u64, usize>,
     by_ends: HashMap<(SocketAddr, SocketAddr), usize>,
+    /// Listening addresses by port.
+    listening: HashMap<u16, Vec<IpAddr>>,
 }
 
 impl TcpTable {
@@ -620,8 +622,16 @@ impl TcpTable {
             if e.inode != 0 {
                 t.by_inode.insert(e.inode, i);
             }
-            if e.state == TCP_ESTABLISHED {
-                t.by_ends.insert((e.local, e.remote), i);
+            match e.state {
+                TCP_ESTABLISHED => {
+                    t.by_ends.insert((e.local, e.remote), i);
+                }
+                TCP_LISTEN => t
+                    .listening
+                    .entry(e.local.port())
+                    .or_default()
+                    .push(e.local.ip()),
+                _ => {}
             }
         }
         t
@@ -638,11 +648,9 @@ impl TcpTable {
 
     /// Whether some socket listens on `addr` (its address or the wildcard).
     fn listens(&self, addr: SocketAddr) -> bool {
-        self.entries.iter().any(|l| {
-            l.state == TCP_LISTEN
-                && l.local.port() == addr.port()
-                && (l.local.ip() == addr.ip() || l.local.ip().is_unspecified())
-        })
+        self.listening
+            .get(&addr.port())
+            .is_some_and(|ips| ips.iter().any(|ip| *ip == addr.ip() || ip.is_unspecified()))
     }
 }
 
@@ -903,25 +911,24 @@ impl Walker<'_> {
             reach: HashMap::new(),
             queue: VecDeque::new(),
         };
-        let seed = match &root.spec {
+        // Given pids are targets; the rest of `pids` came from the root's cgroup.
+        let target = Reason::Target {
+            why: match &root.spec {
+                RootSpec::Port(port) => format!("listens on port {port}"),
+                other => other.label(),
+            },
+        };
+        let in_cgroup = match &root.spec {
             RootSpec::Cgroup(path) => Reason::Cgroup {
                 path: self.cgroup_rel(path),
             },
-            RootSpec::Port(port) => Reason::Target {
-                why: format!("listens on port {port}"),
-            },
-            other => Reason::Target { why: other.label() },
+            _ => target.clone(),
         };
         for &pid in pids {
             let reason = if root.pids.contains(&pid) {
-                Reason::Target {
-                    why: match &root.spec {
-                        RootSpec::Port(port) => format!("listens on port {port}"),
-                        other => other.label(),
-                    },
-                }
+                target.clone()
             } else {
-                seed.clone()
+                in_cgroup.clone()
             };
             self.add(&mut walk, pid, reason, 0, Entry::Full);
         }
@@ -1455,7 +1462,8 @@ pub mod unix_diag {
         Ok(false)
     }
 
-    /// Dumps every Unix socket of the caller's network namespace.
+    /// Dumps every Unix socket of the caller's network namespace. Best effort: a dump the
+    /// kernel marks inconsistent (`NLM_F_DUMP_INTR`, sockets changed meanwhile) is taken as is.
     pub fn dump() -> Result<Vec<UnixSocket>, DiagError> {
         // SAFETY: socket(2) with constant arguments; the result is checked.
         let raw = unsafe {
@@ -2025,8 +2033,8 @@ mod tests {
             assert_eq!(d.others, BTreeMap::from([(0, vec![60])]));
             assert_eq!(d.other_holders[&60].comm, "other");
         }
-        // Rooted at the load generator, the server stays out too (the endpoint rule is symmetric
-        // only for declared endpoints; here nothing is declared, so the server joins).
+        // Rooted at the load generator, nothing declares port 8000 an endpoint: the server is a
+        // peer of the client.
         let d = t.discover(&[root(RootSpec::Pid(50), &[50])]);
         assert_eq!(pids(&d.services[0]), [10, 11, 50]);
         // Declared together, they stay two services.
