@@ -14,10 +14,15 @@
 //!
 //! Identity is taken from the device number (`st_rdev`) when the fd's target is a character
 //! device, because containers rename nodes; otherwise from the node's name under the device root
-//! (`/dev` in production; a temp directory of plain files in tests). Maps are matched by name only
-//! (the `dev` column of a mapping is the filesystem holding the node, not the node's number).
-//! A process with only an fd on a GPU may be a monitor (NVML, `nvidia-persistenced`); one that
-//! also maps the node has a context: [`ProcessGpus::mapped`] tells them apart.
+//! (`/dev` in production; a temp directory of plain files in tests). A mapping is tied to the node
+//! an fd of the same process identified when its file key (filesystem device and inode, the
+//! `dev` and `inode` columns) matches that fd's target; otherwise it is matched by name.
+//!
+//! Checked on an H200 with driver 580.159.04: `/proc/devices` lists `195 nvidia`,
+//! `195 nvidiactl` and `238 nvidia-uvm`; an NVML-only process (`nvidia-smi dmon`) holds fds on
+//! `/dev/nvidia0`, `nvidiactl` and `nvidia-uvm` but maps only `nvidiactl`; a CUDA process (torch)
+//! maps `/dev/nvidia0` (3 mappings), `nvidiactl` and `nvidia-uvm`. So an fd on a GPU is not a
+//! context, a mapping is: [`ProcessGpus::mapped`] tells them apart.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -246,23 +251,49 @@ pub fn node_from_path(path: &Path, device_root: &Path) -> Option<Node> {
     }
 }
 
-/// The pathname column of a `/proc/<pid>/maps` line, if it has one.
-fn maps_path(line: &str) -> Option<&str> {
+/// A file as `/proc/<pid>/maps` identifies it: the filesystem's device (major, minor) and the
+/// inode. An fd's target gives the same key from `stat`, so a mapping can be tied to the node an
+/// fd identified by device number even when the node's name says nothing (containers).
+pub type FileKey = (u32, u32, u64);
+
+/// One `/proc/<pid>/maps` line: the file key and the pathname, for file-backed mappings.
+fn maps_entry(line: &str) -> Option<(FileKey, &str)> {
     // address perms offset dev inode [pathname]; the pathname may contain spaces.
+    let mut cols = Vec::with_capacity(5);
     let mut rest = line.trim_start();
     for _ in 0..5 {
         let end = rest.find(char::is_whitespace)?;
+        cols.push(rest.get(..end)?);
         rest = rest.get(end..)?.trim_start();
     }
-    (!rest.is_empty()).then_some(rest)
+    if rest.is_empty() {
+        return None;
+    }
+    let (major, minor) = cols[3].split_once(':')?;
+    let key = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+        cols[4].parse().ok()?,
+    );
+    Some((key, rest))
 }
 
-/// Nodes named in `/proc/<pid>/maps` text (deleted files are skipped).
-pub fn parse_maps(text: &str, device_root: &Path) -> BTreeSet<Node> {
+/// Driver nodes mapped in `/proc/<pid>/maps` text: by file key when an fd of the process
+/// identified that file (`known`), else by name. Deleted files are skipped.
+pub fn maps_nodes(
+    text: &str,
+    device_root: &Path,
+    known: &BTreeMap<FileKey, Node>,
+) -> BTreeSet<Node> {
     text.lines()
-        .filter_map(maps_path)
-        .filter(|p| p.starts_with('/') && !p.ends_with(" (deleted)"))
-        .filter_map(|p| node_from_path(Path::new(p), device_root))
+        .filter_map(maps_entry)
+        .filter(|(_, p)| p.starts_with('/') && !p.ends_with(" (deleted)"))
+        .filter_map(|(key, p)| {
+            known
+                .get(&key)
+                .copied()
+                .or_else(|| node_from_path(Path::new(p), device_root))
+        })
         .collect()
 }
 
@@ -270,26 +301,28 @@ pub fn parse_maps(text: &str, device_root: &Path) -> BTreeSet<Node> {
 /// uses nothing.
 pub fn process_gpus(procfs: &ProcFs, pid: u32, majors: Majors, device_root: &Path) -> ProcessGpus {
     let mut out = ProcessGpus::default();
+    let mut known: BTreeMap<FileKey, Node> = BTreeMap::new();
     let fd_dir = procfs.proc_root.join(format!("{pid}/fd"));
     for (fd, link) in procfs.fd_links(pid) {
         // Sockets, pipes and anon inodes link to `type:[…]`, never to a path.
         if !link.is_absolute() {
             continue;
         }
-        let by_rdev = if majors.nvidia.is_some() || majors.uvm.is_some() {
-            fs::metadata(fd_dir.join(fd.to_string()))
-                .ok()
-                .filter(|m| m.file_type().is_char_device())
-                .and_then(|m| node_from_rdev(m.rdev(), majors))
-        } else {
-            None
+        let meta = fs::metadata(fd_dir.join(fd.to_string())).ok();
+        let by_rdev = meta
+            .as_ref()
+            .filter(|m| m.file_type().is_char_device())
+            .and_then(|m| node_from_rdev(m.rdev(), majors));
+        let Some(node) = by_rdev.or_else(|| node_from_path(&link, device_root)) else {
+            continue;
         };
-        if let Some(node) = by_rdev.or_else(|| node_from_path(&link, device_root)) {
-            out.add(Evidence::Fd { fd, node });
+        if let Some(m) = &meta {
+            known.insert((libc::major(m.dev()), libc::minor(m.dev()), m.ino()), node);
         }
+        out.add(Evidence::Fd { fd, node });
     }
     if let Ok(maps) = fs::read_to_string(procfs.proc_root.join(format!("{pid}/maps"))) {
-        for node in parse_maps(&maps, device_root) {
+        for node in maps_nodes(&maps, device_root, &known) {
             out.add(Evidence::Map { node });
         }
     }
@@ -374,6 +407,30 @@ Device Minor: \t 3
 GPU Firmware: \t 570.86.15
 GPU Excluded:\t No
 ";
+
+    /// Captured on an H200, driver 580.159.04.
+    const H200_DEVICES: &str = "Character devices:\n  1 mem\n195 nvidia\n195 nvidiactl\n238 nvidia-uvm\n239 nvidia-nvswitch\n240 nvidia-nvlink\n241 nvidia-caps\n242 nvidia-caps-imex-channels\n\nBlock devices:\n  7 loop\n";
+    const H200_INFORMATION: &str = "Model: \t\t NVIDIA H200\nIRQ:   \t\t 41\nGPU UUID: \t GPU-3cfe8311-52c8-3083-3d26-2dd162a534e4\nVideo BIOS: \t 96.00.a5.00.1a\nBus Type: \t PCIe\nDMA Size: \t 52 bits\nDMA Mask: \t 0xfffffffffffff\nBus Location: \t 0000:00:06.0\nDevice Minor: \t 0\nGPU Firmware: \t 580.159.04\nGPU Excluded:\t No\n";
+
+    #[test]
+    fn real_h200_captures() {
+        assert_eq!(
+            parse_proc_devices(H200_DEVICES),
+            Majors {
+                nvidia: Some(195),
+                uvm: Some(238)
+            }
+        );
+        assert_eq!(
+            parse_information(H200_INFORMATION),
+            Some(GpuInfo {
+                minor: 0,
+                uuid: "GPU-3cfe8311-52c8-3083-3d26-2dd162a534e4".into(),
+                model: "NVIDIA H200".into(),
+                bus: "0000:00:06.0".into(),
+            })
+        );
+    }
 
     #[test]
     fn proc_devices_with_and_without_uvm() {
@@ -619,11 +676,29 @@ GPU Excluded:\t No
             ]
         );
         assert_eq!(g.mapped(), BTreeSet::from([0]));
-        assert_eq!(maps_path("garbage"), None);
+        assert_eq!(maps_entry("garbage"), None);
         assert_eq!(
-            maps_path("1-2 r--p 0 00:00 0 /a path/with spaces"),
-            Some("/a path/with spaces")
+            maps_entry("1-2 r--p 0 fd:0a 77 /a path/with spaces"),
+            Some(((0xfd, 0x0a, 77), "/a path/with spaces"))
         );
+    }
+
+    #[test]
+    fn maps_of_a_renamed_node_follow_the_fd_that_identified_it() {
+        let f = Fake::new();
+        let meta = fs::metadata(f.dev().join("nvidia1")).expect("stat");
+        let maps = format!(
+            "7f00a0000000-7f00a0200000 rw-s 00000000 {:02x}:{:02x} {} /container/dev/gpu-b\n",
+            libc::major(meta.dev()),
+            libc::minor(meta.dev()),
+            meta.ino()
+        );
+        f.process(40, &[(5, "nvidia1")], &maps);
+        let g = process_gpus(&f.procfs(), 40, Majors::default(), &f.dev());
+        assert_eq!(g.mapped(), BTreeSet::from([1]));
+        // Without the fd, an unknown name maps to nothing.
+        f.process(41, &[], &maps);
+        assert!(process_gpus(&f.procfs(), 41, Majors::default(), &f.dev()).is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! talks to `EngineCore` over ZMQ IPC, TGI's router to its shards over gRPC on Unix sockets,
 //! Ollama to a child `llama-server` over loopback HTTP; see `shared/notes/inference-servers.md`).
 //! So GPU energy is bound to a *service*, and the service's GPUs are the union of the GPUs its
-//! processes hold ([`crate::gpu`]).
+//! processes have a context on ([`crate::gpu`]: the process maps the GPU's node). GPUs members only
+//! hold fds on (NVML calls) are listed apart, in [`Service::fd_only_gpus`].
 //!
 //! # Who is a member
 //! Starting from the operator's targets (each a [`ServiceRoot`]: a pid, a listening port, a
@@ -315,8 +316,11 @@ pub struct Service {
     /// Endpoint ports: given ports and the ports the root processes listen on.
     pub ports: Vec<u16>,
     pub members: BTreeMap<u32, Member>,
-    /// GPU minors held by any member.
+    /// GPU minors a member has a context on (maps the node; see [`crate::gpu`]).
     pub gpus: BTreeSet<u32>,
+    /// GPU minors members only hold fds on, mapped by no member: NVML-style use (vLLM's API
+    /// server calls `nvmlInit`), not occupancy; not counted in `gpus`.
+    pub fd_only_gpus: BTreeSet<u32>,
     /// Driver use of each member that uses any, by pid.
     pub gpu_evidence: BTreeMap<u32, ProcessGpus>,
 }
@@ -433,9 +437,14 @@ pub fn discover(
                 (!g.is_empty()).then_some((pid, g))
             })
             .collect();
-        let gpus = gpu_evidence
+        let gpus: BTreeSet<u32> = gpu_evidence
+            .values()
+            .flat_map(ProcessGpus::mapped)
+            .collect();
+        let fd_only_gpus = gpu_evidence
             .values()
             .flat_map(|g| g.minors.iter().copied())
+            .filter(|m| !gpus.contains(m))
             .collect();
         let roots_of: Vec<RootSpec> = group.iter().map(|&i| roots[i].spec.clone()).collect();
         services.push(Service {
@@ -449,6 +458,7 @@ pub fn discover(
             ports: ports.into_iter().collect(),
             members,
             gpus,
+            fd_only_gpus,
             gpu_evidence,
         });
     }
@@ -1164,11 +1174,19 @@ pub fn render_text(d: &Discovery) -> String {
             }
         );
         if s.gpus.is_empty() {
-            let _ = writeln!(out, "  gpus:  none found");
+            let _ = writeln!(out, "  gpus:  none with a context");
         }
         for (i, &minor) in s.gpus.iter().enumerate() {
             let head = if i == 0 { "  gpus: " } else { "        " };
             let _ = writeln!(out, "{head} {}", gpu_label(minor, &d.inventory));
+        }
+        if !s.fd_only_gpus.is_empty() {
+            let fd_only: Vec<String> = s.fd_only_gpus.iter().map(u32::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  fd only (no context, not counted): {}",
+                fd_only.join(", ")
+            );
         }
         let rows: Vec<[String; 4]> = s
             .members
@@ -1922,6 +1940,19 @@ mod tests {
             self
         }
 
+        /// A mapping of the node (a context), appended to the process's maps.
+        fn gpu_map(&self, pid: u32, node: &str) -> &Self {
+            let path = self.pdir(pid).join("maps");
+            let mut text = fs::read_to_string(&path).unwrap_or_default();
+            let _ = writeln!(
+                text,
+                "7f00a0000000-7f00a0200000 rw-s 00000000 00:05 812 {}",
+                self.dev().join(node).display()
+            );
+            fs::write(path, text).expect("write");
+            self
+        }
+
         fn cgroup(&self, pid: u32, path: &str) -> &Self {
             fs::write(self.pdir(pid).join("cgroup"), format!("0::{path}\n")).expect("write");
             self
@@ -2001,18 +2032,23 @@ mod tests {
         s.members.keys().copied().collect()
     }
 
-    /// vLLM-like: API server 10 on port 8000 with child engine 11 on GPU 0; a load generator 50
-    /// connected into 8000; an untraced process 60 on GPU 0.
+    /// vLLM-like: API server 10 on port 8000 (NVML fd on GPU 1) with child engine 11 with a
+    /// context on GPU 0; a load generator 50 connected into 8000; untraced processes on GPU 0:
+    /// 60 with an fd (a monitor), 61 with a context.
     fn vllm_like() -> Tree {
         let mut t = Tree::new();
         t.proc(10, "python3", 1, &[(5, 100), (6, 101), (7, 300)])
             .proc(11, "VLLM::EngineCor", 10, &[(4, 301)])
             .gpu_fd(11, 20, "nvidia0")
             .gpu_fd(11, 21, "nvidiactl")
+            .gpu_map(11, "nvidia0")
             .gpu_fd(10, 9, "nvidiactl")
+            .gpu_fd(10, 8, "nvidia1")
             .proc(50, "loadgen", 1, &[(3, 501)])
-            .proc(60, "other", 1, &[])
-            .gpu_fd(60, 3, "nvidia0");
+            .proc(60, "monitor", 1, &[])
+            .gpu_fd(60, 3, "nvidia0")
+            .proc(61, "untraced", 1, &[])
+            .gpu_map(61, "nvidia0");
         t.tcp_listen("127.0.0.1:8000", 100);
         t.tcp_conn("127.0.0.1:40000", "127.0.0.1:8000", 501, 101);
         t.unix_pair(300, 301, Some("/tmp/ipc-1234"));
@@ -2029,9 +2065,11 @@ mod tests {
             assert_eq!(pids(s), [10, 11], "{}", render_text(&d));
             assert_eq!(s.ports, [8000]);
             assert_eq!(s.gpus, BTreeSet::from([0]));
-            assert!(s.gpu_evidence[&10].ctl && s.gpu_evidence[&10].minors.is_empty());
-            assert_eq!(d.others, BTreeMap::from([(0, vec![60])]));
-            assert_eq!(d.other_holders[&60].comm, "other");
+            assert_eq!(s.fd_only_gpus, BTreeSet::from([1]));
+            assert!(s.gpu_evidence[&10].ctl && s.gpu_evidence[&10].mapped().is_empty());
+            assert_eq!(d.others, BTreeMap::from([(0, vec![60, 61])]));
+            assert_eq!(d.other_holders[&60].comm, "monitor");
+            assert!(d.other_holders[&61].gpus.mapped().contains(&0));
         }
         // Rooted at the load generator, nothing declares port 8000 an endpoint: the server is a
         // peer of the client.
@@ -2082,9 +2120,19 @@ mod tests {
             text.contains("GPU 0 GPU-aaaa NVIDIA H100 80GB HBM3 [0000:18:00.0]"),
             "{text}"
         );
-        assert!(text.contains("VLLM::EngineCor  0 (fd 20) ctl"), "{text}");
+        assert!(
+            text.contains("VLLM::EngineCor  0 (fd 20, mapped) ctl"),
+            "{text}"
+        );
         assert!(text.contains("child of 10; unix peer of 10"), "{text}");
-        assert!(text.contains("60 other (fd only)"), "{text}");
+        assert!(
+            text.contains("fd only (no context, not counted): 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("60 monitor (fd only), 61 untraced (mapped)"),
+            "{text}"
+        );
         let json = serde_json::to_value(&d).expect("json");
         assert_eq!(
             json["services"][0]["members"]["11"]["reasons"][0]["kind"],
@@ -2138,6 +2186,7 @@ mod tests {
         t.proc(10, "text-generation", 5, &[(3, 100), (9, 110)])
             .proc(70, "python", 5, &[(3, 170), (4, 171)])
             .gpu_fd(70, 12, "nvidia1")
+            .gpu_map(70, "nvidia1")
             .proc(80, "unrelated", 1, &[])
             .proc(5, "launcher", 1, &[]);
         t.tcp_listen("0.0.0.0:3000", 100);
