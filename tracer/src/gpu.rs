@@ -721,6 +721,26 @@ GPU Excluded:\t No
     }
 
     #[test]
+    #[ignore = "needs a live CUDA process: set TRACER_LIVE_GPU_PID"]
+    fn live_gpu_process() {
+        let Ok(pid) = std::env::var("TRACER_LIVE_GPU_PID") else {
+            return;
+        };
+        let pid: u32 = pid.parse().expect("pid");
+        let procfs = ProcFs::default();
+        let majors = Majors::read(Path::new("/proc"));
+        let g = process_gpus(&procfs, pid, majors, Path::new("/dev"));
+        let holders = gpu_holders(&procfs, majors, Path::new("/dev")).expect("holders");
+        println!(
+            "{majors:?}\n{g:?}\n{holders:?}\n{:?}",
+            inventory(Path::new("/proc"))
+        );
+        assert!(majors.nvidia.is_some() && majors.uvm.is_some());
+        assert!(!g.mapped().is_empty(), "a CUDA process maps its GPU");
+        assert!(g.evidence.iter().any(|e| matches!(e, Evidence::Fd { .. })));
+    }
+
+    #[test]
     fn real_char_device_is_classified_by_rdev() {
         // /dev/null is 1:3 everywhere; pretend the driver's major is 1 to exercise the rdev path
         // on a host without NVIDIA nodes.

@@ -2501,6 +2501,24 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs a live CUDA process: set TRACER_LIVE_GPU_PID"]
+    fn live_service_of_a_gpu_process() {
+        let Ok(pid) = std::env::var("TRACER_LIVE_GPU_PID") else {
+            return;
+        };
+        let pid: u32 = pid.parse().expect("pid");
+        let d = discover(
+            &ProcFs::default(),
+            &[root(RootSpec::Pid(pid), &[pid])],
+            &DiscoverOptions::default(),
+        )
+        .expect("discovers");
+        println!("{}", render_text(&d));
+        assert!(!d.services[0].gpus.is_empty());
+        assert!(!d.inventory.is_empty());
+    }
+
+    #[test]
     fn roots_from_spec_resolves_each_target_separately() {
         let t = vllm_like();
         t.proc(20, "other", 1, &[]);
