@@ -481,6 +481,8 @@ pub const TARGET_COMM: u32 = 4;
 pub const TARGET_CGROUP: u32 = 8;
 /// Forked from a target (followed in the kernel).
 pub const TARGET_CHILD: u32 = 16;
+/// An IPC peer of a target (same service: found by service discovery in userspace).
+pub const TARGET_PEER: u32 = 32;
 
 /// The probes' configuration, a global the loader overrides before loading.
 #[repr(C)]

@@ -16,6 +16,7 @@ use crate::{
     power::{self, PowerSource, Reading},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
     record::{RecordError, RecordHeader, Recorder},
+    service::{self, DiscoverOptions, Discovery, ServiceError},
     target::{self, ProcFs, TargetError, TargetSpec},
 };
 
@@ -33,6 +34,9 @@ pub enum DaemonError {
     /// Resolving targets failed.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// Service discovery failed.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     /// The probes could not be loaded or driven.
     #[error(transparent)]
     Probe(#[from] ProbeError),
@@ -331,39 +335,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => tracing::warn!("{e}; CPU energy will not be attributed"),
     }
 
-    // Services: one per daemon run for now, named after what the operator selected.
-    let name = describe_targets(&spec);
-    pipeline.apply(Input::Service {
-        id: 0,
-        name,
-        ts_ns: monotonic_ns(),
-    });
-    for (&pid, &why) in &resolved.processes {
-        pipeline.apply(Input::Member {
-            pid,
-            service: 0,
-            reason: reason_words(why),
-        });
-    }
-    // GPUs the targets already hold (opened before the daemon attached).
-    let seed_ts = monotonic_ns();
-    for &pid in resolved.processes.keys() {
-        for (_, path) in procfs.fds_under(pid, &config.probe.device_root) {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            if let Some(minor) = name
-                .as_deref()
-                .and_then(|n| n.strip_prefix("nvidia"))
-                .and_then(|m| m.parse::<u32>().ok())
-            {
-                pipeline.apply(Input::SeedGpu {
-                    pid,
-                    minor,
-                    ts_ns: seed_ts,
-                    evidence: "open device node".into(),
-                });
-            }
-        }
-    }
+    // Services: each target is a root; roots linked through shared processes or IPC are one
+    // service. IPC peers become kernel targets too (their GPU ioctls and exits matter).
+    let roots = service::roots_from_spec(&procfs, &spec, self_pid)?;
+    let discover_opts = DiscoverOptions {
+        self_pid,
+        device_root: config.probe.device_root.clone(),
+        ..DiscoverOptions::default()
+    };
+    let mut known_members = std::collections::BTreeSet::new();
+    let discovery = service::discover(&procfs, &roots, &discover_opts)?;
+    apply_discovery(
+        &discovery,
+        &mut pipeline,
+        &mut probes,
+        &mut known_members,
+        monotonic_ns(),
+        true,
+    )?;
     // Connections the targets already had: capture them from now on, parsing resyncs at the
     // next request or response.
     let now = monotonic_ns();
@@ -415,6 +404,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut last_kernel = probes.stats()?;
     let mut last_user = pipeline.stats;
     let mut last_report = tokio::time::Instant::now();
+    let mut rediscover = tokio::time::interval(Duration::from_millis(
+        config.probe.rediscover_ms.max(100),
+    ));
+    rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rediscover.tick().await;
     let mut last_sampler_cpu = 0u64;
 
     loop {
@@ -434,6 +428,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     log.flush();
                 }
                 for pid in std::mem::take(&mut pipeline.exited) {
+                    known_members.remove(&pid);
                     if let Err(e) = probes.forget_process(pid) {
                         tracing::warn!("cleaning up after process {pid}: {e}");
                     }
@@ -464,6 +459,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 last_kernel = kernel;
                 last_user = pipeline.stats;
                 last_report = now;
+            }
+            _ = rediscover.tick(), if config.probe.rediscover_ms > 0 => {
+                // New IPC peers (an engine started after the API, a worker respawned).
+                match service::discover(&procfs, &roots, &discover_opts) {
+                    Ok(d) => apply_discovery(
+                        &d,
+                        &mut pipeline,
+                        &mut probes,
+                        &mut known_members,
+                        monotonic_ns(),
+                        false,
+                    )?,
+                    Err(e) => tracing::warn!("service re-discovery: {e}"),
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -498,6 +507,78 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Feeds a discovery to the pipeline: services, new members (made kernel targets), and at
+/// attach (`seed`) the GPUs members already hold. A member's GPUs are the ones it maps (a
+/// context); a process that maps none but holds GPU fds (stand-in nodes, or a monitor) is seeded
+/// from its fds.
+fn apply_discovery(
+    discovery: &Discovery,
+    pipeline: &mut Pipeline,
+    probes: &mut Probes,
+    known: &mut std::collections::BTreeSet<u32>,
+    ts_ns: u64,
+    seed: bool,
+) -> Result<(), DaemonError> {
+    use tracer_ebpf::abi::TARGET_PEER;
+    for w in &discovery.warnings {
+        tracing::warn!("service discovery: {w}");
+    }
+    for s in &discovery.services {
+        if seed {
+            pipeline.apply(Input::Service {
+                id: s.id,
+                name: s.name.clone(),
+                ts_ns,
+            });
+        }
+        for (&pid, m) in &s.members {
+            if !known.insert(pid) {
+                continue;
+            }
+            let reason = m
+                .reasons
+                .iter()
+                .map(service::Reason::text)
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !seed {
+                tracing::info!("service {} gained process {pid} ({}): {reason}", s.name, m.comm);
+            }
+            pipeline.apply(Input::Member {
+                pid,
+                service: s.id,
+                reason,
+            });
+            // Targets, descendants and cgroup members are traced already; peers join here.
+            probes.add_target(pid, TARGET_PEER)?;
+            let Some(ev) = s.gpu_evidence.get(&pid).filter(|_| seed) else {
+                continue;
+            };
+            let mapped = ev.mapped();
+            let (minors, how) = if mapped.is_empty() {
+                (ev.minors.clone(), "open device node")
+            } else {
+                (mapped, "mapped (context)")
+            };
+            for minor in minors {
+                pipeline.apply(Input::SeedGpu {
+                    pid,
+                    minor,
+                    ts_ns,
+                    evidence: how.into(),
+                });
+            }
+        }
+    }
+    for (minor, pids) in &discovery.others {
+        tracing::warn!(
+            "GPU minor {minor} is also held by untraced processes {pids:?}: its energy is split by \
+             SM utilisation where NVML reports it, else only among the traced services"
+        );
+    }
+    Ok(())
+}
+
 /// CPU the sampler threads used since the last call, as a percentage of one core.
 fn sampler_cpu_percent(feeds: &[SamplerFeed], last: &mut u64, elapsed: Duration) -> f64 {
     let total: u64 = feeds.iter().map(|f| f.stats.cpu_ns()).sum();
@@ -506,16 +587,3 @@ fn sampler_cpu_percent(feeds: &[SamplerFeed], last: &mut u64, elapsed: Duration)
     used as f64 / elapsed.as_nanos().max(1) as f64 * 100.0
 }
 
-/// A service name from the operator's selection, e.g. `port 8000`.
-fn describe_targets(spec: &TargetSpec) -> String {
-    let mut parts = Vec::new();
-    parts.extend(spec.ports.iter().map(|p| format!("port {p}")));
-    parts.extend(spec.pids.iter().map(|p| format!("pid {p}")));
-    parts.extend(spec.comms.iter().map(|c| format!("comm {c}")));
-    parts.extend(
-        spec.cgroups
-            .iter()
-            .map(|c| format!("cgroup {}", c.display())),
-    );
-    parts.join(", ")
-}

@@ -282,7 +282,8 @@ impl Reason {
             }
     }
 
-    fn text(&self) -> String {
+    /// The reason in words, for logs and `tracer services`.
+    pub fn text(&self) -> String {
         match self {
             Self::Target { why } => format!("target ({why})"),
             Self::Descendant { of } => format!("child of {of}"),
