@@ -22,7 +22,8 @@
 //! `195 nvidiactl` and `238 nvidia-uvm`; an NVML-only process (`nvidia-smi dmon`) holds fds on
 //! `/dev/nvidia0`, `nvidiactl` and `nvidia-uvm` but maps only `nvidiactl`; a CUDA process (torch)
 //! maps `/dev/nvidia0` (3 mappings), `nvidiactl` and `nvidia-uvm`. So an fd on a GPU is not a
-//! context, a mapping is: [`ProcessGpus::mapped`] tells them apart.
+//! context, a mapping is: [`ProcessGpus::mapped`] tells them apart. The mappings' `dev inode`
+//! columns (`00:06 143`) equal the `st_dev`/`st_ino` of the fds' targets (rdev `c3:0`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -694,6 +695,19 @@ GPU Excluded:\t No
             meta.ino()
         );
         f.process(40, &[(5, "nvidia1")], &maps);
+        // Real lines (H200, torch): the node's filesystem device and inode, then its path.
+        let real =
+            "200600000-200800000 rw-s 00000000 00:06 143                              /dev/nvidia0
+204a00000-204c00000 rw-s 204a00000 00:06 144                             /dev/nvidia-uvm
+";
+        assert_eq!(
+            maps_entry(real.lines().next().expect("line")),
+            Some(((0, 6, 143), "/dev/nvidia0"))
+        );
+        assert_eq!(
+            maps_nodes(real, &f.dev(), &BTreeMap::new()),
+            BTreeSet::from([Node::Gpu(0), Node::Uvm])
+        );
         let g = process_gpus(&f.procfs(), 40, Majors::default(), &f.dev());
         assert_eq!(g.mapped(), BTreeSet::from([1]));
         // Without the fd, an unknown name maps to nothing.

@@ -2213,21 +2213,19 @@ mod tests {
     #[test]
     fn system_sockets_and_stdio_are_not_links() {
         let mut t = Tree::new();
-        t.proc(10, "server", 1, &[(1, 100), (5, 101), (6, 102), (7, 103)])
+        t.proc(10, "server", 1, &[(4, 100), (5, 101), (6, 102), (7, 103)])
             .proc(90, "systemd-journal", 1, &[(20, 900), (21, 901)])
-            .proc(91, "sshd", 1, &[(8, 910)])
-            .proc(92, "helper", 1, &[(9, 920)])
+            .proc(91, "worker", 1, &[(8, 910)])
             .proc(93, "dbus-daemon", 1, &[(9, 930)]);
-        // fd 1 to journald's stdout stream; fd 5 to /dev/log-like syslog; fd 6 to a socketpair
-        // that 91 holds (stdio rule is on 10's side: 6 is not stdio, but 91 holds it as... fd 8 —
-        // it is a real link); fd 7 to dbus.
+        // Not stdio, so only the names keep journald (stream and syslog) and D-Bus out; the
+        // unnamed socketpair to 91 is a link.
         t.unix_pair(100, 900, Some("/run/systemd/journal/stdout"));
         t.unix_pair(101, 901, Some("/dev/log"));
         t.unix_pair(103, 930, Some("/run/dbus/system_bus_socket"));
         t.unix_pair(102, 910, None);
         let d = t.discover(&[root(RootSpec::Pid(10), &[10])]);
         assert_eq!(pids(&d.services[0]), [10, 91]);
-        // Held only as stdio on either side: not a link.
+        // Unnamed, but held only as stdio on one side or the other: not a link.
         let mut t = Tree::new();
         t.proc(10, "server", 1, &[(2, 100), (5, 200)])
             .proc(91, "sshd", 1, &[(8, 101)])
