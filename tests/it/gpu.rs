@@ -132,14 +132,14 @@ fn ioctls_bind_and_release_gpus() {
     // released them when the contexts and registrations were gone.
     for g in ["gpu0", "gpu1"] {
         assert!(
-            log.contains(&format!("{g} bound to service 0 (process {pid})")),
+            log.contains(&format!("{g} bound to service 1 (process {pid})")),
             "{g} not bound:\n{log}"
         );
     }
     let log = std::fs::read_to_string(dir.path().join("tracer.log")).expect("log");
     for g in ["gpu0", "gpu1"] {
         assert!(
-            log.contains(&format!("{g} released by service 0 (process {pid})")),
+            log.contains(&format!("{g} released by service 1 (process {pid})")),
             "{g} not released:\n{log}"
         );
     }

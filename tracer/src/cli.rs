@@ -28,9 +28,35 @@ pub enum Command {
     /// Recompute the energy records of a recording, with its settings or other split and idle
     /// policies.
     Replay(ReplayArgs),
+    /// Show the services of the given targets: their processes, why each belongs (target,
+    /// descendant, cgroup, IPC peer), and the GPUs they hold.
+    Services(ServicesArgs),
     /// List the power sensors this host has (NVML GPUs, RAPL, powercap, or the CPU model),
     /// measure their update periods, and sample them for a while.
     Sensors(SensorsArgs),
+}
+
+/// `tracer services` flags.
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// A process (and its descendants) serving an endpoint (repeatable).
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// The processes listening on this TCP port (repeatable).
+    #[arg(long = "port")]
+    pub ports: Vec<u16>,
+    /// Every process in this cgroup v2 directory (repeatable).
+    #[arg(long = "cgroup")]
+    pub cgroups: Vec<PathBuf>,
+    /// Processes with this name (repeatable).
+    #[arg(long = "comm")]
+    pub comms: Vec<String>,
+    /// Directory holding the NVIDIA device nodes.
+    #[arg(long, default_value = "/dev")]
+    pub device_root: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `tracer sensors` flags.
@@ -279,6 +305,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = args.run.into_config()?;
             config.output.record = Some(args.out);
             daemon(config)
+        }
+        Command::Services(args) => {
+            use crate::{service, target};
+            let spec = target::TargetSpec {
+                pids: args.pids,
+                ports: args.ports,
+                cgroups: args.cgroups,
+                comms: args.comms,
+            };
+            if spec.is_empty() {
+                anyhow::bail!("give --pid, --port, --cgroup or --comm");
+            }
+            let procfs = target::ProcFs::default();
+            let self_pid = std::process::id();
+            let roots = service::roots_from_spec(&procfs, &spec, self_pid)?;
+            let discovery = service::discover(
+                &procfs,
+                &roots,
+                &service::DiscoverOptions {
+                    self_pid,
+                    device_root: args.device_root,
+                    ..service::DiscoverOptions::default()
+                },
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&discovery)?);
+            } else {
+                print!("{}", service::render_text(&discovery));
+            }
+            Ok(())
         }
         Command::Sensors(args) => {
             let mut c = match &args.config {

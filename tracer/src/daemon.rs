@@ -184,27 +184,6 @@ fn start_source(
     })
 }
 
-/// Why a process is a target, in words.
-fn reason_words(bits: u32) -> String {
-    use tracer_ebpf::abi::{TARGET_CGROUP, TARGET_CHILD, TARGET_COMM, TARGET_PID, TARGET_PORT};
-    let mut v = Vec::new();
-    for (bit, word) in [
-        (TARGET_PID, "pid"),
-        (TARGET_PORT, "listens on a target port"),
-        (TARGET_COMM, "name"),
-        (TARGET_CGROUP, "cgroup"),
-        (TARGET_CHILD, "descendant"),
-    ] {
-        if bits & bit != 0 {
-            v.push(word);
-        }
-    }
-    if v.is_empty() {
-        "target".into()
-    } else {
-        v.join(", ")
-    }
-}
 
 /// Runs the daemon until SIGINT or SIGTERM.
 #[allow(clippy::too_many_lines)] // one linear setup sequence, then the loop
