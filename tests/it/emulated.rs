@@ -3,24 +3,14 @@
 //! sensors read through the NVML emulation). The tracer attaches by port with the real probes;
 //! each request's energy must come from both GPUs and match the engine's ground truth.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use tracer_tests::{TempDir, Tracer, client::Client, privileged_or_skip, workspace_artifact};
+use tracer_tests::{
+    TempDir, Tracer, client::Client, jsonl, privileged_or_skip, start_emuhost, workspace_artifact,
+};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
-
-fn jsonl(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 #[test]
 fn requests_get_energy_from_both_gpus_matching_ground_truth() {
@@ -36,26 +26,7 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
     std::fs::copy(&nvml_built, &nvml).expect("copy nvml");
     let state = dir.path().join("state");
     let truth = dir.path().join("truth.jsonl");
-    let mut host = Command::new(&emuhost)
-        .args(["serve", "--port", "0", "--gpus", "2"])
-        .arg("--state")
-        .arg(&state)
-        .arg("--device-root")
-        .arg(&dev)
-        .arg("--truth")
-        .arg(&truth)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn emuhost");
-    let mut line = String::new();
-    BufReader::new(host.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("port");
-    let port: u16 = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("emuhost said {line:?}"));
+    let (mut host, port) = start_emuhost(&emuhost, 2, &state, &dev, &truth);
     let records_path = dir.path().join("records.jsonl");
     let recording = dir.path().join("run.rec");
     let tracer = Tracer::start_env(

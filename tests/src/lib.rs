@@ -226,3 +226,45 @@ pub fn events_of<'a>(
         .filter(|e| e["kind"] == kind && e["tgid"] == tgid)
         .collect()
 }
+
+/// The JSON lines of a file (missing file: none; unparsable lines skipped).
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Starts `emuhost serve` (API process + engine on `gpus` emulated GPUs) and returns it with the
+/// port it listens on.
+pub fn start_emuhost(
+    emuhost: &Path,
+    gpus: u32,
+    state: &Path,
+    dev: &Path,
+    truth: &Path,
+) -> (Child, u16) {
+    use std::io::BufRead as _;
+    let mut host = Command::new(emuhost)
+        .args(["serve", "--port", "0", "--gpus", &gpus.to_string()])
+        .arg("--state")
+        .arg(state)
+        .arg("--device-root")
+        .arg(dev)
+        .arg("--truth")
+        .arg(truth)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn emuhost");
+    let mut line = String::new();
+    std::io::BufReader::new(host.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("port");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("emuhost said {line:?}"));
+    (host, port)
+}

@@ -184,7 +184,6 @@ fn start_source(
     })
 }
 
-
 /// Runs the daemon until SIGINT or SIGTERM.
 #[allow(clippy::too_many_lines)] // one linear setup sequence, then the loop
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -383,9 +382,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut last_kernel = probes.stats()?;
     let mut last_user = pipeline.stats;
     let mut last_report = tokio::time::Instant::now();
-    let mut rediscover = tokio::time::interval(Duration::from_millis(
-        config.probe.rediscover_ms.max(100),
-    ));
+    let mut rediscover =
+        tokio::time::interval(Duration::from_millis(config.probe.rediscover_ms.max(100)));
     rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     rediscover.tick().await;
     let mut last_sampler_cpu = 0u64;
@@ -521,7 +519,11 @@ fn apply_discovery(
                 .collect::<Vec<_>>()
                 .join("; ");
             if !seed {
-                tracing::info!("service {} gained process {pid} ({}): {reason}", s.name, m.comm);
+                tracing::info!(
+                    "service {} gained process {pid} ({}): {reason}",
+                    s.name,
+                    m.comm
+                );
             }
             pipeline.apply(Input::Member {
                 pid,
@@ -565,4 +567,3 @@ fn sampler_cpu_percent(feeds: &[SamplerFeed], last: &mut u64, elapsed: Duration)
     *last = total;
     used as f64 / elapsed.as_nanos().max(1) as f64 * 100.0
 }
-
