@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def engine(conn):
+def engine(conn, per_token):
     import torch
 
     dev = torch.device("cuda:0")
@@ -34,7 +34,7 @@ def engine(conn):
             c = a @ b
         torch.cuda.synchronize()
         for i in range(max_tokens):
-            for _ in range(6):
+            for _ in range(per_token):
                 c = a @ b
             torch.cuda.synchronize()
             conn.send(("token", rid, i))
@@ -42,9 +42,10 @@ def engine(conn):
 
 
 class Api:
-    def __init__(self):
+    def __init__(self, per_token):
         parent, child = mp.Pipe()
-        self.proc = mp.get_context("fork").Process(target=engine, args=(child,), daemon=True)
+        self.proc = mp.get_context("fork").Process(
+            target=engine, args=(child, per_token), daemon=True)
         self.proc.start()
         self.conn = parent
         self.lock = threading.Lock()
@@ -119,7 +120,9 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     global API
     port = int(sys.argv[1])
-    API = Api()
+    # Matrix products per output token: the "model size" (sets GPU time and power per token).
+    per_token = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    API = Api(per_token)
     srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     print(f"listening {port}", flush=True)
     srv.serve_forever()
