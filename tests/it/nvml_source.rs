@@ -93,6 +93,8 @@ impl Emu {
             lib: Some(self.lib.clone()),
             measure_counter_period: false,
             process_interval: Some(Duration::ZERO),
+            // Counter read every poll, so each poll's readings are predictable.
+            counter_cpu_budget: None,
             ..NvmlOptions::default()
         }
     }
@@ -497,4 +499,27 @@ fn sampler_counts_its_polls_and_cpu_time() {
     assert!(stats.max_poll_wall_ns() <= stats.poll_wall_ns());
     // The thread is done: its figures no longer move.
     assert_eq!(stats.polls(), polls);
+}
+
+#[test]
+fn counter_is_read_twice_per_period_and_power_every_poll() {
+    let emu = Emu::new("nvml-cadence", 1);
+    let mut source = open(&NvmlOptions {
+        counter_cpu_budget: Some(0.01),
+        process_interval: None,
+        ..emu.options()
+    });
+    // The emulated counter read is cheap: twice per 100 ms period fits any budget.
+    assert_eq!(source.counter_interval(0), Some(Duration::from_millis(50)));
+    let first = poll(&mut source);
+    let second = poll(&mut source);
+    let power = |r: &Reading| matches!(r, Reading::Power { device: 0, .. });
+    assert!(counter(&first, 0).is_some(), "first poll reads the counter");
+    assert!(counter(&second, 0).is_none(), "not due again within 50 ms");
+    assert_eq!(count(&second, power), 1, "instant power every poll");
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(
+        counter(&poll(&mut source), 0).is_some(),
+        "due again after 50 ms"
+    );
 }

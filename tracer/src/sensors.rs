@@ -130,9 +130,13 @@ pub fn run(opts: &SensorsOptions) -> String {
                         || "no energy counter".into(),
                         |p| {
                             format!(
-                                "counter period {:.1} ms ({})",
+                                "counter period {:.1} ms ({}), read every {}",
                                 p.period.as_secs_f64() * 1e3,
-                                if p.measured { "measured" } else { "assumed" }
+                                if p.measured { "measured" } else { "assumed" },
+                                src.counter_interval(i).map_or_else(
+                                    || "poll".into(),
+                                    |d| format!("{} ms", d.as_millis())
+                                )
                             )
                         },
                     );

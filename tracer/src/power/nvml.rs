@@ -129,6 +129,11 @@ pub struct NvmlOptions {
     pub measure_step: Duration,
     /// How often to read running processes and utilisation samples; `None`: never.
     pub process_interval: Option<Duration>,
+    /// CPU (fraction of one core, per GPU) the energy-counter reads may use. On GSP-based GPUs
+    /// one read costs milliseconds of CPU (4.3 ms measured on an H200), so the counter is read
+    /// every `max(period / 2, cost / budget)`, at least once a second, while the cheap instant
+    /// power field is read every poll. `None`: the counter is read every poll.
+    pub counter_cpu_budget: Option<f64>,
 }
 
 impl Default for NvmlOptions {
@@ -139,6 +144,7 @@ impl Default for NvmlOptions {
             measure_timeout: Duration::from_secs(1),
             measure_step: Duration::from_millis(2),
             process_interval: Some(Duration::from_secs(1)),
+            counter_cpu_budget: Some(0.01),
         }
     }
 }
@@ -176,6 +182,11 @@ struct Gpu {
     /// instead of two); `Off` after it fails once, then the separate calls are used.
     combined: Query,
     period: CounterPeriod,
+    /// How often the energy counter is read (see [`NvmlOptions::counter_cpu_budget`]); 0: every
+    /// poll.
+    counter_interval_ns: u64,
+    /// When the next counter read is due (`CLOCK_MONOTONIC` ns).
+    next_counter_ns: u64,
     processes: Query,
     utilisation: Query,
     /// Newest utilisation sample stamp seen (NVML µs), passed back so samples are not repeated.
@@ -419,6 +430,8 @@ impl NvmlSource {
                 counter: Query::Answering,
                 instant: Query::Answering,
                 combined: Query::Answering,
+                counter_interval_ns: 0,
+                next_counter_ns: 0,
                 period: CounterPeriod {
                     period: DEFAULT_COUNTER_PERIOD,
                     measured: false,
@@ -468,6 +481,9 @@ impl NvmlSource {
             gpus.push(gpu);
         }
         Self::set_counter_periods(&nvml, &mut gpus, options);
+        if let Some(budget) = options.counter_cpu_budget {
+            Self::set_counter_cadence(&nvml, &mut gpus, budget);
+        }
         Ok(Self {
             nvml,
             devices,
@@ -517,6 +533,55 @@ impl NvmlSource {
                 ),
             }
         }
+    }
+
+    /// Chooses how often each GPU's energy counter is read: twice per update period, unless
+    /// that costs more CPU than `budget` (a fraction of one core), then as often as the budget
+    /// allows but at least once a second. The instant power field, read every poll, shapes the
+    /// energy between counter reads; the counter keeps the total exact.
+    fn set_counter_cadence(nvml: &Nvml, gpus: &mut [Gpu], budget: f64) {
+        let budget = budget.clamp(1e-4, 1.0);
+        for (index, gpu) in gpus.iter_mut().enumerate() {
+            if gpu.counter == Query::Off {
+                continue;
+            }
+            let Ok(dev) = device(nvml, gpu, index) else {
+                continue;
+            };
+            let c0 = thread_cpu_ns();
+            let reads = 3u32;
+            for _ in 0..reads {
+                let _ = dev.total_energy_consumption();
+            }
+            let cost_ns = (thread_cpu_ns() - c0) / u64::from(reads);
+            let half_period = u64::try_from(gpu.period.period.as_nanos() / 2).unwrap_or(u64::MAX);
+            let affordable = (cost_ns as f64 / budget) as u64;
+            let interval = half_period.max(affordable).min(1_000_000_000);
+            gpu.counter_interval_ns = interval;
+            let level = if interval > half_period {
+                tracing::Level::WARN
+            } else {
+                tracing::Level::INFO
+            };
+            let msg = format!(
+                "NVML gpu{index}: an energy-counter read costs {:.0} µs of CPU; reading it every \
+                 {} ms ({}% of a core budget), instant power every poll",
+                cost_ns as f64 / 1e3,
+                interval / 1_000_000,
+                budget * 100.0
+            );
+            if level == tracing::Level::WARN {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::info!("{msg}");
+            }
+        }
+    }
+
+    /// How often `device`'s energy counter is read (`None`: every poll, or no such device).
+    pub fn counter_interval(&self, device: usize) -> Option<Duration> {
+        let gpu = self.gpus.get(device)?;
+        (gpu.counter_interval_ns > 0).then(|| Duration::from_nanos(gpu.counter_interval_ns))
     }
 
     /// `device`'s counter period, measured or assumed (`None`: no such device, or it has no
@@ -655,7 +720,15 @@ impl NvmlSource {
     fn poll_energy(&mut self, index: usize, out: &mut Vec<Reading>) {
         let mono = monotonic_ns();
         let real = realtime_ns();
-        if self.poll_combined(index, mono, real, out) {
+        let due = {
+            let gpu = &mut self.gpus[index];
+            let due = mono >= gpu.next_counter_ns;
+            if due {
+                gpu.next_counter_ns = mono.saturating_add(gpu.counter_interval_ns);
+            }
+            due
+        };
+        if due && self.poll_combined(index, mono, real, out) {
             let gpu = &mut self.gpus[index];
             if gpu.lost {
                 gpu.lost = false;
@@ -669,7 +742,7 @@ impl NvmlSource {
             Err(e) => return mark_lost(gpu, index, mono, &e, out),
         };
         let start = out.len();
-        if gpu.counter != Query::Off {
+        if gpu.counter != Query::Off && due {
             match dev.total_energy_consumption() {
                 Ok(energy_mj) => out.push(Reading::Counter {
                     device: index,
