@@ -247,6 +247,24 @@ fn main() -> Result<()> {
         });
         rows.push(run_case(&name, Box::new(source), period, args.seconds)?);
     }
+    // The CPU source the daemon would choose here, on its own thread as in the daemon (the
+    // utilisation model is sampled at 10 Hz; RAPL/powercap at the GPU rate).
+    match tracer::power::cpu::open(&tracer::power::cpu::CpuPowerConfig::default()) {
+        Ok((source, kind)) => {
+            let cpu_period = if kind == tracer::power::cpu::CpuSourceKind::Model {
+                period.max(Duration::from_millis(100))
+            } else {
+                period
+            };
+            let name = format!(
+                "CPU source ({kind}) at {} Hz, its own thread",
+                Duration::from_secs(1).as_millis() / cpu_period.as_millis().max(1)
+            );
+            eprintln!("sampler-bench: {name}, {} s", args.seconds);
+            rows.push(run_case(&name, source, cpu_period, args.seconds)?);
+        }
+        Err(e) => eprintln!("sampler-bench: no CPU source: {e}"),
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = feeder.join();
     ticker.stop();
