@@ -154,9 +154,8 @@ fn two_services_share_a_gpu_by_sm_utilisation() {
     std::thread::sleep(Duration::from_secs(3));
     let log = tracer.log_text();
     let _ = tracer.stop();
-    // SAFETY: signalling our own child; it stops its engine and writes the truth.
-    unsafe { libc::kill(host.id() as i32, libc::SIGTERM) };
-    let _ = host.wait();
+    // It stops its engine and writes the truth.
+    host.stop();
 
     for (what, needle) in [
         ("A holds GPU 0", format!("gpu0 bound to service {a}")),

@@ -236,6 +236,32 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A running `emuhost serve`; stopped (SIGTERM: it stops its engine and writes the truth) when
+/// dropped, so a failing test leaves no emulated server behind.
+pub struct EmuHost(Child);
+
+impl EmuHost {
+    /// The API process's pid.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Stops the host and waits for it (the truth file is complete afterwards).
+    pub fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for EmuHost {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
 /// Starts `emuhost serve` (API process + engine on `gpus` emulated GPUs) and returns it with the
 /// port it listens on.
 pub fn start_emuhost(
@@ -244,7 +270,7 @@ pub fn start_emuhost(
     state: &Path,
     dev: &Path,
     truth: &Path,
-) -> (Child, u16) {
+) -> (EmuHost, u16) {
     use std::io::BufRead as _;
     let mut host = Command::new(emuhost)
         .args(["serve", "--port", "0", "--gpus", &gpus.to_string()])
@@ -266,5 +292,5 @@ pub fn start_emuhost(
         .strip_prefix("listening ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("emuhost said {line:?}"));
-    (host, port)
+    (EmuHost(host), port)
 }
