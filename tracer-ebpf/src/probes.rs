@@ -844,16 +844,13 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
         size = (cmd >> 16) & 0x3FFF;
         if nr == NV_ESC_IOCTL_XFER_CMD {
             // nv_ioctl_xfer_t { u32 cmd; u32 size; u64 ptr }
-            match read_user::<[u64; 2]>(ptr) {
-                Some(x) => {
-                    nr = x[0] & 0xFF;
-                    size = (x[0] >> 32) & 0x3FFF;
-                    ptr = x[1];
-                }
-                None => {
-                    bump(Stat::UserReadFailed as u32);
-                    nr = 0;
-                }
+            if let Some(x) = read_user::<[u64; 2]>(ptr) {
+                nr = x[0] & 0xFF;
+                size = (x[0] >> 32) & 0x3FFF;
+                ptr = x[1];
+            } else {
+                bump(Stat::UserReadFailed as u32);
+                nr = 0;
             }
         }
         if nr != NV_ESC_RM_ALLOC && nr != NV_ESC_RM_FREE {
