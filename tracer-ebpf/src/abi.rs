@@ -545,7 +545,7 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     //! `aya::Pod` marks types userspace may copy in and out of maps and globals.
-    use super::{ConnState, FdKey, GpuKey, GpuUse, ProbeConfig};
+    use super::{ConnState, FdKey, GpuKey, GpuUse, ProbeConfig, UvmKey};
 
     // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for FdKey {}
@@ -557,4 +557,6 @@ mod pod {
     unsafe impl aya::Pod for GpuKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GpuUse {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UvmKey {}
 }

@@ -14,7 +14,7 @@ use aya::{
     programs::TracePoint,
 };
 use tracer_ebpf::abi::{
-    self, ConnState, FdKey, GpuKey, GpuUse, Kind, ProbeConfig, STAT_SLOTS, Stat,
+    self, ConnState, FdKey, GpuKey, GpuUse, Kind, ProbeConfig, STAT_SLOTS, Stat, UvmKey,
 };
 
 /// The compiled probes, embedded at build time.
@@ -306,6 +306,16 @@ impl Probes {
         for key in &stale {
             let _ = gpu.remove(key);
         }
+        let mut uvm = self.hash::<UvmKey, u32>("UVM_REGS")?;
+        let stale: Vec<UvmKey> = uvm
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in &stale {
+            let _ = uvm.remove(key);
+        }
+        // RM_HANDLES is an LRU map: an exited process's handles age out.
         let mut targets = self.hash::<u32, u32>("TARGETS")?;
         let _ = targets.remove(&tgid);
         Ok(())
