@@ -187,6 +187,8 @@ struct Gpu {
     counter_interval_ns: u64,
     /// When the next counter read is due (`CLOCK_MONOTONIC` ns).
     next_counter_ns: u64,
+    /// Average CPU cost of a counter-reading poll, ns (0 until measured).
+    counter_cost_ns: f64,
     processes: Query,
     utilisation: Query,
     /// Newest utilisation sample stamp seen (NVML µs), passed back so samples are not repeated.
@@ -199,6 +201,8 @@ pub struct NvmlSource {
     devices: Vec<PowerDevice>,
     gpus: Vec<Gpu>,
     process_interval_ns: Option<u64>,
+    /// See [`NvmlOptions::counter_cpu_budget`].
+    counter_cpu_budget: Option<f64>,
     /// When the next process/utilisation query is due (`CLOCK_MONOTONIC` ns).
     next_process_ns: u64,
     field_clock_logged: bool,
@@ -432,6 +436,7 @@ impl NvmlSource {
                 combined: Query::Answering,
                 counter_interval_ns: 0,
                 next_counter_ns: 0,
+                counter_cost_ns: 0.0,
                 period: CounterPeriod {
                     period: DEFAULT_COUNTER_PERIOD,
                     measured: false,
@@ -491,6 +496,7 @@ impl NvmlSource {
             process_interval_ns: options
                 .process_interval
                 .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            counter_cpu_budget: options.counter_cpu_budget.map(|b| b.clamp(1e-4, 1.0)),
             next_process_ns: 0,
             field_clock_logged: false,
             util_clock_logged: false,
@@ -562,6 +568,7 @@ impl NvmlSource {
             let affordable = (cost_ns as f64 / budget) as u64;
             let interval = half_period.max(affordable).min(1_000_000_000);
             gpu.counter_interval_ns = interval;
+            gpu.counter_cost_ns = cost_ns as f64;
             let level = if interval > half_period {
                 tracing::Level::WARN
             } else {
@@ -569,7 +576,8 @@ impl NvmlSource {
             };
             let msg = format!(
                 "NVML gpu{index}: an energy-counter read costs {:.0} µs of CPU; reading it every \
-                 {} ms ({}% of a core budget), instant power every poll",
+                 {} ms to start with ({}% of a core budget; adjusted to what reads really \
+                 cost), instant power every poll",
                 cost_ns as f64 / 1e3,
                 interval / 1_000_000,
                 budget * 100.0
@@ -580,6 +588,29 @@ impl NvmlSource {
                 tracing::info!("{msg}");
             }
         }
+    }
+
+    /// Keeps the counter cadence within the budget as the driver's cost drifts: an average of
+    /// what counter-reading polls really cost, and the interval that it affords.
+    fn account_counter_read(&mut self, index: usize, cpu_ns: u64) {
+        let gpu = &mut self.gpus[index];
+        let Some(budget) = self.counter_cpu_budget else {
+            return;
+        };
+        gpu.counter_cost_ns = if gpu.counter_cost_ns > 0.0 {
+            0.8 * gpu.counter_cost_ns + 0.2 * cpu_ns as f64
+        } else {
+            cpu_ns as f64
+        };
+        let half_period = u64::try_from(gpu.period.period.as_nanos() / 2).unwrap_or(u64::MAX);
+        let affordable = (gpu.counter_cost_ns / budget) as u64;
+        let interval = half_period.max(affordable).min(1_000_000_000);
+        // Move the next read with the new interval (it was scheduled with the old one).
+        gpu.next_counter_ns = gpu
+            .next_counter_ns
+            .saturating_sub(gpu.counter_interval_ns)
+            .saturating_add(interval);
+        gpu.counter_interval_ns = interval;
     }
 
     /// How often `device`'s energy counter is read (`None`: every poll, or no such device).
@@ -952,7 +983,12 @@ impl PowerSource for NvmlSource {
     /// processes and utilisation.
     fn poll(&mut self, out: &mut Vec<Reading>) {
         for index in 0..self.gpus.len() {
+            let due = monotonic_ns() >= self.gpus[index].next_counter_ns;
+            let c0 = thread_cpu_ns();
             self.poll_energy(index, out);
+            if due {
+                self.account_counter_read(index, thread_cpu_ns().saturating_sub(c0));
+            }
         }
         if let Some(interval) = self.process_interval_ns {
             let now = monotonic_ns();
