@@ -132,7 +132,7 @@ pub struct NvmlOptions {
     /// CPU (fraction of one core, per GPU) the energy-counter reads may use. On GSP-based GPUs
     /// one read costs milliseconds of CPU (3–4 ms measured on an H200), so the counter is read
     /// every `max(period / 2, cost / budget)`, at least once a second, while the cheap instant
-    /// power field is read every poll. The default, 0.5 %, keeps a GPU's whole sampler near 1 %
+    /// power field is read every poll. With the default, 0.5 %, a GPU's whole sampler took 1.2 %
     /// of a core on the H200 (instant power at 50 Hz is another 0.5 %). `None`: the counter is
     /// read every poll.
     pub counter_cpu_budget: Option<f64>,
