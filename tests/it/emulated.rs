@@ -6,9 +6,7 @@
 use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use tracer_tests::{
-    TempDir, Tracer, client::Client, jsonl, privileged_or_skip, start_emuhost, workspace_artifact,
-};
+use tracer_tests::{EmuEnv, Tracer, client::Client, jsonl, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -17,16 +15,15 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
     if !privileged_or_skip("requests_get_energy_from_both_gpus_matching_ground_truth") {
         return;
     }
-    let emuhost = workspace_artifact("emuhost", "tracer-emuhost");
-    let nvml_built = workspace_artifact("libnvidia_ml.so", "nvml-emu");
-    let dir = TempDir::new("emulated");
-    let dev = dir.path().join("dev");
-    std::fs::create_dir_all(&dev).expect("dev");
-    let nvml = dir.path().join("libnvidia-ml.so.1");
-    std::fs::copy(&nvml_built, &nvml).expect("copy nvml");
-    let state = dir.path().join("state");
-    let truth = dir.path().join("truth.jsonl");
-    let (mut host, port) = start_emuhost(&emuhost, 2, &state, &dev, &truth);
+    let env = EmuEnv::new("emulated");
+    let (dir, dev, nvml, state, truth) = (
+        &env.dir,
+        env.dev.clone(),
+        env.nvml.clone(),
+        env.state.clone(),
+        env.truth.clone(),
+    );
+    let (mut host, port) = env.start_host(2);
     let records_path = dir.path().join("records.jsonl");
     let recording = dir.path().join("run.rec");
     let tracer = Tracer::start_env(

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tracer_tests::{TempDir, Tracer, events_of, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, Tracer, events_of, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -25,14 +25,14 @@ fn ioctls_bind_and_release_gpus() {
     if !privileged_or_skip("ioctls_bind_and_release_gpus") {
         return;
     }
-    let emuhost = workspace_artifact("emuhost", "tracer-emuhost");
-    let nvml_built = workspace_artifact("libnvidia_ml.so", "nvml-emu");
-    let dir = TempDir::new("gpu-binding");
-    let dev = dir.path().join("dev");
-    std::fs::create_dir_all(&dev).expect("dev");
-    let nvml = dir.path().join("libnvidia-ml.so.1");
-    std::fs::copy(&nvml_built, &nvml).expect("copy nvml");
-    let state = dir.path().join("state");
+    let env = EmuEnv::new("gpu-binding");
+    let (dir, emuhost, dev, nvml, state) = (
+        &env.dir,
+        env.emuhost.clone(),
+        env.dev.clone(),
+        env.nvml.clone(),
+        env.state.clone(),
+    );
     let specs = tracer_emugpu::GpuSpec::h100s(2);
     let _sensors = tracer_emugpu::SensorWriter::create(&state, &specs).expect("sensor state");
 

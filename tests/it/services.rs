@@ -16,9 +16,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{
-    TempDir, Tracer, client::Client, jsonl, privileged_or_skip, start_emuhost, workspace_artifact,
-};
+use tracer_tests::{EmuEnv, Tracer, client::Client, jsonl, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -27,16 +25,16 @@ fn two_services_share_a_gpu_by_sm_utilisation() {
     if !privileged_or_skip("two_services_share_a_gpu_by_sm_utilisation") {
         return;
     }
-    let emuhost = workspace_artifact("emuhost", "tracer-emuhost");
-    let nvml_built = workspace_artifact("libnvidia_ml.so", "nvml-emu");
-    let dir = TempDir::new("services");
-    let dev = dir.path().join("dev");
-    std::fs::create_dir_all(&dev).expect("dev");
-    let nvml = dir.path().join("libnvidia-ml.so.1");
-    std::fs::copy(&nvml_built, &nvml).expect("copy nvml");
-    let state = dir.path().join("state");
-    let truth = dir.path().join("truth.jsonl");
-    let (mut host, port) = start_emuhost(&emuhost, 2, &state, &dev, &truth);
+    let env = EmuEnv::new("services");
+    let (dir, emuhost, dev, nvml, state, truth) = (
+        &env.dir,
+        env.emuhost.clone(),
+        env.dev.clone(),
+        env.nvml.clone(),
+        env.state.clone(),
+        env.truth.clone(),
+    );
+    let (mut host, port) = env.start_host(2);
 
     let mut other = Command::new(&emuhost)
         .args(["hold", "--gpus", "1", "--device-root"])

@@ -262,6 +262,46 @@ impl Drop for EmuHost {
     }
 }
 
+/// The files of an emulated-host test: a temp dir with a stand-in device root, a copy of the
+/// NVML emulation library as `libnvidia-ml.so.1`, and paths for the sensor state and the truth.
+pub struct EmuEnv {
+    pub dir: TempDir,
+    /// The `emuhost` binary.
+    pub emuhost: PathBuf,
+    pub dev: PathBuf,
+    pub nvml: PathBuf,
+    pub state: PathBuf,
+    pub truth: PathBuf,
+}
+
+impl EmuEnv {
+    /// Builds what is missing and lays the files out under a fresh temp dir.
+    pub fn new(name: &str) -> EmuEnv {
+        let emuhost = workspace_artifact("emuhost", "tracer-emuhost");
+        let nvml_built = workspace_artifact("libnvidia_ml.so", "nvml-emu");
+        let dir = TempDir::new(name);
+        let dev = dir.path().join("dev");
+        std::fs::create_dir_all(&dev).expect("dev");
+        let nvml = dir.path().join("libnvidia-ml.so.1");
+        std::fs::copy(&nvml_built, &nvml).expect("copy nvml");
+        let state = dir.path().join("state");
+        let truth = dir.path().join("truth.jsonl");
+        EmuEnv {
+            dir,
+            emuhost,
+            dev,
+            nvml,
+            state,
+            truth,
+        }
+    }
+
+    /// Starts the emulated server on `gpus` GPUs.
+    pub fn start_host(&self, gpus: u32) -> (EmuHost, u16) {
+        start_emuhost(&self.emuhost, gpus, &self.state, &self.dev, &self.truth)
+    }
+}
+
 /// Starts `emuhost serve` (API process + engine on `gpus` emulated GPUs) and returns it with the
 /// port it listens on.
 pub fn start_emuhost(

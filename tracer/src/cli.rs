@@ -39,18 +39,8 @@ pub enum Command {
 /// `tracer services` flags.
 #[derive(Debug, Args)]
 pub struct ServicesArgs {
-    /// A process (and its descendants) serving an endpoint (repeatable).
-    #[arg(long = "pid")]
-    pub pids: Vec<u32>,
-    /// The processes listening on this TCP port (repeatable).
-    #[arg(long = "port")]
-    pub ports: Vec<u16>,
-    /// Every process in this cgroup v2 directory (repeatable).
-    #[arg(long = "cgroup")]
-    pub cgroups: Vec<PathBuf>,
-    /// Processes with this name (repeatable).
-    #[arg(long = "comm")]
-    pub comms: Vec<String>,
+    #[command(flatten)]
+    pub targets: TargetArgs,
     /// Directory holding the NVIDIA device nodes.
     #[arg(long, default_value = "/dev")]
     pub device_root: PathBuf,
@@ -112,24 +102,32 @@ pub struct ReplayArgs {
     pub events_out: Option<PathBuf>,
 }
 
+/// What to trace, shared by `run`, `record` and `services`: each flag is one target (a root of a
+/// service).
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// This process and its descendants (repeatable). [config: targets.pids]
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// The processes listening on this TCP port (repeatable). [config: targets.ports]
+    #[arg(long = "port")]
+    pub ports: Vec<u16>,
+    /// Every process in this cgroup v2 directory (repeatable). [config: targets.cgroups]
+    #[arg(long = "cgroup")]
+    pub cgroups: Vec<PathBuf>,
+    /// Processes with this name, now and at later execs (repeatable). [config: targets.comms]
+    #[arg(long = "comm")]
+    pub comms: Vec<String>,
+}
+
 /// `tracer run` flags. Each one overrides the same setting from `--config`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file (every flag below has a key there).
     #[arg(long, short = 'c', env = "TRACER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Trace this process and its descendants (repeatable). [config: targets.pids]
-    #[arg(long = "pid")]
-    pub pids: Vec<u32>,
-    /// Trace the processes listening on this TCP port (repeatable). [config: targets.ports]
-    #[arg(long = "port")]
-    pub ports: Vec<u16>,
-    /// Trace every process in this cgroup v2 directory (repeatable). [config: targets.cgroups]
-    #[arg(long = "cgroup")]
-    pub cgroups: Vec<PathBuf>,
-    /// Trace processes with this name, now and at later execs (repeatable). [config: targets.comms]
-    #[arg(long = "comm")]
-    pub comms: Vec<String>,
+    #[command(flatten)]
+    pub targets: TargetArgs,
     /// Directory holding the NVIDIA device nodes. [config: probe.device_root]
     #[arg(long)]
     pub device_root: Option<PathBuf>,
@@ -196,10 +194,10 @@ impl RunArgs {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        c.targets.pids.extend(self.pids);
-        c.targets.ports.extend(self.ports);
-        c.targets.cgroups.extend(self.cgroups);
-        c.targets.comms.extend(self.comms);
+        c.targets.pids.extend(self.targets.pids);
+        c.targets.ports.extend(self.targets.ports);
+        c.targets.cgroups.extend(self.targets.cgroups);
+        c.targets.comms.extend(self.targets.comms);
         if let Some(v) = self.device_root {
             c.probe.device_root = v;
         }
@@ -309,10 +307,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Services(args) => {
             use crate::{service, target};
             let spec = target::TargetSpec {
-                pids: args.pids,
-                ports: args.ports,
-                cgroups: args.cgroups,
-                comms: args.comms,
+                pids: args.targets.pids,
+                ports: args.targets.ports,
+                cgroups: args.targets.cgroups,
+                comms: args.targets.comms,
             };
             if spec.is_empty() {
                 anyhow::bail!("give --pid, --port, --cgroup or --comm");
