@@ -95,6 +95,7 @@ fn daemon_sees_exactly_the_targets_syscalls() {
     assert_eq!(response.len() as u64, head_len + body_len);
     let dev_fd = expect_line(&mut lines, "dev")[0];
     let child = expect_line(&mut lines, "forked")[0] as u32;
+    let thread = expect_line(&mut lines, "thread")[0];
     expect_line(&mut lines, "done");
 
     // Let the poll timer drain, then stop; the daemon drains once more on the way out.
@@ -189,4 +190,19 @@ fn daemon_sees_exactly_the_targets_syscalls() {
         1,
         "child exit seen"
     );
+
+    // The thread: its creation (a fork record from the target) and its end, flagged a thread.
+    let thread_forks: Vec<_> = events_of(&events, "fork", pid)
+        .into_iter()
+        .filter(|e| num(e, "child") == thread)
+        .collect();
+    assert_eq!(thread_forks.len(), 1, "thread creation seen");
+    let ends: Vec<_> = events_of(&events, "exit", pid);
+    assert_eq!(
+        ends.len(),
+        1,
+        "only the thread ended, not the process: {ends:?}"
+    );
+    assert_eq!(num(ends[0], "pid"), thread);
+    assert_eq!(ends[0]["thread"], true);
 }

@@ -216,6 +216,9 @@ pub enum Stat {
 pub const DATA_FLAG_EOF: u16 = 1;
 /// `Header::flags` bit on a [`Kind::ProcExec`] record: the process became a target by its comm.
 pub const EXEC_FLAG_COMM_MATCH: u16 = 1;
+/// `Header::flags` bit on a [`Kind::ProcExit`] record: a followed thread ended (`pid` is its
+/// thread id), not a process. Lets userspace forget what the thread's creation added.
+pub const EXIT_FLAG_THREAD: u16 = 1;
 
 /// First bytes of every ring-buffer record.
 #[repr(C)]

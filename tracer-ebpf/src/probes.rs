@@ -29,11 +29,11 @@ use aya_log_ebpf::{info, warn};
 use tracer_ebpf::abi::{
     CAPTURE_MAX, COMM_LEN, CONFIG_IOCTL_EVENTS, CONFIG_STANDIN_DEVICES, CloseEvent, ConnEvent,
     ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN, DEV_CTL, DEV_MODESET, DEV_OTHER, DEV_PREFIX_MAX,
-    DEV_UVM, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, FdKey, GPU_CLIENT_FREED,
-    GPU_CONTEXT_DOWN, GPU_CONTEXT_UP, GPU_FIRST_USE, GPU_MINOR_MAX, GPU_UVM_REGISTER,
-    GPU_UVM_UNREGISTER, GpuEvent, GpuKey, GpuUse, HANDLE_COUNTED, HandleKey, Header, IOV_WALK_MAX,
-    IoctlEvent, Kind, PATH_CAPTURE, ProbeConfig, ProcEvent, RM_DEV_BASE, ROLE_CLIENT, ROLE_SERVER,
-    STAT_SLOTS, Stash, Stat, Syscall, TARGET_CHILD, TARGET_COMM, UvmKey,
+    DEV_UVM, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, EXIT_FLAG_THREAD, FdKey,
+    GPU_CLIENT_FREED, GPU_CONTEXT_DOWN, GPU_CONTEXT_UP, GPU_FIRST_USE, GPU_MINOR_MAX,
+    GPU_UVM_REGISTER, GPU_UVM_UNREGISTER, GpuEvent, GpuKey, GpuUse, HANDLE_COUNTED, HandleKey,
+    Header, IOV_WALK_MAX, IoctlEvent, Kind, PATH_CAPTURE, ProbeConfig, ProcEvent, RM_DEV_BASE,
+    ROLE_CLIENT, ROLE_SERVER, STAT_SLOTS, Stash, Stat, Syscall, TARGET_CHILD, TARGET_COMM, UvmKey,
 };
 
 const AF_UNIX: u16 = 1;
@@ -1207,8 +1207,11 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let tgid = (id >> 32) as u32;
     let tid = id as u32;
     if tid != tgid {
-        // A thread: drop the entry its creation may have added.
-        let _ = TARGETS.remove(tid);
+        // A thread: drop the entry its creation added, and say so (userspace followed it too).
+        if TARGETS.remove(tid).is_ok() {
+            proc_event(Kind::ProcExit, id, EXIT_FLAG_THREAD, tid, 0);
+        }
+        // It may also be the process's last thread (the leader exited first): go on.
     }
     // SAFETY: sched_process_exit: group_dead (bool) at offset 32.
     let group_dead = unsafe { *(ctx.as_ptr().cast::<u8>().add(32)) };

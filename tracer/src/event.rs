@@ -100,8 +100,13 @@ pub enum Body<'a> {
         comm: String,
         comm_match: bool,
     },
-    /// A target process ended.
-    Exit { pid: u32, comm: String },
+    /// A target process ended (`thread`: a followed thread of a target, `pid` its thread id).
+    Exit {
+        pid: u32,
+        comm: String,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        thread: bool,
+    },
     /// What the process holds on a GPU changed.
     Gpu {
         #[serde(flatten)]
@@ -340,7 +345,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     comm,
                     comm_match: hdr.flags & EXEC_FLAG_COMM_MATCH != 0,
                 },
-                _ => Body::Exit { pid: ev.pid, comm },
+                _ => Body::Exit {
+                    pid: ev.pid,
+                    comm,
+                    thread: hdr.flags & abi::EXIT_FLAG_THREAD != 0,
+                },
             }
         }
     };

@@ -508,9 +508,19 @@ impl Pipeline {
                     self.tracker.on_close(key, ev.ts_ns);
                 }
             }
+            Body::Exit {
+                pid, thread: true, ..
+            } => {
+                // A followed thread ended: forget what its creation added.
+                if let Some(s) = self.proc_service.remove(&pid)
+                    && let Some(svc) = self.services.get_mut(&s)
+                {
+                    svc.members.remove(&pid);
+                }
+                return;
+            }
             Body::Fork { child, parent, .. } => {
-                // Threads fire this too; a thread's entry is harmless (it never sends events
-                // under its own id) and goes when its id is reused by a process that exits.
+                // Threads fire this too: their entries go when they exit (a thread exit event).
                 if let Some(&s) = self.proc_service.get(&parent) {
                     self.proc_service.insert(child, s);
                     if let Some(svc) = self.services.get_mut(&s) {
@@ -1129,6 +1139,35 @@ mod tests {
         assert!(gpus_of(&p, 0).is_empty(), "a dead engine holds nothing");
         assert!(!p.services()[0].members.contains_key(&11));
         assert_eq!(p.exited, vec![11]);
+    }
+
+    #[test]
+    fn thread_exits_forget_what_thread_creation_added() {
+        let mut p = pipeline();
+        for tid in 100..110 {
+            p.apply(proc_event(Kind::ProcFork, 10, 1, tid, 10));
+        }
+        assert_eq!(p.services()[0].members.len(), 11);
+        for tid in 100..110 {
+            let mut ev = ProcEvent {
+                hdr: header(Kind::ProcExit, 10, 2),
+                pid: tid,
+                ppid: 0,
+                comm: [0; 16],
+            };
+            ev.hdr.tid = tid;
+            ev.hdr.flags = abi::EXIT_FLAG_THREAD;
+            p.apply(Input::Probe {
+                bytes: bytes_of(&ev),
+            });
+        }
+        let view = p.services();
+        assert_eq!(
+            view[0].members.keys().copied().collect::<Vec<_>>(),
+            vec![10]
+        );
+        assert!(p.exited.is_empty(), "a thread's end is not a process's");
+        assert_eq!(p.proc_service.len(), 2, "only the two targets are left");
     }
 
     #[test]

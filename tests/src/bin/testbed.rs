@@ -4,7 +4,8 @@
 //! connection, `read`s the request (until a blank line), answers with one `write` (head) and one
 //! three-segment `writev` (body), closes; opens `<device-root>/nvidia0` and issues the ioctls
 //! given with `--ioctl` (hex), closes; forks a child that opens `<device-root>/nvidiactl`, issues
-//! `--child-ioctl` once and exits. Each step prints what it did (fds, pids) for the test to check.
+//! `--child-ioctl` once and exits; starts a thread that ends at once. Each step prints what it
+//! did (fds, pids, thread id) for the test to check.
 
 use std::{
     ffi::CString,
@@ -121,6 +122,14 @@ fn main() {
         unsafe { libc::waitpid(pid, &raw mut status, 0) };
         writeln!(out, "forked {pid}").expect("stdout");
     }
+    // A thread that starts and ends: followed at creation, forgotten at its end.
+    let tid = std::thread::spawn(|| {
+        // SAFETY: gettid has no arguments and cannot fail.
+        unsafe { libc::gettid() }
+    })
+    .join()
+    .expect("thread");
+    writeln!(out, "thread {tid}").expect("stdout");
     writeln!(out, "done").expect("stdout");
     out.flush().expect("flush");
     // Stay alive until the test closes stdin, so the daemon sees us as a live target throughout.
