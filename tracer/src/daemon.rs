@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     ledger::{self, DeviceKind},
     pipeline::{DeviceSetup, Input, Outputs, Pipeline, PipelineConfig, Sink, UserStats, file_sink},
-    power::{self, PowerSource, Reading},
+    power::{self, PowerSource, Reading, monotonic_ns},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
     record::{RecordError, RecordHeader, Recorder},
     service::{self, DiscoverOptions, Discovery, ServiceError},
@@ -58,11 +58,6 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> DaemonError {
 
 /// Connections without traffic for this long are ended (their close was never seen).
 const IDLE_CONNECTION_NS: u64 = 600_000_000_000;
-
-/// `CLOCK_MONOTONIC` now, the probes' clock.
-pub fn monotonic_ns() -> u64 {
-    power::monotonic_ns()
-}
 
 fn drain(pipeline: &mut Pipeline, ring: &mut RingBuf<MapData>) -> usize {
     let mut n = 0;
@@ -117,21 +112,11 @@ impl SamplerFeed {
         while let Ok(mut batch) = self.rx.try_recv() {
             if self.offset != 0 {
                 for r in &mut batch {
-                    shift_device(r, self.offset);
+                    *r.device_mut() += self.offset;
                 }
             }
             pipeline.apply(Input::Power { readings: batch });
         }
-    }
-}
-
-fn shift_device(r: &mut Reading, offset: usize) {
-    match r {
-        Reading::Counter { device, .. }
-        | Reading::Power { device, .. }
-        | Reading::Processes { device, .. }
-        | Reading::ProcessUtil { device, .. }
-        | Reading::Lost { device, .. } => *device += offset,
     }
 }
 
@@ -233,8 +218,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let pipeline_config = PipelineConfig {
         http: config.http.clone(),
         ledger: config.ledger.clone(),
-        wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(power::monotonic_ns()))
-            as i64,
+        wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
     };
     let recorder = match &config.output.record {
         Some(path) => Some(Recorder::create(

@@ -220,7 +220,7 @@ pub fn run(opts: &SensorsOptions) -> String {
         for (s, rx, _, _) in &feeds {
             while let Ok(batch) = rx.try_recv() {
                 for r in &batch {
-                    let dev = reading_device(r);
+                    let dev = r.device();
                     let wrap = wraps.get(&(*s, dev)).copied().flatten();
                     runs.entry((*s, dev)).or_default().add(r, wrap);
                 }
@@ -280,14 +280,4 @@ pub fn run(opts: &SensorsOptions) -> String {
     // Dropping the receivers ends the sampler threads at their next send.
     drop(feeds);
     out
-}
-
-fn reading_device(r: &Reading) -> usize {
-    match r {
-        Reading::Counter { device, .. }
-        | Reading::Power { device, .. }
-        | Reading::Processes { device, .. }
-        | Reading::ProcessUtil { device, .. }
-        | Reading::Lost { device, .. } => *device,
-    }
 }

@@ -118,6 +118,65 @@ pub enum Reading {
     },
 }
 
+impl Reading {
+    /// The index of the device it is about (in its source's [`PowerSource::devices`]).
+    pub fn device(&self) -> usize {
+        match self {
+            Reading::Counter { device, .. }
+            | Reading::Power { device, .. }
+            | Reading::Processes { device, .. }
+            | Reading::ProcessUtil { device, .. }
+            | Reading::Lost { device, .. } => *device,
+        }
+    }
+
+    /// The device index, to renumber readings when several sources feed one pipeline.
+    pub fn device_mut(&mut self) -> &mut usize {
+        match self {
+            Reading::Counter { device, .. }
+            | Reading::Power { device, .. }
+            | Reading::Processes { device, .. }
+            | Reading::ProcessUtil { device, .. }
+            | Reading::Lost { device, .. } => device,
+        }
+    }
+}
+
+/// Pushes a counter reading, or — once per outage — a [`Reading::Lost`]: a counter that fails
+/// to read is a visible gap, not a stream of errors. `lost` is the device's outage flag.
+pub(crate) fn counter_or_lost(
+    out: &mut Vec<Reading>,
+    lost: &mut bool,
+    device: usize,
+    ts_ns: u64,
+    read: Result<u64, String>,
+    wrap_uj: Option<u64>,
+    name: &str,
+) {
+    match read {
+        Ok(energy_uj) => {
+            *lost = false;
+            out.push(Reading::Counter {
+                device,
+                ts_ns,
+                energy_uj,
+                wrap_uj,
+            });
+        }
+        Err(reason) => {
+            if !*lost {
+                *lost = true;
+                tracing::warn!("{name}: {reason}; a gap until it reads again");
+                out.push(Reading::Lost {
+                    device,
+                    ts_ns,
+                    reason,
+                });
+            }
+        }
+    }
+}
+
 /// A source of power readings.
 pub trait PowerSource: Send {
     /// What it measures; `Reading::device` indexes this list.
@@ -194,7 +253,7 @@ impl SamplerStats {
 }
 
 /// CPU time the calling thread has used, ns.
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

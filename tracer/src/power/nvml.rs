@@ -50,7 +50,9 @@ use nvml_wrapper::{
     struct_wrappers::device::FieldValueSample, structs::device::FieldId,
 };
 
-use super::{PowerDevice, PowerError, PowerSource, Reading, monotonic_ns, realtime_ns};
+use super::{
+    PowerDevice, PowerError, PowerSource, Reading, monotonic_ns, realtime_ns, thread_cpu_ns,
+};
 use crate::ledger::DeviceKind;
 
 /// The energy counter's update period on A100 and H100 (NVIDIA documents the counter as
@@ -96,16 +98,6 @@ fn field_mj(value: &SampleValue) -> Option<u64> {
     }
 }
 
-/// CPU time the calling thread has used, ns.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; every Linux thread has a CPU-time clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 /// `NVML_DEVICE_MIG_ENABLE`.
 const MIG_ENABLE: u32 = 1;
 /// Counter changes to wait for while measuring the period: three intervals for the median.

@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    PowerDevice, PowerError, PowerSource, Reading, cpu::read_trimmed, monotonic_ns,
-    rapl::RAPL_PERIOD_NS,
+    PowerDevice, PowerError, PowerSource, Reading, counter_or_lost, cpu::read_trimmed,
+    monotonic_ns, rapl::RAPL_PERIOD_NS,
 };
 use crate::ledger::DeviceKind;
 
@@ -233,31 +233,15 @@ impl PowerSource for PowercapSource {
     fn poll(&mut self, out: &mut Vec<Reading>) {
         for (index, zone) in self.zones.iter().enumerate() {
             let ts_ns = monotonic_ns();
-            match read_energy(&zone.dir) {
-                Ok(energy_uj) => {
-                    self.lost[index] = false;
-                    out.push(Reading::Counter {
-                        device: index,
-                        ts_ns,
-                        energy_uj,
-                        wrap_uj: Some(zone.max_energy_range_uj),
-                    });
-                }
-                Err(reason) => {
-                    if !self.lost[index] {
-                        self.lost[index] = true;
-                        tracing::warn!(
-                            "powercap {}: {reason}; a gap until it reads again",
-                            zone.device.name
-                        );
-                        out.push(Reading::Lost {
-                            device: index,
-                            ts_ns,
-                            reason,
-                        });
-                    }
-                }
-            }
+            counter_or_lost(
+                out,
+                &mut self.lost[index],
+                index,
+                ts_ns,
+                read_energy(&zone.dir),
+                Some(zone.max_energy_range_uj),
+                &format!("powercap {}", zone.device.name),
+            );
         }
     }
 

@@ -21,7 +21,7 @@ use std::{
 use perf_event::{Builder, events::Raw};
 
 use super::{
-    PowerDevice, PowerError, PowerSource, Reading,
+    PowerDevice, PowerError, PowerSource, Reading, counter_or_lost,
     cpu::{package_of, parse_cpu_list, read_trimmed},
     monotonic_ns,
 };
@@ -449,31 +449,20 @@ impl PowerSource for RaplSource {
     fn poll(&mut self, out: &mut Vec<Reading>) {
         for (index, ch) in self.channels.iter_mut().enumerate() {
             let ts_ns = monotonic_ns();
-            match ch.reader.read_count() {
-                Ok(count) => {
-                    ch.lost = false;
-                    out.push(Reading::Counter {
-                        device: index,
-                        ts_ns,
-                        energy_uj: (count as f64 * ch.uj_per_count).round() as u64,
-                        wrap_uj: None,
-                    });
-                }
-                Err(e) => {
-                    if !ch.lost {
-                        ch.lost = true;
-                        tracing::warn!(
-                            "RAPL {}: read failed: {e}; a gap until it reads again",
-                            self.devices[index].name
-                        );
-                        out.push(Reading::Lost {
-                            device: index,
-                            ts_ns,
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-            }
+            let read = ch
+                .reader
+                .read_count()
+                .map(|count| (count as f64 * ch.uj_per_count).round() as u64)
+                .map_err(|e| e.to_string());
+            counter_or_lost(
+                out,
+                &mut ch.lost,
+                index,
+                ts_ns,
+                read,
+                None,
+                &format!("RAPL {}", self.devices[index].name),
+            );
         }
     }
 
