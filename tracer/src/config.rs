@@ -31,11 +31,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub targets: TargetsConfig,
+    pub targets: crate::probe::targets::TargetSpec,
     pub probe: ProbeFileConfig,
     pub output: OutputConfig,
     /// The HTTP tracker (head size limit, tenant header and hash key).
-    pub http: crate::http::TrackerConfig,
+    pub http: crate::wire::TrackerConfig,
     /// Power sources.
     pub power: PowerConfig,
     /// Attribution (split and idle policies, grace, uncertainty factors).
@@ -77,20 +77,6 @@ impl Default for PowerConfig {
             cpu: crate::power::cpu::CpuPowerConfig::default(),
         }
     }
-}
-
-/// What to trace. Children of every selected process are followed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TargetsConfig {
-    /// Process ids.
-    pub pids: Vec<u32>,
-    /// TCP ports: the processes listening on them.
-    pub ports: Vec<u16>,
-    /// cgroup v2 directories (absolute or relative to /sys/fs/cgroup).
-    pub cgroups: Vec<PathBuf>,
-    /// Process names (`comm`), now and at every later exec.
-    pub comms: Vec<String>,
 }
 
 /// Probe and ring-buffer settings.

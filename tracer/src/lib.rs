@@ -1,22 +1,28 @@
 //! tracer: per-request energy attribution for LLM inference servers.
 //!
-//! Data path: kernel probes ([`probe`]) → ring buffer → [`event`] decode → per-connection and
-//! per-process state → ledger ← power samplers → request records. [`daemon`] runs the loop;
-//! [`cli`] is the binary's front end.
+//! The modules follow the data path:
+//!
+//! ```text
+//! probe (load, attach, ring, decode, targets)
+//!   → wire (HTTP framing, streams, server dialects, request summaries)
+//!   → occupancy (GPU devices, services, which process holds which GPU)
+//!   → pipeline (deterministic: inputs in, facts out)  ← power (samplers)
+//!        └ ledger (where every joule goes)
+//!   → output (subscribers: JSON lines, log summary) and record (recordings, replay)
+//! ```
+//!
+//! [`daemon`] wires them together at run time; [`cli`] is the binary's front end.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod event;
-pub mod gpu;
-pub mod http;
+pub mod ids;
 pub mod ledger;
+pub mod occupancy;
+pub mod output;
 pub mod pipeline;
 pub mod power;
 pub mod probe;
+pub mod procfs;
 pub mod record;
-pub mod replay;
-pub mod requests;
-pub mod sensors;
-pub mod service;
-pub mod target;
+pub mod wire;

@@ -12,10 +12,12 @@
 use std::path::PathBuf;
 
 use tracer::{
-    event::{self, Body, GpuChange},
     pipeline::Input,
-    record::Replayer,
-    replay::{ReplayOptions, replay},
+    probe::decode::{self as event, Body, GpuChange},
+    record::{
+        format::Replayer,
+        replay::{ReplayOptions, replay},
+    },
 };
 
 fn fixture(name: &str) -> PathBuf {

@@ -1,4 +1,4 @@
-//! Fuzzes `tracer::http::Tracker` with syscall sequences mixing raw bytes and pieces of real
+//! Fuzzes `tracer::wire::Tracker` with syscall sequences mixing raw bytes and pieces of real
 //! HTTP/SSE traffic, random splits and uncaptured tails, and checks the lifecycle invariants:
 //! per request, `Arrive` comes first, nothing follows `End`, and every `Arrive` ends once.
 #![no_main]
@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
-use tracer::http::{ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig};
+use tracer::wire::{ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig};
 
 const REQUESTS: &[&[u8]] = &[
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 98\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}",

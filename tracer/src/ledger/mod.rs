@@ -122,18 +122,7 @@ use sensor::{CounterEvent, PowerCurve, PowerPoint, Push, Segment};
 /// Joules per kWh.
 const J_PER_KWH: f64 = 3.6e6;
 
-/// A power-measured device (GPU, CPU package, DRAM domain).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct DeviceId(pub u32);
-
-/// A service: the set of processes serving one endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ServiceId(pub u32);
-
-/// A request, as minted by the daemon (cheap to copy and hash; the server's own id travels in
-/// [`Arrival::external_id`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RequestId(pub u64);
+pub use crate::ids::{DeviceId, RequestId, ServiceId};
 
 /// What kind of device a power domain is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -178,7 +167,7 @@ pub struct DeviceInfo {
 }
 
 /// How requests of a service share a device's dynamic energy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum SplitPolicy {
     /// `tokens` where every request involved has token counts, else `equal`.
@@ -193,7 +182,7 @@ pub enum SplitPolicy {
 }
 
 /// What happens to idle energy while requests are in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum IdlePolicy {
     /// Requests carry dynamic energy only; idle is reported per device.

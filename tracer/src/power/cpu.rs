@@ -28,7 +28,7 @@ use super::{PowerError, PowerSource, Reading, cpumodel, powercap, rapl};
 use crate::ledger::DeviceKind;
 
 /// Which CPU power source to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuSource {
     /// RAPL (perf), then powercap, then the model: the first that opens.

@@ -10,6 +10,7 @@ pub mod cpumodel;
 pub mod nvml;
 pub mod powercap;
 pub mod rapl;
+pub mod survey;
 
 use std::{
     sync::{

@@ -12,12 +12,13 @@ use tracer_ebpf::abi::{Kind, Stat};
 use crate::{
     config::Config,
     ledger::{self, DeviceKind},
+    occupancy::service::{self, DiscoverOptions, Discovery, ServiceError},
     pipeline::{DeviceSetup, Input, Outputs, Pipeline, PipelineConfig, Sink, UserStats, file_sink},
     power::{self, PowerSource, Reading, monotonic_ns},
+    probe::targets::{self, TargetError},
     probe::{KernelStats, ProbeError, ProbeSettings, Probes, TRACEPOINTS},
-    record::{RecordError, RecordHeader, Recorder},
-    service::{self, DiscoverOptions, Discovery, ServiceError},
-    target::{self, ProcFs, TargetError, TargetSpec},
+    procfs::ProcFs,
+    record::format::{RecordError, RecordHeader, Recorder},
 };
 
 /// Errors that stop the daemon.
@@ -172,18 +173,13 @@ fn start_source(
 /// Runs the daemon until SIGINT or SIGTERM.
 #[allow(clippy::too_many_lines)] // one linear setup sequence, then the loop
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let spec = TargetSpec {
-        pids: config.targets.pids.clone(),
-        ports: config.targets.ports.clone(),
-        cgroups: config.targets.cgroups.clone(),
-        comms: config.targets.comms.clone(),
-    };
+    let spec = config.targets.clone();
     if spec.is_empty() {
         return Err(DaemonError::NoTargets);
     }
     let procfs = ProcFs::default();
     let self_pid = std::process::id();
-    let resolved = target::resolve(&procfs, &spec, self_pid)?;
+    let resolved = targets::resolve(&procfs, &spec, self_pid)?;
 
     let settings = ProbeSettings {
         ring_bytes: config.probe.ring_bytes,

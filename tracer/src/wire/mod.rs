@@ -14,6 +14,7 @@
 //! windows for a handful of keys, and a tenant key is kept only as a keyed hash.
 
 mod json;
+pub mod summary;
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -34,7 +34,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::target::{ProcFs, TargetError};
+use crate::procfs::{ProcError, ProcFs};
 
 /// The major number of the NVIDIA GPU and control nodes on Linux.
 pub const NVIDIA_MAJOR: u32 = 195;
@@ -336,7 +336,7 @@ pub fn all_process_gpus(
     procfs: &ProcFs,
     majors: Majors,
     device_root: &Path,
-) -> Result<BTreeMap<u32, ProcessGpus>, TargetError> {
+) -> Result<BTreeMap<u32, ProcessGpus>, ProcError> {
     Ok(procfs
         .pids()?
         .into_iter()
@@ -352,7 +352,7 @@ pub fn gpu_holders(
     procfs: &ProcFs,
     majors: Majors,
     device_root: &Path,
-) -> Result<BTreeMap<u32, BTreeSet<u32>>, TargetError> {
+) -> Result<BTreeMap<u32, BTreeSet<u32>>, ProcError> {
     Ok(holders_by_minor(&all_process_gpus(
         procfs,
         majors,

@@ -22,15 +22,15 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::{self, Body, DeviceNode, Event, GpuChange},
-    http::{self as wire_http, ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig},
     ledger::{
         self, Arrival, DeviceId, DeviceInfo, DeviceKind, IdleSource, Ledger, LedgerConfig,
         RequestId, RequestRecord, ServiceId,
     },
     power::Reading,
-    record::Recorder,
-    requests::RequestCollector,
+    probe::decode::{self as event, Body, DeviceNode, Event, GpuChange},
+    record::format::Recorder,
+    wire::summary::RequestCollector,
+    wire::{self as wire_http, ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig},
 };
 
 /// Everything the pipeline acts on. Recorded in this form by `tracer record`.

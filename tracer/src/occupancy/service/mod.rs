@@ -4,7 +4,7 @@
 //! talks to `EngineCore` over ZMQ IPC, TGI's router to its shards over gRPC on Unix sockets,
 //! Ollama to a child `llama-server` over loopback HTTP; see `shared/notes/inference-servers.md`).
 //! So GPU energy is bound to a *service*, and the service's GPUs are the union of the GPUs its
-//! processes have a context on ([`crate::gpu`]: the process maps the GPU's node). GPUs members only
+//! processes have a context on ([`crate::occupancy::devices`]: the process maps the GPU's node). GPUs members only
 //! hold fds on (NVML calls) are listed apart, in [`Service::fd_only_gpus`].
 //!
 //! # Who is a member
@@ -60,7 +60,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -68,8 +68,9 @@ use serde::Serialize;
 use tracer_ebpf::abi::{TARGET_COMM, TARGET_PID, TARGET_PORT};
 
 use crate::{
-    gpu::{self, GpuInfo, Majors, ProcessGpus},
-    target::{self, ProcFs, TCP_ESTABLISHED, TCP_LISTEN, TargetError, TargetSpec},
+    occupancy::devices::{self as gpu, GpuInfo, Majors, ProcessGpus},
+    probe::targets::{self as target, TargetError, TargetSpec},
+    procfs::{self, ProcFs, TCP_ESTABLISHED, TCP_LISTEN, TcpEntry, is_loopback},
 };
 
 pub use unix_diag::UnixSocket;
@@ -77,9 +78,12 @@ pub use unix_diag::UnixSocket;
 /// Errors from service discovery.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// Resolving a target or reading procfs failed.
+    /// Resolving a target failed.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// Reading procfs failed.
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcError),
     /// Nothing to start from.
     #[error("no targets given")]
     NoRoots,
@@ -317,7 +321,7 @@ pub struct Service {
     /// Endpoint ports: given ports and the ports the root processes listen on.
     pub ports: Vec<u16>,
     pub members: BTreeMap<u32, Member>,
-    /// GPU minors a member has a context on (maps the node; see [`crate::gpu`]).
+    /// GPU minors a member has a context on (maps the node; see [`crate::occupancy::devices`]).
     pub gpus: BTreeSet<u32>,
     /// GPU minors members only hold fds on, mapped by no member: NVML-style use (vLLM's API
     /// server calls `nvmlInit`), not occupancy; not counted in `gpus`.
@@ -547,72 +551,6 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 // Loopback TCP
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP socket from `/proc/net/tcp{,6}` with both addresses (v4-mapped v6 addresses are given as
-/// v4, so that the two ends of a v4 connection to a dual-stack listener match).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TcpEntry {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub state: u8,
-    pub inode: u64,
-}
-
-/// Parses `/proc/net/tcp` (`v6` false) or `tcp6` text with addresses. Malformed lines are skipped.
-///
-/// The kernel prints each 32-bit word of an address with `%08X` in host byte order, so the words
-/// are read back with native byte order.
-pub fn parse_tcp_entries(text: &str, v6: bool) -> Vec<TcpEntry> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            let local = parse_tcp_addr(cols.nth(1)?, v6)?;
-            let remote = parse_tcp_addr(cols.next()?, v6)?;
-            let state = u8::from_str_radix(cols.next()?, 16).ok()?;
-            let inode = cols.nth(5)?.parse().ok()?;
-            Some(TcpEntry {
-                local,
-                remote,
-                state,
-                inode,
-            })
-        })
-        .collect()
-}
-
-fn parse_tcp_addr(text: &str, v6: bool) -> Option<SocketAddr> {
-    let (addr, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        Some(
-            u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16)
-                .ok()?
-                .to_ne_bytes(),
-        )
-    };
-    let ip = if v6 {
-        if addr.len() != 32 {
-            return None;
-        }
-        let mut bytes = [0u8; 16];
-        for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
-            chunk.copy_from_slice(&word(i)?);
-        }
-        IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical()
-    } else {
-        if addr.len() != 8 {
-            return None;
-        }
-        IpAddr::V4(Ipv4Addr::from(word(0)?))
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-/// Whether an address is loopback (127/8, `::1`, `::ffff:127.x.x.x`).
-pub fn is_loopback(ip: IpAddr) -> bool {
-    ip.to_canonical().is_loopback()
-}
-
 /// The TCP sockets of one network namespace, indexed.
 #[derive(Debug, Default)]
 struct TcpTable {
@@ -669,27 +607,6 @@ impl TcpTable {
 // The procfs snapshot and the walk
 // ---------------------------------------------------------------------------------------------
 
-/// `PF_KTHREAD` in the flags field of `/proc/<pid>/stat`.
-const PF_KTHREAD: u64 = 0x0020_0000;
-
-/// The flags field (9th) of `/proc/<pid>/stat`.
-fn parse_stat_flags(text: &str) -> Option<u64> {
-    let close = text.rfind(')')?;
-    // After the comm: state ppid pgrp session tty_nr tpgid flags.
-    text.get(close + 1..)?
-        .split_whitespace()
-        .nth(6)?
-        .parse()
-        .ok()
-}
-
-/// The cgroup v2 path of a process from `/proc/<pid>/cgroup` (`0::/path`).
-fn parse_cgroup(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
-}
-
 #[derive(Debug)]
 struct ProcInfo {
     comm: String,
@@ -717,12 +634,11 @@ impl Snapshot {
             let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
                 continue;
             };
-            let Some((comm, ppid)) = target::parse_stat(&stat) else {
+            let Some(st) = procfs::parse_stat(&stat) else {
                 continue;
             };
-            let kthread = pid == 2
-                || ppid == 2
-                || parse_stat_flags(&stat).is_some_and(|f| f & PF_KTHREAD != 0);
+            let kthread = st.is_kthread(pid);
+            let (comm, ppid) = (st.comm, st.ppid);
             let mut sockets: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
             for (fd, inode) in procfs.socket_fds(pid) {
                 sockets.entry(inode).or_default().push(fd);
@@ -736,7 +652,7 @@ impl Snapshot {
                     kthread,
                     cgroup: fs::read_to_string(dir.join("cgroup"))
                         .ok()
-                        .and_then(|t| parse_cgroup(&t)),
+                        .and_then(|t| procfs::parse_cgroup(&t)),
                     netns: fs::read_link(dir.join("ns/net"))
                         .ok()
                         .map(|p| p.to_string_lossy().into_owned()),
@@ -832,18 +748,9 @@ impl Walker<'_> {
             .unwrap_or_else(|| format!("pid {pid}"));
         let procfs = self.procfs;
         self.tables.entry(key).or_insert_with(|| {
-            let read = |dir: &Path| -> Option<Vec<TcpEntry>> {
-                let v4 = fs::read_to_string(dir.join("tcp")).ok();
-                let v6 = fs::read_to_string(dir.join("tcp6")).ok();
-                if v4.is_none() && v6.is_none() {
-                    return None;
-                }
-                let mut out = v4.map(|t| parse_tcp_entries(&t, false)).unwrap_or_default();
-                out.extend(v6.map(|t| parse_tcp_entries(&t, true)).unwrap_or_default());
-                Some(out)
-            };
-            let entries = read(&procfs.proc_root.join(format!("{pid}/net")))
-                .or_else(|| read(&procfs.proc_root.join("net")))
+            let entries = procfs
+                .tcp_entries_in(&format!("{pid}/net"))
+                .or_else(|| procfs.tcp_entries_in("net"))
                 .unwrap_or_default();
             TcpTable::new(entries)
         })
@@ -1798,7 +1705,7 @@ mod tests {
     #[test]
     #[cfg(target_endian = "little")]
     fn tcp_entries_v4_and_v6_with_loopback_detection() {
-        let v4 = parse_tcp_entries(TCP4, false);
+        let v4 = procfs::parse_tcp(TCP4, false);
         assert_eq!(v4.len(), 4);
         assert_eq!(v4[0].local, sa("0.0.0.0:2024"));
         assert_eq!(v4[0].state, TCP_LISTEN);
@@ -1809,13 +1716,14 @@ mod tests {
                 remote: sa("127.0.0.1:44037"),
                 state: TCP_ESTABLISHED,
                 inode: 215_105,
+                v6: false,
             }
         );
         assert_eq!(v4[2].local, sa("10.0.0.5:22"));
         assert!(!is_loopback(v4[2].local.ip()) && !is_loopback(v4[2].remote.ip()));
         assert_eq!(v4[3].inode, 0, "time-wait sockets have no inode");
 
-        let v6 = parse_tcp_entries(TCP6, true);
+        let v6 = procfs::parse_tcp(TCP6, true);
         assert_eq!(v6.len(), 5);
         assert_eq!(v6[0].local, sa("[::]:44037"));
         assert_eq!(v6[1].local, sa("[::1]:44037"));
@@ -1854,14 +1762,6 @@ mod tests {
         assert!(cgroup_under("/system.slice", "/system.slice"));
         assert!(!cgroup_under("/system.slice2/x", "/system.slice"));
         assert!(cgroup_under("/anything", "/"));
-        assert_eq!(
-            parse_stat_flags("5 (kworker/0:1) I 2 0 0 0 -1 69238880 0 0"),
-            Some(69_238_880)
-        );
-        assert_eq!(
-            parse_cgroup("0::/user.slice/x.scope\n"),
-            Some("/user.slice/x.scope".into())
-        );
     }
 
     // ---- fake procfs trees ----------------------------------------------------------------------
@@ -2274,7 +2174,7 @@ mod tests {
         t.proc(1, "systemd", 0, &[(3, 10)])
             .proc(10, "server", 1, &[(3, 100), (4, 101), (5, 102)])
             .proc(11, "child", 10, &[])
-            .proc_flags(12, "kthread-ish", 10, PF_KTHREAD, &[])
+            .proc_flags(12, "kthread-ish", 10, procfs::PF_KTHREAD, &[])
             .proc(2, "kthreadd", 0, &[])
             .proc(77, "kworker/0:1", 2, &[(3, 770)])
             .proc(999_999, "tracer", 10, &[(3, 1000)]);

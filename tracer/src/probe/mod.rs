@@ -2,6 +2,12 @@
 //!
 //! Dropping [`Probes`] detaches every program (aya closes the links), so a clean shutdown is
 //! simply letting it go out of scope.
+//!
+//! Submodules: [`decode`] turns ring-buffer records into typed events; [`targets`] resolves what
+//! the operator asked to trace into processes.
+
+pub mod decode;
+pub mod targets;
 
 use std::{
     ffi::CString,

@@ -10,7 +10,7 @@ use std::{io::BufWriter, path::PathBuf};
 use crate::{
     ledger::{IdlePolicy, LedgerError, SplitPolicy},
     pipeline::{Outputs, Pipeline, Sink, file_sink},
-    record::{RecordError, Replayer},
+    record::format::{RecordError, Replayer},
 };
 
 /// Errors of a replay.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::http::{Lifecycle, Outcome};
+use crate::wire::{Lifecycle, Outcome};
 
 /// One HTTP request, start to end, as seen on the wire.
 #[derive(Debug, Clone, Default, Serialize)]

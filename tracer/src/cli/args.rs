@@ -1,0 +1,217 @@
+//! The binary's flags. Each `run` flag overrides the same key of the configuration file.
+
+// Doc comments here are clap help text, shown verbatim: no Markdown backticks.
+#![allow(clippy::doc_markdown)]
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::{
+    config::Config,
+    ledger::{IdlePolicy, SplitPolicy},
+    power::cpu::CpuSource,
+    probe::targets::TargetSpec,
+};
+
+/// `tracer services` flags.
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    pub targets: TargetSpec,
+    /// Directory holding the NVIDIA device nodes.
+    #[arg(long, default_value = "/dev")]
+    pub device_root: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tracer sensors` flags.
+#[derive(Debug, Args)]
+pub struct SensorsArgs {
+    /// TOML configuration file (its [power] table is used).
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How long to sample, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Sampling period in milliseconds (default: power.interval_ms).
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    /// Path of libnvidia-ml.so.1.
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
+    /// Do not open NVML.
+    #[arg(long)]
+    pub no_nvml: bool,
+    /// CPU package/DRAM power source.
+    #[arg(long, value_enum)]
+    pub cpu_power: Option<CpuSource>,
+}
+
+/// `tracer record` flags: `tracer run`'s, plus where to record.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The recording to write.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `tracer replay` flags.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A recording written by `tracer record` (or `run --record`).
+    pub recording: PathBuf,
+    /// Split policy for requests sharing a device: auto, equal, tokens or bytes (default: the
+    /// recording's).
+    #[arg(long, value_enum)]
+    pub split: Option<SplitPolicy>,
+    /// Idle policy: amortize or report (default: the recording's).
+    #[arg(long, value_enum)]
+    pub idle_policy: Option<IdlePolicy>,
+    /// Write the records as JSON lines here (default: standard output).
+    #[arg(long)]
+    pub records_out: Option<PathBuf>,
+    /// Write every decoded probe event as a JSON line here (the audit view of the raw data).
+    #[arg(long)]
+    pub events_out: Option<PathBuf>,
+}
+
+/// `tracer run` flags. Each one overrides the same setting from `--config`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (every flag below has a key there).
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub targets: TargetSpec,
+    /// Directory holding the NVIDIA device nodes. [config: probe.device_root]
+    #[arg(long)]
+    pub device_root: Option<PathBuf>,
+    /// Ring-buffer size in bytes (power of two). [config: probe.ring_bytes]
+    #[arg(long)]
+    pub ring_bytes: Option<u32>,
+    /// Payload bytes copied per socket syscall (≤ 4096). [config: probe.capture_bytes]
+    #[arg(long)]
+    pub capture_bytes: Option<u32>,
+    /// Ring-buffer drain period in milliseconds. [config: probe.poll_interval_ms]
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
+    /// Activity summary period in milliseconds, 0 = off. [config: output.summary_interval_ms]
+    #[arg(long)]
+    pub summary_interval_ms: Option<u64>,
+    /// Write every decoded probe event as a JSON line to this file. [config: output.events_out]
+    #[arg(long)]
+    pub events_out: Option<PathBuf>,
+    /// Write every finished HTTP request as a JSON line to this file. [config: output.requests_out]
+    #[arg(long)]
+    pub requests_out: Option<PathBuf>,
+    /// Write every request's energy record as a JSON line to this file. [config: output.records_out]
+    #[arg(long)]
+    pub records_out: Option<PathBuf>,
+    /// Path of libnvidia-ml.so.1. [config: power.nvml_lib]
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
+    /// Do not sample GPUs through NVML. [config: power.nvml = false]
+    #[arg(long)]
+    pub no_nvml: bool,
+    /// Power sampling period in milliseconds. [config: power.interval_ms]
+    #[arg(long)]
+    pub power_interval_ms: Option<u64>,
+    /// GPU idle power in watts (default: learned). [config: power.gpu_idle_watts]
+    #[arg(long)]
+    pub gpu_idle_watts: Option<f64>,
+    /// How requests sharing a device split its energy. [config: ledger.split]
+    #[arg(long, value_enum)]
+    pub split: Option<SplitPolicy>,
+    /// Idle energy while requests run: amortize (shared by them) or report (kept on the
+    /// device). [config: ledger.idle]
+    #[arg(long, value_enum)]
+    pub idle_policy: Option<IdlePolicy>,
+    /// Also report every ioctl on an NVIDIA fd as an event. [config: probe.ioctl_events]
+    #[arg(long)]
+    pub ioctl_events: bool,
+    /// The device nodes are stand-in files of an emulated host (tests, demo): decode their
+    /// ioctls although the kernel rejects them. [config: probe.standin_devices]
+    #[arg(long)]
+    pub standin_devices: bool,
+    /// Re-discover services from /proc this often in milliseconds, 0 = at attach only.
+    /// [config: probe.rediscover_ms]
+    #[arg(long)]
+    pub rediscover_ms: Option<u64>,
+    /// Record every attribution input to this file for `tracer replay`. [config: output.record]
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// CPU package/DRAM power source. [config: power.cpu.source]
+    #[arg(long, value_enum)]
+    pub cpu_power: Option<CpuSource>,
+}
+
+impl RunArgs {
+    /// The file configuration (or defaults) with these flags applied.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        c.targets.extend(self.targets);
+        if let Some(v) = self.device_root {
+            c.probe.device_root = v;
+        }
+        if let Some(v) = self.ring_bytes {
+            c.probe.ring_bytes = v;
+        }
+        if let Some(v) = self.capture_bytes {
+            c.probe.capture_bytes = v;
+        }
+        if let Some(v) = self.poll_interval_ms {
+            c.probe.poll_interval_ms = v;
+        }
+        c.probe.ioctl_events |= self.ioctl_events;
+        c.probe.standin_devices |= self.standin_devices;
+        if let Some(v) = self.rediscover_ms {
+            c.probe.rediscover_ms = v;
+        }
+        if self.record.is_some() {
+            c.output.record = self.record;
+        }
+        if let Some(v) = self.cpu_power {
+            c.power.cpu.source = v;
+        }
+        if let Some(v) = self.summary_interval_ms {
+            c.output.summary_interval_ms = v;
+        }
+        if self.events_out.is_some() {
+            c.output.events_out = self.events_out;
+        }
+        if self.requests_out.is_some() {
+            c.output.requests_out = self.requests_out;
+        }
+        if self.records_out.is_some() {
+            c.output.records_out = self.records_out;
+        }
+        if self.nvml_lib.is_some() {
+            c.power.nvml_lib = self.nvml_lib;
+        }
+        if self.no_nvml {
+            c.power.nvml = false;
+        }
+        if let Some(v) = self.power_interval_ms {
+            c.power.interval_ms = v;
+        }
+        if self.gpu_idle_watts.is_some() {
+            c.power.gpu_idle_watts = self.gpu_idle_watts;
+        }
+        if let Some(v) = self.split {
+            c.ledger.split = v;
+        }
+        if let Some(v) = self.idle_policy {
+            c.ledger.idle = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}

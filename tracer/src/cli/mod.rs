@@ -1,0 +1,142 @@
+//! Command-line interface: parse arguments, layer them over the config file, call the library.
+
+// Doc comments here are clap help text, shown verbatim: no Markdown backticks.
+#![allow(clippy::doc_markdown)]
+
+mod args;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use self::args::{RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs};
+use crate::config::Config;
+
+/// Per-request energy attribution for LLM inference servers, measured in the kernel.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the probes to the target processes and trace them until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// As run, recording every attribution input (raw probe records, power readings,
+    /// discoveries) to a file that `tracer replay` recomputes every figure from.
+    Record(RecordArgs),
+    /// Recompute the energy records of a recording, with its settings or other split and idle
+    /// policies.
+    Replay(ReplayArgs),
+    /// Show the services of the given targets: their processes, why each belongs (target,
+    /// descendant, cgroup, IPC peer), and the GPUs they hold.
+    Services(ServicesArgs),
+    /// List the power sensors this host has (NVML GPUs, RAPL, powercap, or the CPU model),
+    /// measure their update periods, and sample them for a while.
+    Sensors(SensorsArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // try_init: a second call (tests) is not an error worth dying for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the `tracer` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let daemon = |config: Config| -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(crate::daemon::run(config))?;
+        Ok(())
+    };
+    match cli.command {
+        Command::Run(args) => daemon(args.into_config()?),
+        Command::Record(args) => {
+            let mut config = args.run.into_config()?;
+            config.output.record = Some(args.out);
+            daemon(config)
+        }
+        Command::Services(args) => {
+            use crate::{occupancy::service, procfs::ProcFs};
+            if args.targets.is_empty() {
+                anyhow::bail!("give --pid, --port, --cgroup or --comm");
+            }
+            let procfs = ProcFs::default();
+            let self_pid = std::process::id();
+            let roots = service::roots_from_spec(&procfs, &args.targets, self_pid)?;
+            let discovery = service::discover(
+                &procfs,
+                &roots,
+                &service::DiscoverOptions {
+                    self_pid,
+                    device_root: args.device_root,
+                    ..service::DiscoverOptions::default()
+                },
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&discovery)?);
+            } else {
+                print!("{}", service::render_text(&discovery));
+            }
+            Ok(())
+        }
+        Command::Sensors(args) => {
+            let mut c = match &args.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            if args.nvml_lib.is_some() {
+                c.power.nvml_lib = args.nvml_lib;
+            }
+            if let Some(v) = args.cpu_power {
+                c.power.cpu.source = v;
+            }
+            let report = crate::power::survey::run(&crate::power::survey::SensorsOptions {
+                use_nvml: c.power.nvml && !args.no_nvml,
+                nvml: crate::power::nvml::NvmlOptions {
+                    lib: c.power.nvml_lib.clone(),
+                    ..crate::power::nvml::NvmlOptions::default()
+                },
+                cpu: c.power.cpu.clone(),
+                duration: std::time::Duration::from_secs_f64(args.seconds.clamp(0.1, 3600.0)),
+                interval: std::time::Duration::from_millis(
+                    args.interval_ms.unwrap_or(c.power.interval_ms).max(1),
+                ),
+            });
+            print!("{report}");
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let summary = crate::record::replay::replay(&crate::record::replay::ReplayOptions {
+                recording: args.recording,
+                split: args.split,
+                idle: args.idle_policy,
+                records_out: args.records_out,
+                events_out: args.events_out,
+            })?;
+            eprintln!("{summary}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Subscribers to the pipeline's facts: the outputs.
