@@ -212,6 +212,40 @@ pub enum Stat {
     IoctlsDecoded = 50,
 }
 
+impl Stat {
+    /// Every counter, in slot order.
+    pub const ALL: [Stat; 11] = [
+        Stat::StashFull,
+        Stat::ConnTableFull,
+        Stat::DevTableFull,
+        Stat::CaptureTruncated,
+        Stat::UserReadFailed,
+        Stat::IovTruncated,
+        Stat::TargetTableFull,
+        Stat::ForcedWakeups,
+        Stat::GpuTableFull,
+        Stat::HandleTableFull,
+        Stat::IoctlsDecoded,
+    ];
+
+    /// The counter's name in reports and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::StashFull => "stash_full",
+            Stat::ConnTableFull => "conn_table_full",
+            Stat::DevTableFull => "dev_table_full",
+            Stat::CaptureTruncated => "capture_truncated",
+            Stat::UserReadFailed => "user_read_failed",
+            Stat::IovTruncated => "iov_truncated",
+            Stat::TargetTableFull => "target_table_full",
+            Stat::ForcedWakeups => "forced_wakeups",
+            Stat::GpuTableFull => "gpu_table_full",
+            Stat::HandleTableFull => "handle_table_full",
+            Stat::IoctlsDecoded => "ioctls_decoded",
+        }
+    }
+}
+
 /// `Header::flags` bit on a [`Kind::Data`] record: the read returned 0 (peer closed its side).
 pub const DATA_FLAG_EOF: u16 = 1;
 /// `Header::flags` bit on a [`Kind::ProcExec`] record: the process became a target by its comm.

@@ -2,5 +2,6 @@
 //! endpoint) found from the targets, and the binding of processes to GPUs from what the probes
 //! and NVML report.
 
+pub mod binding;
 pub mod devices;
 pub mod service;

@@ -52,7 +52,8 @@ pub enum Body<'a> {
         fd: i32,
         /// The listening socket for accept, `None` for connect.
         listen_fd: Option<i32>,
-        syscall: &'static str,
+        #[serde(serialize_with = "ser_syscall")]
+        syscall: Syscall,
         /// Address family as the kernel numbers it (2 = IPv4, 10 = IPv6, 1 = Unix, 0 = unknown).
         family: u16,
         /// The peer's address, when the caller passed a buffer for it and it is IP.
@@ -62,7 +63,8 @@ pub enum Body<'a> {
     Data {
         conn_id: u64,
         fd: i32,
-        syscall: &'static str,
+        #[serde(serialize_with = "ser_syscall")]
+        syscall: Syscall,
         /// Bytes flowed into the process.
         inbound: bool,
         /// Bytes the syscall moved.
@@ -178,6 +180,15 @@ pub fn uuid_string(b: &[u8; 16]) -> String {
     s
 }
 
+/// Syscalls appear in JSON by the name the kernel gives them.
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with passes a reference"
+)]
+fn ser_syscall<S: serde::Serializer>(sc: &Syscall, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(sc.name())
+}
+
 fn ser_lossy<S: serde::Serializer>(payload: &&[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&String::from_utf8_lossy(payload))
 }
@@ -251,7 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 conn_id: ev.conn_id,
                 fd: ev.fd,
                 listen_fd: (ev.listen_fd >= 0).then_some(ev.listen_fd),
-                syscall: syscall(ev.syscall, kind)?.name(),
+                syscall: syscall(ev.syscall, kind)?,
                 family: ev.family,
                 peer: peer(ev.family, ev.port, &ev.addr),
             }
@@ -269,7 +280,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             Body::Data {
                 conn_id: head.conn_id,
                 fd: head.fd,
-                syscall: sc.name(),
+                syscall: sc,
                 inbound: sc.is_inbound(),
                 total_len: head.total_len,
                 eof: hdr.flags & DATA_FLAG_EOF != 0,
@@ -414,7 +425,7 @@ mod tests {
                 assert!(!inbound);
                 assert_eq!(payload, b"HTTP");
                 assert_eq!(iov_segs, 3);
-                assert_eq!(syscall, "writev");
+                assert_eq!(syscall, Syscall::Writev);
             }
             other => panic!("wrong body {other:?}"),
         }

@@ -7,7 +7,10 @@
 //! the operator asked to trace into processes.
 
 pub mod decode;
+mod stats;
 pub mod targets;
+
+pub use self::stats::KernelStats;
 
 use std::{
     ffi::CString,
@@ -19,9 +22,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use tracer_ebpf::abi::{
-    self, ConnState, FdKey, GpuKey, GpuUse, Kind, ProbeConfig, STAT_SLOTS, Stat, UvmKey,
-};
+use tracer_ebpf::abi::{self, ConnState, FdKey, GpuKey, GpuUse, ProbeConfig, STAT_SLOTS, UvmKey};
 
 /// The compiled probes, embedded at build time.
 static PROBES_OBJECT: &[u8] =
@@ -373,51 +374,5 @@ impl Probes {
             *slot = values.iter().sum();
         }
         Ok(KernelStats { slots })
-    }
-}
-
-/// A snapshot of the probes' counters, summed over CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelStats {
-    slots: [u64; STAT_SLOTS as usize],
-}
-
-impl Default for KernelStats {
-    fn default() -> Self {
-        Self {
-            slots: [0; STAT_SLOTS as usize],
-        }
-    }
-}
-
-impl KernelStats {
-    /// Records of `kind` written to the ring buffer.
-    pub fn emitted(&self, kind: Kind) -> u64 {
-        self.slots[kind.emitted_stat() as usize]
-    }
-
-    /// Records of `kind` lost because the ring buffer was full.
-    pub fn dropped(&self, kind: Kind) -> u64 {
-        self.slots[kind.dropped_stat() as usize]
-    }
-
-    /// Records lost of any kind.
-    pub fn dropped_total(&self) -> u64 {
-        Kind::ALL.iter().map(|&k| self.dropped(k)).sum()
-    }
-
-    /// One of the other counters.
-    pub fn get(&self, stat: Stat) -> u64 {
-        self.slots[stat as usize]
-    }
-
-    /// Counter-wise difference `self - earlier` (counters only grow).
-    #[must_use]
-    pub fn since(&self, earlier: &KernelStats) -> KernelStats {
-        let mut slots = [0u64; STAT_SLOTS as usize];
-        for (i, slot) in slots.iter_mut().enumerate() {
-            *slot = self.slots[i].saturating_sub(earlier.slots[i]);
-        }
-        KernelStats { slots }
     }
 }

@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{Input, PipelineConfig};
+use crate::pipeline::{Fact, Input, Interest, PipelineConfig, Subscriber, SubscriberError};
 
 const MAGIC: &[u8; 11] = b"TRACERREC1\n";
 const TAG_HEADER: u8 = 0;
@@ -117,6 +117,34 @@ impl Recorder {
     /// Flushes buffered frames to the file.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.w.flush()
+    }
+}
+
+/// The recorder is a lossless subscriber: it keeps every input, in order, before the pipeline
+/// acts on it.
+impl Subscriber for Recorder {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest {
+            inputs: true,
+            ..Interest::default()
+        }
+    }
+
+    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
+        match fact {
+            Fact::Input(i) => self.write(i)?,
+            Fact::Probe(b) => self.write_probe(b)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SubscriberError> {
+        Ok(Recorder::flush(self)?)
     }
 }
 

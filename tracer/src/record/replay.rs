@@ -5,12 +5,13 @@
 //! same settings — and a different split or idle policy gives the bill under that policy,
 //! from the same raw data.
 
-use std::{io::BufWriter, path::PathBuf};
+use std::path::PathBuf;
 
+use super::format::{RecordError, Replayer};
 use crate::{
     ledger::{IdlePolicy, LedgerError, SplitPolicy},
-    pipeline::{Outputs, Pipeline, Sink, file_sink},
-    record::format::{RecordError, Replayer},
+    output::jsonl::{JsonLines, Stream},
+    pipeline::{Bus, Input, Pipeline, Subscriber},
 };
 
 /// Errors of a replay.
@@ -79,15 +80,32 @@ impl std::fmt::Display for ReplaySummary {
     }
 }
 
-fn create(path: &std::path::Path) -> Result<Sink, ReplayError> {
-    file_sink(path).map_err(|source| ReplayError::Output {
-        path: path.to_owned(),
-        source,
-    })
+fn create(stream: Stream, path: &std::path::Path) -> Result<Box<dyn Subscriber>, ReplayError> {
+    JsonLines::create(stream, path)
+        .map(|j| Box::new(j) as Box<dyn Subscriber>)
+        .map_err(|source| ReplayError::Output {
+            path: path.to_owned(),
+            source,
+        })
 }
 
-/// Replays `opts.recording`.
+/// Replays `opts.recording`; records go to a file, or to standard output, in the daemon's
+/// format.
 pub fn replay(opts: &ReplayOptions) -> Result<ReplaySummary, ReplayError> {
+    let mut bus = Bus::new();
+    bus.subscribe(match &opts.records_out {
+        Some(p) => create(Stream::Records, p)?,
+        None => Box::new(JsonLines::new(Stream::Records, Box::new(std::io::stdout()))),
+    });
+    if let Some(p) = &opts.events_out {
+        bus.subscribe(create(Stream::Events, p)?);
+    }
+    replay_into(opts, bus)
+}
+
+/// Replays `opts.recording` into the subscribers on `bus` (`records_out`/`events_out` are not
+/// used): what a test or another output sees of a recording.
+pub fn replay_into(opts: &ReplayOptions, bus: Bus) -> Result<ReplaySummary, ReplayError> {
     let mut rp = Replayer::open(&opts.recording)?;
     let mut config = rp.header.pipeline.clone();
     if let Some(s) = opts.split {
@@ -96,36 +114,26 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplaySummary, ReplayError> {
     if let Some(i) = opts.idle {
         config.ledger.idle = i;
     }
-    // Records go to a file, or to standard output, in the daemon's format.
-    let records: Sink = match &opts.records_out {
-        Some(p) => create(p)?,
-        None => BufWriter::new(Box::new(std::io::stdout())),
-    };
-    let outputs = Outputs {
-        events: opts.events_out.as_deref().map(create).transpose()?,
-        requests: None,
-        records: Some(records),
-        recorder: None,
-    };
-    let mut pipeline = Pipeline::new(&config, outputs)?;
+    let mut pipeline = Pipeline::new(&config, bus)?;
     let mut inputs = 0u64;
     let mut finished = false;
     while let Some(input) = rp.next_input()? {
         inputs += 1;
-        finished |= matches!(input, crate::pipeline::Input::Finish);
+        finished |= matches!(input, Input::Finish);
         pipeline.apply(input);
     }
     if !finished {
         // Cut short before the daemon's shutdown: finalise what the recording holds.
-        pipeline.apply(crate::pipeline::Input::Finish);
+        pipeline.apply(Input::Finish);
     }
     pipeline.flush();
     let totals = pipeline.totals();
     let sum = |f: fn(&crate::ledger::DeviceTotals) -> f64| totals.values().map(f).sum::<f64>();
+    let counts = pipeline.counts();
     Ok(ReplaySummary {
         inputs,
-        records: pipeline.records_done,
-        requests: pipeline.requests_done,
+        records: counts.records_done,
+        requests: counts.requests_done,
         truncated: rp.truncated,
         measured_j: sum(|t| t.measured_j),
         attributed_j: sum(|t| t.request_dynamic_j + t.request_idle_j),

@@ -71,6 +71,11 @@ impl RequestCollector {
         self.open.len()
     }
 
+    /// The requests in flight, in no particular order.
+    pub fn open(&self) -> impl Iterator<Item = &RequestSummary> {
+        self.open.values()
+    }
+
     /// Applies one lifecycle event; returns the summary when it ends the request.
     pub fn apply(&mut self, ev: &Lifecycle) -> Option<RequestSummary> {
         if let Lifecycle::Arrive {

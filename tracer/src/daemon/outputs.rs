@@ -1,0 +1,58 @@
+//! The subscribers the configuration asks for, on a new bus.
+
+use std::path::Path;
+
+use super::DaemonError;
+use crate::{
+    config::Config,
+    output::{
+        jsonl::{JsonLines, Stream},
+        summary::LogSummary,
+    },
+    pipeline::{Bus, PipelineConfig},
+    power,
+    record::format::{RecordHeader, Recorder},
+};
+
+/// Recording first (it must see every input before anything acts on it), then the JSON-lines
+/// files, then the log.
+pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, DaemonError> {
+    let mut bus = Bus::new();
+    if let Some(path) = &config.output.record {
+        bus.subscribe(Box::new(Recorder::create(
+            path,
+            &RecordHeader {
+                version: 1,
+                started_unix_ms: (power::realtime_ns() / 1_000_000) as i64,
+                tracer_version: env!("CARGO_PKG_VERSION").into(),
+                pipeline: pipeline.clone(),
+            },
+        )?));
+    }
+    let file = |stream: Stream, path: &Path, what: &'static str| {
+        JsonLines::create(stream, path).map_err(|source| DaemonError::Io { what, source })
+    };
+    for (stream, path, what) in [
+        (
+            Stream::Events,
+            &config.output.events_out,
+            "creating the events output",
+        ),
+        (
+            Stream::Requests,
+            &config.output.requests_out,
+            "creating the requests output",
+        ),
+        (
+            Stream::Records,
+            &config.output.records_out,
+            "creating the records output",
+        ),
+    ] {
+        if let Some(p) = path {
+            bus.subscribe(Box::new(file(stream, p, what)?));
+        }
+    }
+    bus.subscribe(Box::new(LogSummary::new()));
+    Ok(bus)
+}

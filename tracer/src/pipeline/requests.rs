@@ -1,0 +1,124 @@
+//! Requests through the pipeline: the tracker's lifecycles feed the ledger and the request
+//! summaries; the ledger's final accounts become published records.
+
+use std::sync::Arc;
+
+use super::{Fact, FinalRecord, Pipeline};
+use crate::{
+    ids::{Pid, RequestId},
+    ledger::{self, Arrival, RequestRecord},
+    wire::{self, Lifecycle},
+};
+
+impl Pipeline {
+    /// Moves the tracker's request lifecycles into the collector and the ledger.
+    pub(super) fn flush_requests(&mut self) {
+        self.tracker.drain_into(&mut self.lifecycle);
+        let lifecycle = std::mem::take(&mut self.lifecycle);
+        let publish = self.bus.interest().requests;
+        for lc in &lifecycle {
+            self.feed_ledger(lc);
+            if let Some(done) = self.collector.apply(lc) {
+                self.requests_done += 1;
+                if publish {
+                    self.bus.publish(&Fact::Request(&Arc::new(done)));
+                }
+            }
+        }
+        self.lifecycle = lifecycle;
+        self.lifecycle.clear();
+    }
+
+    /// Request lifecycle → ledger input.
+    fn feed_ledger(&mut self, lc: &Lifecycle) {
+        let l = &mut self.ledger;
+        match lc {
+            Lifecycle::Arrive {
+                req,
+                ts_ns,
+                model,
+                request_id,
+                ..
+            } => {
+                let service = self.binding.service_of(Pid(req.conn.tgid));
+                let _ = l.arrive(
+                    RequestId(req.id),
+                    service,
+                    Arrival {
+                        ts_ns: *ts_ns,
+                        model: model.clone(),
+                        external_id: request_id.clone(),
+                        prompt_tokens: None,
+                        cached_tokens: None,
+                    },
+                );
+            }
+            // Streaming servers send their headers before the first token: the prefill/decode
+            // boundary is the first event, which `events` records.
+            Lifecycle::FirstByte { .. } | Lifecycle::RequestDone { .. } => {}
+            Lifecycle::Event { req, ts_ns } => l.events(RequestId(req.id), *ts_ns, 1),
+            Lifecycle::Usage {
+                req,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            } => l.usage(
+                RequestId(req.id),
+                *prompt_tokens,
+                *completion_tokens,
+                *cached_tokens,
+            ),
+            Lifecycle::End {
+                req,
+                ts_ns,
+                response_bytes,
+                outcome,
+                ..
+            } => {
+                let outcome = match outcome {
+                    wire::Outcome::Complete => ledger::Outcome::Complete,
+                    wire::Outcome::ClosedEarly => ledger::Outcome::ClosedEarly,
+                    wire::Outcome::Truncated => ledger::Outcome::Truncated,
+                    wire::Outcome::Aborted => ledger::Outcome::Aborted,
+                };
+                l.end(RequestId(req.id), *ts_ns, *response_bytes, outcome);
+            }
+        }
+    }
+
+    /// Publishes final records with their service's name and wall-clock end.
+    pub(super) fn emit_records(&mut self, recs: Vec<RequestRecord>) {
+        let publish = self.bus.interest().records;
+        for rec in recs {
+            self.records_done += 1;
+            if !publish {
+                continue;
+            }
+            let rec = Arc::new(FinalRecord {
+                end_unix_ms: self.unix_ms(rec.end_ns),
+                service_name: self.binding.service_name(rec.service).to_string(),
+                record: rec,
+            });
+            self.bus.publish(&Fact::Record(&rec));
+        }
+    }
+
+    /// Requests that arrived and have not ended, oldest first.
+    pub(super) fn in_flight(&self) -> Vec<super::snapshot::InFlight> {
+        let mut v: Vec<_> = self
+            .collector
+            .open()
+            .map(|s| super::snapshot::InFlight {
+                id: RequestId(s.id),
+                service: self.binding.service_of(Pid(s.tgid)),
+                pid: Pid(s.tgid),
+                method: s.method.clone(),
+                path: s.path.clone(),
+                model: s.model.clone(),
+                arrive_ns: s.arrive_ns,
+            })
+            .collect();
+        v.sort_by_key(|r| (r.arrive_ns, r.id));
+        v
+    }
+}
