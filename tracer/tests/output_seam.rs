@@ -55,8 +55,11 @@ impl Shared {
     }
 }
 
+/// A record as the test compares it: id, external id, total energy.
+type Seen = (u64, Option<String>, f64);
+
 /// A second, independent subscriber: keeps each record's id, external id and energy.
-struct Collect(Arc<Mutex<Vec<(u64, Option<String>, f64)>>>);
+struct Collect(Arc<Mutex<Vec<Seen>>>);
 
 impl Subscriber for Collect {
     fn name(&self) -> &'static str {
@@ -104,7 +107,7 @@ fn a_second_subscriber_sees_exactly_what_the_jsonl_writer_writes() {
         std::fs::read_to_string(fixture("live-records.jsonl")).expect("fixture"),
         "the JSON-lines subscriber writes the daemon's records"
     );
-    let written: Vec<(u64, Option<String>, f64)> = text
+    let written: Vec<Seen> = text
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
