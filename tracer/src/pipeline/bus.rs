@@ -15,9 +15,10 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use serde::Serialize;
-
-use super::fact::{Fact, OwnedFact};
+use super::{
+    fact::{Fact, OwnedFact},
+    snapshot::SubscriberHealth,
+};
 
 /// Why a subscriber gave up.
 #[derive(Debug, thiserror::Error)]
@@ -140,19 +141,6 @@ struct Lossless {
     sub: Box<dyn Subscriber>,
     interest: Interest,
     delivered: u64,
-}
-
-/// A subscriber's health, for snapshots and the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SubscriberHealth {
-    pub name: String,
-    /// `lossless` or `lossy`.
-    pub mode: &'static str,
-    pub delivered: u64,
-    /// Lossy: facts dropped on a full queue. Lossless: always 0.
-    pub dropped: u64,
-    /// Lossless: gave up after an error (named in the log).
-    pub failed: bool,
 }
 
 /// The subscribers of one pipeline.

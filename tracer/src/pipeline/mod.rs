@@ -23,10 +23,10 @@ mod stats;
 use std::sync::Arc;
 
 pub use self::{
-    bus::{Bus, Interest, LossyReceiver, Subscriber, SubscriberError, SubscriberHealth},
+    bus::{Bus, Interest, LossyReceiver, Subscriber, SubscriberError},
     fact::{BindingFact, Fact, FinalRecord, OwnedFact},
     input::{DeviceSetup, Input, PipelineConfig},
-    snapshot::Snapshot,
+    snapshot::{Snapshot, SubscriberHealth},
     stats::UserStats,
 };
 use crate::{

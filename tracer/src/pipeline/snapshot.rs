@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{bus::SubscriberHealth, stats::UserStats};
+use super::stats::UserStats;
 use crate::{
     ids::{DeviceId, Pid, RequestId, ServiceId},
     ledger::{DeviceKind, DeviceTotals, LedgerStats},
@@ -99,4 +99,17 @@ pub struct Extras {
     pub kernel: Option<KernelStats>,
     pub samplers: Vec<SamplerHealth>,
     pub targets: Option<usize>,
+}
+
+/// A subscriber's health, for snapshots and the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscriberHealth {
+    pub name: String,
+    /// `lossless` or `lossy`.
+    pub mode: &'static str,
+    pub delivered: u64,
+    /// Lossy: facts dropped on a full queue. Lossless: always 0.
+    pub dropped: u64,
+    /// Lossless: gave up after an error (named in the log).
+    pub failed: bool,
 }

@@ -1,0 +1,217 @@
+//! `cargo xtask demo`: the emulated inference host, the tracer attached to it by port, a
+//! chat-like load, and per-request attribution beside the ground truth.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{build_release, privileged, sh};
+
+pub fn demo(seconds: u64) -> Result<()> {
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::Stdio,
+        time::{Duration, Instant},
+    };
+    // Separate builds: `--bin` would narrow every package to binaries, and the NVML emulation
+    // is a cdylib.
+    build_release()?;
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer-emuhost",
+        "-p",
+        "nvml-emu",
+    ]))?;
+    let release = PathBuf::from("target/release");
+    let dir = env::temp_dir().join(format!("tracer-demo-{}", std::process::id()));
+    let dev = dir.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    let lib_dir = dir.join("nvml");
+    std::fs::create_dir_all(&lib_dir)?;
+    let nvml = lib_dir.join("libnvidia-ml.so.1");
+    std::fs::copy(release.join("libnvidia_ml.so"), &nvml).context("copying the NVML emulation")?;
+    let state = dir.join("gpu-state");
+    let truth = dir.join("truth.jsonl");
+    let records = dir.join("records.jsonl");
+    let requests = dir.join("requests.jsonl");
+
+    eprintln!("demo: starting the emulated inference host (API process + engine on 2 GPUs)");
+    let mut host = Command::new(release.join("emuhost"))
+        .args(["serve", "--port", "0", "--gpus", "2"])
+        .arg("--state")
+        .arg(&state)
+        .arg("--device-root")
+        .arg(&dev)
+        .arg("--truth")
+        .arg(&truth)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting emuhost")?;
+    let mut line = String::new();
+    BufReader::new(host.stdout.take().context("emuhost stdout")?).read_line(&mut line)?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("emuhost said {line:?}"))?;
+
+    eprintln!("demo: attaching tracer to port {port} (NVML: the emulation's libnvidia-ml.so.1)");
+    let log = dir.join("tracer.log");
+    // `env` carries the emulation's state path through sudo, which drops the environment.
+    let mut tracer = privileged("env")
+        .arg(format!("TRACER_EMU_STATE={}", state.display()))
+        .arg(release.join("tracer"))
+        .args(["run", "--port", &port.to_string()])
+        .arg("--device-root")
+        .arg(&dev)
+        .arg("--standin-devices")
+        .arg("--nvml-lib")
+        .arg(&nvml)
+        .arg("--records-out")
+        .arg(&records)
+        .arg("--requests-out")
+        .arg(&requests)
+        // The emulated H100's idle power, as an operator would set it from the datasheet; the
+        // comparison is on dynamic energy, what each request caused.
+        .args(["--gpu-idle-watts", "70", "--idle-policy", "report"])
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting tracer")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("attached")
+    {
+        if tracer.try_wait()?.is_some() || Instant::now() > deadline {
+            let _ = host.kill();
+            bail!("tracer did not attach:\n{}", std::fs::read_to_string(&log)?);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    eprintln!("demo: {seconds} s of chat-like load at concurrency 8");
+    sh(Command::new(release.join("emuload"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .args(["--concurrency", "8"]))?;
+    // Let the grace period pass so every request's energy is final, then stop everything.
+    std::thread::sleep(Duration::from_secs(4));
+    sh(privileged("kill").args(["-INT", &tracer.id().to_string()]))?;
+    tracer.wait()?;
+    terminate(host.id());
+    let _ = host.wait();
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(&log)?
+            .lines()
+            .rev()
+            .find(|l| l.contains("shutting down"))
+            .unwrap_or("")
+    );
+    compare(&records, &truth)
+}
+
+/// SIGTERM to a child (the emulated host then stops its engine and writes the truth summary).
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Prints per-request attribution beside the ground truth, and the totals.
+fn compare(records: &Path, truth: &Path) -> Result<()> {
+    let records = read_jsonl(records)?;
+    let truth = read_jsonl(truth)?;
+    let by_id: std::collections::BTreeMap<&str, &serde_json::Value> = truth
+        .iter()
+        .filter_map(|t| Some((t["request_id"].as_str()?, t)))
+        .collect();
+    println!(
+        "| request | tokens in/cached/out | tracer dynamic J (± bar) | truth dynamic J | error |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut errs = Vec::new();
+    let mut inside = 0usize;
+    let (mut sum_rec, mut sum_truth) = (0.0, 0.0);
+    for (i, r) in records.iter().enumerate() {
+        let Some(t) = r["external_id"].as_str().and_then(|id| by_id.get(id)) else {
+            continue;
+        };
+        // The truth is the GPUs' energy; the host's CPU share (modelled here, labelled
+        // estimated) is reported beside it.
+        let gpu_sum = |field: &str| -> f64 {
+            r["devices"].as_array().map_or(0.0, |ds| {
+                ds.iter()
+                    .filter(|d| d["kind"] == "gpu")
+                    .filter_map(|d| d[field].as_f64())
+                    .sum()
+            })
+        };
+        let got = gpu_sum("dynamic_j");
+        let bar = gpu_sum("uncertainty_j");
+        let want = t["dynamic_j"].as_f64().unwrap_or(0.0);
+        sum_rec += got;
+        sum_truth += want;
+        if want > 0.0 {
+            errs.push((got - want).abs() / want);
+        }
+        if (got - want).abs() <= bar {
+            inside += 1;
+        }
+        if i < 12 {
+            println!(
+                "| {} | {}/{}/{} | {got:.1} (± {bar:.1}) | {want:.1} | {:+.1}% |",
+                r["external_id"].as_str().unwrap_or("?"),
+                t["prompt_tokens"],
+                t["cached_tokens"],
+                t["completion_tokens"],
+                (got - want) / want.max(1e-9) * 100.0
+            );
+        }
+    }
+    errs.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        errs.get(((errs.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+            * 100.0
+    };
+    let summary = truth.iter().find(|t| t["summary"] == true);
+    println!(
+        "\n{} requests matched to ground truth ({} records): median error {:.2}%, p95 {:.2}%, error bar holds the truth for {:.0}%; \
+         requests' dynamic energy: tracer {sum_rec:.0} J vs truth {sum_truth:.0} J",
+        errs.len(),
+        records.len(),
+        pct(0.5),
+        pct(0.95),
+        inside as f64 / errs.len().max(1) as f64 * 100.0
+    );
+    if let Some(s) = summary {
+        println!(
+            "GPU energy over the run (true counters): {} J",
+            s["energy_j_per_gpu"]
+        );
+    }
+    if errs.is_empty() {
+        bail!("no request records matched the ground truth");
+    }
+    Ok(())
+}
