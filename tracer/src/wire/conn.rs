@@ -1,0 +1,159 @@
+//! What the tracker keeps per connection: each direction's framing state, the request being
+//! received, and the requests waiting for (or receiving) their responses, oldest first.
+
+use std::collections::VecDeque;
+
+use super::{ConnKey, RequestKey, Role};
+
+/// Which message a side carries, by who sends it.
+///
+/// Its value is the index of that side in [`Conn::sides`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Request,
+    Response,
+}
+
+/// How a message's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Chunk {
+    /// Reading a chunk-size line (in `line`).
+    Size,
+    Data(u64),
+    /// The CRLF after chunk data: bytes still to skip.
+    DataEnd(u8),
+    /// Trailer lines after the last chunk, until an empty line.
+    Trailer,
+}
+
+/// Where one side's byte stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// Waiting for / accumulating a start line and head.
+    Head,
+    Body(Framing),
+    InChunk(Chunk),
+    /// Skipping to the next start line.
+    Resync,
+}
+
+/// How a response body is read: streamed ones event by event, others by their kept windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BodyType {
+    Other,
+    Sse,
+    Ndjson,
+}
+
+/// One direction of a connection.
+#[derive(Debug)]
+pub(super) struct Side {
+    pub(super) state: State,
+    /// Head bytes, or the current chunk-size / trailer line.
+    pub(super) buf: Vec<u8>,
+    /// Bytes of the current message so far.
+    pub(super) msg_bytes: u64,
+    pub(super) msg_start_ns: u64,
+    pub(super) in_message: bool,
+}
+
+impl Side {
+    pub(super) fn new() -> Self {
+        Side {
+            state: State::Head,
+            buf: Vec::new(),
+            msg_bytes: 0,
+            msg_start_ns: 0,
+            in_message: false,
+        }
+    }
+}
+
+/// A request waiting for (or receiving) its response.
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub(super) key: RequestKey,
+    pub(super) head_request: bool,
+    pub(super) request_id: Option<String>,
+    // Response state.
+    pub(super) status: Option<u16>,
+    pub(super) body: BodyType,
+    pub(super) events: u64,
+    pub(super) server_id: Option<String>,
+    pub(super) response_request_id: Option<String>,
+    pub(super) line: Vec<u8>,
+    pub(super) skip_line: bool,
+    pub(super) resp_head: Vec<u8>,
+    pub(super) resp_tail: Vec<u8>,
+    pub(super) resp_body_bytes: u64,
+    pub(super) usage_seen: bool,
+}
+
+impl Pending {
+    /// A request that has arrived; nothing of its response is known yet.
+    pub(super) fn new(key: RequestKey, head_request: bool, request_id: Option<String>) -> Self {
+        Pending {
+            key,
+            head_request,
+            request_id,
+            status: None,
+            body: BodyType::Other,
+            events: 0,
+            server_id: None,
+            response_request_id: None,
+            line: Vec::new(),
+            skip_line: false,
+            resp_head: Vec::new(),
+            resp_tail: Vec::new(),
+            resp_body_bytes: 0,
+            usage_seen: false,
+        }
+    }
+}
+
+/// The request currently being received.
+#[derive(Debug, Default)]
+pub(super) struct Incoming {
+    pub(super) method: String,
+    pub(super) path: String,
+    pub(super) request_id: Option<String>,
+    pub(super) tenant: Option<String>,
+    pub(super) body_head: Vec<u8>,
+    /// Part of the body was not captured: the head window is complete as it is.
+    pub(super) body_gap: bool,
+}
+
+/// One traced connection.
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub(super) key: ConnKey,
+    pub(super) role: Role,
+    /// Indexed by [`Kind`]: requests, then responses.
+    pub(super) sides: [Side; 2],
+    pub(super) incoming: Option<Incoming>,
+    pub(super) pending: VecDeque<Pending>,
+    pub(super) next_seq: u32,
+    pub(super) last_ns: u64,
+}
+
+impl Conn {
+    pub(super) fn new(key: ConnKey, role: Role, ts: u64) -> Self {
+        Conn {
+            key,
+            role,
+            sides: [Side::new(), Side::new()],
+            incoming: None,
+            pending: VecDeque::new(),
+            next_seq: 0,
+            last_ns: ts,
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! What each server dialect says, and where: the request body keys that describe a request,
+//! and the headers and JSON fields that carry request ids, server ids and token counts.
+//!
+//! Framing (`framing.rs`) and stream parsing (`stream.rs`) find the bytes; this file
+//! reads them. To teach the tracker a new server, add what it says here: request body keys in
+//! [`request_meta`], response headers in [`usage_in_headers`], streamed events in
+//! [`event_says`], whole JSON responses in [`read_body`] / [`usage_in`].
+//!
+//! Known today:
+//! - OpenAI-compatible servers report `usage` (`prompt_tokens`, `completion_tokens`,
+//!   `prompt_tokens_details.cached_tokens`): in the JSON response, or in a streamed event when
+//!   the request set `stream_options.include_usage`; request and response ids are `id`.
+//! - Ollama ends an NDJSON stream with `"done": true`, `prompt_eval_count` and `eval_count`.
+//! - TGI sends the counts as `x-prompt-tokens` / `x-generated-tokens` response headers.
+//! - The output limit is `max_tokens`, `max_completion_tokens`, or llama.cpp's `n_predict`.
+
+use memchr::memmem;
+
+use super::{Lifecycle, RequestKey, conn::Pending, header, json};
+
+/// Token counts reported by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "the names of `Lifecycle::Usage` and of the servers' own fields"
+)]
+pub(super) struct Usage {
+    pub(super) prompt_tokens: Option<u64>,
+    pub(super) completion_tokens: Option<u64>,
+    pub(super) cached_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// The lifecycle event telling these counts for `req`.
+    pub(super) fn event(self, req: RequestKey) -> Lifecycle {
+        Lifecycle::Usage {
+            req,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
+        }
+    }
+}
+
+/// What a request body asks for.
+#[derive(Debug, Default)]
+pub(super) struct RequestMeta {
+    pub(super) model: Option<String>,
+    pub(super) stream: Option<bool>,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) include_usage: Option<bool>,
+}
+
+/// Reads what a request asks for from the first bytes of its JSON body.
+pub(super) fn request_meta(body_head: &[u8]) -> RequestMeta {
+    let mut m = RequestMeta::default();
+    json::scan(body_head, |path, v| match path {
+        ["model"] => m.model = Some(v.text().to_string()),
+        ["stream"] => m.stream = v.text().parse().ok(),
+        ["max_tokens" | "max_completion_tokens" | "n_predict"] => {
+            m.max_tokens = v.text().parse().ok();
+        }
+        ["stream_options", "include_usage"] => m.include_usage = v.text().parse().ok(),
+        _ => {}
+    });
+    m
+}
+
+/// The request id a request or response head carries.
+pub(super) fn request_id(headers: &[httparse::Header<'_>]) -> Option<String> {
+    header(headers, "x-request-id").map(str::to_owned)
+}
+
+/// Token counts sent as response headers (TGI).
+pub(super) fn usage_in_headers(headers: &[httparse::Header<'_>]) -> Option<Usage> {
+    let prompt_tokens = header(headers, "x-prompt-tokens").and_then(|v| v.parse().ok());
+    let completion_tokens = header(headers, "x-generated-tokens").and_then(|v| v.parse().ok());
+    (prompt_tokens.is_some() || completion_tokens.is_some()).then_some(Usage {
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens: None,
+    })
+}
+
+/// What one streamed event (an SSE `data:` payload or an NDJSON line) says.
+#[derive(Debug, Default)]
+pub(super) struct EventSays {
+    pub(super) server_id: Option<String>,
+    pub(super) usage: Option<Usage>,
+}
+
+/// Reads an event's server id (only when `want_id`) and token counts. Most events are token
+/// deltas: a payload is parsed only when it may hold something wanted.
+pub(super) fn event_says(payload: &[u8], ndjson: bool, want_id: bool) -> EventSays {
+    let has_usage = memmem::find(payload, b"\"usage\"").is_some();
+    let ollama_done = (ndjson && memmem::find(payload, b"\"done\":true").is_some())
+        || memmem::find(payload, b"\"done\": true").is_some();
+    if !(want_id || has_usage || ollama_done) {
+        return EventSays::default();
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return EventSays::default();
+    };
+    let server_id = if want_id {
+        v["id"].as_str().map(str::to_string)
+    } else {
+        None
+    };
+    let usage = if has_usage && v["usage"].is_object() {
+        Some(usage_of(&v["usage"]))
+    } else if ollama_done {
+        Some(Usage {
+            prompt_tokens: v["prompt_eval_count"].as_u64(),
+            completion_tokens: v["eval_count"].as_u64(),
+            cached_tokens: None,
+        })
+    } else {
+        None
+    };
+    EventSays { server_id, usage }
+}
+
+/// Id and usage of a non-streamed JSON response, from its kept head and tail windows.
+pub(super) fn read_body(p: &mut Pending, out: &mut Vec<Lifecycle>) {
+    if p.server_id.is_none() {
+        json::scan(&p.resp_head, |path, v| {
+            if path == ["id"] {
+                p.server_id = Some(v.text().to_string());
+            }
+        });
+    }
+    if p.usage_seen {
+        return;
+    }
+    for window in [&p.resp_head, &p.resp_tail] {
+        if let Some(u) = usage_in(window) {
+            p.usage_seen = true;
+            out.push(u.event(p.key));
+            return;
+        }
+    }
+}
+
+/// Finds a `"usage": {...}` object in `bytes` and reads its counts.
+pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
+    let at = memmem::find(bytes, b"\"usage\"")?;
+    let rest = &bytes[at + 7..];
+    let brace = memchr::memchr(b'{', rest)?;
+    let mut it =
+        serde_json::Deserializer::from_slice(&rest[brace..]).into_iter::<serde_json::Value>();
+    let v = it.next()?.ok()?;
+    Some(usage_of(&v))
+}
+
+/// The counts of an OpenAI-style `usage` object.
+fn usage_of(u: &serde_json::Value) -> Usage {
+    Usage {
+        prompt_tokens: u["prompt_tokens"].as_u64(),
+        completion_tokens: u["completion_tokens"].as_u64(),
+        cached_tokens: u["prompt_tokens_details"]["cached_tokens"].as_u64(),
+    }
+}
