@@ -9,7 +9,7 @@
 //! package 0 (typical for VMs: one package).
 //!
 //! Every device is marked estimated and named `cpuN-model`. The idle and busy watts are
-//! configured guesses ([`CpuPowerConfig`](super::cpu::CpuPowerConfig)); the readings are
+//! configured guesses (`model_idle_watts`, `model_max_watts` in `[power.cpu]`); the readings are
 //! [`Reading::Power`] averages whose window is the time since the previous poll. A poll that
 //! comes before any jiffy has passed emits nothing and widens the next window; a package whose
 //! CPUs counted no jiffy while others did (all offline) gets no reading for that window. CPUs
@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{PowerDevice, PowerError, PowerSource, Reading, cpu::package_of, monotonic_ns};
+use super::{PowerDevice, PowerError, PowerSource, Reading, monotonic_ns, sysfs::package_of};
 use crate::ledger::DeviceKind;
 
 /// Busy and not-busy jiffies of one CPU.
@@ -231,7 +231,7 @@ impl PowerSource for CpuModelSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::power::cpu::testutil::TempTree;
+    use crate::power::testutil::TempTree;
 
     /// `/proc/stat` with per-CPU (busy-ish user, idle) jiffies.
     fn stat(cpus: &[(u64, u64)]) -> String {

@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    PowerDevice, PowerError, PowerSource, Reading, counter_or_lost, cpu::read_trimmed,
-    monotonic_ns, rapl::RAPL_PERIOD_NS,
+    PowerDevice, PowerError, PowerSource, Reading, counter_or_lost, monotonic_ns,
+    rapl::RAPL_PERIOD_NS, sysfs::read_trimmed,
 };
 use crate::ledger::DeviceKind;
 
@@ -253,7 +253,7 @@ impl PowerSource for PowercapSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::power::cpu::testutil::TempTree;
+    use crate::power::testutil::TempTree;
 
     const MAX: &str = "262143328850";
 

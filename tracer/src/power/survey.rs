@@ -1,9 +1,11 @@
 //! `tracer sensors`: what this host can measure, and how well, before attaching to anything.
 //!
-//! Opens the same sources the daemon would (NVML GPUs, the chosen CPU source), prints each
-//! device's identity, its energy counter's update period (measured) and MIG state, then samples
-//! for a while and prints per device the readings per second, the power from the energy
-//! counter against the power from the instantaneous readings, and what sampling cost.
+//! Opens the same sources the daemon would (NVML GPUs, the chosen CPU source), with the calls
+//! [`open_all`](super::open_all) makes, but keeps the `NvmlSource` itself (not a boxed source)
+//! for its per-GPU diagnostics and samples every source at the one interval asked for. Prints
+//! each device's identity, its energy counter's update period (measured) and MIG state, then
+//! samples for a while and prints per device the readings per second, the power from the
+//! energy counter against the power from the instantaneous readings, and what sampling cost.
 
 use std::{
     collections::BTreeMap,
