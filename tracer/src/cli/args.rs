@@ -30,7 +30,7 @@ pub struct ServicesArgs {
 /// `tracer sensors` flags.
 #[derive(Debug, Args)]
 pub struct SensorsArgs {
-    /// TOML configuration file (its [power] table is used).
+    /// TOML configuration file (its power table is used).
     #[arg(long, short = 'c', env = "TRACER_CONFIG")]
     pub config: Option<PathBuf>,
     /// How long to sample, in seconds.

@@ -1,14 +1,13 @@
 //! Power samplers as the daemon runs them: each source on its own thread, its readings drained
 //! into the pipeline on the event loop.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use super::{DaemonError, io_err};
 use crate::{
     ids::DeviceId,
-    ledger::DeviceKind,
     pipeline::{DeviceSetup, Input, Pipeline, snapshot::SamplerHealth},
-    power::{self, PowerSource, Reading},
+    power::{self, Reading},
 };
 
 /// A running power sampler: its readings' device indices start at `offset` in the pipeline.
@@ -47,15 +46,14 @@ impl SamplerFeed {
     }
 }
 
-/// Registers `source`'s devices with the pipeline (from index `offset`) and starts sampling it.
-pub(super) fn start_source(
+/// Registers an opened source's devices with the pipeline (from index `offset`) and starts
+/// sampling it.
+fn start_source(
     pipeline: &mut Pipeline,
-    label: &str,
-    source: Box<dyn PowerSource>,
+    opened: power::OpenedSource,
     offset: usize,
-    gpu_idle_watts: Option<f64>,
-    period: Duration,
 ) -> Result<SamplerFeed, DaemonError> {
+    let source = &opened.source;
     let mut names = Vec::new();
     for (i, d) in source.devices().iter().enumerate() {
         let id = DeviceId((offset + i) as u32);
@@ -77,22 +75,19 @@ pub(super) fn start_source(
                 name: d.name.clone(),
                 kind: d.kind,
                 estimated: d.estimated,
-                idle_watts: if d.kind == DeviceKind::Gpu {
-                    gpu_idle_watts
-                } else {
-                    None
-                },
+                idle_watts: opened.idle_watts(i),
                 counter_period_ns,
                 minor: d.minor,
                 uuid: d.uuid.clone(),
             },
         });
     }
+    let label = opened.label().to_string();
     let (tx, rx) = std::sync::mpsc::channel();
-    let (thread, stats) =
-        power::spawn_sampler(source, period, tx).map_err(io_err("starting a power sampler"))?;
+    let (thread, stats) = power::spawn_sampler(opened.source, opened.period, tx)
+        .map_err(io_err("starting a power sampler"))?;
     Ok(SamplerFeed {
-        label: label.to_string(),
+        label,
         devices: names,
         offset,
         rx,
@@ -105,54 +100,21 @@ pub(super) fn start_source(
 /// sampling each. Without them the daemon still traces requests.
 pub(super) fn start_all(
     pipeline: &mut Pipeline,
-    config: &crate::config::PowerConfig,
+    config: &power::PowerConfig,
 ) -> Result<Vec<SamplerFeed>, DaemonError> {
-    let period = Duration::from_millis(config.interval_ms);
+    let opened = power::open_all(config);
+    for w in &opened.warnings {
+        tracing::warn!("{w}");
+    }
     let mut feeds = Vec::new();
     let mut next_device = 0usize;
-    if config.nvml {
-        let options = power::nvml::NvmlOptions {
-            lib: config.nvml_lib.clone(),
-            measure_counter_period: config.measure_counter_period,
-            process_interval: (config.gpu_process_interval_ms > 0)
-                .then(|| Duration::from_millis(config.gpu_process_interval_ms)),
-            ..power::nvml::NvmlOptions::default()
-        };
-        match power::nvml::NvmlSource::open_with(&options) {
-            Ok(source) => {
-                let n = source.devices().len();
-                feeds.push(start_source(
-                    pipeline,
-                    "nvml",
-                    Box::new(source),
-                    next_device,
-                    config.gpu_idle_watts,
-                    period,
-                )?);
-                next_device += n;
-            }
-            Err(e) => tracing::warn!("{e}; GPU energy will not be attributed"),
-        }
-    }
-    match power::cpu::open(&config.cpu) {
-        Ok((source, kind)) => {
+    for o in opened.sources {
+        if let power::SourceKind::Cpu(kind) = o.kind {
             tracing::info!("power: CPU source {kind}");
-            // The model reads /proc/stat: 10 Hz is plenty for a utilisation estimate.
-            let cpu_period = if kind == power::cpu::CpuSourceKind::Model {
-                period.max(Duration::from_millis(100))
-            } else {
-                period
-            };
-            feeds.push(start_source(
-                pipeline,
-                &format!("cpu:{}", kind.as_str()),
-                source,
-                next_device,
-                config.gpu_idle_watts,
-                cpu_period,
-            )?);
         }
-        Err(e) => tracing::warn!("{e}; CPU energy will not be attributed"),
+        let n = o.source.devices().len();
+        feeds.push(start_source(pipeline, o, next_device)?);
+        next_device += n;
     }
     Ok(feeds)
 }
