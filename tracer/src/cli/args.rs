@@ -1,7 +1,9 @@
 //! The binary's flags. Each `run` flag overrides the same key of the configuration file.
 
-// Doc comments here are clap help text, shown verbatim: no Markdown backticks.
-#![allow(clippy::doc_markdown)]
+#![expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are clap help text, shown verbatim: no Markdown backticks"
+)]
 
 use std::path::PathBuf;
 

@@ -1,7 +1,6 @@
 //! Command-line interface: parse arguments, layer them over the config file, call the library.
 
-// Doc comments here are clap help text, shown verbatim: no Markdown backticks.
-#![allow(clippy::doc_markdown)]
+// Doc comments on the commands are clap help text, shown verbatim: no Markdown backticks.
 
 mod args;
 

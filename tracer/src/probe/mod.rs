@@ -111,7 +111,10 @@ pub enum ProbeError {
 
 /// What the loader configures in the probes.
 #[derive(Debug, Clone)]
-#[allow(clippy::struct_excessive_bools)] // independent switches, each a config key
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each a config key"
+)]
 pub struct ProbeSettings {
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
