@@ -2,12 +2,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::ids::{DeviceId, RequestId, ServiceId};
+
 use super::{
-    Device, DeviceId, IdleBasis, IdlePolicy, LedgerConfig, LedgerStats, Request, RequestId,
-    ServiceId, SplitPolicy,
+    config::{IdlePolicy, LedgerConfig},
+    features::{Feat, decode_in, prefill_in, share_extensions, time_shares},
     model::{CostModel, Features},
     sensor::Segment,
+    state::{Device, Request},
     steps::StepClock,
+    types::{IdleBasis, LedgerStats},
+    weights::{self, Prices, Weights, WeightsOutcome},
 };
 
 /// Power coverage of a segment above which requests are split per slice, not per segment.
@@ -32,8 +37,7 @@ pub(crate) struct Scratch {
     active: Vec<bool>,
     feats: Vec<Feat>,
     points: Vec<u64>,
-    w: Vec<f64>,
-    w_alt: Vec<f64>,
+    weights: Weights,
 }
 
 /// A request in flight during the segment.
@@ -67,27 +71,6 @@ struct Unit {
     idle_j: f64,
     /// Its share of the device's time: Σ share × slice length over its active slices.
     time_s: f64,
-}
-
-/// A request's features in one split unit.
-#[derive(Debug, Clone, Copy)]
-struct Feat {
-    cand: usize,
-    a: u64,
-    b: u64,
-    /// ∫ 1/n(t) dt over its presence: its time-sliced share of the unit, seconds.
-    time_s: f64,
-    prefill: f64,
-    decode: f64,
-    /// Σ decode token × its context length.
-    decode_ctx: f64,
-    /// Its prefill step and the share of that step's extension it caused (ns), for the
-    /// step-aware time split.
-    pf: (u64, u64),
-    pf_ext: f64,
-    uncached: f64,
-    tokens_known: bool,
-    bytes_rate: Option<f64>,
 }
 
 /// Attributes one segment of device `d`.
@@ -449,78 +432,42 @@ fn split_unit(
     });
     let beta = model.beta();
     scratch.services[svc].rel_resid = model.relative_residual();
-    let tokens_ok = scratch.feats.iter().all(|f| f.tokens_known);
-    let bytes_ok = scratch.feats.iter().all(|f| f.bytes_rate.is_some());
     // Power above idle that goes with time: static + busy − idle. Under sustained load the
     // fit cannot tell static from busy (they move together), but their sum is well defined.
     // An idle guessed from loaded power is an upper bound (true idle lies in [0, guess]):
     // price busy time from the middle of that range.
     let idle_for_busy = if idle_guessed { idle_w / 2.0 } else { idle_w };
     let busy_w = (beta[0] + beta[1] - idle_for_busy).max(0.0);
-    let priced = |busy_w: f64, f: &Feat| {
-        busy_w * f.time_s + beta[2] * f.prefill + beta[3] * f.decode + beta[4] * f.decode_ctx
+    let prices = Prices {
+        busy_w,
+        prefill_j_per_token: beta[2],
+        decode_j_per_token: beta[3],
+        decode_context_j_per_token: beta[4],
     };
-    let tokens_w = |f: &Feat| priced(busy_w, f);
-    let (w, w_alt) = (&mut scratch.w, &mut scratch.w_alt);
-    w.clear();
-    w_alt.clear();
-    let mut used_model = false;
-    let mut fallback = false;
-    match config.split {
-        SplitPolicy::Equal => {
-            w.extend(scratch.feats.iter().map(|f| f.time_s));
-            if tokens_ok {
-                w_alt.extend(scratch.feats.iter().map(tokens_w));
-            }
-        }
-        SplitPolicy::Auto | SplitPolicy::Tokens => {
-            if tokens_ok {
-                w.extend(scratch.feats.iter().map(tokens_w));
-                w_alt.extend(scratch.feats.iter().map(|f| f.time_s));
-                used_model = true;
-            } else {
-                w.extend(scratch.feats.iter().map(|f| f.time_s));
-                fallback = true;
-            }
-        }
-        SplitPolicy::Bytes => {
-            if bytes_ok {
-                w.extend(
-                    scratch
-                        .feats
-                        .iter()
-                        .map(|f| f.bytes_rate.unwrap_or(0.0) * (f.b - f.a) as f64 * 1e-9),
-                );
-                w_alt.extend(scratch.feats.iter().map(|f| f.time_s));
-            } else {
-                w.extend(scratch.feats.iter().map(|f| f.time_s));
-                fallback = true;
-            }
-        }
-    }
-    let mut sum: f64 = w.iter().sum();
-    if !(sum > 0.0 && sum.is_finite()) {
-        w.clear();
-        w.extend(scratch.feats.iter().map(|f| f.time_s));
-        w_alt.clear();
-        used_model = false;
-        sum = w.iter().sum();
-    }
+    let WeightsOutcome {
+        sum,
+        used_model,
+        fallback,
+    } = weights::weights(config.split, &scratch.feats, &prices, &mut scratch.weights);
     if sum.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return (0.0, 0.0);
     }
+    let (w, w_alt) = (&scratch.weights.w, &scratch.weights.alt);
     let sum_alt: f64 = w_alt.iter().sum();
     let has_alt = !w_alt.is_empty() && sum_alt > 0.0 && sum_alt.is_finite();
     // With idle guessed from loaded power, the busy price is uncertain: the other extreme is
     // idle 0 W (all static power is busy power).
     let busy_hi = (beta[0] + beta[1]).max(0.0);
     let idle_alt = used_model && idle_guessed && busy_hi > busy_w;
+    let prices_hi = Prices {
+        busy_w: busy_hi,
+        ..prices
+    };
     let sum_idle_alt: f64 = if idle_alt {
-        scratch.feats.iter().map(|f| priced(busy_hi, f)).sum()
+        scratch.feats.iter().map(|f| prices_hi.cost(f)).sum()
     } else {
         0.0
     };
-    fallback &= scratch.feats.len() > 1;
     stats.split_fallbacks += u64::from(fallback);
 
     let mut got_dyn = 0.0;
@@ -550,14 +497,14 @@ fn split_unit(
             acc.split_unknown_j += 0.5 * e * (1.0 - share);
         }
         if idle_alt && sum_idle_alt > 0.0 {
-            acc.idle_diff_j += priced(busy_hi, f) / sum_idle_alt * (e_dyn + e_idle) - e;
+            acc.idle_diff_j += prices_hi.cost(f) / sum_idle_alt * (e_dyn + e_idle) - e;
         }
         acc.share_ns += share * (f.b - f.a) as f64;
         acc.present_ns += f.b - f.a;
     }
 
     // Learn from this unit after splitting it (the split uses past evidence only).
-    if tokens_ok && busy_s > 0.0 {
+    if scratch.feats.iter().all(|f| f.tokens_known) && busy_s > 0.0 {
         let x: Features = [
             unit.time_s,
             busy_s,
@@ -568,169 +515,4 @@ fn split_unit(
         model.learn(u1, x, unit.dyn_j + unit.idle_j, idle_w);
     }
     (got_dyn, got_idle)
-}
-
-/// Prefillers of one step share its extension in proportion to their uncached tokens; drops
-/// extensions whose step does not touch the unit. `pf_ext` becomes the fraction of the step's
-/// time each one caused.
-fn share_extensions(feats: &mut [Feat], merge_ns: u64, u0: u64, u1: u64) {
-    for i in 0..feats.len() {
-        let (s, e) = feats[i].pf;
-        if feats[i].pf_ext <= 0.0 || e <= s || e <= u0 || s >= u1 {
-            feats[i].pf_ext = 0.0;
-            continue;
-        }
-        let group: f64 = feats
-            .iter()
-            .filter(|g| g.pf.0 == s && g.pf.1.abs_diff(e) <= merge_ns)
-            .map(|g| g.uncached.max(1.0))
-            .sum();
-        let own = feats[i].uncached.max(1.0);
-        feats[i].pf_ext = feats[i].pf_ext / (e - s) as f64 * own / group.max(own);
-    }
-}
-
-/// Time-sliced shares of the unit's busy time. At each instant the requests in flight share
-/// equally, except that during a step that carried prefills the part of the step its prefills
-/// caused (its extension over neighbouring steps) goes to them. Returns busy seconds.
-fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1: u64) -> f64 {
-    let m = feats.len();
-    let any_ext = feats.iter().any(|f| f.pf_ext > 0.0);
-    if !any_ext && feats.iter().all(|f| f.a == u0 && f.b == u1) {
-        let each = (u1 - u0) as f64 * 1e-9 / m as f64;
-        for f in feats.iter_mut() {
-            f.time_s = each;
-        }
-        return (u1 - u0) as f64 * 1e-9;
-    }
-    points.clear();
-    points.extend(feats.iter().flat_map(|f| [f.a, f.b]));
-    for f in feats.iter().filter(|f| f.pf_ext > 0.0) {
-        points.extend([f.pf.0.clamp(u0, u1), f.pf.1.clamp(u0, u1)]);
-    }
-    points.sort_unstable();
-    points.dedup();
-    let mut busy = 0u64;
-    for win in points.windows(2) {
-        let (p, q) = (win[0], win[1]);
-        let present = |f: &Feat| f.a <= p && f.b >= q;
-        let count = feats.iter().filter(|f| present(f)).count();
-        if count == 0 {
-            continue;
-        }
-        busy += q - p;
-        let dt = (q - p) as f64 * 1e-9;
-        let in_step = |f: &Feat| f.pf_ext > 0.0 && f.pf.0 <= p && f.pf.1 >= q && present(f);
-        let ext: f64 = feats.iter().filter(|f| in_step(f)).map(|f| f.pf_ext).sum();
-        let scale = if ext > 1.0 { 1.0 / ext } else { 1.0 };
-        let shared = dt * (1.0 - ext.min(1.0)) / count as f64;
-        for f in feats.iter_mut() {
-            if in_step(f) {
-                f.time_s += dt * f.pf_ext * scale;
-            }
-            if present(f) {
-                f.time_s += shared;
-            }
-        }
-    }
-    busy as f64 * 1e-9
-}
-
-fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
-    b.min(u1).saturating_sub(a.max(u0))
-}
-
-/// Uncached prompt tokens processed in `[u0, u1)`, spread over the wait for the first streamed
-/// event (the whole request when nothing streams). `false` when needed but unknown.
-fn prefill_in(r: &Request, u0: u64, u1: u64) -> (f64, bool) {
-    let mut start = r.arrival.ts_ns;
-    let end = match (r.first_event_ns, r.end_ns) {
-        (Some(fe), _) => {
-            start = r.prefill_from_ns.unwrap_or(start).clamp(start, fe);
-            fe.max(start)
-        }
-        (None, Some(e)) => e,
-        // Open with nothing streamed yet: the prefill's extent is unknown.
-        (None, None) => {
-            return (0.0, u1 <= start);
-        }
-    };
-    let ov = if end > start {
-        overlap(start, end, u0, u1)
-    } else {
-        u64::from((u0..u1).contains(&start))
-    };
-    if ov == 0 {
-        return (0.0, true);
-    }
-    let Some(prompt) = r.arrival.prompt_tokens else {
-        return (0.0, false);
-    };
-    let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64;
-    let frac = if end > start {
-        ov as f64 / (end - start) as f64
-    } else {
-        1.0
-    };
-    (uncached * frac, true)
-}
-
-/// Decode tokens produced in `[u0, u1)`, and Σ token × context length: each streamed event
-/// after the first (which closes the prefill) spread over the time since the previous one,
-/// scaled to the reported completion tokens; without events, the completion tokens spread over
-/// the whole request. `false` when needed but unknown.
-fn decode_in(r: &Request, u0: u64, u1: u64, cap: u64) -> (f64, f64, bool) {
-    let prompt = r.arrival.prompt_tokens.unwrap_or(0) as f64;
-    if r.first_event_ns.is_some() {
-        let per_event = match r.completion_tokens {
-            Some(t) if r.events > 0 => t as f64 / r.events as f64,
-            _ => 1.0,
-        };
-        let times = &r.times;
-        let first = times.partition_point(|e| e.0 <= u0);
-        let mut before =
-            r.pruned_events + times.range(..first).map(|e| u64::from(e.1)).sum::<u64>();
-        let (mut sum, mut ctx) = (0.0, 0.0);
-        for k in first..times.len() {
-            let (t, count) = times[k];
-            let prev = match k.checked_sub(1) {
-                Some(j) => Some(times[j].0),
-                // Before the first event of all there is the prefill, not decode work.
-                None => r.pruned_last_ns,
-            };
-            let count_before = before;
-            before += u64::from(count);
-            let Some(prev) = prev else {
-                continue;
-            };
-            let start = prev.max(t.saturating_sub(cap));
-            if start >= u1 {
-                break;
-            }
-            let frac = if t > start {
-                overlap(start, t, u0, u1) as f64 / (t - start) as f64
-            } else {
-                f64::from(u8::from((u0..u1).contains(&t)))
-            };
-            let tokens = f64::from(count) * per_event * frac;
-            sum += tokens;
-            ctx += tokens * (prompt + count_before as f64 * per_event);
-        }
-        return (sum, ctx, true);
-    }
-    match (r.end_ns, r.completion_tokens) {
-        (Some(e), Some(tokens)) => {
-            let s = r.arrival.ts_ns;
-            let frac = if e > s {
-                overlap(s, e, u0, u1) as f64 / (e - s) as f64
-            } else {
-                0.0
-            };
-            let t = tokens as f64 * frac;
-            (t, t * (prompt + tokens as f64 / 2.0), true)
-        }
-        (Some(_), None) => (0.0, 0.0, false),
-        // Open, nothing streamed: may still be in prefill, or generating a whole body.
-        (None, _) => (0.0, 0.0, u1 <= r.arrival.ts_ns),
-    }
 }

@@ -1,0 +1,497 @@
+//! Sockets of targets: creation (its type), accept/connect, duplicated fds, and the
+//! read/write family whose payload is copied out (iovecs included).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_ebpf::abi::{
+    CAPTURE_MAX, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN, DataHead, FdKey, IOV_WALK_MAX,
+    Kind, ROLE_CLIENT, ROLE_SERVER, Stash, Stat, Syscall,
+};
+
+use super::{
+    CONNS, EVENTS, SCRATCH, SOCK_TYPES, arg, bump, current_target, emit, fd_key, header, read_user,
+    ret, stash, stash_entry, submit_flags, take,
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EINPROGRESS: i64 = 115;
+const SOCK_DGRAM: u32 = 2;
+/// `SOCK_NONBLOCK | SOCK_CLOEXEC` share the type argument with the type itself.
+const SOCK_TYPE_MASK: u32 = 0xf;
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+#[inline(always)]
+fn conn_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    // accept(fd, upeer_sockaddr, upeer_addrlen) / connect(fd, uservaddr, addrlen)
+    stash(
+        id,
+        &stash_entry(arg(ctx, 0), arg(ctx, 1), arg(ctx, 2), 0, syscall),
+    );
+    0
+}
+
+#[inline(always)]
+fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, syscall) else {
+        return 0;
+    };
+    let rv = ret(ctx);
+    let (fd, listen_fd, role) = if syscall == Syscall::Connect {
+        if rv != 0 && rv != -EINPROGRESS {
+            return 0;
+        }
+        let key = fd_key(id, entry.fd);
+        // SAFETY: copied out immediately.
+        if unsafe { SOCK_TYPES.get(key) }.copied() == Some(SOCK_DGRAM) {
+            // A connected UDP socket (a resolver): not HTTP.
+            return 0;
+        }
+        (entry.fd as i32, -1, ROLE_CLIENT)
+    } else {
+        if rv < 0 {
+            return 0;
+        }
+        (rv as i32, entry.fd as i32, ROLE_SERVER)
+    };
+
+    let mut ev = ConnEvent {
+        hdr: header(Kind::Conn, id, 0),
+        conn_id: 0,
+        fd,
+        listen_fd,
+        family: 0,
+        port: 0,
+        syscall: syscall as u8,
+        pad: [0; 3],
+        addr: [0; 16],
+    };
+    if entry.ptr != 0 {
+        ev.family = read_user::<u16>(entry.ptr).unwrap_or(0);
+        let port = read_user::<u16>(entry.ptr + 2).unwrap_or(0);
+        match ev.family {
+            AF_INET => {
+                ev.port = u16::from_be(port);
+                if let Some(a) = read_user::<[u8; 4]>(entry.ptr + 4) {
+                    ev.addr[..4].copy_from_slice(&a);
+                }
+            }
+            AF_INET6 => {
+                ev.port = u16::from_be(port);
+                if let Some(a) = read_user::<[u8; 16]>(entry.ptr + 8) {
+                    ev.addr = a;
+                }
+            }
+            // Unix sockets are reported (IPC peers) but their data is not captured.
+            AF_UNIX => {
+                emit(Kind::Conn, &ev);
+                return 0;
+            }
+            0 => {}
+            // Netlink, packet, vsock...: not HTTP.
+            _ => return 0,
+        }
+    }
+    // The connection generation: monotonic time is unique per (tgid, fd) lifetime.
+    ev.conn_id = ev.hdr.ts_ns;
+    let key = fd_key(id, i64::from(fd));
+    let state = ConnState {
+        conn_id: ev.conn_id,
+        family: ev.family,
+        role,
+        pad: [0; 5],
+    };
+    if CONNS.insert(key, state, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::ConnTableFull as u32);
+    }
+    emit(Kind::Conn, &ev);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    // socket(family, type, protocol): keep the type for the exit.
+    stash(
+        id,
+        &stash_entry(0, arg(&ctx, 0), arg(&ctx, 1), 0, Syscall::Socket),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Socket) else {
+        return 0;
+    };
+    let fd = ret(&ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let key = fd_key(id, fd);
+    let kind = entry.arg as u32 & SOCK_TYPE_MASK;
+    let _ = SOCK_TYPES.insert(key, kind, u64::from(BPF_ANY));
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Duplicated connection fds (Rust's try_clone is fcntl(F_DUPFD_CLOEXEC); servers dup too)
+
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
+#[inline(always)]
+fn dup_enter(ctx: &TracePointContext, is_fcntl: bool) -> u32 {
+    if is_fcntl {
+        let cmd = arg(ctx, 1);
+        if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
+            return 0;
+        }
+    }
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(ctx, 0);
+    let key = fd_key(id, fd as i64);
+    // SAFETY: copied out immediately.
+    let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
+        return 0;
+    };
+    stash(id, &stash_entry(fd, 0, 0, conn_id, Syscall::Dup));
+    0
+}
+
+#[inline(always)]
+fn dup_exit(ctx: &TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, Syscall::Dup) else {
+        return 0;
+    };
+    let newfd = ret(ctx);
+    if newfd < 0 || newfd == entry.fd {
+        return 0;
+    }
+    let old = fd_key(id, entry.fd);
+    // SAFETY: copied out immediately.
+    let Some(state) = (unsafe { CONNS.get(old) }).copied() else {
+        return 0;
+    };
+    let new = FdKey {
+        tgid: old.tgid,
+        fd: newfd as u32,
+    };
+    if CONNS.insert(new, state, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::ConnTableFull as u32);
+        return 0;
+    }
+    // Reported as a connection record naming the original fd in `listen_fd`.
+    let ev = ConnEvent {
+        hdr: header(Kind::Conn, id, 0),
+        conn_id: state.conn_id,
+        fd: newfd as i32,
+        listen_fd: entry.fd as i32,
+        family: state.family,
+        port: 0,
+        syscall: Syscall::Dup as u8,
+        pad: [0; 3],
+        addr: [0; 16],
+    };
+    emit(Kind::Conn, &ev);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, true)
+}
+
+#[tracepoint]
+pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup2(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_dup3(ctx: TracePointContext) -> u32 {
+    dup_enter(&ctx, false)
+}
+
+#[tracepoint]
+pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
+    dup_exit(&ctx)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket data
+
+#[inline(always)]
+fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let fd = arg(ctx, 0);
+    let key = fd_key(id, fd as i64);
+    // One lookup for everybody: only targets' sockets are in CONNS.
+    // SAFETY: copied out immediately.
+    let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
+        return 0;
+    };
+    // (fd, buf|iov|msg, count|iovcnt|flags)
+    stash(
+        id,
+        &stash_entry(fd, arg(ctx, 1), arg(ctx, 2), conn_id, syscall),
+    );
+    0
+}
+
+#[inline(always)]
+fn io_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(entry) = take(id, syscall) else {
+        return 0;
+    };
+    let rv = ret(ctx);
+    if rv < 0 || (rv == 0 && !syscall.is_inbound()) {
+        return 0;
+    }
+    emit_data(id, &entry, syscall, rv as u64);
+    0
+}
+
+/// Copies `len` user bytes to `buf[off..]`, with the offset masked and the length clamped so
+/// the verifier can bound the write. Returns the bytes copied.
+#[inline(always)]
+fn copy_user(buf: &mut [u8; 2 * CAPTURE_MAX], off: u32, src: u64, len: u64) -> u32 {
+    let off = (off as usize) & (CAPTURE_MAX - 1);
+    // Clamp in 64 bits: the helper's size is a u32, and LLVM passes the untruncated register,
+    // so a 32-bit clamp would leave the verifier looking at an unbounded 64-bit value.
+    let n: u64 = if len > CAPTURE_MAX as u64 {
+        CAPTURE_MAX as u64
+    } else {
+        len
+    };
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: off < CAPTURE_MAX and n <= CAPTURE_MAX, so the write stays inside `buf`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            buf.as_mut_ptr().add(off).cast::<c_void>(),
+            n as u32,
+            src as *const c_void,
+        )
+    };
+    if rc < 0 {
+        bump(Stat::UserReadFailed as u32);
+        return 0;
+    }
+    n as u32
+}
+
+/// Walks up to `IOV_WALK_MAX` iovecs, copying until `want` bytes. Returns (copied, segments).
+#[inline(always)]
+fn copy_iov(buf: &mut [u8; 2 * CAPTURE_MAX], iov: u64, iovcnt: u64, want: u64) -> (u32, u16) {
+    let mut off: u32 = 0;
+    let mut segs: u16 = 0;
+    for i in 0..IOV_WALK_MAX as u64 {
+        if i >= iovcnt || u64::from(off) >= want {
+            break;
+        }
+        let Some(base) = read_user::<u64>(iov + i * 16) else {
+            bump(Stat::UserReadFailed as u32);
+            break;
+        };
+        let Some(seg_len) = read_user::<u64>(iov + i * 16 + 8) else {
+            bump(Stat::UserReadFailed as u32);
+            break;
+        };
+        let remaining = want - u64::from(off);
+        let n = if seg_len < remaining {
+            seg_len
+        } else {
+            remaining
+        };
+        off += copy_user(buf, off, base, n);
+        segs += 1;
+    }
+    if iovcnt > IOV_WALK_MAX as u64 && u64::from(off) < want {
+        bump(Stat::IovTruncated as u32);
+    }
+    (off, segs)
+}
+
+#[inline(always)]
+fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    let limit = u64::from(config!(capture_bytes));
+    let mut want = if total < limit { total } else { limit };
+    if want > CAPTURE_MAX as u64 {
+        want = CAPTURE_MAX as u64;
+    }
+    let (mut cap, segs) = match syscall {
+        Syscall::Readv | Syscall::Writev => copy_iov(&mut scratch.data, entry.ptr, entry.arg, want),
+        Syscall::Recvmsg | Syscall::Sendmsg => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            let iov = read_user::<u64>(entry.ptr + 16).unwrap_or(0);
+            let iovcnt = read_user::<u64>(entry.ptr + 24).unwrap_or(0);
+            copy_iov(&mut scratch.data, iov, iovcnt, want)
+        }
+        _ => (copy_user(&mut scratch.data, 0, entry.ptr, want), 0),
+    };
+    if u64::from(cap) < total {
+        bump(Stat::CaptureTruncated as u32);
+    }
+    scratch.head = DataHead {
+        hdr: header(Kind::Data, id, if total == 0 { DATA_FLAG_EOF } else { 0 }),
+        conn_id: entry.conn_id,
+        total_len: total,
+        fd: entry.fd as i32,
+        cap_len: cap,
+        syscall: syscall as u8,
+        pad1: 0,
+        iov_segs: segs,
+        pad2: 0,
+    };
+    if cap > CAPTURE_MAX as u32 {
+        cap = CAPTURE_MAX as u32;
+    }
+    let len = DATA_HEAD_LEN + cap as usize;
+    // SAFETY: len <= DATA_HEAD_LEN + CAPTURE_MAX < size_of::<DataScratch>().
+    let bytes =
+        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(scratch).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_ok() {
+        bump(Kind::Data.emitted_stat());
+    } else {
+        bump(Kind::Data.dropped_stat());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The accept/connect and read/write tracepoints, one enter/exit pair per syscall.
+
+macro_rules! pair {
+    ($enter:ident, $exit:ident, $on_enter:ident, $on_exit:ident, $syscall:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            $on_enter(&ctx, $syscall)
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            $on_exit(&ctx, $syscall)
+        }
+    };
+}
+
+pair!(
+    sys_enter_accept,
+    sys_exit_accept,
+    conn_enter,
+    conn_exit,
+    Syscall::Accept
+);
+pair!(
+    sys_enter_accept4,
+    sys_exit_accept4,
+    conn_enter,
+    conn_exit,
+    Syscall::Accept4
+);
+pair!(
+    sys_enter_connect,
+    sys_exit_connect,
+    conn_enter,
+    conn_exit,
+    Syscall::Connect
+);
+pair!(
+    sys_enter_read,
+    sys_exit_read,
+    io_enter,
+    io_exit,
+    Syscall::Read
+);
+pair!(
+    sys_enter_readv,
+    sys_exit_readv,
+    io_enter,
+    io_exit,
+    Syscall::Readv
+);
+pair!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    io_enter,
+    io_exit,
+    Syscall::Recvfrom
+);
+pair!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    io_enter,
+    io_exit,
+    Syscall::Recvmsg
+);
+pair!(
+    sys_enter_write,
+    sys_exit_write,
+    io_enter,
+    io_exit,
+    Syscall::Write
+);
+pair!(
+    sys_enter_writev,
+    sys_exit_writev,
+    io_enter,
+    io_exit,
+    Syscall::Writev
+);
+pair!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    io_enter,
+    io_exit,
+    Syscall::Sendto
+);
+pair!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    io_enter,
+    io_exit,
+    Syscall::Sendmsg
+);

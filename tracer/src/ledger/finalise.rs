@@ -1,0 +1,321 @@
+//! The steps of [`Ledger::advance`]: expire requests open too long, turn sensor readings
+//! into segments, attribute the segments, emit the requests that became final, and prune.
+
+use std::collections::BTreeMap;
+
+use crate::ids::{DeviceId, RequestId, ServiceId};
+
+use super::{
+    Ledger, attribute,
+    sensor::{CounterEvent, PowerPoint},
+    state::Request,
+    types::{DeviceShare, Outcome, RequestRecord},
+};
+
+/// Joules per kWh.
+const J_PER_KWH: f64 = 3.6e6;
+
+impl Ledger {
+    /// Ends requests open longer than `max_open_ns`.
+    pub(super) fn expire(&mut self, watermark: u64) {
+        let limit = self.config.max_open_ns;
+        for ids in self.pending.values() {
+            for id in ids {
+                if let Some(r) = self.requests.get_mut(id)
+                    && r.end_ns.is_none()
+                    && watermark.saturating_sub(r.arrival.ts_ns) > limit
+                {
+                    r.end_ns = Some(r.last_seen_ns);
+                    r.outcome = Outcome::Aborted;
+                    self.stats.expired_requests += 1;
+                }
+            }
+        }
+    }
+
+    /// Turns sensor readings up to the watermark into segments.
+    pub(super) fn ingest(&mut self, id: DeviceId, watermark: u64) {
+        let max_w = self.config.max_device_watts;
+        let Some(d) = self.devices.get_mut(&id) else {
+            return;
+        };
+        let stats = &mut self.stats;
+        let first_new = d.segments.len();
+        d.counter.process(
+            watermark,
+            d.counter_period_ns,
+            max_w,
+            &mut d.segments,
+            &mut d.gaps,
+            |e| match e {
+                CounterEvent::Wrap => stats.counter_wraps += 1,
+                CounterEvent::Reset => stats.counter_resets += 1,
+                CounterEvent::Implausible => stats.implausible_readings += 1,
+                CounterEvent::Unchanged | CounterEvent::First | CounterEvent::Update => {}
+            },
+        );
+        let integrate_before = d.counter.integrate_before();
+        let idle = &mut d.idle;
+        d.power.process(
+            watermark,
+            integrate_before,
+            &mut d.segments,
+            |p: &PowerPoint| {
+                if let Some(e) = idle {
+                    e.push(p.mid_ns(), p.watts);
+                }
+            },
+        );
+        // New segments must not overlap what is already covered (a counter that appears after
+        // power-only integration began, or out-of-order power windows): trim them.
+        let mut covered = d.covered_until_ns;
+        let mut i = first_new;
+        while i < d.segments.len() {
+            let s = &mut d.segments[i];
+            if s.end_ns <= covered {
+                d.segments.remove(i);
+                continue;
+            }
+            if s.start_ns < covered {
+                let keep = (s.end_ns - covered) as f64 / (s.end_ns - s.start_ns) as f64;
+                s.energy_j *= keep;
+                s.interpolated_unc_j *= keep;
+                s.start_ns = covered;
+            }
+            covered = s.end_ns;
+            i += 1;
+        }
+        d.covered_until_ns = covered;
+        d.totals.gap_ns = d.gaps.iter().map(|g| g.1 - g.0).sum();
+    }
+
+    /// Attributes the segments no open request still overlaps (or that waited long enough).
+    pub(super) fn attribute_device(&mut self, id: DeviceId, watermark: u64) {
+        let Some(d) = self.devices.get_mut(&id) else {
+            return;
+        };
+        // The earliest arrival among open requests of services on this device blocks
+        // attribution from there on: their phases and token counts are not known yet.
+        let mut blocked_from = u64::MAX;
+        for o in &d.occupancy {
+            if let Some(ids) = self.pending.get(&o.service) {
+                for rid in ids {
+                    if let Some(r) = self.requests.get(rid)
+                        && r.end_ns.is_none()
+                    {
+                        blocked_from = blocked_from.min(r.arrival.ts_ns);
+                    }
+                }
+            }
+        }
+        while let Some(s) = d.segments.front().copied() {
+            if s.end_ns > watermark {
+                break;
+            }
+            let forced = s.end_ns > blocked_from;
+            if forced && s.end_ns.saturating_add(self.config.max_defer_ns) > watermark {
+                break;
+            }
+            d.segments.pop_front();
+            self.stats.forced_attributions += u64::from(forced);
+            attribute::segment(
+                attribute::Ctx {
+                    dev_id: id,
+                    config: &self.config,
+                    pending: &self.pending,
+                    steps: &self.steps,
+                    stats: &mut self.stats,
+                    scratch: &mut self.scratch,
+                },
+                d,
+                &s,
+                &mut self.requests,
+            );
+            d.attributed_ns = d.attributed_ns.max(s.end_ns);
+        }
+    }
+
+    pub(super) fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {
+        let mut done: Vec<(u64, RequestId)> = Vec::new();
+        for ids in self.pending.values() {
+            for rid in ids {
+                let Some(r) = self.requests.get(rid) else {
+                    continue;
+                };
+                let Some(end) = r.end_ns else {
+                    continue;
+                };
+                if end > watermark {
+                    continue;
+                }
+                let ready = self.devices.iter().all(|(dev_id, d)| {
+                    let used = d.uses(r.service) || r.accounts.contains_key(dev_id);
+                    !used
+                        || d.attributed_ns >= end
+                        || (d.covered_until_ns < end
+                            && watermark.saturating_sub(end) >= self.config.stale_ns)
+                });
+                if ready {
+                    done.push((end, *rid));
+                }
+            }
+        }
+        done.sort_unstable();
+        let mut out = Vec::with_capacity(done.len());
+        for (_, rid) in done {
+            if let Some(r) = self.requests.remove(&rid) {
+                if let Some(ids) = self.pending.get_mut(&r.service)
+                    && let Some(pos) = ids.iter().position(|x| *x == rid)
+                {
+                    ids.remove(pos);
+                }
+                self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
+                self.stats.records_emitted += 1;
+                out.push(self.record(rid, r));
+            }
+        }
+        out
+    }
+
+    pub(super) fn record(&mut self, id: RequestId, r: Request) -> RequestRecord {
+        let end = r.end_or(r.last_seen_ns);
+        let span = end.saturating_sub(r.arrival.ts_ns);
+        let mut devices = Vec::new();
+        let mut gap_total = 0;
+        let mut stale = false;
+        let u = &self.config.uncertainty;
+        for (&dev_id, d) in &self.devices {
+            let acc = r.accounts.get(&dev_id).copied();
+            if acc.is_none() && !d.uses(r.service) {
+                continue;
+            }
+            let acc = acc.unwrap_or_default();
+            let gap_ns = (gaps_overlap(&d.gaps, r.arrival.ts_ns, end)
+                + end
+                    .saturating_sub(d.covered_until_ns.max(r.arrival.ts_ns))
+                    .min(span))
+            .min(span);
+            if d.covered_until_ns < end {
+                stale = true;
+            }
+            gap_total += gap_ns;
+            let mean_share = if acc.present_ns > 0 {
+                acc.share_ns / acc.present_ns as f64
+            } else {
+                1.0
+            };
+            let coverage_j = d.max_dyn_w * gap_ns as f64 * 1e-9 * mean_share;
+            let sensor_j = acc.edge_j.hypot(acc.sensor_var.sqrt());
+            let split_rand = acc.split_var.sqrt() * u.residual_factor;
+            let split_sys = u.split_factor * acc.split_diff_j.abs()
+                + acc.split_unknown_j
+                + u.idle_factor * acc.idle_diff_j.abs();
+            let uncertainty_j = sensor_j.hypot(coverage_j).hypot(split_rand) + split_sys;
+            devices.push(DeviceShare {
+                device: dev_id,
+                name: d.info.name.clone(),
+                kind: d.info.kind,
+                estimated: d.info.estimated,
+                dynamic_j: acc.dynamic_j,
+                idle_j: acc.idle_j,
+                uncertainty_j,
+                sensor_j,
+                coverage_j,
+                split_j: split_rand + split_sys,
+            });
+        }
+        if stale {
+            self.stats.stale_finalisations += 1;
+        }
+        let dynamic_j: f64 = devices.iter().map(|s| s.dynamic_j).sum();
+        let idle_j: f64 = devices.iter().map(|s| s.idle_j).sum();
+        let total_j = dynamic_j + idle_j;
+        let uncertainty_j = devices.iter().map(|s| s.uncertainty_j).sum();
+        let out_tokens = r.completion_tokens.or((r.events > 0).then_some(r.events));
+        RequestRecord {
+            id,
+            external_id: r.arrival.external_id,
+            service: r.service,
+            model: r.arrival.model,
+            arrive_ns: r.arrival.ts_ns,
+            first_byte_ns: r.first_byte_ns,
+            first_event_ns: r.first_event_ns,
+            end_ns: end,
+            outcome: r.outcome,
+            prompt_tokens: r.arrival.prompt_tokens,
+            cached_tokens: r.arrival.cached_tokens,
+            completion_tokens: r.completion_tokens,
+            events: r.events,
+            response_bytes: r.response_bytes,
+            devices,
+            dynamic_j,
+            idle_j,
+            total_j,
+            kwh: total_j / J_PER_KWH,
+            joules_per_output_token: out_tokens.filter(|&t| t > 0).map(|t| total_j / t as f64),
+            uncertainty_j,
+            coverage_gap_ns: gap_total,
+        }
+    }
+
+    /// Drops state nothing can need any more: old power samples, occupancy, gaps, and event
+    /// times of open requests before every device has attributed past them.
+    pub(super) fn prune(&mut self) {
+        let oldest_pending = self
+            .pending
+            .values()
+            .flatten()
+            .filter_map(|id| self.requests.get(id))
+            .map(|r| r.arrival.ts_ns)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut horizon_by_service: BTreeMap<ServiceId, u64> = BTreeMap::new();
+        for d in self.devices.values_mut() {
+            let horizon = d.attributed_ns;
+            d.power.prune(horizon);
+            d.occupancy.retain(|o| o.to_ns >= horizon);
+            d.gaps.retain(|g| g.1 >= oldest_pending.min(horizon));
+            for o in &d.occupancy {
+                let h = horizon_by_service.entry(o.service).or_insert(u64::MAX);
+                *h = (*h).min(horizon);
+            }
+            (d.totals.idle_w, d.totals.idle_basis) = d.idle_estimate();
+        }
+        for (service, steps) in &mut self.steps {
+            let oldest = self
+                .pending
+                .get(service)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.requests.get(id))
+                .filter(|r| r.prefill_from_ns.is_none())
+                .map(|r| r.arrival.ts_ns)
+                .min()
+                .unwrap_or(u64::MAX);
+            steps.prune(oldest);
+        }
+        for (service, ids) in &self.pending {
+            let Some(&h) = horizon_by_service.get(service) else {
+                continue;
+            };
+            for id in ids {
+                if let Some(r) = self.requests.get_mut(id)
+                    && r.times.len() > 64
+                {
+                    while r.times.len() > 1 && r.times[0].0 < h {
+                        if let Some((t, n)) = r.times.pop_front() {
+                            r.pruned_last_ns = Some(t);
+                            r.pruned_events += u64::from(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn gaps_overlap(gaps: &[(u64, u64)], a: u64, b: u64) -> u64 {
+    gaps.iter()
+        .map(|&(s, e)| e.min(b).saturating_sub(s.max(a)))
+        .sum()
+}

@@ -1,0 +1,145 @@
+//! The ledger's working state: devices (sensor streams, occupancy, learned idle and cost
+//! models), requests in flight, and their running accounts.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::ids::{DeviceId, ServiceId};
+
+use super::{
+    idle::IdleEstimator,
+    model::CostModel,
+    sensor::{self, PowerCurve, Segment},
+    types::{Arrival, DeviceInfo, DeviceTotals, IdleBasis, IdleSource, Outcome},
+};
+
+/// A service holding a device over `[from_ns, to_ns)` (`u64::MAX`: still holding).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Occupancy {
+    pub(super) service: ServiceId,
+    pub(super) from_ns: u64,
+    pub(super) to_ns: u64,
+    pub(super) weight: Option<f64>,
+}
+
+/// A registered device: its sensor streams, what was made of them, and who holds it.
+#[derive(Debug)]
+pub(super) struct Device {
+    pub(super) info: DeviceInfo,
+    pub(super) counter_period_ns: Option<u64>,
+    /// Learned idle from every power observation: the fallback.
+    pub(super) idle: Option<IdleEstimator>,
+    /// Learned idle from segments with nothing in flight: preferred.
+    pub(super) idle_quiet: Option<IdleEstimator>,
+    pub(super) counter: sensor::Counter,
+    pub(super) power: PowerCurve,
+    pub(super) segments: VecDeque<Segment>,
+    pub(super) occupancy: Vec<Occupancy>,
+    /// Everything before this is attributed.
+    pub(super) attributed_ns: u64,
+    /// Latest time sensor data covers.
+    pub(super) covered_until_ns: u64,
+    pub(super) gaps: Vec<(u64, u64)>,
+    pub(super) max_dyn_w: f64,
+    pub(super) totals: DeviceTotals,
+    pub(super) models: BTreeMap<ServiceId, CostModel>,
+}
+
+impl Device {
+    /// Idle watts and where the figure comes from.
+    pub(super) fn idle_estimate(&self) -> (f64, IdleBasis) {
+        match self.info.idle {
+            IdleSource::Configured { watts } => (watts.max(0.0), IdleBasis::Configured),
+            IdleSource::Learned { .. } => {
+                if let Some(w) = self.idle_quiet.as_ref().and_then(IdleEstimator::watts) {
+                    (w, IdleBasis::Quiet)
+                } else if let Some(w) = self.idle.as_ref().and_then(IdleEstimator::watts) {
+                    (w, IdleBasis::AllPower)
+                } else {
+                    (0.0, IdleBasis::Unknown)
+                }
+            }
+        }
+    }
+
+    pub(super) fn uses(&self, service: ServiceId) -> bool {
+        self.occupancy.iter().any(|o| o.service == service)
+    }
+}
+
+/// A request's running account on one device.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Account {
+    pub(super) dynamic_j: f64,
+    pub(super) idle_j: f64,
+    /// Linear sum of edge errors.
+    pub(super) edge_j: f64,
+    /// Σ of squared independent sensor errors (interpolated power).
+    pub(super) sensor_var: f64,
+    /// Σ of squared random split errors.
+    pub(super) split_var: f64,
+    /// Signed: energy under the alternative policy minus energy under the one used.
+    pub(super) split_diff_j: f64,
+    /// Split by default (`equal` for lack of token counts): a positive bound.
+    pub(super) split_unknown_j: f64,
+    /// Signed: energy had idle been 0 W minus energy with the idle guessed from loaded power
+    /// (only while the device was never seen quiet).
+    pub(super) idle_diff_j: f64,
+    /// Σ share × duration and Σ duration, for the mean share.
+    pub(super) share_ns: f64,
+    pub(super) present_ns: u64,
+}
+
+/// A request not yet emitted: what the wire said about it and its accounts per device.
+#[derive(Debug)]
+pub(super) struct Request {
+    pub(super) service: ServiceId,
+    pub(super) arrival: Arrival,
+    pub(super) first_byte_ns: Option<u64>,
+    pub(super) first_event_ns: Option<u64>,
+    pub(super) end_ns: Option<u64>,
+    pub(super) outcome: Outcome,
+    pub(super) completion_tokens: Option<u64>,
+    /// Σ of event counts.
+    pub(super) events: u64,
+    /// Event times and counts not yet pruned, in time order.
+    pub(super) times: VecDeque<(u64, u32)>,
+    /// Time of the last pruned event (the start of the next event's window), if any, and Σ
+    /// of the pruned events' counts.
+    pub(super) pruned_last_ns: Option<u64>,
+    pub(super) pruned_events: u64,
+    /// Start of its prefill (the end of the service's engine step before its first event) and
+    /// how much that step outlasted its neighbours; set once the first event is known.
+    pub(super) prefill_from_ns: Option<u64>,
+    pub(super) prefill_ext_ns: u64,
+    pub(super) response_bytes: u64,
+    pub(super) last_seen_ns: u64,
+    pub(super) accounts: BTreeMap<DeviceId, Account>,
+}
+
+impl Request {
+    pub(super) fn new(service: ServiceId, arrival: Arrival) -> Self {
+        let ts = arrival.ts_ns;
+        Self {
+            service,
+            arrival,
+            first_byte_ns: None,
+            first_event_ns: None,
+            end_ns: None,
+            outcome: Outcome::Complete,
+            completion_tokens: None,
+            events: 0,
+            times: VecDeque::new(),
+            pruned_last_ns: None,
+            pruned_events: 0,
+            prefill_from_ns: None,
+            prefill_ext_ns: 0,
+            response_bytes: 0,
+            last_seen_ns: ts,
+            accounts: BTreeMap::new(),
+        }
+    }
+
+    pub(super) fn end_or(&self, t: u64) -> u64 {
+        self.end_ns.unwrap_or(t)
+    }
+}
