@@ -7,10 +7,11 @@
 // eBPF has no real calls between our helpers worth keeping (and the verifier is happier with
 // straight-line code), tracepoint contexts are 8-byte aligned by the kernel, and the program
 // signature (context by value) is fixed by aya.
-#![allow(
+#![expect(
     clippy::inline_always,
     clippy::cast_ptr_alignment,
-    clippy::needless_pass_by_value
+    clippy::needless_pass_by_value,
+    reason = "straight-line code for the verifier, kernel-aligned contexts, aya's fixed signatures"
 )]
 
 use aya_ebpf::{

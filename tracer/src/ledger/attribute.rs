@@ -74,7 +74,10 @@ struct Unit {
 }
 
 /// Attributes one segment of device `d`.
-#[allow(clippy::needless_pass_by_value, clippy::many_single_char_names)]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "segment maths uses its own notation"
+)]
 pub(crate) fn segment(
     ctx: Ctx<'_>,
     d: &mut Device,
@@ -353,7 +356,10 @@ fn slice_active(scratch: &Scratch, service: ServiceId, a: u64, b: u64) -> bool {
 }
 
 /// Splits one service's energy in `[u0, u1)` among its requests; returns what was attributed.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one split unit's inputs, each a different piece of ledger state"
+)]
 fn split_unit(
     dev_id: DeviceId,
     config: &LedgerConfig,

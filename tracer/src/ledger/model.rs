@@ -128,7 +128,11 @@ impl CostModel {
     }
 
     /// Ridge towards the prior scaled to the data, then non-negativity by an active set.
-    #[allow(clippy::many_single_char_names, clippy::needless_range_loop)] // matrix algebra
+    #[expect(
+        clippy::many_single_char_names,
+        clippy::needless_range_loop,
+        reason = "matrix algebra reads best with its own notation"
+    )]
     fn solve(&mut self) {
         let p = self.prior;
         // The prior's scale for the work terms: 1-D least squares of (y − static prior) on the
@@ -186,7 +190,11 @@ impl CostModel {
 }
 
 /// Solves the sub-system of `a x = b` over `active` indices (others 0) by Gaussian elimination.
-#[allow(clippy::many_single_char_names, clippy::needless_range_loop)] // matrix algebra
+#[expect(
+    clippy::many_single_char_names,
+    clippy::needless_range_loop,
+    reason = "matrix algebra reads best with its own notation"
+)]
 fn solve_subset(a: &[[f64; N]; N], b: &[f64; N], active: [bool; N]) -> Option<[f64; N]> {
     let mut idx = [0usize; N];
     let mut k = 0;
@@ -233,7 +241,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(clippy::many_single_char_names)]
+    #[expect(clippy::many_single_char_names, reason = "the model's coefficients")]
     fn recovers_a_linear_cost_model() {
         let mut m = CostModel::new(0.1, 0.1, 600_000_000_000);
         let (idle, a, b, c) = (90.0, 120.0, 0.015, 0.06);
