@@ -1,14 +1,15 @@
 //! Service discovery at run time: what `/proc` shows about the targets' services, fed to the
 //! pipeline as inputs and to the probes as new targets.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
+use tokio::sync::mpsc;
 use tracer_ebpf::abi::TARGET_PEER;
 
 use super::DaemonError;
 use crate::{
     ids::{Pid, ServiceId},
-    occupancy::service::{self, DiscoverOptions, Discovery, ServiceRoot},
+    occupancy::service::{self, DiscoverOptions, Discovery, ServiceError, ServiceRoot},
     pipeline::{Input, Pipeline},
     power::monotonic_ns,
     probe::Probes,
@@ -16,42 +17,87 @@ use crate::{
 };
 
 /// The services of the targets, re-discovered periodically (an engine started after the API, a
-/// worker respawned).
+/// worker respawned). Re-discovery reads all of `/proc` (hundreds of milliseconds on a busy
+/// host), so it runs on a blocking thread and its result comes back to the event loop.
 pub(super) struct Services {
+    finder: Arc<Finder>,
+    /// Processes already fed to the pipeline and made kernel targets.
+    known: BTreeSet<u32>,
+    /// A re-discovery is running.
+    in_flight: bool,
+    tx: mpsc::Sender<Result<Discovery, ServiceError>>,
+}
+
+/// What a discovery needs, shared with the blocking thread.
+struct Finder {
     procfs: ProcFs,
     roots: Vec<ServiceRoot>,
     opts: DiscoverOptions,
-    /// Processes already fed to the pipeline and made kernel targets.
-    known: BTreeSet<u32>,
+}
+
+impl Finder {
+    fn discover(&self) -> Result<Discovery, ServiceError> {
+        service::discover(&self.procfs, &self.roots, &self.opts)
+    }
 }
 
 impl Services {
-    pub fn new(procfs: ProcFs, roots: Vec<ServiceRoot>, opts: DiscoverOptions) -> Self {
-        Self {
+    /// Services of `roots`; re-discoveries are delivered on the returned receiver.
+    pub fn new(
+        procfs: ProcFs,
+        roots: Vec<ServiceRoot>,
+        opts: DiscoverOptions,
+    ) -> (Self, mpsc::Receiver<Result<Discovery, ServiceError>>) {
+        let (tx, rx) = mpsc::channel(1);
+        let finder = Arc::new(Finder {
             procfs,
             roots,
             opts,
-            known: BTreeSet::new(),
-        }
+        });
+        (
+            Self {
+                finder,
+                known: BTreeSet::new(),
+                in_flight: false,
+                tx,
+            },
+            rx,
+        )
     }
 
-    /// The first discovery, at attach: services, members, and the GPUs members already hold.
+    /// The first discovery, at attach (on this thread: nothing runs yet): services, members, and
+    /// the GPUs members already hold.
     pub fn attach(
         &mut self,
         pipeline: &mut Pipeline,
         probes: &mut Probes,
     ) -> Result<(), DaemonError> {
-        let d = service::discover(&self.procfs, &self.roots, &self.opts)?;
+        let d = self.finder.discover()?;
         self.apply(&d, pipeline, probes, monotonic_ns(), true)
     }
 
-    /// A later discovery: new members only (a failure is logged, not fatal).
-    pub fn refresh(
+    /// Starts a re-discovery on a blocking thread, unless one is still running.
+    pub fn start_refresh(&mut self) {
+        if self.in_flight {
+            return;
+        }
+        self.in_flight = true;
+        let finder = Arc::clone(&self.finder);
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.blocking_send(finder.discover());
+        });
+    }
+
+    /// A re-discovery's result: new members only (a failure is logged, not fatal).
+    pub fn refreshed(
         &mut self,
+        result: Result<Discovery, ServiceError>,
         pipeline: &mut Pipeline,
         probes: &mut Probes,
     ) -> Result<(), DaemonError> {
-        match service::discover(&self.procfs, &self.roots, &self.opts) {
+        self.in_flight = false;
+        match result {
             Ok(d) => self.apply(&d, pipeline, probes, monotonic_ns(), false),
             Err(e) => {
                 tracing::warn!("service re-discovery: {e}");

@@ -120,7 +120,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         device_root: config.probe.device_root.clone(),
         ..DiscoverOptions::default()
     };
-    let mut services = discovery::Services::new(procfs.clone(), roots, opts);
+    let (mut services, mut rediscovered) = discovery::Services::new(procfs.clone(), roots, opts);
     services.attach(&mut pipeline, &mut probes)?;
     let seeded = attach::seed_connections(&procfs, &resolved, &mut probes, &mut pipeline)?;
     tracing::info!(
@@ -183,8 +183,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 let extras = extras(&mut probes, &feeds)?;
                 pipeline.publish_snapshot(monotonic_ns(), extras);
             }
-            _ = rediscover.tick(), if config.probe.rediscover_ms > 0 => {
-                services.refresh(&mut pipeline, &mut probes)?;
+            _ = rediscover.tick(), if config.probe.rediscover_ms > 0 => services.start_refresh(),
+            Some(found) = rediscovered.recv() => {
+                services.refreshed(found, &mut pipeline, &mut probes)?;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
