@@ -8,6 +8,7 @@ use super::{
     config::{IdlePolicy, LedgerConfig},
     features::{Feat, decode_in, prefill_in, share_extensions, time_shares},
     model::{CostModel, Features},
+    presence::{in_engine, resolve_prefill},
     sensor::Segment,
     state::{Device, Request},
     steps::StepClock,
@@ -15,6 +16,8 @@ use super::{
     weights::{self, Prices, Weights, WeightsOutcome},
 };
 
+/// Prefill steps of two requests ending closer than this are one step.
+const MARK_TOLERANCE_NS: u64 = super::steps::MARK_MERGE_NS;
 /// Power coverage of a segment above which requests are split per slice, not per segment.
 const FINE_COVERAGE: f64 = 0.8;
 
@@ -116,21 +119,13 @@ pub(crate) fn segment(
             let Some(r) = requests.get_mut(id) else {
                 continue;
             };
-            if r.prefill_from_ns.is_none()
-                && let Some(fe) = r.first_event_ns
-            {
-                let step = steps
-                    .get(&o.service)
-                    .map(|s| s.prefill_step(fe, config.step_merge_ns));
-                let from = step
-                    .and_then(|s| s.from_ns)
-                    .unwrap_or(0)
-                    .clamp(r.arrival.ts_ns, fe);
-                r.prefill_from_ns = Some(from);
-                r.prefill_ext_ns = step.map_or(0, |s| s.extension_ns).min(fe - from);
-            }
-            let a = r.arrival.ts_ns.max(seg.start_ns);
-            let b = r.end_or(u64::MAX).min(seg.end_ns);
+            let clock = steps.get(&o.service);
+            resolve_prefill(r, clock, config);
+            // Queued before its prefill step, only being written after its last step: not
+            // in the engine, so no share of its steps.
+            let (from, to) = in_engine(r, clock, config);
+            let a = from.max(seg.start_ns);
+            let b = to.min(seg.end_ns);
             if b > a {
                 scratch.cands.push(Cand {
                     id: *id,
@@ -277,6 +272,7 @@ pub(crate) fn segment(
                     scratch,
                     &mut d.models,
                     requests,
+                    steps,
                     svc,
                     (a, b),
                     unit,
@@ -305,6 +301,7 @@ pub(crate) fn segment(
                 scratch,
                 &mut d.models,
                 requests,
+                steps,
                 svc,
                 (seg.start_ns, seg.end_ns),
                 unit,
@@ -367,6 +364,7 @@ fn split_unit(
     scratch: &mut Scratch,
     models: &mut BTreeMap<ServiceId, CostModel>,
     requests: &mut HashMap<RequestId, Request>,
+    steps: &BTreeMap<ServiceId, StepClock>,
     svc: usize,
     (u0, u1): (u64, u64),
     unit: Unit,
@@ -380,6 +378,7 @@ fn split_unit(
         0.0
     };
     let cap = config.decode_gap_cap_ns;
+    let clock = steps.get(&service);
     scratch.feats.clear();
     for (ci, c) in scratch.cands.iter().enumerate() {
         if c.svc != svc {
@@ -393,9 +392,11 @@ fn split_unit(
             continue;
         };
         let (prefill, pk) = prefill_in(r, u0, u1);
-        let (decode, decode_ctx, dk) = decode_in(r, u0, u1, cap);
-        let pf = match (r.prefill_from_ns, r.first_event_ns) {
-            (Some(f), Some(fe)) if r.prefill_ext_ns > 0 => (f, fe),
+        let steps_of = clock.map(|c| (c, config.step_clock));
+        let engine = in_engine(r, clock, config);
+        let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
+        let pf = match (r.prefill_from_ns, r.prefill_to_ns) {
+            (Some(f), Some(to)) if r.prefill_ext_ns > 0 => (f, to),
             _ => (0, 0),
         };
         let bytes_rate = match (r.end_ns, r.response_bytes) {
@@ -426,7 +427,7 @@ fn split_unit(
     if scratch.feats.is_empty() {
         return (0.0, 0.0);
     }
-    share_extensions(&mut scratch.feats, config.step_merge_ns, u0, u1);
+    share_extensions(&mut scratch.feats, MARK_TOLERANCE_NS, u0, u1);
     let busy_s = time_shares(&mut scratch.feats, &mut scratch.points, u0, u1);
 
     let model = models.entry(service).or_insert_with(|| {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::steps::StepClockPolicy;
 use crate::ids::{DeviceId, RequestId};
 
 /// How requests of a service share a device's dynamic energy.
@@ -98,9 +99,13 @@ pub struct LedgerConfig {
     pub max_open_ns: u64,
     /// A streamed event accounts for decode work at most this far back.
     pub decode_gap_cap_ns: u64,
-    /// A service's events closer than this belong to one engine step (one write per
-    /// connection, a fraction of a millisecond apart).
+    /// Which engine step clock the split uses (see `steps.rs`).
+    pub step_clock: StepClockPolicy,
+    /// The write-burst clock's window until it has learned one from the gaps between a
+    /// request's events (a server writes a step's chunks one connection after the other).
     pub step_merge_ns: u64,
+    /// The learned write-burst window is never wider than this.
+    pub burst_window_max_ns: u64,
     /// Counter jumps implying more than this are treated as resets.
     pub max_device_watts: f64,
 }
@@ -118,7 +123,9 @@ impl Default for LedgerConfig {
             stale_ns: 30_000_000_000,
             max_open_ns: 3_600_000_000_000,
             decode_gap_cap_ns: 1_000_000_000,
+            step_clock: StepClockPolicy::Auto,
             step_merge_ns: 2_000_000,
+            burst_window_max_ns: 50_000_000,
             max_device_watts: 10_000.0,
         }
     }

@@ -1,7 +1,10 @@
 //! A request's features in one split unit: its time-sliced share of the busy time, and the
 //! prefill and decode tokens it processed there (what the split policies weigh).
 
-use super::state::Request;
+use super::{
+    state::Request,
+    steps::{StepClock, StepClockPolicy},
+};
 
 /// A request's features in one split unit.
 #[derive(Debug, Clone, Copy)]
@@ -94,14 +97,15 @@ fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
     b.min(u1).saturating_sub(a.max(u0))
 }
 
-/// Uncached prompt tokens processed in `[u0, u1)`, spread over the wait for the first streamed
-/// event (the whole request when nothing streams). `false` when needed but unknown.
+/// Uncached prompt tokens processed in `[u0, u1)`, spread over its prefill step (up to the
+/// first streamed event; the whole request when nothing streams). `false` when needed but
+/// unknown.
 pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64) -> (f64, bool) {
     let mut start = r.arrival.ts_ns;
     let end = match (r.first_event_ns, r.end_ns) {
         (Some(fe), _) => {
             start = r.prefill_from_ns.unwrap_or(start).clamp(start, fe);
-            fe.max(start)
+            r.prefill_to_ns.unwrap_or(fe).clamp(start, fe)
         }
         (None, Some(e)) => e,
         // Open with nothing streamed yet: the prefill's extent is unknown.
@@ -130,10 +134,17 @@ pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64) -> (f64, bool) {
 }
 
 /// Decode tokens produced in `[u0, u1)`, and Σ token × context length: each streamed event
-/// after the first (which closes the prefill) spread over the time since the previous one,
-/// scaled to the reported completion tokens; without events, the completion tokens spread over
-/// the whole request. `false` when needed but unknown.
-pub(super) fn decode_in(r: &Request, u0: u64, u1: u64, cap: u64) -> (f64, f64, bool) {
+/// after the first (which closes the prefill) spread over the engine step that produced it
+/// (with no step clock, over the time since the previous event), scaled to the reported
+/// completion tokens; without events, the completion tokens spread over the request's time in
+/// the engine (`engine`). `false` when needed but unknown.
+pub(super) fn decode_in(
+    r: &Request,
+    (u0, u1): (u64, u64),
+    cap: u64,
+    clock: Option<(&StepClock, StepClockPolicy)>,
+    engine: (u64, u64),
+) -> (f64, f64, bool) {
     let prompt = r.arrival.prompt_tokens.unwrap_or(0) as f64;
     if r.first_event_ns.is_some() {
         let per_event = match r.completion_tokens {
@@ -157,7 +168,14 @@ pub(super) fn decode_in(r: &Request, u0: u64, u1: u64, cap: u64) -> (f64, f64, b
             let Some(prev) = prev else {
                 continue;
             };
-            let start = prev.max(t.saturating_sub(cap));
+            // The step that produced it, when the clock places one between the two events.
+            let step = clock
+                .and_then(|(c, policy)| c.step_of(t, policy))
+                .filter(|s| s.len_ns() <= cap);
+            let (start, t) = match step {
+                Some(s) => (s.from_ns, s.to_ns),
+                None => (prev.max(t.saturating_sub(cap)), t),
+            };
             if start >= u1 {
                 break;
             }
@@ -173,8 +191,8 @@ pub(super) fn decode_in(r: &Request, u0: u64, u1: u64, cap: u64) -> (f64, f64, b
         return (sum, ctx, true);
     }
     match (r.end_ns, r.completion_tokens) {
-        (Some(e), Some(tokens)) => {
-            let s = r.arrival.ts_ns;
+        (Some(_), Some(tokens)) => {
+            let (s, e) = engine;
             let frac = if e > s {
                 overlap(s, e, u0, u1) as f64 / (e - s) as f64
             } else {

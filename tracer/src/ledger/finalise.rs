@@ -292,7 +292,9 @@ impl Ledger {
                 .map(|r| r.arrival.ts_ns)
                 .min()
                 .unwrap_or(u64::MAX);
-            steps.prune(oldest);
+            // Events not attributed yet are placed in their steps: keep those too.
+            let horizon = horizon_by_service.get(service).copied().unwrap_or(0);
+            steps.prune(oldest.min(horizon));
         }
         for (service, ids) in &self.pending {
             let Some(&h) = horizon_by_service.get(service) else {

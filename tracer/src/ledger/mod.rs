@@ -110,6 +110,7 @@ mod features;
 mod finalise;
 mod idle;
 mod model;
+mod presence;
 mod sensor;
 mod state;
 mod steps;
@@ -122,6 +123,7 @@ pub use config::{
     CostModelConfig, IdlePolicy, LedgerConfig, LedgerError, SplitPolicy, UncertaintyConfig,
 };
 pub use idle::IdleEstimator;
+pub use steps::{StepClockPolicy, StepSource};
 pub use types::{
     Arrival, CostPrices, DeviceInfo, DeviceKind, DeviceShare, DeviceTotals, IdleBasis, IdleSource,
     LedgerStats, Outcome, RequestRecord,
@@ -140,7 +142,7 @@ pub struct Ledger {
     requests: HashMap<RequestId, Request>,
     /// Requests not yet emitted, by service, in order of arrival registration.
     pending: BTreeMap<ServiceId, Vec<RequestId>>,
-    /// Per service, the ends of its engine steps (clustered event times).
+    /// Per service, the ends of its engine steps (engine marks and write bursts).
     steps: BTreeMap<ServiceId, steps::StepClock>,
     watermark_ns: u64,
     stats: LedgerStats,
@@ -415,6 +417,7 @@ impl Ledger {
             return;
         }
         r.events += n;
+        let prev = r.times.iter().rev().map(|e| e.0).find(|&t| t < ts_ns);
         let item = (ts_ns, n.min(u64::from(u32::MAX)) as u32);
         match r.times.back() {
             Some(&(last, _)) if last > ts_ns => {
@@ -426,10 +429,26 @@ impl Ledger {
         }
         r.first_event_ns = Some(r.first_event_ns.map_or(ts_ns, |f| f.min(ts_ns)));
         r.last_seen_ns = r.last_seen_ns.max(ts_ns);
-        self.steps
-            .entry(r.service)
-            .or_default()
-            .record(ts_ns, self.config.step_merge_ns);
+        self.steps.entry(r.service).or_default().event(
+            ts_ns,
+            prev,
+            self.config.step_merge_ns,
+            self.config.burst_window_max_ns,
+        );
+    }
+
+    /// A step end seen from `service`'s engine: its API process received a message from the
+    /// engine over IPC, or a GPU-holding process synchronised after launching kernels.
+    pub fn step_mark(&mut self, service: ServiceId, ts_ns: u64, source: StepSource) {
+        if ts_ns < self.watermark_ns {
+            self.stats.late_observations += 1;
+            return;
+        }
+        match source {
+            StepSource::Ipc => self.stats.step_marks_ipc += 1,
+            StepSource::Cuda => self.stats.step_marks_cuda += 1,
+        }
+        self.steps.entry(service).or_default().mark(ts_ns, source);
     }
 
     /// Token counts reported by the server (usage); each `Some` overrides what was known.

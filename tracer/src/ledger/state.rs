@@ -110,6 +110,8 @@ pub(super) struct Request {
     /// Start of its prefill (the end of the service's engine step before its first event) and
     /// how much that step outlasted its neighbours; set once the first event is known.
     pub(super) prefill_from_ns: Option<u64>,
+    /// End of that step (at most the first event).
+    pub(super) prefill_to_ns: Option<u64>,
     pub(super) prefill_ext_ns: u64,
     pub(super) response_bytes: u64,
     pub(super) last_seen_ns: u64,
@@ -132,6 +134,7 @@ impl Request {
             pruned_last_ns: None,
             pruned_events: 0,
             prefill_from_ns: None,
+            prefill_to_ns: None,
             prefill_ext_ns: 0,
             response_bytes: 0,
             last_seen_ns: ts,

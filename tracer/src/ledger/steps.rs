@@ -1,18 +1,82 @@
-//! A service's engine steps, seen through its streamed events.
+//! A service's engine steps: where they end, from the engine itself when it can be seen.
 //!
-//! In continuous batching every step ends with one token for each sequence in the batch, so the
-//! service's events cluster at step ends (a server writes the connections one after the other,
-//! a fraction of a millisecond apart: events closer than `merge_ns` are one step). A request's
-//! prefill runs in the step that ends with its first event, which began when the previous step
-//! ended; that step is longer than its neighbours by the prefill's own compute time — the part
-//! of the engine's busy time the prefill caused.
+//! In continuous batching every step ends with one token for each sequence in the batch. The
+//! ledger needs those step ends to know which requests were in which step: a request's prefill
+//! ran in the step that produced its first token, each later token in the step before it was
+//! written, and a request waiting in the queue is in no step at all. Three clocks, best first:
+//!
+//! - **IPC** ([`StepSource::Ipc`]): the API process receives the engine's per-step message
+//!   (vLLM's `EngineCoreOutputs` over ZMQ, SGLang's ZMQ, TGI's gRPC over a Unix socket) and
+//!   then writes that step's chunks, one request after the other. The receipt is the step end,
+//!   and every chunk written after it (until the next receipt) belongs to that step, however
+//!   long the API takes to write them.
+//! - **CUDA** ([`StepSource::Cuda`]): the GPU-holding process synchronises with its stream at
+//!   the end of a step that launched kernels (single-process servers have no IPC).
+//! - **Write bursts** (the fallback): the service's streamed writes, chained while they follow
+//!   each other closer than a window. The window adapts: half the 25th percentile of the gaps
+//!   between one request's consecutive events (≈ a decode step), at most
+//!   `burst_window_max_ns`, starting from `step_merge_ns` until enough gaps are seen. A step's
+//!   chunks written one request at a time chain into one burst as long as writing them takes
+//!   less than half a step.
+//!
+//! Marks of one source closer than [`MARK_MERGE_NS`] are one step end (a message read in two
+//! parts, tensor-parallel ranks synchronising together). `Auto` uses IPC where its marks cover
+//! the time asked about, else CUDA, else bursts.
 
 use std::collections::VecDeque;
 
-/// Step ends of one service (each cluster represented by its earliest event), in time order.
-#[derive(Debug, Default)]
-pub(crate) struct StepClock {
-    ends: VecDeque<u64>,
+use serde::{Deserialize, Serialize};
+
+/// Where a step end was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepSource {
+    /// The API process received a message from the engine over IPC.
+    Ipc,
+    /// A GPU-holding process synchronised after launching kernels.
+    Cuda,
+}
+
+/// Which clock the ledger steps by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StepClockPolicy {
+    /// IPC where seen, else CUDA, else write bursts.
+    #[default]
+    Auto,
+    /// Only the engine's IPC messages (write bursts where there are none).
+    Ipc,
+    /// Only CUDA synchronisations (write bursts where there are none).
+    Cuda,
+    /// Only write bursts (the clock of a server whose engine is not seen).
+    Writes,
+}
+
+/// Marks of one source closer than this are one step end.
+pub(crate) const MARK_MERGE_NS: u64 = 300_000;
+/// A source's marks cover a time when one lies within this of it.
+const COVER_NS: u64 = 1_000_000_000;
+/// Gaps between one request's events kept for the burst window.
+const GAP_SAMPLES: usize = 256;
+/// Gaps needed before the burst window adapts.
+const MIN_GAPS: usize = 16;
+/// The burst window is never below this (writes of one step by a slow server follow each other
+/// closer than this).
+const MIN_WINDOW_NS: u64 = 200_000;
+
+/// The step that produced an event, or in which a request's prefill ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// When the step began (the previous step's end).
+    pub from_ns: u64,
+    /// When it ended.
+    pub to_ns: u64,
+}
+
+impl Step {
+    pub(crate) fn len_ns(self) -> u64 {
+        self.to_ns - self.from_ns
+    }
 }
 
 /// The engine step a request's prefill ran in.
@@ -20,20 +84,21 @@ pub(crate) struct StepClock {
 pub(crate) struct PrefillStep {
     /// When the step began (the previous step's end), or `None` when the engine was idle.
     pub from_ns: Option<u64>,
+    /// When the step ended (at most the first event).
+    pub to_ns: u64,
     /// How much longer the step was than its neighbours.
     pub extension_ns: u64,
 }
 
-impl StepClock {
-    /// Records an event at `t`.
-    pub(crate) fn record(&mut self, t: u64, merge_ns: u64) {
-        if self.ends.back().is_none_or(|&last| last < t) {
-            if self.ends.back().is_none_or(|&last| t - last > merge_ns) {
-                self.ends.push_back(t);
-            }
-            return;
-        }
-        let idx = self.ends.partition_point(|&x| x < t);
+/// Step ends of one source, in time order.
+#[derive(Debug, Default)]
+struct Marks {
+    ends: VecDeque<u64>,
+}
+
+impl Marks {
+    fn insert(&mut self, t: u64, merge_ns: u64) {
+        let idx = self.ends.partition_point(|&x| x <= t);
         if idx > 0 && t - self.ends[idx - 1] <= merge_ns {
             return;
         }
@@ -43,69 +108,189 @@ impl StepClock {
         }
     }
 
-    /// The step that ended with a first event at `fe`.
-    pub(crate) fn prefill_step(&self, fe: u64, merge_ns: u64) -> PrefillStep {
-        let k = self.ends.partition_point(|&x| x <= fe);
-        // `own`: the cluster holding `fe`; `prev`: the one before it.
-        let (own, prev) = match k.checked_sub(1) {
-            Some(i) if fe - self.ends[i] <= merge_ns => (Some(i), i.checked_sub(1)),
-            Some(i) => (None, Some(i)),
-            None => (None, None),
-        };
-        let from_ns = prev.map(|p| self.ends[p]);
-        let gap = |i: usize| -> Option<u64> {
-            let a = *self.ends.get(i.checked_sub(1)?)?;
-            Some(self.ends.get(i)? - a)
-        };
-        let before = prev.and_then(gap);
-        let after = own.and_then(|o| gap(o + 1));
-        let base = match (before, after) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let len = from_ns.map(|f| fe.saturating_sub(f));
-        let extension_ns = match (len, base) {
-            (Some(l), Some(b)) => l.saturating_sub(b),
-            _ => 0,
-        };
-        PrefillStep {
-            from_ns,
-            extension_ns,
-        }
+    fn covers(&self, t: u64) -> bool {
+        let idx = self.ends.partition_point(|&x| x <= t);
+        let near = |i: usize| self.ends.get(i).is_some_and(|&m| m.abs_diff(t) <= COVER_NS);
+        (idx > 0 && near(idx - 1)) || near(idx)
     }
 
-    /// Forgets steps before `t`, keeping two for the gaps around the first step after it.
-    pub(crate) fn prune(&mut self, t: u64) {
+    /// Index of the latest end at or before `t`.
+    fn at_or_before(&self, t: u64) -> Option<usize> {
+        self.ends.partition_point(|&x| x <= t).checked_sub(1)
+    }
+
+    fn gap(&self, i: usize) -> Option<u64> {
+        let a = *self.ends.get(i.checked_sub(1)?)?;
+        Some(self.ends.get(i)? - a)
+    }
+
+    fn prune(&mut self, t: u64) {
         while self.ends.len() > 2 && self.ends[2] < t {
             self.ends.pop_front();
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Write bursts: the first event time of each (as marks) and the last, in time order.
+#[derive(Debug, Default)]
+struct Bursts {
+    marks: Marks,
+    lasts: VecDeque<u64>,
+}
 
-    const MS: u64 = 1_000_000;
-
-    #[test]
-    fn clusters_writes_and_measures_the_prefill_step() {
-        let mut c = StepClock::default();
-        // Decode steps of 20 ms, each written to three connections 0.1 ms apart; the step
-        // ending at 100 ms carried a prefill and lasted 50 ms.
-        for end in [10, 30, 50, 100, 120, 140] {
-            for k in 0..3 {
-                c.record(end * MS + k * MS / 10, 2 * MS);
+impl Bursts {
+    fn insert(&mut self, t: u64, window_ns: u64) {
+        let firsts = &mut self.marks.ends;
+        let idx = firsts.partition_point(|&f| f <= t);
+        if let Some(i) = idx.checked_sub(1)
+            && t <= self.lasts[i].saturating_add(window_ns)
+        {
+            self.lasts[i] = self.lasts[i].max(t);
+            // It may now reach the next burst: chain them.
+            if let Some(&next_first) = firsts.get(i + 1)
+                && next_first <= self.lasts[i].saturating_add(window_ns)
+            {
+                let next_last = self.lasts[i + 1];
+                self.lasts[i] = self.lasts[i].max(next_last);
+                firsts.remove(i + 1);
+                self.lasts.remove(i + 1);
             }
+        } else if let Some(next) = firsts.get_mut(idx)
+            && *next <= t.saturating_add(window_ns)
+        {
+            *next = t;
+        } else {
+            firsts.insert(idx, t);
+            self.lasts.insert(idx, t);
         }
-        assert_eq!(c.ends.len(), 6);
-        let s = c.prefill_step(100 * MS + MS / 5, 2 * MS);
-        assert_eq!(s.from_ns, Some(50 * MS));
-        assert_eq!(s.extension_ns, 30 * MS + MS / 5);
-        // Out of order within a cluster, and a new cluster between two.
-        c.record(99 * MS + MS / 2, 2 * MS);
-        c.record(75 * MS, 2 * MS);
-        assert_eq!(c.ends.len(), 7);
-        assert_eq!(c.ends[4], 99 * MS + MS / 2);
+    }
+
+    fn prune(&mut self, t: u64) {
+        while self.marks.ends.len() > 2 && self.marks.ends[2] < t {
+            self.marks.ends.pop_front();
+            self.lasts.pop_front();
+        }
     }
 }
+
+/// Step ends of one service.
+#[derive(Debug, Default)]
+pub(crate) struct StepClock {
+    ipc: Marks,
+    cuda: Marks,
+    bursts: Bursts,
+    /// Recent gaps between one request's consecutive events (a ring).
+    gaps: VecDeque<u64>,
+    window_ns: Option<u64>,
+}
+
+impl StepClock {
+    /// A step end seen from the engine.
+    pub(crate) fn mark(&mut self, t: u64, source: StepSource) {
+        match source {
+            StepSource::Ipc => self.ipc.insert(t, MARK_MERGE_NS),
+            StepSource::Cuda => self.cuda.insert(t, MARK_MERGE_NS),
+        }
+    }
+
+    /// A streamed event at `t`; `prev` is the same request's previous event, if any.
+    pub(crate) fn event(&mut self, t: u64, prev: Option<u64>, initial_ns: u64, max_ns: u64) {
+        if let Some(p) = prev.filter(|&p| p < t) {
+            if self.gaps.len() == GAP_SAMPLES {
+                self.gaps.pop_front();
+            }
+            self.gaps.push_back(t - p);
+            if self.gaps.len() >= MIN_GAPS && self.gaps.len() % 8 == 0 {
+                let mut g: Vec<u64> = self.gaps.iter().copied().collect();
+                let q = g.len() / 4;
+                let (_, p25, _) = g.select_nth_unstable(q);
+                self.window_ns = Some((*p25 / 2).clamp(MIN_WINDOW_NS, max_ns.max(MIN_WINDOW_NS)));
+            }
+        }
+        let window = self.window_ns.unwrap_or(initial_ns);
+        self.bursts.insert(t, window);
+    }
+
+    /// The burst window in use.
+    #[cfg(test)]
+    pub(crate) fn burst_window_ns(&self, initial_ns: u64) -> u64 {
+        self.window_ns.unwrap_or(initial_ns)
+    }
+
+    /// The marks to step by near `t`.
+    fn marks(&self, t: u64, policy: StepClockPolicy) -> &Marks {
+        let ipc = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Ipc);
+        let cuda = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Cuda);
+        if ipc && self.ipc.covers(t) {
+            &self.ipc
+        } else if cuda && self.cuda.covers(t) {
+            &self.cuda
+        } else {
+            &self.bursts.marks
+        }
+    }
+
+    /// The step that produced an event written at `t`: from the end before the latest one at
+    /// or before `t`, to that one.
+    pub(crate) fn step_of(&self, t: u64, policy: StepClockPolicy) -> Option<Step> {
+        let m = self.marks(t, policy);
+        let i = m.at_or_before(t)?;
+        Some(Step {
+            from_ns: m.ends[i.checked_sub(1)?],
+            to_ns: m.ends[i],
+        })
+    }
+
+    /// The step a request's prefill ran in, given its first event at `fe`.
+    pub(crate) fn prefill_step(&self, fe: u64, policy: StepClockPolicy) -> PrefillStep {
+        let m = self.marks(fe, policy);
+        let Some(own) = m.at_or_before(fe) else {
+            return PrefillStep {
+                from_ns: None,
+                to_ns: fe,
+                extension_ns: 0,
+            };
+        };
+        let to_ns = m.ends[own];
+        let from_ns = own.checked_sub(1).map(|p| m.ends[p]);
+        let before = own.checked_sub(1).and_then(|p| m.gap(p));
+        let after = m.gap(own + 1);
+        let base = match (before, after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let extension_ns = match (from_ns, base) {
+            (Some(f), Some(b)) => (to_ns - f).saturating_sub(b),
+            _ => 0,
+        };
+        PrefillStep {
+            from_ns,
+            to_ns,
+            extension_ns,
+        }
+    }
+
+    /// The start of the step `n` steps before the one that ended at or before `t` (`n = 0`:
+    /// that step's own start); `None` when the engine's steps do not reach back that far or
+    /// only write bursts are known (a non-streamed request writes none).
+    pub(crate) fn steps_back(&self, t: u64, n: u64, policy: StepClockPolicy) -> Option<u64> {
+        let m = self.marks(t, policy);
+        if std::ptr::eq(m, &self.bursts.marks) {
+            return None;
+        }
+        let i = m.at_or_before(t)?;
+        let back = usize::try_from(n).ok()?.checked_add(1)?;
+        let j = i.checked_sub(back)?;
+        Some(m.ends[j])
+    }
+
+    /// Forgets steps before `t`, keeping two for the gaps around the first step after it.
+    pub(crate) fn prune(&mut self, t: u64) {
+        self.ipc.prune(t);
+        self.cuda.prune(t);
+        self.bursts.prune(t);
+    }
+}
+
+#[cfg(test)]
+mod tests;

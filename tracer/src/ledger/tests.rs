@@ -890,3 +890,79 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn queued_requests_share_no_steps_until_their_prefill() {
+    // The engine steps every 20 ms from 1 s to 3 s and tells the API process so over IPC.
+    // Request 1 runs from 1 s. Request 2 arrives at 1.1 s but waits in the queue until its
+    // prefill step at 2.0 s. Request 3 (not streamed, 25 tokens) arrives at 1.1 s and is in
+    // the last 25 steps. Time slicing over who is in the engine: 1 alone for 1–2 s, 1 and 2
+    // for 2–2.5 s, all three for 2.5–3 s.
+    let mut l = ledger_with(
+        LedgerConfig {
+            split: SplitPolicy::Equal,
+            ..LedgerConfig::default()
+        },
+        IdleSource::Configured { watts: 0.0 },
+    );
+    arrive(&mut l, 1, S);
+    arrive(&mut l, 2, S + 100 * MS);
+    arrive(&mut l, 3, S + 100 * MS);
+    for k in 0..=100 {
+        let end = S + k * 20 * MS;
+        l.step_mark(SVC, end, StepSource::Ipc);
+        if k == 0 {
+            continue;
+        }
+        l.events(RequestId(1), end + 50_000, 1);
+        if end > 2 * S {
+            l.events(RequestId(2), end + 100_000, 1);
+        }
+    }
+    for id in [1, 2, 3] {
+        l.usage(
+            RequestId(id),
+            Some(16),
+            Some(if id == 3 { 25 } else { 0 }),
+            None,
+        );
+        l.end(RequestId(id), 3 * S + 200_000, 10, Outcome::Complete);
+    }
+    constant_power(&mut l, 0, 4, 100.0, 0);
+    let recs = l.advance(10 * S);
+    let e = by_id(&recs);
+    let near = |id: u64, want: f64| {
+        assert!(
+            (e[&id].total_j - want).abs() < 1.5,
+            "{id}: want {want} J: {recs:?}"
+        );
+    };
+    near(1, 100.0 + 25.0 + 50.0 / 3.0);
+    near(2, 25.0 + 50.0 / 3.0);
+    near(3, 50.0 / 3.0);
+    assert_eq!(l.stats().step_marks_ipc, 101);
+
+    // Without the engine's clock a non-streamed request's steps cannot be counted: request 3
+    // is then in flight from its arrival.
+    let mut l = ledger_with(
+        LedgerConfig {
+            split: SplitPolicy::Equal,
+            step_clock: StepClockPolicy::Writes,
+            ..LedgerConfig::default()
+        },
+        IdleSource::Configured { watts: 0.0 },
+    );
+    arrive(&mut l, 1, S);
+    arrive(&mut l, 3, S + 100 * MS);
+    for k in 1..=100 {
+        l.events(RequestId(1), S + k * 20 * MS + 50_000, 1);
+    }
+    l.usage(RequestId(3), Some(16), Some(25), None);
+    for id in [1, 3] {
+        l.end(RequestId(id), 3 * S + 200_000, 10, Outcome::Complete);
+    }
+    constant_power(&mut l, 0, 4, 100.0, 0);
+    let recs = l.advance(10 * S);
+    let e = by_id(&recs);
+    assert!((e[&3].total_j - 95.0).abs() < 2.0, "{recs:?}");
+}

@@ -206,4 +206,10 @@ pub struct LedgerStats {
     pub expired_requests: u64,
     /// Split units where `auto`/`tokens` fell back to `equal` for lack of token counts.
     pub split_fallbacks: u64,
+    /// Engine step ends seen over IPC (API process receiving the engine's per-step message).
+    #[serde(default)]
+    pub step_marks_ipc: u64,
+    /// Engine step ends seen as CUDA synchronisations after kernel launches.
+    #[serde(default)]
+    pub step_marks_cuda: u64,
 }

@@ -1,0 +1,116 @@
+use super::*;
+
+const MS: u64 = 1_000_000;
+const US: u64 = 1_000;
+
+/// A step's chunks written one request at a time, `spacing` apart, after each step end.
+fn write_steps(c: &mut StepClock, ends: &[u64], requests: u64, spacing: u64) {
+    let mut last: Vec<Option<u64>> = vec![None; requests as usize];
+    for &end in ends {
+        for k in 0..requests {
+            let t = end + 50 * US + k * spacing;
+            c.event(t, last[k as usize], 2 * MS, 50 * MS);
+            last[k as usize] = Some(t);
+        }
+    }
+}
+
+#[test]
+fn ipc_marks_place_chunks_written_long_after_the_step() {
+    let mut c = StepClock::default();
+    let ends: Vec<u64> = (0..20).map(|i| 100 * MS + i * 10 * MS).collect();
+    for &e in &ends {
+        c.mark(e, StepSource::Ipc);
+        // A second read of the same message: the same step.
+        c.mark(e + 20 * US, StepSource::Ipc);
+    }
+    // 32 requests written 250 µs apart: 8 ms of writing per 10 ms step.
+    write_steps(&mut c, &ends, 32, 250 * US);
+    let late = ends[5] + 50 * US + 31 * 250 * US;
+    assert_eq!(
+        c.step_of(late, StepClockPolicy::Auto),
+        Some(Step {
+            from_ns: ends[4],
+            to_ns: ends[5]
+        })
+    );
+    // The write-burst clock cannot separate these steps: the gaps between bursts are 2 ms.
+    let w = c.step_of(late, StepClockPolicy::Writes).expect("bursts");
+    assert!(w.to_ns <= late);
+}
+
+#[test]
+fn bursts_chain_a_steps_writes_and_the_window_adapts() {
+    let mut c = StepClock::default();
+    let ends: Vec<u64> = (0..40).map(|i| 100 * MS + i * 20 * MS).collect();
+    // 16 requests, 200 µs apart: 3.2 ms of writing, longer than the initial 2 ms window
+    // would merge from a burst's first write but chained write to write.
+    write_steps(&mut c, &ends, 16, 200 * US);
+    assert_eq!(c.bursts.marks.ends.len(), ends.len());
+    // Half the 25th percentile of per-request gaps (20 ms).
+    assert_eq!(c.burst_window_ns(2 * MS), 10 * MS);
+    let s = c
+        .step_of(ends[7] + 2 * MS, StepClockPolicy::Auto)
+        .expect("step");
+    assert_eq!(s.to_ns, ends[7] + 50 * US);
+    assert_eq!(s.from_ns, ends[6] + 50 * US);
+    // Out of order: an early write of a step joins its burst.
+    c.event(ends[7] + 10 * US, None, 2 * MS, 50 * MS);
+    assert_eq!(c.bursts.marks.ends.len(), ends.len());
+    assert_eq!(
+        c.step_of(ends[7] + MS, StepClockPolicy::Auto)
+            .map(|s| s.to_ns),
+        Some(ends[7] + 10 * US)
+    );
+}
+
+#[test]
+fn auto_prefers_ipc_then_cuda_then_bursts_where_they_cover() {
+    let mut c = StepClock::default();
+    let ends: Vec<u64> = (0..10).map(|i| 10 * MS + i * 10 * MS).collect();
+    for &e in &ends {
+        c.mark(e + 100 * US, StepSource::Cuda);
+        c.mark(e + 300 * US + MARK_MERGE_NS, StepSource::Ipc);
+    }
+    write_steps(&mut c, &ends, 4, 100 * US);
+    let t = ends[5] + 900 * US;
+    let step = |p| c.step_of(t, p).map(|s| s.to_ns);
+    assert_eq!(step(StepClockPolicy::Auto), Some(ends[5] + 600 * US));
+    assert_eq!(step(StepClockPolicy::Ipc), Some(ends[5] + 600 * US));
+    assert_eq!(step(StepClockPolicy::Cuda), Some(ends[5] + 100 * US));
+    assert_eq!(step(StepClockPolicy::Writes), Some(ends[5] + 50 * US));
+    // Far from any engine mark (another part of the run): bursts.
+    c.event(10_000 * MS, None, 2 * MS, 50 * MS);
+    c.event(10_010 * MS, None, 2 * MS, 50 * MS);
+    assert_eq!(
+        c.step_of(10_010 * MS + US, StepClockPolicy::Auto),
+        Some(Step {
+            from_ns: 10_000 * MS,
+            to_ns: 10_010 * MS
+        })
+    );
+}
+
+#[test]
+fn prefill_step_and_steps_back() {
+    let mut c = StepClock::default();
+    // 20 ms steps; the one ending at 100 ms carried a prefill and lasted 50 ms.
+    for e in [10, 30, 50, 100, 120, 140] {
+        c.mark(e * MS, StepSource::Ipc);
+    }
+    let s = c.prefill_step(100 * MS + MS / 5, StepClockPolicy::Auto);
+    assert_eq!(s.from_ns, Some(50 * MS));
+    assert_eq!(s.to_ns, 100 * MS);
+    assert_eq!(s.extension_ns, 30 * MS);
+    // A non-streamed response written after the step ending at 140 ms, two tokens: it was in
+    // the steps ending at 120 and 140 ms, from 100 ms.
+    assert_eq!(
+        c.steps_back(141 * MS, 1, StepClockPolicy::Auto),
+        Some(100 * MS)
+    );
+    assert_eq!(c.steps_back(141 * MS, 5, StepClockPolicy::Auto), None);
+    // Only bursts: a non-streamed request's steps cannot be counted.
+    assert_eq!(c.steps_back(141 * MS, 1, StepClockPolicy::Writes), None);
+    c.prune(125 * MS);
+    assert_eq!(c.ipc.ends.front().copied(), Some(100 * MS));
+}
