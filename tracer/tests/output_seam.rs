@@ -29,6 +29,7 @@ fn options() -> ReplayOptions {
         recording: fixture("live.rec"),
         split: None,
         idle: None,
+        step_clock: None,
         records_out: None,
         events_out: None,
     }

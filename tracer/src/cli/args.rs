@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::{
     config::Config,
-    ledger::{IdlePolicy, SplitPolicy},
+    ledger::{IdlePolicy, SplitPolicy, StepClockPolicy},
     power::cpu::CpuSource,
     probe::targets::TargetSpec,
 };
@@ -74,6 +74,9 @@ pub struct ReplayArgs {
     /// Idle policy: amortize or report (default: the recording's).
     #[arg(long, value_enum)]
     pub idle_policy: Option<IdlePolicy>,
+    /// Engine step clock: auto, ipc, cuda or writes (default: the recording's).
+    #[arg(long, value_enum)]
+    pub step_clock: Option<StepClockPolicy>,
     /// Write the records as JSON lines here (default: standard output).
     #[arg(long)]
     pub records_out: Option<PathBuf>,
@@ -133,6 +136,10 @@ pub struct RunArgs {
     /// device). [config: ledger.idle]
     #[arg(long, value_enum)]
     pub idle_policy: Option<IdlePolicy>,
+    /// Which engine step clock splits a batch: auto (IPC, else CUDA, else write bursts), ipc,
+    /// cuda or writes. [config: ledger.step_clock]
+    #[arg(long, value_enum)]
+    pub step_clock: Option<StepClockPolicy>,
     /// Also report every ioctl on an NVIDIA fd as an event. [config: probe.ioctl_events]
     #[arg(long)]
     pub ioctl_events: bool,
@@ -212,6 +219,9 @@ impl RunArgs {
         }
         if let Some(v) = self.idle_policy {
             c.ledger.idle = v;
+        }
+        if let Some(v) = self.step_clock {
+            c.ledger.step_clock = v;
         }
         c.validate()?;
         Ok(c)

@@ -131,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 recording: args.recording,
                 split: args.split,
                 idle: args.idle_policy,
+                step_clock: args.step_clock,
                 records_out: args.records_out,
                 events_out: args.events_out,
             })?;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use super::format::{RecordError, Replayer};
 use crate::{
-    ledger::{IdlePolicy, LedgerError, SplitPolicy},
+    ledger::{IdlePolicy, LedgerError, SplitPolicy, StepClockPolicy},
     output::jsonl::{JsonLines, Stream},
     pipeline::{Bus, Input, Pipeline, Subscriber},
 };
@@ -40,6 +40,8 @@ pub struct ReplayOptions {
     pub split: Option<SplitPolicy>,
     /// Overrides the recording's idle policy.
     pub idle: Option<IdlePolicy>,
+    /// Overrides the recording's step clock (which engine clock the split steps by).
+    pub step_clock: Option<StepClockPolicy>,
     /// Records as JSON lines here; `None`: standard output.
     pub records_out: Option<PathBuf>,
     /// Decoded probe events as JSON lines here.
@@ -110,6 +112,9 @@ pub fn replay_into(opts: &ReplayOptions, bus: Bus) -> Result<ReplaySummary, Repl
     let mut config = rp.header.pipeline.clone();
     if let Some(s) = opts.split {
         config.ledger.split = s;
+    }
+    if let Some(c) = opts.step_clock {
+        config.ledger.step_clock = c;
     }
     if let Some(i) = opts.idle {
         config.ledger.idle = i;
