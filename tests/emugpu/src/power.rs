@@ -264,7 +264,10 @@ mod tests {
         // base power and its own energy, minus a decode's.
         let decode = m.step_base_w * m.decode_s_per_seq + m.decode_j_per_token;
         let prefill = 512.0 * (m.step_base_w * m.prefill_s_per_token + m.prefill_j_per_token);
-        assert!(((shares[2] - shares[0]) - (prefill - decode)).abs() < 1e-9, "{shares:?}");
+        assert!(
+            ((shares[2] - shares[0]) - (prefill - decode)).abs() < 1e-9,
+            "{shares:?}"
+        );
         // And under the power cap too.
         let m = PowerModel {
             prefill_j_per_token: 0.05,
