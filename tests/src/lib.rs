@@ -4,6 +4,7 @@
 pub mod client;
 
 use std::{
+    ffi::OsStr,
     io::Read as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -272,6 +273,8 @@ pub struct EmuEnv {
     pub nvml: PathBuf,
     pub state: PathBuf,
     pub truth: PathBuf,
+    /// Stand-in CUDA driver library the engine loads (`--cuda-lib`); none by default.
+    pub cuda_lib: Option<PathBuf>,
 }
 
 impl EmuEnv {
@@ -293,12 +296,39 @@ impl EmuEnv {
             nvml,
             state,
             truth,
+            cuda_lib: None,
         }
+    }
+
+    /// The engine will load `lib` as its CUDA driver (`--cuda-lib`) and call it every step.
+    #[must_use]
+    pub fn with_cuda_lib(mut self, lib: impl Into<PathBuf>) -> EmuEnv {
+        self.cuda_lib = Some(lib.into());
+        self
     }
 
     /// Starts the emulated server on `gpus` GPUs.
     pub fn start_host(&self, gpus: u32) -> (EmuHost, u16) {
-        start_emuhost(&self.emuhost, gpus, &self.state, &self.dev, &self.truth)
+        self.start_host_with(gpus, &[])
+    }
+
+    /// As [`EmuEnv::start_host`], with extra `emuhost serve` arguments (API and engine options,
+    /// e.g. `--max-seqs`, `--write-cost-us`).
+    pub fn start_host_with(&self, gpus: u32, extra_args: &[&OsStr]) -> (EmuHost, u16) {
+        let mut args: Vec<&OsStr> = Vec::new();
+        if let Some(lib) = &self.cuda_lib {
+            args.push(OsStr::new("--cuda-lib"));
+            args.push(lib.as_os_str());
+        }
+        args.extend_from_slice(extra_args);
+        start_emuhost_with(
+            &self.emuhost,
+            gpus,
+            &self.state,
+            &self.dev,
+            &self.truth,
+            &args,
+        )
     }
 }
 
@@ -311,6 +341,18 @@ pub fn start_emuhost(
     dev: &Path,
     truth: &Path,
 ) -> (EmuHost, u16) {
+    start_emuhost_with(emuhost, gpus, state, dev, truth, &[])
+}
+
+/// As [`start_emuhost`], with extra `emuhost serve` arguments.
+pub fn start_emuhost_with(
+    emuhost: &Path,
+    gpus: u32,
+    state: &Path,
+    dev: &Path,
+    truth: &Path,
+    extra_args: &[&OsStr],
+) -> (EmuHost, u16) {
     use std::io::BufRead as _;
     let mut host = Command::new(emuhost)
         .args(["serve", "--port", "0", "--gpus", &gpus.to_string()])
@@ -320,6 +362,7 @@ pub fn start_emuhost(
         .arg(dev)
         .arg("--truth")
         .arg(truth)
+        .args(extra_args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn emuhost");

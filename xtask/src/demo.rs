@@ -1,22 +1,56 @@
 //! `cargo xtask demo`: the emulated inference host, the tracer attached to it by port, a
-//! chat-like load, and per-request attribution beside the ground truth.
+//! chat-like load, and per-request attribution beside the ground truth; with `--clocks`, the
+//! recording replayed under each step clock and split, scored against the truth.
 
 use std::{
     env,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::score::{self, Score, read_jsonl};
 use crate::{build_release, privileged, sh};
 
-pub fn demo(seconds: u64) -> Result<()> {
-    use std::{
-        io::{BufRead as _, BufReader},
-        process::Stdio,
-        time::{Duration, Instant},
-    };
+/// Options of `cargo xtask demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOpts {
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Most requests the engine runs at once (more wait in its queue).
+    #[arg(long, default_value_t = 16)]
+    pub max_seqs: usize,
+    /// CPU the API process spends per request per step before its write, µs (default: the
+    /// host's, 40).
+    #[arg(long)]
+    pub write_cost_us: Option<u64>,
+    /// Stand-in CUDA driver library for the engine to call every step.
+    #[arg(long)]
+    pub cuda_lib: Option<PathBuf>,
+    /// Record the run, replay it under each step clock and split, and score each against the
+    /// truth.
+    #[arg(long)]
+    pub clocks: bool,
+}
+
+/// The replays scored by `--clocks`: row name and `tracer replay` flags.
+const VARIANTS: &[(&str, &[&str])] = &[
+    ("default", &[]),
+    ("split equal", &["--split", "equal"]),
+    ("ipc clock only", &["--step-clock", "ipc"]),
+    ("cuda clock only", &["--step-clock", "cuda"]),
+    ("write bursts only", &["--step-clock", "writes"]),
+];
+
+pub fn demo(opts: &DemoOpts) -> Result<()> {
+    let seconds = opts.seconds;
     // Separate builds: `--bin` would narrow every package to binaries, and the NVML emulation
     // is a cdylib.
     build_release()?;
@@ -40,9 +74,15 @@ pub fn demo(seconds: u64) -> Result<()> {
     let truth = dir.join("truth.jsonl");
     let records = dir.join("records.jsonl");
     let requests = dir.join("requests.jsonl");
+    let write_log = dir.join("write-log.jsonl");
+    let recording = dir.join("run.rec");
 
-    eprintln!("demo: starting the emulated inference host (API process + engine on 2 GPUs)");
-    let mut host = Command::new(release.join("emuhost"))
+    eprintln!(
+        "demo: starting the emulated inference host (API process + engine on 2 GPUs, max-seqs {})",
+        opts.max_seqs
+    );
+    let mut host_cmd = Command::new(release.join("emuhost"));
+    host_cmd
         .args(["serve", "--port", "0", "--gpus", "2"])
         .arg("--state")
         .arg(&state)
@@ -50,6 +90,16 @@ pub fn demo(seconds: u64) -> Result<()> {
         .arg(&dev)
         .arg("--truth")
         .arg(&truth)
+        .arg("--write-log")
+        .arg(&write_log)
+        .args(["--max-seqs", &opts.max_seqs.to_string()]);
+    if let Some(w) = opts.write_cost_us {
+        host_cmd.args(["--write-cost-us", &w.to_string()]);
+    }
+    if let Some(lib) = &opts.cuda_lib {
+        host_cmd.arg("--cuda-lib").arg(lib);
+    }
+    let mut host = host_cmd
         .stdout(Stdio::piped())
         .spawn()
         .context("starting emuhost")?;
@@ -64,7 +114,8 @@ pub fn demo(seconds: u64) -> Result<()> {
     eprintln!("demo: attaching tracer to port {port} (NVML: the emulation's libnvidia-ml.so.1)");
     let log = dir.join("tracer.log");
     // `env` carries the emulation's state path through sudo, which drops the environment.
-    let mut tracer = privileged("env")
+    let mut tracer_cmd = privileged("env");
+    tracer_cmd
         .arg(format!("TRACER_EMU_STATE={}", state.display()))
         .arg(release.join("tracer"))
         .args(["run", "--port", &port.to_string()])
@@ -79,7 +130,11 @@ pub fn demo(seconds: u64) -> Result<()> {
         .arg(&requests)
         // The emulated H100's idle power, as an operator would set it from the datasheet; the
         // comparison is on dynamic energy, what each request caused.
-        .args(["--gpu-idle-watts", "70", "--idle-policy", "report"])
+        .args(["--gpu-idle-watts", "70", "--idle-policy", "report"]);
+    if opts.clocks {
+        tracer_cmd.arg("--record").arg(&recording);
+    }
+    let mut tracer = tracer_cmd
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting tracer")?;
@@ -95,7 +150,10 @@ pub fn demo(seconds: u64) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    eprintln!("demo: {seconds} s of chat-like load at concurrency 8");
+    eprintln!(
+        "demo: {seconds} s of chat-like load at concurrency {}",
+        opts.concurrency
+    );
     sh(Command::new(release.join("emuload"))
         .args([
             "--port",
@@ -103,7 +161,7 @@ pub fn demo(seconds: u64) -> Result<()> {
             "--seconds",
             &seconds.to_string(),
         ])
-        .args(["--concurrency", "8"]))?;
+        .args(["--concurrency", &opts.concurrency.to_string()]))?;
     // Let the grace period pass so every request's energy is final, then stop everything.
     std::thread::sleep(Duration::from_secs(4));
     sh(privileged("kill").args(["-INT", &tracer.id().to_string()]))?;
@@ -118,7 +176,52 @@ pub fn demo(seconds: u64) -> Result<()> {
             .find(|l| l.contains("shutting down"))
             .unwrap_or("")
     );
-    compare(&records, &truth)
+    compare(&records, &truth)?;
+    let truth_lines = read_jsonl(&truth)?;
+    score::print_queueing(&truth_lines);
+    score::print_write_spread(&write_log);
+    if opts.clocks {
+        clocks(&release.join("tracer"), &recording, &dir, &truth_lines);
+    }
+    Ok(())
+}
+
+/// Replays the recording under each variant and prints one table scoring them all.
+fn clocks(tracer: &Path, recording: &Path, dir: &Path, truth: &[serde_json::Value]) {
+    println!("\nEvery completed request against the caused truth (and the time-sharing one):\n");
+    println!("{}", score::TABLE_HEAD);
+    for (i, (name, flags)) in VARIANTS.iter().enumerate() {
+        let out_path = dir.join(format!("replay-{i}.jsonl"));
+        let out = Command::new(tracer)
+            .arg("replay")
+            .arg(recording)
+            .arg("--records-out")
+            .arg(&out_path)
+            .args(*flags)
+            .output();
+        let failure = match &out {
+            Err(e) => Some(format!("n/a (replay did not start: {e})")),
+            Ok(o) if !o.status.success() => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                Some(
+                    if err.contains("unexpected argument") || err.contains("invalid value") {
+                        "n/a (flag unsupported)".to_owned()
+                    } else {
+                        format!("n/a (replay failed: {})", err.lines().next().unwrap_or(""))
+                    },
+                )
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = failure {
+            println!("| {name} | {why} | | | | | | |");
+            continue;
+        }
+        match read_jsonl(&out_path) {
+            Ok(records) => println!("{}", Score::of(&records, truth).row(name)),
+            Err(e) => println!("| {name} | n/a ({e:#}) | | | | | | |"),
+        }
+    }
 }
 
 /// SIGTERM to a child (the emulated host then stops its engine and writes the truth summary).
@@ -126,14 +229,6 @@ fn terminate(pid: u32) {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
-    Ok(std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
 }
 
 /// Prints per-request attribution beside the ground truth, and the totals.

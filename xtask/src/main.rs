@@ -12,6 +12,7 @@ use std::{
 mod bench;
 mod demo;
 mod layout;
+mod score;
 mod setup;
 
 use anyhow::{Context as _, Result, bail};
@@ -69,11 +70,7 @@ enum Task {
     /// setup, then the no-GPU demo: the emulated inference host (API process, engine on two
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
     /// chat-like load, and per-request attribution beside the ground truth.
-    Demo {
-        /// Seconds of load.
-        #[arg(long, default_value_t = 30)]
-        seconds: u64,
-    },
+    Demo(demo::DemoOpts),
 }
 
 fn main() -> Result<()> {
@@ -109,9 +106,9 @@ fn main() -> Result<()> {
             setup()?;
             bench::bench_sampler(gpus, hz, seconds)
         }
-        Task::Demo { seconds } => {
+        Task::Demo(opts) => {
             setup()?;
-            demo::demo(seconds)
+            demo::demo(&opts)
         }
     }
 }

@@ -19,9 +19,15 @@
 //!
 //! # Ground truth
 //!
-//! [`PowerModel::split_step`] splits a step's dynamic energy across the requests in it: the base
-//! part (`step_base_w * duration`) equally among the sequences in the step, plus each request's
-//! own decode and prefill parts. The parts sum exactly to the step's dynamic energy.
+//! [`PowerModel::split_step`] splits a step's dynamic energy across the requests in it by what
+//! each one *caused*: the base power over the step's fixed part (`step_base_w *
+//! step_overhead_s`, the weights streamed once whoever is in the batch) equally among the
+//! requests in the step; the base power over the time each request adds to the step
+//! (`decode_s_per_seq` per decoded token, `prefill_s_per_token` per prefilled token) to that
+//! request; and each request's own decode and prefill energy. A prefill chunk therefore pays
+//! for the time it stretches the step. Under the power cap the step's stretch comes from the
+//! energy of its tokens, so the base power beyond the fixed part goes in proportion to each
+//! request's own token energy instead. The parts sum exactly to the step's dynamic energy.
 //! [`PowerModel::split_idle`] splits idle energy over some interval in proportion to the
 //! requests' dynamic energy in that interval (nothing is split if nothing ran).
 //!
@@ -137,24 +143,55 @@ impl PowerModel {
         self.step(n_decode, prefill)
     }
 
-    /// Ground-truth split of a step's dynamic energy: joules per entry, in order. The base part
-    /// (which grows when the power cap stretches the step) is shared equally among the entries,
-    /// each entry adds its own decode and prefill parts. The result sums to
-    /// `self.step_of(entries).dynamic_j`.
+    /// Ground-truth split of a step's dynamic energy, by what each entry caused (see the
+    /// [module docs](self)): joules per entry, in order. Sums to `self.step_of(entries).dynamic_j`.
     pub fn split_step(&self, entries: &[StepEntry]) -> Vec<f64> {
         let cost = self.step_of(entries);
         if entries.is_empty() || cost.dynamic_j == 0.0 {
             return vec![0.0; entries.len()];
         }
-        let base_each = cost.base_j / entries.len() as f64;
+        let own_s = |e: &StepEntry| {
+            self.decode_s_per_seq * f64::from(e.decode_tokens)
+                + self.prefill_s_per_token * f64::from(e.prefill_tokens)
+        };
+        let own_j = |e: &StepEntry| {
+            self.decode_j_per_token * f64::from(e.decode_tokens)
+                + self.prefill_j_per_token * f64::from(e.prefill_tokens)
+        };
+        let fixed_s = self.step_overhead_s.min(cost.duration_s);
+        let uncapped_s = fixed_s + entries.iter().map(own_s).sum::<f64>();
+        let capped = cost.duration_s > uncapped_s * (1.0 + 1e-12);
+        // What the stretch beyond the fixed part is proportional to, per entry.
+        let weights: Vec<f64> = if capped {
+            entries.iter().map(own_j).collect()
+        } else {
+            entries.iter().map(own_s).collect()
+        };
+        let total_weight: f64 = weights.iter().sum();
+        let n = entries.len() as f64;
+        let fixed_each = self.step_base_w * fixed_s / n;
+        let stretch_j = cost.base_j - self.step_base_w * fixed_s;
         entries
             .iter()
-            .map(|e| {
-                base_each
-                    + self.decode_j_per_token * f64::from(e.decode_tokens)
-                    + self.prefill_j_per_token * f64::from(e.prefill_tokens)
+            .zip(&weights)
+            .map(|(e, w)| {
+                let stretch = if total_weight > 0.0 {
+                    stretch_j * w / total_weight
+                } else {
+                    stretch_j / n
+                };
+                fixed_each + stretch + own_j(e)
             })
             .collect()
+    }
+
+    /// Plain time sharing, the second reference: a step's `energy_j` split equally among the
+    /// `n` requests in it (nothing if `n` is 0).
+    pub fn split_timeshare(energy_j: f64, n: usize) -> Vec<f64> {
+        if n == 0 {
+            return Vec::new();
+        }
+        vec![energy_j / n as f64; n]
     }
 
     /// Ground-truth split of `idle_j` joules of idle energy among requests in proportion to
@@ -223,6 +260,14 @@ mod tests {
         assert!((sum - cost.dynamic_j).abs() < 1e-9, "{sum} vs {cost:?}");
         assert!((shares[0] - shares[1]).abs() < 1e-12);
         assert!(shares[2] > shares[0]);
+        // The prefill pays for the time it adds: its share beyond a decode's is its own time's
+        // base power and its own energy, minus a decode's.
+        let decode = m.step_base_w * m.decode_s_per_seq + m.decode_j_per_token;
+        let prefill = 512.0 * (m.step_base_w * m.prefill_s_per_token + m.prefill_j_per_token);
+        assert!(
+            ((shares[2] - shares[0]) - (prefill - decode)).abs() < 1e-9,
+            "{shares:?}"
+        );
         // And under the power cap too.
         let m = PowerModel {
             prefill_j_per_token: 0.05,
@@ -234,6 +279,23 @@ mod tests {
         }];
         let s: f64 = m.split_step(&capped).iter().sum();
         assert!((s - m.step_of(&capped).dynamic_j).abs() < 1e-6);
+        let mixed = [
+            StepEntry {
+                decode_tokens: 1,
+                prefill_tokens: 0,
+            },
+            capped[0],
+        ];
+        let shares = m.split_step(&mixed);
+        let s: f64 = shares.iter().sum();
+        assert!((s - m.step_of(&mixed).dynamic_j).abs() < 1e-6);
+        assert!(shares[1] > 100.0 * shares[0], "{shares:?}");
+    }
+
+    #[test]
+    fn timeshare_is_equal() {
+        assert_eq!(PowerModel::split_timeshare(9.0, 3), vec![3.0; 3]);
+        assert!(PowerModel::split_timeshare(9.0, 0).is_empty());
     }
 
     #[test]

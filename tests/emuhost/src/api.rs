@@ -2,15 +2,16 @@
 //!
 //! It never opens a GPU device node or the sensor state: like vLLM's API server it only
 //! speaks HTTP and forwards work to the engine process over a Unix stream socket
-//! (a `socketpair` whose other end the engine inherits), multiplexing the engine's token
-//! events by request number.
+//! (a `socketpair` whose other end the engine inherits). One thread per connection reads
+//! requests and submits them; the engine's per-step messages are written out by one writer
+//! loop ([`crate::writer`]), one request at a time.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -22,13 +23,17 @@ use tracer_emugpu::{STATE_ENV, monotonic_us};
 
 use crate::engine::EngineOpts;
 use crate::http::{self, Head};
-use crate::proto::{FromEngine, ToEngine, Usage};
+use crate::proto::{FromEngine, ToEngine};
 use crate::signals;
+pub use crate::writer::Kind;
+use crate::writer::{self, Api, Ctx, Route, error_body, respond_json};
 
 /// Largest `max_tokens` honoured.
 pub const MAX_TOKENS_CAP: u32 = 4096;
 /// `max_tokens` when the request has none.
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
+/// A client that stops reading for this long is treated as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Options of `emuhost serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -46,43 +51,16 @@ pub struct ServeOpts {
     /// this many seconds after at least one request was served. Bare flag: 2 s.
     #[arg(long, num_args = 0..=1, default_missing_value = "2", value_name = "SECS")]
     pub idle_exit: Option<f64>,
+    /// CPU the writer loop spends per request per step before writing its chunk, in µs (busy,
+    /// like a Python server's event loop; 0: none).
+    #[arg(long, default_value_t = 40)]
+    pub write_cost_us: u64,
+    /// Write one JSON line per engine step here when the server stops: when the writer loop
+    /// got the step's message and wrote its first and last chunk.
+    #[arg(long)]
+    pub write_log: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineOpts,
-}
-
-enum Ev {
-    Token(String),
-    Done(Usage),
-}
-
-struct Api {
-    model: String,
-    engine_pid: u32,
-    to_engine: Mutex<UnixStream>,
-    routes: Mutex<HashMap<u64, mpsc::Sender<Ev>>>,
-    next_rid: AtomicU64,
-    engine_alive: AtomicBool,
-    inflight: AtomicUsize,
-    connections: AtomicUsize,
-    served: AtomicU64,
-    last_activity_us: AtomicU64,
-}
-
-impl Api {
-    fn send(&self, msg: &ToEngine) -> Result<()> {
-        let mut line = serde_json::to_string(msg)?;
-        line.push('\n');
-        let mut s = self
-            .to_engine
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        s.write_all(line.as_bytes()).context("write to engine")
-    }
-
-    fn touch(&self) {
-        self.last_activity_us
-            .store(monotonic_us(), Ordering::Relaxed);
-    }
 }
 
 /// A `socketpair`: our end (close-on-exec) and the raw fd of the end the child inherits.
@@ -134,6 +112,11 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
     let mut line = String::new();
     reader.read_line(&mut line).context("wait for the engine")?;
     let Ok(FromEngine::Ready { pid: engine_pid }) = serde_json::from_str(line.trim()) else {
+        // Let it finish saying why before it is killed.
+        let deadline = monotonic_us() + 1_000_000;
+        while matches!(child.try_wait(), Ok(None)) && monotonic_us() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = child.kill();
         let _ = child.wait();
         bail!("engine did not start (said {line:?})");
@@ -154,11 +137,13 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
         connections: AtomicUsize::new(0),
         served: AtomicU64::new(0),
         last_activity_us: AtomicU64::new(monotonic_us()),
+        write_cost_us: opts.write_cost_us,
     });
     let dispatch_api = Arc::clone(&api);
-    std::thread::Builder::new()
+    let write_log = opts.write_log.clone();
+    let dispatcher = std::thread::Builder::new()
         .name("api-dispatch".to_owned())
-        .spawn(move || dispatch(reader, &dispatch_api))?;
+        .spawn(move || writer::dispatch(reader, &dispatch_api, write_log.as_ref()))?;
 
     println!("listening {port}");
     std::io::stdout().flush()?;
@@ -166,6 +151,8 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
     let result = accept_loop(&listener, &api, opts.idle_exit);
     drop(listener);
     stop_engine(&api, &mut child);
+    // The engine's socket is closed: the writer loop ends (and writes its log).
+    let _ = dispatcher.join();
     result
 }
 
@@ -241,87 +228,15 @@ fn stop_engine(api: &Api, child: &mut Child) {
     }
 }
 
-/// Route the engine's events to the waiting connections.
-fn dispatch(reader: BufReader<UnixStream>, api: &Api) {
-    for line in reader.lines() {
-        let Ok(line) = line else { break };
-        let ev: FromEngine = match serde_json::from_str(&line) {
-            Ok(ev) => ev,
-            Err(e) => {
-                eprintln!("emuhost: bad engine event {line:?}: {e}");
-                continue;
-            }
-        };
-        let mut routes = api.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        match ev {
-            FromEngine::Token { rid, text } => {
-                if let Some(tx) = routes.get(&rid) {
-                    let _ = tx.send(Ev::Token(text));
-                }
-            }
-            FromEngine::Done { rid, usage } => {
-                if let Some(tx) = routes.remove(&rid) {
-                    let _ = tx.send(Ev::Done(usage));
-                }
-            }
-            FromEngine::Ready { .. } => {}
-        }
-    }
-    api.engine_alive.store(false, Ordering::SeqCst);
-    // Dropping the senders wakes every waiting connection.
-    api.routes
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clear();
-}
-
-/// What one response needs to know about its request.
-struct Ctx<'a> {
-    request_id: Option<&'a str>,
-    keep_alive: bool,
-}
-
-impl Ctx<'_> {
-    fn common_headers(&self) -> String {
-        let mut h = String::from("server: emuhost\r\n");
-        if let Some(id) = self.request_id {
-            let _ = write!(h, "x-request-id: {id}\r\n");
-        }
-        if !self.keep_alive {
-            h.push_str("connection: close\r\n");
-        }
-        h
-    }
-}
-
-fn respond_json(w: &mut TcpStream, ctx: &Ctx<'_>, status: u16, body: &Value) -> Result<()> {
-    let body = body.to_string();
-    let msg = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
-        http::reason(status),
-        body.len(),
-        ctx.common_headers()
-    );
-    w.write_all(msg.as_bytes()).context("write response")
-}
-
-fn error_body(status: u16, kind: &str, message: &str) -> Value {
-    json!({
-        "object": "error",
-        "message": message,
-        "type": kind,
-        "param": null,
-        "code": status,
-    })
-}
-
 fn handle_conn(api: &Api, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(read_half);
-    let mut w = stream;
+    // Shared with the writer loop: responses go out on the connection's own fd.
+    let w = Arc::new(stream);
     loop {
         let head = match http::read_head(&mut reader) {
             Ok(Some(h)) => h,
@@ -332,7 +247,7 @@ fn handle_conn(api: &Api, stream: TcpStream) {
                     keep_alive: false,
                 };
                 let _ = respond_json(
-                    &mut w,
+                    &w,
                     &ctx,
                     400,
                     &error_body(400, "BadRequestError", &format!("{e:#}")),
@@ -355,7 +270,7 @@ fn handle_conn(api: &Api, stream: TcpStream) {
             keep_alive,
         };
         if head.has_token("expect", "100-continue")
-            && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+            && (&*w).write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
         {
             return;
         }
@@ -367,7 +282,7 @@ fn handle_conn(api: &Api, stream: TcpStream) {
                     ..ctx
                 };
                 let _ = respond_json(
-                    &mut w,
+                    &w,
                     &ctx,
                     400,
                     &error_body(400, "BadRequestError", &format!("{e:#}")),
@@ -376,7 +291,7 @@ fn handle_conn(api: &Api, stream: TcpStream) {
             }
         };
         let path = target.split('?').next().unwrap_or("");
-        let result = route(api, &mut w, &ctx, &method, path, &head, &body);
+        let result = route(api, &w, &ctx, &method, path, &head, &body);
         api.touch();
         if result.is_err() || !keep_alive {
             return;
@@ -384,18 +299,9 @@ fn handle_conn(api: &Api, stream: TcpStream) {
     }
 }
 
-/// Which endpoint a request came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `/v1/completions`.
-    Completion,
-    /// `/v1/chat/completions`.
-    Chat,
-}
-
 fn route(
     api: &Api,
-    w: &mut TcpStream,
+    w: &Arc<TcpStream>,
     ctx: &Ctx<'_>,
     method: &str,
     path: &str,
@@ -549,15 +455,6 @@ pub fn parse_request(kind: Kind, body: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
-}
-
 /// Decrements the in-flight count (and forgets the route) when a request handler ends.
 struct Inflight<'a> {
     api: &'a Api,
@@ -584,17 +481,18 @@ impl Drop for Inflight<'_> {
     }
 }
 
-fn completion(api: &Api, w: &mut TcpStream, ctx: &Ctx<'_>, kind: Kind, req: &Parsed) -> Result<()> {
+fn completion(
+    api: &Api,
+    w: &Arc<TcpStream>,
+    ctx: &Ctx<'_>,
+    kind: Kind,
+    req: &Parsed,
+) -> Result<()> {
     let rid = api.next_rid.fetch_add(1, Ordering::SeqCst);
-    let id = format!("cmpl-{rid}");
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (tx, rx) = mpsc::channel();
-    api.routes
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(rid, tx);
     api.inflight.fetch_add(1, Ordering::SeqCst);
     let mut guard = Inflight {
         api,
@@ -608,119 +506,61 @@ fn completion(api: &Api, w: &mut TcpStream, ctx: &Ctx<'_>, kind: Kind, req: &Par
         max_tokens: req.max_tokens,
         arrive_us: monotonic_us(),
     };
-    if let Err(e) = api.send(&submit) {
-        guard.done = true;
-        return respond_json(
-            w,
-            ctx,
-            503,
-            &error_body(503, "ServiceUnavailable", &format!("{e:#}")),
-        );
-    }
-    let object = match kind {
-        Kind::Chat => "chat.completion",
-        Kind::Completion => "text_completion",
-    };
-    if !req.stream {
-        let mut text = String::new();
-        let usage = loop {
-            match rx.recv() {
-                Ok(Ev::Token(t)) => text.push_str(&t),
-                Ok(Ev::Done(u)) => break u,
-                Err(_) => {
-                    guard.done = true;
-                    return respond_json(
-                        w,
-                        ctx,
-                        500,
-                        &error_body(500, "InternalServerError", "engine died"),
-                    );
-                }
-            }
+    {
+        // The writer loop cannot see the request before its head is out.
+        let mut routes = api.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        // The writer loop marks the engine dead before it ends the routes it holds.
+        let sent = if api.engine_alive.load(Ordering::SeqCst) {
+            api.send(&submit)
+        } else {
+            Err(anyhow::anyhow!("engine process exited"))
         };
-        guard.done = true;
-        let choice = match kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": "length",
-            }),
-            Kind::Completion => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": "length",
-            }),
-        };
-        let body = json!({
-            "id": id, "object": object, "created": created, "model": api.model,
-            "choices": [choice],
-            "usage": usage_json(&usage),
-        });
-        return respond_json(w, ctx, 200, &body);
-    }
-
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n{}\r\n",
-        ctx.common_headers()
-    );
-    w.write_all(head.as_bytes()).context("write head")?;
-    let chunk_object = match kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Completion => "text_completion",
-    };
-    let mut n = 0u32;
-    loop {
-        match rx.recv() {
-            Ok(Ev::Token(t)) => {
-                n += 1;
-                let finish = if n >= req.max_tokens {
-                    json!("length")
-                } else {
-                    Value::Null
-                };
-                let choice = match kind {
-                    Kind::Chat => {
-                        let delta = if n == 1 {
-                            json!({"role": "assistant", "content": t})
-                        } else {
-                            json!({"content": t})
-                        };
-                        json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-                    }
-                    Kind::Completion => {
-                        json!({"index": 0, "text": t, "logprobs": null, "finish_reason": finish})
-                    }
-                };
-                let ev = json!({
-                    "id": id, "object": chunk_object, "created": created, "model": api.model,
-                    "choices": [choice],
-                });
-                http::write_chunk(w, format!("data: {ev}\n\n").as_bytes())
-                    .context("write event")?;
-            }
-            Ok(Ev::Done(usage)) => {
+        if let Err(e) = sent {
+            guard.done = true;
+            drop(routes);
+            return respond_json(
+                w,
+                ctx,
+                503,
+                &error_body(503, "ServiceUnavailable", &format!("{e:#}")),
+            );
+        }
+        if req.stream {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n{}\r\n",
+                ctx.common_headers()
+            );
+            if let Err(e) = (&**w).write_all(head.as_bytes()) {
                 guard.done = true;
-                if req.include_usage {
-                    let ev = json!({
-                        "id": id, "object": chunk_object, "created": created, "model": api.model,
-                        "choices": [],
-                        "usage": usage_json(&usage),
-                    });
-                    http::write_chunk(w, format!("data: {ev}\n\n").as_bytes())
-                        .context("write usage")?;
-                }
-                break;
-            }
-            Err(_) => {
-                guard.done = true;
-                let ev = json!({"error": error_body(500, "InternalServerError", "engine died")});
-                let _ = http::write_chunk(w, format!("data: {ev}\n\n").as_bytes());
-                let _ = w.write_all(b"0\r\n\r\n");
-                bail!("engine died");
+                drop(routes);
+                let _ = api.send(&ToEngine::Cancel { rid });
+                return Err(e).context("write head");
             }
         }
+        routes.insert(
+            rid,
+            Route {
+                w: Arc::clone(w),
+                id: format!("cmpl-{rid}"),
+                created,
+                kind,
+                stream: req.stream,
+                include_usage: req.include_usage,
+                max_tokens: req.max_tokens,
+                request_id: ctx.request_id.map(str::to_owned),
+                keep_alive: ctx.keep_alive,
+                n: 0,
+                text: String::new(),
+                finished: tx,
+            },
+        );
     }
-    http::write_chunk(w, b"data: [DONE]\n\n").context("write [DONE]")?;
-    w.write_all(b"0\r\n\r\n").context("end stream")?;
+    // The writer loop answers once the response is complete (or the client or engine gone).
+    let reusable = rx.recv().unwrap_or(false);
+    guard.done = true;
+    if !reusable {
+        bail!("response not completed");
+    }
     Ok(())
 }
 

@@ -8,6 +8,21 @@
 //! most `--max-seqs` running). A request's first token comes out of the step that finishes its
 //! prefill; every later step emits one more token.
 //!
+//! A request enters the running batch (`scheduled_us` in its ground-truth line) at the start of
+//! the first step that gives it work; until then it waits in the FIFO queue. The engine never
+//! preempts a running request (it has no KV-cache limit), so there are no preemption times.
+//!
+//! # Output
+//!
+//! Like vLLM's engine core, every step ends with exactly one message to the API process (one
+//! `write`, [`FromEngine::Step`]) carrying the step's tokens and finished requests, even when
+//! the step emitted nothing (it only prefilled a chunk). Cancelled requests are not reported
+//! back: the API process asked for it and has already forgotten them.
+//!
+//! With `--cuda-lib`, the engine `dlopen`s that library at start and per step calls its
+//! `cuLaunchKernel` `--launches-per-step` times as the step starts and `cuStreamSynchronize`
+//! once its compute ends, before the step message is sent.
+//!
 //! # Energy
 //!
 //! The model is tensor parallel over all `--gpus` GPUs: each step runs on every GPU at once.
@@ -15,10 +30,24 @@
 //! `idle_w + dynamic_j / duration` and the step's dynamic energy over the whole group is
 //! `n_gpus × dynamic_j`, split equally across GPUs. The engine sleeps for the step's duration,
 //! measures how long it actually took and scales the energy to that (the sensors integrate the
-//! power it set over the real time). A request's ground truth is, over the steps it was in, its
-//! [`PowerModel::split_step`] share of the dynamic energy plus its [`PowerModel::split_idle`]
-//! share of the idle power drawn during the step; idle time between steps is recorded as
-//! `idle_outside_requests_j` in the summary line.
+//! power it set over the real time).
+//!
+//! # Ground truth
+//!
+//! Each request's line carries two references, summed over the steps it was in:
+//!
+//! * **caused** (`dynamic_j`, `idle_j`, `total_j`): the request is charged the marginal cost it
+//!   caused in the step ([`PowerModel::split_step`]: the step's fixed base power shared equally
+//!   among the requests in the step, plus the base power over the time its own tokens add —
+//!   so a prefill chunk pays for the time it stretches the step — plus its tokens' energy),
+//!   and the idle power drawn during the step in proportion to that
+//!   ([`PowerModel::split_idle`]).
+//! * **time sharing** (`timeshare_dynamic_j`, `timeshare_j`): the step's dynamic energy, and
+//!   its total energy (dynamic plus the idle power drawn during the step), split equally among
+//!   the requests in the step ([`PowerModel::split_timeshare`]).
+//!
+//! Idle time between steps belongs to no request; it is `idle_outside_requests_j` in the
+//! summary line.
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
@@ -36,6 +65,7 @@ use tracer_emugpu::{
     spawn_ticker,
 };
 
+use crate::cuda::CudaLib;
 use crate::gpu::GpuSession;
 use crate::prompt::{BLOCK_TOKENS, block_hashes, prompt_tokens};
 use crate::proto::{FromEngine, ToEngine, Usage};
@@ -74,6 +104,13 @@ pub struct EngineOpts {
     /// Most requests running at once.
     #[arg(long, default_value_t = 256)]
     pub max_seqs: usize,
+    /// Stand-in CUDA driver library to `dlopen` (calls `cuLaunchKernel` and
+    /// `cuStreamSynchronize` every step).
+    #[arg(long)]
+    pub cuda_lib: Option<PathBuf>,
+    /// `cuLaunchKernel` calls per step (with `--cuda-lib`).
+    #[arg(long, default_value_t = 48)]
+    pub launches_per_step: u32,
 }
 
 impl EngineOpts {
@@ -94,6 +131,13 @@ impl EngineOpts {
             self.max_batched_tokens.to_string().into(),
         );
         push("--max-seqs", self.max_seqs.to_string().into());
+        if let Some(lib) = &self.cuda_lib {
+            push("--cuda-lib", lib.clone().into());
+        }
+        push(
+            "--launches-per-step",
+            self.launches_per_step.to_string().into(),
+        );
         v
     }
 
@@ -129,6 +173,8 @@ struct Req {
     hashes: Vec<u64>,
     max_tokens: u32,
     arrive_us: u64,
+    /// When it entered the running batch.
+    scheduled_us: Option<u64>,
     cached: u32,
     uncached: u32,
     prefilled: u32,
@@ -136,6 +182,8 @@ struct Req {
     first_token_us: Option<u64>,
     dynamic_j: f64,
     idle_j: f64,
+    timeshare_dynamic_j: f64,
+    timeshare_j: f64,
     /// This step's work.
     entry: StepEntry,
 }
@@ -154,6 +202,9 @@ struct Engine {
     n_gpus: usize,
     out: UnixStream,
     truth: File,
+    cuda: Option<CudaLib>,
+    steps: u64,
+    cuda_failures: u64,
     cache: HashSet<u64>,
     waiting: VecDeque<Req>,
     running: Vec<Req>,
@@ -171,6 +222,8 @@ struct Engine {
 pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
     signals::install_engine();
     let specs = GpuSpec::h100s(opts.gpus.max(1));
+    // The driver library first, like a CUDA application.
+    let cuda = opts.cuda_lib.as_deref().map(CudaLib::open).transpose()?;
     // Driver first, like CUDA's initialisation.
     let gpus = GpuSession::open(&opts.device_root, &specs)?;
     let start_us = monotonic_us();
@@ -209,6 +262,9 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
         n_gpus: specs.len(),
         out: sock,
         truth,
+        cuda,
+        steps: 0,
+        cuda_failures: 0,
         cache: HashSet::new(),
         waiting: VecDeque::new(),
         running: Vec::new(),
@@ -220,7 +276,7 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
         util_busy_us: 0,
         pid,
     };
-    engine.send(&[FromEngine::Ready { pid }]);
+    engine.send(&FromEngine::Ready { pid });
     let result = engine.schedule(&shared);
 
     // Abort what is left, then close the books.
@@ -234,6 +290,12 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
         engine.finish(&r, now, true);
     }
     ticker.stop();
+    if engine.cuda_failures > 0 {
+        eprintln!(
+            "emuhost engine: {} CUDA calls did not return 0",
+            engine.cuda_failures
+        );
+    }
     let end_us = monotonic_us();
     engine.idle_outside_j += engine.idle_w_all() * (end_us - engine.last_end_us) as f64 / 1e6;
     let mut per_gpu = Vec::new();
@@ -293,19 +355,13 @@ impl Engine {
         self.model.idle_w * self.n_gpus as f64
     }
 
-    /// Send events to the API process in one write. A dead peer is noticed by the inbox
+    /// Send one message to the API process in one write. A dead peer is noticed by the inbox
     /// reader (EOF), so write errors are only reported.
-    fn send(&mut self, events: &[FromEngine]) {
-        if events.is_empty() {
+    fn send(&mut self, msg: &FromEngine) {
+        let Ok(mut buf) = serde_json::to_string(msg) else {
             return;
-        }
-        let mut buf = String::new();
-        for ev in events {
-            if let Ok(s) = serde_json::to_string(ev) {
-                buf.push_str(&s);
-                buf.push('\n');
-            }
-        }
+        };
+        buf.push('\n');
         if let Err(e) = self.out.write_all(buf.as_bytes()) {
             eprintln!("emuhost engine: write to API process: {e}");
         }
@@ -353,6 +409,7 @@ impl Engine {
                         hashes: block_hashes(&prompt),
                         max_tokens: max_tokens.max(1),
                         arrive_us,
+                        scheduled_us: None,
                         cached: 0,
                         uncached: pt,
                         prefilled: 0,
@@ -360,6 +417,8 @@ impl Engine {
                         first_token_us: None,
                         dynamic_j: 0.0,
                         idle_j: 0.0,
+                        timeshare_dynamic_j: 0.0,
+                        timeshare_j: 0.0,
                         entry: StepEntry::default(),
                     });
                 }
@@ -381,15 +440,9 @@ impl Engine {
             self.running.drain(..).partition(|r| rids.contains(&r.rid));
         self.running = keep;
         gone.extend(cancelled);
-        let mut events = Vec::new();
         for r in gone {
             self.finish(&r, now, true);
-            events.push(FromEngine::Done {
-                rid: r.rid,
-                usage: usage_of(&r),
-            });
         }
-        self.send(&events);
     }
 
     /// Longest cached prefix, in tokens, capped so that at least one token is computed.
@@ -403,7 +456,7 @@ impl Engine {
         (blocks.min(max_blocks) * BLOCK_TOKENS) as u32
     }
 
-    /// Plan and run one step; emits its tokens. Does nothing if there is no work.
+    /// Plan and run one step; sends its message. Does nothing if there is no work.
     fn step(&mut self) -> Result<()> {
         let mut budget = self.opts.max_batched_tokens.max(1);
         for r in &mut self.running {
@@ -424,6 +477,7 @@ impl Engine {
             let Some(mut r) = self.waiting.pop_front() else {
                 break;
             };
+            r.scheduled_us = Some(monotonic_us());
             r.cached = self.cached_tokens(&r);
             r.uncached = r.prompt_tokens - r.cached;
             let chunk = r.uncached.min(budget);
@@ -451,6 +505,9 @@ impl Engine {
         for g in 0..self.n_gpus {
             self.writer.set_power(g, t0, watts)?;
         }
+        if let Some(cuda) = &self.cuda {
+            self.cuda_failures += u64::from(cuda.launch_kernels(self.opts.launches_per_step));
+        }
         let deadline = t0 + (cost.duration_s * 1e6).round() as u64;
         loop {
             let now = monotonic_us();
@@ -458,6 +515,11 @@ impl Engine {
                 break;
             }
             std::thread::sleep(Duration::from_micros(deadline - now));
+        }
+        if let Some(cuda) = &self.cuda
+            && cuda.synchronize() != 0
+        {
+            self.cuda_failures += 1;
         }
         let t1 = monotonic_us();
         for g in 0..self.n_gpus {
@@ -481,14 +543,22 @@ impl Engine {
             .iter()
             .map(|s| s * scale * n)
             .collect();
-        let idle_shares = PowerModel::split_idle(self.idle_w_all() * actual_s, &dyn_shares);
+        let step_idle_j = self.idle_w_all() * actual_s;
+        let idle_shares = PowerModel::split_idle(step_idle_j, &dyn_shares);
+        let step_dynamic_j: f64 = dyn_shares.iter().sum();
+        let ts_dynamic = PowerModel::split_timeshare(step_dynamic_j, members.len());
+        let ts_total = PowerModel::split_timeshare(step_dynamic_j + step_idle_j, members.len());
 
-        let mut events = Vec::new();
+        self.steps += 1;
+        let mut tokens = Vec::new();
+        let mut finished = Vec::new();
         let mut done = Vec::new();
         for (k, &i) in members.iter().enumerate() {
             let r = &mut self.running[i];
             r.dynamic_j += dyn_shares[k];
             r.idle_j += idle_shares[k];
+            r.timeshare_dynamic_j += ts_dynamic[k];
+            r.timeshare_j += ts_total[k];
             let emits = if r.entry.prefill_tokens > 0 {
                 r.prefilled += r.entry.prefill_tokens;
                 r.prefill_done()
@@ -504,20 +574,18 @@ impl Engine {
             if emits {
                 r.generated += 1;
                 r.first_token_us.get_or_insert(t1);
-                events.push(FromEngine::Token {
-                    rid: r.rid,
-                    text: TOKEN_TEXT.to_owned(),
-                });
+                tokens.push((r.rid, TOKEN_TEXT.to_owned()));
                 if r.generated >= r.max_tokens {
-                    events.push(FromEngine::Done {
-                        rid: r.rid,
-                        usage: usage_of(r),
-                    });
+                    finished.push((r.rid, usage_of(r)));
                     done.push(i);
                 }
             }
         }
-        self.send(&events);
+        self.send(&FromEngine::Step {
+            step: self.steps,
+            tokens,
+            done: finished,
+        });
         for &i in done.iter().rev() {
             let r = self.running.remove(i);
             self.finish(&r, t1, false);
@@ -538,11 +606,14 @@ impl Engine {
             "cached_tokens": r.cached,
             "completion_tokens": r.generated,
             "arrive_us": r.arrive_us,
+            "scheduled_us": r.scheduled_us,
             "first_token_us": r.first_token_us,
             "end_us": end_us,
             "dynamic_j": r.dynamic_j,
             "idle_j": r.idle_j,
             "total_j": total,
+            "timeshare_dynamic_j": r.timeshare_dynamic_j,
+            "timeshare_j": r.timeshare_j,
             "per_gpu_j": per_gpu,
             "aborted": aborted,
         });

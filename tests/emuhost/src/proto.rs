@@ -48,18 +48,34 @@ pub enum FromEngine {
         /// The engine's pid.
         pid: u32,
     },
-    /// One generated token of request `rid`.
-    Token {
-        /// Request number.
-        rid: u64,
-        /// Token text.
-        text: String,
+    /// One engine step's output, sent in one write once the step's compute has ended (also
+    /// when it emitted nothing, e.g. a step that only prefilled a chunk).
+    Step {
+        /// Step number, from 1.
+        step: u64,
+        /// `(rid, text)` of every token the step generated, in batch order.
+        tokens: Vec<(u64, String)>,
+        /// `(rid, usage)` of the requests that finished in the step; no more events for them.
+        done: Vec<(u64, Usage)>,
     },
-    /// Request `rid` finished; no more events for it.
-    Done {
-        /// Request number.
-        rid: u64,
-        /// Token counts.
-        usage: Usage,
-    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_message_shape() {
+        let m = FromEngine::Step {
+            step: 3,
+            tokens: vec![(1, "tok ".to_owned())],
+            done: vec![(1, Usage::default())],
+        };
+        let s = serde_json::to_string(&m).expect("serialise");
+        assert!(
+            s.starts_with(r#"{"ev":"step","step":3,"tokens":[[1,"tok "]],"done":[[1,{"#),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<FromEngine>(&s).expect("parse"), m);
+    }
 }
