@@ -6,8 +6,9 @@
 //! - streamed: the first event comes out of the step that ran its prefill, which began when
 //!   the service's previous step ended (the previous step-clock mark, see `steps.rs`); its last
 //!   event out of its last step;
-//! - not streamed, with the engine's own clock (IPC or CUDA marks) and the completion tokens:
-//!   one step per token, counted back from the step that ended before the response;
+//! - not streamed, with the completion tokens and a step clock around its end (engine marks,
+//!   or other requests' write bursts): one step per token, counted back from the step that
+//!   ended before the response;
 //! - otherwise: from arrival to the end, as before.
 
 use super::{

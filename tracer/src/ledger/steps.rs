@@ -271,11 +271,11 @@ impl StepClock {
     }
 
     /// The start of the step `n` steps before the one that ended at or before `t` (`n = 0`:
-    /// that step's own start); `None` when the engine's steps do not reach back that far or
-    /// only write bursts are known (a non-streamed request writes none).
+    /// that step's own start); `None` when the clock does not reach back that far or does not
+    /// cover `t` (write bursts exist only while other requests stream).
     pub(crate) fn steps_back(&self, t: u64, n: u64, policy: StepClockPolicy) -> Option<u64> {
         let m = self.marks(t, policy);
-        if std::ptr::eq(m, &self.bursts.marks) {
+        if !m.covers(t) {
             return None;
         }
         let i = m.at_or_before(t)?;

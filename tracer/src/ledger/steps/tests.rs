@@ -109,7 +109,7 @@ fn prefill_step_and_steps_back() {
         Some(100 * MS)
     );
     assert_eq!(c.steps_back(141 * MS, 5, StepClockPolicy::Auto), None);
-    // Only bursts: a non-streamed request's steps cannot be counted.
+    // Only bursts, and none near: a non-streamed request's steps cannot be counted.
     assert_eq!(c.steps_back(141 * MS, 1, StepClockPolicy::Writes), None);
     c.prune(125 * MS);
     assert_eq!(c.ipc.ends.front().copied(), Some(100 * MS));
