@@ -2,7 +2,8 @@
 //! the stand-in driver (`tests/cuda-stub`, a real `libcuda.so` that does nothing).
 //!
 //! - The stand-in itself: every export can take a uprobe (no `lock`-prefixed first
-//!   instruction) and has its own address.
+//!   instruction; the probed ones start with a `push`, which the kernel emulates) and has its
+//!   own address.
 //! - The probes, loaded here: exactly one record per step with the step's launch count, none
 //!   for synchronisations with nothing launched (counted in a statistic), the per-process
 //!   counters reset at every record, nothing once detached, nothing left after the exit.
@@ -117,6 +118,14 @@ fn stub_exports_can_take_uprobes() {
             first, 0xF0,
             "{name} starts with a lock prefix: the kernel refuses a uprobe there"
         );
+        if CUDA_SYMBOLS.iter().any(|(s, _)| *s == name) {
+            // `push %reg` (0x50..=0x57): emulated under a uprobe, the cost the stand-in is meant
+            // to show (see its crate docs).
+            assert!(
+                (0x50..=0x57).contains(&first),
+                "{name} starts with {first:#04x}, not a push"
+            );
+        }
         if let Some(other) = addresses.insert(sym.address(), name) {
             panic!("{name} and {other} share an address: probes would fire for both");
         }

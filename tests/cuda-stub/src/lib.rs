@@ -1,12 +1,18 @@
 //! A stand-in for the CUDA driver (`libcuda.so`): the entry points tracer's step clock probes,
 //! with the driver's C signatures, each returning `CUDA_SUCCESS` and doing nothing else.
 //!
-//! Two rules keep it a fair target for uprobes:
-//! - every function's body differs (a distinct `black_box` store), so the linker cannot fold
-//!   them into one address, which would fire a launch probe on a synchronisation;
+//! Three rules keep it a fair target for uprobes:
+//! - every function's body differs (it passes its own tag to [`note`]), so the linker cannot
+//!   fold them into one address, which would fire a launch probe on a synchronisation;
 //! - no function starts with a `lock`-prefixed instruction (the kernel refuses a uprobe there,
 //!   `ENOTSUPP`) or a RIP-relative one (which costs the probe several microseconds more): no
-//!   atomics, no statics. The integration tests check the first byte of every export.
+//!   atomics, no statics;
+//! - every function starts with a `push` (it calls [`note`] and returns after it, so it aligns
+//!   the stack first), as compiled driver entry points that call into the driver do: the kernel
+//!   emulates a `push` under a uprobe instead of single-stepping it out of line, and the cost
+//!   measured on the stand-in is the common one.
+//!
+//! The integration tests check the first byte of every export.
 
 use std::{
     ffi::{c_int, c_uint, c_void},
@@ -50,10 +56,17 @@ pub const EXPORTS: [&str; 13] = [
     "cuCtxSynchronize",
 ];
 
-/// The body of every entry point: a store of its own tag (see the crate docs), then success.
+/// Where every entry point goes: an opaque use of its tag (not inlined, so each caller keeps
+/// its own code and its `push` prologue).
+#[inline(never)]
+extern "C" fn note(tag: u32) -> u32 {
+    black_box(tag)
+}
+
+/// The body of every entry point: its tag noted, then success.
 #[inline]
 fn done(tag: u32) -> CUresult {
-    black_box(tag);
+    let _ = note(tag);
     CUDA_SUCCESS
 }
 
