@@ -188,6 +188,21 @@ mod tests {
     }
 
     #[test]
+    fn step_clocks_are_on_by_default_and_can_be_set() {
+        let d = ProbeFileConfig::default();
+        assert!(d.cuda_clock && d.ipc_clock && d.cuda_library.is_none());
+        let c = Config::from_toml(
+            "[probe]\ncuda_clock = false\nipc_clock = false\ncuda_library = \"/opt/libcuda.so.1\"\n",
+        )
+        .expect("parses");
+        assert!(!c.probe.cuda_clock && !c.probe.ipc_clock);
+        assert_eq!(
+            c.probe.cuda_library.as_deref(),
+            Some(Path::new("/opt/libcuda.so.1"))
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
         assert!(matches!(
             Config::from_toml("[targets]\nport = 1\n"),
