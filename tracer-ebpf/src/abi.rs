@@ -44,11 +44,14 @@ pub enum Kind {
     /// or destroyed, a GPU registered with UVM): the per-(process, device) counters are
     /// aggregated in the kernel and only these changes are reported.
     Gpu = 10,
+    /// A target synchronised with the GPU (stream, event or context) after launching work: the
+    /// launches since its previous reported synchronisation, counted in the kernel.
+    CudaSync = 11,
 }
 
 impl Kind {
     /// Every kind, in discriminant order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Conn,
         Kind::Data,
         Kind::Close,
@@ -59,6 +62,7 @@ impl Kind {
         Kind::ProcExec,
         Kind::ProcExit,
         Kind::Gpu,
+        Kind::CudaSync,
     ];
 
     /// Decodes a header's kind field.
@@ -74,6 +78,7 @@ impl Kind {
             8 => Some(Kind::ProcExec),
             9 => Some(Kind::ProcExit),
             10 => Some(Kind::Gpu),
+            11 => Some(Kind::CudaSync),
             _ => None,
         }
     }
@@ -91,6 +96,7 @@ impl Kind {
             Kind::ProcExec => "exec",
             Kind::ProcExit => "exit",
             Kind::Gpu => "gpu",
+            Kind::CudaSync => "cuda_sync",
         }
     }
 
@@ -210,11 +216,16 @@ pub enum Stat {
     HandleTableFull = 49,
     /// Ioctls on NVIDIA fds the probes decoded (RM alloc/free, UVM register/unregister).
     IoctlsDecoded = 50,
+    /// CUDA synchronisations with nothing launched since the process's previous reported one
+    /// (counted, not reported).
+    CudaSyncEmpty = 51,
+    /// A process's CUDA launch counters could not be created (map full): its launches are lost.
+    CudaTableFull = 52,
 }
 
 impl Stat {
     /// Every counter, in slot order.
-    pub const ALL: [Stat; 11] = [
+    pub const ALL: [Stat; 13] = [
         Stat::StashFull,
         Stat::ConnTableFull,
         Stat::DevTableFull,
@@ -226,6 +237,8 @@ impl Stat {
         Stat::GpuTableFull,
         Stat::HandleTableFull,
         Stat::IoctlsDecoded,
+        Stat::CudaSyncEmpty,
+        Stat::CudaTableFull,
     ];
 
     /// The counter's name in reports and metrics.
@@ -242,12 +255,17 @@ impl Stat {
             Stat::GpuTableFull => "gpu_table_full",
             Stat::HandleTableFull => "handle_table_full",
             Stat::IoctlsDecoded => "ioctls_decoded",
+            Stat::CudaSyncEmpty => "cuda_sync_empty",
+            Stat::CudaTableFull => "cuda_table_full",
         }
     }
 }
 
 /// `Header::flags` bit on a [`Kind::Data`] record: the read returned 0 (peer closed its side).
 pub const DATA_FLAG_EOF: u16 = 1;
+/// `Header::flags` bit on a [`Kind::Data`] record: an IPC connection between service members
+/// ([`ROLE_IPC`]): timing, direction and length only, never payload.
+pub const DATA_FLAG_IPC: u16 = 2;
 /// `Header::flags` bit on a [`Kind::ProcExec`] record: the process became a target by its comm.
 pub const EXEC_FLAG_COMM_MATCH: u16 = 1;
 /// `Header::flags` bit on a [`Kind::ProcExit`] record: a followed thread ended (`pid` is its
@@ -387,6 +405,37 @@ pub const GPU_UVM_UNREGISTER: u32 = 5;
 /// The process freed an RM client: every object under it (its contexts too) is gone.
 pub const GPU_CLIENT_FREED: u32 = 6;
 
+/// [`Kind::CudaSync`]: a synchronisation after launches (one engine step, roughly).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CudaSyncEvent {
+    pub hdr: Header,
+    /// Kernel launches (`cuLaunchKernel*`, `cuLaunchCooperativeKernel`) since the previous
+    /// reported synchronisation of the process.
+    pub launches: u32,
+    /// CUDA graph launches (`cuGraphLaunch*`) in the same span.
+    pub graph_launches: u32,
+    /// What was synchronised: one of the `CUDA_SYNC_*` constants.
+    pub sync: u8,
+    pub pad: [u8; 7],
+}
+
+/// [`CudaSyncEvent::sync`]: `cuStreamSynchronize`.
+pub const CUDA_SYNC_STREAM: u8 = 1;
+/// [`CudaSyncEvent::sync`]: `cuEventSynchronize`.
+pub const CUDA_SYNC_EVENT: u8 = 2;
+/// [`CudaSyncEvent::sync`]: `cuCtxSynchronize`.
+pub const CUDA_SYNC_CONTEXT: u8 = 3;
+
+/// Per-process launch counters since its last reported synchronisation (kept in the kernel,
+/// keyed by tgid; removed by userspace when the process exits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaCounts {
+    pub launches: u32,
+    pub graph_launches: u32,
+}
+
 /// Device code of `nvidiactl` (its minor number).
 pub const DEV_CTL: u32 = 255;
 /// Device code of `nvidia-modeset` (its minor number).
@@ -451,6 +500,8 @@ pub const CONFIG_IOCTL_EVENTS: u32 = 1;
 /// `ProbeConfig::flags` bit: the device nodes are stand-in files (an emulated host), whose
 /// ioctls fail with `ENOTTY`; decode them as if they had succeeded.
 pub const CONFIG_STANDIN_DEVICES: u32 = 2;
+/// `ProbeConfig::flags` bit: follow targets' Unix-socket connections as IPC ([`ROLE_IPC`]).
+pub const CONFIG_IPC: u32 = 4;
 
 /// [`Kind::ProcFork`], [`Kind::ProcExec`] and [`Kind::ProcExit`].
 #[repr(C)]
@@ -479,7 +530,8 @@ pub struct FdKey {
 pub struct ConnState {
     pub conn_id: u64,
     pub family: u16,
-    /// 1 = server side (accepted), 2 = client side (connected), 3 = seeded from /proc.
+    /// 1 = server side (accepted), 2 = client side (connected), 3 = seeded from /proc,
+    /// 4 = IPC between service members (no payload captured).
     pub role: u8,
     pub pad: [u8; 5],
 }
@@ -490,6 +542,9 @@ pub const ROLE_SERVER: u8 = 1;
 pub const ROLE_CLIENT: u8 = 2;
 /// Connection found in /proc at attach time.
 pub const ROLE_SEEDED: u8 = 3;
+/// A Unix-socket connection between service members (made by a target after attach, or seeded
+/// from service discovery): its data records carry timing, direction and length, no payload.
+pub const ROLE_IPC: u8 = 4;
 
 /// A syscall's entry arguments, kept per thread until its exit.
 #[repr(C)]
@@ -505,7 +560,9 @@ pub struct Stash {
     pub conn_id: u64,
     /// A [`Syscall`] discriminant.
     pub syscall: u8,
-    pub pad: [u8; 7],
+    /// The connection's role (socket I/O; `ROLE_*`), 0 otherwise.
+    pub role: u8,
+    pub pad: [u8; 6],
 }
 
 /// Target map value bits: why a process is traced.
@@ -569,20 +626,22 @@ const _: () = {
     assert!(size_of::<IoctlEvent>() == 48);
     assert!(size_of::<ProcEvent>() == 48);
     assert!(size_of::<GpuEvent>() == 64);
+    assert!(size_of::<CudaSyncEvent>() == 40);
+    assert!(size_of::<CudaCounts>() == 8);
     assert!(size_of::<GpuUse>() == 32);
     assert!(size_of::<UvmKey>() == 24);
     assert!(size_of::<Stash>() == 40);
     assert!(size_of::<ConnState>() == 16);
     assert!(CAPTURE_MAX.is_power_of_two());
-    assert!((Kind::Gpu as u32) < 16);
-    assert!(Kind::Gpu.dropped_stat() < Stat::StashFull as u32);
-    assert!((Stat::IoctlsDecoded as u32) < STAT_SLOTS);
+    assert!((Kind::CudaSync as u32) < 16);
+    assert!(Kind::CudaSync.dropped_stat() < Stat::StashFull as u32);
+    assert!((Stat::CudaTableFull as u32) < STAT_SLOTS);
 };
 
 #[cfg(feature = "user")]
 mod pod {
     //! `aya::Pod` marks types userspace may copy in and out of maps and globals.
-    use super::{ConnState, FdKey, GpuKey, GpuUse, ProbeConfig, UvmKey};
+    use super::{ConnState, CudaCounts, FdKey, GpuKey, GpuUse, ProbeConfig, UvmKey};
 
     // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for FdKey {}
@@ -596,4 +655,6 @@ mod pod {
     unsafe impl aya::Pod for GpuUse {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UvmKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CudaCounts {}
 }

@@ -45,6 +45,10 @@ pub struct Config {
 /// Probe and ring-buffer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each a config key"
+)]
 pub struct ProbeFileConfig {
     /// Ring-buffer size in bytes (power of two, at least one page).
     pub ring_bytes: u32,
@@ -61,6 +65,16 @@ pub struct ProbeFileConfig {
     pub standin_devices: bool,
     /// How often services are re-discovered from /proc (new IPC peers); 0 = only at attach.
     pub rediscover_ms: u64,
+    /// The CUDA step clock: uprobes on the CUDA driver API of every service member that maps
+    /// `libcuda.so*` (launches counted in the kernel, one record per synchronisation after
+    /// launches).
+    pub cuda_clock: bool,
+    /// Attach the CUDA step clock to this library for every member, mapped or not (a process
+    /// that loads the driver later, a library under an unusual name).
+    pub cuda_library: Option<PathBuf>,
+    /// Follow Unix-socket connections between service members (vLLM's ZMQ, TGI's gRPC) as IPC:
+    /// timing, direction and length of their data, never payload.
+    pub ipc_clock: bool,
 }
 
 impl Default for ProbeFileConfig {
@@ -73,6 +87,9 @@ impl Default for ProbeFileConfig {
             ioctl_events: false,
             standin_devices: false,
             rediscover_ms: 5000,
+            cuda_clock: true,
+            cuda_library: None,
+            ipc_clock: true,
         }
     }
 }
@@ -168,6 +185,21 @@ mod tests {
         assert_eq!(c.targets.ports, vec![8000]);
         assert_eq!(c.probe, ProbeFileConfig::default());
         assert_eq!(Config::from_toml("").expect("empty ok"), Config::default());
+    }
+
+    #[test]
+    fn step_clocks_are_on_by_default_and_can_be_set() {
+        let d = ProbeFileConfig::default();
+        assert!(d.cuda_clock && d.ipc_clock && d.cuda_library.is_none());
+        let c = Config::from_toml(
+            "[probe]\ncuda_clock = false\nipc_clock = false\ncuda_library = \"/opt/libcuda.so.1\"\n",
+        )
+        .expect("parses");
+        assert!(!c.probe.cuda_clock && !c.probe.ipc_clock);
+        assert_eq!(
+            c.probe.cuda_library.as_deref(),
+            Some(Path::new("/opt/libcuda.so.1"))
+        );
     }
 
     #[test]

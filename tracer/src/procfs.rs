@@ -321,6 +321,15 @@ impl ProcFs {
         Ok(out)
     }
 
+    /// Files a process maps whose file name starts with `name_prefix` (`libcuda.so` finds
+    /// `libcuda.so.1`, `libcuda.so.580.65.06`), as `/proc/<pid>/maps` names them (in the
+    /// process's mount namespace). A gone process maps nothing.
+    pub fn mapped_files(&self, pid: u32, name_prefix: &str) -> BTreeSet<PathBuf> {
+        let text =
+            fs::read_to_string(self.proc_root.join(format!("{pid}/maps"))).unwrap_or_default();
+        parse_mapped_files(&text, name_prefix)
+    }
+
     /// The cgroup v2 id of a cgroup directory (its inode), path absolute or under the root.
     pub fn cgroup_id(&self, path: &Path) -> Result<u64, ProcError> {
         let full = if path.is_absolute() {
@@ -340,6 +349,28 @@ impl ProcFs {
         }
         Ok(meta.ino())
     }
+}
+
+/// The file-backed mappings of a `/proc/<pid>/maps` text whose file name starts with
+/// `name_prefix`; deleted files (` (deleted)`) are left out.
+pub fn parse_mapped_files(maps: &str, name_prefix: &str) -> BTreeSet<PathBuf> {
+    maps.lines()
+        .filter_map(|line| {
+            // address perms offset dev inode pathname; the pathname may contain spaces.
+            let mut rest = line.trim_start();
+            for _ in 0..5 {
+                let end = rest.find(char::is_whitespace)?;
+                rest = rest.get(end..)?.trim_start();
+            }
+            let path = Path::new(rest);
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(name_prefix));
+            (path.is_absolute() && named && !rest.ends_with(" (deleted)"))
+                .then(|| path.to_path_buf())
+        })
+        .collect()
 }
 
 #[cfg(test)]

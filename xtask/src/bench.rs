@@ -10,29 +10,31 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{privileged, sh};
 
-/// One `syscall-bench` run: spawn it, optionally attach the tracer (to it or to a decoy), read its
-/// figures.
+/// One benchmark process run: spawn `bench` with `args` (it prints `ready <pid>` and waits for
+/// a line), optionally attach the tracer (to it or to a decoy, with `tracer_args`), say go and
+/// read the figures `names` in order.
 fn bench_case(
     bench: &Path,
+    args: &[String],
     tracer: &Path,
     dir: &Path,
-    iterations: u32,
     target: Option<bool>,
-) -> Result<(f64, f64)> {
+    tracer_args: &[String],
+    names: &[&str],
+) -> Result<Vec<f64>> {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
         process::Stdio,
         time::{Duration, Instant},
     };
     let mut child = Command::new(bench)
-        .arg(dir)
-        .arg(iterations.to_string())
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .context("starting syscall-bench")?;
+        .with_context(|| format!("starting {}", bench.display()))?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let ready = lines.next().context("syscall-bench said nothing")??;
+    let ready = lines.next().context("the benchmark said nothing")??;
     let pid: u32 = ready
         .strip_prefix("ready ")
         .and_then(|p| p.parse().ok())
@@ -49,6 +51,7 @@ fn bench_case(
             id
         };
         let events = dir.join(format!("events-{pid}.jsonl"));
+        let log = dir.join(format!("tracer-{pid}.log"));
         let d = privileged(&tracer.to_string_lossy())
             .args([
                 "run",
@@ -62,12 +65,15 @@ fn bench_case(
             .arg("--standin-devices")
             .arg("--events-out")
             .arg(&events)
-            .stderr(Stdio::null())
+            .args(tracer_args)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting tracer")?;
         daemon = Some(d);
+        // The last attach step (services, step clocks, connections) logs "attached".
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !events.exists() {
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("attached")) {
             if Instant::now() > deadline {
                 bail!("tracer did not attach");
             }
@@ -75,14 +81,15 @@ fn bench_case(
         }
     }
     writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
-    let mut value = |name: &str| -> Result<f64> {
-        let line = lines.next().context("syscall-bench ended early")??;
-        line.strip_prefix(name)
+    let mut values = Vec::with_capacity(names.len());
+    for name in names {
+        let line = lines.next().context("the benchmark ended early")??;
+        let v = line
+            .strip_prefix(name)
             .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("expected {name}, got {line:?}"))
-    };
-    let rw = value("write_read_ns")?;
-    let ioctl = value("ioctl_ns")?;
+            .with_context(|| format!("expected {name}, got {line:?}"))?;
+        values.push(v);
+    }
     let _ = child.wait();
     if let Some(d) = daemon {
         sh(privileged("kill").args(["-INT", &d.id().to_string()]))?;
@@ -93,7 +100,7 @@ fn bench_case(
         let _ = d.kill();
         let _ = d.wait();
     }
-    Ok((rw, ioctl))
+    Ok(values)
 }
 
 pub fn bench_probes(iterations: u32) -> Result<()> {
@@ -108,9 +115,15 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
         "tracer-tests",
         "--bin",
         "syscall-bench",
+        "--bin",
+        "cuda-steps",
     ]))?;
-    let tracer = PathBuf::from("target/release/tracer");
-    let bench = PathBuf::from("target/release/syscall-bench");
+    // Apart: with a `--bin` filter the stand-in driver would be built only as a dependency,
+    // and not copied to target/release.
+    sh(Command::new("cargo").args(["build", "--release", "-p", "cuda-stub", "--lib"]))?;
+    let release = target_dir().join("release");
+    let tracer = release.join("tracer");
+    let bench = release.join("syscall-bench");
     let dir = env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cases = [
@@ -122,9 +135,18 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
         ),
     ];
     let mut rows = Vec::new();
+    let args = [dir.to_string_lossy().into_owned(), iterations.to_string()];
     for (name, target) in cases {
-        let (rw, ioctl) = bench_case(&bench, &tracer, &dir, iterations, target)?;
-        rows.push((name, rw, ioctl));
+        let v = bench_case(
+            &bench,
+            &args,
+            &tracer,
+            &dir,
+            target,
+            &[],
+            &["write_read_ns", "ioctl_ns"],
+        )?;
+        rows.push((name, v[0], v[1]));
     }
     let (base_rw, base_ioctl) = (rows[0].1, rows[0].2);
     println!("| case | 64 B write + read, ns | added | ioctl, ns | added |");
@@ -136,7 +158,67 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
             ioctl - base_ioctl
         );
     }
+    bench_cuda(&release, &tracer, &dir, iterations)?;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The CUDA step clock: `cuda-steps bench` on the stand-in driver, ns per launch, per
+/// synchronisation with nothing launched, and per step (10 launches + a synchronisation).
+fn bench_cuda(release: &Path, tracer: &Path, dir: &Path, iterations: u32) -> Result<()> {
+    let lib = release.join("libcuda.so");
+    let bench = release.join("cuda-steps");
+    let args = [
+        "bench".to_string(),
+        lib.to_string_lossy().into_owned(),
+        iterations.to_string(),
+    ];
+    // Not a target: the decoy gets the uprobes (forced library), the benchmark uses the same
+    // library file.
+    let forced = ["--cuda-lib".to_string(), lib.to_string_lossy().into_owned()];
+    let cases: [(&str, Option<bool>, &[String]); 3] = [
+        ("no tracer", None, &[]),
+        (
+            "tracer attached, uprobes on the library for another process",
+            Some(false),
+            &forced,
+        ),
+        (
+            "tracer attached, caller is the target (found in its maps)",
+            Some(true),
+            &[],
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, target, extra) in cases {
+        let v = bench_case(
+            &bench,
+            &args,
+            tracer,
+            dir,
+            target,
+            extra,
+            &["launch_ns", "sync_ns", "step_ns"],
+        )?;
+        rows.push((name, v));
+    }
+    let base = rows[0].1.clone();
+    println!();
+    println!(
+        "| case | cuLaunchKernel, ns | added | empty sync, ns | added | step (10 launches + sync), ns | added |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, v) in rows {
+        println!(
+            "| {name} | {:.0} | {:+.0} | {:.0} | {:+.0} | {:.0} | {:+.0} |",
+            v[0],
+            v[0] - base[0],
+            v[1],
+            v[1] - base[1],
+            v[2],
+            v[2] - base[2]
+        );
+    }
     Ok(())
 }
 

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_ebpf::abi::{
-    CAPTURE_MAX, COMM_LEN, ConnState, DataHead, DevOpenEvent, FdKey, GpuKey, GpuUse, HandleKey,
-    Header, Kind, ProbeConfig, STAT_SLOTS, Stash, Stat, Syscall, UvmKey,
+    CAPTURE_MAX, COMM_LEN, ConnState, CudaCounts, DataHead, DevOpenEvent, FdKey, GpuKey, GpuUse,
+    HandleKey, Header, Kind, ProbeConfig, STAT_SLOTS, Stash, Stat, Syscall, UvmKey,
 };
 
 macro_rules! config {
@@ -38,6 +38,7 @@ macro_rules! config {
 }
 
 // After `config!`, so the families can use it.
+mod cuda;
 mod fd;
 mod net;
 mod nvidia;
@@ -92,6 +93,11 @@ static RM_HANDLES: LruHashMap<HandleKey, u32> = LruHashMap::with_max_entries(655
 /// GPUs registered with UVM: (process, GPU UUID) → registrations.
 #[map]
 static UVM_REGS: HashMap<UvmKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// CUDA launches per process (tgid) since its last reported synchronisation; userspace removes
+/// a process's entry when it exits.
+#[map]
+static CUDA_COUNTS: HashMap<u32, CudaCounts> = HashMap::with_max_entries(4096, 0);
 
 /// Entry arguments per thread (`pid_tgid`) until the syscall exits. LRU so a lost exit cannot
 /// leak entries forever.
@@ -240,6 +246,7 @@ fn stash_entry(fd: u64, ptr: u64, arg: u64, conn_id: u64, syscall: Syscall) -> S
         arg,
         conn_id,
         syscall: syscall as u8,
-        pad: [0; 7],
+        role: 0,
+        pad: [0; 6],
     }
 }

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_ebpf::abi::{
-    CAPTURE_MAX, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_HEAD_LEN, DataHead, FdKey, IOV_WALK_MAX,
-    Kind, ROLE_CLIENT, ROLE_SERVER, Stash, Stat, Syscall,
+    CAPTURE_MAX, CONFIG_IPC, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_FLAG_IPC, DATA_HEAD_LEN,
+    DataHead, FdKey, IOV_WALK_MAX, Kind, ROLE_CLIENT, ROLE_IPC, ROLE_SERVER, Stash, Stat, Syscall,
 };
 
 use super::{
@@ -26,6 +26,8 @@ const EINPROGRESS: i64 = 115;
 const SOCK_DGRAM: u32 = 2;
 /// `SOCK_NONBLOCK | SOCK_CLOEXEC` share the type argument with the type itself.
 const SOCK_TYPE_MASK: u32 = 0xf;
+/// `SOCK_TYPES` values: the type in the low 16 bits, the address family above.
+const SOCK_FAMILY_SHIFT: u32 = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Connections
@@ -50,14 +52,19 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         return 0;
     };
     let rv = ret(ctx);
-    let (fd, listen_fd, role) = if syscall == Syscall::Connect {
+    // The socket (connect) or listener (accept), if it was created while attached; 0 when
+    // unknown (a plain integer: an `Option` here spills an uninitialised register, which the
+    // verifier rejects).
+    // SAFETY: copied out immediately.
+    let sock: u32 = unsafe { SOCK_TYPES.get(fd_key(id, entry.fd)) }
+        .copied()
+        .unwrap_or(0);
+    let (fd, listen_fd, mut role) = if syscall == Syscall::Connect {
         if rv != 0 && rv != -EINPROGRESS {
             return 0;
         }
-        let key = fd_key(id, entry.fd);
-        // SAFETY: copied out immediately.
-        if unsafe { SOCK_TYPES.get(key) }.copied() == Some(SOCK_DGRAM) {
-            // A connected UDP socket (a resolver): not HTTP.
+        if sock & SOCK_TYPE_MASK == SOCK_DGRAM {
+            // A connected datagram socket (a resolver, a logger): not a connection.
             return 0;
         }
         (entry.fd as i32, -1, ROLE_CLIENT)
@@ -95,15 +102,23 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
                     ev.addr = a;
                 }
             }
-            // Unix sockets are reported (IPC peers) but their data is not captured.
-            AF_UNIX => {
-                emit(Kind::Conn, &ev);
-                return 0;
-            }
-            0 => {}
+            AF_UNIX | 0 => {}
             // Netlink, packet, vsock...: not HTTP.
             _ => return 0,
         }
+    }
+    if ev.family == 0 {
+        // No address buffer: the family the socket (or listener) was created with, if seen.
+        ev.family = (sock >> SOCK_FAMILY_SHIFT) as u16;
+    }
+    if ev.family == AF_UNIX {
+        // Unix sockets are IPC peers: followed as IPC (no payload) when asked, else only
+        // reported.
+        if config!(flags) & CONFIG_IPC == 0 {
+            emit(Kind::Conn, &ev);
+            return 0;
+        }
+        role = ROLE_IPC;
     }
     // The connection generation: monotonic time is unique per (tgid, fd) lifetime.
     ev.conn_id = ev.hdr.ts_ns;
@@ -145,7 +160,7 @@ pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let key = fd_key(id, fd);
-    let kind = entry.arg as u32 & SOCK_TYPE_MASK;
+    let kind = (entry.arg as u32 & SOCK_TYPE_MASK) | ((entry.ptr as u32) << SOCK_FAMILY_SHIFT);
     let _ = SOCK_TYPES.insert(key, kind, u64::from(BPF_ANY));
     0
 }
@@ -264,14 +279,13 @@ fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let key = fd_key(id, fd as i64);
     // One lookup for everybody: only targets' sockets are in CONNS.
     // SAFETY: copied out immediately.
-    let Some(conn_id) = (unsafe { CONNS.get(key) }).map(|c| c.conn_id) else {
+    let Some((conn_id, role)) = (unsafe { CONNS.get(key) }).map(|c| (c.conn_id, c.role)) else {
         return 0;
     };
     // (fd, buf|iov|msg, count|iovcnt|flags)
-    stash(
-        id,
-        &stash_entry(fd, arg(ctx, 1), arg(ctx, 2), conn_id, syscall),
-    );
+    let mut entry = stash_entry(fd, arg(ctx, 1), arg(ctx, 2), conn_id, syscall);
+    entry.role = role;
+    stash(id, &entry);
     0
 }
 
@@ -285,8 +299,30 @@ fn io_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     if rv < 0 || (rv == 0 && !syscall.is_inbound()) {
         return 0;
     }
-    emit_data(id, &entry, syscall, rv as u64);
+    if entry.role == ROLE_IPC {
+        emit_ipc(id, &entry, syscall, rv as u64);
+    } else {
+        emit_data(id, &entry, syscall, rv as u64);
+    }
     0
+}
+
+/// A data record of an IPC connection: timing, direction and length, no payload.
+#[inline(always)]
+fn emit_ipc(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
+    let eof = if total == 0 { DATA_FLAG_EOF } else { 0 };
+    let head = DataHead {
+        hdr: header(Kind::Data, id, DATA_FLAG_IPC | eof),
+        conn_id: entry.conn_id,
+        total_len: total,
+        fd: entry.fd as i32,
+        cap_len: 0,
+        syscall: syscall as u8,
+        pad1: 0,
+        iov_segs: 0,
+        pad2: 0,
+    };
+    emit(Kind::Data, &head);
 }
 
 /// Copies `len` user bytes to `buf[off..]`, with the offset masked and the length clamped so

@@ -87,6 +87,10 @@ pub struct ReplayArgs {
 
 /// `tracer run` flags. Each one overrides the same setting from `--config`.
 #[derive(Debug, Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each a config key"
+)]
 pub struct RunArgs {
     /// TOML configuration file (every flag below has a key there).
     #[arg(long, short = 'c', env = "TRACER_CONFIG")]
@@ -151,6 +155,17 @@ pub struct RunArgs {
     /// [config: probe.rediscover_ms]
     #[arg(long)]
     pub rediscover_ms: Option<u64>,
+    /// Do not attach the CUDA step clock (driver API uprobes) to members that map libcuda.
+    /// [config: probe.cuda_clock = false]
+    #[arg(long)]
+    pub no_cuda_clock: bool,
+    /// Attach the CUDA step clock to this library for every member, whether it maps it yet
+    /// or not. [config: probe.cuda_library]
+    #[arg(long, value_name = "PATH")]
+    pub cuda_lib: Option<PathBuf>,
+    /// Do not follow Unix-socket IPC between service members. [config: probe.ipc_clock = false]
+    #[arg(long)]
+    pub no_ipc_clock: bool,
     /// Record every attribution input to this file for `tracer replay`. [config: output.record]
     #[arg(long)]
     pub record: Option<PathBuf>,
@@ -183,6 +198,15 @@ impl RunArgs {
         c.probe.standin_devices |= self.standin_devices;
         if let Some(v) = self.rediscover_ms {
             c.probe.rediscover_ms = v;
+        }
+        if self.no_cuda_clock {
+            c.probe.cuda_clock = false;
+        }
+        if self.cuda_lib.is_some() {
+            c.probe.cuda_library = self.cuda_lib;
+        }
+        if self.no_ipc_clock {
+            c.probe.ipc_clock = false;
         }
         if self.record.is_some() {
             c.output.record = self.record;

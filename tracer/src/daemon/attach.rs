@@ -33,6 +33,7 @@ pub(super) fn load(
         filter_comm: !spec.comms.is_empty(),
         ioctl_events: config.probe.ioctl_events,
         standin_devices: config.probe.standin_devices,
+        ipc: config.probe.ipc_clock,
     };
     let mut probes = Probes::load(&settings)?;
     for (&pid, &why) in &resolved.processes {

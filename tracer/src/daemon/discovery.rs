@@ -1,7 +1,12 @@
 //! Service discovery at run time: what `/proc` shows about the targets' services, fed to the
-//! pipeline as inputs and to the probes as new targets.
+//! pipeline as inputs and to the probes as new targets, with the two step clocks: the CUDA
+//! driver uprobes on members that map `libcuda.so*`, and the Unix-socket IPC between members.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use tokio::sync::mpsc;
 use tracer_ebpf::abi::TARGET_PEER;
@@ -23,9 +28,29 @@ pub(super) struct Services {
     finder: Arc<Finder>,
     /// Processes already fed to the pipeline and made kernel targets.
     known: BTreeSet<u32>,
+    /// (library, process) pairs the CUDA step clock could not be attached to: not retried.
+    cuda_failed: BTreeSet<(PathBuf, u32)>,
     /// A re-discovery is running.
     in_flight: bool,
-    tx: mpsc::Sender<Result<Discovery, ServiceError>>,
+    tx: mpsc::Sender<Result<Found, ServiceError>>,
+}
+
+/// The step clocks discovery sets up.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Clocks {
+    /// Attach the CUDA driver uprobes to members that map `libcuda.so*`.
+    pub cuda: bool,
+    /// Attach them to this library for every member, mapped or not.
+    pub cuda_library: Option<PathBuf>,
+    /// Follow the Unix-socket fds between members as IPC.
+    pub ipc: bool,
+}
+
+/// A discovery, with what the blocking thread read for the step clocks.
+pub(super) struct Found {
+    discovery: Discovery,
+    /// CUDA driver libraries to probe, per member, as paths this process can open.
+    cuda: BTreeMap<u32, BTreeSet<PathBuf>>,
 }
 
 /// What a discovery needs, shared with the blocking thread.
@@ -33,11 +58,32 @@ struct Finder {
     procfs: ProcFs,
     roots: Vec<ServiceRoot>,
     opts: DiscoverOptions,
+    clocks: Clocks,
 }
 
 impl Finder {
-    fn discover(&self) -> Result<Discovery, ServiceError> {
-        service::discover(&self.procfs, &self.roots, &self.opts)
+    fn discover(&self) -> Result<Found, ServiceError> {
+        let discovery = service::discover(&self.procfs, &self.roots, &self.opts)?;
+        let mut cuda = BTreeMap::new();
+        if self.clocks.cuda {
+            for pid in discovery.services.iter().flat_map(|s| s.members.keys()) {
+                let mut libs: BTreeSet<PathBuf> = self
+                    .procfs
+                    .mapped_files(*pid, "libcuda.so")
+                    .into_iter()
+                    // The path in the process's mount namespace (containers), via its root.
+                    .map(|p| {
+                        let rel = p.strip_prefix("/").unwrap_or(&p);
+                        self.procfs.proc_root.join(format!("{pid}/root")).join(rel)
+                    })
+                    .collect();
+                libs.extend(self.clocks.cuda_library.clone());
+                if !libs.is_empty() {
+                    cuda.insert(*pid, libs);
+                }
+            }
+        }
+        Ok(Found { discovery, cuda })
     }
 }
 
@@ -47,17 +93,20 @@ impl Services {
         procfs: ProcFs,
         roots: Vec<ServiceRoot>,
         opts: DiscoverOptions,
-    ) -> (Self, mpsc::Receiver<Result<Discovery, ServiceError>>) {
+        clocks: Clocks,
+    ) -> (Self, mpsc::Receiver<Result<Found, ServiceError>>) {
         let (tx, rx) = mpsc::channel(1);
         let finder = Arc::new(Finder {
             procfs,
             roots,
             opts,
+            clocks,
         });
         (
             Self {
                 finder,
                 known: BTreeSet::new(),
+                cuda_failed: BTreeSet::new(),
                 in_flight: false,
                 tx,
             },
@@ -92,7 +141,7 @@ impl Services {
     /// A re-discovery's result: new members only (a failure is logged, not fatal).
     pub fn refreshed(
         &mut self,
-        result: Result<Discovery, ServiceError>,
+        result: Result<Found, ServiceError>,
         pipeline: &mut Pipeline,
         probes: &mut Probes,
     ) -> Result<(), DaemonError> {
@@ -109,13 +158,74 @@ impl Services {
     /// A process exited: if it comes back under the same pid, it is new.
     pub fn forget(&mut self, pid: u32) {
         self.known.remove(&pid);
+        self.cuda_failed.retain(|(_, p)| *p != pid);
+    }
+
+    /// Sets up the step clocks of a discovery: the CUDA uprobes on every member's driver
+    /// library (once per library and process; a failure is a warning, not retried), and the
+    /// IPC fds between members. Returns (uprobes attached, IPC fds newly followed).
+    fn clocks(&mut self, found: &Found, probes: &mut Probes) -> (usize, usize) {
+        let mut attached = 0;
+        for (&pid, libs) in &found.cuda {
+            for lib in libs {
+                let key = (lib.clone(), pid);
+                if self.cuda_failed.contains(&key) {
+                    continue;
+                }
+                match probes.attach_cuda(lib, Some(Pid(pid))) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(
+                            "CUDA step clock: {n} uprobes on {} for process {pid}",
+                            lib.display()
+                        );
+                        attached += n;
+                    }
+                    Err(e) => {
+                        tracing::warn!("CUDA step clock for process {pid}: {e}");
+                        self.cuda_failed.insert(key);
+                    }
+                }
+            }
+        }
+        let mut ipc = 0;
+        if self.finder.clocks.ipc {
+            for &(pid, fd) in found.discovery.services.iter().flat_map(|s| &s.ipc_fds) {
+                match probes.track_ipc_fd(pid, fd) {
+                    Ok(true) => ipc += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("IPC fd {fd} of process {pid}: {e}"),
+                }
+            }
+        }
+        (attached, ipc)
     }
 
     /// Feeds a discovery to the pipeline: services, new members (made kernel targets), and at
     /// attach (`seed`) the GPUs members already hold. A member's GPUs are the ones it maps (a
     /// context); a process that maps none but holds GPU fds (stand-in nodes, or a monitor) is
-    /// seeded from its fds.
+    /// seeded from its fds. Then the step clocks (members are targets by then).
     fn apply(
+        &mut self,
+        found: &Found,
+        pipeline: &mut Pipeline,
+        probes: &mut Probes,
+        ts_ns: u64,
+        seed: bool,
+    ) -> Result<(), DaemonError> {
+        self.members(&found.discovery, pipeline, probes, ts_ns, seed)?;
+        let (uprobes, ipc) = self.clocks(found, probes);
+        if seed {
+            tracing::info!(
+                "step clocks at attach: {uprobes} CUDA uprobes, {ipc} IPC fds between members"
+            );
+        } else if ipc > 0 {
+            tracing::debug!("{ipc} new IPC fds between members");
+        }
+        Ok(())
+    }
+
+    fn members(
         &mut self,
         discovery: &Discovery,
         pipeline: &mut Pipeline,

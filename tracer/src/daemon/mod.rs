@@ -120,7 +120,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         device_root: config.probe.device_root.clone(),
         ..DiscoverOptions::default()
     };
-    let (mut services, mut rediscovered) = discovery::Services::new(procfs.clone(), roots, opts);
+    let clocks = discovery::Clocks {
+        cuda: config.probe.cuda_clock,
+        cuda_library: config.probe.cuda_library.clone(),
+        ipc: config.probe.ipc_clock,
+    };
+    let (mut services, mut rediscovered) =
+        discovery::Services::new(procfs.clone(), roots, opts, clocks);
     services.attach(&mut pipeline, &mut probes)?;
     let seeded = attach::seed_connections(&procfs, &resolved, &mut probes, &mut pipeline)?;
     tracing::info!(

@@ -190,6 +190,10 @@ impl Pipeline {
     }
 
     /// Connection events to the HTTP tracker, process and GPU events to the binding.
+    #[expect(
+        clippy::match_same_arms,
+        reason = "the two step-clock arms stay apart: each gets its own ledger input"
+    )]
     fn track(&mut self, ev: &Event<'_>) {
         let tgid = Pid(ev.tgid);
         let t = &mut self.tracker;
@@ -202,6 +206,15 @@ impl Pipeline {
                 ..
             } if family != libc::AF_UNIX as u16 => {
                 self.conns.conn(t, tgid, fd, conn_id, syscall, ev.ts_ns);
+            }
+            Body::Data { ipc: true, .. } => {
+                // step clock: wired in the ledger by the i12 work (IPC between service members:
+                // never HTTP, so never the tracker).
+                return;
+            }
+            Body::CudaSync { .. } => {
+                // step clock: wired in the ledger by the i12 work
+                return;
             }
             Body::Data {
                 conn_id,

@@ -12,7 +12,8 @@ pub struct UserStats {
     pub decoded: [u64; 16],
     /// Records that failed to decode.
     pub decode_errors: u64,
-    /// Socket bytes reported, inbound and outbound.
+    /// Socket bytes reported on traced connections (IPC between members not included), inbound
+    /// and outbound.
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -21,7 +22,10 @@ impl UserStats {
     pub(super) fn record(&mut self, ev: &Event<'_>) {
         self.decoded[ev.body.kind() as usize] += 1;
         if let Body::Data {
-            inbound, total_len, ..
+            inbound,
+            total_len,
+            ipc: false,
+            ..
         } = ev.body
         {
             if inbound {

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::Serialize;
 use tracer_ebpf::abi::{
-    self, CloseEvent, ConnEvent, DATA_FLAG_EOF, DATA_HEAD_LEN, DataHead, DevOpenEvent,
-    EXEC_FLAG_COMM_MATCH, GpuEvent, Header, IoctlEvent, Kind, ProcEvent, Syscall,
+    self, CloseEvent, ConnEvent, CudaSyncEvent, DATA_FLAG_EOF, DATA_FLAG_IPC, DATA_HEAD_LEN,
+    DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, GpuEvent, Header, IoctlEvent, Kind, ProcEvent,
+    Syscall,
 };
 
 /// Why a record could not be decoded.
@@ -27,6 +28,9 @@ pub enum DecodeError {
     /// The record names no known syscall.
     #[error("unknown syscall {0} in a {1} record")]
     UnknownSyscall(u8, &'static str),
+    /// A CUDA synchronisation record names no known synchronisation.
+    #[error("unknown CUDA synchronisation {0}")]
+    UnknownCudaSync(u8),
 }
 
 /// A decoded record: who, when, what.
@@ -73,6 +77,8 @@ pub enum Body<'a> {
         eof: bool,
         /// iovec segments walked.
         iov_segs: u16,
+        /// An IPC connection between service members: no payload is captured.
+        ipc: bool,
         /// The first bytes moved (up to the capture limit); shown as lossy UTF-8 in JSON.
         #[serde(serialize_with = "ser_lossy")]
         payload: &'a [u8],
@@ -116,6 +122,39 @@ pub enum Body<'a> {
         /// Ioctls the process has issued on the device so far.
         ioctls: u64,
     },
+    /// The process synchronised with the GPU after launching work (an engine step's end).
+    CudaSync {
+        /// Kernel launches since its previous reported synchronisation.
+        launches: u32,
+        /// CUDA graph launches in the same span.
+        graph_launches: u32,
+        /// What it waited for.
+        sync: CudaSyncKind,
+    },
+}
+
+/// What a CUDA synchronisation waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CudaSyncKind {
+    /// `cuStreamSynchronize`: one stream.
+    Stream,
+    /// `cuEventSynchronize`: an event recorded on a stream.
+    Event,
+    /// `cuCtxSynchronize`: everything in the context.
+    Context,
+}
+
+impl CudaSyncKind {
+    /// From the probes' `CUDA_SYNC_*` code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            abi::CUDA_SYNC_STREAM => Some(Self::Stream),
+            abi::CUDA_SYNC_EVENT => Some(Self::Event),
+            abi::CUDA_SYNC_CONTEXT => Some(Self::Context),
+            _ => None,
+        }
+    }
 }
 
 /// A change in what a process holds on a GPU, as the probes aggregate it.
@@ -207,6 +246,7 @@ impl Body<'_> {
             Body::Exec { .. } => Kind::ProcExec,
             Body::Exit { .. } => Kind::ProcExit,
             Body::Gpu { .. } => Kind::Gpu,
+            Body::CudaSync { .. } => Kind::CudaSync,
         }
     }
 }
@@ -285,6 +325,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 total_len: head.total_len,
                 eof: hdr.flags & DATA_FLAG_EOF != 0,
                 iov_segs: head.iov_segs,
+                ipc: hdr.flags & DATA_FLAG_IPC != 0,
                 payload,
             }
         }
@@ -342,6 +383,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 ioctls: ev.ioctls,
             }
         }
+        Kind::CudaSync => {
+            let ev: CudaSyncEvent = read(bytes, kind)?;
+            Body::CudaSync {
+                launches: ev.launches,
+                graph_launches: ev.graph_launches,
+                sync: CudaSyncKind::from_code(ev.sync)
+                    .ok_or(DecodeError::UnknownCudaSync(ev.sync))?,
+            }
+        }
         Kind::ProcFork | Kind::ProcExec | Kind::ProcExit => {
             let ev: ProcEvent = read(bytes, kind)?;
             let comm = cstr(&ev.comm);
@@ -373,123 +423,4 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bytes_of<T>(v: &T) -> Vec<u8> {
-        // SAFETY: reading the plain-data representation of a #[repr(C)] value.
-        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
-    }
-
-    fn header(kind: Kind, flags: u16) -> Header {
-        Header {
-            ts_ns: 42,
-            tgid: 7,
-            tid: 8,
-            kind: kind as u16,
-            flags,
-            pad: 0,
-        }
-    }
-
-    #[test]
-    fn data_record_round_trips_with_payload() {
-        let head = DataHead {
-            hdr: header(Kind::Data, 0),
-            conn_id: 99,
-            total_len: 10_000,
-            fd: 5,
-            cap_len: 4,
-            syscall: Syscall::Writev as u8,
-            pad1: 0,
-            iov_segs: 3,
-            pad2: 0,
-        };
-        let mut bytes = bytes_of(&head);
-        bytes.extend_from_slice(b"HTTP");
-        let ev = decode(&bytes).expect("decodes");
-        assert_eq!((ev.ts_ns, ev.tgid, ev.tid), (42, 7, 8));
-        match ev.body {
-            Body::Data {
-                conn_id,
-                total_len,
-                inbound,
-                payload,
-                iov_segs,
-                syscall,
-                ..
-            } => {
-                assert_eq!(conn_id, 99);
-                assert_eq!(total_len, 10_000);
-                assert!(!inbound);
-                assert_eq!(payload, b"HTTP");
-                assert_eq!(iov_segs, 3);
-                assert_eq!(syscall, Syscall::Writev);
-            }
-            other => panic!("wrong body {other:?}"),
-        }
-    }
-
-    #[test]
-    fn truncated_payload_is_an_error_not_a_panic() {
-        let head = DataHead {
-            hdr: header(Kind::Data, 0),
-            conn_id: 1,
-            total_len: 100,
-            fd: 5,
-            cap_len: 100,
-            syscall: Syscall::Read as u8,
-            pad1: 0,
-            iov_segs: 0,
-            pad2: 0,
-        };
-        let mut bytes = bytes_of(&head);
-        bytes.extend_from_slice(&[b'x'; 10]);
-        assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
-    }
-
-    #[test]
-    fn garbage_is_rejected() {
-        assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::Short { .. })));
-        let mut hdr = header(Kind::Conn, 0);
-        hdr.kind = 777;
-        assert_eq!(
-            decode(&bytes_of(&hdr)).err(),
-            Some(DecodeError::UnknownKind(777))
-        );
-        // A header alone is too short for a conn record.
-        assert!(matches!(
-            decode(&bytes_of(&header(Kind::Conn, 0))),
-            Err(DecodeError::Short { kind: "conn", .. })
-        ));
-    }
-
-    #[test]
-    fn conn_record_decodes_peer() {
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let ev = ConnEvent {
-            hdr: header(Kind::Conn, 0),
-            conn_id: 3,
-            fd: 9,
-            listen_fd: 4,
-            family: 2,
-            port: 5555,
-            syscall: Syscall::Accept4 as u8,
-            pad: [0; 3],
-            addr,
-        };
-        let bytes = bytes_of(&ev);
-        let ev = decode(&bytes).expect("decodes");
-        match ev.body {
-            Body::Conn {
-                peer, listen_fd, ..
-            } => {
-                assert_eq!(peer, Some("127.0.0.1:5555".parse().expect("addr")));
-                assert_eq!(listen_fd, Some(4));
-            }
-            other => panic!("wrong body {other:?}"),
-        }
-    }
-}
+mod tests;

@@ -6,11 +6,12 @@
 //! Submodules: [`decode`] turns ring-buffer records into typed events; [`targets`] resolves what
 //! the operator asked to trace into processes.
 
+mod cuda;
 pub mod decode;
 mod stats;
 pub mod targets;
 
-pub use self::stats::KernelStats;
+pub use self::{cuda::CUDA_SYMBOLS, stats::KernelStats};
 
 use std::{
     ffi::CString,
@@ -107,6 +108,14 @@ pub enum ProbeError {
     /// The configured device root does not fit the probe's prefix buffer.
     #[error("device root prefix {0:?} is longer than {max} bytes", max = abi::DEV_PREFIX_MAX)]
     DevicePrefixTooLong(PathBuf),
+    /// No CUDA driver API symbol of a library could be probed (not a CUDA driver, or uprobes
+    /// unavailable); the error of the last symbol tried.
+    #[error("no CUDA uprobe attached to {}: {source}", library.display())]
+    CudaLibrary {
+        library: PathBuf,
+        #[source]
+        source: Box<ProbeError>,
+    },
 }
 
 /// What the loader configures in the probes.
@@ -132,6 +141,8 @@ pub struct ProbeSettings {
     /// The device nodes are stand-in files (an emulated host): decode their ioctls although
     /// the kernel rejects them with `ENOTTY`.
     pub standin_devices: bool,
+    /// Follow targets' Unix-socket connections as IPC (timing and length, no payload).
+    pub ipc: bool,
 }
 
 /// Mounts tracefs if it is not mounted (syscall tracepoints are found through it).
@@ -162,6 +173,10 @@ pub fn ensure_tracefs() -> Result<(), ProbeError> {
 /// The loaded and attached probes.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The CUDA step clock's uprobes (see [`Probes::attach_cuda`]).
+    cuda: cuda::CudaLinks,
+    /// IPC fds seeded so far (their connection generations are this many apart).
+    ipc_seeded: u64,
 }
 
 impl Probes {
@@ -189,6 +204,9 @@ impl Probes {
         if settings.standin_devices {
             config.flags |= abi::CONFIG_STANDIN_DEVICES;
         }
+        if settings.ipc {
+            config.flags |= abi::CONFIG_IPC;
+        }
 
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -207,7 +225,11 @@ impl Probes {
                 .attach(category, name)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            cuda: cuda::CudaLinks::default(),
+            ipc_seeded: 0,
+        })
     }
 
     /// Starts forwarding the probes' aya-log records to the `log` facade.
@@ -302,9 +324,36 @@ impl Probes {
             })
     }
 
+    /// Follows a Unix-socket fd between service members as IPC (timing, direction and length,
+    /// no payload), e.g. one the process had before the daemon attached. A fd already followed
+    /// keeps its connection.
+    pub fn track_ipc_fd(&mut self, tgid: u32, fd: u32) -> Result<bool, ProbeError> {
+        // A generation unique per (tgid, fd) lifetime, like the probes' (monotonic time).
+        let conn_id = crate::power::monotonic_ns() + self.ipc_seeded;
+        self.ipc_seeded += 1;
+        let mut map = self.hash::<FdKey, ConnState>("CONNS")?;
+        let key = FdKey { tgid, fd };
+        if map.get(&key, 0).is_ok() {
+            return Ok(false);
+        }
+        let state = ConnState {
+            conn_id,
+            family: libc::AF_UNIX as u16,
+            role: abi::ROLE_IPC,
+            pad: [0; 5],
+        };
+        map.insert(key, state, 0)
+            .map_err(|source| ProbeError::MapOp {
+                name: "CONNS",
+                source,
+            })?;
+        Ok(true)
+    }
+
     /// Removes every kernel entry of a process that exited (its fds died with it, and its tgid
     /// may be reused by an unrelated process).
     pub fn forget_process(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        self.detach_cuda(crate::ids::Pid(tgid))?;
         self.remove_fds_of::<ConnState>("CONNS", tgid)?;
         self.remove_fds_of::<u32>("DEV_FDS", tgid)?;
         let mut gpu = self.hash::<GpuKey, GpuUse>("GPU_USE")?;
@@ -325,6 +374,8 @@ impl Probes {
         for key in &stale {
             let _ = uvm.remove(key);
         }
+        let mut cuda = self.hash::<u32, abi::CudaCounts>("CUDA_COUNTS")?;
+        let _ = cuda.remove(&tgid);
         // RM_HANDLES is an LRU map: an exited process's handles age out.
         let mut targets = self.hash::<u32, u32>("TARGETS")?;
         let _ = targets.remove(&tgid);

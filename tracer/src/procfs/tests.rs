@@ -60,3 +60,25 @@ fn cgroup_lines() {
     );
     assert_eq!(parse_cgroup("1:name=systemd:/x\n"), None);
 }
+
+#[test]
+fn mapped_libraries_are_found_by_file_name() {
+    let maps = "\
+7f0000000000-7f0000001000 r--p 00000000 fd:01 1234  /usr/lib/x86_64-linux-gnu/libcuda.so.580.65.06
+7f0000001000-7f0000002000 r-xp 00001000 fd:01 1234  /usr/lib/x86_64-linux-gnu/libcuda.so.580.65.06
+7f0000003000-7f0000004000 r-xp 00001000 fd:01 99 /opt/my libs/libcuda.so.1
+7f0000005000-7f0000006000 r-xp 00001000 fd:01 77 /usr/lib/libcudart.so.12
+7f0000007000-7f0000008000 r-xp 00001000 fd:01 78 /tmp/libcuda.so (deleted)
+7f0000009000-7f000000a000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0  [stack]
+garbage
+";
+    let found: Vec<PathBuf> = parse_mapped_files(maps, "libcuda.so").into_iter().collect();
+    assert_eq!(
+        found,
+        vec![
+            PathBuf::from("/opt/my libs/libcuda.so.1"),
+            PathBuf::from("/usr/lib/x86_64-linux-gnu/libcuda.so.580.65.06"),
+        ]
+    );
+}

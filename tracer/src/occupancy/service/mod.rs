@@ -335,6 +335,10 @@ pub struct Service {
     pub fd_only_gpus: BTreeSet<u32>,
     /// Driver use of each member that uses any, by pid.
     pub gpu_evidence: BTreeMap<u32, ProcessGpus>,
+    /// (pid, fd) of members' Unix stream sockets whose other end a member holds: the IPC
+    /// inside the service (vLLM's ZMQ, TGI's gRPC), both ends.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub ipc_fds: BTreeSet<(u32, u32)>,
 }
 
 /// A process outside every service that holds one of the services' GPUs.
@@ -436,6 +440,8 @@ pub fn discover(
             .flat_map(|g| g.minors.iter().copied())
             .filter(|m| !gpus.contains(m))
             .collect();
+        let member_pids: BTreeSet<u32> = members.keys().copied().collect();
+        let ipc_fds = walker.ipc_fds(&member_pids);
         let roots_of: Vec<RootSpec> = group.iter().map(|&i| roots[i].spec.clone()).collect();
         services.push(Service {
             id: u32::try_from(n + 1).unwrap_or(u32::MAX),
@@ -450,6 +456,7 @@ pub fn discover(
             gpus,
             fd_only_gpus,
             gpu_evidence,
+            ipc_fds,
         });
     }
 

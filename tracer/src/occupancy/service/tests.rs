@@ -779,3 +779,28 @@ fn roots_from_spec_resolves_each_target_separately() {
         Err(ServiceError::Target(TargetError::NoListener(9)))
     ));
 }
+
+#[test]
+fn ipc_fds_are_the_unix_links_between_members_both_ends() {
+    let t = vllm_like();
+    let d = t.discover(&[root(RootSpec::Port(8000), &[10])]);
+    // The API's socket 300 (fd 7) and the engine's 301 (fd 4); not the TCP client link.
+    assert_eq!(d.services[0].ipc_fds, BTreeSet::from([(10, 7), (11, 4)]));
+    // A link to a process outside the service, a system socket and stdio are not IPC fds.
+    let mut t = Tree::new();
+    t.proc(10, "server", 1, &[(2, 100), (5, 101), (6, 102), (7, 103)])
+        .proc(11, "worker", 10, &[(3, 110), (8, 111)])
+        .proc(90, "systemd-journal", 1, &[(20, 900)])
+        .proc(91, "sshd", 1, &[(9, 910)]);
+    t.unix_pair(100, 110, None); // stdio on the server's side: only the worker's fd 3
+    t.unix_pair(101, 111, None); // a socketpair to the child
+    t.unix_pair(102, 900, Some("/run/systemd/journal/stdout"));
+    t.unix_pair(103, 910, None);
+    let d = t.discover(&[root(RootSpec::Pid(10), &[10])]);
+    let s = &d.services[0];
+    assert_eq!(pids(s), [10, 11, 91], "{}", render_text(&d));
+    assert_eq!(
+        s.ipc_fds,
+        BTreeSet::from([(10, 5), (10, 7), (11, 3), (11, 8), (91, 9)])
+    );
+}

@@ -246,6 +246,39 @@ impl<'a> Walker<'a> {
         walk.members
     }
 
+    /// The fds members hold on connected Unix stream sockets whose other end a member holds
+    /// too (IPC inside the service, socketpairs included), as (pid, fd); stdio fds and system
+    /// sockets are left out.
+    pub(super) fn ipc_fds(&self, members: &BTreeSet<u32>) -> BTreeSet<(u32, u32)> {
+        let mut out = BTreeSet::new();
+        for &pid in members {
+            let Some(p) = self.snap.procs.get(&pid) else {
+                continue;
+            };
+            for (inode, fds) in &p.sockets {
+                let Some(me) = self.unix.get(inode) else {
+                    continue;
+                };
+                let Some(peer) = me.peer.filter(|_| me.is_stream()) else {
+                    continue;
+                };
+                let peer_name = self.unix.get(&peer).and_then(|s| s.name.as_deref());
+                if self.is_system_socket(me.name.as_deref()) || self.is_system_socket(peer_name) {
+                    continue;
+                }
+                let linked = self
+                    .snap
+                    .holders
+                    .get(&peer)
+                    .is_some_and(|h| h.iter().any(|holder| members.contains(holder)));
+                if linked {
+                    out.extend(fds.iter().filter(|&&fd| fd > 2).map(|&fd| (pid, fd)));
+                }
+            }
+        }
+        out
+    }
+
     fn is_system_socket(&self, name: Option<&str>) -> bool {
         name.is_some_and(|n| self.opts.system_sockets.iter().any(|p| glob_match(p, n)))
     }
