@@ -31,9 +31,13 @@ pub struct DemoOpts {
     /// host's, 40).
     #[arg(long)]
     pub write_cost_us: Option<u64>,
-    /// Stand-in CUDA driver library for the engine to call every step.
+    /// CUDA driver library for the engine to call every step (default: the stand-in
+    /// `tests/cuda-stub`, so the CUDA step clock is exercised).
     #[arg(long)]
     pub cuda_lib: Option<PathBuf>,
+    /// The engine calls no CUDA library (the tracer then sees only IPC and write bursts).
+    #[arg(long, conflicts_with = "cuda_lib")]
+    pub no_cuda: bool,
     /// Record the run, replay it under each step clock and split, and score each against the
     /// truth.
     #[arg(long)]
@@ -61,6 +65,8 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
         "tracer-emuhost",
         "-p",
         "nvml-emu",
+        "-p",
+        "cuda-stub",
     ]))?;
     let release = PathBuf::from("target/release");
     let dir = env::temp_dir().join(format!("tracer-demo-{}", std::process::id()));
@@ -96,8 +102,12 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
     if let Some(w) = opts.write_cost_us {
         host_cmd.args(["--write-cost-us", &w.to_string()]);
     }
-    if let Some(lib) = &opts.cuda_lib {
-        host_cmd.arg("--cuda-lib").arg(lib);
+    // The engine maps it under its real name, where the tracer looks for it.
+    let stub = lib_dir.join("libcuda.so.1");
+    std::fs::copy(release.join("libcuda.so"), &stub).context("copying the stand-in libcuda")?;
+    let cuda_lib = opts.cuda_lib.clone().unwrap_or(stub);
+    if !opts.no_cuda {
+        host_cmd.arg("--cuda-lib").arg(&cuda_lib);
     }
     let mut host = host_cmd
         .stdout(Stdio::piped())

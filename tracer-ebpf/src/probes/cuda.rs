@@ -1,5 +1,6 @@
 //! CUDA driver API uprobes (`libcuda.so`, attached per process by the loader): kernel and graph
-//! launches are counted per process in the kernel; a synchronisation reports the counts since
+//! launches are counted per process in the kernel; a synchronisation, when it returns (the GPU
+//! finished what it waited for: the step's end, not the moment the host started waiting), reports the counts since
 //! the process's previous reported one, and only when something was launched in between, so an
 //! engine step costs one ring record, whatever its kernel count.
 //!
@@ -7,7 +8,11 @@
 //! launching at the same instant can lose a count (the bpf target has no atomic add here).
 //! Engines launch from one thread per process, so that is accepted.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
 use tracer_ebpf::abi::{
     CUDA_SYNC_CONTEXT, CUDA_SYNC_EVENT, CUDA_SYNC_STREAM, CudaCounts, CudaSyncEvent, Kind, Stat,
 };
@@ -92,19 +97,19 @@ pub fn cuda_graph_launch(_ctx: ProbeContext) -> u32 {
 }
 
 /// `cuStreamSynchronize`, `cuStreamSynchronize_ptsz`.
-#[uprobe]
-pub fn cuda_sync_stream(_ctx: ProbeContext) -> u32 {
+#[uretprobe]
+pub fn cuda_sync_stream(_ctx: RetProbeContext) -> u32 {
     synchronised(CUDA_SYNC_STREAM)
 }
 
 /// `cuEventSynchronize`.
-#[uprobe]
-pub fn cuda_sync_event(_ctx: ProbeContext) -> u32 {
+#[uretprobe]
+pub fn cuda_sync_event(_ctx: RetProbeContext) -> u32 {
     synchronised(CUDA_SYNC_EVENT)
 }
 
 /// `cuCtxSynchronize`.
-#[uprobe]
-pub fn cuda_sync_context(_ctx: ProbeContext) -> u32 {
+#[uretprobe]
+pub fn cuda_sync_context(_ctx: RetProbeContext) -> u32 {
     synchronised(CUDA_SYNC_CONTEXT)
 }

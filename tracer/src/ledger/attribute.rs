@@ -391,9 +391,9 @@ fn split_unit(
         let Some(r) = requests.get(&c.id) else {
             continue;
         };
-        let (prefill, pk) = prefill_in(r, u0, u1);
-        let steps_of = clock.map(|c| (c, config.step_clock));
         let engine = in_engine(r, clock, config);
+        let (prefill, pk) = prefill_in(r, u0, u1, engine);
+        let steps_of = clock.map(|c| (c, config.step_clock));
         let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
         let pf = match (r.prefill_from_ns, r.prefill_to_ns) {
             (Some(f), Some(to)) if r.prefill_ext_ns > 0 => (f, to),
@@ -410,6 +410,7 @@ fn split_unit(
             a,
             b,
             time_s: 0.0,
+            plain_s: 0.0,
             prefill,
             decode,
             decode_ctx,

@@ -12,8 +12,11 @@ pub(super) struct Feat {
     pub(super) cand: usize,
     pub(super) a: u64,
     pub(super) b: u64,
-    /// ∫ 1/n(t) dt over its presence: its time-sliced share of the unit, seconds.
+    /// Its share of the unit's busy time, seconds: time-sliced, plus the part of its prefill
+    /// step its prefill caused (what the cost model prices).
     pub(super) time_s: f64,
+    /// ∫ 1/n(t) dt over its presence: plain time slicing, seconds (the `equal` split).
+    pub(super) plain_s: f64,
     pub(super) prefill: f64,
     pub(super) decode: f64,
     /// Σ decode token × its context length.
@@ -57,6 +60,7 @@ pub(super) fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1
         let each = (u1 - u0) as f64 * 1e-9 / m as f64;
         for f in feats.iter_mut() {
             f.time_s = each;
+            f.plain_s = each;
         }
         return (u1 - u0) as f64 * 1e-9;
     }
@@ -87,6 +91,7 @@ pub(super) fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1
             }
             if present(f) {
                 f.time_s += shared;
+                f.plain_s += dt / count as f64;
             }
         }
     }
@@ -98,16 +103,21 @@ fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
 }
 
 /// Uncached prompt tokens processed in `[u0, u1)`, spread over its prefill step (up to the
-/// first streamed event; the whole request when nothing streams). `false` when needed but
-/// unknown.
-pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64) -> (f64, bool) {
+/// first streamed event; when nothing streams, the first of its steps in the engine:
+/// `engine` is its time there). `false` when needed but unknown.
+pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64, engine: (u64, u64)) -> (f64, bool) {
     let mut start = r.arrival.ts_ns;
     let end = match (r.first_event_ns, r.end_ns) {
         (Some(fe), _) => {
             start = r.prefill_from_ns.unwrap_or(start).clamp(start, fe);
             r.prefill_to_ns.unwrap_or(fe).clamp(start, fe)
         }
-        (None, Some(e)) => e,
+        (None, Some(e)) => {
+            let (from, to) = (engine.0.max(start), engine.1.min(e));
+            start = from;
+            let steps = r.completion_tokens.unwrap_or(1).max(1);
+            from + to.saturating_sub(from) / steps
+        }
         // Open with nothing streamed yet: the prefill's extent is unknown.
         (None, None) => {
             return (0.0, u1 <= start);

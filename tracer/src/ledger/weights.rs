@@ -77,7 +77,7 @@ pub(super) fn weights(
     let mut sum: f64 = out.w.iter().sum();
     if !(sum > 0.0 && sum.is_finite()) {
         out.w.clear();
-        out.w.extend(feats.iter().map(|f| f.time_s));
+        out.w.extend(feats.iter().map(|f| f.plain_s));
         out.alt.clear();
         used_model = false;
         sum = out.w.iter().sum();
@@ -89,9 +89,10 @@ pub(super) fn weights(
     }
 }
 
-/// `equal`: time slicing. The alternative is `tokens` where the token counts are known.
+/// `equal`: plain time slicing among the requests in the engine. The alternative is `tokens`
+/// where the token counts are known.
 fn equal(feats: &[Feat], prices: &Prices, out: &mut Weights) -> Basis {
-    out.w.extend(feats.iter().map(|f| f.time_s));
+    out.w.extend(feats.iter().map(|f| f.plain_s));
     if feats.iter().all(|f| f.tokens_known) {
         out.alt.extend(feats.iter().map(|f| prices.cost(f)));
     }
@@ -103,10 +104,10 @@ fn equal(feats: &[Feat], prices: &Prices, out: &mut Weights) -> Basis {
 fn tokens(feats: &[Feat], prices: &Prices, out: &mut Weights) -> Basis {
     if feats.iter().all(|f| f.tokens_known) {
         out.w.extend(feats.iter().map(|f| prices.cost(f)));
-        out.alt.extend(feats.iter().map(|f| f.time_s));
+        out.alt.extend(feats.iter().map(|f| f.plain_s));
         Basis::Model
     } else {
-        out.w.extend(feats.iter().map(|f| f.time_s));
+        out.w.extend(feats.iter().map(|f| f.plain_s));
         Basis::Fallback
     }
 }
@@ -120,10 +121,10 @@ fn bytes(feats: &[Feat], out: &mut Weights) -> Basis {
                 .iter()
                 .map(|f| f.bytes_rate.unwrap_or(0.0) * (f.b - f.a) as f64 * 1e-9),
         );
-        out.alt.extend(feats.iter().map(|f| f.time_s));
+        out.alt.extend(feats.iter().map(|f| f.plain_s));
         Basis::Measure
     } else {
-        out.w.extend(feats.iter().map(|f| f.time_s));
+        out.w.extend(feats.iter().map(|f| f.plain_s));
         Basis::Fallback
     }
 }

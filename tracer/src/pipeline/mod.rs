@@ -31,7 +31,7 @@ pub use self::{
 };
 use crate::{
     ids::{DeviceId, Pid, ServiceId},
-    ledger::{self, DeviceInfo, IdleSource, Ledger},
+    ledger::{self, DeviceInfo, IdleSource, Ledger, StepSource},
     occupancy::binding::{self, Binding, ServiceView},
     power::Reading,
     probe::decode::{self, Body, DeviceNode, Event, GpuChange},
@@ -52,6 +52,8 @@ pub struct Pipeline {
     devices: std::collections::BTreeMap<DeviceId, DeviceSetup>,
     /// Processes that exited since the daemon last asked (their kernel entries go).
     exited: Vec<u32>,
+    /// Processes that received HTTP requests: where an engine's IPC message is a step end.
+    serving: std::collections::BTreeSet<Pid>,
     requests_done: u64,
     records_done: u64,
     wall_offset_ns: i128,
@@ -81,6 +83,7 @@ impl Pipeline {
             changes: Vec::new(),
             devices: std::collections::BTreeMap::new(),
             exited: Vec::new(),
+            serving: std::collections::BTreeSet::new(),
             requests_done: 0,
             records_done: 0,
             wall_offset_ns: i128::from(config.wall_offset_ns),
@@ -189,11 +192,8 @@ impl Pipeline {
         self.track(&ev);
     }
 
-    /// Connection events to the HTTP tracker, process and GPU events to the binding.
-    #[expect(
-        clippy::match_same_arms,
-        reason = "the two step-clock arms stay apart: each gets its own ledger input"
-    )]
+    /// Connection events to the HTTP tracker, process and GPU events to the binding, engine
+    /// messages and CUDA synchronisations to the ledger as step ends.
     fn track(&mut self, ev: &Event<'_>) {
         let tgid = Pid(ev.tgid);
         let t = &mut self.tracker;
@@ -207,13 +207,27 @@ impl Pipeline {
             } if family != libc::AF_UNIX as u16 => {
                 self.conns.conn(t, tgid, fd, conn_id, syscall, ev.ts_ns);
             }
-            Body::Data { ipc: true, .. } => {
-                // step clock: wired in the ledger by the i12 work (IPC between service members:
-                // never HTTP, so never the tracker).
+            Body::Data {
+                ipc: true, inbound, ..
+            } => {
+                // IPC between service members is never HTTP. The HTTP-serving process receiving
+                // a message from the engine: a step ended (it writes that step's chunks next).
+                if inbound && self.serving.contains(&tgid) {
+                    let service = self.binding.service_of(tgid);
+                    self.ledger.step_mark(service, ev.ts_ns, StepSource::Ipc);
+                }
                 return;
             }
-            Body::CudaSync { .. } => {
-                // step clock: wired in the ledger by the i12 work
+            Body::CudaSync {
+                launches,
+                graph_launches,
+                ..
+            } => {
+                // A GPU process synchronised after launching work: a step ended.
+                if launches > 0 || graph_launches > 0 {
+                    let service = self.binding.service_of(tgid);
+                    self.ledger.step_mark(service, ev.ts_ns, StepSource::Cuda);
+                }
                 return;
             }
             Body::Data {

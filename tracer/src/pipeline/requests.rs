@@ -41,6 +41,7 @@ impl Pipeline {
                 ..
             } => {
                 let service = self.binding.service_of(Pid(req.conn.tgid));
+                self.serving.insert(Pid(req.conn.tgid));
                 let _ = l.arrive(
                     RequestId(req.id),
                     service,
