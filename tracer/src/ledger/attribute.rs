@@ -6,7 +6,7 @@ use crate::ids::{DeviceId, RequestId, ServiceId};
 
 use super::{
     config::{IdlePolicy, LedgerConfig},
-    features::{Feat, decode_in, prefill_in, share_extensions, time_shares},
+    features::{Feat, decode_in, prefill_in, share_extensions, time_shares, uncached_tokens},
     model::{CostModel, Features},
     presence::{in_engine, resolve_prefill},
     sensor::Segment,
@@ -26,7 +26,7 @@ pub(crate) struct Ctx<'a> {
     pub dev_id: DeviceId,
     pub config: &'a LedgerConfig,
     pub pending: &'a BTreeMap<ServiceId, Vec<RequestId>>,
-    pub steps: &'a BTreeMap<ServiceId, StepClock>,
+    pub steps: &'a mut BTreeMap<ServiceId, StepClock>,
     pub stats: &'a mut LedgerStats,
     pub scratch: &'a mut Scratch,
 }
@@ -119,11 +119,19 @@ pub(crate) fn segment(
             let Some(r) = requests.get_mut(id) else {
                 continue;
             };
-            let clock = steps.get(&o.service);
-            resolve_prefill(r, clock, config);
+            let fresh = r.prefill_from_ns.is_none();
+            resolve_prefill(r, steps.get(&o.service), config);
+            if fresh
+                && r.prefill_from_ns.is_some()
+                && let Some(clock) = steps.get_mut(&o.service)
+                && let Some(prompt) = r.arrival.prompt_tokens
+            {
+                let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0));
+                clock.prefill_sample(r.prefill_ext_ns, uncached);
+            }
             // Queued before its prefill step, only being written after its last step: not
             // in the engine, so no share of its steps.
-            let (from, to) = in_engine(r, clock, config);
+            let (from, to) = in_engine(r, steps.get(&o.service), config);
             let a = from.max(seg.start_ns);
             let b = to.min(seg.end_ns);
             if b > a {
@@ -272,7 +280,7 @@ pub(crate) fn segment(
                     scratch,
                     &mut d.models,
                     requests,
-                    steps,
+                    &*steps,
                     svc,
                     (a, b),
                     unit,
@@ -301,7 +309,7 @@ pub(crate) fn segment(
                 scratch,
                 &mut d.models,
                 requests,
-                steps,
+                &*steps,
                 svc,
                 (seg.start_ns, seg.end_ns),
                 unit,
@@ -392,7 +400,8 @@ fn split_unit(
             continue;
         };
         let engine = in_engine(r, clock, config);
-        let (prefill, pk) = prefill_in(r, u0, u1, engine);
+        let rate = clock.and_then(StepClock::prefill_ns_per_token);
+        let (prefill, pk) = prefill_in(r, u0, u1, engine, rate);
         let steps_of = clock.map(|c| (c, config.step_clock));
         let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
         let pf = match (r.prefill_from_ns, r.prefill_to_ns) {
@@ -416,11 +425,7 @@ fn split_unit(
             decode_ctx,
             pf,
             pf_ext: r.prefill_ext_ns as f64,
-            uncached: r
-                .arrival
-                .prompt_tokens
-                .unwrap_or(0)
-                .saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64,
+            uncached: uncached_tokens(r, rate).unwrap_or(0.0),
             tokens_known: pk && dk,
             bytes_rate,
         });

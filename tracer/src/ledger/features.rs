@@ -102,10 +102,28 @@ fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
     b.min(u1).saturating_sub(a.max(u0))
 }
 
+/// The request's uncached prompt tokens: reported, or (without usage) sized from how much
+/// longer its prefill step was than its neighbours, at the service's recent rate
+/// (`ns_per_token`).
+pub(super) fn uncached_tokens(r: &Request, ns_per_token: Option<f64>) -> Option<f64> {
+    match r.arrival.prompt_tokens {
+        Some(p) => Some(p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64),
+        None => ns_per_token
+            .filter(|&rate| rate > 0.0 && r.prefill_ext_ns > 0)
+            .map(|rate| r.prefill_ext_ns as f64 / rate),
+    }
+}
+
 /// Uncached prompt tokens processed in `[u0, u1)`, spread over its prefill step (up to the
 /// first streamed event; when nothing streams, the first of its steps in the engine:
 /// `engine` is its time there). `false` when needed but unknown.
-pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64, engine: (u64, u64)) -> (f64, bool) {
+pub(super) fn prefill_in(
+    r: &Request,
+    u0: u64,
+    u1: u64,
+    engine: (u64, u64),
+    ns_per_token: Option<f64>,
+) -> (f64, bool) {
     let mut start = r.arrival.ts_ns;
     let end = match (r.first_event_ns, r.end_ns) {
         (Some(fe), _) => {
@@ -131,10 +149,9 @@ pub(super) fn prefill_in(r: &Request, u0: u64, u1: u64, engine: (u64, u64)) -> (
     if ov == 0 {
         return (0.0, true);
     }
-    let Some(prompt) = r.arrival.prompt_tokens else {
+    let Some(uncached) = uncached_tokens(r, ns_per_token) else {
         return (0.0, false);
     };
-    let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64;
     let frac = if end > start {
         ov as f64 / (end - start) as f64
     } else {

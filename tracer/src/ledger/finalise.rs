@@ -123,7 +123,7 @@ impl Ledger {
                     dev_id: id,
                     config: &self.config,
                     pending: &self.pending,
-                    steps: &self.steps,
+                    steps: &mut self.steps,
                     stats: &mut self.stats,
                     scratch: &mut self.scratch,
                 },

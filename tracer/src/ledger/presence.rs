@@ -26,14 +26,26 @@ pub(super) fn resolve_prefill(r: &mut Request, clock: Option<&StepClock>, config
         return;
     };
     let step = clock.map(|c| c.prefill_step(fe, config.step_clock));
-    let from = step
-        .and_then(|s| s.from_ns)
-        .unwrap_or(0)
-        .clamp(r.arrival.ts_ns, fe);
+    let mut from = step.and_then(|s| s.from_ns).unwrap_or(0);
+    let mut ext = step.map_or(0, |s| s.extension_ns);
+    // More prompt than the step's extension accounts for: chunks ran in the steps before.
+    if let (Some(c), Some(s), Some(prompt)) = (clock, step, r.arrival.prompt_tokens)
+        && let Some(rate) = c.prefill_ns_per_token()
+        && s.from_ns.is_some()
+    {
+        let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64;
+        let needed = uncached * rate - ext as f64;
+        if needed > 0.0 {
+            let (start, covered) = c.chunk_steps(from, needed, config.step_clock);
+            from = start;
+            ext += covered;
+        }
+    }
+    let from = from.clamp(r.arrival.ts_ns, fe);
     let to = step.map_or(fe, |s| s.to_ns).clamp(from, fe);
     r.prefill_from_ns = Some(from);
     r.prefill_to_ns = Some(if to > from { to } else { fe });
-    r.prefill_ext_ns = step.map_or(0, |s| s.extension_ns).min(fe - from);
+    r.prefill_ext_ns = ext.min(fe - from);
 }
 
 /// `[from, to)` of the request's time in the engine (`to` is `u64::MAX` while it is open).

@@ -52,6 +52,14 @@ pub enum StepClockPolicy {
     Writes,
 }
 
+/// Most steps a chunked prefill is followed back through.
+const MAX_CHUNK_STEPS: usize = 16;
+/// Prefill rates kept (see [`StepClock::prefill_sample`]).
+const RATE_SAMPLES: usize = 64;
+/// Prefill rates needed before they size a prefill.
+const MIN_RATES: usize = 5;
+/// Steps on each side of a prefill step that tell what a step without prefill lasts.
+const BASE_STEPS: usize = 32;
 /// Marks of one source closer than this are one step end.
 pub(crate) const MARK_MERGE_NS: u64 = 300_000;
 /// A source's marks cover a time when one lies within this of it.
@@ -119,6 +127,18 @@ impl Marks {
         self.ends.partition_point(|&x| x <= t).checked_sub(1)
     }
 
+    /// The 10th percentile of the step lengths around mark `i` (up to [`BASE_STEPS`] each side).
+    fn low_gap(&self, i: usize) -> Option<u64> {
+        let lo = i.saturating_sub(BASE_STEPS).max(1);
+        let hi = (i + BASE_STEPS).min(self.ends.len().saturating_sub(1));
+        let mut gaps: Vec<u64> = (lo..=hi).filter_map(|j| self.gap(j)).collect();
+        if gaps.len() < 8 {
+            return None;
+        }
+        let q = gaps.len() / 10;
+        Some(*gaps.select_nth_unstable(q).1)
+    }
+
     fn gap(&self, i: usize) -> Option<u64> {
         let a = *self.ends.get(i.checked_sub(1)?)?;
         Some(self.ends.get(i)? - a)
@@ -182,6 +202,9 @@ pub(crate) struct StepClock {
     /// Recent gaps between one request's consecutive events (a ring).
     gaps: VecDeque<u64>,
     window_ns: Option<u64>,
+    /// Recent prefill steps' extension per uncached prompt token (ns), from requests whose
+    /// usage was reported: sizes the prefill of requests whose usage was not.
+    prefill_rates: VecDeque<f64>,
 }
 
 impl StepClock {
@@ -209,6 +232,29 @@ impl StepClock {
         }
         let window = self.window_ns.unwrap_or(initial_ns);
         self.bursts.insert(t, window);
+    }
+
+    /// A request with `tokens` uncached prompt tokens made its prefill step `extension_ns`
+    /// longer than its neighbours.
+    pub(crate) fn prefill_sample(&mut self, extension_ns: u64, tokens: u64) {
+        if extension_ns == 0 || tokens == 0 {
+            return;
+        }
+        if self.prefill_rates.len() == RATE_SAMPLES {
+            self.prefill_rates.pop_front();
+        }
+        self.prefill_rates
+            .push_back(extension_ns as f64 / tokens as f64);
+    }
+
+    /// The median of the recent prefill rates, ns per uncached token, once a few are known.
+    pub(crate) fn prefill_ns_per_token(&self) -> Option<f64> {
+        if self.prefill_rates.len() < MIN_RATES {
+            return None;
+        }
+        let mut r: Vec<f64> = self.prefill_rates.iter().copied().collect();
+        let mid = r.len() / 2;
+        Some(*r.select_nth_unstable_by(mid, f64::total_cmp).1)
     }
 
     /// The burst window in use.
@@ -255,9 +301,15 @@ impl StepClock {
         let from_ns = own.checked_sub(1).map(|p| m.ends[p]);
         let before = own.checked_sub(1).and_then(|p| m.gap(p));
         let after = m.gap(own + 1);
-        let base = match (before, after) {
+        let neighbours = match (before, after) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        };
+        // Under load every step may carry prefill chunks, its neighbours too: a step without
+        // one is better seen as a low quantile of the steps around it.
+        let base = match (neighbours, m.low_gap(own)) {
+            (Some(a), Some(q)) => Some(a.min(q)),
+            (a, q) => a.or(q),
         };
         let extension_ns = match (from_ns, base) {
             (Some(f), Some(b)) => (to_ns - f).saturating_sub(b),
@@ -268,6 +320,42 @@ impl StepClock {
             to_ns,
             extension_ns,
         }
+    }
+
+    /// A prefill longer than one step (chunked prefill) ran in the steps before the one that
+    /// ended with its first token, each stretched by its chunk. Walks back from the step that
+    /// began at `from_ns`, through steps longer than a step without prefill, until their
+    /// extensions cover `needed_ns`; returns where the earliest began and the extension
+    /// covered (`(from_ns, 0)` when none).
+    pub(crate) fn chunk_steps(
+        &self,
+        from_ns: u64,
+        needed_ns: f64,
+        policy: StepClockPolicy,
+    ) -> (u64, u64) {
+        let m = self.marks(from_ns, policy);
+        let (mut start, mut covered) = (from_ns, 0u64);
+        let Some(mut j) = m.at_or_before(from_ns).filter(|&j| m.ends[j] == from_ns) else {
+            return (start, covered);
+        };
+        let Some(base) = m.low_gap(j) else {
+            return (start, covered);
+        };
+        for _ in 0..MAX_CHUNK_STEPS {
+            if covered as f64 >= needed_ns {
+                break;
+            }
+            let Some(len) = m.gap(j) else { break };
+            // A step no longer than usual carried no chunk: the prefill began after it.
+            let ext = len.saturating_sub(base);
+            if ext * 10 < base {
+                break;
+            }
+            covered += ext;
+            j -= 1;
+            start = m.ends[j];
+        }
+        (start, covered)
     }
 
     /// The start of the step `n` steps before the one that ended at or before `t` (`n = 0`:

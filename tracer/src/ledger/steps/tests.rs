@@ -114,3 +114,18 @@ fn prefill_step_and_steps_back() {
     c.prune(125 * MS);
     assert_eq!(c.ipc.ends.front().copied(), Some(100 * MS));
 }
+
+#[test]
+fn prefill_rate_is_the_median_of_reported_prefills() {
+    let mut c = StepClock::default();
+    for (ext, tokens) in [(4 * MS, 100), (8 * MS, 200), (40 * MS, 100), (2 * MS, 50)] {
+        c.prefill_sample(ext, tokens);
+    }
+    // Too few to size anything yet; nothing learned from an empty prefill.
+    c.prefill_sample(0, 100);
+    c.prefill_sample(MS, 0);
+    assert_eq!(c.prefill_ns_per_token(), None);
+    c.prefill_sample(12 * MS, 300);
+    // 40 µs per token; the outlier (a step two prefills shared) does not move it.
+    assert_eq!(c.prefill_ns_per_token(), Some(40_000.0));
+}
