@@ -39,20 +39,24 @@
 //!    in flight then leaves its share unattributed — else equally among the services with
 //!    requests in flight.
 //! 5. **Requests.** Within a service, each segment's energy (per slice instead when power
-//!    samples cover ≥ 80 % of it) is split among the requests in flight by the policy:
-//!    - `equal`: time slicing; at each instant the requests in flight share equally.
+//!    samples cover ≥ 80 % of it) is split among the requests *in the engine* by the policy.
+//!    A request is in the engine from the start of its prefill step to the end of the step of
+//!    its last token (`presence.rs`); the steps come from the engine's own clock where the
+//!    probes see it — IPC messages to the API process, CUDA synchronisations — else from
+//!    bursts of streamed writes (`steps.rs`). Queued, or only being written out, a request
+//!    shares nothing.
+//!    - `equal`: time slicing; at each instant the requests in the engine share equally.
 //!    - `tokens`: in proportion to each request's predicted cost in the segment under a linear
 //!      cost model fitted per (device, service) to the measured segments (`model.rs`):
 //!      `busy W × its time share + b × its prefill tokens + c × its decode tokens + k × Σ its
 //!      decode tokens × their context length`. Prefill tokens are the uncached prompt tokens,
-//!      spread over the engine step that produced the first streamed event (from the
-//!      service's previous step end, seen as the previous cluster of streamed events, to the
-//!      first event; servers often send headers long before the first token, so the first
-//!      response byte is only the fallback). Decode tokens are the streamed events after the
-//!      first (scaled to the reported completion tokens), each spread over the time since the
-//!      request's previous event: the step that produced it. Busy time is time-sliced, except
-//!      that the part of a prefill step its prefills added (its length minus its neighbours')
-//!      is theirs. Why: in continuous batching every step costs a shared part (weights read,
+//!      spread over the engine step that produced the first streamed event (and the stretched
+//!      steps before it when the prompt needs more time than that step's extension: chunked
+//!      prefill; without usage, sized from the extension at the service's learned ns per
+//!      uncached token). Decode tokens are the streamed events after the first (scaled to the
+//!      reported completion tokens), each spread over the engine step that produced it.
+//!      Busy time is time-sliced, except that the part of a prefill step its prefills added
+//!      (its length minus a step's without prefill) is theirs. Why: in continuous batching every step costs a shared part (weights read,
 //!      kernels launched), a prefill part (compute-bound, per token, and the time it adds to
 //!      the step) and a decode part per sequence that grows with its context (KV cache
 //!      reads). The prices depend on the GPU, the model served and the batch size, so they
