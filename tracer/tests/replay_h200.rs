@@ -83,24 +83,24 @@ fn h200_short_requests_are_not_charged_for_their_wait() {
     };
     let total_j: f64 = recs.iter().map(|r| num(r, "dynamic_j")).sum();
     let total_work: f64 = recs.iter().map(work).sum();
-    let bias = |tokens: f64| {
+    let bias = |tokens: u64| {
         let b: Vec<f64> = recs
             .iter()
-            .filter(|r| num(r, "completion_tokens") == tokens)
+            .filter(|r| r["completion_tokens"].as_u64() == Some(tokens))
             .map(|r| num(r, "dynamic_j") / (total_j * work(r) / total_work) - 1.0)
             .collect();
         b.iter().sum::<f64>() / b.len().max(1) as f64
     };
-    let short = bias(16.0);
+    let short = bias(16);
     assert!(
         short.abs() < 0.12,
         "16-token requests' mean bias {:.1} %",
         100.0 * short
     );
     assert!(
-        bias(112.0).abs() < 0.05,
+        bias(112).abs() < 0.05,
         "112-token bias {:.1} %",
-        100.0 * bias(112.0)
+        100.0 * bias(112)
     );
 }
 

@@ -6,7 +6,7 @@
 //! written, and a request waiting in the queue is in no step at all. Three clocks, best first:
 //!
 //! - **IPC** ([`StepSource::Ipc`]): the API process receives the engine's per-step message
-//!   (vLLM's `EngineCoreOutputs` over ZMQ, SGLang's ZMQ, TGI's gRPC over a Unix socket) and
+//!   (vLLM's per-step engine outputs over ZMQ, `SGLang`'s over ZMQ, TGI's gRPC over a Unix socket) and
 //!   then writes that step's chunks, one request after the other. The receipt is the step end,
 //!   and every chunk written after it (until the next receipt) belongs to that step, however
 //!   long the API takes to write them.
@@ -88,6 +88,10 @@ impl Step {
 }
 
 /// The engine step a request's prefill ran in.
+#[expect(
+    clippy::struct_field_names,
+    reason = "all three are times in ns, named with their unit"
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrefillStep {
     /// When the step began (the previous step's end), or `None` when the engine was idle.
@@ -223,7 +227,7 @@ impl StepClock {
                 self.gaps.pop_front();
             }
             self.gaps.push_back(t - p);
-            if self.gaps.len() >= MIN_GAPS && self.gaps.len() % 8 == 0 {
+            if self.gaps.len() >= MIN_GAPS && self.gaps.len().is_multiple_of(8) {
                 let mut g: Vec<u64> = self.gaps.iter().copied().collect();
                 let q = g.len() / 4;
                 let (_, p25, _) = g.select_nth_unstable(q);
@@ -361,15 +365,15 @@ impl StepClock {
     /// The start of the step `n` steps before the one that ended at or before `t` (`n = 0`:
     /// that step's own start); `None` when the clock does not reach back that far or does not
     /// cover `t` (write bursts exist only while other requests stream).
-    pub(crate) fn steps_back(&self, t: u64, n: u64, policy: StepClockPolicy) -> Option<u64> {
-        let m = self.marks(t, policy);
-        if !m.covers(t) {
+    pub(crate) fn steps_back(&self, t_ns: u64, steps: u64, policy: StepClockPolicy) -> Option<u64> {
+        let marks = self.marks(t_ns, policy);
+        if !marks.covers(t_ns) {
             return None;
         }
-        let i = m.at_or_before(t)?;
-        let back = usize::try_from(n).ok()?.checked_add(1)?;
-        let j = i.checked_sub(back)?;
-        Some(m.ends[j])
+        let last = marks.at_or_before(t_ns)?;
+        let back = usize::try_from(steps).ok()?.checked_add(1)?;
+        let first = last.checked_sub(back)?;
+        Some(marks.ends[first])
     }
 
     /// Forgets steps before `t`, keeping two for the gaps around the first step after it.
