@@ -130,6 +130,10 @@ pub(super) fn prefill_in(
             start = r.prefill_from_ns.unwrap_or(start).clamp(start, fe);
             r.prefill_to_ns.unwrap_or(fe).clamp(start, fe)
         }
+        (None, Some(e)) if r.prefill_from_ns.is_some() => {
+            start = r.prefill_from_ns.unwrap_or(start).clamp(start, e);
+            r.prefill_to_ns.unwrap_or(e).clamp(start, e)
+        }
         (None, Some(e)) => {
             let (from, to) = (engine.0.max(start), engine.1.min(e));
             start = from;

@@ -431,14 +431,19 @@ impl Ledger {
             }
             _ => r.times.push_back(item),
         }
+        let first = r.first_event_ns.is_none_or(|f| ts_ns < f);
         r.first_event_ns = Some(r.first_event_ns.map_or(ts_ns, |f| f.min(ts_ns)));
         r.last_seen_ns = r.last_seen_ns.max(ts_ns);
-        self.steps.entry(r.service).or_default().event(
+        let clock = self.steps.entry(r.service).or_default();
+        clock.event(
             ts_ns,
             prev,
             self.config.step_merge_ns,
             self.config.burst_window_max_ns,
         );
+        if first {
+            clock.first_event(ts_ns);
+        }
     }
 
     /// A step end seen from `service`'s engine: its API process received a message from the

@@ -22,20 +22,35 @@ pub(super) fn resolve_prefill(r: &mut Request, clock: Option<&StepClock>, config
     if r.prefill_from_ns.is_some() {
         return;
     }
-    let Some(fe) = r.first_event_ns else {
-        return;
+    // Streamed: the first event. Not streamed: the end of its first step, one step per
+    // generated token counted back from the last (known once it ended).
+    let fe = match (r.first_event_ns, r.end_ns, r.completion_tokens, clock) {
+        (Some(fe), ..) => fe,
+        (None, Some(end), Some(tokens), Some(c)) => {
+            match c.end_back(end, tokens.max(1) - 1, config.step_clock) {
+                Some(t) if t > r.arrival.ts_ns => t,
+                _ => return,
+            }
+        }
+        _ => return,
     };
     let step = clock.map(|c| c.prefill_step(fe, config.step_clock));
     let mut from = step.and_then(|s| s.from_ns).unwrap_or(0);
     let mut ext = step.map_or(0, |s| s.extension_ns);
-    // More prompt than the step's extension accounts for: chunks ran in the steps before.
-    if let (Some(c), Some(s), Some(prompt)) = (clock, step, r.arrival.prompt_tokens)
-        && let Some(rate) = c.prefill_ns_per_token()
+    // More prompt than the step's extension accounts for (or a prompt of unknown size):
+    // chunks ran in the stretched steps before.
+    if let (Some(c), Some(s)) = (clock, step)
         && s.from_ns.is_some()
     {
-        let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64;
-        let needed = uncached * rate - ext as f64;
-        if needed > 0.0 {
+        let needed = match (r.arrival.prompt_tokens, c.prefill_ns_per_token()) {
+            (Some(prompt), Some(rate)) => {
+                let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0));
+                Some(uncached as f64 * rate - ext as f64)
+            }
+            (Some(_), None) => Some(0.0),
+            (None, _) => None,
+        };
+        if needed.is_none_or(|n| n > 0.0) {
             let (start, covered) = c.chunk_steps(from, needed, config.step_clock);
             from = start;
             ext += covered;
@@ -72,7 +87,17 @@ pub(super) fn in_engine(
             (from, end.max(from + 1))
         };
     }
-    // Not streamed: one step per generated token, counted back from the last step.
+    // Not streamed: from its prefill step (see `resolve_prefill`), else one step per
+    // generated token counted back from the last step.
+    if let Some(from) = r.prefill_from_ns {
+        let to = clock
+            .and_then(|c| c.step_of(end, policy))
+            .map_or(end, |s| s.to_ns)
+            .min(end);
+        if to > from {
+            return (from, to);
+        }
+    }
     let counted = clock.zip(r.completion_tokens).and_then(|(c, tokens)| {
         let last: Step = c.step_of(end, policy)?;
         let from = c.steps_back(end, tokens.max(1) - 1, policy)?;

@@ -206,6 +206,8 @@ pub(crate) struct StepClock {
     /// Recent gaps between one request's consecutive events (a ring).
     gaps: VecDeque<u64>,
     window_ns: Option<u64>,
+    /// Requests' first events, in time order: a step that wrote one finished a prefill.
+    firsts: VecDeque<u64>,
     /// Recent prefill steps' extension per uncached prompt token (ns), from requests whose
     /// usage was reported: sizes the prefill of requests whose usage was not.
     prefill_rates: VecDeque<f64>,
@@ -236,6 +238,12 @@ impl StepClock {
         }
         let window = self.window_ns.unwrap_or(initial_ns);
         self.bursts.insert(t, window);
+    }
+
+    /// A request's first event (its prefill finished in the step that produced it).
+    pub(crate) fn first_event(&mut self, t: u64) {
+        let idx = self.firsts.partition_point(|&f| f <= t);
+        self.firsts.insert(idx, t);
     }
 
     /// A request with `tokens` uncached prompt tokens made its prefill step `extension_ns`
@@ -328,13 +336,15 @@ impl StepClock {
 
     /// A prefill longer than one step (chunked prefill) ran in the steps before the one that
     /// ended with its first token, each stretched by its chunk. Walks back from the step that
-    /// began at `from_ns`, through steps longer than a step without prefill, until their
-    /// extensions cover `needed_ns`; returns where the earliest began and the extension
-    /// covered (`(from_ns, 0)` when none).
+    /// began at `from_ns` through steps longer than a step without prefill that finished no
+    /// other prefill (no first event came out of them: their extension was a chunk of a prefill
+    /// that finished later), until their extensions cover `needed_ns` (when the prompt is
+    /// known); returns where the earliest began and the extension covered (`(from_ns, 0)` when
+    /// none).
     pub(crate) fn chunk_steps(
         &self,
         from_ns: u64,
-        needed_ns: f64,
+        needed_ns: Option<f64>,
         policy: StepClockPolicy,
     ) -> (u64, u64) {
         let m = self.marks(from_ns, policy);
@@ -346,13 +356,20 @@ impl StepClock {
             return (start, covered);
         };
         for _ in 0..MAX_CHUNK_STEPS {
-            if covered as f64 >= needed_ns {
+            if needed_ns.is_some_and(|n| covered as f64 >= n) {
                 break;
             }
             let Some(len) = m.gap(j) else { break };
             // A step no longer than usual carried no chunk: the prefill began after it.
             let ext = len.saturating_sub(base);
             if ext * 10 < base {
+                break;
+            }
+            // A step that produced a first token finished that request's prefill: its
+            // extension is that request's.
+            let (out_from, out_to) = (m.ends[j], m.ends.get(j + 1).copied().unwrap_or(u64::MAX));
+            let i = self.firsts.partition_point(|&f| f < out_from);
+            if self.firsts.get(i).is_some_and(|&f| f < out_to) {
                 break;
             }
             covered += ext;
@@ -376,8 +393,28 @@ impl StepClock {
         Some(marks.ends[first])
     }
 
+    /// The end of the step `n` steps before the one that ended at or before `t_ns` (`n = 0`:
+    /// that one); `None` as for [`StepClock::steps_back`].
+    pub(crate) fn end_back(&self, t_ns: u64, n: u64, policy: StepClockPolicy) -> Option<u64> {
+        let marks = self.marks(t_ns, policy);
+        if !marks.covers(t_ns) {
+            return None;
+        }
+        let last = marks.at_or_before(t_ns)?;
+        Some(marks.ends[last.checked_sub(usize::try_from(n).ok()?)?])
+    }
+
     /// Forgets steps before `t`, keeping two for the gaps around the first step after it.
     pub(crate) fn prune(&mut self, t: u64) {
+        let keep_from = [&self.ipc, &self.cuda, &self.bursts.marks]
+            .iter()
+            .filter_map(|m| m.ends.front().copied())
+            .min()
+            .unwrap_or(t)
+            .min(t);
+        while self.firsts.front().is_some_and(|&f| f < keep_from) {
+            self.firsts.pop_front();
+        }
         self.ipc.prune(t);
         self.cuda.prune(t);
         self.bursts.prune(t);

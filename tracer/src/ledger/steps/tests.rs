@@ -129,3 +129,35 @@ fn prefill_rate_is_the_median_of_reported_prefills() {
     // 40 µs per token; the outlier (a step two prefills shared) does not move it.
     assert_eq!(c.prefill_ns_per_token(), Some(40_000.0));
 }
+
+#[test]
+fn a_chunked_prefill_is_followed_back_through_orphan_stretched_steps() {
+    let mut c = StepClock::default();
+    // 10 ms steps; the steps ending at 200 and 230 ms carried chunks (30 ms each) of a prefill
+    // whose first token came out of the step ending at 260 ms (also 30 ms). The step ending at
+    // 160 ms was stretched too, but finished another request's prefill (its first event).
+    let mut ends: Vec<u64> = (0..=14).map(|i| i * 10 * MS).collect(); // 0..140
+    ends.extend([170, 200, 230, 260].map(|e| e * MS));
+    ends.extend((1..=20).map(|i| 260 * MS + i * 10 * MS));
+    for &e in &ends {
+        c.mark(e, StepSource::Ipc);
+    }
+    // Another request's first event, written after the step ending at 170 ms.
+    c.first_event(170 * MS + 100 * US);
+    let p = c.prefill_step(260 * MS + 100 * US, StepClockPolicy::Auto);
+    assert_eq!(
+        (p.from_ns, p.to_ns, p.extension_ns),
+        (Some(230 * MS), 260 * MS, 20 * MS)
+    );
+    // Unknown prompt: back through both orphan chunks, not into the other request's step.
+    let (start, covered) = c.chunk_steps(230 * MS, None, StepClockPolicy::Auto);
+    assert_eq!((start, covered), (170 * MS, 40 * MS));
+    // Known prompt needing 15 ms more: one chunk step is enough.
+    let (start, covered) = c.chunk_steps(230 * MS, Some(15e6), StepClockPolicy::Auto);
+    assert_eq!((start, covered), (200 * MS, 20 * MS));
+    // The non-streamed way in: the end of a request's first step, counted back.
+    assert_eq!(
+        c.end_back(300 * MS + US, 4, StepClockPolicy::Auto),
+        Some(260 * MS)
+    );
+}
