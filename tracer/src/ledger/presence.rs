@@ -4,11 +4,12 @@
 //!
 //! How it is known, by what the wire and the engine show:
 //! - streamed: the first event comes out of the step that ran its prefill, which began when
-//!   the service's previous step ended (the previous step-clock mark, see `steps.rs`); its last
+//!   the service's previous step ended (the previous step-clock mark, see `steps.rs`) — or
+//!   earlier, when chunks of it stretched the steps before (`StepClock::chunk_steps`); its last
 //!   event out of its last step;
 //! - not streamed, with the completion tokens and a step clock around its end (engine marks,
-//!   or other requests' write bursts): one step per token, counted back from the step that
-//!   ended before the response;
+//!   or other requests' write bursts): one step per token counted back from the step that
+//!   ended before the response gives its first step, which is then its prefill step as above;
 //! - otherwise: from arrival to the end, as before.
 
 use super::{
