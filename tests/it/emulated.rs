@@ -15,30 +15,8 @@ use tracer_tests::{EmuEnv, Tracer, jsonl, privileged_or_skip, workspace_artifact
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
-/// Joules given to the wrong request, as a share of all (half of Σ |tracer − truth|: every
-/// joule given to one request too many is missing from another), on the GPUs.
-fn misattributed(records: &[Value], truth: &[Value], field: &str) -> f64 {
-    let (mut off, mut all) = (0.0, 0.0);
-    for r in records {
-        let id = r["external_id"].as_str().expect("request id kept");
-        let t = truth.iter().find(|t| t["request_id"] == id).expect("truth");
-        let got: f64 = r["devices"]
-            .as_array()
-            .expect("devices")
-            .iter()
-            .filter(|d| d["kind"] == "gpu")
-            .filter_map(|d| d["dynamic_j"].as_f64())
-            .sum();
-        let want = t[field].as_f64().expect("truth");
-        off += (got - want).abs();
-        all += want;
-    }
-    off / all / 2.0
-}
-
-/// Per request (in `records` order): |dynamic energy on the GPUs / truth field − 1|, and
-/// whether the error bar holds the truth.
-fn errors(records: &[Value], truth: &[Value], field: &str) -> Vec<(f64, bool)> {
+/// Per record: its dynamic energy on the GPUs, its error bar there, and the truth's `field`.
+fn paired(records: &[Value], truth: &[Value], field: &str) -> Vec<(f64, f64, f64)> {
     records
         .iter()
         .map(|r| {
@@ -55,9 +33,26 @@ fn errors(records: &[Value], truth: &[Value], field: &str) -> Vec<(f64, bool)> {
                     u + d["uncertainty_j"].as_f64().unwrap_or(0.0),
                 )
             });
-            let want = t[field].as_f64().expect("truth");
-            ((got - want).abs() / want, (got - want).abs() <= bar)
+            (got, bar, t[field].as_f64().expect("truth"))
         })
+        .collect()
+}
+
+/// Joules given to the wrong request, as a share of all (half of Σ |tracer − truth|: every
+/// joule given to one request too many is missing from another), on the GPUs.
+fn misattributed(records: &[Value], truth: &[Value], field: &str) -> f64 {
+    let pairs = paired(records, truth, field);
+    let off: f64 = pairs.iter().map(|(got, _, want)| (got - want).abs()).sum();
+    let all: f64 = pairs.iter().map(|p| p.2).sum();
+    off / all / 2.0
+}
+
+/// Per request (in `records` order): |dynamic energy on the GPUs / truth field − 1|, and
+/// whether the error bar holds the truth.
+fn errors(records: &[Value], truth: &[Value], field: &str) -> Vec<(f64, bool)> {
+    paired(records, truth, field)
+        .into_iter()
+        .map(|(got, bar, want)| ((got - want).abs() / want, (got - want).abs() <= bar))
         .collect()
 }
 
