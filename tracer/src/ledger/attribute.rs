@@ -128,6 +128,9 @@ pub(crate) fn segment(
             {
                 let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0));
                 clock.prefill_sample(r.prefill_ext_ns, uncached);
+                if let Some(bytes) = r.arrival.body_bytes {
+                    clock.prompt_sample(bytes, prompt);
+                }
             }
             // Queued before its prefill step, only being written after its last step: not
             // in the engine, so no share of its steps.

@@ -49,7 +49,10 @@ pub(super) fn resolve_prefill(r: &mut Request, clock: Option<&StepClock>, config
                 Some(uncached as f64 * rate - ext as f64)
             }
             (Some(_), None) => Some(0.0),
-            (None, _) => None,
+            // Unknown: at most what its body's size suggests (cached tokens unknown too).
+            (None, rate) => rate
+                .zip(r.arrival.body_bytes.and_then(|b| c.prompt_estimate(b)))
+                .map(|(rate, tokens)| tokens * rate - ext as f64),
         };
         if needed.is_none_or(|n| n > 0.0) {
             let (start, covered) = c.chunk_steps(from, needed, config.step_clock);

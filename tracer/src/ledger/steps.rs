@@ -211,6 +211,8 @@ pub(crate) struct StepClock {
     /// Recent prefill steps' extension per uncached prompt token (ns), from requests whose
     /// usage was reported: sizes the prefill of requests whose usage was not.
     prefill_rates: VecDeque<f64>,
+    /// Recent prompt tokens per request-body byte, from requests that reported usage.
+    prompt_densities: VecDeque<f64>,
 }
 
 impl StepClock {
@@ -259,14 +261,26 @@ impl StepClock {
             .push_back(extension_ns as f64 / tokens as f64);
     }
 
+    /// A request whose body was `bytes` long reported `prompt_tokens`.
+    pub(crate) fn prompt_sample(&mut self, bytes: u64, prompt_tokens: u64) {
+        if bytes == 0 {
+            return;
+        }
+        if self.prompt_densities.len() == RATE_SAMPLES {
+            self.prompt_densities.pop_front();
+        }
+        self.prompt_densities
+            .push_back(prompt_tokens as f64 / bytes as f64);
+    }
+
+    /// A prompt's tokens estimated from its body's size, once a few densities are known.
+    pub(crate) fn prompt_estimate(&self, bytes: u64) -> Option<f64> {
+        median(&self.prompt_densities).map(|d| d * bytes as f64)
+    }
+
     /// The median of the recent prefill rates, ns per uncached token, once a few are known.
     pub(crate) fn prefill_ns_per_token(&self) -> Option<f64> {
-        if self.prefill_rates.len() < MIN_RATES {
-            return None;
-        }
-        let mut r: Vec<f64> = self.prefill_rates.iter().copied().collect();
-        let mid = r.len() / 2;
-        Some(*r.select_nth_unstable_by(mid, f64::total_cmp).1)
+        median(&self.prefill_rates)
     }
 
     /// The burst window in use.
@@ -419,6 +433,16 @@ impl StepClock {
         self.cuda.prune(t);
         self.bursts.prune(t);
     }
+}
+
+/// The median of `samples`, once there are [`MIN_RATES`] of them.
+fn median(samples: &VecDeque<f64>) -> Option<f64> {
+    if samples.len() < MIN_RATES {
+        return None;
+    }
+    let mut r: Vec<f64> = samples.iter().copied().collect();
+    let mid = r.len() / 2;
+    Some(*r.select_nth_unstable_by(mid, f64::total_cmp).1)
 }
 
 #[cfg(test)]

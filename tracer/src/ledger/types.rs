@@ -58,6 +58,9 @@ pub struct Arrival {
     pub external_id: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
+    /// Bytes of the request body: sizes a prompt whose usage is never reported, at the
+    /// service's tokens per byte learned from the requests that did report it.
+    pub body_bytes: Option<u64>,
 }
 
 /// How a request ended.

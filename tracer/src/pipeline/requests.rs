@@ -38,6 +38,7 @@ impl Pipeline {
                 ts_ns,
                 model,
                 request_id,
+                body_bytes,
                 ..
             } => {
                 let service = self.binding.service_of(Pid(req.conn.tgid));
@@ -51,6 +52,7 @@ impl Pipeline {
                         external_id: request_id.clone(),
                         prompt_tokens: None,
                         cached_tokens: None,
+                        body_bytes: Some(*body_bytes).filter(|&b| b > 0),
                     },
                 );
             }

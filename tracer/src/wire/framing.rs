@@ -523,6 +523,7 @@ impl Tracker {
             include_usage: meta.include_usage,
             request_id: inc.request_id.clone(),
             tenant: inc.tenant,
+            body_bytes: bytes,
         });
         self.out.push(Lifecycle::RequestDone {
             req: key,

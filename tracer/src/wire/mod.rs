@@ -109,6 +109,8 @@ pub enum Lifecycle {
         include_usage: Option<bool>,
         request_id: Option<String>,
         tenant: Option<String>,
+        /// Bytes of the request body (what a prompt's size can be estimated from).
+        body_bytes: u64,
     },
     /// The request's last byte.
     RequestDone {

@@ -161,3 +161,21 @@ fn a_chunked_prefill_is_followed_back_through_orphan_stretched_steps() {
         Some(260 * MS)
     );
 }
+
+#[test]
+fn a_prompt_without_usage_is_sized_from_its_body() {
+    let mut c = StepClock::default();
+    c.prompt_sample(0, 100);
+    for (bytes, tokens) in [
+        (4000, 1000),
+        (400, 100),
+        (2000, 500),
+        (800, 190),
+        (1200, 310),
+    ] {
+        assert_eq!(c.prompt_estimate(1000), None, "too few samples yet");
+        c.prompt_sample(bytes, tokens);
+    }
+    // The median density: 0.25 tokens per byte.
+    assert_eq!(c.prompt_estimate(2000), Some(500.0));
+}
