@@ -48,7 +48,8 @@ pub(crate) struct Scratch {
 struct Cand {
     id: RequestId,
     svc: usize,
-    /// Presence clipped to the segment.
+    /// Its time in the engine (see `presence.rs`), and that clipped to the segment.
+    engine: (u64, u64),
     a: u64,
     b: u64,
     /// Energy given to it in this segment (dynamic + amortised idle), and the part split by
@@ -141,6 +142,7 @@ pub(crate) fn segment(
                 scratch.cands.push(Cand {
                     id: *id,
                     svc,
+                    engine: (from, to),
                     a,
                     b,
                     e_seg: 0.0,
@@ -390,6 +392,7 @@ fn split_unit(
     };
     let cap = config.decode_gap_cap_ns;
     let clock = steps.get(&service);
+    let rate = clock.and_then(StepClock::prefill_ns_per_token);
     scratch.feats.clear();
     for (ci, c) in scratch.cands.iter().enumerate() {
         if c.svc != svc {
@@ -402,8 +405,7 @@ fn split_unit(
         let Some(r) = requests.get(&c.id) else {
             continue;
         };
-        let engine = in_engine(r, clock, config);
-        let rate = clock.and_then(StepClock::prefill_ns_per_token);
+        let engine = c.engine;
         let (prefill, pk) = prefill_in(r, u0, u1, engine, rate);
         let steps_of = clock.map(|c| (c, config.step_clock));
         let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);

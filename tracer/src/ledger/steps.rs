@@ -210,9 +210,9 @@ pub(crate) struct StepClock {
     firsts: VecDeque<u64>,
     /// Recent prefill steps' extension per uncached prompt token (ns), from requests whose
     /// usage was reported: sizes the prefill of requests whose usage was not.
-    prefill_rates: VecDeque<f64>,
+    prefill_rates: Samples,
     /// Recent prompt tokens per request-body byte, from requests that reported usage.
-    prompt_densities: VecDeque<f64>,
+    prompt_densities: Samples,
 }
 
 impl StepClock {
@@ -254,11 +254,7 @@ impl StepClock {
         if extension_ns == 0 || tokens == 0 {
             return;
         }
-        if self.prefill_rates.len() == RATE_SAMPLES {
-            self.prefill_rates.pop_front();
-        }
-        self.prefill_rates
-            .push_back(extension_ns as f64 / tokens as f64);
+        self.prefill_rates.push(extension_ns as f64 / tokens as f64);
     }
 
     /// A request whose body was `bytes` long reported `prompt_tokens`.
@@ -266,21 +262,18 @@ impl StepClock {
         if bytes == 0 {
             return;
         }
-        if self.prompt_densities.len() == RATE_SAMPLES {
-            self.prompt_densities.pop_front();
-        }
         self.prompt_densities
-            .push_back(prompt_tokens as f64 / bytes as f64);
+            .push(prompt_tokens as f64 / bytes as f64);
     }
 
     /// A prompt's tokens estimated from its body's size, once a few densities are known.
     pub(crate) fn prompt_estimate(&self, bytes: u64) -> Option<f64> {
-        median(&self.prompt_densities).map(|d| d * bytes as f64)
+        self.prompt_densities.median.map(|d| d * bytes as f64)
     }
 
     /// The median of the recent prefill rates, ns per uncached token, once a few are known.
     pub(crate) fn prefill_ns_per_token(&self) -> Option<f64> {
-        median(&self.prefill_rates)
+        self.prefill_rates.median
     }
 
     /// The burst window in use.
@@ -435,14 +428,27 @@ impl StepClock {
     }
 }
 
-/// The median of `samples`, once there are [`MIN_RATES`] of them.
-fn median(samples: &VecDeque<f64>) -> Option<f64> {
-    if samples.len() < MIN_RATES {
-        return None;
+/// The last [`RATE_SAMPLES`] of a ratio and their median (kept up to date on each sample, once
+/// there are [`MIN_RATES`]: read for every request in every split unit, written once per
+/// request).
+#[derive(Debug, Default)]
+struct Samples {
+    values: VecDeque<f64>,
+    median: Option<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, v: f64) {
+        if self.values.len() == RATE_SAMPLES {
+            self.values.pop_front();
+        }
+        self.values.push_back(v);
+        if self.values.len() >= MIN_RATES {
+            let mut r: Vec<f64> = self.values.iter().copied().collect();
+            let mid = r.len() / 2;
+            self.median = Some(*r.select_nth_unstable_by(mid, f64::total_cmp).1);
+        }
     }
-    let mut r: Vec<f64> = samples.iter().copied().collect();
-    let mid = r.len() / 2;
-    Some(*r.select_nth_unstable_by(mid, f64::total_cmp).1)
 }
 
 #[cfg(test)]

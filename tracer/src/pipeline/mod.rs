@@ -259,6 +259,7 @@ impl Pipeline {
             }
             Body::Exit { pid, .. } => {
                 self.exited.push(pid);
+                self.serving.remove(&Pid(pid));
                 self.binding
                     .process_exited(Pid(pid), ev.ts_ns, &mut self.changes);
                 self.apply_changes();
