@@ -98,6 +98,8 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
         .arg(&truth)
         .arg("--write-log")
         .arg(&write_log)
+        .arg("--step-log")
+        .arg(dir.join("steps.jsonl"))
         .args(["--max-seqs", &opts.max_seqs.to_string()]);
     if let Some(w) = opts.write_cost_us {
         host_cmd.args(["--write-cost-us", &w.to_string()]);

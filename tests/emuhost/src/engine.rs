@@ -111,6 +111,10 @@ pub struct EngineOpts {
     /// `cuLaunchKernel` calls per step (with `--cuda-lib`).
     #[arg(long, default_value_t = 48)]
     pub launches_per_step: u32,
+    /// Every step as a JSON line here (start, end, decode and prefill tokens, dynamic energy
+    /// of one GPU): the per-step truth behind the per-request one.
+    #[arg(long)]
+    pub step_log: Option<PathBuf>,
 }
 
 impl EngineOpts {
@@ -138,6 +142,9 @@ impl EngineOpts {
             "--launches-per-step",
             self.launches_per_step.to_string().into(),
         );
+        if let Some(p) = &self.step_log {
+            push("--step-log", p.clone().into());
+        }
         v
     }
 
@@ -202,6 +209,7 @@ struct Engine {
     n_gpus: usize,
     out: UnixStream,
     truth: File,
+    step_log: Option<std::io::BufWriter<File>>,
     cuda: Option<CudaLib>,
     steps: u64,
     cuda_failures: u64,
@@ -248,6 +256,12 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
         .open(&opts.truth)
         .with_context(|| format!("open truth file {}", opts.truth.display()))?;
 
+    let step_log = match &opts.step_log {
+        Some(p) => Some(std::io::BufWriter::new(
+            File::create(p).with_context(|| format!("create step log {}", p.display()))?,
+        )),
+        None => None,
+    };
     let shared = Arc::new(Shared::default());
     let reader_sock = sock.try_clone()?;
     let reader_shared = Arc::clone(&shared);
@@ -262,6 +276,7 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
         n_gpus: specs.len(),
         out: sock,
         truth,
+        step_log,
         cuda,
         steps: 0,
         cuda_failures: 0,
@@ -316,6 +331,9 @@ pub fn run(opts: &EngineOpts, sock: UnixStream) -> Result<()> {
     });
     writeln!(engine.truth, "{summary}")?;
     engine.truth.flush()?;
+    if let Some(log) = &mut engine.step_log {
+        log.flush()?;
+    }
     gpus.close();
     result
 }
@@ -550,6 +568,20 @@ impl Engine {
         let ts_total = PowerModel::split_timeshare(step_dynamic_j + step_idle_j, members.len());
 
         self.steps += 1;
+        if let Some(log) = &mut self.step_log {
+            let line = json!({
+                "step": self.steps,
+                "t0_us": t0,
+                "t1_us": t1,
+                "decode": entries.iter().map(|e| e.decode_tokens).sum::<u32>(),
+                "prefill": entries.iter().map(|e| e.prefill_tokens).sum::<u32>(),
+                "members": members.len(),
+                "dynamic_j_per_gpu": step_dynamic_j / n,
+            });
+            if let Err(e) = writeln!(log, "{line}") {
+                eprintln!("emuhost engine: step log: {e}");
+            }
+        }
         let mut tokens = Vec::new();
         let mut finished = Vec::new();
         let mut done = Vec::new();

@@ -715,7 +715,9 @@ pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
 /// is piecewise constant and the writer publishes every change at once),
 /// `NVML_FI_DEV_POWER_AVERAGE` (mW, `unsigned int`, timestamped at the end of its 25 ms window)
 /// and `NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION` (mJ, `unsigned long long`, timestamped at the
-/// counter's last update). Any other field gets `NVML_ERROR_NOT_SUPPORTED` in its own
+/// query like a real driver's: on an H200 the stamp advances with every read while the value
+/// holds between the counter's 100 ms updates, so the stamp says nothing about when the
+/// counter last moved). Any other field gets `NVML_ERROR_NOT_SUPPORTED` in its own
 /// `nvmlReturn`; the call itself succeeds.
 ///
 /// # Safety
@@ -755,7 +757,7 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
                         },
                     )),
                     NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION => Some((
-                        s.counter_update_us,
+                        now,
                         NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
                         nvmlValue_t {
                             ullVal: s.energy_mj,
