@@ -8,7 +8,7 @@ use super::{
     config::{IdlePolicy, LedgerConfig},
     features::{Feat, decode_in, prefill_in, share_extensions, time_shares, uncached_tokens},
     model::{CostModel, Features},
-    presence::{in_engine, resolve_prefill},
+    presence::{in_engine, resolve_prefill, share_prefill_steps},
     sensor::Segment,
     state::{Device, Request},
     steps::StepClock,
@@ -41,6 +41,8 @@ pub(crate) struct Scratch {
     feats: Vec<Feat>,
     points: Vec<u64>,
     weights: Weights,
+    /// Requests whose prefill step was resolved while collecting candidates.
+    fresh: Vec<RequestId>,
 }
 
 /// A request in flight during the segment.
@@ -122,16 +124,8 @@ pub(crate) fn segment(
             };
             let fresh = r.prefill_from_ns.is_none();
             resolve_prefill(r, steps.get(&o.service), config);
-            if fresh
-                && r.prefill_from_ns.is_some()
-                && let Some(clock) = steps.get_mut(&o.service)
-                && let Some(prompt) = r.arrival.prompt_tokens
-            {
-                let uncached = prompt.saturating_sub(r.arrival.cached_tokens.unwrap_or(0));
-                clock.prefill_sample(r.prefill_ext_ns, uncached);
-                if let Some(bytes) = r.arrival.body_bytes {
-                    clock.prompt_sample(bytes, prompt);
-                }
+            if fresh && r.prefill_from_ns.is_some() {
+                scratch.fresh.push(*id);
             }
             // Queued before its prefill step, only being written after its last step: not
             // in the engine, so no share of its steps.
@@ -150,6 +144,8 @@ pub(crate) fn segment(
                 });
             }
         }
+        share_prefill_steps(requests, &scratch.fresh, steps.get_mut(&o.service));
+        scratch.fresh.clear();
     }
 
     // Idle power: learned from segments with nothing in flight when possible.
@@ -429,7 +425,7 @@ fn split_unit(
             decode,
             decode_ctx,
             pf,
-            pf_ext: r.prefill_ext_ns as f64,
+            pf_ext: r.prefill_ext_ns as f64 * r.prefill_share,
             uncached: uncached_tokens(r, rate).unwrap_or(0.0),
             tokens_known: pk && dk,
             bytes_rate,

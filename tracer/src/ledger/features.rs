@@ -102,15 +102,15 @@ fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
     b.min(u1).saturating_sub(a.max(u0))
 }
 
-/// The request's uncached prompt tokens: reported, or (without usage) sized from how much
-/// longer its prefill step was than its neighbours, at the service's recent rate
+/// The request's uncached prompt tokens: reported, or (without usage) sized from its share of
+/// how much longer its prefill step was than its neighbours, at the service's recent rate
 /// (`ns_per_token`).
 pub(super) fn uncached_tokens(r: &Request, ns_per_token: Option<f64>) -> Option<f64> {
     match r.arrival.prompt_tokens {
         Some(p) => Some(p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64),
         None => ns_per_token
             .filter(|&rate| rate > 0.0 && r.prefill_ext_ns > 0)
-            .map(|rate| r.prefill_ext_ns as f64 / rate),
+            .map(|rate| r.prefill_ext_ns as f64 * r.prefill_share / rate),
     }
 }
 

@@ -113,6 +113,9 @@ pub(super) struct Request {
     /// End of that step (at most the first event).
     pub(super) prefill_to_ns: Option<u64>,
     pub(super) prefill_ext_ns: u64,
+    /// Fraction of that extension its own prompt caused when it is of unknown size (the other
+    /// prefills finished by the same step take the rest; see `presence::share_prefill_steps`).
+    pub(super) prefill_share: f64,
     pub(super) response_bytes: u64,
     pub(super) last_seen_ns: u64,
     pub(super) accounts: BTreeMap<DeviceId, Account>,
@@ -136,6 +139,7 @@ impl Request {
             prefill_from_ns: None,
             prefill_to_ns: None,
             prefill_ext_ns: 0,
+            prefill_share: 1.0,
             response_bytes: 0,
             last_seen_ns: ts,
             accounts: BTreeMap::new(),

@@ -208,8 +208,8 @@ pub(crate) struct StepClock {
     window_ns: Option<u64>,
     /// Requests' first events, in time order: a step that wrote one finished a prefill.
     firsts: VecDeque<u64>,
-    /// Recent prefill steps' extension per uncached prompt token (ns), from requests whose
-    /// usage was reported: sizes the prefill of requests whose usage was not.
+    /// Recent prefill steps' extension per uncached prompt token (ns), from steps whose
+    /// prefills all reported usage: sizes the prefill of requests whose usage was not.
     prefill_rates: Samples,
     /// Recent prompt tokens per request-body byte, from requests that reported usage.
     prompt_densities: Samples,
