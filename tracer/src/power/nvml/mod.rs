@@ -151,6 +151,8 @@ struct Gpu {
     utilisation: Query,
     /// Newest utilisation sample stamp seen (NVML µs), passed back so samples are not repeated.
     util_last_seen_us: u64,
+    /// The energy field's stamps: whether they hold across reads (see [`stamp::EnergyStamps`]).
+    energy_stamps: stamp::EnergyStamps,
 }
 
 /// The NVML power source.
@@ -273,6 +275,7 @@ impl NvmlSource {
                 processes: Query::Answering,
                 utilisation: Query::Answering,
                 util_last_seen_us: 0,
+                energy_stamps: stamp::EnergyStamps::default(),
             };
             let mut dev = PowerDevice {
                 name: format!("gpu{index}"),

@@ -90,10 +90,18 @@ impl NvmlSource {
                 .and_then(|s| stamp_to_monotonic(s, mono, real, TRUST_NS))
         };
         let (e_ts, p_ts) = (stamp(e_stamp), stamp(p_stamp));
+        let (e_ts, held) = gpu
+            .energy_stamps
+            .read_time(e_stamp, e_ts.map(|c| c.0), mono);
+        if held {
+            tracing::warn!(
+                "NVML gpu{index}: the energy field is stamped with the counter's last update,                  not the query; read times are used instead"
+            );
+        }
         log_clock(&mut self.field_clock_logged, "field", p_ts.map(|c| c.1));
         out.push(Reading::Counter {
             device: index,
-            ts_ns: e_ts.map_or(mono, |c| c.0),
+            ts_ns: e_ts,
             energy_uj: energy_mj.saturating_mul(1000),
             wrap_uj: None,
         });
