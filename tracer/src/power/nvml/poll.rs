@@ -95,7 +95,8 @@ impl NvmlSource {
             .read_time(e_stamp, e_ts.map(|c| c.0), mono);
         if held {
             tracing::warn!(
-                "NVML gpu{index}: the energy field is stamped with the counter's last update,                  not the query; read times are used instead"
+                "NVML gpu{index}: the energy field is stamped with the counter's last update, \
+                 not the query; read times are used instead"
             );
         }
         log_clock(&mut self.field_clock_logged, "field", p_ts.map(|c| c.1));
