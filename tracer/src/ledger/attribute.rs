@@ -6,18 +6,17 @@ use crate::ids::{DeviceId, RequestId, ServiceId};
 
 use super::{
     config::{IdlePolicy, LedgerConfig},
-    features::{Feat, decode_in, prefill_in, share_extensions, time_shares, uncached_tokens},
+    features::{Feat, decode_in, prefill_in, time_shares, unit_chunks},
     model::{CostModel, Features},
-    presence::{in_engine, resolve_prefill, share_prefill_steps},
+    prefills::allocate_prefills,
+    presence::{in_engine, resolve_prefill},
     sensor::Segment,
     state::{Device, Request},
-    steps::StepClock,
+    steps::{Chunk, StepClock},
     types::{IdleBasis, LedgerStats},
     weights::{self, Prices, Weights, WeightsOutcome},
 };
 
-/// Prefill steps of two requests ending closer than this are one step.
-const MARK_TOLERANCE_NS: u64 = super::steps::MARK_MERGE_NS;
 /// Power coverage of a segment above which requests are split per slice, not per segment.
 const FINE_COVERAGE: f64 = 0.8;
 
@@ -26,6 +25,9 @@ pub(crate) struct Ctx<'a> {
     pub dev_id: DeviceId,
     pub config: &'a LedgerConfig,
     pub pending: &'a BTreeMap<ServiceId, Vec<RequestId>>,
+    /// Every request that came in before this is known to its end: prefills whose last step
+    /// ended before it can be placed.
+    pub settled_ns: u64,
     pub steps: &'a mut BTreeMap<ServiceId, StepClock>,
     pub stats: &'a mut LedgerStats,
     pub scratch: &'a mut Scratch,
@@ -39,6 +41,8 @@ pub(crate) struct Scratch {
     shape: Vec<f64>,
     active: Vec<bool>,
     feats: Vec<Feat>,
+    /// The split unit's prefill chunks (see `features::unit_chunks`).
+    chunks: Vec<Chunk>,
     points: Vec<u64>,
     weights: Weights,
     /// Requests whose prefill step was resolved while collecting candidates.
@@ -94,6 +98,7 @@ pub(crate) fn segment(
         dev_id,
         config,
         pending,
+        settled_ns,
         steps,
         stats,
         scratch,
@@ -118,15 +123,28 @@ pub(crate) fn segment(
             unit: Unit::default(),
             rel_resid: 0.0,
         });
-        for id in pending.get(&o.service).into_iter().flatten() {
+        let ids = pending.get(&o.service).into_iter().flatten();
+        for id in ids.clone() {
             let Some(r) = requests.get_mut(id) else {
                 continue;
             };
-            let fresh = r.prefill_from_ns.is_none();
             resolve_prefill(r, steps.get(&o.service), config);
-            if fresh && r.prefill_from_ns.is_some() {
+            if !r.prefill_placed && r.prefill_to_ns.is_some_and(|to| to < settled_ns) {
+                r.prefill_placed = true;
                 scratch.fresh.push(*id);
             }
+        }
+        allocate_prefills(
+            requests,
+            &mut scratch.fresh,
+            steps.get_mut(&o.service),
+            config.step_clock,
+        );
+        scratch.fresh.clear();
+        for id in ids {
+            let Some(r) = requests.get(id) else {
+                continue;
+            };
             // Queued before its prefill step, only being written after its last step: not
             // in the engine, so no share of its steps.
             let (from, to) = in_engine(r, steps.get(&o.service), config);
@@ -144,8 +162,6 @@ pub(crate) fn segment(
                 });
             }
         }
-        share_prefill_steps(requests, &scratch.fresh, steps.get_mut(&o.service));
-        scratch.fresh.clear();
     }
 
     // Idle power: learned from segments with nothing in flight when possible.
@@ -390,6 +406,7 @@ fn split_unit(
     let clock = steps.get(&service);
     let rate = clock.and_then(StepClock::prefill_ns_per_token);
     scratch.feats.clear();
+    scratch.chunks.clear();
     for (ci, c) in scratch.cands.iter().enumerate() {
         if c.svc != svc {
             continue;
@@ -405,10 +422,7 @@ fn split_unit(
         let (prefill, pk) = prefill_in(r, u0, u1, engine, rate);
         let steps_of = clock.map(|c| (c, config.step_clock));
         let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
-        let pf = match (r.prefill_from_ns, r.prefill_to_ns) {
-            (Some(f), Some(to)) if r.prefill_ext_ns > 0 => (f, to),
-            _ => (0, 0),
-        };
+        let chunks = unit_chunks(r, u0, u1, &mut scratch.chunks);
         let bytes_rate = match (r.end_ns, r.response_bytes) {
             (Some(e), bytes) if bytes > 0 => {
                 Some(bytes as f64 / ((e - r.arrival.ts_ns).max(1) as f64 * 1e-9))
@@ -424,9 +438,7 @@ fn split_unit(
             prefill,
             decode,
             decode_ctx,
-            pf,
-            pf_ext: r.prefill_ext_ns as f64 * r.prefill_share,
-            uncached: uncached_tokens(r, rate).unwrap_or(0.0),
+            chunks,
             tokens_known: pk && dk,
             bytes_rate,
         });
@@ -434,8 +446,13 @@ fn split_unit(
     if scratch.feats.is_empty() {
         return (0.0, 0.0);
     }
-    share_extensions(&mut scratch.feats, MARK_TOLERANCE_NS, u0, u1);
-    let busy_s = time_shares(&mut scratch.feats, &mut scratch.points, u0, u1);
+    let busy_s = time_shares(
+        &mut scratch.feats,
+        &scratch.chunks,
+        &mut scratch.points,
+        u0,
+        u1,
+    );
 
     let model = models.entry(service).or_insert_with(|| {
         CostModel::new(

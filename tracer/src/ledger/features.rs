@@ -3,7 +3,7 @@
 
 use super::{
     state::Request,
-    steps::{StepClock, StepClockPolicy},
+    steps::{Chunk, StepClock, StepClockPolicy},
 };
 
 /// A request's features in one split unit.
@@ -21,41 +21,41 @@ pub(super) struct Feat {
     pub(super) decode: f64,
     /// Σ decode token × its context length.
     pub(super) decode_ctx: f64,
-    /// Its prefill step and the share of that step's extension it caused (ns), for the
-    /// step-aware time split.
-    pub(super) pf: (u64, u64),
-    pub(super) pf_ext: f64,
-    pub(super) uncached: f64,
+    /// Its own parts of stretched prefill steps touching the unit: a range of the unit's
+    /// chunk list, each chunk's `own_ns` turned into the fraction of the step it caused.
+    pub(super) chunks: (usize, usize),
     pub(super) tokens_known: bool,
     pub(super) bytes_rate: Option<f64>,
 }
 
-/// Prefillers of one step share its extension in proportion to their uncached tokens; drops
-/// extensions whose step does not touch the unit. `pf_ext` becomes the fraction of the step's
-/// time each one caused.
-pub(super) fn share_extensions(feats: &mut [Feat], merge_ns: u64, u0: u64, u1: u64) {
-    for i in 0..feats.len() {
-        let (s, e) = feats[i].pf;
-        if feats[i].pf_ext <= 0.0 || e <= s || e <= u0 || s >= u1 {
-            feats[i].pf_ext = 0.0;
-            continue;
-        }
-        let group: f64 = feats
+/// Appends `r`'s prefill chunks that touch `[u0, u1)` to `out` as fractions of their steps;
+/// returns their range there.
+pub(super) fn unit_chunks(r: &Request, u0: u64, u1: u64, out: &mut Vec<Chunk>) -> (usize, usize) {
+    let start = out.len();
+    out.extend(
+        r.prefill_chunks
             .iter()
-            .filter(|g| g.pf.0 == s && g.pf.1.abs_diff(e) <= merge_ns)
-            .map(|g| g.uncached.max(1.0))
-            .sum();
-        let own = feats[i].uncached.max(1.0);
-        feats[i].pf_ext = feats[i].pf_ext / (e - s) as f64 * own / group.max(own);
-    }
+            .filter(|c| c.to_ns > u0 && c.from_ns < u1 && c.to_ns > c.from_ns && c.own_ns > 0.0)
+            .map(|c| Chunk {
+                own_ns: (c.own_ns / (c.to_ns - c.from_ns) as f64).min(1.0),
+                ..*c
+            }),
+    );
+    (start, out.len())
 }
 
 /// Time-sliced shares of the unit's busy time. At each instant the requests in flight share
 /// equally, except that during a step that carried prefills the part of the step its prefills
 /// caused (its extension over neighbouring steps) goes to them. Returns busy seconds.
-pub(super) fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1: u64) -> f64 {
+pub(super) fn time_shares(
+    feats: &mut [Feat],
+    chunks: &[Chunk],
+    points: &mut Vec<u64>,
+    u0: u64,
+    u1: u64,
+) -> f64 {
     let m = feats.len();
-    let any_ext = feats.iter().any(|f| f.pf_ext > 0.0);
+    let any_ext = feats.iter().any(|f| f.chunks.1 > f.chunks.0);
     if !any_ext && feats.iter().all(|f| f.a == u0 && f.b == u1) {
         let each = (u1 - u0) as f64 * 1e-9 / m as f64;
         for f in feats.iter_mut() {
@@ -66,9 +66,11 @@ pub(super) fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1
     }
     points.clear();
     points.extend(feats.iter().flat_map(|f| [f.a, f.b]));
-    for f in feats.iter().filter(|f| f.pf_ext > 0.0) {
-        points.extend([f.pf.0.clamp(u0, u1), f.pf.1.clamp(u0, u1)]);
-    }
+    points.extend(
+        chunks
+            .iter()
+            .flat_map(|c| [c.from_ns.clamp(u0, u1), c.to_ns.clamp(u0, u1)]),
+    );
     points.sort_unstable();
     points.dedup();
     let mut busy = 0u64;
@@ -81,13 +83,24 @@ pub(super) fn time_shares(feats: &mut [Feat], points: &mut Vec<u64>, u0: u64, u1
         }
         busy += q - p;
         let dt = (q - p) as f64 * 1e-9;
-        let in_step = |f: &Feat| f.pf_ext > 0.0 && f.pf.0 <= p && f.pf.1 >= q && present(f);
-        let ext: f64 = feats.iter().filter(|f| in_step(f)).map(|f| f.pf_ext).sum();
+        // The fraction of the step at this instant that each one's prefill caused.
+        let caused = |f: &Feat| -> f64 {
+            if !present(f) {
+                return 0.0;
+            }
+            chunks[f.chunks.0..f.chunks.1]
+                .iter()
+                .filter(|c| c.from_ns <= p && c.to_ns >= q)
+                .map(|c| c.own_ns)
+                .sum()
+        };
+        let ext: f64 = feats.iter().map(caused).sum();
         let scale = if ext > 1.0 { 1.0 / ext } else { 1.0 };
         let shared = dt * (1.0 - ext.min(1.0)) / count as f64;
         for f in feats.iter_mut() {
-            if in_step(f) {
-                f.time_s += dt * f.pf_ext * scale;
+            let own = caused(f);
+            if own > 0.0 {
+                f.time_s += dt * own * scale;
             }
             if present(f) {
                 f.time_s += shared;
@@ -109,14 +122,15 @@ pub(super) fn uncached_tokens(r: &Request, ns_per_token: Option<f64>) -> Option<
     match r.arrival.prompt_tokens {
         Some(p) => Some(p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64),
         None => ns_per_token
-            .filter(|&rate| rate > 0.0 && r.prefill_ext_ns > 0)
-            .map(|rate| r.prefill_ext_ns as f64 * r.prefill_share / rate),
+            .filter(|&rate| rate > 0.0 && r.prefill_own_ns() > 0.0)
+            .map(|rate| r.prefill_own_ns() / rate),
     }
 }
 
-/// Uncached prompt tokens processed in `[u0, u1)`, spread over its prefill step (up to the
-/// first streamed event; when nothing streams, the first of its steps in the engine:
-/// `engine` is its time there). `false` when needed but unknown.
+/// Uncached prompt tokens processed in `[u0, u1)`: spread over its chunks in proportion to the
+/// time each added to its step, else over its prefill step (up to the first streamed event;
+/// when nothing streams, the first of its steps in the engine: `engine` is its time there).
+/// `false` when needed but unknown.
 pub(super) fn prefill_in(
     r: &Request,
     u0: u64,
@@ -145,21 +159,27 @@ pub(super) fn prefill_in(
             return (0.0, u1 <= start);
         }
     };
-    let ov = if end > start {
-        overlap(start, end, u0, u1)
+    // Over its chunks in proportion to the time each added, else evenly over its step.
+    let own = r.prefill_own_ns();
+    let frac = if own > 0.0 {
+        r.prefill_chunks
+            .iter()
+            .filter(|c| c.to_ns > c.from_ns)
+            .map(|c| {
+                c.own_ns * overlap(c.from_ns, c.to_ns, u0, u1) as f64 / (c.to_ns - c.from_ns) as f64
+            })
+            .sum::<f64>()
+            / own
+    } else if end > start {
+        overlap(start, end, u0, u1) as f64 / (end - start) as f64
     } else {
-        u64::from((u0..u1).contains(&start))
+        f64::from(u8::from((u0..u1).contains(&start)))
     };
-    if ov == 0 {
+    if frac <= 0.0 {
         return (0.0, true);
     }
     let Some(uncached) = uncached_tokens(r, ns_per_token) else {
         return (0.0, false);
-    };
-    let frac = if end > start {
-        ov as f64 / (end - start) as f64
-    } else {
-        1.0
     };
     (uncached * frac, true)
 }

@@ -112,7 +112,22 @@ impl Ledger {
             if s.end_ns > watermark {
                 break;
             }
-            let forced = s.end_ns > blocked_from;
+            // Prefills are placed once every request that could share their steps is known
+            // (`prefills.rs`): the segment also waits for the steps that finished the prefills
+            // of the requests that came in before its end to be settled.
+            let mut settle_to = s.end_ns;
+            for o in &d.occupancy {
+                for rid in self.pending.get(&o.service).into_iter().flatten() {
+                    if let Some(r) = self.requests.get(rid)
+                        && r.arrival.ts_ns < s.end_ns
+                        && !r.prefill_placed
+                    {
+                        let to = r.prefill_to_ns.or(r.end_ns).unwrap_or(u64::MAX);
+                        settle_to = settle_to.max(to);
+                    }
+                }
+            }
+            let forced = settle_to >= blocked_from;
             if forced && s.end_ns.saturating_add(self.config.max_defer_ns) > watermark {
                 break;
             }
@@ -123,6 +138,7 @@ impl Ledger {
                     dev_id: id,
                     config: &self.config,
                     pending: &self.pending,
+                    settled_ns: if forced { u64::MAX } else { blocked_from },
                     steps: &mut self.steps,
                     stats: &mut self.stats,
                     scratch: &mut self.scratch,

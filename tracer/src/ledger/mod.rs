@@ -50,13 +50,13 @@
 //!      cost model fitted per (device, service) to the measured segments (`model.rs`):
 //!      `busy W × its time share + b × its prefill tokens + c × its decode tokens + k × Σ its
 //!      decode tokens × their context length`. Prefill tokens are the uncached prompt tokens,
-//!      spread over the engine step that produced the first streamed event (and the stretched
-//!      steps before it when the prompt needs more time than that step's extension: chunked
-//!      prefill; without usage, sized from the extension at the service's learned ns per
-//!      uncached token). Decode tokens are the streamed events after the first (scaled to the
+//!      spread over the parts of the stretched engine steps its prefill ran in: the step that
+//!      produced its first streamed event and, for a chunked prefill, the ones before it, cut
+//!      first come, first served among the prefills of a period of stretched steps
+//!      (`prefills.rs`; without usage, sized from the request body). Decode tokens are the streamed events after the first (scaled to the
 //!      reported completion tokens), each spread over the engine step that produced it.
-//!      Busy time is time-sliced, except that the part of a prefill step its prefills added
-//!      (its length minus a step's without prefill) is theirs. Why: in continuous batching every step costs a shared part (weights read,
+//!      Busy time is time-sliced, except that the part of a stretched step a prefill added
+//!      (of the step's length minus a step's without prefill) is that prefill's. Why: in continuous batching every step costs a shared part (weights read,
 //!      kernels launched), a prefill part (compute-bound, per token, and the time it adds to
 //!      the step) and a decode part per sequence that grows with its context (KV cache
 //!      reads). The prices depend on the GPU, the model served and the batch size, so they
@@ -81,8 +81,10 @@
 //! out-of-order input within the grace is simply sorted in (property-tested); observations
 //! older than the watermark are counted as late and ignored. A segment is attributed once it
 //! ends before the watermark and every request overlapping it has ended (the split needs their
-//! phases and token counts, which usage reports at the end) — or, after `max_defer_ns`, with
-//! what is known so far. Records therefore lag by up to the longest request in flight (at most
+//! phases and token counts, which usage reports at the end), and every request that came in
+//! before the last steps of those requests' prefills has ended too (prefills are cut among all
+//! the requests of a period of stretched steps) — or, after `max_defer_ns`, with what is known
+//! so far. Records therefore lag by up to the longest request in flight (at most
 //! `max_defer_ns`). A request is final once it has ended and every device its service uses has
 //! attributed energy up to its end; a device that stopped reporting holds it for at most
 //! `stale_ns`, and the missing time widens its error bar.
@@ -114,6 +116,7 @@ mod features;
 mod finalise;
 mod idle;
 mod model;
+mod prefills;
 mod presence;
 mod sensor;
 mod state;

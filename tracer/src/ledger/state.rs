@@ -9,6 +9,7 @@ use super::{
     idle::IdleEstimator,
     model::CostModel,
     sensor::{self, PowerCurve, Segment},
+    steps::Chunk,
     types::{Arrival, DeviceInfo, DeviceTotals, IdleBasis, IdleSource, Outcome},
 };
 
@@ -107,15 +108,19 @@ pub(super) struct Request {
     /// of the pruned events' counts.
     pub(super) pruned_last_ns: Option<u64>,
     pub(super) pruned_events: u64,
-    /// Start of its prefill (the end of the service's engine step before its first event) and
-    /// how much that step outlasted its neighbours; set once the first event is known.
+    /// Start of its prefill (the end of the service's engine step before its first event, or
+    /// of the earliest step a chunk of it stretched); set once the first event is known.
     pub(super) prefill_from_ns: Option<u64>,
-    /// End of that step (at most the first event).
+    /// End of the step that finished it (at most the first event).
     pub(super) prefill_to_ns: Option<u64>,
+    /// How much longer that step was than its neighbours (shared with the other prefills it
+    /// finished).
     pub(super) prefill_ext_ns: u64,
-    /// Fraction of that extension its own prompt caused when it is of unknown size (the other
-    /// prefills finished by the same step take the rest; see `presence::share_prefill_steps`).
-    pub(super) prefill_share: f64,
+    /// Its own part of the stretched steps its prefill ran in, in time order (see
+    /// `presence::allocate_prefills`).
+    pub(super) prefill_chunks: Vec<Chunk>,
+    /// Its chunks were placed (once every request that could share its steps was known).
+    pub(super) prefill_placed: bool,
     pub(super) response_bytes: u64,
     pub(super) last_seen_ns: u64,
     pub(super) accounts: BTreeMap<DeviceId, Account>,
@@ -139,11 +144,17 @@ impl Request {
             prefill_from_ns: None,
             prefill_to_ns: None,
             prefill_ext_ns: 0,
-            prefill_share: 1.0,
+            prefill_chunks: Vec::new(),
+            prefill_placed: false,
             response_bytes: 0,
             last_seen_ns: ts,
             accounts: BTreeMap::new(),
         }
+    }
+
+    /// Σ of its own parts of its prefill's steps (ns): the time its prefill added.
+    pub(super) fn prefill_own_ns(&self) -> f64 {
+        self.prefill_chunks.iter().map(|c| c.own_ns).sum()
     }
 
     pub(super) fn end_or(&self, t: u64) -> u64 {

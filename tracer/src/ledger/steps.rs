@@ -56,8 +56,8 @@ pub enum StepClockPolicy {
 const MAX_CHUNK_STEPS: usize = 16;
 /// Prefill rates kept (see [`StepClock::prefill_sample`]).
 const RATE_SAMPLES: usize = 64;
-/// Prefill rates needed before they size a prefill.
-const MIN_RATES: usize = 5;
+/// Prefill rates needed before they size a prefill (their median is robust to one outlier).
+const MIN_RATES: usize = 3;
 /// Steps on each side of a prefill step that tell what a step without prefill lasts.
 const BASE_STEPS: usize = 32;
 /// Marks of one source closer than this are one step end.
@@ -100,6 +100,31 @@ pub(crate) struct PrefillStep {
     pub to_ns: u64,
     /// How much longer the step was than its neighbours.
     pub extension_ns: u64,
+    /// How long a step without prefill lasts around it.
+    pub base_ns: Option<u64>,
+}
+
+/// Part of a stretched step's extension: the step `[from_ns, to_ns)` and how many ns of it.
+#[expect(
+    clippy::struct_field_names,
+    reason = "all three are times in ns, named with their unit"
+)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Chunk {
+    pub from_ns: u64,
+    pub to_ns: u64,
+    pub own_ns: f64,
+}
+
+/// The stretched steps before a prefill's last step (see [`StepClock::chain_before`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Chain {
+    /// Stretched steps that finished no prefill, nearest first, with their whole extension.
+    pub steps: Vec<Chunk>,
+    /// The stretched step before them that finished other prefills, with what they left.
+    pub boundary: Option<Chunk>,
+    /// The walk stopped at [`MAX_CHUNK_STEPS`], not at a step of usual length.
+    pub truncated: bool,
 }
 
 /// Step ends of one source, in time order.
@@ -120,10 +145,12 @@ impl Marks {
         }
     }
 
+    /// A mark lies near `t`, and the step ending at or before it has a seen start (a source's
+    /// first mark has none: the step it ended began before the source was seen).
     fn covers(&self, t: u64) -> bool {
         let idx = self.ends.partition_point(|&x| x <= t);
         let near = |i: usize| self.ends.get(i).is_some_and(|&m| m.abs_diff(t) <= COVER_NS);
-        (idx > 0 && near(idx - 1)) || near(idx)
+        idx >= 2 && (near(idx - 1) || near(idx))
     }
 
     /// Index of the latest end at or before `t`.
@@ -213,6 +240,20 @@ pub(crate) struct StepClock {
     prefill_rates: Samples,
     /// Recent prompt tokens per request-body byte, from requests that reported usage.
     prompt_densities: Samples,
+    /// Per step that finished prefills (by its end), what they left of its extension.
+    leftovers: VecDeque<(u64, f64)>,
+    /// The prefill period being summed (see [`StepClock::period_group`]).
+    period: Option<Period>,
+}
+
+/// A run of stretched steps with no step of usual length inside: every chunk in it belongs
+/// to a prefill that finished in it, whatever order the engine ran them in.
+#[derive(Debug, Clone, Copy)]
+struct Period {
+    ext_ns: f64,
+    tokens: u64,
+    /// Every prefill in it reported its size, and its start was seen.
+    known: bool,
 }
 
 impl StepClock {
@@ -248,8 +289,36 @@ impl StepClock {
         self.firsts.insert(idx, t);
     }
 
-    /// A request with `tokens` uncached prompt tokens made its prefill step `extension_ns`
-    /// longer than its neighbours.
+    /// A group of prefills that finished in one step, seen in time order: `added_ns` is the
+    /// extension of its step and of the chunk steps before it that it brought to its period
+    /// (`starts`: its chain began after a step of usual length, so the previous period is
+    /// closed), `tokens` their uncached prompt tokens (`None`: some size unknown). A closed
+    /// period's extension over its tokens is a sample of the service's ns per uncached token —
+    /// unlike one step's, which a chunk of the next prefill may have stretched too.
+    /// `seen` is false when a new period's start is not known (the chain was cut short).
+    pub(crate) fn period_group(
+        &mut self,
+        (starts, seen): (bool, bool),
+        added_ns: f64,
+        tokens: Option<u64>,
+    ) {
+        if starts && let Some(p) = self.period.take().filter(|p| p.known && p.ext_ns >= 1.0) {
+            self.prefill_sample(p.ext_ns as u64, p.tokens);
+        }
+        let p = self.period.get_or_insert(Period {
+            ext_ns: 0.0,
+            tokens: 0,
+            known: starts && seen,
+        });
+        p.ext_ns += added_ns;
+        match tokens {
+            Some(t) => p.tokens += t,
+            None => p.known = false,
+        }
+    }
+
+    /// A request with `tokens` uncached prompt tokens made its prefill steps `extension_ns`
+    /// longer than steps without prefill.
     pub(crate) fn prefill_sample(&mut self, extension_ns: u64, tokens: u64) {
         if extension_ns == 0 || tokens == 0 {
             return;
@@ -282,17 +351,24 @@ impl StepClock {
         self.window_ns.unwrap_or(initial_ns)
     }
 
-    /// The marks to step by near `t`.
-    fn marks(&self, t: u64, policy: StepClockPolicy) -> &Marks {
+    /// The sources `policy` allows, best first (write bursts last, always).
+    fn sources(&self, policy: StepClockPolicy) -> impl Iterator<Item = &Marks> {
         let ipc = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Ipc);
         let cuda = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Cuda);
-        if ipc && self.ipc.covers(t) {
-            &self.ipc
-        } else if cuda && self.cuda.covers(t) {
-            &self.cuda
-        } else {
-            &self.bursts.marks
-        }
+        [
+            ipc.then_some(&self.ipc),
+            cuda.then_some(&self.cuda),
+            Some(&self.bursts.marks),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The marks to step by near `t`.
+    fn marks(&self, t: u64, policy: StepClockPolicy) -> &Marks {
+        self.sources(policy)
+            .find(|m| m.covers(t))
+            .unwrap_or(&self.bursts.marks)
     }
 
     /// The step that produced an event written at `t`: from the end before the latest one at
@@ -306,14 +382,33 @@ impl StepClock {
         })
     }
 
+    /// The marks to find the step that ended at or before `t` by: as [`StepClock::marks`], or,
+    /// when no source saw that step's start, the best that saw its end (the first step after
+    /// the engine was idle began when its requests came in; a source's first mark has no start
+    /// either: a blocking read of the engine's first message entered before the probes were
+    /// attached is not seen).
+    fn marks_with_start(&self, t: u64, policy: StepClockPolicy) -> &Marks {
+        let m = self.marks(t, policy);
+        if m.at_or_before(t).is_some_and(|i| i > 0) {
+            return m;
+        }
+        self.sources(policy)
+            .find(|c| {
+                c.at_or_before(t)
+                    .is_some_and(|i| c.ends[i].abs_diff(t) <= COVER_NS)
+            })
+            .unwrap_or(m)
+    }
+
     /// The step a request's prefill ran in, given its first event at `fe`.
     pub(crate) fn prefill_step(&self, fe: u64, policy: StepClockPolicy) -> PrefillStep {
-        let m = self.marks(fe, policy);
+        let m = self.marks_with_start(fe, policy);
         let Some(own) = m.at_or_before(fe) else {
             return PrefillStep {
                 from_ns: None,
                 to_ns: fe,
                 extension_ns: 0,
+                base_ns: None,
             };
         };
         let to_ns = m.ends[own];
@@ -338,52 +433,137 @@ impl StepClock {
             from_ns,
             to_ns,
             extension_ns,
+            base_ns: base,
         }
     }
 
     /// A prefill longer than one step (chunked prefill) ran in the steps before the one that
     /// ended with its first token, each stretched by its chunk. Walks back from the step that
     /// began at `from_ns` through steps longer than a step without prefill that finished no
-    /// other prefill (no first event came out of them: their extension was a chunk of a prefill
-    /// that finished later), until their extensions cover `needed_ns` (when the prompt is
-    /// known); returns where the earliest began and the extension covered (`(from_ns, 0)` when
-    /// none).
-    pub(crate) fn chunk_steps(
+    /// other prefill (no first event came out of them: under first-come-first-served chunking
+    /// their extension was a chunk of a prefill that finished later), at most
+    /// [`MAX_CHUNK_STEPS`]. It stops at a step no longer than usual, or at a stretched step that
+    /// finished other prefills: that one is the chain's `boundary`, carrying what those
+    /// prefills left of its extension ([`StepClock::set_leftover`]; 0 when not known).
+    pub(crate) fn chain_before(
         &self,
         from_ns: u64,
-        needed_ns: Option<f64>,
+        not_before: u64,
         policy: StepClockPolicy,
-    ) -> (u64, u64) {
-        let m = self.marks(from_ns, policy);
-        let (mut start, mut covered) = (from_ns, 0u64);
-        let Some(mut j) = m.at_or_before(from_ns).filter(|&j| m.ends[j] == from_ns) else {
-            return (start, covered);
+    ) -> Chain {
+        let mut chain = Chain::default();
+        // The source whose mark began that step (the one the prefill step was found by).
+        let exact = |m: &Marks| m.at_or_before(from_ns).filter(|&j| m.ends[j] == from_ns);
+        let preferred = self.marks(from_ns, policy);
+        let Some((m, mut j)) = [preferred, &self.ipc, &self.cuda, &self.bursts.marks]
+            .into_iter()
+            .find_map(|m| Some((m, exact(m)?)))
+        else {
+            return chain;
         };
+        chain.truncated = true;
         let Some(base) = m.low_gap(j) else {
-            return (start, covered);
+            return chain;
         };
         for _ in 0..MAX_CHUNK_STEPS {
-            if needed_ns.is_some_and(|n| covered as f64 >= n) {
+            if m.ends[j] <= not_before {
+                // Nothing of the group's had come in yet.
+                chain.truncated = false;
                 break;
             }
-            let Some(len) = m.gap(j) else { break };
+            // A step that began before the group's first request came in (the engine was idle,
+            // or its start was not seen) ran its prefill from that arrival at the earliest.
+            let start = m
+                .ends
+                .get(j.wrapping_sub(1))
+                .copied()
+                .filter(|&s| j > 0 && s >= not_before);
+            if j == 0 && self.any_end_between(not_before, m.ends[j].saturating_sub(MARK_MERGE_NS)) {
+                // Another source saw steps end in between: not idle, this one missed them.
+                break;
+            }
+            let len = m.ends[j] - start.unwrap_or(not_before);
             // A step no longer than usual carried no chunk: the prefill began after it.
             let ext = len.saturating_sub(base);
             if ext * 10 < base {
+                chain.truncated = false;
                 break;
             }
-            // A step that produced a first token finished that request's prefill: its
-            // extension is that request's.
-            let (out_from, out_to) = (m.ends[j], m.ends.get(j + 1).copied().unwrap_or(u64::MAX));
-            let i = self.firsts.partition_point(|&f| f < out_from);
+            let step = Chunk {
+                from_ns: start.unwrap_or(not_before),
+                to_ns: m.ends[j],
+                own_ns: ext as f64,
+            };
+            // A step that produced a first token finished that request's prefill: only what
+            // it left of its extension can be a chunk of this one.
+            let out_to = m.ends.get(j + 1).copied().unwrap_or(u64::MAX);
+            let i = self.firsts.partition_point(|&f| f < step.to_ns);
             if self.firsts.get(i).is_some_and(|&f| f < out_to) {
+                chain.boundary = Some(Chunk {
+                    own_ns: self.leftover(step.to_ns).unwrap_or(0.0).min(step.own_ns),
+                    ..step
+                });
+                chain.truncated = false;
                 break;
             }
-            covered += ext;
+            chain.steps.push(step);
+            if start.is_none() {
+                // It began when the group's first request came in.
+                chain.truncated = false;
+                break;
+            }
             j -= 1;
-            start = m.ends[j];
         }
-        (start, covered)
+        chain
+    }
+
+    /// Whether any source saw a step end in `(a, b)`.
+    fn any_end_between(&self, a: u64, b: u64) -> bool {
+        [&self.ipc, &self.cuda, &self.bursts.marks].iter().any(|m| {
+            let i = m.ends.partition_point(|&x| x <= a);
+            m.ends.get(i).is_some_and(|&x| x < b)
+        })
+    }
+
+    /// Whether the step after the one ending at `to_ns` was stretched (a prefill period goes
+    /// on); `None` while that step has not ended.
+    pub(crate) fn stretched_after(&self, to_ns: u64, policy: StepClockPolicy) -> Option<bool> {
+        let m = self.marks(to_ns, policy);
+        let j = m.at_or_before(to_ns).filter(|&j| m.ends[j] == to_ns)?;
+        let base = m.low_gap(j + 1)?;
+        let len = m.gap(j + 1)?;
+        Some(len.saturating_sub(base) * 10 >= base)
+    }
+
+    /// What the prefills that finished in the step ending at `to_ns` left of its extension
+    /// (ns), once they were allocated.
+    /// (Step ends seen by two sources differ by a little: the nearest within [`MARK_MERGE_NS`].)
+    pub(crate) fn leftover(&self, to_ns: u64) -> Option<f64> {
+        self.leftover_at(to_ns).map(|i| self.leftovers[i].1)
+    }
+
+    fn leftover_at(&self, to_ns: u64) -> Option<usize> {
+        let i = self.leftovers.partition_point(|e| e.0 < to_ns);
+        [i.checked_sub(1), Some(i)]
+            .into_iter()
+            .flatten()
+            .filter(|&k| {
+                self.leftovers
+                    .get(k)
+                    .is_some_and(|e| e.0.abs_diff(to_ns) <= MARK_MERGE_NS)
+            })
+            .min_by_key(|&k| self.leftovers[k].0.abs_diff(to_ns))
+    }
+
+    /// Records what the prefills finished by the step ending at `to_ns` left of its extension
+    /// (a later prefill's first chunk).
+    pub(crate) fn set_leftover(&mut self, to_ns: u64, ns: f64) {
+        if let Some(k) = self.leftover_at(to_ns) {
+            self.leftovers[k].1 = ns;
+        } else {
+            let i = self.leftovers.partition_point(|e| e.0 < to_ns);
+            self.leftovers.insert(i, (to_ns, ns));
+        }
     }
 
     /// The start of the step `n` steps before the one that ended at or before `t` (`n = 0`:
@@ -421,6 +601,9 @@ impl StepClock {
             .min(t);
         while self.firsts.front().is_some_and(|&f| f < keep_from) {
             self.firsts.pop_front();
+        }
+        while self.leftovers.front().is_some_and(|e| e.0 < keep_from) {
+            self.leftovers.pop_front();
         }
         self.ipc.prune(t);
         self.cuda.prune(t);

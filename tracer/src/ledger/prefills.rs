@@ -1,0 +1,550 @@
+//! Where each prefill ran: its own part of each stretched engine step.
+//!
+//! A step that carries prefill work lasts longer than one that only decodes; that extension is
+//! what the prefills in it caused. Requests whose prefill one step finished (their first token
+//! came out of it) form a *group*. Engines chunk prefills first come, first served (vLLM,
+//! `SGLang` and TGI give a step's token budget to the oldest unfinished prefill first), so in a
+//! *period* of stretched steps — a run with no step of usual length inside — the token stream
+//! is cut in order: the stretched steps between two groups' last steps ran only the later
+//! group's chunks, and the step that finished a group ran that group's last chunks and then
+//! the next group's first. What is not seen is where that cut lies inside each group's last
+//! step: the part of it the group took.
+//!
+//! Going forward through a period, a group takes what the group before it left of that one's
+//! last step, the steps in between, and of its own last step what it still needs: its prompts'
+//! uncached tokens (usage) at the service's ns per token, or for a prompt of unknown size what
+//! its body's size suggests (a body's size overstates a prompt whose prefix was cached). The
+//! rest of its step is the next group's. A period's last group takes the rest of its step:
+//! nothing ran after it (the next step was of usual length, or the next group began a new
+//! period). A period still open leaves the rest to the group that continues it
+//! ([`StepClock::set_leftover`]), as does a group for members whose first events come later.
+//! Without a size or a rate a group takes its whole last step; before a rate is learned, a
+//! closed period whose sizes are all known sets its own (its extension over its tokens).
+//!
+//! Prefills are placed only once every request that came in before their last step ended is
+//! known to its end (the ledger holds segments back for it): a response that is not streamed
+//! reveals its prefill's step only then, and the periods around it must see it.
+//!
+//! Within a group, prompts of known size take their tokens' worth and prompts of unknown size
+//! share the rest by body size. First come, first served holds inside the group too: going back
+//! from its last step, the latest arrival's tokens ran last and the earliest one's began the
+//! group's prefill. The ns per uncached token and tokens per body byte are learned first, from
+//! the periods and prompts these groups close ([`StepClock::period_group`]).
+
+use std::collections::HashMap;
+
+use super::{
+    state::Request,
+    steps::{Chain, Chunk, MARK_MERGE_NS, StepClock, StepClockPolicy},
+};
+use crate::ids::RequestId;
+
+/// A group of fresh requests whose prefill one step finished.
+#[derive(Debug)]
+struct Group {
+    /// Its members: a range of the sorted fresh list.
+    members: (usize, usize),
+    /// Its last step, with that step's whole extension.
+    last: Chunk,
+    chain: Chain,
+    /// Each member's uncached prompt tokens when reported.
+    tokens: Vec<Option<f64>>,
+    /// Each member's prompt tokens as its body's size suggests.
+    body: Vec<Option<f64>>,
+}
+
+impl Group {
+    /// What each member needs (ns) at `rate`, when its size is known.
+    fn needs(&self, rate: Option<f64>) -> Vec<Option<f64>> {
+        self.tokens
+            .iter()
+            .map(|t| rate.zip(*t).map(|(r, t)| r * t))
+            .collect()
+    }
+
+    /// Σ of the members' tokens, unknown sizes as their bodies suggest (`known`: reported only).
+    fn sum_tokens(&self, known: bool) -> Option<f64> {
+        self.tokens
+            .iter()
+            .zip(&self.body)
+            .map(|(t, b)| if known { *t } else { t.or(*b) })
+            .sum()
+    }
+
+    /// Its chain steps' and last step's extension (ns).
+    fn ext_ns(&self) -> f64 {
+        self.last.own_ns + self.chain.steps.iter().map(|s| s.own_ns).sum::<f64>()
+    }
+}
+
+/// Places the prefills of the `fresh` requests (just resolved) in the stretched steps they ran
+/// in, as each one's own part of each step (`Request::prefill_chunks`). See the module docs.
+pub(super) fn allocate_prefills(
+    requests: &mut HashMap<RequestId, Request>,
+    fresh: &mut [RequestId],
+    clock: Option<&mut StepClock>,
+    policy: StepClockPolicy,
+) {
+    let key = |requests: &HashMap<RequestId, Request>, id: &RequestId| {
+        requests
+            .get(id)
+            .map(|r| (r.prefill_to_ns, r.arrival.ts_ns, *id))
+    };
+    fresh.sort_unstable_by_key(|id| key(requests, id));
+    let Some(c) = clock else {
+        for id in fresh.iter() {
+            if let Some(r) = requests.get_mut(id) {
+                r.prefill_chunks.clear();
+            }
+        }
+        return;
+    };
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < fresh.len() {
+        let to = key(requests, &fresh[i]).and_then(|k| k.0);
+        let n = fresh[i..]
+            .iter()
+            .take_while(|id| key(requests, id).and_then(|k| k.0) == to)
+            .count();
+        ranges.push((i, i + n));
+        i += n;
+    }
+    // A response that was not streamed has no first event: its prefill's step, counted back
+    // from its end, finished it all the same (a chain must not walk through it).
+    for id in fresh.iter() {
+        if let Some(r) = requests.get(id)
+            && r.first_event_ns.is_none()
+            && let Some(to) = r.prefill_to_ns
+        {
+            c.first_event(to);
+        }
+    }
+    // Learn the rate from the periods these groups close, and prompt tokens per body byte,
+    // before placing any of them: at start-up every prefill runs in one long period.
+    for &(a, b) in &ranges {
+        learn_period(requests, &fresh[a..b], c, policy);
+    }
+    let rate = c.prefill_ns_per_token();
+    let mut groups: Vec<Group> = Vec::with_capacity(ranges.len());
+    for &(a, b) in &ranges {
+        let Some(g) = group(requests, &fresh[a..b], (a, b), c, policy) else {
+            continue;
+        };
+        if let Some(left) = c.leftover(g.last.to_ns) {
+            // The rest of a group placed in an earlier pass: what that left of the step.
+            let avail = left.min(g.last.own_ns);
+            let need = rate.zip(g.sum_tokens(true)).map(|(r, t)| r * t);
+            let take = need.map_or(avail, |n| n.min(avail));
+            c.set_leftover(g.last.to_ns, avail - take);
+            let claimed = [Chunk {
+                own_ns: take,
+                ..g.last
+            }];
+            share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
+            continue;
+        }
+        groups.push(g);
+    }
+    // Periods: a group continues the one before when its chain reaches back to that group's
+    // last step.
+    let mut start = 0;
+    while start < groups.len() {
+        let mut end = start + 1;
+        while end < groups.len()
+            && groups[end]
+                .chain
+                .boundary
+                .is_some_and(|b| b.to_ns.abs_diff(groups[end - 1].last.to_ns) <= MARK_MERGE_NS)
+        {
+            end += 1;
+        }
+        // Closed: the next group began a new period, or the step after this one's last was
+        // of usual length.
+        let closed = end < groups.len()
+            || c.stretched_after(groups[end - 1].last.to_ns, policy) == Some(false);
+        let period = &groups[start..end];
+        // Before any rate is learned, a closed period whose prompts all reported their size is
+        // its own: its extension over their tokens.
+        let rate = rate.or_else(|| {
+            let carried = period[0].chain.boundary.map_or(0.0, |b| b.own_ns);
+            let ext = carried + period.iter().map(Group::ext_ns).sum::<f64>();
+            let tokens: f64 = period
+                .iter()
+                .map(|g| g.sum_tokens(true))
+                .sum::<Option<f64>>()?;
+            (closed && tokens > 0.0 && ext > 0.0).then(|| ext / tokens)
+        });
+        let cuts = cut_period(period, closed, rate);
+        for (k, g) in period.iter().enumerate() {
+            let before = match k.checked_sub(1) {
+                Some(p) => Some(Chunk {
+                    own_ns: (period[p].last.own_ns - cuts[p]).max(0.0),
+                    ..period[p].last
+                }),
+                // Continuing a period from an earlier pass: what its last group left.
+                None => g.chain.boundary,
+            };
+            if k == 0
+                && let Some(b) = before
+            {
+                c.set_leftover(b.to_ns, 0.0);
+            }
+            let next_continues = k + 1 < period.len();
+            c.set_leftover(
+                g.last.to_ns,
+                if next_continues {
+                    0.0
+                } else {
+                    g.last.own_ns - cuts[k]
+                },
+            );
+            let mut claimed: Vec<Chunk> = Vec::with_capacity(g.chain.steps.len() + 2);
+            claimed.extend(before);
+            claimed.extend(g.chain.steps.iter().rev().copied());
+            claimed.push(Chunk {
+                own_ns: cuts[k],
+                ..g.last
+            });
+            claimed.retain(|s| s.own_ns > 0.0);
+            let (a, b) = g.members;
+            share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
+        }
+        start = end;
+    }
+}
+
+/// A group's facts (`None` when its members were not resolved).
+fn group(
+    requests: &HashMap<RequestId, Request>,
+    ids: &[RequestId],
+    members: (usize, usize),
+    c: &StepClock,
+    policy: StepClockPolicy,
+) -> Option<Group> {
+    let first = requests.get(ids.first()?)?;
+    let last = Chunk {
+        from_ns: first.prefill_from_ns?,
+        to_ns: first.prefill_to_ns?,
+        own_ns: first.prefill_ext_ns as f64,
+    };
+    let rs = || ids.iter().filter_map(|id| requests.get(id));
+    let arrived = rs().map(|r| r.arrival.ts_ns).min().unwrap_or(last.from_ns);
+    let chain = if c.leftover(last.to_ns).is_some() {
+        Chain::default()
+    } else {
+        c.chain_before(last.from_ns, arrived, policy)
+    };
+    Some(Group {
+        members,
+        last,
+        chain,
+        tokens: rs()
+            .map(|r| {
+                r.arrival
+                    .prompt_tokens
+                    .map(|p| p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64)
+            })
+            .collect(),
+        body: rs()
+            .map(|r| r.arrival.body_bytes.and_then(|b| c.prompt_estimate(b)))
+            .collect(),
+    })
+}
+
+/// The cuts of one period: how much of its last step each group took (see the module docs).
+fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
+    let mut cuts = Vec::with_capacity(period.len());
+    // What the group before left of its step (for the first: a leftover carried over).
+    let mut left = period
+        .first()
+        .and_then(|g| g.chain.boundary)
+        .map_or(0.0, |b| b.own_ns);
+    for (k, g) in period.iter().enumerate() {
+        let ext = g.last.own_ns;
+        let chain: f64 = g.chain.steps.iter().map(|s| s.own_ns).sum();
+        let need = rate.zip(g.sum_tokens(false)).map(|(r, t)| r * t);
+        let x = match need {
+            // Nothing ran after a period's last group: it takes the rest of its step.
+            _ if closed && k + 1 == period.len() => ext,
+            Some(need) => (need - chain - left).clamp(0.0, ext),
+            None => ext,
+        };
+        cuts.push(x);
+        left = ext - x;
+    }
+    cuts
+}
+
+/// Adds a group to its service's prefill period (see [`StepClock::period_group`]) and its
+/// prompts' sizes to what the clock knows of body sizes.
+fn learn_period(
+    requests: &HashMap<RequestId, Request>,
+    group: &[RequestId],
+    c: &mut StepClock,
+    policy: StepClockPolicy,
+) {
+    let members = || group.iter().filter_map(|id| requests.get(id));
+    for r in members() {
+        if let (Some(prompt), Some(bytes)) = (r.arrival.prompt_tokens, r.arrival.body_bytes) {
+            c.prompt_sample(bytes, prompt);
+        }
+    }
+    let tokens: Option<u64> = members()
+        .map(|r| {
+            r.arrival
+                .prompt_tokens
+                .map(|p| p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)))
+        })
+        .sum();
+    let Some(first) = members().next() else {
+        return;
+    };
+    let (Some(d_from), Some(d_to)) = (first.prefill_from_ns, first.prefill_to_ns) else {
+        return;
+    };
+    if c.leftover(d_to).is_some() {
+        // The rest of a group already counted.
+        c.period_group((false, false), 0.0, tokens);
+        return;
+    }
+    let arrived = members().map(|r| r.arrival.ts_ns).min().unwrap_or(d_from);
+    let chain = c.chain_before(d_from, arrived, policy);
+    let added = first.prefill_ext_ns as f64 + chain.steps.iter().map(|s| s.own_ns).sum::<f64>();
+    let starts = chain.boundary.is_none();
+    c.period_group((starts, !chain.truncated), added, tokens);
+}
+
+/// Shares a group's `claimed` step parts (in time order) among its members.
+fn share_group(
+    requests: &mut HashMap<RequestId, Request>,
+    group: &[RequestId],
+    need: &[Option<f64>],
+    claimed: &[Chunk],
+    c: &StepClock,
+) {
+    let total: f64 = claimed.iter().map(|s| s.own_ns).sum();
+    // Targets: known sizes their worth, unknown sizes the rest by body size. What the group
+    // claimed is its own: with every size known, in proportion to them.
+    let known: f64 = need.iter().flatten().sum();
+    let all_known = need.iter().all(Option::is_some);
+    let scale = if known > 0.0 && (known > total || all_known) {
+        total / known
+    } else {
+        1.0
+    };
+    let rest = (total - known).max(0.0);
+    let weight_unknown: f64 = group
+        .iter()
+        .zip(need)
+        .filter(|(_, n)| n.is_none())
+        .filter_map(|(id, _)| requests.get(id))
+        .map(|r| body_weight(r, Some(c)))
+        .sum();
+    let mut target: Vec<f64> = Vec::with_capacity(group.len());
+    let mut arrival: Vec<u64> = Vec::with_capacity(group.len());
+    for (id, n) in group.iter().zip(need) {
+        let Some(r) = requests.get(id) else {
+            target.push(0.0);
+            arrival.push(u64::MAX);
+            continue;
+        };
+        arrival.push(r.arrival.ts_ns);
+        target.push(match n {
+            Some(n) => n * scale,
+            None if weight_unknown > 0.0 => rest * body_weight(r, Some(c)) / weight_unknown,
+            None => 0.0,
+        });
+    }
+    // First come, first served inside the group too: going back from its last step, the
+    // latest arrival's tokens ran last, and the earliest one's chunks began the group's prefill.
+    let mut order: Vec<usize> = (0..group.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(arrival[k]));
+    let mut chunks: Vec<Vec<Chunk>> = vec![Vec::new(); group.len()];
+    let mut left = target;
+    let mut next = 0;
+    for s in claimed.iter().rev() {
+        let mut cap = s.own_ns;
+        while cap > 0.0 && next < order.len() {
+            let k = order[next];
+            if arrival[k] >= s.to_ns || left[k] <= 0.0 {
+                // Not there yet (nor in any earlier step), or done: the next one back.
+                next += 1;
+                continue;
+            }
+            let own = left[k].min(cap);
+            left[k] -= own;
+            cap -= own;
+            chunks[k].push(Chunk { own_ns: own, ..*s });
+            if left[k] <= 0.0 {
+                next += 1;
+            }
+        }
+    }
+    for c in &mut chunks {
+        c.reverse();
+    }
+    for (id, own) in group.iter().zip(chunks) {
+        if let Some(r) = requests.get_mut(id) {
+            if let Some(first) = own.first() {
+                let from = first.from_ns.max(r.arrival.ts_ns);
+                r.prefill_from_ns = r.prefill_from_ns.map(|f| f.min(from));
+            }
+            r.prefill_chunks = own;
+        }
+    }
+}
+
+/// How big an unknown prompt is relative to others: its body's estimated tokens (1 when
+/// nothing is known of its size).
+fn body_weight(r: &Request, clock: Option<&StepClock>) -> f64 {
+    r.arrival
+        .body_bytes
+        .zip(clock)
+        .and_then(|(b, c)| c.prompt_estimate(b))
+        .filter(|t| *t > 0.0)
+        .unwrap_or(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ServiceId;
+    use crate::ledger::steps::StepSource;
+    use crate::ledger::{config::LedgerConfig, presence::resolve_prefill, types::Arrival};
+
+    const MS: u64 = 1_000_000;
+
+    /// 10 ms steps, except those ending at `stretched` (30 ms each: 20 ms of prefill).
+    fn clock(stretched: &[u64]) -> StepClock {
+        let mut c = StepClock::default();
+        let mut t = 0;
+        while t < 600 * MS {
+            t += if stretched.contains(&(t + 30 * MS)) {
+                30 * MS
+            } else {
+                10 * MS
+            };
+            c.mark(t, StepSource::Ipc);
+        }
+        // 40 µs per uncached token, from periods seen before.
+        for _ in 0..3 {
+            c.prefill_sample(4 * MS, 100);
+        }
+        c
+    }
+
+    /// A streamed request that arrived at `arrive` and whose first token was written after
+    /// the step ending at `first`.
+    fn streamed(
+        c: &mut StepClock,
+        arrive: u64,
+        first: u64,
+        prompt: Option<u64>,
+        body: u64,
+    ) -> Request {
+        let mut r = Request::new(
+            ServiceId(1),
+            Arrival {
+                ts_ns: arrive,
+                prompt_tokens: prompt,
+                cached_tokens: prompt.map(|_| 0),
+                body_bytes: Some(body),
+                ..Arrival::default()
+            },
+        );
+        r.first_event_ns = Some(first + MS / 10);
+        c.first_event(first + MS / 10);
+        resolve_prefill(&mut r, Some(c), &LedgerConfig::default());
+        r
+    }
+
+    fn place(c: &mut StepClock, rs: Vec<Request>) -> Vec<Vec<(u64, u64, u64)>> {
+        let mut requests: HashMap<RequestId, Request> = HashMap::new();
+        let mut fresh: Vec<RequestId> = Vec::new();
+        for (i, r) in rs.into_iter().enumerate() {
+            requests.insert(RequestId(i as u64), r);
+            fresh.push(RequestId(i as u64));
+        }
+        allocate_prefills(&mut requests, &mut fresh, Some(c), StepClockPolicy::Auto);
+        (0..requests.len() as u64)
+            .map(|i| {
+                requests[&RequestId(i)]
+                    .prefill_chunks
+                    .iter()
+                    .map(|k| {
+                        (
+                            k.from_ns / MS,
+                            k.to_ns / MS,
+                            (k.own_ns / 1e5).round() as u64,
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_period_is_cut_first_come_first_served() {
+        // Steps ending at 130, 160 and 190 ms carried 60 ms of prefill: 700 tokens of A's
+        // (first token out of the step ending at 160) and then 800 of B's (out of 190).
+        let mut c = clock(&[130 * MS, 160 * MS, 190 * MS]);
+        let a = streamed(&mut c, 95 * MS, 160 * MS, Some(700), 2800);
+        let b = streamed(&mut c, 96 * MS, 190 * MS, Some(800), 3200);
+        let placed = place(&mut c, vec![a, b]);
+        // (from ms, to ms, own in 0.1 ms)
+        assert_eq!(placed[0], vec![(100, 130, 200), (130, 160, 80)]);
+        assert_eq!(placed[1], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+
+    #[test]
+    fn a_prompt_of_unknown_size_is_sized_from_its_body() {
+        let mut c = clock(&[130 * MS, 160 * MS, 190 * MS]);
+        for _ in 0..3 {
+            c.prompt_sample(4000, 1000);
+        }
+        // A reported nothing; its body suggests 700 tokens (4 bytes each).
+        let a = streamed(&mut c, 95 * MS, 160 * MS, None, 2800);
+        let b = streamed(&mut c, 96 * MS, 190 * MS, Some(800), 3200);
+        let placed = place(&mut c, vec![a, b]);
+        assert_eq!(placed[0], vec![(100, 130, 200), (130, 160, 80)]);
+        assert_eq!(placed[1], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+
+    #[test]
+    fn the_last_group_of_a_period_takes_the_rest_of_its_step() {
+        // B's 500 tokens need 20 ms but its step and the one before carried 40 ms - A's 8:
+        // nothing else ran after it, so the rest is its own too.
+        let mut c = clock(&[130 * MS, 160 * MS, 190 * MS]);
+        let a = streamed(&mut c, 95 * MS, 160 * MS, Some(700), 2800);
+        let b = streamed(&mut c, 96 * MS, 190 * MS, Some(500), 2000);
+        let placed = place(&mut c, vec![a, b]);
+        assert_eq!(placed[1], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+
+    #[test]
+    fn inside_a_group_the_latest_arrival_ran_last() {
+        // One step of 20 ms finished both; the chunk step before it ran only the early one
+        // (the late one came in after it had begun).
+        let mut c = clock(&[130 * MS, 160 * MS]);
+        let early = streamed(&mut c, 95 * MS, 160 * MS, Some(900), 3600);
+        let late = streamed(&mut c, 140 * MS, 160 * MS, Some(100), 400);
+        let placed = place(&mut c, vec![early, late]);
+        assert_eq!(placed[0], vec![(100, 130, 200), (130, 160, 160)]);
+        assert_eq!(placed[1], vec![(130, 160, 40)]);
+    }
+
+    #[test]
+    fn an_open_period_leaves_the_rest_to_the_group_that_continues_it() {
+        // A's step (ending 160) was followed by another stretched step whose prefill has not
+        // finished yet: A takes its 700 tokens' worth; B, placed later, takes the rest.
+        let mut c = clock(&[130 * MS, 160 * MS, 190 * MS]);
+        let a = streamed(&mut c, 95 * MS, 160 * MS, Some(700), 2800);
+        let placed = place(&mut c, vec![a]);
+        assert_eq!(placed[0], vec![(100, 130, 200), (130, 160, 80)]);
+        assert_eq!(c.leftover(160 * MS), Some(12e6));
+        let b = streamed(&mut c, 96 * MS, 190 * MS, None, 3200);
+        let placed = place(&mut c, vec![b]);
+        assert_eq!(placed[0], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+}
