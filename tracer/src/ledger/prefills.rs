@@ -10,13 +10,15 @@
 //! the next group's first. What is not seen is where that cut lies inside each group's last
 //! step: the part of it the group took.
 //!
-//! Going forward through a period, a group takes what the group before it left of that one's
-//! last step, the steps in between, and of its own last step what it still needs: its prompts'
-//! uncached tokens (usage) at the service's ns per token, or for a prompt of unknown size what
-//! its body's size suggests (a body's size overstates a prompt whose prefix was cached). The
-//! rest of its step is the next group's. A period's last group takes the rest of its step:
-//! nothing ran after it (the next step was of usual length, or the next group began a new
-//! period). A period still open leaves the rest to the group that continues it
+//! A group takes what the group before it left of that one's last step, the steps in between,
+//! and of its own last step what it still needs; the rest of its step is the next group's. What
+//! a group needs is its prompts' uncached tokens at the service's ns per token. Where every
+//! prompt of a group reported its size (usage), that fixes the cut after it (from the one before)
+//! and the cut before it (from the one after); a period's last group takes the rest of its step
+//! (nothing ran after it: the next step was of usual length, or the next group began a new
+//! period). Cuts that no group of known size fixes follow, going forward, from what the bodies'
+//! sizes suggest (a body overstates a prompt whose prefix was cached, hence known sizes first).
+//! A period still open leaves the rest to the group that continues it
 //! ([`StepClock::set_leftover`]), as does a group for members whose first events come later.
 //! Without a size or a rate a group takes its whole last step; before a rate is learned, a
 //! closed period whose sizes are all known sets its own (its extension over its tokens).
@@ -253,27 +255,63 @@ fn group(
 }
 
 /// The cuts of one period: how much of its last step each group took (see the module docs).
+///
+/// A cut lies between two groups; a group whose prompts all reported their size fixes the cut
+/// after it from the one before (forward) and the cut before it from the one after (back,
+/// once the period is closed: its last group took the rest of its step). Cuts that neither
+/// side fixes follow, going forward, from the sizes the bodies suggest.
 fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
-    let mut cuts = Vec::with_capacity(period.len());
-    // What the group before left of its step (for the first: a leftover carried over).
-    let mut left = period
+    let n = period.len();
+    let ext = |k: usize| period[k].last.own_ns;
+    let chain = |k: usize| period[k].chain.steps.iter().map(|s| s.own_ns).sum::<f64>();
+    let known = |k: usize| rate.zip(period[k].sum_tokens(true)).map(|(r, t)| r * t);
+    let estimate = |k: usize| rate.zip(period[k].sum_tokens(false)).map(|(r, t)| r * t);
+    // What the group before `k` left of its step (for the first: a leftover carried over).
+    let carried = period
         .first()
         .and_then(|g| g.chain.boundary)
         .map_or(0.0, |b| b.own_ns);
-    for (k, g) in period.iter().enumerate() {
-        let ext = g.last.own_ns;
-        let chain: f64 = g.chain.steps.iter().map(|s| s.own_ns).sum();
-        let need = rate.zip(g.sum_tokens(false)).map(|(r, t)| r * t);
-        let x = match need {
-            // Nothing ran after a period's last group: it takes the rest of its step.
-            _ if closed && k + 1 == period.len() => ext,
-            Some(need) => (need - chain - left).clamp(0.0, ext),
-            None => ext,
-        };
-        cuts.push(x);
-        left = ext - x;
+    let left = |k: usize, cuts: &[Option<f64>]| match k.checked_sub(1) {
+        Some(p) => cuts[p].map(|x| ext(p) - x),
+        None => Some(carried),
+    };
+    let mut cuts: Vec<Option<f64>> = vec![None; n];
+    if closed && n > 0 {
+        // Nothing ran after a period's last group: it takes the rest of its step.
+        cuts[n - 1] = Some(ext(n - 1));
     }
-    cuts
+    loop {
+        let mut changed = false;
+        for k in 0..n {
+            if cuts[k].is_none()
+                && let (Some(need), Some(l)) = (known(k), left(k, &cuts))
+            {
+                cuts[k] = Some((need - chain(k) - l).clamp(0.0, ext(k)));
+                changed = true;
+            }
+            if k > 0
+                && cuts[k - 1].is_none()
+                && let (Some(need), Some(x)) = (known(k), cuts[k])
+            {
+                let from_before = (need - chain(k) - x).clamp(0.0, ext(k - 1));
+                cuts[k - 1] = Some(ext(k - 1) - from_before);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for k in 0..n {
+        if cuts[k].is_none() {
+            let l = left(k, &cuts).unwrap_or(0.0);
+            cuts[k] = Some(match estimate(k) {
+                Some(need) => (need - chain(k) - l).clamp(0.0, ext(k)),
+                None => ext(k),
+            });
+        }
+    }
+    cuts.into_iter().map(|x| x.unwrap_or(0.0)).collect()
 }
 
 /// Adds a group to its service's prefill period (see [`StepClock::period_group`]) and its
@@ -520,6 +558,21 @@ mod tests {
         let b = streamed(&mut c, 96 * MS, 190 * MS, Some(500), 2000);
         let placed = place(&mut c, vec![a, b]);
         assert_eq!(placed[1], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+
+    #[test]
+    fn a_reported_size_fixes_the_cut_before_it_too() {
+        // A reported nothing and its body suggests 900 tokens (its prefix was cached: it needed
+        // 300). B, after it, reported 700 (28 ms): of A's step it took 8 ms, so A had 12.
+        let mut c = clock(&[130 * MS, 160 * MS]);
+        for _ in 0..3 {
+            c.prompt_sample(4000, 1000);
+        }
+        let a = streamed(&mut c, 95 * MS, 130 * MS, None, 3600);
+        let b = streamed(&mut c, 96 * MS, 160 * MS, Some(700), 2800);
+        let placed = place(&mut c, vec![a, b]);
+        assert_eq!(placed[0], vec![(100, 130, 120)]);
+        assert_eq!(placed[1], vec![(100, 130, 80), (130, 160, 200)]);
     }
 
     #[test]
