@@ -211,9 +211,11 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         mean * 100.0,
         held * 100.0
     );
-    assert!(median <= 0.15, "median error {median}");
-    assert!(p95 <= 0.45, "p95 error {p95}");
-    assert!(held >= 0.75, "error bars hold the truth for {held}");
+    // Bounds with room for a noisy CI machine: three runs gave median 1.1-2.0 %, p95 6-21 %
+    // (~58 requests, so p95 is the third worst), bars 90-100 % (BENCHMARKS.md, issue 12).
+    assert!(median <= 0.08, "median error {median}");
+    assert!(p95 <= 0.35, "p95 error {p95}");
+    assert!(held >= 0.80, "error bars hold the truth for {held}");
 
     // The recording recomputes the bill exactly: same records, byte for byte.
     let replayed = dir.path().join("replayed.jsonl");
@@ -247,7 +249,7 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         ts_p95 * 100.0
     );
     assert!(ts_median <= 0.05, "time-sharing median {ts_median}");
-    assert!(ts_p95 <= 0.30, "time-sharing p95 {ts_p95}");
+    assert!(ts_p95 <= 0.20, "time-sharing p95 {ts_p95}");
     // On the caused truth the default split beats time sharing: fewer joules billed to the
     // wrong request.
     let (_, _, eq_mean, _) = summary(&errors(&equal, &truth, "dynamic_j"));
