@@ -9,7 +9,8 @@
 //!   counters reset at every record, nothing once detached, nothing left after the exit.
 //! - The daemon: finds the library in the process's maps and attaches by itself; the Unix
 //!   socketpair the process had before the attach (seeded from service discovery) and the Unix
-//!   connection it made afterwards are followed as IPC: lengths, no payload.
+//!   connection it made afterwards are followed as IPC: lengths, no payload; a read a thread
+//!   was already blocked in at attach is reported when it returns.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -282,7 +283,7 @@ fn daemon_attaches_the_step_clock_and_follows_ipc() {
         "the library was found in the maps and probed:\n{log}"
     );
     let done = steps.run("go");
-    let (pair_out, pair_in, client, server) = (done[2], done[3], done[4], done[5]);
+    let (pair_out, pair_in, client, server, waited) = (done[2], done[3], done[4], done[5], done[6]);
     std::thread::sleep(Duration::from_millis(200));
     let events = tracer.stop();
     steps.finish();
@@ -323,6 +324,13 @@ fn daemon_attaches_the_step_clock_and_follows_ipc() {
         "connected socket writes"
     );
     assert_eq!(on(server, true), vec![32; steps_n], "accepted socket reads");
+    // The read a thread was already blocked in when the daemon attached: reported when it
+    // returned (the daemon stashed it from /proc), like any other.
+    assert_eq!(
+        on(waited, true),
+        vec![24],
+        "a read in progress at attach is seen"
+    );
     let conns = events_of(&events, "conn", pid);
     assert_eq!(
         conns.len(),

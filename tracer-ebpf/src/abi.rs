@@ -641,7 +641,7 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     //! `aya::Pod` marks types userspace may copy in and out of maps and globals.
-    use super::{ConnState, CudaCounts, FdKey, GpuKey, GpuUse, ProbeConfig, UvmKey};
+    use super::{ConnState, CudaCounts, FdKey, GpuKey, GpuUse, ProbeConfig, Stash, UvmKey};
 
     // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for FdKey {}
@@ -657,4 +657,6 @@ mod pod {
     unsafe impl aya::Pod for UvmKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CudaCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Stash {}
 }

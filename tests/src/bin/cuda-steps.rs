@@ -8,9 +8,12 @@
 //!   then `empty-syncs-per-step` synchronisations with nothing launched (cycling through
 //!   `cuEventSynchronize`, `cuCtxSynchronize`, `cuStreamSynchronize`). Each step also moves
 //!   16 bytes over a socketpair made before `ready` (IPC the tracer finds at attach) and 32
-//!   bytes over a Unix connection made after the go (IPC the probes see being made). Prints
-//!   `done <steps> <empty syncs> <socketpair fd out> <socketpair fd in> <client fd> <server fd>`,
-//!   then waits for a line: `again` runs the steps once more, anything else exits.
+//!   bytes over a Unix connection made after the go (IPC the probes see being made). A thread
+//!   is blocked reading a second socketpair from before `ready` (like an API process waiting
+//!   for its engine's next message when the tracer attaches); after the go it gets 24 bytes.
+//!   Prints `done <steps> <empty syncs> <socketpair fd out> <socketpair fd in> <client fd>
+//!   <server fd> <blocked reader's fd>`, then waits for a line: `again` runs the steps once
+//!   more, anything else exits.
 //! - `cuda-steps bench <lib> <iterations>`: `ready <pid>`, waits for a line, then prints
 //!   `launch_ns`, `sync_ns` (nothing launched before it) and `step_ns` (10 launches and a
 //!   synchronisation), means per call, best of 3 rounds.
@@ -135,6 +138,13 @@ fn main() {
     let driver = Driver::open(&lib);
     // Before `ready`: a link the tracer can only find in /proc (service discovery).
     let (mut pair_out, mut pair_in) = UnixStream::pair().expect("socketpair");
+    // A read already waiting when the tracer attaches.
+    let (mut waited_out, mut waited_in) = UnixStream::pair().expect("socketpair");
+    let waited_fd = waited_in.as_raw_fd();
+    let waiting = std::thread::spawn(move || {
+        let mut buf = [0u8; 24];
+        waited_in.read_exact(&mut buf).expect("blocked read");
+    });
     let mut out = std::io::stdout().lock();
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -166,6 +176,10 @@ fn main() {
     let listener = UnixListener::bind_addr(&name).expect("bind");
     let mut client = UnixStream::connect_addr(&name).expect("connect");
     let (mut server, _) = listener.accept().expect("accept");
+    waited_out
+        .write_all(&[b'w'; 24])
+        .expect("write to the waiting reader");
+    waiting.join().expect("waiting reader");
     loop {
         let mut empties = 0usize;
         let mut buf = [0u8; 32];
@@ -185,7 +199,7 @@ fn main() {
         }
         writeln!(
             out,
-            "done {steps} {empties} {} {} {} {}",
+            "done {steps} {empties} {} {} {} {} {waited_fd}",
             pair_out.as_raw_fd(),
             pair_in.as_raw_fd(),
             client.as_raw_fd(),

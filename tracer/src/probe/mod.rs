@@ -347,7 +347,61 @@ impl Probes {
                 name: "CONNS",
                 source,
             })?;
+        let adopted = self.adopt_blocked_reads(tgid, fd, conn_id);
+        if adopted > 0 {
+            tracing::debug!("process {tgid}: {adopted} read(s) already waiting on IPC fd {fd}");
+        }
         Ok(true)
+    }
+
+    /// A thread already blocked reading `fd` when it was followed (an API process waiting for
+    /// the engine's next message since before the daemon attached) entered its read unseen, so
+    /// the probes would drop the read when it returns: the engine's first step after attach
+    /// would be missed. Such reads are found in `/proc/<tgid>/task/*/syscall` and stashed as
+    /// the probes would have, so their return is reported. A thread that returned between the
+    /// look and the stash has its entry taken back; the window left is a few microseconds, and
+    /// what a stale entry could cause is one extra IPC read record of that thread.
+    fn adopt_blocked_reads(&mut self, tgid: u32, fd: u32, conn_id: u64) -> usize {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
+            return 0;
+        };
+        let Ok(mut stash) = self.hash::<u64, abi::Stash>("STASH") else {
+            return 0;
+        };
+        let mut adopted = 0;
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let path = task.path().join("syscall");
+            let Some(blocked) = blocked_read(&path, fd) else {
+                continue;
+            };
+            let key = (u64::from(tgid) << 32) | u64::from(tid);
+            let entry = abi::Stash {
+                fd: i64::from(fd),
+                ptr: blocked.1,
+                arg: blocked.2,
+                conn_id,
+                syscall: blocked.0 as u8,
+                role: abi::ROLE_IPC,
+                pad: [0; 6],
+            };
+            // BPF_NOEXIST: a read the probes saw entering keeps its own entry.
+            if stash.insert(key, entry, 1).is_err() {
+                continue;
+            }
+            if blocked_read(&path, fd) == Some(blocked) {
+                adopted += 1;
+            } else {
+                let _ = stash.remove(&key);
+            }
+        }
+        adopted
     }
 
     /// Removes every kernel entry of a process that exited (its fds died with it, and its tgid
@@ -429,4 +483,22 @@ impl Probes {
         }
         Ok(KernelStats { slots })
     }
+}
+
+/// The read a thread is blocked in on `fd`, from its `/proc/.../syscall` line (syscall number
+/// then arguments in hex): the syscall, buffer and length, as the probes stash them.
+fn blocked_read(path: &Path, fd: u32) -> Option<(abi::Syscall, u64, u64)> {
+    let line = std::fs::read_to_string(path).ok()?;
+    let mut f = line.split_whitespace();
+    let nr: i64 = f.next()?.parse().ok()?;
+    let mut arg = || u64::from_str_radix(f.next()?.trim_start_matches("0x"), 16).ok();
+    let (a0, a1, a2) = (arg()?, arg()?, arg()?);
+    let syscall = match nr {
+        libc::SYS_read => abi::Syscall::Read,
+        libc::SYS_readv => abi::Syscall::Readv,
+        libc::SYS_recvfrom => abi::Syscall::Recvfrom,
+        libc::SYS_recvmsg => abi::Syscall::Recvmsg,
+        _ => return None,
+    };
+    (a0 == u64::from(fd)).then_some((syscall, a1, a2))
 }
