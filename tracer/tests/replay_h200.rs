@@ -69,7 +69,8 @@ fn h200_recording_replays_exactly() {
 /// prompt/64) + 6 × completion` matrix products (`tests/device/torch_server.py`). Short requests
 /// waited longest in the queue relative to their work; while queued they must not share the
 /// running request's power. Measured when the ledger learned queue-aware shares: the
-/// 16-token requests' mean dynamic-energy bias went from +26.9 % to +7.6 %.
+/// 16-token requests' mean dynamic-energy bias went from +26.9 % to +7.6 %; to −3.9 % once the
+/// units split before the cost model had learned were split again at its learned prices.
 #[test]
 fn h200_short_requests_are_not_charged_for_their_wait() {
     let text = std::fs::read_to_string(fixture("live-records.jsonl")).expect("records");
@@ -93,7 +94,7 @@ fn h200_short_requests_are_not_charged_for_their_wait() {
     };
     let short = bias(16);
     assert!(
-        short.abs() < 0.12,
+        short.abs() < 0.08,
         "16-token requests' mean bias {:.1} %",
         100.0 * short
     );

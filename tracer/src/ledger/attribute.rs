@@ -14,6 +14,7 @@ use super::{
     state::{Device, Request},
     steps::{Chunk, StepClock},
     types::{IdleBasis, LedgerStats},
+    warmup::HeldUnit,
     weights::{self, Prices, Weights, WeightsOutcome},
 };
 
@@ -295,7 +296,7 @@ pub(crate) fn segment(
                     config,
                     stats,
                     scratch,
-                    &mut d.models,
+                    (&mut d.models, &mut d.held),
                     requests,
                     &*steps,
                     svc,
@@ -324,7 +325,7 @@ pub(crate) fn segment(
                 config,
                 stats,
                 scratch,
-                &mut d.models,
+                (&mut d.models, &mut d.held),
                 requests,
                 &*steps,
                 svc,
@@ -387,7 +388,7 @@ fn split_unit(
     config: &LedgerConfig,
     stats: &mut LedgerStats,
     scratch: &mut Scratch,
-    models: &mut BTreeMap<ServiceId, CostModel>,
+    (models, held): (&mut BTreeMap<ServiceId, CostModel>, &mut Vec<HeldUnit>),
     requests: &mut HashMap<RequestId, Request>,
     steps: &BTreeMap<ServiceId, StepClock>,
     svc: usize,
@@ -462,19 +463,10 @@ fn split_unit(
         )
     });
     let beta = model.beta();
+    let warm = model.units() >= config.model.warmup_units;
     scratch.services[svc].rel_resid = model.relative_residual();
-    // Power above idle that goes with time: static + busy − idle. Under sustained load the
-    // fit cannot tell static from busy (they move together), but their sum is well defined.
-    // An idle guessed from loaded power is an upper bound (true idle lies in [0, guess]):
-    // price busy time from the middle of that range.
-    let idle_for_busy = if idle_guessed { idle_w / 2.0 } else { idle_w };
-    let busy_w = (beta[0] + beta[1] - idle_for_busy).max(0.0);
-    let prices = Prices {
-        busy_w,
-        prefill_j_per_token: beta[2],
-        decode_j_per_token: beta[3],
-        decode_context_j_per_token: beta[4],
-    };
+    let prices = prices_of(beta, idle_w, idle_guessed);
+    let busy_w = prices.busy_w;
     let WeightsOutcome {
         sum,
         used_model,
@@ -534,6 +526,28 @@ fn split_unit(
         acc.present_ns += f.b - f.a;
     }
 
+    if used_model && !warm {
+        let ids: Vec<RequestId> = scratch
+            .feats
+            .iter()
+            .map(|f| scratch.cands[f.cand].id)
+            .collect();
+        for id in &ids {
+            if let Some(r) = requests.get_mut(id) {
+                r.held_units += 1;
+            }
+        }
+        held.push(HeldUnit {
+            service,
+            end_ns: u1,
+            e_dyn,
+            e_idle,
+            ids,
+            feats: scratch.feats.clone(),
+            shares: w.iter().map(|x| x / sum).collect(),
+        });
+    }
+
     // Learn from this unit after splitting it (the split uses past evidence only).
     if scratch.feats.iter().all(|f| f.tokens_known) && busy_s > 0.0 {
         let x: Features = [
@@ -546,4 +560,19 @@ fn split_unit(
         model.learn(u1, x, unit.dyn_j + unit.idle_j, idle_w);
     }
     (got_dyn, got_idle)
+}
+
+/// The `tokens` split's prices from the cost model's coefficients. Power above idle that goes
+/// with time: static + busy − idle. Under sustained load the fit cannot tell static from busy
+/// (they move together), but their sum is well defined. An idle guessed from loaded power is
+/// an upper bound (true idle lies in [0, guess]): busy time is priced from the middle of that
+/// range.
+pub(super) fn prices_of(beta: [f64; 5], idle_w: f64, idle_guessed: bool) -> Prices {
+    let idle_for_busy = if idle_guessed { idle_w / 2.0 } else { idle_w };
+    Prices {
+        busy_w: (beta[0] + beta[1] - idle_for_busy).max(0.0),
+        prefill_j_per_token: beta[2],
+        decode_j_per_token: beta[3],
+        decode_context_j_per_token: beta[4],
+    }
 }

@@ -41,6 +41,9 @@ pub struct CostModelConfig {
     pub prior_prefill_weight: f64,
     /// How many segments' worth of evidence the prior is worth.
     pub prior_strength: f64,
+    /// Units split before the model has learned from this many are split again once it has
+    /// (or `max_defer_ns` after them): the prior's prices are far off (see `warmup.rs`).
+    pub warmup_units: f64,
 }
 
 impl Default for CostModelConfig {
@@ -49,6 +52,7 @@ impl Default for CostModelConfig {
             window_ns: 600_000_000_000,
             prior_prefill_weight: 0.1,
             prior_strength: 0.1,
+            warmup_units: 30.0,
         }
     }
 }

@@ -9,7 +9,10 @@ use super::{
     Ledger, attribute,
     sensor::{CounterEvent, PowerPoint},
     state::Request,
+    types::IdleBasis,
     types::{DeviceShare, Outcome, RequestRecord},
+    warmup,
+    weights::Weights,
 };
 
 /// Joules per kWh.
@@ -149,6 +152,25 @@ impl Ledger {
             );
             d.attributed_ns = d.attributed_ns.max(s.end_ns);
         }
+        // Units split before their service's model had learned: again, once it has (or once
+        // they waited `max_defer_ns`).
+        if !d.held.is_empty() {
+            let (idle_w, basis) = d.idle_estimate();
+            let guessed = basis == IdleBasis::AllPower;
+            let mut scratch = Weights::default();
+            let (config, requests) = (&self.config, &mut self.requests);
+            d.held.retain(|u| {
+                let model = d.models.get(&u.service);
+                let warm = model.is_some_and(|m| m.units() >= config.model.warmup_units);
+                let late = u.end_ns.saturating_add(config.max_defer_ns) <= watermark;
+                if !(warm || late) {
+                    return true;
+                }
+                let prices = model.map(|m| attribute::prices_of(m.beta(), idle_w, guessed));
+                warmup::resplit(id, config, u, prices.as_ref(), requests, &mut scratch);
+                false
+            });
+        }
     }
 
     pub(super) fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {
@@ -162,6 +184,9 @@ impl Ledger {
                     continue;
                 };
                 if end > watermark {
+                    continue;
+                }
+                if r.held_units > 0 {
                     continue;
                 }
                 let ready = self.devices.iter().all(|(dev_id, d)| {

@@ -85,8 +85,9 @@
 //! before the last steps of those requests' prefills has ended too (prefills are cut among all
 //! the requests of a period of stretched steps) — or, after `max_defer_ns`, with what is known
 //! so far. Records therefore lag by up to the longest request in flight (at most
-//! `max_defer_ns`). A request is final once it has ended and every device its service uses has
-//! attributed energy up to its end; a device that stopped reporting holds it for at most
+//! `max_defer_ns`). A request is final once it has ended, every device its service uses has
+//! attributed energy up to its end, and none of its units waits to be split again at learned
+//! prices (`warmup.rs`); a device that stopped reporting holds it for at most
 //! `stale_ns`, and the missing time widens its error bar.
 //!
 //! # Uncertainty
@@ -122,6 +123,7 @@ mod sensor;
 mod state;
 mod steps;
 mod types;
+mod warmup;
 mod weights;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -166,6 +168,11 @@ impl Ledger {
         if !(m.prior_prefill_weight.is_finite() && m.prior_prefill_weight >= 0.0) {
             return Err(LedgerError::InvalidConfig(
                 "model.prior_prefill_weight must be >= 0",
+            ));
+        }
+        if !(m.warmup_units.is_finite() && m.warmup_units >= 0.0) {
+            return Err(LedgerError::InvalidConfig(
+                "model.warmup_units must be >= 0",
             ));
         }
         if !(m.prior_strength.is_finite() && m.prior_strength > 0.0) || m.window_ns == 0 {
@@ -241,6 +248,7 @@ impl Ledger {
                 max_dyn_w: 0.0,
                 totals: DeviceTotals::default(),
                 models: BTreeMap::new(),
+                held: Vec::new(),
             },
         );
     }

@@ -73,6 +73,11 @@ impl CostModel {
         self.beta
     }
 
+    /// How many units it has learned from (decayed with its window).
+    pub(crate) fn units(&self) -> f64 {
+        self.n
+    }
+
     /// RMS of the fit's residual relative to the RMS of what it explains, over recent units:
     /// how well the model accounts for what the sensors measured, used as the random part of
     /// the split uncertainty.

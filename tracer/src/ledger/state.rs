@@ -11,6 +11,7 @@ use super::{
     sensor::{self, PowerCurve, Segment},
     steps::Chunk,
     types::{Arrival, DeviceInfo, DeviceTotals, IdleBasis, IdleSource, Outcome},
+    warmup::HeldUnit,
 };
 
 /// A service holding a device over `[from_ns, to_ns)` (`u64::MAX`: still holding).
@@ -43,6 +44,8 @@ pub(super) struct Device {
     pub(super) max_dyn_w: f64,
     pub(super) totals: DeviceTotals,
     pub(super) models: BTreeMap<ServiceId, CostModel>,
+    /// Units split before their service's model had learned (see `warmup.rs`).
+    pub(super) held: Vec<HeldUnit>,
 }
 
 impl Device {
@@ -121,6 +124,8 @@ pub(super) struct Request {
     pub(super) prefill_chunks: Vec<Chunk>,
     /// Its chunks were placed (once every request that could share its steps was known).
     pub(super) prefill_placed: bool,
+    /// Units of its that wait to be split again (see `warmup.rs`): not final until 0.
+    pub(super) held_units: u32,
     pub(super) response_bytes: u64,
     pub(super) last_seen_ns: u64,
     pub(super) accounts: BTreeMap<DeviceId, Account>,
@@ -146,6 +151,7 @@ impl Request {
             prefill_ext_ns: 0,
             prefill_chunks: Vec::new(),
             prefill_placed: false,
+            held_units: 0,
             response_bytes: 0,
             last_seen_ns: ts,
             accounts: BTreeMap::new(),
