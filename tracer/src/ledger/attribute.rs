@@ -30,6 +30,8 @@ pub(crate) struct Ctx<'a> {
     /// ended before it can be placed.
     pub settled_ns: u64,
     pub steps: &'a mut BTreeMap<ServiceId, StepClock>,
+    /// The device's units held for a re-split (`warmup.rs`).
+    pub held: &'a mut Vec<HeldUnit>,
     pub stats: &'a mut LedgerStats,
     pub scratch: &'a mut Scratch,
 }
@@ -101,6 +103,7 @@ pub(crate) fn segment(
         pending,
         settled_ns,
         steps,
+        held,
         stats,
         scratch,
     } = ctx;
@@ -296,7 +299,7 @@ pub(crate) fn segment(
                     config,
                     stats,
                     scratch,
-                    (&mut d.models, &mut d.held),
+                    (&mut d.models, &mut *held),
                     requests,
                     &*steps,
                     svc,
@@ -325,7 +328,7 @@ pub(crate) fn segment(
                 config,
                 stats,
                 scratch,
-                (&mut d.models, &mut d.held),
+                (&mut d.models, &mut *held),
                 requests,
                 &*steps,
                 svc,

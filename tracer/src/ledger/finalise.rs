@@ -143,6 +143,7 @@ impl Ledger {
                     pending: &self.pending,
                     settled_ns: if forced { u64::MAX } else { blocked_from },
                     steps: &mut self.steps,
+                    held: self.held.entry(id).or_default(),
                     stats: &mut self.stats,
                     scratch: &mut self.scratch,
                 },
@@ -154,23 +155,24 @@ impl Ledger {
         }
         // Units split before their service's model had learned: again, once it has (or once
         // they waited `max_defer_ns`).
-        if !d.held.is_empty() {
-            let (idle_w, basis) = d.idle_estimate();
-            let guessed = basis == IdleBasis::AllPower;
-            let mut scratch = Weights::default();
-            let (config, requests) = (&self.config, &mut self.requests);
-            d.held.retain(|u| {
-                let model = d.models.get(&u.service);
-                let warm = model.is_some_and(|m| m.units() >= config.model.warmup_units);
-                let late = u.end_ns.saturating_add(config.max_defer_ns) <= watermark;
-                if !(warm || late) {
-                    return true;
-                }
-                let prices = model.map(|m| attribute::prices_of(m.beta(), idle_w, guessed));
-                warmup::resplit(id, config, u, prices.as_ref(), requests, &mut scratch);
-                false
-            });
-        }
+        let Some(held) = self.held.get_mut(&id).filter(|h| !h.is_empty()) else {
+            return;
+        };
+        let (idle_w, basis) = d.idle_estimate();
+        let guessed = basis == IdleBasis::AllPower;
+        let mut scratch = Weights::default();
+        let (config, requests) = (&self.config, &mut self.requests);
+        held.retain(|u| {
+            let model = d.models.get(&u.service);
+            let warm = model.is_some_and(|m| m.units() >= config.model.warmup_units);
+            let late = u.end_ns.saturating_add(config.max_defer_ns) <= watermark;
+            if !(warm || late) {
+                return true;
+            }
+            let prices = model.map(|m| attribute::prices_of(m.beta(), idle_w, guessed));
+            warmup::resplit(id, config, u, prices.as_ref(), requests, &mut scratch);
+            false
+        });
     }
 
     pub(super) fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {

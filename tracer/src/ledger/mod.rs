@@ -153,6 +153,8 @@ pub struct Ledger {
     pending: BTreeMap<ServiceId, Vec<RequestId>>,
     /// Per service, the ends of its engine steps (engine marks and write bursts).
     steps: BTreeMap<ServiceId, steps::StepClock>,
+    /// Per device, units split before their service's model had learned (`warmup.rs`).
+    held: BTreeMap<DeviceId, Vec<warmup::HeldUnit>>,
     watermark_ns: u64,
     stats: LedgerStats,
     scratch: attribute::Scratch,
@@ -203,6 +205,7 @@ impl Ledger {
             requests: HashMap::new(),
             pending: BTreeMap::new(),
             steps: BTreeMap::new(),
+            held: BTreeMap::new(),
             watermark_ns: 0,
             stats: LedgerStats::default(),
             scratch: attribute::Scratch::default(),
@@ -248,7 +251,6 @@ impl Ledger {
                 max_dyn_w: 0.0,
                 totals: DeviceTotals::default(),
                 models: BTreeMap::new(),
-                held: Vec::new(),
             },
         );
     }

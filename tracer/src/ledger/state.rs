@@ -11,7 +11,6 @@ use super::{
     sensor::{self, PowerCurve, Segment},
     steps::Chunk,
     types::{Arrival, DeviceInfo, DeviceTotals, IdleBasis, IdleSource, Outcome},
-    warmup::HeldUnit,
 };
 
 /// A service holding a device over `[from_ns, to_ns)` (`u64::MAX`: still holding).
@@ -44,8 +43,6 @@ pub(super) struct Device {
     pub(super) max_dyn_w: f64,
     pub(super) totals: DeviceTotals,
     pub(super) models: BTreeMap<ServiceId, CostModel>,
-    /// Units split before their service's model had learned (see `warmup.rs`).
-    pub(super) held: Vec<HeldUnit>,
 }
 
 impl Device {
