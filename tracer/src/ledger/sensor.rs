@@ -75,6 +75,8 @@ pub(crate) struct Counter {
     last_update: Option<(u64, u64)>,
     /// After a reset or an implausible jump: where the uncovered gap began.
     gap_from: Option<u64>,
+    /// The update period as the updates themselves show it.
+    fit: PeriodFit,
 }
 
 impl Counter {
@@ -150,6 +152,13 @@ impl Counter {
             self.break_chain(r);
             return CounterEvent::Reset;
         };
+        // The period given was measured over a few updates at start: 2 % off, and projecting
+        // bounds by it places every update later and later. What the updates show, once they
+        // have shown enough, is used instead.
+        let period_ns = period_ns.map(|p| self.fit.period(p).unwrap_or(p));
+        if let Some(p) = period_ns {
+            self.fit.observe(self.last_same_ns / 2 + r.ts_ns / 2, p);
+        }
         let (lo, hi) = update_bounds(self.last_same_ns, r.ts_ns, period_ns, self.clock);
         let est = lo + (hi - lo) / 2;
         let tau = (hi - lo) / 2;
@@ -193,6 +202,73 @@ impl Counter {
         self.last_uj = Some(r.uj);
         self.last_same_ns = r.ts_ns;
         self.clock = None;
+    }
+}
+
+/// Updates observed before the fitted period is used.
+const FIT_MIN_UPDATES: f64 = 32.0;
+/// Per update, the weight of what came before (a memory of about a thousand updates).
+const FIT_DECAY: f64 = 0.999;
+
+/// A counter's update period fitted to its updates: each update lies somewhere in the window
+/// between the last read that showed the old value and the first that showed the new one, so
+/// the windows' middles, against the updates' running count, lie on a line whose slope is the
+/// period (weighted least squares with a slow decay, so that it follows drift).
+#[derive(Debug, Default, Clone)]
+struct PeriodFit {
+    /// The first update's window middle and the period then in use: the line is fitted to the
+    /// differences from `origin + count × period`.
+    origin: Option<(u64, u64)>,
+    last_mid: u64,
+    count: f64,
+    /// Σw, Σw·count, Σw·diff, Σw·count², Σw·count·diff.
+    sums: [f64; 5],
+}
+
+impl PeriodFit {
+    /// An update seen in a read window whose middle is `mid`; `period_ns` is the period in use.
+    fn observe(&mut self, mid: u64, period_ns: u64) {
+        let Some((t0, p0)) = self.origin else {
+            self.origin = Some((mid, period_ns));
+            self.last_mid = mid;
+            self.sums = [1.0, 0.0, 0.0, 0.0, 0.0];
+            return;
+        };
+        if mid <= self.last_mid || period_ns == 0 {
+            return;
+        }
+        let steps = ((mid - self.last_mid) as f64 / period_ns as f64)
+            .round()
+            .max(1.0);
+        self.count += steps;
+        self.last_mid = mid;
+        let x = self.count;
+        let y = mid as f64 - t0 as f64 - x * p0 as f64;
+        for v in &mut self.sums {
+            *v *= FIT_DECAY;
+        }
+        let s = &mut self.sums;
+        s[0] += 1.0;
+        s[1] += x;
+        s[2] += y;
+        s[3] += x * x;
+        s[4] += x * y;
+    }
+
+    /// The fitted period, once enough updates were seen, if within 10 % of `given_ns`.
+    fn period(&self, given_ns: u64) -> Option<u64> {
+        let (_, p0) = self.origin?;
+        let [w, sx, sy, sxx, sxy] = self.sums;
+        if w < FIT_MIN_UPDATES {
+            return None;
+        }
+        let den = w * sxx - sx * sx;
+        if den <= 0.0 {
+            return None;
+        }
+        let p = p0 as f64 + (w * sxy - sx * sy) / den;
+        let given = given_ns as f64;
+        ((p - given).abs() < 0.1 * given).then(|| p.round() as u64)
     }
 }
 
@@ -461,6 +537,48 @@ mod tests {
         assert!(worst_tau <= 8 * MS, "{worst_tau}");
         let total: f64 = segs.iter().map(|s| s.energy_j).sum();
         assert!(total > 0.0);
+    }
+
+    /// The same counter, given a period 2 % off (what a short measurement at start can say):
+    /// the updates' own period takes over and the update times stay pinned.
+    #[test]
+    fn a_period_measured_slightly_off_is_corrected_by_the_updates() {
+        let run = |given: u64| {
+            let mut c = Counter::default();
+            let mut segs = VecDeque::new();
+            let mut gaps = Vec::new();
+            let mut read = 5 * MS;
+            let mut s = 7u64;
+            while read < 20_000 * MS {
+                let updates = if read < 37 * MS {
+                    0
+                } else {
+                    (read - 37 * MS) / (100 * MS) + 1
+                };
+                c.push(read, updates * 10_000_000, None);
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                read += (20 + (s >> 33) % 31) * MS;
+            }
+            c.process(u64::MAX, Some(given), 1e4, &mut segs, &mut gaps, |_| {});
+            let worst = segs
+                .iter()
+                .skip(50)
+                .map(|seg| {
+                    let phase = (seg.end_ns + 100 * MS - 37 * MS) % (100 * MS);
+                    phase.min(100 * MS - phase)
+                })
+                .max()
+                .unwrap_or(u64::MAX);
+            (worst, c.fit.period(given))
+        };
+        let (exact, _) = run(100 * MS);
+        let (off, fitted) = run(102 * MS);
+        eprintln!("worst offset: exact period {exact} ns, 2 % off {off} ns, fitted {fitted:?}");
+        assert!(
+            fitted.is_some_and(|p| p.abs_diff(100 * MS) < MS / 5),
+            "{fitted:?}"
+        );
+        assert!(off <= 5 * MS, "{off}");
     }
 
     #[test]
