@@ -115,9 +115,9 @@ fn overlap(a: u64, b: u64, u0: u64, u1: u64) -> u64 {
     b.min(u1).saturating_sub(a.max(u0))
 }
 
-/// The request's uncached prompt tokens: reported, or (without usage) sized from its share of
-/// how much longer its prefill step was than its neighbours, at the service's recent rate
-/// (`ns_per_token`).
+/// The request's uncached prompt tokens: reported, or (without usage) sized from the time its
+/// prefill added to the steps it ran in (its chunks, see `prefills.rs`) at the service's recent
+/// rate (`ns_per_token`).
 pub(super) fn uncached_tokens(r: &Request, ns_per_token: Option<f64>) -> Option<f64> {
     match r.arrival.prompt_tokens {
         Some(p) => Some(p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64),

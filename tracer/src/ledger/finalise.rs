@@ -9,8 +9,7 @@ use super::{
     Ledger, attribute,
     sensor::{CounterEvent, PowerPoint},
     state::Request,
-    types::IdleBasis,
-    types::{DeviceShare, Outcome, RequestRecord},
+    types::{DeviceShare, IdleBasis, Outcome, RequestRecord},
     warmup,
     weights::Weights,
 };

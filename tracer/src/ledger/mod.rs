@@ -53,13 +53,14 @@
 //!      spread over the parts of the stretched engine steps its prefill ran in: the step that
 //!      produced its first streamed event and, for a chunked prefill, the ones before it, cut
 //!      first come, first served among the prefills of a period of stretched steps
-//!      (`prefills.rs`; without usage, sized from the request body). Decode tokens are the streamed events after the first (scaled to the
-//!      reported completion tokens), each spread over the engine step that produced it.
-//!      Busy time is time-sliced, except that the part of a stretched step a prefill added
-//!      (of the step's length minus a step's without prefill) is that prefill's. Why: in continuous batching every step costs a shared part (weights read,
-//!      kernels launched), a prefill part (compute-bound, per token, and the time it adds to
-//!      the step) and a decode part per sequence that grows with its context (KV cache
-//!      reads). The prices depend on the GPU, the model served and the batch size, so they
+//!      (`prefills.rs`; without usage, sized from the request body). Decode tokens are the
+//!      streamed events after the first (scaled to the reported completion tokens), each spread
+//!      over the engine step that produced it. Busy time is time-sliced, except that the part
+//!      of a stretched step a prefill added (of the step's length minus a step's without
+//!      prefill) is that prefill's. Why: in continuous batching every step costs a shared part
+//!      (weights read, kernels launched), a prefill part (compute-bound, per token, and the
+//!      time it adds to the step) and a decode part per sequence that grows with its context
+//!      (KV cache reads). The prices depend on the GPU, the model served and the batch size, so they
 //!      are learned, not configured; only their ratios matter, and the measured energy is
 //!      always what is split, so a poor fit costs accuracy, never conservation.
 //!    - `bytes`: response bytes per second of the request's life; a fallback for non-LLM APIs.

@@ -48,10 +48,14 @@ struct Group {
     members: (usize, usize),
     /// Its last step, with that step's whole extension.
     last: Chunk,
+    /// The rest of a group placed in an earlier pass (what it left of the step is recorded).
+    rest: bool,
+    /// The stretched steps before its last step (none for the rest of a group).
     chain: Chain,
     /// Each member's uncached prompt tokens when reported.
     tokens: Vec<Option<f64>>,
-    /// Each member's prompt tokens as its body's size suggests.
+    /// Each member's prompt tokens as its body's size suggests (filled once this pass has
+    /// learned tokens per byte).
     body: Vec<Option<f64>>,
 }
 
@@ -66,16 +70,22 @@ impl Group {
 
     /// Σ of the members' tokens, unknown sizes as their bodies suggest (`known`: reported only).
     fn sum_tokens(&self, known: bool) -> Option<f64> {
+        let body = |i: usize| self.body.get(i).copied().flatten();
         self.tokens
             .iter()
-            .zip(&self.body)
-            .map(|(t, b)| if known { *t } else { t.or(*b) })
+            .enumerate()
+            .map(|(i, t)| if known { *t } else { t.or_else(|| body(i)) })
             .sum()
+    }
+
+    /// Its chain steps' extension (ns).
+    fn chain_ns(&self) -> f64 {
+        self.chain.steps.iter().map(|s| s.own_ns).sum()
     }
 
     /// Its chain steps' and last step's extension (ns).
     fn ext_ns(&self) -> f64 {
-        self.last.own_ns + self.chain.steps.iter().map(|s| s.own_ns).sum::<f64>()
+        self.last.own_ns + self.chain_ns()
     }
 }
 
@@ -122,32 +132,40 @@ pub(super) fn allocate_prefills(
             c.first_event(to);
         }
     }
+    let mut groups: Vec<Group> = ranges
+        .iter()
+        .filter_map(|&(a, b)| group(requests, &fresh[a..b], (a, b), c, policy))
+        .collect();
     // Learn the rate from the periods these groups close, and prompt tokens per body byte,
     // before placing any of them: at start-up every prefill runs in one long period.
-    for &(a, b) in &ranges {
-        learn_period(requests, &fresh[a..b], c, policy);
+    for g in &groups {
+        learn_period(requests, &fresh[g.members.0..g.members.1], g, c);
     }
     let rate = c.prefill_ns_per_token();
-    let mut groups: Vec<Group> = Vec::with_capacity(ranges.len());
-    for &(a, b) in &ranges {
-        let Some(g) = group(requests, &fresh[a..b], (a, b), c, policy) else {
-            continue;
-        };
-        if let Some(left) = c.leftover(g.last.to_ns) {
-            // The rest of a group placed in an earlier pass: what that left of the step.
-            let avail = left.min(g.last.own_ns);
-            let need = rate.zip(g.sum_tokens(true)).map(|(r, t)| r * t);
-            let take = need.map_or(avail, |n| n.min(avail));
-            c.set_leftover(g.last.to_ns, avail - take);
-            let claimed = [Chunk {
-                own_ns: take,
-                ..g.last
-            }];
-            share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
-            continue;
-        }
-        groups.push(g);
+    for g in &mut groups {
+        g.body = fresh[g.members.0..g.members.1]
+            .iter()
+            .filter_map(|id| requests.get(id))
+            .map(|r| r.arrival.body_bytes.and_then(|b| c.prompt_estimate(b)))
+            .collect();
     }
+    groups.retain(|g| {
+        let Some(left) = c.leftover(g.last.to_ns).filter(|_| g.rest) else {
+            return true;
+        };
+        // The rest of a group placed in an earlier pass: what that left of the step.
+        let avail = left.min(g.last.own_ns);
+        let need = rate.zip(g.sum_tokens(true)).map(|(r, t)| r * t);
+        let take = need.map_or(avail, |n| n.min(avail));
+        c.set_leftover(g.last.to_ns, avail - take);
+        let claimed = [Chunk {
+            own_ns: take,
+            ..g.last
+        }];
+        let (a, b) = g.members;
+        share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
+        false
+    });
     // Periods: a group continues the one before when its chain reaches back to that group's
     // last step.
     let mut start = 0;
@@ -232,7 +250,8 @@ fn group(
     };
     let rs = || ids.iter().filter_map(|id| requests.get(id));
     let arrived = rs().map(|r| r.arrival.ts_ns).min().unwrap_or(last.from_ns);
-    let chain = if c.leftover(last.to_ns).is_some() {
+    let rest = c.leftover(last.to_ns).is_some();
+    let chain = if rest {
         Chain::default()
     } else {
         c.chain_before(last.from_ns, arrived, policy)
@@ -240,6 +259,7 @@ fn group(
     Some(Group {
         members,
         last,
+        rest,
         chain,
         tokens: rs()
             .map(|r| {
@@ -248,9 +268,7 @@ fn group(
                     .map(|p| p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)) as f64)
             })
             .collect(),
-        body: rs()
-            .map(|r| r.arrival.body_bytes.and_then(|b| c.prompt_estimate(b)))
-            .collect(),
+        body: Vec::new(),
     })
 }
 
@@ -263,7 +281,7 @@ fn group(
 fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
     let n = period.len();
     let ext = |k: usize| period[k].last.own_ns;
-    let chain = |k: usize| period[k].chain.steps.iter().map(|s| s.own_ns).sum::<f64>();
+    let chain = |k: usize| period[k].chain_ns();
     let known = |k: usize| rate.zip(period[k].sum_tokens(true)).map(|(r, t)| r * t);
     let estimate = |k: usize| rate.zip(period[k].sum_tokens(false)).map(|(r, t)| r * t);
     // What the group before `k` left of its step (for the first: a leftover carried over).
@@ -318,39 +336,24 @@ fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
 /// prompts' sizes to what the clock knows of body sizes.
 fn learn_period(
     requests: &HashMap<RequestId, Request>,
-    group: &[RequestId],
+    ids: &[RequestId],
+    g: &Group,
     c: &mut StepClock,
-    policy: StepClockPolicy,
 ) {
-    let members = || group.iter().filter_map(|id| requests.get(id));
-    for r in members() {
+    for r in ids.iter().filter_map(|id| requests.get(id)) {
         if let (Some(prompt), Some(bytes)) = (r.arrival.prompt_tokens, r.arrival.body_bytes) {
             c.prompt_sample(bytes, prompt);
         }
     }
-    let tokens: Option<u64> = members()
-        .map(|r| {
-            r.arrival
-                .prompt_tokens
-                .map(|p| p.saturating_sub(r.arrival.cached_tokens.unwrap_or(0)))
-        })
-        .sum();
-    let Some(first) = members().next() else {
-        return;
-    };
-    let (Some(d_from), Some(d_to)) = (first.prefill_from_ns, first.prefill_to_ns) else {
-        return;
-    };
-    if c.leftover(d_to).is_some() {
+    // Reported token counts are whole numbers.
+    let tokens = g.sum_tokens(true).map(|t| t as u64);
+    if g.rest {
         // The rest of a group already counted.
         c.period_group((false, false), 0.0, tokens);
         return;
     }
-    let arrived = members().map(|r| r.arrival.ts_ns).min().unwrap_or(d_from);
-    let chain = c.chain_before(d_from, arrived, policy);
-    let added = first.prefill_ext_ns as f64 + chain.steps.iter().map(|s| s.own_ns).sum::<f64>();
-    let starts = chain.boundary.is_none();
-    c.period_group((starts, !chain.truncated), added, tokens);
+    let starts = g.chain.boundary.is_none();
+    c.period_group((starts, !g.chain.truncated), g.ext_ns(), tokens);
 }
 
 /// Shares a group's `claimed` step parts (in time order) among its members.

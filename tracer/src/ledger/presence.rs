@@ -44,10 +44,9 @@ pub(super) fn resolve_prefill(r: &mut Request, clock: Option<&StepClock>, config
     let to = step.map_or(fe, |s| s.to_ns).clamp(from, fe);
     r.prefill_from_ns = Some(from);
     r.prefill_to_ns = Some(if to > from { to } else { fe });
-    // The engine's first step seen began when the request came in at the earliest.
+    // Not more than the step's time since the request came in over a step's usual length (the
+    // engine was idle before, or the step's start was not seen: it began at the arrival).
     r.prefill_ext_ns = match step {
-        // Not more than the step's time since the request came in (the engine was idle
-        // before, or the step's start was not seen) over a step's usual length.
         Some(s) if s.from_ns.is_some() => s.base_ns.map_or(s.extension_ns, |b| {
             s.extension_ns.min((to - from).saturating_sub(b))
         }),

@@ -117,7 +117,7 @@ pub(super) struct Request {
     /// finished).
     pub(super) prefill_ext_ns: u64,
     /// Its own part of the stretched steps its prefill ran in, in time order (see
-    /// `presence::allocate_prefills`).
+    /// `prefills::allocate_prefills`).
     pub(super) prefill_chunks: Vec<Chunk>,
     /// Its chunks were placed (once every request that could share its steps was known).
     pub(super) prefill_placed: bool,

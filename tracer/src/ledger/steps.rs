@@ -123,7 +123,9 @@ pub(crate) struct Chain {
     pub steps: Vec<Chunk>,
     /// The stretched step before them that finished other prefills, with what they left.
     pub boundary: Option<Chunk>,
-    /// The walk stopped at [`MAX_CHUNK_STEPS`], not at a step of usual length.
+    /// Where the run of stretched steps began was not seen: the walk stopped at
+    /// [`MAX_CHUNK_STEPS`], at the start of what the clock keeps, or at a source's first mark
+    /// that another source shows was not the engine's first step.
     pub truncated: bool,
 }
 
