@@ -445,7 +445,8 @@ impl Ledger {
             }
             _ => r.times.push_back(item),
         }
-        let first = r.first_event_ns.is_none_or(|f| ts_ns < f);
+        let was_first = r.first_event_ns;
+        let first = was_first.is_none_or(|f| ts_ns < f);
         r.first_event_ns = Some(r.first_event_ns.map_or(ts_ns, |f| f.min(ts_ns)));
         r.last_seen_ns = r.last_seen_ns.max(ts_ns);
         let clock = self.steps.entry(r.service).or_default();
@@ -455,8 +456,10 @@ impl Ledger {
             self.config.step_merge_ns,
             self.config.burst_window_max_ns,
         );
-        if first {
-            clock.first_event(ts_ns);
+        match was_first {
+            Some(was) if first => clock.move_first_event(was, ts_ns),
+            None => clock.first_event(ts_ns),
+            Some(_) => {}
         }
     }
 

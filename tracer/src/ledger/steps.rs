@@ -291,6 +291,16 @@ impl StepClock {
         self.firsts.insert(idx, t);
     }
 
+    /// A request's first event turned out to be at `t`, not `was` (an earlier one arrived out
+    /// of order): one prefill finished, not two.
+    pub(crate) fn move_first_event(&mut self, was: u64, t: u64) {
+        let idx = self.firsts.partition_point(|&f| f < was);
+        if self.firsts.get(idx) == Some(&was) {
+            self.firsts.remove(idx);
+        }
+        self.first_event(t);
+    }
+
     /// A group of prefills that finished in one step, seen in time order: `added_ns` is the
     /// extension of its step and of the chunk steps before it that it brought to its period
     /// (`starts`: its chain began after a step of usual length, so the previous period is

@@ -163,8 +163,10 @@ fn a_chunked_prefill_is_followed_back_through_orphan_stretched_steps() {
     for &e in &ends {
         c.mark(e, StepSource::Ipc);
     }
-    // Another request's first event, written after the step ending at 170 ms.
-    c.first_event(170 * MS + 100 * US);
+    // Another request's first event, written after the step ending at 170 ms (first seen as
+    // one written after the step ending at 230 ms: an earlier event came in late).
+    c.first_event(230 * MS + 100 * US);
+    c.move_first_event(230 * MS + 100 * US, 170 * MS + 100 * US);
     let p = c.prefill_step(260 * MS + 100 * US, StepClockPolicy::Auto);
     assert_eq!(
         (p.from_ns, p.to_ns, p.extension_ns),
