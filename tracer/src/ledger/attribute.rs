@@ -9,6 +9,7 @@ use super::{
     features::{Feat, decode_in, prefill_in, time_shares, unit_chunks},
     model::{CostModel, Features},
     prefills::allocate_prefills,
+    prefix::PrefixCache,
     presence::{in_engine, resolve_prefill},
     sensor::Segment,
     state::{Device, Request},
@@ -30,6 +31,8 @@ pub(crate) struct Ctx<'a> {
     /// ended before it can be placed.
     pub settled_ns: u64,
     pub steps: &'a mut BTreeMap<ServiceId, StepClock>,
+    /// Per service, the prompt starts seen (`prefix.rs`).
+    pub prefixes: &'a BTreeMap<ServiceId, PrefixCache>,
     /// The device's units held for a re-split (`warmup.rs`).
     pub held: &'a mut Vec<HeldUnit>,
     pub stats: &'a mut LedgerStats,
@@ -103,6 +106,7 @@ pub(crate) fn segment(
         pending,
         settled_ns,
         steps,
+        prefixes,
         held,
         stats,
         scratch,
@@ -142,6 +146,7 @@ pub(crate) fn segment(
             requests,
             &mut scratch.fresh,
             steps.get_mut(&o.service),
+            prefixes.get(&o.service),
             config.step_clock,
         );
         scratch.fresh.clear();

@@ -142,6 +142,7 @@ impl Ledger {
                     pending: &self.pending,
                     settled_ns: if forced { u64::MAX } else { blocked_from },
                     steps: &mut self.steps,
+                    prefixes: &self.prefixes,
                     held: self.held.entry(id).or_default(),
                     stats: &mut self.stats,
                     scratch: &mut self.scratch,

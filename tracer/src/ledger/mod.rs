@@ -53,7 +53,8 @@
 //!      spread over the parts of the stretched engine steps its prefill ran in: the step that
 //!      produced its first streamed event and, for a chunked prefill, the ones before it, cut
 //!      first come, first served among the prefills of a period of stretched steps
-//!      (`prefills.rs`; without usage, sized from the request body). Decode tokens are the
+//!      (`prefills.rs`; without usage, sized from the request body less the start the engine
+//!      likely had cached: `sizes.rs`, `prefix.rs`). Decode tokens are the
 //!      streamed events after the first (scaled to the reported completion tokens), each spread
 //!      over the engine step that produced it. Busy time is time-sliced, except that the part
 //!      of a stretched step a prefill added (of the step's length minus a step's without
@@ -119,8 +120,10 @@ mod finalise;
 mod idle;
 mod model;
 mod prefills;
+mod prefix;
 mod presence;
 mod sensor;
+mod sizes;
 mod state;
 mod steps;
 mod types;
@@ -154,6 +157,8 @@ pub struct Ledger {
     pending: BTreeMap<ServiceId, Vec<RequestId>>,
     /// Per service, the ends of its engine steps (engine marks and write bursts).
     steps: BTreeMap<ServiceId, steps::StepClock>,
+    /// Per service, the prompt starts seen (what a prompt without usage had cached).
+    prefixes: BTreeMap<ServiceId, prefix::PrefixCache>,
     /// Per device, units split before their service's model had learned (`warmup.rs`).
     held: BTreeMap<DeviceId, Vec<warmup::HeldUnit>>,
     watermark_ns: u64,
@@ -206,6 +211,7 @@ impl Ledger {
             requests: HashMap::new(),
             pending: BTreeMap::new(),
             steps: BTreeMap::new(),
+            prefixes: BTreeMap::new(),
             held: BTreeMap::new(),
             watermark_ns: 0,
             stats: LedgerStats::default(),
@@ -400,6 +406,10 @@ impl Ledger {
         if arrival.ts_ns < self.watermark_ns {
             self.stats.late_observations += 1;
         }
+        self.prefixes
+            .entry(service)
+            .or_default()
+            .arrive(arrival.ts_ns, &arrival.prefix_blocks);
         self.requests.insert(id, Request::new(service, arrival));
         self.pending.entry(service).or_default().push(id);
         self.stats.requests_open += 1;
@@ -485,16 +495,25 @@ impl Ledger {
         completion_tokens: Option<u64>,
         cached_tokens: Option<u64>,
     ) {
-        if let Some(r) = self.request(id) {
-            if prompt_tokens.is_some() {
-                r.arrival.prompt_tokens = prompt_tokens;
-            }
-            if cached_tokens.is_some() {
-                r.arrival.cached_tokens = cached_tokens;
-            }
-            if completion_tokens.is_some() {
-                r.completion_tokens = completion_tokens;
-            }
+        let Some(r) = self.requests.get_mut(&id) else {
+            self.stats.unknown_requests += 1;
+            return;
+        };
+        if prompt_tokens.is_some() {
+            r.arrival.prompt_tokens = prompt_tokens;
+        }
+        if cached_tokens.is_some() {
+            r.arrival.cached_tokens = cached_tokens;
+        }
+        if completion_tokens.is_some() {
+            r.completion_tokens = completion_tokens;
+        }
+        let (service, a) = (r.service, &r.arrival);
+        if let (Some(prompt), Some(cached), Some(bytes)) =
+            (a.prompt_tokens, a.cached_tokens, a.body_bytes)
+            && let Some(p) = self.prefixes.get_mut(&service)
+        {
+            p.reported(&a.prefix_blocks, bytes, prompt, cached);
         }
     }
 

@@ -17,7 +17,10 @@
 //! and the cut before it (from the one after); a period's last group takes the rest of its step
 //! (nothing ran after it: the next step was of usual length, or the next group began a new
 //! period). Cuts that no group of known size fixes follow, going forward, from what the bodies'
-//! sizes suggest (a body overstates a prompt whose prefix was cached, hence known sizes first).
+//! sizes suggest (`sizes.rs`, less the start the engine likely had cached: `prefix.rs`; known
+//! sizes come first, as a cached start can still be misjudged). In a closed period whose start
+//! was seen, each start that prompts of unknown size share with others is taken as cached or
+//! computed, whichever adds up closest to the period's extension ([`weigh_cached`]).
 //! A period still open leaves the rest to the group that continues it
 //! ([`StepClock::set_leftover`]), as does a group for members whose first events come later.
 //! Without a size or a rate a group takes its whole last step; before a rate is learned, a
@@ -36,6 +39,8 @@
 use std::collections::HashMap;
 
 use super::{
+    prefix::PrefixCache,
+    sizes::{Shared, body_estimate, cached_choice, choose_cached},
     state::Request,
     steps::{Chain, Chunk, MARK_MERGE_NS, StepClock, StepClockPolicy},
 };
@@ -55,8 +60,11 @@ struct Group {
     /// Each member's uncached prompt tokens when reported.
     tokens: Vec<Option<f64>>,
     /// Each member's prompt tokens as its body's size suggests (filled once this pass has
-    /// learned tokens per byte).
+    /// learned tokens per byte; see `weigh_cached`).
     body: Vec<Option<f64>>,
+    /// Each member of unknown size whose start others shared: its size with that start
+    /// cached and computed whole.
+    cached: Vec<Option<Shared>>,
 }
 
 impl Group {
@@ -95,6 +103,7 @@ pub(super) fn allocate_prefills(
     requests: &mut HashMap<RequestId, Request>,
     fresh: &mut [RequestId],
     clock: Option<&mut StepClock>,
+    prefixes: Option<&PrefixCache>,
     policy: StepClockPolicy,
 ) {
     let key = |requests: &HashMap<RequestId, Request>, id: &RequestId| {
@@ -146,7 +155,12 @@ pub(super) fn allocate_prefills(
         g.body = fresh[g.members.0..g.members.1]
             .iter()
             .filter_map(|id| requests.get(id))
-            .map(|r| r.arrival.body_bytes.and_then(|b| c.prompt_estimate(b)))
+            .map(|r| body_estimate(r, c, prefixes))
+            .collect();
+        g.cached = fresh[g.members.0..g.members.1]
+            .iter()
+            .filter_map(|id| requests.get(id))
+            .map(|r| cached_choice(r, c, prefixes))
             .collect();
     }
     groups.retain(|g| {
@@ -163,7 +177,7 @@ pub(super) fn allocate_prefills(
             ..g.last
         }];
         let (a, b) = g.members;
-        share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
+        share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, &g.body);
         false
     });
     // Periods: a group continues the one before when its chain reaches back to that group's
@@ -195,6 +209,13 @@ pub(super) fn allocate_prefills(
                 .sum::<Option<f64>>()?;
             (closed && tokens > 0.0 && ext > 0.0).then(|| ext / tokens)
         });
+        if closed
+            && period[0].chain.boundary.is_none()
+            && let Some(r) = rate.filter(|&r| r > 0.0)
+        {
+            weigh_cached(&mut groups[start..end], r);
+        }
+        let period = &groups[start..end];
         let cuts = cut_period(period, closed, rate);
         for (k, g) in period.iter().enumerate() {
             let before = match k.checked_sub(1) {
@@ -228,7 +249,7 @@ pub(super) fn allocate_prefills(
             });
             claimed.retain(|s| s.own_ns > 0.0);
             let (a, b) = g.members;
-            share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, c);
+            share_group(requests, &fresh[a..b], &g.needs(rate), &claimed, &g.body);
         }
         start = end;
     }
@@ -269,6 +290,7 @@ fn group(
             })
             .collect(),
         body: Vec::new(),
+        cached: Vec::new(),
     })
 }
 
@@ -362,7 +384,7 @@ fn share_group(
     group: &[RequestId],
     need: &[Option<f64>],
     claimed: &[Chunk],
-    c: &StepClock,
+    body: &[Option<f64>],
 ) {
     let total: f64 = claimed.iter().map(|s| s.own_ns).sum();
     // Targets: known sizes their worth, unknown sizes the rest by body size. What the group
@@ -375,16 +397,20 @@ fn share_group(
         1.0
     };
     let rest = (total - known).max(0.0);
-    let weight_unknown: f64 = group
-        .iter()
-        .zip(need)
-        .filter(|(_, n)| n.is_none())
-        .filter_map(|(id, _)| requests.get(id))
-        .map(|r| body_weight(r, Some(c)))
+    let size = |i: usize| {
+        body.get(i)
+            .copied()
+            .flatten()
+            .filter(|t| *t > 0.0)
+            .unwrap_or(1.0)
+    };
+    let weight_unknown: f64 = (0..group.len())
+        .filter(|&i| need.get(i).is_some_and(Option::is_none))
+        .map(size)
         .sum();
     let mut target: Vec<f64> = Vec::with_capacity(group.len());
     let mut arrival: Vec<u64> = Vec::with_capacity(group.len());
-    for (id, n) in group.iter().zip(need) {
+    for (i, (id, n)) in group.iter().zip(need).enumerate() {
         let Some(r) = requests.get(id) else {
             target.push(0.0);
             arrival.push(u64::MAX);
@@ -393,7 +419,7 @@ fn share_group(
         arrival.push(r.arrival.ts_ns);
         target.push(match n {
             Some(n) => n * scale,
-            None if weight_unknown > 0.0 => rest * body_weight(r, Some(c)) / weight_unknown,
+            None if weight_unknown > 0.0 => rest * size(i) / weight_unknown,
             None => 0.0,
         });
     }
@@ -436,15 +462,57 @@ fn share_group(
     }
 }
 
-/// How big an unknown prompt is relative to others: its body's estimated tokens (1 when
-/// nothing is known of its size).
-fn body_weight(r: &Request, clock: Option<&StepClock>) -> f64 {
-    r.arrival
-        .body_bytes
-        .zip(clock)
-        .and_then(|(b, c)| c.prompt_estimate(b))
-        .filter(|t| *t > 0.0)
-        .unwrap_or(1.0)
+/// Takes each shared start of the period's prompts of unknown size as cached or not,
+/// whichever way their sizes add up closest to the period's extension (`Group::body`).
+///
+/// A prompt whose start others carried too either found that start cached or computed it
+/// itself (the first to carry it since the engine started, or run in the same step as the
+/// others); the arrival order (`body_estimate`) guesses, the time the prompts took tells. Only
+/// a closed period whose start was seen is weighed (see [`choose_cached`]).
+fn weigh_cached(period: &mut [Group], rate: f64) {
+    // In the order the prefills ran (groups in time order, members by arrival).
+    let choices: Vec<(usize, usize, Shared)> = period
+        .iter()
+        .enumerate()
+        .flat_map(|(k, g)| {
+            g.cached
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, ch)| ch.map(|ch| (k, i, ch)))
+        })
+        .collect();
+    if choices.is_empty() {
+        return;
+    }
+    let carried = period
+        .first()
+        .and_then(|g| g.chain.boundary)
+        .map_or(0.0, |b| b.own_ns);
+    let target = (carried + period.iter().map(Group::ext_ns).sum::<f64>()) / rate;
+    let chosen = |k: usize, i: usize| choices.iter().any(|ch| ch.0 == k && ch.1 == i);
+    let fixed: f64 = period
+        .iter()
+        .enumerate()
+        .flat_map(|(k, g)| {
+            g.tokens.iter().enumerate().map(move |(i, t)| {
+                t.or_else(|| {
+                    (!chosen(k, i))
+                        .then(|| g.body.get(i).copied().flatten())
+                        .flatten()
+                })
+                .unwrap_or(0.0)
+            })
+        })
+        .sum();
+    let shared: Vec<Shared> = choices.iter().map(|ch| ch.2).collect();
+    let Some(cached) = choose_cached(&shared, fixed, target) else {
+        return;
+    };
+    for (&(k, i, ch), cached) in choices.iter().zip(cached) {
+        if let Some(size) = period[k].body.get_mut(i) {
+            *size = Some(if cached { ch.lo } else { ch.hi });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -501,13 +569,27 @@ mod tests {
     }
 
     fn place(c: &mut StepClock, rs: Vec<Request>) -> Vec<Vec<(u64, u64, u64)>> {
+        place_with(c, rs, None)
+    }
+
+    fn place_with(
+        c: &mut StepClock,
+        rs: Vec<Request>,
+        prefixes: Option<&PrefixCache>,
+    ) -> Vec<Vec<(u64, u64, u64)>> {
         let mut requests: HashMap<RequestId, Request> = HashMap::new();
         let mut fresh: Vec<RequestId> = Vec::new();
         for (i, r) in rs.into_iter().enumerate() {
             requests.insert(RequestId(i as u64), r);
             fresh.push(RequestId(i as u64));
         }
-        allocate_prefills(&mut requests, &mut fresh, Some(c), StepClockPolicy::Auto);
+        allocate_prefills(
+            &mut requests,
+            &mut fresh,
+            Some(c),
+            prefixes,
+            StepClockPolicy::Auto,
+        );
         (0..requests.len() as u64)
             .map(|i| {
                 requests[&RequestId(i)]
@@ -550,6 +632,53 @@ mod tests {
         let placed = place(&mut c, vec![a, b]);
         assert_eq!(placed[0], vec![(100, 130, 200), (130, 160, 80)]);
         assert_eq!(placed[1], vec![(130, 160, 120), (160, 190, 200)]);
+    }
+
+    #[test]
+    fn the_time_taken_tells_whether_a_shared_start_was_cached() {
+        // A (1,600-byte body: 400 tokens at 4 bytes each) began with 20 blocks that C, later,
+        // reported cached; D (400 bytes: 100 tokens) shared nothing. Their step carried 20 ms:
+        // 500 tokens at 40 µs, so A computed its start itself (400 + 100), not 80 + 100.
+        let mut c = clock(&[160 * MS]);
+        for _ in 0..3 {
+            c.prompt_sample(4000, 1000);
+        }
+        let start: Vec<u64> = (1..=20).collect();
+        let mut prefixes = PrefixCache::default();
+        let mut a = streamed(&mut c, 125 * MS, 160 * MS, None, 1600);
+        a.arrival.prefix_blocks = [start.clone(), vec![100]].concat();
+        let mut d = streamed(&mut c, 126 * MS, 160 * MS, None, 400);
+        d.arrival.prefix_blocks = (300..306).collect();
+        let c_blocks = [start, vec![200]].concat();
+        prefixes.arrive(125 * MS, &a.arrival.prefix_blocks);
+        prefixes.arrive(126 * MS, &d.arrival.prefix_blocks);
+        prefixes.arrive(170 * MS, &c_blocks);
+        prefixes.reported(&c_blocks, 1600, 400, 320);
+        let placed = place_with(&mut c, vec![a, d], Some(&prefixes));
+        assert_eq!(placed[0], vec![(130, 160, 160)]);
+        assert_eq!(placed[1], vec![(130, 160, 40)]);
+    }
+
+    #[test]
+    fn a_start_carried_before_is_cached_for_the_prompt_after() {
+        // A and B both carry a 1,280-byte start (320 of their 400 tokens). Their step carried
+        // 20 ms, 500 tokens' worth: one computed the start, the other found it cached (480),
+        // and the one that ran first (A, the earlier arrival) is the one that computed it.
+        let mut c = clock(&[160 * MS]);
+        for _ in 0..3 {
+            c.prompt_sample(4000, 1000);
+        }
+        let start: Vec<u64> = (1..=20).collect();
+        let mut prefixes = PrefixCache::default();
+        let mut a = streamed(&mut c, 125 * MS, 160 * MS, None, 1600);
+        a.arrival.prefix_blocks = [start.clone(), vec![100]].concat();
+        let mut b = streamed(&mut c, 126 * MS, 160 * MS, None, 1600);
+        b.arrival.prefix_blocks = [start, vec![101]].concat();
+        prefixes.arrive(125 * MS, &a.arrival.prefix_blocks);
+        prefixes.arrive(126 * MS, &b.arrival.prefix_blocks);
+        let placed = place_with(&mut c, vec![a, b], Some(&prefixes));
+        let own = |p: &Vec<(u64, u64, u64)>| p.iter().map(|k| k.2).sum::<u64>();
+        assert_eq!((own(&placed[0]), own(&placed[1])), (167, 33));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::sizes::BodySizes;
+
 /// Where a step end was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -240,8 +242,8 @@ pub(crate) struct StepClock {
     /// Recent prefill steps' extension per uncached prompt token (ns), from steps whose
     /// prefills all reported usage: sizes the prefill of requests whose usage was not.
     prefill_rates: Samples,
-    /// Recent prompt tokens per request-body byte, from requests that reported usage.
-    prompt_densities: Samples,
+    /// Recent requests' body sizes and prompt tokens, from requests that reported usage.
+    bodies: BodySizes,
     /// Per step that finished prefills (by its end), what they left of its extension.
     leftovers: VecDeque<(u64, f64)>,
     /// The prefill period being summed (see [`StepClock::period_group`]).
@@ -340,16 +342,12 @@ impl StepClock {
 
     /// A request whose body was `bytes` long reported `prompt_tokens`.
     pub(crate) fn prompt_sample(&mut self, bytes: u64, prompt_tokens: u64) {
-        if bytes == 0 {
-            return;
-        }
-        self.prompt_densities
-            .push(prompt_tokens as f64 / bytes as f64);
+        self.bodies.sample(bytes, prompt_tokens);
     }
 
-    /// A prompt's tokens estimated from its body's size, once a few densities are known.
+    /// A prompt's tokens estimated from its body's size (`sizes.rs`), once known.
     pub(crate) fn prompt_estimate(&self, bytes: u64) -> Option<f64> {
-        self.prompt_densities.median.map(|d| d * bytes as f64)
+        self.bodies.estimate(bytes)
     }
 
     /// The median of the recent prefill rates, ns per uncached token, once a few are known.

@@ -61,6 +61,11 @@ pub struct Arrival {
     /// Bytes of the request body: sizes a prompt whose usage is never reported, at the
     /// service's tokens per byte learned from the requests that did report it.
     pub body_bytes: Option<u64>,
+    /// The prompt's start as chained block hashes (`wire::prefix`): the part of a prompt
+    /// without usage that others shared, which the engine had cached (`prefix.rs`). Kept in
+    /// memory only (never written out).
+    #[serde(skip)]
+    pub prefix_blocks: Vec<u64>,
 }
 
 /// How a request ended.

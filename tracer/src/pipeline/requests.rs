@@ -39,6 +39,7 @@ impl Pipeline {
                 model,
                 request_id,
                 body_bytes,
+                prompt_blocks,
                 ..
             } => {
                 let service = self.binding.service_of(Pid(req.conn.tgid));
@@ -53,6 +54,7 @@ impl Pipeline {
                         prompt_tokens: None,
                         cached_tokens: None,
                         body_bytes: Some(*body_bytes).filter(|&b| b > 0),
+                        prefix_blocks: prompt_blocks.clone(),
                     },
                 );
             }

@@ -9,7 +9,7 @@ use memchr::memmem;
 use super::{
     Lifecycle, Outcome, RequestKey, Tracker,
     conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, State},
-    dialect, header,
+    dialect, header, prefix,
     stream::{self, trim_crlf},
 };
 
@@ -524,6 +524,7 @@ impl Tracker {
             request_id: inc.request_id.clone(),
             tenant: inc.tenant,
             body_bytes: bytes,
+            prompt_blocks: prefix::prompt_blocks(&inc.body_head),
         });
         self.out.push(Lifecycle::RequestDone {
             req: key,

@@ -34,6 +34,7 @@ mod conn;
 mod dialect;
 mod framing;
 mod json;
+pub mod prefix;
 mod stream;
 pub mod summary;
 
@@ -111,6 +112,10 @@ pub enum Lifecycle {
         tenant: Option<String>,
         /// Bytes of the request body (what a prompt's size can be estimated from).
         body_bytes: u64,
+        /// The prompt's start as chained block hashes (`prefix.rs`): what it shares with others.
+        /// Kept in memory only (never written out).
+        #[serde(skip)]
+        prompt_blocks: Vec<u64>,
     },
     /// The request's last byte.
     RequestDone {
