@@ -38,6 +38,10 @@ pub struct DemoOpts {
     /// The engine calls no CUDA library (the tracer then sees only IPC and write bursts).
     #[arg(long, conflicts_with = "cuda_lib")]
     pub no_cuda: bool,
+    /// KV-cache capacity of the engine in tokens (default unlimited): below what the batch
+    /// needs, the engine preempts requests and recomputes them later.
+    #[arg(long)]
+    pub kv_tokens: Option<u64>,
     /// Record the run, replay it under each step clock and split, and score each against the
     /// truth.
     #[arg(long)]
@@ -103,6 +107,9 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
         .args(["--max-seqs", &opts.max_seqs.to_string()]);
     if let Some(w) = opts.write_cost_us {
         host_cmd.args(["--write-cost-us", &w.to_string()]);
+    }
+    if let Some(kv) = opts.kv_tokens {
+        host_cmd.args(["--kv-tokens", &kv.to_string()]);
     }
     // The engine maps it under its real name, where the tracer looks for it.
     let stub = lib_dir.join("libcuda.so.1");

@@ -136,6 +136,18 @@ pub fn print_queueing(truth: &[Value]) {
         quantile(&mut waits, 0.5),
         quantile(&mut waits, 0.95),
     );
+    let preemptions: Vec<u64> = truth_by_id(truth)
+        .values()
+        .filter_map(|t| t["preemptions"].as_u64())
+        .filter(|&p| p > 0)
+        .collect();
+    if !preemptions.is_empty() {
+        println!(
+            "preemption: {} of {n} requests were preempted and recomputed ({} preemptions)",
+            preemptions.len(),
+            preemptions.iter().sum::<u64>()
+        );
+    }
 }
 
 /// Prints how the API process's writer loop spread each step's writes.

@@ -9,8 +9,12 @@
 //! prefill; every later step emits one more token.
 //!
 //! A request enters the running batch (`scheduled_us` in its ground-truth line) at the start of
-//! the first step that gives it work; until then it waits in the FIFO queue. The engine never
-//! preempts a running request (it has no KV-cache limit), so there are no preemption times.
+//! the first step that gives it work; until then it waits in the FIFO queue. With
+//! `--kv-tokens` the KV cache holds that many tokens (prompt and output of every running
+//! request): a step that would overflow it first preempts the latest-scheduled running requests,
+//! which go back to the front of the queue and, rescheduled, prefill their prompt and the
+//! tokens they had generated again (vLLM's recompute preemption); a waiting request is not
+//! scheduled while it would not fit. Without it (default) the engine never preempts.
 //!
 //! # Output
 //!
@@ -115,6 +119,9 @@ pub struct EngineOpts {
     /// of one GPU): the per-step truth behind the per-request one.
     #[arg(long)]
     pub step_log: Option<PathBuf>,
+    /// KV-cache capacity in tokens (0: unlimited, never preempts). See the module docs.
+    #[arg(long, default_value_t = 0)]
+    pub kv_tokens: u64,
 }
 
 impl EngineOpts {
@@ -135,6 +142,7 @@ impl EngineOpts {
             self.max_batched_tokens.to_string().into(),
         );
         push("--max-seqs", self.max_seqs.to_string().into());
+        push("--kv-tokens", self.kv_tokens.to_string().into());
         if let Some(lib) = &self.cuda_lib {
             push("--cuda-lib", lib.clone().into());
         }
@@ -186,6 +194,11 @@ struct Req {
     uncached: u32,
     prefilled: u32,
     generated: u32,
+    /// Tokens it had generated when last preempted (prefilled again with the prompt).
+    recompute: u32,
+    preemptions: u32,
+    /// When it was preempted and when it ran again, µs.
+    paused_us: Vec<(u64, Option<u64>)>,
     first_token_us: Option<u64>,
     dynamic_j: f64,
     idle_j: f64,
@@ -198,6 +211,12 @@ struct Req {
 impl Req {
     fn prefill_done(&self) -> bool {
         self.prefilled >= self.uncached
+    }
+
+    /// Tokens it holds in the KV cache: its cached prefix, what it prefilled, what it
+    /// generated since (the recomputed tokens are among the prefilled ones).
+    fn kv_tokens(&self) -> u64 {
+        u64::from(self.cached + self.prefilled + self.generated - self.recompute)
     }
 }
 
@@ -432,6 +451,9 @@ impl Engine {
                         uncached: pt,
                         prefilled: 0,
                         generated: 0,
+                        recompute: 0,
+                        preemptions: 0,
+                        paused_us: Vec::new(),
                         first_token_us: None,
                         dynamic_j: 0.0,
                         idle_j: 0.0,
@@ -475,7 +497,44 @@ impl Engine {
     }
 
     /// Plan and run one step; sends its message. Does nothing if there is no work.
+    /// Preempts the latest-scheduled running requests until the step's tokens fit the KV
+    /// cache (`--kv-tokens`); they go back to the front of the queue.
+    fn preempt_to_fit(&mut self) {
+        let cap = self.opts.kv_tokens;
+        if cap == 0 {
+            return;
+        }
+        while self.running.len() > 1 {
+            let need: u64 = self
+                .running
+                .iter()
+                .map(|r| r.kv_tokens() + u64::from(r.prefill_done()))
+                .sum();
+            if need <= cap {
+                break;
+            }
+            let Some(mut r) = self.running.pop() else {
+                break;
+            };
+            r.preemptions += 1;
+            r.paused_us.push((monotonic_us(), None));
+            r.recompute = r.generated;
+            r.prefilled = 0;
+            r.cached = 0;
+            r.uncached = r.prompt_tokens + r.recompute;
+            self.waiting.push_front(r);
+        }
+    }
+
+    /// Whether the waiting request `r` fits the KV cache beside the running ones.
+    fn fits(&self, r: &Req) -> bool {
+        let cap = self.opts.kv_tokens;
+        let used: u64 = self.running.iter().map(Req::kv_tokens).sum();
+        cap == 0 || used + u64::from(r.prompt_tokens + r.recompute) <= cap
+    }
+
     fn step(&mut self) -> Result<()> {
+        self.preempt_to_fit();
         let mut budget = self.opts.max_batched_tokens.max(1);
         for r in &mut self.running {
             r.entry = StepEntry::default();
@@ -492,12 +551,19 @@ impl Engine {
             }
         }
         while budget > 0 && self.running.len() < self.opts.max_seqs.max(1) {
+            if !self.waiting.front().is_some_and(|r| self.fits(r)) && !self.running.is_empty() {
+                break;
+            }
             let Some(mut r) = self.waiting.pop_front() else {
                 break;
             };
-            r.scheduled_us = Some(monotonic_us());
+            let now = monotonic_us();
+            r.scheduled_us.get_or_insert(now);
+            if let Some(p) = r.paused_us.last_mut() {
+                p.1.get_or_insert(now);
+            }
             r.cached = self.cached_tokens(&r);
-            r.uncached = r.prompt_tokens - r.cached;
+            r.uncached = r.prompt_tokens + r.recompute - r.cached;
             let chunk = r.uncached.min(budget);
             r.entry = StepEntry {
                 decode_tokens: 0,
@@ -648,6 +714,8 @@ impl Engine {
             "timeshare_j": r.timeshare_j,
             "per_gpu_j": per_gpu,
             "aborted": aborted,
+            "preemptions": r.preemptions,
+            "paused_us": r.paused_us,
         });
         if let Err(e) = writeln!(self.truth, "{line}") {
             eprintln!("emuhost engine: write truth: {e}");

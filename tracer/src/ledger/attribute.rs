@@ -10,7 +10,7 @@ use super::{
     model::{CostModel, Features},
     prefills::allocate_prefills,
     prefix::PrefixCache,
-    presence::{in_engine, resolve_prefill},
+    presence::{in_engine, pauses, resolve_prefill},
     sensor::Segment,
     state::{Device, Request},
     steps::{Chunk, StepClock},
@@ -49,6 +49,8 @@ pub(crate) struct Scratch {
     feats: Vec<Feat>,
     /// The split unit's prefill chunks (see `features::unit_chunks`).
     chunks: Vec<Chunk>,
+    /// The split unit's pauses (see `presence::pauses`).
+    pauses: Vec<(u64, u64)>,
     points: Vec<u64>,
     weights: Weights,
     /// Requests whose prefill step was resolved while collecting candidates.
@@ -416,6 +418,7 @@ fn split_unit(
     let rate = clock.and_then(StepClock::prefill_ns_per_token);
     scratch.feats.clear();
     scratch.chunks.clear();
+    scratch.pauses.clear();
     for (ci, c) in scratch.cands.iter().enumerate() {
         if c.svc != svc {
             continue;
@@ -432,6 +435,7 @@ fn split_unit(
         let steps_of = clock.map(|c| (c, config.step_clock));
         let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
         let chunks = unit_chunks(r, u0, u1, &mut scratch.chunks);
+        let pauses = pauses(r, clock, config.step_clock, (u0, u1), &mut scratch.pauses);
         let bytes_rate = match (r.end_ns, r.response_bytes) {
             (Some(e), bytes) if bytes > 0 => {
                 Some(bytes as f64 / ((e - r.arrival.ts_ns).max(1) as f64 * 1e-9))
@@ -448,6 +452,7 @@ fn split_unit(
             decode,
             decode_ctx,
             chunks,
+            pauses,
             tokens_known: pk && dk,
             bytes_rate,
         });
@@ -457,7 +462,7 @@ fn split_unit(
     }
     let busy_s = time_shares(
         &mut scratch.feats,
-        &scratch.chunks,
+        (&scratch.chunks, &scratch.pauses),
         &mut scratch.points,
         u0,
         u1,

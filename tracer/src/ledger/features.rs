@@ -24,6 +24,8 @@ pub(super) struct Feat {
     /// Its own parts of stretched prefill steps touching the unit: a range of the unit's
     /// chunk list, each chunk's `own_ns` turned into the fraction of the step it caused.
     pub(super) chunks: (usize, usize),
+    /// Stretches of the unit it sat out (`presence::pauses`): a range of the unit's pauses.
+    pub(super) pauses: (usize, usize),
     pub(super) tokens_known: bool,
     pub(super) bytes_rate: Option<f64>,
 }
@@ -49,14 +51,14 @@ pub(super) fn unit_chunks(r: &Request, u0: u64, u1: u64, out: &mut Vec<Chunk>) -
 /// caused (its extension over neighbouring steps) goes to them. Returns busy seconds.
 pub(super) fn time_shares(
     feats: &mut [Feat],
-    chunks: &[Chunk],
+    (chunks, pauses): (&[Chunk], &[(u64, u64)]),
     points: &mut Vec<u64>,
     u0: u64,
     u1: u64,
 ) -> f64 {
     let m = feats.len();
     let any_ext = feats.iter().any(|f| f.chunks.1 > f.chunks.0);
-    if !any_ext && feats.iter().all(|f| f.a == u0 && f.b == u1) {
+    if !any_ext && pauses.is_empty() && feats.iter().all(|f| f.a == u0 && f.b == u1) {
         let each = (u1 - u0) as f64 * 1e-9 / m as f64;
         for f in feats.iter_mut() {
             f.time_s = each;
@@ -71,12 +73,19 @@ pub(super) fn time_shares(
             .iter()
             .flat_map(|c| [c.from_ns.clamp(u0, u1), c.to_ns.clamp(u0, u1)]),
     );
+    points.extend(pauses.iter().flat_map(|&(a, b)| [a, b]));
     points.sort_unstable();
     points.dedup();
     let mut busy = 0u64;
     for win in points.windows(2) {
         let (p, q) = (win[0], win[1]);
-        let present = |f: &Feat| f.a <= p && f.b >= q;
+        let present = |f: &Feat| {
+            f.a <= p
+                && f.b >= q
+                && !pauses[f.pauses.0..f.pauses.1]
+                    .iter()
+                    .any(|&(a, b)| a <= p && b >= q)
+        };
         let count = feats.iter().filter(|f| present(f)).count();
         if count == 0 {
             continue;

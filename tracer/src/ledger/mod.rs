@@ -43,8 +43,9 @@
 //!    A request is in the engine from the start of its prefill step to the end of the step of
 //!    its last token (`presence.rs`); the steps come from the engine's own clock where the
 //!    probes see it — IPC messages to the API process, CUDA synchronisations — else from
-//!    bursts of streamed writes (`steps.rs`). Queued, or only being written out, a request
-//!    shares nothing.
+//!    bursts of streamed writes (`steps.rs`). Queued, set aside by the engine (preempted,
+//!    swapped: a gap in its stream while others streamed, `presence.rs`) or only being
+//!    written out, a request shares nothing.
 //!    - `equal`: time slicing; at each instant the requests in the engine share equally.
 //!    - `tokens`: in proportion to each request's predicted cost in the segment under a linear
 //!      cost model fitted per (device, service) to the measured segments (`model.rs`):

@@ -374,6 +374,14 @@ impl StepClock {
         .flatten()
     }
 
+    /// Write bursts (steps in which the API process wrote to some request) that began after
+    /// `a` and before `b`.
+    pub(crate) fn bursts_between(&self, a: u64, b: u64) -> usize {
+        let ends = &self.bursts.marks.ends;
+        ends.partition_point(|&f| f < b)
+            .saturating_sub(ends.partition_point(|&f| f <= a))
+    }
+
     /// The marks to step by near `t`.
     fn marks(&self, t: u64, policy: StepClockPolicy) -> &Marks {
         self.sources(policy)

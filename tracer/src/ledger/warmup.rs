@@ -88,6 +88,7 @@ mod tests {
             decode: 5.0,
             decode_ctx: 0.0,
             chunks: (0, 0),
+            pauses: (0, 0),
             tokens_known: true,
             bytes_rate: None,
         }
