@@ -55,7 +55,7 @@
 //!      produced its first streamed event and, for a chunked prefill, the ones before it, cut
 //!      first come, first served among the prefills of a period of stretched steps
 //!      (`prefills.rs`; without usage, sized from the request body less the start the engine
-//!      likely had cached: `sizes.rs`, `prefix.rs`). Decode tokens are the
+//!      likely had cached: `bodies.rs`, `sizes.rs`, `prefix.rs`). Decode tokens are the
 //!      streamed events after the first (scaled to the reported completion tokens), each spread
 //!      over the engine step that produced it. Busy time is time-sliced, except that the part
 //!      of a stretched step a prefill added (of the step's length minus a step's without
@@ -115,6 +115,7 @@
 //! concurrency 1 to 32, with margin left for a world messier than the simulation.
 
 mod attribute;
+mod bodies;
 mod config;
 mod features;
 mod finalise;

@@ -17,7 +17,7 @@
 //! and the cut before it (from the one after); a period's last group takes the rest of its step
 //! (nothing ran after it: the next step was of usual length, or the next group began a new
 //! period). Cuts that no group of known size fixes follow, going forward, from what the bodies'
-//! sizes suggest (`sizes.rs`, less the start the engine likely had cached: `prefix.rs`; known
+//! sizes suggest (`bodies.rs`, less the start the engine likely had cached: `prefix.rs`; known
 //! sizes come first, as a cached start can still be misjudged). In a closed period whose start
 //! was seen, each start that prompts of unknown size share with others is taken as cached or
 //! computed, whichever adds up closest to the period's extension ([`weigh_cached`]).

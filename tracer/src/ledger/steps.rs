@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::sizes::BodySizes;
+use super::bodies::BodySizes;
 
 /// Where a step end was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,7 +345,7 @@ impl StepClock {
         self.bodies.sample(bytes, prompt_tokens);
     }
 
-    /// A prompt's tokens estimated from its body's size (`sizes.rs`), once known.
+    /// A prompt's tokens estimated from its body's size (`bodies.rs`), once known.
     pub(crate) fn prompt_estimate(&self, bytes: u64) -> Option<f64> {
         self.bodies.estimate(bytes)
     }
