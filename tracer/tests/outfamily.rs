@@ -9,8 +9,8 @@
 //! `cargo test --release -p tracer --test outfamily -- --nocapture`.
 
 use tracer::ledger::{
-    Arrival, DeviceId, DeviceInfo, DeviceKind, Ledger, LedgerConfig, Outcome, RequestId,
-    RequestRecord, ServiceId, SplitPolicy, StepSource,
+    Arrival, DeviceId, DeviceInfo, DeviceKind, IdlePolicy, Ledger, LedgerConfig, Outcome,
+    RequestId, RequestRecord, ServiceId, SplitPolicy, StepSource,
 };
 use tracer_sim::{Obs, Simulated, TUNING, scenarios, simulate};
 
@@ -19,8 +19,10 @@ const MS: u64 = 1_000_000;
 /// Feeds what the daemon observed to a ledger with `split`; returns its records.
 fn attribute(sim: &Simulated, split: SplitPolicy) -> (Vec<RequestRecord>, Ledger) {
     let dev = DeviceId(0);
+    // Dynamic energy is what the truths give (idle reported per device, as the demo runs).
     let config = LedgerConfig {
         split,
+        idle: IdlePolicy::Report,
         ..LedgerConfig::default()
     };
     let mut ledger = Ledger::new(config).expect("config");
@@ -179,6 +181,21 @@ fn row(label: &str, f: (usize, f64, f64, f64, f64)) -> String {
     )
 }
 
+/// How far a request's marginal energy (what its steps would have saved without it) is from
+/// its share under the convention: Σ marginal / Σ caused, and the median per-request ratio.
+fn marginal_vs_caused(sim: &Simulated) -> (f64, f64) {
+    let o = &sim.run.outcomes;
+    let sum = |f: fn(&tracer_sim::Outcome) -> f64| o.iter().map(f).sum::<f64>();
+    let mut ratios: Vec<f64> = o
+        .iter()
+        .filter(|x| x.caused_j > 0.0)
+        .map(|x| x.marginal_j / x.caused_j)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    (sum(|x| x.marginal_j) / sum(|x| x.caused_j), median)
+}
+
 #[test]
 fn every_scenario_against_the_convention_and_time_sharing() {
     // Shorter in debug builds (as CI runs them); the table comes from a release run.
@@ -195,6 +212,11 @@ fn every_scenario_against_the_convention_and_time_sharing() {
         };
         let n = sim.run.requests.len();
         assert!(n >= 10, "{}: {n} requests", s.name);
+        let (sum_ratio, median_ratio) = marginal_vs_caused(&sim);
+        eprintln!(
+            "{}: marginal / caused: Σ {:.2}, median per request {:.2}",
+            s.name, sum_ratio, median_ratio
+        );
         for (variant, split) in [
             ("default", SplitPolicy::Auto),
             ("time sharing", SplitPolicy::Equal),
@@ -210,6 +232,12 @@ fn every_scenario_against_the_convention_and_time_sharing() {
                 "{} {variant}: measured {measured} J, placed {placed} J",
                 s.name
             );
+            if split == SplitPolicy::Auto {
+                eprintln!(
+                    "{}: idle learned {:.2} W ({:?}; true {} W)",
+                    s.name, t.idle_w, t.idle_basis, sim.idle_w
+                );
+            }
             let caused = Scored::new(&sim, &records, |i| sim.run.outcomes[i].caused_j);
             let shared = Scored::new(&sim, &records, |i| sim.run.outcomes[i].timeshare_j);
             let label =

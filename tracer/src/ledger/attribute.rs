@@ -532,6 +532,11 @@ fn split_unit(
         if fallback {
             acc.split_unknown_j += 0.5 * e * (1.0 - share);
         }
+        if idle_guessed && config.idle == IdlePolicy::Report {
+            // Idle is only bounded (never seen quiet): this much of the unit's idle energy may
+            // be dynamic energy of its requests.
+            acc.idle_unknown_j += share * unit.idle_j;
+        }
         if idle_alt && sum_idle_alt > 0.0 {
             acc.idle_diff_j += prices_hi.cost(f) / sum_idle_alt * (e_dyn + e_idle) - e;
         }

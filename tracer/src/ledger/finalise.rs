@@ -253,7 +253,8 @@ impl Ledger {
             let split_sys = u.split_factor * acc.split_diff_j.abs()
                 + acc.split_unknown_j
                 + u.idle_factor * acc.idle_diff_j.abs();
-            let uncertainty_j = sensor_j.hypot(coverage_j).hypot(split_rand) + split_sys;
+            let uncertainty_j =
+                sensor_j.hypot(coverage_j).hypot(split_rand) + split_sys + acc.idle_unknown_j;
             devices.push(DeviceShare {
                 device: dev_id,
                 name: d.info.name.clone(),

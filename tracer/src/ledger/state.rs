@@ -85,6 +85,8 @@ pub(super) struct Account {
     /// Signed: energy had idle been 0 W minus energy with the idle guessed from loaded power
     /// (only while the device was never seen quiet).
     pub(super) idle_diff_j: f64,
+    /// Its share of idle energy that may have been dynamic (idle only bounded, `report`).
+    pub(super) idle_unknown_j: f64,
     /// Σ share × duration and Σ duration, for the mean share.
     pub(super) share_ns: f64,
     pub(super) present_ns: u64,

@@ -23,7 +23,9 @@ pub enum IdleSource {
     /// A fixed figure (from a datasheet or a measurement of the idle host). Best for devices
     /// that are never idle while the daemon watches them.
     Configured { watts: f64 },
-    /// A low quantile of the power observed over a sliding window.
+    /// Learned over a sliding window: the lower quartile of quiet segments' power (nothing in
+    /// flight),
+    /// else, never seen quiet, a low `quantile` of all power observed.
     Learned { quantile: f64, window_ns: u64 },
 }
 
