@@ -10,10 +10,10 @@
 //! × f²) and power capped (the clock drops until the step's power fits).
 //!
 //! **Shares.** A step's dynamic energy `C(W)` is a function of the summed work `W = Σ wᵢ`.
-//! Each request in the step gets its Aumann–Shapley share, `Σ_d wᵢ[d] ∫₀¹ ∂_d C(tW) dt`: the
-//! fair split of a cost shared by divisible contributions, which is the Shapley value where
-//! the cost is a fixed part plus parts additive in requests (equal shares of the fixed part,
-//! each its own additive part), and adds up to `C(W)` exactly. The integral is taken piecewise
+//! Each request in the step gets its Aumann–Shapley share, `Σ_d wᵢ[d] ∫₀¹ ∂_d C(tW) dt`:
+//! the fair split of a cost shared by divisible contributions, which is the Shapley value
+//! where the cost is a fixed part plus parts additive in requests (equal shares of the fixed
+//! part, each its own additive part), and adds up to `C(W)` exactly. The integral is taken piecewise
 //! between the kinks of `C` along the path (one sequence present; the power cap binding) with
 //! Gauss–Legendre nodes, and the gradient by central differences.
 

@@ -29,8 +29,8 @@
 //!    invented energy. Devices without a counter integrate their power samples (each sample's
 //!    window is measured, the time between windows is interpolated and carries its own error).
 //! 2. **Idle.** Static power is configured per device, or learned as the lower quartile of the
-//!    power of segments with nothing in flight (falling back to a low quantile of all power samples)
-//!    over a sliding window — not the minimum ever seen, which a single glitch or a
+//!    power of segments with nothing in flight (falling back to a low quantile of all power
+//!    samples) over a sliding window — not the minimum ever seen, which a single glitch or a
 //!    state never reached again would pin forever. A device that is never idle while watched
 //!    cannot be learned: the fallback is then an upper bound, flagged as
 //!    [`IdleBasis::AllPower`] in [`DeviceTotals`] — configure idle for such devices. A
@@ -123,9 +123,10 @@
 //!   dynamic (true idle lies anywhere between 0 W and the bound).
 //!
 //! Sensor, coverage and random split errors are independent and add in quadrature; the
-//! systematic split error and the idle unknown add linearly. The factors (0.15, 0.3, 1, 0.5) were calibrated with the
-//! simulation test (`tests/ledger_sim.rs`): the bar holds the truth for 97–99 % of requests at
-//! concurrency 1 to 32, with margin left for a world messier than the simulation.
+//! systematic split error and the idle unknown add linearly. The factors (0.15, 0.3, 1, 0.5)
+//! were calibrated with the simulation test (`tests/ledger_sim.rs`): the bar holds the truth
+//! for 97–99 % of requests at concurrency 1 to 32, with margin left for a world messier than
+//! the simulation.
 
 mod attribute;
 mod bodies;
