@@ -368,7 +368,7 @@ pub(crate) fn segment(
             acc.edge_j += c.e_seg * (edge_factor + tau / len_ns as f64);
         }
         // The model's misfit, independent from one segment to the next.
-        acc.split_var += (scratch.services[c.svc].rel_resid * c.e_model).powi(2);
+        acc.split_model_j += (scratch.services[c.svc].rel_resid * c.e_model).abs();
         if seg.interpolated_unc_j > 0.0 && energy > 0.0 {
             acc.sensor_var += (c.e_seg / energy * seg.interpolated_unc_j).powi(2);
         }

@@ -65,7 +65,8 @@ pub struct UncertaintyConfig {
     pub edge_factor: f64,
     /// Fraction of the difference to the alternative split policy.
     pub split_factor: f64,
-    /// Multiplier on the cost model's relative residual.
+    /// Multiplier on the cost model's relative residual: fitted on the out-of-family tuning
+    /// scenarios (`tests/outfamily.rs`, `bars_are_fitted_on_the_tuning_scenarios`).
     pub residual_factor: f64,
     /// Fraction of the split's sensitivity to an idle figure guessed from loaded power.
     pub idle_factor: f64,
@@ -76,7 +77,7 @@ impl Default for UncertaintyConfig {
         Self {
             edge_factor: 0.15,
             split_factor: 0.3,
-            residual_factor: 1.0,
+            residual_factor: 0.7,
             idle_factor: 0.5,
         }
     }

@@ -249,12 +249,12 @@ impl Ledger {
             };
             let coverage_j = d.max_dyn_w * gap_ns as f64 * 1e-9 * mean_share;
             let sensor_j = acc.edge_j.hypot(acc.sensor_var.sqrt());
-            let split_rand = acc.split_var.sqrt() * u.residual_factor;
+            let split_model = acc.split_model_j * u.residual_factor;
             let split_sys = u.split_factor * acc.split_diff_j.abs()
                 + acc.split_unknown_j
                 + u.idle_factor * acc.idle_diff_j.abs();
             let uncertainty_j =
-                sensor_j.hypot(coverage_j).hypot(split_rand) + split_sys + acc.idle_unknown_j;
+                sensor_j.hypot(coverage_j).hypot(split_model) + split_sys + acc.idle_unknown_j;
             devices.push(DeviceShare {
                 device: dev_id,
                 name: d.info.name.clone(),
@@ -265,7 +265,7 @@ impl Ledger {
                 uncertainty_j,
                 sensor_j,
                 coverage_j,
-                split_j: split_rand + split_sys,
+                split_j: split_model + split_sys,
             });
         }
         if stale {

@@ -76,8 +76,9 @@ pub(super) struct Account {
     pub(super) edge_j: f64,
     /// Σ of squared independent sensor errors (interpolated power).
     pub(super) sensor_var: f64,
-    /// Σ of squared random split errors.
-    pub(super) split_var: f64,
+    /// Σ of the split's model errors (the model's relative residual × the energy it split):
+    /// summed, not in quadrature, as a request's own deviation from the model persists.
+    pub(super) split_model_j: f64,
     /// Signed: energy under the alternative policy minus energy under the one used.
     pub(super) split_diff_j: f64,
     /// Split by default (`equal` for lack of token counts): a positive bound.
