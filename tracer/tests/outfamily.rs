@@ -102,6 +102,7 @@ fn apply(ledger: &mut Ledger, sim: &Simulated, ts: u64, o: &Obs) {
             req,
             service: s,
             body_bytes,
+            ref prefix_blocks,
         } => {
             ledger
                 .arrive(
@@ -111,6 +112,7 @@ fn apply(ledger: &mut Ledger, sim: &Simulated, ts: u64, o: &Obs) {
                         ts_ns: ts,
                         model: Some("sim".into()),
                         body_bytes: Some(body_bytes),
+                        prefix_blocks: prefix_blocks.clone(),
                         ..Arrival::default()
                     },
                 )
@@ -135,6 +137,14 @@ fn apply(ledger: &mut Ledger, sim: &Simulated, ts: u64, o: &Obs) {
         Obs::StepMark { service: s } => ledger.step_mark(service(s), ts, StepSource::Ipc),
         Obs::Counter { uj } => ledger.counter(dev, ts, uj, None).expect("device"),
         Obs::Power { w, window_ns } => ledger.power(dev, ts, w, window_ns).expect("device"),
+        // As the daemon's binding does: a service's weight on the GPU is its processes' SM
+        // utilisation (`occupancy::binding`).
+        Obs::ProcessUtil {
+            service: s,
+            sm_percent,
+        } => ledger
+            .occupy(dev, service(s), ts, Some(f64::from(sm_percent)))
+            .expect("device"),
     }
 }
 

@@ -17,7 +17,10 @@ pub struct Request {
     pub service: usize,
     pub arrive_s: f64,
     pub prompt: u64,
+    /// Tokens of its prompt found in the prefix cache (set when it is scheduled).
     pub cached: u64,
+    /// The shared system prompt it starts with, if any, and its length in tokens.
+    pub system: Option<(usize, u64)>,
     pub max_out: u64,
     pub streamed: bool,
     pub include_usage: bool,
@@ -71,6 +74,8 @@ struct Running {
 struct Engine {
     waiting: std::collections::VecDeque<usize>,
     running: Vec<Running>,
+    /// System prompts whose prefill finished: cached (in whole 16-token blocks) from then on.
+    cached_prefixes: std::collections::BTreeSet<usize>,
 }
 
 /// Where the clients' requests come from.
@@ -191,6 +196,13 @@ pub fn run(
             let Some(id) = eng.waiting.pop_front() else {
                 break;
             };
+            if let Some((k, tokens)) = out.requests[id].system
+                && eng.cached_prefixes.contains(&k)
+            {
+                // At least one token is computed.
+                let r = &mut out.requests[id];
+                r.cached = (tokens / 16 * 16).min(r.prompt - 1);
+            }
             let req = &out.requests[id];
             let chunk = (req.prompt - req.cached).min(budget);
             budget -= chunk;
@@ -242,6 +254,12 @@ pub fn run(
             o.marginal_j += gpu.marginal(&works, j, clock) * noise;
             if w.prefill > 0.0 {
                 r.prefilled += w.prefill as u64;
+                let req = &out.requests[r.id];
+                if let Some((k, _)) = req.system
+                    && r.prefilled >= req.prompt - req.cached
+                {
+                    eng.cached_prefixes.insert(k);
+                }
             }
             if *emits {
                 r.generated += 1;

@@ -58,7 +58,6 @@ pub struct Clients {
     next_id: usize,
     /// Pending arrival times (closed loop: one per idle client).
     pending: Vec<f64>,
-    seen_prefix: [bool; 3],
 }
 
 impl Clients {
@@ -75,7 +74,6 @@ impl Clients {
             rng,
             next_id: 0,
             pending,
-            seen_prefix: [false; 3],
         }
     }
 
@@ -83,16 +81,12 @@ impl Clients {
         let l = &self.load;
         let rng = &mut self.rng;
         let mut prompt = rng.lognormal(l.prompt_median, l.prompt_sigma, 8.0, l.prompt_max) as u64;
-        let mut cached = 0;
-        if rng.f64() < l.shared_prefix {
+        // Cached once a request carrying it has been prefilled (the engine decides).
+        let system = (rng.f64() < l.shared_prefix).then(|| {
             let k = rng.range(0, 2) as usize;
             prompt += SYSTEM_PROMPTS[k];
-            // Cached once computed (in 16-token blocks); the first use computes it.
-            if self.seen_prefix[k] {
-                cached = SYSTEM_PROMPTS[k] / 16 * 16;
-            }
-            self.seen_prefix[k] = true;
-        }
+            (k, SYSTEM_PROMPTS[k])
+        });
         let max_out = rng.lognormal(l.out_median, 0.8, 1.0, l.out_max) as u64;
         let streamed = rng.f64() < l.streamed;
         let include_usage = streamed && rng.f64() < l.include_usage;
@@ -110,7 +104,8 @@ impl Clients {
             service: id % l.services.max(1),
             arrive_s,
             prompt,
-            cached,
+            cached: 0,
+            system,
             max_out: max_out.max(1),
             streamed,
             include_usage,

@@ -3,7 +3,7 @@
 //! per-step messages, and NVML-like sensors; each delivered after a random delay, so out of
 //! order.
 
-use crate::engine::Run;
+use crate::engine::{Request, Run};
 use crate::rng::Rng;
 
 /// One observation.
@@ -14,6 +14,9 @@ pub enum Obs {
         req: usize,
         service: usize,
         body_bytes: u64,
+        /// The prompt's start as chained block hashes (64 bytes each, as the tracker cuts
+        /// them): equal for requests sharing a system prompt, then their own.
+        prefix_blocks: Vec<u64>,
     },
     /// A streamed event written to it.
     Event { req: usize },
@@ -32,6 +35,10 @@ pub enum Obs {
     Counter { uj: u64 },
     /// The GPU's power, averaged over the `window_ns` before the observation.
     Power { w: f64, window_ns: u64 },
+    /// NVML's per-process SM utilisation of a service's engine over its last sample period
+    /// (percent of the period its kernels ran), as `nvmlDeviceGetProcessUtilization` gives it;
+    /// only with more than one service on the GPU.
+    ProcessUtil { service: usize, sm_percent: u32 },
 }
 
 /// An observation, when it happened and when the daemon gets it.
@@ -101,6 +108,18 @@ impl EnergyTrace {
     }
 }
 
+/// A request's prompt blocks: its system prompt's (shared) and then its own, ~4 bytes a token.
+fn prefix_blocks(r: &Request) -> Vec<u64> {
+    let n = (r.body_bytes.saturating_sub(160) / 64).min(64) as usize;
+    let shared = r.system.map_or(0, |(_, tokens)| (tokens * 4 / 64) as usize);
+    (0..n)
+        .map(|j| match r.system {
+            Some((k, _)) if j < shared => 0xC0DE_0000 + ((k as u64) << 8) + j as u64,
+            _ => ((r.id as u64 + 1) << 20) + j as u64,
+        })
+        .collect()
+}
+
 /// The observations of `run` from the daemon's start (`t = 0`) to `horizon_s`.
 pub fn observe(
     run: &Run,
@@ -127,6 +146,7 @@ pub fn observe(
                 req: r.id,
                 service: r.service,
                 body_bytes: r.body_bytes,
+                prefix_blocks: prefix_blocks(r),
             },
         );
     }
@@ -199,6 +219,32 @@ pub fn observe(
             },
         );
         p += 0.1;
+    }
+    let services = run.steps.iter().map(|s| s.service + 1).max().unwrap_or(0);
+    if services > 1 {
+        // NVML samples process utilisation about every 1/6 s.
+        let period = 1.0 / 6.0;
+        let mut t = period;
+        while t < horizon_s {
+            for svc in 0..services {
+                let busy: f64 = run
+                    .steps
+                    .iter()
+                    .filter(|s| s.service == svc && s.end_s > t - period && s.start_s < t)
+                    .map(|s| s.end_s.min(t) - s.start_s.max(t - period))
+                    .sum();
+                let pct = (100.0 * busy / period).round().clamp(0.0, 100.0) as u32;
+                push(
+                    rng,
+                    t,
+                    Obs::ProcessUtil {
+                        service: svc,
+                        sm_percent: pct,
+                    },
+                );
+            }
+            t += period;
+        }
     }
     out.sort_by_key(|o| (o.delivered_ns, o.ts_ns));
     out
