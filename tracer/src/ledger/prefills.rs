@@ -568,6 +568,23 @@ mod tests {
         r
     }
 
+    /// One stretched step (130–160 ms: 20 ms of prefill) and bodies of 4 bytes a token.
+    fn one_step_with_bodies() -> StepClock {
+        let mut c = clock(&[160 * MS]);
+        for _ in 0..3 {
+            c.prompt_sample(4000, 1000);
+        }
+        c
+    }
+
+    /// A prompt without usage that arrived at `arrive_ms`, began with `blocks` and finished
+    /// in the step ending at 160 ms.
+    fn without_usage(c: &mut StepClock, arrive_ms: u64, body: u64, blocks: Vec<u64>) -> Request {
+        let mut r = streamed(c, arrive_ms * MS, 160 * MS, None, body);
+        r.arrival.prefix_blocks = blocks;
+        r
+    }
+
     fn place(c: &mut StepClock, rs: Vec<Request>) -> Vec<Vec<(u64, u64, u64)>> {
         place_with(c, rs, None)
     }
@@ -639,16 +656,11 @@ mod tests {
         // A (1,600-byte body: 400 tokens at 4 bytes each) began with 20 blocks that C, later,
         // reported cached; D (400 bytes: 100 tokens) shared nothing. Their step carried 20 ms:
         // 500 tokens at 40 µs, so A computed its start itself (400 + 100), not 80 + 100.
-        let mut c = clock(&[160 * MS]);
-        for _ in 0..3 {
-            c.prompt_sample(4000, 1000);
-        }
+        let mut c = one_step_with_bodies();
         let start: Vec<u64> = (1..=20).collect();
         let mut prefixes = PrefixCache::default();
-        let mut a = streamed(&mut c, 125 * MS, 160 * MS, None, 1600);
-        a.arrival.prefix_blocks = [start.clone(), vec![100]].concat();
-        let mut d = streamed(&mut c, 126 * MS, 160 * MS, None, 400);
-        d.arrival.prefix_blocks = (300..306).collect();
+        let a = without_usage(&mut c, 125, 1600, [start.clone(), vec![100]].concat());
+        let d = without_usage(&mut c, 126, 400, (300..306).collect());
         let c_blocks = [start, vec![200]].concat();
         prefixes.arrive(125 * MS, &a.arrival.prefix_blocks);
         prefixes.arrive(126 * MS, &d.arrival.prefix_blocks);
@@ -664,16 +676,11 @@ mod tests {
         // A and B both carry a 1,280-byte start (320 of their 400 tokens). Their step carried
         // 20 ms, 500 tokens' worth: one computed the start, the other found it cached (480),
         // and the one that ran first (A, the earlier arrival) is the one that computed it.
-        let mut c = clock(&[160 * MS]);
-        for _ in 0..3 {
-            c.prompt_sample(4000, 1000);
-        }
+        let mut c = one_step_with_bodies();
         let start: Vec<u64> = (1..=20).collect();
         let mut prefixes = PrefixCache::default();
-        let mut a = streamed(&mut c, 125 * MS, 160 * MS, None, 1600);
-        a.arrival.prefix_blocks = [start.clone(), vec![100]].concat();
-        let mut b = streamed(&mut c, 126 * MS, 160 * MS, None, 1600);
-        b.arrival.prefix_blocks = [start, vec![101]].concat();
+        let a = without_usage(&mut c, 125, 1600, [start.clone(), vec![100]].concat());
+        let b = without_usage(&mut c, 126, 1600, [start, vec![101]].concat());
         prefixes.arrive(125 * MS, &a.arrival.prefix_blocks);
         prefixes.arrive(126 * MS, &b.arrival.prefix_blocks);
         let placed = place_with(&mut c, vec![a, b], Some(&prefixes));
