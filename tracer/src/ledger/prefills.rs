@@ -40,6 +40,7 @@ use std::collections::HashMap;
 
 use super::{
     prefix::PrefixCache,
+    presence::extension,
     sizes::{Shared, body_estimate, cached_choice, choose_cached},
     state::Request,
     steps::{Chain, Chunk, MARK_MERGE_NS, StepClock, StepClockPolicy},
@@ -264,10 +265,14 @@ fn group(
     policy: StepClockPolicy,
 ) -> Option<Group> {
     let first = requests.get(ids.first()?)?;
+    let (from, to) = (first.prefill_from_ns?, first.prefill_to_ns?);
+    // The step's extension again, now that the steps after it are known too (when the first
+    // event came, a burst's step could only be compared with the stretched ones before it).
+    let fe = first.first_event_ns.unwrap_or(to).max(to);
     let last = Chunk {
-        from_ns: first.prefill_from_ns?,
-        to_ns: first.prefill_to_ns?,
-        own_ns: first.prefill_ext_ns as f64,
+        from_ns: from,
+        to_ns: to,
+        own_ns: extension(&c.prefill_step(fe, policy), (from, to), fe) as f64,
     };
     let rs = || ids.iter().filter_map(|id| requests.get(id));
     let arrived = rs().map(|r| r.arrival.ts_ns).min().unwrap_or(last.from_ns);

@@ -24,7 +24,7 @@
 use super::{
     config::LedgerConfig,
     state::Request,
-    steps::{Step, StepClock, StepClockPolicy},
+    steps::{PrefillStep, Step, StepClock, StepClockPolicy},
 };
 
 /// Other steps' write bursts inside a gap between two of a request's events that make it a
@@ -107,16 +107,20 @@ pub(super) fn resolve_prefill(r: &mut Request, clock: Option<&StepClock>, config
     let to = step.map_or(fe, |s| s.to_ns).clamp(from, fe);
     r.prefill_from_ns = Some(from);
     r.prefill_to_ns = Some(if to > from { to } else { fe });
-    // Not more than the step's time since the request came in over a step's usual length (the
-    // engine was idle before, or the step's start was not seen: it began at the arrival).
-    r.prefill_ext_ns = match step {
-        Some(s) if s.from_ns.is_some() => s.base_ns.map_or(s.extension_ns, |b| {
+}
+
+/// The part of the prefill step `s` its prefills added, for a request in it over `[from, to)`
+/// whose first event came at `fe`: not more than the step's time since the request came in
+/// over a step's usual length (the engine was idle before, or the step's start was not seen: it
+/// began at the arrival).
+pub(super) fn extension(s: &PrefillStep, (from, to): (u64, u64), fe: u64) -> u64 {
+    match s.from_ns {
+        Some(_) => s.base_ns.map_or(s.extension_ns, |b| {
             s.extension_ns.min((to - from).saturating_sub(b))
         }),
-        Some(s) => s.base_ns.map_or(0, |b| (to - from).saturating_sub(b)),
-        None => 0,
+        None => s.base_ns.map_or(0, |b| (to - from).saturating_sub(b)),
     }
-    .min(fe - from);
+    .min(fe.saturating_sub(from))
 }
 
 /// `[from, to)` of the request's time in the engine (`to` is `u64::MAX` while it is open).

@@ -116,9 +116,6 @@ pub(super) struct Request {
     pub(super) prefill_from_ns: Option<u64>,
     /// End of the step that finished it (at most the first event).
     pub(super) prefill_to_ns: Option<u64>,
-    /// How much longer that step was than its neighbours (shared with the other prefills it
-    /// finished).
-    pub(super) prefill_ext_ns: u64,
     /// Its own part of the stretched steps its prefill ran in, in time order (see
     /// `prefills::allocate_prefills`).
     pub(super) prefill_chunks: Vec<Chunk>,
@@ -148,7 +145,6 @@ impl Request {
             pruned_events: 0,
             prefill_from_ns: None,
             prefill_to_ns: None,
-            prefill_ext_ns: 0,
             prefill_chunks: Vec::new(),
             prefill_placed: false,
             held_units: 0,
