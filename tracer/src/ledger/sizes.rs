@@ -8,8 +8,8 @@ use crate::wire::prefix::BLOCK_BYTES;
 /// Most shared starts of prompts of unknown size weighed together (2^n sums).
 const MAX_WEIGHED: usize = 12;
 
-/// A prompt's uncached tokens as its body suggests: the body's tokens at the learned density,
-/// less `cached` bytes of its start (at least a block is computed).
+/// A prompt's uncached tokens as its body suggests: the tokens of its body less `cached` bytes
+/// of its start (at least a block is computed), along the learned line (`bodies.rs`).
 pub(super) fn body_tokens(r: &Request, c: &StepClock, cached: u64) -> Option<f64> {
     let bytes = r.arrival.body_bytes?;
     let floor = (BLOCK_BYTES as u64).min(bytes);
