@@ -120,8 +120,27 @@ impl Default for Gpu {
 }
 
 impl Gpu {
-    /// A step's (duration s, dynamic energy J) for `w`, at clock fraction `clock` (1: full).
+    /// A step's (duration s, dynamic energy J) for `work`, at clock fraction `clock` (1: full).
     pub fn cost(&self, work: &Work, clock: f64) -> (f64, f64) {
+        let (mut time_s, mut energy_j) = self.uncapped(work, clock);
+        if let Some(room) = self.cap_room()
+            && energy_j / time_s > room
+        {
+            // Power ∝ f³ at fixed work: the clock drops until the step fits under the cap.
+            let slow = (room / (energy_j / time_s)).cbrt();
+            time_s /= slow;
+            energy_j *= slow * slow;
+        }
+        (time_s, energy_j)
+    }
+
+    /// Dynamic power the cap leaves above idle, if capped.
+    fn cap_room(&self) -> Option<f64> {
+        self.cap_w.map(|cap| (cap - self.idle_w).max(1.0))
+    }
+
+    /// As [`Gpu::cost`], before the power cap.
+    fn uncapped(&self, work: &Work, clock: f64) -> (f64, f64) {
         if work.seqs <= 0.0 {
             return (0.0, 0.0);
         }
@@ -138,17 +157,7 @@ impl Gpu {
             + self.kv_j * work.context
             + self.hidden_j * work.hidden;
         let clock = clock.clamp(0.05, 1.0);
-        let (mut time_s, mut energy_j) = (time_s / clock, energy_j * clock * clock);
-        if let Some(cap) = self.cap_w {
-            let room = (cap - self.idle_w).max(1.0);
-            if energy_j / time_s > room {
-                // Power ∝ f³ at fixed work: the clock drops until the step fits under the cap.
-                let slow = (room / (energy_j / time_s)).cbrt();
-                time_s /= slow;
-                energy_j *= slow * slow;
-            }
-        }
-        (time_s, energy_j)
+        (time_s / clock, energy_j * clock * clock)
     }
 
     /// Each member's Aumann–Shapley share of the step's dynamic energy (see the module docs).
@@ -171,15 +180,10 @@ impl Gpu {
         if total.seqs > 1.0 {
             cuts.push(1.0 / total.seqs);
         }
-        if self.cap_w.is_some() {
+        if let Some(room) = self.cap_room() {
             let binds = |t: f64| {
-                let (d, e) = self.cost(&total.scaled(t), clock);
-                let free = Gpu {
-                    cap_w: None,
-                    ..self.clone()
-                };
-                let (d0, e0) = free.cost(&total.scaled(t), clock);
-                (d - d0).abs() > 1e-15 || (e - e0).abs() > 1e-12
+                let (d, e) = self.uncapped(&total.scaled(t), clock);
+                d > 0.0 && e / d > room
             };
             if binds(1.0) {
                 let (mut lo, mut hi) = (0.0, 1.0);

@@ -102,8 +102,7 @@ impl PrefixCache {
 
     /// Drops the blocks seen longest ago beyond the capacity, and stale order entries.
     fn trim(&mut self) {
-        while self.blocks.len() > CAPACITY || self.order.len() > 2 * CAPACITY.max(self.blocks.len())
-        {
+        while self.blocks.len() > CAPACITY || self.order.len() > 2 * CAPACITY {
             let Some((seq, h)) = self.order.pop_front() else {
                 break;
             };
