@@ -202,8 +202,7 @@ pub(super) fn allocate_prefills(
         // Before any rate is learned, a closed period whose prompts all reported their size is
         // its own: its extension over their tokens.
         let rate = rate.or_else(|| {
-            let carried = period[0].chain.boundary.map_or(0.0, |b| b.own_ns);
-            let ext = carried + period.iter().map(Group::ext_ns).sum::<f64>();
+            let ext = period_ext_ns(period);
             let tokens: f64 = period
                 .iter()
                 .map(|g| g.sum_tokens(true))
@@ -299,6 +298,19 @@ fn group(
     })
 }
 
+/// What the group before a period left of its last step (a leftover carried over), ns.
+fn carried_ns(period: &[Group]) -> f64 {
+    period
+        .first()
+        .and_then(|g| g.chain.boundary)
+        .map_or(0.0, |b| b.own_ns)
+}
+
+/// A period's whole extension: what was carried into it and its groups' steps, ns.
+fn period_ext_ns(period: &[Group]) -> f64 {
+    carried_ns(period) + period.iter().map(Group::ext_ns).sum::<f64>()
+}
+
 /// The cuts of one period: how much of its last step each group took (see the module docs).
 ///
 /// A cut lies between two groups; a group whose prompts all reported their size fixes the cut
@@ -312,10 +324,7 @@ fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
     let known = |k: usize| rate.zip(period[k].sum_tokens(true)).map(|(r, t)| r * t);
     let estimate = |k: usize| rate.zip(period[k].sum_tokens(false)).map(|(r, t)| r * t);
     // What the group before `k` left of its step (for the first: a leftover carried over).
-    let carried = period
-        .first()
-        .and_then(|g| g.chain.boundary)
-        .map_or(0.0, |b| b.own_ns);
+    let carried = carried_ns(period);
     let left = |k: usize, cuts: &[Option<f64>]| match k.checked_sub(1) {
         Some(p) => cuts[p].map(|x| ext(p) - x),
         None => Some(carried),
@@ -489,19 +498,15 @@ fn weigh_cached(period: &mut [Group], rate: f64) {
     if choices.is_empty() {
         return;
     }
-    let carried = period
-        .first()
-        .and_then(|g| g.chain.boundary)
-        .map_or(0.0, |b| b.own_ns);
-    let target = (carried + period.iter().map(Group::ext_ns).sum::<f64>()) / rate;
-    let chosen = |k: usize, i: usize| choices.iter().any(|ch| ch.0 == k && ch.1 == i);
+    let target = period_ext_ns(period) / rate;
+    // The sizes that are not a choice: reported, or a body's whose start nobody shared.
     let fixed: f64 = period
         .iter()
-        .enumerate()
-        .flat_map(|(k, g)| {
-            g.tokens.iter().enumerate().map(move |(i, t)| {
+        .flat_map(|g| {
+            g.tokens.iter().enumerate().map(|(i, t)| {
                 t.or_else(|| {
-                    (!chosen(k, i))
+                    let choice = g.cached.get(i).copied().flatten().is_some();
+                    (!choice)
                         .then(|| g.body.get(i).copied().flatten())
                         .flatten()
                 })
