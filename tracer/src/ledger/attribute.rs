@@ -6,6 +6,7 @@ use crate::ids::{DeviceId, RequestId, ServiceId};
 
 use super::{
     config::{IdlePolicy, LedgerConfig},
+    context::{Member, decode_steps, own_context_time},
     features::{Feat, decode_in, prefill_in, time_shares, unit_chunks},
     model::{CostModel, Features},
     prefills::allocate_prefills,
@@ -55,6 +56,11 @@ pub(crate) struct Scratch {
     weights: Weights,
     /// Requests whose prefill step was resolved while collecting candidates.
     fresh: Vec<RequestId>,
+    /// One service's candidates and their time in the engine, its decode steps learned from
+    /// them, and pauses (`context.rs`).
+    members: Vec<Member>,
+    decode_steps: Vec<(u64, usize, f64, u64)>,
+    step_pauses: Vec<(u64, u64)>,
 }
 
 /// A request in flight during the segment.
@@ -348,6 +354,34 @@ pub(crate) fn segment(
         }
     }
 
+    // The services' decode steps that ended in the segment: what a sequence's context adds.
+    for svc in 0..scratch.services.len() {
+        let service = scratch.services[svc].service;
+        let Some(clock) = steps.get_mut(&service) else {
+            continue;
+        };
+        scratch.members.clear();
+        scratch.members.extend(
+            scratch
+                .cands
+                .iter()
+                .filter(|c| c.svc == svc)
+                .map(|c| (c.id, c.engine)),
+        );
+        scratch.decode_steps.clear();
+        decode_steps(
+            clock,
+            config.step_clock,
+            (seg.start_ns, seg.end_ns),
+            (&scratch.members, requests),
+            &mut scratch.step_pauses,
+            &mut scratch.decode_steps,
+        );
+        for &(to, seqs, ctx, len) in &scratch.decode_steps {
+            clock.context.learn(to, seqs, ctx, len);
+        }
+    }
+
     // Per-segment error terms, once each request's energy in the segment is known.
     let edge_factor = config.uncertainty.edge_factor;
     let tau = (seg.tau_start_ns + seg.tau_end_ns) as f64;
@@ -433,7 +467,7 @@ fn split_unit(
         let engine = c.engine;
         let (prefill, pk) = prefill_in(r, u0, u1, engine, rate);
         let steps_of = clock.map(|c| (c, config.step_clock));
-        let (decode, decode_ctx, dk) = decode_in(r, (u0, u1), cap, steps_of, engine);
+        let decode = decode_in(r, (u0, u1), cap, steps_of, engine);
         let chunks = unit_chunks(r, u0, u1, &mut scratch.chunks);
         let pauses = pauses(r, clock, config.step_clock, (u0, u1), &mut scratch.pauses);
         let bytes_rate = match (r.end_ns, r.response_bytes) {
@@ -449,11 +483,12 @@ fn split_unit(
             time_s: 0.0,
             plain_s: 0.0,
             prefill,
-            decode,
-            decode_ctx,
+            decode: decode.tokens,
+            decode_ctx: decode.ctx,
+            step_ctx: decode.step_ctx,
             chunks,
             pauses,
-            tokens_known: pk && dk,
+            tokens_known: pk && decode.known,
             bytes_rate,
         });
     }
@@ -467,6 +502,9 @@ fn split_unit(
         u0,
         u1,
     );
+    if let Some(ns) = clock.and_then(|c| c.context.ns_per_token()) {
+        own_context_time(&mut scratch.feats, ns, busy_s);
+    }
 
     let model = models.entry(service).or_insert_with(|| {
         CostModel::new(

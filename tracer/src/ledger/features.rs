@@ -21,6 +21,9 @@ pub(super) struct Feat {
     pub(super) decode: f64,
     /// Σ decode token × its context length.
     pub(super) decode_ctx: f64,
+    /// Σ decode step × its context length (steps, not tokens: the KV cache is read once per
+    /// step; see `context.rs`).
+    pub(super) step_ctx: f64,
     /// Its own parts of stretched prefill steps touching the unit: a range of the unit's
     /// chunk list, each chunk's `own_ns` turned into the fraction of the step it caused.
     pub(super) chunks: (usize, usize),
@@ -204,8 +207,8 @@ pub(super) fn decode_in(
     cap: u64,
     clock: Option<(&StepClock, StepClockPolicy)>,
     engine: (u64, u64),
-) -> (f64, f64, bool) {
-    let prompt = r.arrival.prompt_tokens.unwrap_or(0) as f64;
+) -> Decode {
+    let prompt = prompt_tokens(r, clock.map(|c| c.0));
     if r.first_event_ns.is_some() {
         let per_event = match r.completion_tokens {
             Some(t) if r.events > 0 => t as f64 / r.events as f64,
@@ -215,7 +218,7 @@ pub(super) fn decode_in(
         let first = times.partition_point(|e| e.0 <= u0);
         let mut before =
             r.pruned_events + times.range(..first).map(|e| u64::from(e.1)).sum::<u64>();
-        let (mut sum, mut ctx) = (0.0, 0.0);
+        let (mut sum, mut ctx, mut step_ctx) = (0.0, 0.0, 0.0);
         for k in first..times.len() {
             let (t, count) = times[k];
             let prev = match k.checked_sub(1) {
@@ -245,10 +248,17 @@ pub(super) fn decode_in(
                 f64::from(u8::from((u0..u1).contains(&t)))
             };
             let tokens = f64::from(count) * per_event * frac;
+            let context = prompt + count_before as f64 * per_event;
             sum += tokens;
-            ctx += tokens * (prompt + count_before as f64 * per_event);
+            ctx += tokens * context;
+            step_ctx += f64::from(count) * frac * context;
         }
-        return (sum, ctx, true);
+        return Decode {
+            tokens: sum,
+            ctx,
+            step_ctx,
+            known: true,
+        };
     }
     match (r.end_ns, r.completion_tokens) {
         (Some(_), Some(tokens)) => {
@@ -259,10 +269,51 @@ pub(super) fn decode_in(
                 0.0
             };
             let t = tokens as f64 * frac;
-            (t, t * (prompt + tokens as f64 / 2.0), true)
+            let ctx = t * (prompt + tokens as f64 / 2.0);
+            Decode {
+                tokens: t,
+                ctx,
+                step_ctx: ctx,
+                known: true,
+            }
         }
-        (Some(_), None) => (0.0, 0.0, false),
+        (Some(_), None) => Decode::unknown(false),
         // Open, nothing streamed: may still be in prefill, or generating a whole body.
-        (None, _) => (0.0, 0.0, u1 <= r.arrival.ts_ns),
+        (None, _) => Decode::unknown(u1 <= r.arrival.ts_ns),
+    }
+}
+
+/// A request's decode work in a unit (see [`decode_in`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Decode {
+    pub(super) tokens: f64,
+    /// Σ token × its context length.
+    pub(super) ctx: f64,
+    /// Σ step × its context length.
+    pub(super) step_ctx: f64,
+    /// `false` when needed but unknown.
+    pub(super) known: bool,
+}
+
+impl Decode {
+    fn unknown(known: bool) -> Self {
+        Self {
+            tokens: 0.0,
+            ctx: 0.0,
+            step_ctx: 0.0,
+            known,
+        }
+    }
+}
+
+/// The request's whole prompt in tokens (cached or not: the KV cache holds all of it):
+/// reported, else estimated from its body's size, else 0.
+pub(super) fn prompt_tokens(r: &Request, clock: Option<&StepClock>) -> f64 {
+    match r.arrival.prompt_tokens {
+        Some(p) => p as f64,
+        None => clock
+            .zip(r.arrival.body_bytes)
+            .and_then(|(c, b)| c.prompt_estimate(b))
+            .unwrap_or(0.0),
     }
 }

@@ -69,7 +69,9 @@
 //!      streamed events after the first (scaled to the reported completion tokens), each spread
 //!      over the engine step that produced it. Busy time is time-sliced, except that the part
 //!      of a stretched step a prefill added (of the step's length minus a step's without
-//!      prefill) is that prefill's. Why: in continuous batching every step costs a shared part
+//!      prefill) is that prefill's, and the part of each decode step a sequence's context
+//!      added (KV-cache reads; fitted on the service's decode steps, `context.rs`) is that
+//!      sequence's. Why: in continuous batching every step costs a shared part
 //!      (weights read, kernels launched), a prefill part (compute-bound, per token, and the
 //!      time it adds to the step) and a decode part per sequence that grows with its context
 //!      (KV cache reads). The prices depend on the GPU, the model served and the batch size, so they
@@ -134,6 +136,7 @@
 mod attribute;
 mod bodies;
 mod config;
+mod context;
 mod features;
 mod finalise;
 mod idle;
@@ -629,6 +632,10 @@ impl Ledger {
             prefill_j_per_token: b[2],
             decode_j_per_token: b[3],
             decode_context_j_per_token: b[4],
+            context_step_ns_per_token: self
+                .steps
+                .get(&service)
+                .and_then(|c| c.context.ns_per_token()),
         })
     }
 }

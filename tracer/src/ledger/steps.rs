@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::bodies::BodySizes;
+use super::{bodies::BodySizes, context::ContextTime};
 
 /// Where a step end was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +248,8 @@ pub(crate) struct StepClock {
     leftovers: VecDeque<(u64, f64)>,
     /// The prefill period being summed (see [`StepClock::period_group`]).
     period: Option<Period>,
+    /// Step time per decode context token (`context.rs`).
+    pub(crate) context: ContextTime,
 }
 
 /// A run of stretched steps with no step of usual length inside: every chunk in it belongs
@@ -396,6 +398,22 @@ impl StepClock {
         let i = m.at_or_before(t)?;
         Some(Step {
             from_ns: m.ends[i.checked_sub(1)?],
+            to_ns: m.ends[i],
+        })
+    }
+
+    /// The steps that ended in `(a, b]`, by the marks in use at `b`.
+    pub(crate) fn steps_ending(
+        &self,
+        a: u64,
+        b: u64,
+        policy: StepClockPolicy,
+    ) -> impl Iterator<Item = Step> + '_ {
+        let m = self.marks(b, policy);
+        let lo = m.ends.partition_point(|&x| x <= a).max(1);
+        let hi = m.ends.partition_point(|&x| x <= b);
+        (lo..hi).map(move |i| Step {
+            from_ns: m.ends[i - 1],
             to_ns: m.ends[i],
         })
     }

@@ -142,6 +142,9 @@ pub struct CostPrices {
     pub decode_j_per_token: f64,
     /// Extra per decode token per token of context (KV cache reads).
     pub decode_context_j_per_token: f64,
+    /// Step time a decoding sequence adds per token of its context, where the service's steps
+    /// show it: that part of the busy time is the sequence's own (`context.rs`).
+    pub context_step_ns_per_token: Option<f64>,
 }
 
 /// Per-device energy totals over everything attributed so far.

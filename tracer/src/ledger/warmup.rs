@@ -87,6 +87,7 @@ mod tests {
             prefill,
             decode: 5.0,
             decode_ctx: 0.0,
+            step_ctx: 0.0,
             chunks: (0, 0),
             pauses: (0, 0),
             tokens_known: true,
