@@ -27,7 +27,10 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::{bodies::BodySizes, context::ContextTime};
+use super::bodies::BodySizes;
+pub(crate) use context::ContextTime;
+
+mod context;
 
 /// Where a step end was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
