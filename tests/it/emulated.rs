@@ -230,6 +230,15 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
             );
         }
         assert!(t["dynamic_j"].as_f64().is_some(), "truth for {id}");
+        // Time to first byte travels from the wire to the energy record.
+        let (a, f, e) = (
+            r["arrive_ns"].as_u64().expect("arrive"),
+            r["first_byte_ns"]
+                .as_u64()
+                .expect("first byte in the energy record"),
+            r["end_ns"].as_u64().expect("end"),
+        );
+        assert!(a <= f && f <= e, "first byte outside the request: {r}");
     }
     // Against what each request caused (the engine's ground truth), the default split.
     let (median, p95, mean, held) = summary(&errors(&records, &truth, "dynamic_j"));

@@ -59,8 +59,10 @@ impl Pipeline {
                 );
             }
             // Streaming servers send their headers before the first token: the prefill/decode
-            // boundary is the first event, which `events` records.
-            Lifecycle::FirstByte { .. } | Lifecycle::RequestDone { .. } => {}
+            // boundary is the first event, which `events` records; the first byte is reported
+            // (time to first byte) and splits nothing.
+            Lifecycle::FirstByte { req, ts_ns, .. } => l.first_byte(RequestId(req.id), *ts_ns),
+            Lifecycle::RequestDone { .. } => {}
             Lifecycle::Event { req, ts_ns } => l.events(RequestId(req.id), *ts_ns, 1),
             Lifecycle::Usage {
                 req,

@@ -378,7 +378,8 @@ impl Tracker {
     fn finish_responses(&mut self, c: &mut Conn, ts_ns: u64) {
         let resp = 1;
         let until_close = c.sides[resp].state == State::Body(Framing::UntilClose);
-        while let Some(p) = c.pending.pop_front() {
+        let mut first = true;
+        while let Some(mut p) = c.pending.pop_front() {
             let outcome = if p.status.is_none() {
                 Outcome::Aborted
             } else if until_close {
@@ -386,6 +387,12 @@ impl Tracker {
             } else {
                 Outcome::ClosedEarly
             };
+            if first && p.status.is_some() {
+                // The response being received: its head and whatever body came, however it
+                // was framed (a close-delimited body ends here).
+                p.resp_body_bytes = p.resp_body_bytes.max(c.sides[resp].msg_bytes);
+            }
+            first = false;
             self.end(p, ts_ns, outcome);
         }
         c.sides[resp] = Side::new();

@@ -428,8 +428,11 @@ fn head_204_304_100_continue_and_close_delimited() {
         (Out, b"</html>"),
     ]);
     assert_eq!(
-        ends(&evs).iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(),
-        vec![(Some(200), Outcome::Complete)]
+        ends(&evs)
+            .iter()
+            .map(|e| (e.0, e.1, e.3))
+            .collect::<Vec<_>>(),
+        vec![(Some(200), 44 + 6 + 7, Outcome::Complete)]
     );
 }
 
