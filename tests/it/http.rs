@@ -43,6 +43,11 @@ fn requests_of(dir: &std::path::Path, tgid: u32) -> Vec<Value> {
 /// Drives `n` alternating streaming / non-streaming chat requests over one connection and checks
 /// the tracer's records against what the client saw.
 fn check_server(name: &str, server: &mut Command, keepalive_comments: bool) {
+    check_server_with(name, server, keepalive_comments, "");
+}
+
+/// As [`check_server`], with `extra` JSON members in every request body (`,"k":v`).
+fn check_server_with(name: &str, server: &mut Command, keepalive_comments: bool, extra: &str) {
     if !privileged_or_skip(name) {
         return;
     }
@@ -66,7 +71,7 @@ fn check_server(name: &str, server: &mut Command, keepalive_comments: bool) {
     for i in 0..10u64 {
         let stream = i % 2 == 0;
         let body = format!(
-            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"keepalive":{keepalive_comments},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
+            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"keepalive":{keepalive_comments}{extra},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
             3 + i
         );
         let rid = format!("req-{i}");
@@ -131,6 +136,21 @@ fn check_server(name: &str, server: &mut Command, keepalive_comments: bool) {
 fn python_stdlib_server_streaming_and_not() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
     check_server("python-stdlib", Command::new("python3").arg(script), false);
+}
+
+/// Node's `http` writes the usage chunk, `[DONE]` and the chunked terminator in one `writev` of
+/// 9 segments; servers that gather more write more: every segment must be walked.
+#[test]
+fn a_stream_ending_in_one_writev_of_9_and_of_64_segments() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    for segments in [9, 64] {
+        check_server_with(
+            &format!("writev-{segments}"),
+            Command::new("python3").arg(script),
+            false,
+            &format!(r#","tail_segments":{segments}"#),
+        );
+    }
 }
 
 #[test]

@@ -5,10 +5,13 @@ HTTP/1.1 keep-alive (ThreadingHTTPServer). POST /v1/chat/completions with a JSON
 - "stream": true  -> chunked `text/event-stream`: one `data: {...}` event per token, a final
   usage chunk (`"choices": []`) when stream_options.include_usage, then `data: [DONE]`. Each event
   is its own chunk written with its own write() (as uvicorn does).
+  With "tail_segments": N, the usage chunk, [DONE] and the terminator go out in one writev of N
+  segments (as Node's http module writes them).
 - otherwise       -> one JSON body with `usage`, Content-Length framing.
 The number of completion tokens is the request's max_tokens. Prints `listening <port>` when ready.
 """
 import json
+import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,12 +54,30 @@ class Handler(BaseHTTPRequestHandler):
                 ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": req.get("model"),
                       "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}]}
                 chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            tail = []
             if req.get("stream_options", {}).get("include_usage"):
                 ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
-                chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
-            chunk(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+                tail.append(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            tail.append(b"data: [DONE]\n\n")
+            segments = int(req.get("tail_segments", 0))
+            if segments:
+                # As Node does: the last chunks and the terminator in one writev, each chunk as
+                # size line, data and CRLF, the data cut into pieces up to `segments` in all.
+                bufs = []
+                for data in tail:
+                    bufs += [b"%x\r\n" % len(data), data, b"\r\n"]
+                bufs.append(b"0\r\n\r\n")
+                while len(bufs) < segments:
+                    i = max(range(len(bufs)), key=lambda k: len(bufs[k]))
+                    if len(bufs[i]) < 2:
+                        break
+                    bufs[i:i + 1] = [bufs[i][:len(bufs[i]) // 2], bufs[i][len(bufs[i]) // 2:]]
+                os.writev(self.connection.fileno(), bufs)
+            else:
+                for data in tail:
+                    chunk(data)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
         else:
             body = json.dumps({"id": "chatcmpl-2", "object": "chat.completion", "model": req.get("model"),
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n}}],

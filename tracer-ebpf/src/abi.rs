@@ -7,8 +7,10 @@
 /// Most payload bytes copied from one socket read/write; the full byte count is always reported.
 /// A power of two: the probes mask offsets and lengths with it for the verifier.
 pub const CAPTURE_MAX: usize = 4096;
-/// iovec segments walked per readv/writev/recvmsg/sendmsg (bounded loop in the probe).
-pub const IOV_WALK_MAX: usize = 8;
+/// iovec segments walked per readv/writev/recvmsg/sendmsg (`bpf_loop` in the probe): the
+/// kernel's own limit (`UIO_MAXIOV`), so every segment that can carry bytes is walked. Servers
+/// gather a chunk's size line, data and CRLF as three (Node ends a stream with 9).
+pub const IOV_WALK_MAX: usize = 1024;
 /// Bytes of an opened path copied into [`DevOpenEvent`].
 pub const PATH_CAPTURE: usize = 128;
 /// Longest device-root prefix (e.g. `/dev/nvidia`) the probes compare paths against.

@@ -5,7 +5,10 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_loop, bpf_probe_read_user},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -355,36 +358,77 @@ fn copy_user(buf: &mut [u8; 2 * CAPTURE_MAX], off: u32, src: u64, len: u64) -> u
     n as u32
 }
 
+/// State of an iovec walk, shared with [`iov_segment`] through `bpf_loop`.
+#[repr(C)]
+struct IovWalk {
+    /// User address of the iovec array.
+    iov: u64,
+    /// Segments in it (at most `IOV_WALK_MAX`).
+    count: u64,
+    /// Bytes wanted, bytes copied so far.
+    want: u64,
+    off: u64,
+    segs: u64,
+}
+
+/// One iovec segment: copies its bytes after those already copied. `bpf_loop` calls it with
+/// the segment's index; returning 1 stops the walk. Verified once, however many segments are
+/// walked (an unrolled walk of more than 8 segments is too long for the verifier).
+#[inline(never)]
+extern "C" fn iov_segment(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `IovWalk` on `copy_iov`'s stack, passed to `bpf_loop`.
+    let w = unsafe { &mut *ctx.cast::<IovWalk>() };
+    if i >= w.count || w.off >= w.want {
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    let at = w.iov + i * 16;
+    let (Some(base), Some(seg_len)) = (read_user::<u64>(at), read_user::<u64>(at + 8)) else {
+        bump(Stat::UserReadFailed as u32);
+        return 1;
+    };
+    let remaining = w.want - w.off;
+    let n = if seg_len < remaining {
+        seg_len
+    } else {
+        remaining
+    };
+    w.off += u64::from(copy_user(&mut scratch.data, w.off as u32, base, n));
+    w.segs += 1;
+    0
+}
+
 /// Walks up to `IOV_WALK_MAX` iovecs, copying until `want` bytes. Returns (copied, segments).
 #[inline(always)]
-fn copy_iov(buf: &mut [u8; 2 * CAPTURE_MAX], iov: u64, iovcnt: u64, want: u64) -> (u32, u16) {
-    let mut off: u32 = 0;
-    let mut segs: u16 = 0;
-    for i in 0..IOV_WALK_MAX as u64 {
-        if i >= iovcnt || u64::from(off) >= want {
-            break;
-        }
-        let Some(base) = read_user::<u64>(iov + i * 16) else {
-            bump(Stat::UserReadFailed as u32);
-            break;
-        };
-        let Some(seg_len) = read_user::<u64>(iov + i * 16 + 8) else {
-            bump(Stat::UserReadFailed as u32);
-            break;
-        };
-        let remaining = want - u64::from(off);
-        let n = if seg_len < remaining {
-            seg_len
+fn copy_iov(iov: u64, iovcnt: u64, want: u64) -> (u32, u16) {
+    let mut w = IovWalk {
+        iov,
+        count: if iovcnt < IOV_WALK_MAX as u64 {
+            iovcnt
         } else {
-            remaining
-        };
-        off += copy_user(buf, off, base, n);
-        segs += 1;
+            IOV_WALK_MAX as u64
+        },
+        want,
+        off: 0,
+        segs: 0,
+    };
+    // SAFETY: the callback and its context are valid for the call; the helper bounds the loop.
+    unsafe {
+        bpf_loop(
+            w.count as u32,
+            iov_segment as *mut c_void,
+            (&raw mut w).cast::<c_void>(),
+            0,
+        );
     }
-    if iovcnt > IOV_WALK_MAX as u64 && u64::from(off) < want {
+    if iovcnt > IOV_WALK_MAX as u64 && w.off < want {
         bump(Stat::IovTruncated as u32);
     }
-    (off, segs)
+    (w.off as u32, w.segs as u16)
 }
 
 #[inline(always)]
@@ -400,12 +444,12 @@ fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         want = CAPTURE_MAX as u64;
     }
     let (mut cap, segs) = match syscall {
-        Syscall::Readv | Syscall::Writev => copy_iov(&mut scratch.data, entry.ptr, entry.arg, want),
+        Syscall::Readv | Syscall::Writev => copy_iov(entry.ptr, entry.arg, want),
         Syscall::Recvmsg | Syscall::Sendmsg => {
             // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
             let iov = read_user::<u64>(entry.ptr + 16).unwrap_or(0);
             let iovcnt = read_user::<u64>(entry.ptr + 24).unwrap_or(0);
-            copy_iov(&mut scratch.data, iov, iovcnt, want)
+            copy_iov(iov, iovcnt, want)
         }
         _ => (copy_user(&mut scratch.data, 0, entry.ptr, want), 0),
     };
