@@ -143,6 +143,7 @@ fn settings(dev: &Path) -> ProbeSettings {
     ProbeSettings {
         ring_bytes: 1 << 20,
         capture_bytes: 256,
+        request_capture_bytes: 256,
         device_root: dev.to_path_buf(),
         filter_cgroup: false,
         filter_comm: false,

@@ -43,11 +43,18 @@ fn requests_of(dir: &std::path::Path, tgid: u32) -> Vec<Value> {
 /// Drives `n` alternating streaming / non-streaming chat requests over one connection and checks
 /// the tracer's records against what the client saw.
 fn check_server(name: &str, server: &mut Command, keepalive_comments: bool) {
-    check_server_with(name, server, keepalive_comments, "");
+    check_server_with(name, server, keepalive_comments, "", &[]);
 }
 
-/// As [`check_server`], with `extra` JSON members in every request body (`,"k":v`).
-fn check_server_with(name: &str, server: &mut Command, keepalive_comments: bool, extra: &str) {
+/// As [`check_server`], with `extra` JSON members in every request body (`,"k":v`) and
+/// `headers` in every request.
+fn check_server_with(
+    name: &str,
+    server: &mut Command,
+    keepalive_comments: bool,
+    extra: &str,
+    headers: &[(&str, &str)],
+) {
     if !privileged_or_skip(name) {
         return;
     }
@@ -75,8 +82,10 @@ fn check_server_with(name: &str, server: &mut Command, keepalive_comments: bool,
             3 + i
         );
         let rid = format!("req-{i}");
+        let mut all = vec![("X-Request-Id", rid.as_str())];
+        all.extend_from_slice(headers);
         let ex = client
-            .post("/v1/chat/completions", &body, &[("X-Request-Id", &rid)])
+            .post("/v1/chat/completions", &body, &all)
             .expect("exchange");
         assert_eq!(ex.status, 200);
         truth.push((i, stream, rid, ex));
@@ -149,8 +158,25 @@ fn a_stream_ending_in_one_writev_of_9_and_of_64_segments() {
             Command::new("python3").arg(script),
             false,
             &format!(r#","tail_segments":{segments}"#),
+            &[],
         );
     }
+}
+
+/// Large cookies and tokens make heads of many kilobytes, read in one syscall: a 12 KB head
+/// with a 6 KB cookie is followed as any other.
+#[test]
+fn a_12_kb_head_with_a_6_kb_cookie() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    let cookie = format!("session={}", "c".repeat(6 * 1024));
+    let token = format!("Bearer {}", "t".repeat(5 * 1024));
+    check_server_with(
+        "head-12kb",
+        Command::new("python3").arg(script),
+        false,
+        "",
+        &[("Cookie", &cookie), ("Authorization", &token)],
+    );
 }
 
 #[test]

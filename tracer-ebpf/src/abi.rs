@@ -7,6 +7,10 @@
 /// Most payload bytes copied from one socket read/write; the full byte count is always reported.
 /// A power of two: the probes mask offsets and lengths with it for the verifier.
 pub const CAPTURE_MAX: usize = 4096;
+/// Most bytes copied from one read of a request on a server connection, in records of up to
+/// [`CAPTURE_MAX`] ([`DATA_FLAG_MORE`], [`DATA_FLAG_CONT`]): heads with large cookies or tokens,
+/// and bodies whose metadata comes after the prompt.
+pub const REQUEST_CAPTURE_MAX: usize = 65_536;
 /// iovec segments walked per readv/writev/recvmsg/sendmsg (`bpf_loop` in the probe): the
 /// kernel's own limit (`UIO_MAXIOV`), so every segment that can carry bytes is walked. Servers
 /// gather a chunk's size line, data and CRLF as three (Node ends a stream with 9).
@@ -268,6 +272,12 @@ pub const DATA_FLAG_EOF: u16 = 1;
 /// `Header::flags` bit on a [`Kind::Data`] record: an IPC connection between service members
 /// ([`ROLE_IPC`]): timing, direction and length only, never payload.
 pub const DATA_FLAG_IPC: u16 = 2;
+/// `Header::flags` bit on a [`Kind::Data`] record: more of the same syscall's bytes follow, in
+/// records flagged [`DATA_FLAG_CONT`] from the same thread.
+pub const DATA_FLAG_MORE: u16 = 4;
+/// `Header::flags` bit on a [`Kind::Data`] record: a continuation of the previous record of the
+/// same connection and thread; [`DataHead::offset`] places its bytes.
+pub const DATA_FLAG_CONT: u16 = 8;
 /// `Header::flags` bit on a [`Kind::ProcExec`] record: the process became a target by its comm.
 pub const EXEC_FLAG_COMM_MATCH: u16 = 1;
 /// `Header::flags` bit on a [`Kind::ProcExit`] record: a followed thread ended (`pid` is its
@@ -330,7 +340,9 @@ pub struct DataHead {
     pub pad1: u8,
     /// iovec segments walked (0 for plain buffers).
     pub iov_segs: u16,
-    pub pad2: u32,
+    /// Where the captured bytes start among those the syscall moved (non-zero only in a
+    /// continuation, [`DATA_FLAG_CONT`]).
+    pub offset: u32,
 }
 
 /// [`Kind::Close`] and [`Kind::DevClose`].
@@ -600,6 +612,10 @@ pub struct ProbeConfig {
     pub flags: u32,
     /// Opened paths starting with this prefix are device fds (e.g. `/dev/nvidia`).
     pub dev_prefix: [u8; DEV_PREFIX_MAX],
+    /// Bytes to copy per read of a server connection (requests), in records of up to
+    /// `capture_bytes` (≤ [`REQUEST_CAPTURE_MAX`]).
+    pub request_capture_bytes: u32,
+    pub pad: u32,
 }
 
 impl ProbeConfig {
@@ -613,6 +629,8 @@ impl ProbeConfig {
         dev_prefix_len: 0,
         flags: 0,
         dev_prefix: [0; DEV_PREFIX_MAX],
+        request_capture_bytes: CAPTURE_MAX as u32,
+        pad: 0,
     };
 }
 

@@ -54,6 +54,10 @@ pub struct ProbeFileConfig {
     pub ring_bytes: u32,
     /// Payload bytes copied per socket syscall (at most 4096).
     pub capture_bytes: u32,
+    /// Bytes copied per read of a request on a server connection, in records of
+    /// `capture_bytes` (at most 65536): long heads (cookies, tokens) and the metadata of long
+    /// bodies. Responses and client connections stay at `capture_bytes`.
+    pub request_capture_bytes: u32,
     /// Directory holding the NVIDIA device nodes.
     pub device_root: PathBuf,
     /// How often the ring buffer is drained when no forced wakeup arrives.
@@ -82,6 +86,7 @@ impl Default for ProbeFileConfig {
         Self {
             ring_bytes: 8 << 20,
             capture_bytes: 4096,
+            request_capture_bytes: 65_536,
             device_root: PathBuf::from("/dev"),
             poll_interval_ms: 10,
             ioctl_events: false,
@@ -160,6 +165,13 @@ impl Config {
         if self.probe.capture_bytes > 4096 {
             return Err(ConfigError::Invalid(format!(
                 "probe.capture_bytes = {}: at most 4096",
+                self.probe.capture_bytes
+            )));
+        }
+        let req = self.probe.request_capture_bytes;
+        if !(self.probe.capture_bytes..=65_536).contains(&req) {
+            return Err(ConfigError::Invalid(format!(
+                "probe.request_capture_bytes = {req}: between probe.capture_bytes ({}) and 65536",
                 self.probe.capture_bytes
             )));
         }

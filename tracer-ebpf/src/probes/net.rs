@@ -13,13 +13,14 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_ebpf::abi::{
-    CAPTURE_MAX, CONFIG_IPC, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_FLAG_IPC, DATA_HEAD_LEN,
-    DataHead, FdKey, IOV_WALK_MAX, Kind, ROLE_CLIENT, ROLE_IPC, ROLE_SERVER, Stash, Stat, Syscall,
+    CAPTURE_MAX, CONFIG_IPC, ConnEvent, ConnState, DATA_FLAG_CONT, DATA_FLAG_EOF, DATA_FLAG_IPC,
+    DATA_FLAG_MORE, DATA_HEAD_LEN, DataHead, FdKey, IOV_WALK_MAX, Kind, REQUEST_CAPTURE_MAX,
+    ROLE_CLIENT, ROLE_IPC, ROLE_SERVER, Stash, Stat, Syscall,
 };
 
 use super::{
-    CONNS, EVENTS, SCRATCH, SOCK_TYPES, arg, bump, current_target, emit, fd_key, header, read_user,
-    ret, stash, stash_entry, submit_flags, take,
+    CONNS, DataScratch, EVENTS, SCRATCH, SOCK_TYPES, arg, bump, current_target, emit, fd_key,
+    header, read_user, ret, stash, stash_entry, submit_flags, take,
 };
 
 const AF_UNIX: u16 = 1;
@@ -323,7 +324,7 @@ fn emit_ipc(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         syscall: syscall as u8,
         pad1: 0,
         iov_segs: 0,
-        pad2: 0,
+        offset: 0,
     };
     emit(Kind::Data, &head);
 }
@@ -453,11 +454,31 @@ fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         }
         _ => (copy_user(&mut scratch.data, 0, entry.ptr, want), 0),
     };
-    if u64::from(cap) < total {
+    if cap > CAPTURE_MAX as u32 {
+        cap = CAPTURE_MAX as u32;
+    }
+    // A request read into one buffer is copied further, in continuation records.
+    let flat = segs == 0 && matches!(syscall, Syscall::Read | Syscall::Recvfrom);
+    let mut end = u64::from(cap);
+    if flat && entry.role == ROLE_SERVER && u64::from(cap) == want && want > 0 {
+        let more = u64::from(config!(request_capture_bytes));
+        end = if total < more { total } else { more };
+        if end > REQUEST_CAPTURE_MAX as u64 {
+            end = REQUEST_CAPTURE_MAX as u64;
+        }
+        if end < u64::from(cap) {
+            end = u64::from(cap);
+        }
+    }
+    if end < total {
         bump(Stat::CaptureTruncated as u32);
     }
+    let mut flags = if total == 0 { DATA_FLAG_EOF } else { 0 };
+    if end > u64::from(cap) {
+        flags |= DATA_FLAG_MORE;
+    }
     scratch.head = DataHead {
-        hdr: header(Kind::Data, id, if total == 0 { DATA_FLAG_EOF } else { 0 }),
+        hdr: header(Kind::Data, id, flags),
         conn_id: entry.conn_id,
         total_len: total,
         fd: entry.fd as i32,
@@ -465,12 +486,34 @@ fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         syscall: syscall as u8,
         pad1: 0,
         iov_segs: segs,
-        pad2: 0,
+        offset: 0,
     };
-    if cap > CAPTURE_MAX as u32 {
-        cap = CAPTURE_MAX as u32;
+    output_data(scratch, cap);
+    if end > u64::from(cap) {
+        let mut c = Pieces {
+            src: entry.ptr,
+            from: u64::from(cap),
+            end,
+        };
+        // Records of `CAPTURE_MAX` (a constant divisor: no division-by-zero path).
+        let pieces = (end - u64::from(cap) + CAPTURE_MAX as u64 - 1) / CAPTURE_MAX as u64;
+        // SAFETY: the callback and its context are valid for the call; the helper bounds it.
+        unsafe {
+            bpf_loop(
+                pieces as u32,
+                data_piece as *mut c_void,
+                (&raw mut c).cast::<c_void>(),
+                0,
+            );
+        }
     }
-    let len = DATA_HEAD_LEN + cap as usize;
+}
+
+/// Sends the data record in `scratch` with `cap` payload bytes.
+#[inline(always)]
+fn output_data(scratch: &DataScratch, cap: u32) {
+    let cap = (cap as usize) & (2 * CAPTURE_MAX - 1);
+    let len = DATA_HEAD_LEN + if cap > CAPTURE_MAX { CAPTURE_MAX } else { cap };
     // SAFETY: len <= DATA_HEAD_LEN + CAPTURE_MAX < size_of::<DataScratch>().
     let bytes =
         unsafe { core::slice::from_raw_parts(core::ptr::from_ref(scratch).cast::<u8>(), len) };
@@ -479,6 +522,50 @@ fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
     } else {
         bump(Kind::Data.dropped_stat());
     }
+}
+
+/// The rest of a request read, shared with [`data_piece`] through `bpf_loop`.
+#[repr(C)]
+struct Pieces {
+    /// The user buffer read into.
+    src: u64,
+    /// Next offset to copy, end of what is copied.
+    from: u64,
+    end: u64,
+}
+
+/// One continuation record (see [`DATA_FLAG_CONT`]), re-using the head left in the scratch by
+/// the first record. Returning 1 stops the loop.
+#[inline(never)]
+extern "C" fn data_piece(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Pieces` on `emit_data`'s stack, passed to `bpf_loop`.
+    let p = unsafe { &mut *ctx.cast::<Pieces>() };
+    if p.from >= p.end {
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU map value, exclusively ours while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    let left = p.end - p.from;
+    let n = if left < CAPTURE_MAX as u64 {
+        left
+    } else {
+        CAPTURE_MAX as u64
+    };
+    let got = copy_user(&mut scratch.data, 0, p.src + p.from, n);
+    let last = p.from + n >= p.end;
+    let mut flags = DATA_FLAG_CONT;
+    if !last {
+        flags |= DATA_FLAG_MORE;
+    }
+    scratch.head.hdr.flags = flags;
+    scratch.head.offset = p.from as u32;
+    scratch.head.cap_len = got;
+    output_data(scratch, got);
+    p.from += n;
+    if got == 0 || last { 1 } else { 0 }
 }
 
 // ---------------------------------------------------------------------------------------------

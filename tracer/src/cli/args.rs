@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// Payload bytes copied per socket syscall (≤ 4096). [config: probe.capture_bytes]
     #[arg(long)]
     pub capture_bytes: Option<u32>,
+    /// Bytes copied per read of a request on a server connection (≤ 65536).
+    /// [config: probe.request_capture_bytes]
+    #[arg(long)]
+    pub request_capture_bytes: Option<u32>,
     /// Ring-buffer drain period in milliseconds. [config: probe.poll_interval_ms]
     #[arg(long)]
     pub poll_interval_ms: Option<u64>,
@@ -190,6 +194,9 @@ impl RunArgs {
         }
         if let Some(v) = self.capture_bytes {
             c.probe.capture_bytes = v;
+        }
+        if let Some(v) = self.request_capture_bytes {
+            c.probe.request_capture_bytes = v;
         }
         if let Some(v) = self.poll_interval_ms {
             c.probe.poll_interval_ms = v;

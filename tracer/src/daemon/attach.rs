@@ -28,6 +28,7 @@ pub(super) fn load(
     let settings = ProbeSettings {
         ring_bytes: config.probe.ring_bytes,
         capture_bytes: config.probe.capture_bytes,
+        request_capture_bytes: config.probe.request_capture_bytes,
         device_root: config.probe.device_root.clone(),
         filter_cgroup: !resolved.cgroup_ids.is_empty(),
         filter_comm: !spec.comms.is_empty(),

@@ -24,6 +24,35 @@ struct OpenConn {
 #[derive(Debug, Default)]
 pub(super) struct Conns {
     open: BTreeMap<(Pid, u64), OpenConn>,
+    /// Syscalls captured in several records, being put back together.
+    pieces: BTreeMap<(Pid, u64), Pieces>,
+    pieces_lost: u64,
+}
+
+/// One data record's fields, as the tracker needs them.
+#[derive(Debug, Clone, Copy)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the record's flags, each its own meaning"
+)]
+pub(super) struct Moved<'a> {
+    pub fd: i32,
+    pub conn_id: u64,
+    pub ts_ns: u64,
+    pub inbound: bool,
+    pub total_len: u64,
+    pub eof: bool,
+    pub more: bool,
+    pub cont: bool,
+    pub offset: u32,
+    pub payload: &'a [u8],
+}
+
+/// A syscall's first record and the bytes put together so far.
+#[derive(Debug)]
+struct Pieces {
+    first: Moved<'static>,
+    buf: Vec<u8>,
 }
 
 impl Conns {
@@ -74,40 +103,79 @@ impl Conns {
         self.open(t, tgid, fd, conn_id, ts_ns, role);
     }
 
-    /// Bytes moved (or a read returned 0: `eof`).
-    #[expect(clippy::too_many_arguments, reason = "one data record's fields")]
-    pub fn data(
-        &self,
-        t: &mut Tracker,
-        tgid: Pid,
-        fd: i32,
-        conn_id: u64,
-        ts_ns: u64,
-        inbound: bool,
-        total_len: u64,
-        eof: bool,
-        payload: &[u8],
-    ) {
-        let first_fd = self.open.get(&(tgid, conn_id)).map_or(fd, |c| c.key.fd);
+    /// Bytes moved (or a read returned 0: `eof`). A syscall captured in several records (see
+    /// `DATA_FLAG_MORE`) is put back together first: the tracker sees one read.
+    pub fn data(&mut self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) {
+        let at = (tgid, d.conn_id);
+        if d.cont {
+            match self.pieces.get_mut(&at) {
+                Some(p) if p.buf.len() as u64 == u64::from(d.offset) => {
+                    p.buf.extend_from_slice(d.payload);
+                    if !d.more {
+                        self.flush_pieces(t, at);
+                    }
+                }
+                // The record before it was lost (a full ring): what was put together goes on,
+                // the rest counts as uncaptured.
+                _ => {
+                    self.pieces_lost += 1;
+                    self.flush_pieces(t, at);
+                }
+            }
+            return;
+        }
+        self.flush_pieces(t, at);
+        if d.more {
+            self.pieces.insert(
+                at,
+                Pieces {
+                    first: Moved { payload: &[], ..*d },
+                    buf: d.payload.to_vec(),
+                },
+            );
+            return;
+        }
+        self.deliver(t, tgid, d);
+    }
+
+    /// Hands a syscall being put together to the tracker as it is.
+    fn flush_pieces(&mut self, t: &mut Tracker, at: (Pid, u64)) {
+        if let Some(p) = self.pieces.remove(&at) {
+            let d = Moved {
+                payload: &p.buf,
+                ..p.first
+            };
+            self.deliver(t, at.0, &d);
+        }
+    }
+
+    fn deliver(&self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) {
+        let first_fd = self.open.get(&(tgid, d.conn_id)).map_or(d.fd, |c| c.key.fd);
         let key = ConnKey {
             tgid: tgid.0,
             fd: first_fd,
-            conn_id,
+            conn_id: d.conn_id,
         };
-        let dir = if inbound {
+        let dir = if d.inbound {
             Direction::Inbound
         } else {
             Direction::Outbound
         };
-        if eof {
-            t.on_eof(key, ts_ns, dir);
+        if d.eof {
+            t.on_eof(key, d.ts_ns, dir);
         } else {
-            t.on_data(key, ts_ns, dir, total_len, payload);
+            t.on_data(key, d.ts_ns, dir, d.total_len, d.payload);
         }
+    }
+
+    /// Continuation records that did not follow the record before them (counted, not used).
+    pub fn pieces_lost(&self) -> u64 {
+        self.pieces_lost
     }
 
     /// An fd of a connection closed; the connection ends with its last fd.
     pub fn close(&mut self, t: &mut Tracker, tgid: Pid, fd: i32, conn_id: u64, ts_ns: u64) {
+        self.flush_pieces(t, (tgid, conn_id));
         let Some(c) = self.open.get_mut(&(tgid, conn_id)) else {
             t.on_close(
                 ConnKey {
@@ -135,6 +203,7 @@ impl Conns {
             .map(|(k, _)| *k)
             .collect();
         for k in gone {
+            self.flush_pieces(t, k);
             if let Some(c) = self.open.remove(&k) {
                 t.on_close(c.key, ts_ns);
             }

@@ -22,6 +22,7 @@ mod stats;
 
 use std::sync::Arc;
 
+use self::conns::Moved;
 pub use self::{
     bus::{Bus, Interest, LossyReceiver, Subscriber, SubscriberError},
     fact::{BindingFact, Fact, FinalRecord, OwnedFact},
@@ -236,10 +237,26 @@ impl Pipeline {
                 inbound,
                 total_len,
                 eof,
+                more,
+                cont,
+                offset,
                 payload,
                 ..
             } => self.conns.data(
-                t, tgid, fd, conn_id, ev.ts_ns, inbound, total_len, eof, payload,
+                t,
+                tgid,
+                &Moved {
+                    fd,
+                    conn_id,
+                    ts_ns: ev.ts_ns,
+                    inbound,
+                    total_len,
+                    eof,
+                    more,
+                    cont,
+                    offset,
+                    payload,
+                },
             ),
             Body::Close { conn_id, fd } => self.conns.close(t, tgid, fd, conn_id, ev.ts_ns),
             Body::Exit {
@@ -455,6 +472,7 @@ impl Pipeline {
             records_done: self.records_done,
             orphan_lifecycle_events: self.collector.orphans,
             gpu_unknown_device: self.binding.unknown_device(),
+            data_pieces_lost: self.conns.pieces_lost(),
         }
     }
 

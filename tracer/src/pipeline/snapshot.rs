@@ -77,6 +77,9 @@ pub struct Counts {
     pub orphan_lifecycle_events: u64,
     /// GPU facts about devices no power source knows (no NVML, or an unknown UUID).
     pub gpu_unknown_device: u64,
+    /// Continuation records of a long read that did not follow the record before them (the
+    /// ring dropped it): their bytes count as uncaptured.
+    pub data_pieces_lost: u64,
 }
 
 /// A power sampler's health.

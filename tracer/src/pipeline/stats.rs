@@ -25,6 +25,7 @@ impl UserStats {
             inbound,
             total_len,
             ipc: false,
+            cont: false,
             ..
         } = ev.body
         {

@@ -238,3 +238,59 @@ fn nvml_process_lists_bind_only_traced_processes() {
     });
     assert!(gpus_of(&p, 1).is_empty(), "gone from the list: released");
 }
+
+/// A read of `total` bytes on connection 5 of tgid 10, captured from `offset` in one record.
+fn data(ts_ns: u64, flags: u16, total: u64, offset: u32, payload: &[u8]) -> Input {
+    let head = abi::DataHead {
+        hdr: Header {
+            flags,
+            ..header(Kind::Data, 10, ts_ns)
+        },
+        conn_id: 5,
+        total_len: total,
+        fd: 7,
+        cap_len: payload.len() as u32,
+        syscall: abi::Syscall::Read as u8,
+        pad1: 0,
+        iov_segs: 0,
+        offset,
+    };
+    let mut bytes = bytes_of(&head);
+    bytes.extend_from_slice(payload);
+    Input::Probe { bytes }
+}
+
+#[test]
+fn a_read_captured_in_pieces_is_put_back_together_and_a_lost_piece_is_counted() {
+    let mut p = pipeline();
+    p.apply(Input::Probe {
+        bytes: bytes_of(&abi::ConnEvent {
+            hdr: header(Kind::Conn, 10, 1),
+            conn_id: 5,
+            fd: 7,
+            listen_fd: 3,
+            family: libc::AF_INET as u16,
+            port: 8000,
+            syscall: abi::Syscall::Accept4 as u8,
+            pad: [0; 3],
+            addr: [0; 16],
+        }),
+    });
+    // A 6,000-byte head (a long cookie) in one read: 4,096 bytes, then the rest.
+    let head = format!(
+        "GET /v1/models HTTP/1.1\r\nCookie: {}\r\n\r\n",
+        "c".repeat(6000 - 37)
+    );
+    let b = head.as_bytes();
+    assert_eq!(b.len(), 6000);
+    let (more, cont) = (abi::DATA_FLAG_MORE, abi::DATA_FLAG_CONT);
+    p.apply(data(10, more, 6000, 0, &b[..4096]));
+    p.apply(data(10, cont, 6000, 4096, &b[4096..]));
+    assert_eq!(p.counts().http.requests, 1);
+    assert_eq!(p.counts().data_pieces_lost, 0);
+    // The same again, but the ring lost the middle piece: counted, and the head not invented.
+    p.apply(data(20, more, 9000, 0, &b[..4096]));
+    p.apply(data(20, cont, 9000, 8192, &b[..808]));
+    assert_eq!(p.counts().data_pieces_lost, 1);
+    assert_eq!(p.counts().http.requests, 1);
+}

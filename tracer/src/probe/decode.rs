@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::Serialize;
 use tracer_ebpf::abi::{
-    self, CloseEvent, ConnEvent, CudaSyncEvent, DATA_FLAG_EOF, DATA_FLAG_IPC, DATA_HEAD_LEN,
-    DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, GpuEvent, Header, IoctlEvent, Kind, ProcEvent,
-    Syscall,
+    self, CloseEvent, ConnEvent, CudaSyncEvent, DATA_FLAG_CONT, DATA_FLAG_EOF, DATA_FLAG_IPC,
+    DATA_FLAG_MORE, DATA_HEAD_LEN, DataHead, DevOpenEvent, EXEC_FLAG_COMM_MATCH, GpuEvent, Header,
+    IoctlEvent, Kind, ProcEvent, Syscall,
 };
 
 /// Why a record could not be decoded.
@@ -79,6 +79,13 @@ pub enum Body<'a> {
         iov_segs: u16,
         /// An IPC connection between service members: no payload is captured.
         ipc: bool,
+        /// More of this syscall's bytes follow in continuation records.
+        more: bool,
+        /// A continuation: `payload` continues the previous record of the connection at
+        /// `offset` (its `total_len` is the syscall's, already counted).
+        cont: bool,
+        /// Where `payload` starts among the bytes the syscall moved.
+        offset: u32,
         /// The first bytes moved (up to the capture limit); shown as lossy UTF-8 in JSON.
         #[serde(serialize_with = "ser_lossy")]
         payload: &'a [u8],
@@ -326,6 +333,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 eof: hdr.flags & DATA_FLAG_EOF != 0,
                 iov_segs: head.iov_segs,
                 ipc: hdr.flags & DATA_FLAG_IPC != 0,
+                more: hdr.flags & DATA_FLAG_MORE != 0,
+                cont: hdr.flags & DATA_FLAG_CONT != 0,
+                offset: head.offset,
                 payload,
             }
         }

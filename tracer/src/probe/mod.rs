@@ -129,6 +129,9 @@ pub struct ProbeSettings {
     pub ring_bytes: u32,
     /// Payload bytes copied per socket syscall.
     pub capture_bytes: u32,
+    /// Bytes copied per read of a request on a server connection (in records of
+    /// `capture_bytes`).
+    pub request_capture_bytes: u32,
     /// Directory holding the GPU device nodes (`/dev` on a real host).
     pub device_root: PathBuf,
     /// Whether the cgroup map will hold targets.
@@ -188,6 +191,9 @@ impl Probes {
         config.filter_cgroup = u32::from(settings.filter_cgroup);
         config.filter_comm = u32::from(settings.filter_comm);
         config.capture_bytes = settings.capture_bytes.min(abi::CAPTURE_MAX as u32);
+        config.request_capture_bytes = settings
+            .request_capture_bytes
+            .clamp(config.capture_bytes, abi::REQUEST_CAPTURE_MAX as u32);
         // Force a consumer wakeup once a quarter of the ring is waiting; below that the daemon's
         // poll timer drains it, so a busy server pays no wakeup per event.
         config.wakeup_bytes = u64::from(settings.ring_bytes / 4);

@@ -28,7 +28,7 @@ fn data_record_round_trips_with_payload() {
         syscall: Syscall::Writev as u8,
         pad1: 0,
         iov_segs: 3,
-        pad2: 0,
+        offset: 0,
     };
     let mut bytes = bytes_of(&head);
     bytes.extend_from_slice(b"HTTP");
@@ -66,7 +66,7 @@ fn truncated_payload_is_an_error_not_a_panic() {
         syscall: Syscall::Read as u8,
         pad1: 0,
         iov_segs: 0,
-        pad2: 0,
+        offset: 0,
     };
     let mut bytes = bytes_of(&head);
     bytes.extend_from_slice(&[b'x'; 10]);
@@ -100,7 +100,7 @@ fn ipc_data_record_has_no_payload() {
         syscall: Syscall::Recvmsg as u8,
         pad1: 0,
         iov_segs: 0,
-        pad2: 0,
+        offset: 0,
     };
     let bytes = bytes_of(&head);
     let ev = decode(&bytes).expect("decodes");
