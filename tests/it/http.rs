@@ -55,6 +55,22 @@ fn check_server_with(
     extra: &str,
     headers: &[(&str, &str)],
 ) {
+    let body = |i: u64, stream: bool| {
+        format!(
+            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"keepalive":{keepalive_comments}{extra},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
+            3 + i
+        )
+    };
+    check_server_bodies(name, server, &body, headers);
+}
+
+/// Drives 10 requests whose bodies `body(i, stream)` makes; see [`check_server`].
+fn check_server_bodies(
+    name: &str,
+    server: &mut Command,
+    body: &dyn Fn(u64, bool) -> String,
+    headers: &[(&str, &str)],
+) {
     if !privileged_or_skip(name) {
         return;
     }
@@ -77,10 +93,7 @@ fn check_server_with(
     let mut truth = Vec::new();
     for i in 0..10u64 {
         let stream = i % 2 == 0;
-        let body = format!(
-            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"keepalive":{keepalive_comments}{extra},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
-            3 + i
-        );
+        let body = body(i, stream);
         let rid = format!("req-{i}");
         let mut all = vec![("X-Request-Id", rid.as_str())];
         all.extend_from_slice(headers);
@@ -161,6 +174,21 @@ fn a_stream_ending_in_one_writev_of_9_and_of_64_segments() {
             &[],
         );
     }
+}
+
+/// Clients that put `messages` first send `model`, `stream` and `max_tokens` after the
+/// prompt: a 20 KB body with them at its end.
+#[test]
+fn a_20_kb_body_with_the_model_at_its_end() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    let prompt = "w ".repeat(10 * 1024);
+    let body = |i: u64, stream: bool| {
+        format!(
+            r#"{{"messages":[{{"role":"user","content":"{prompt}"}}],"stream_options":{{"include_usage":true}},"max_tokens":{},"stream":{stream},"model":"m-{i}"}}"#,
+            3 + i
+        )
+    };
+    check_server_bodies("body-20kb", Command::new("python3").arg(script), &body, &[]);
 }
 
 /// Large cookies and tokens make heads of many kilobytes, read in one syscall: a 12 KB head

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::{ConnKey, RequestKey, Role};
+use super::{ConnKey, RequestKey, Role, dialect::MetaScan};
 
 /// Which message a side carries, by who sends it.
 ///
@@ -129,6 +129,8 @@ pub(super) struct Incoming {
     pub(super) body_head: Vec<u8>,
     /// Part of the body was not captured: the head window is complete as it is.
     pub(super) body_gap: bool,
+    /// What the body asks for, scanned as it is read.
+    pub(super) meta: MetaScan,
 }
 
 /// One traced connection.

@@ -9,7 +9,8 @@ use memchr::memmem;
 use super::{
     Lifecycle, Outcome, RequestKey, Tracker,
     conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, State},
-    dialect, header, prefix,
+    dialect::{self, MetaScan},
+    header, prefix,
     stream::{self, trim_crlf},
 };
 
@@ -345,6 +346,7 @@ impl Tracker {
             tenant,
             body_head: Vec::new(),
             body_gap: false,
+            meta: MetaScan::default(),
         };
         let framing = if is_chunked(req.headers) {
             Some(Framing::Chunked)
@@ -430,6 +432,9 @@ impl Tracker {
                 } else {
                     len
                 };
+                if let Some(inc) = &mut c.incoming {
+                    inc.meta.feed(data, len);
+                }
                 if let Some(inc) = &mut c.incoming
                     && !inc.body_gap
                 {
@@ -511,7 +516,10 @@ impl Tracker {
         };
         c.next_seq += 1;
         self.next_id += 1;
-        let meta = dialect::request_meta(&inc.body_head);
+        if inc.meta.cut() {
+            self.stats.body_meta_cut += 1;
+        }
+        let meta = inc.meta.meta;
         self.out.push(Lifecycle::Arrive {
             req: key,
             ts_ns: start,

@@ -23,99 +23,164 @@ impl Scalar {
 
 /// Calls `visit(path, value)` for scalars whose path is at most two keys deep, e.g.
 /// `["model"]` or `["stream_options", "include_usage"]`. Arrays are skipped.
-pub fn scan(bytes: &[u8], mut visit: impl FnMut(&[&str], Scalar)) {
-    let mut i = 0;
-    // Skip to the opening brace.
-    while i < bytes.len() && bytes[i] != b'{' {
-        i += 1;
-    }
-    let mut path: Vec<String> = Vec::new();
-    // Depth of objects entered at a path position, and array nesting to skip.
-    let mut depth = 0usize;
-    let mut array_depth = 0usize;
-    let mut expect_key = false;
-    let mut key: Option<String> = None;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match b {
-            b'{' => {
-                if array_depth == 0 {
-                    depth += 1;
-                    if let Some(k) = key.take() {
-                        path.push(k);
-                    }
-                    expect_key = true;
-                }
-                i += 1;
-            }
-            b'}' => {
-                if array_depth == 0 {
-                    depth = depth.saturating_sub(1);
-                    if depth == 0 {
-                        return;
-                    }
-                    path.pop();
-                }
-                expect_key = false;
-                i += 1;
-            }
-            b'[' => {
-                array_depth += 1;
-                key = None;
-                i += 1;
-            }
-            b']' => {
-                array_depth = array_depth.saturating_sub(1);
-                i += 1;
-            }
-            b',' => {
-                if array_depth == 0 {
-                    expect_key = true;
-                }
-                i += 1;
-            }
-            b'"' => {
-                let (s, next) = string(bytes, i + 1);
-                i = next;
-                if array_depth > 0 {
-                    continue;
-                }
-                if expect_key {
-                    key = Some(s);
-                    expect_key = false;
-                } else if let Some(k) = key.take() {
-                    emit(&path, &k, Scalar::Str(s), &mut visit);
-                }
-            }
-            b' ' | b'\t' | b'\r' | b'\n' | b':' => i += 1,
-            _ => {
-                let start = i;
-                while i < bytes.len()
-                    && !matches!(bytes[i], b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
-                {
-                    i += 1;
-                }
-                if array_depth == 0
-                    && let Some(k) = key.take()
-                {
-                    // A raw scalar cut off by the end of the capture is not trustworthy.
-                    if i < bytes.len() {
-                        let raw = String::from_utf8_lossy(&bytes[start..i]).into_owned();
-                        emit(&path, &k, Scalar::Raw(raw), &mut visit);
-                    }
-                }
-            }
-        }
-    }
+pub fn scan(bytes: &[u8], visit: impl FnMut(&[&str], Scalar)) {
+    Scanner::default().feed(bytes, visit);
 }
 
-fn emit(path: &[String], key: &str, v: Scalar, visit: &mut impl FnMut(&[&str], Scalar)) {
-    if path.len() > 1 {
-        return;
+/// Raw bytes of a string or scalar kept at most (enough for 256 decoded bytes of most text).
+const TOKEN_KEEP: usize = 1024;
+
+/// [`scan`] over input that comes in pieces (a request body read by read): the state between
+/// pieces is bounded (nesting counters, the current key and token up to [`TOKEN_KEEP`] bytes),
+/// whatever the body's size; nothing of the body is kept.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    /// The opening brace was seen; the object closed.
+    started: bool,
+    done: bool,
+    /// Object nesting (outside arrays) and array nesting.
+    depth: usize,
+    array_depth: usize,
+    expect_key: bool,
+    /// The key whose value comes next, and the key of the depth-2 object being read.
+    key: Option<String>,
+    outer: Option<String>,
+    token: Token,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    #[default]
+    None,
+    /// Inside a string; `escaped`: the previous byte was an unescaped backslash.
+    Str { escaped: bool },
+    /// Inside a bare scalar (number, `true`, ...).
+    Raw,
+}
+
+impl Scanner {
+    /// The top-level object closed: nothing more to find.
+    pub fn done(&self) -> bool {
+        self.done
     }
-    let mut full: Vec<&str> = path.iter().map(String::as_str).collect();
-    full.push(key);
-    visit(&full, v);
+
+    /// Scans the next piece.
+    pub fn feed(&mut self, bytes: &[u8], mut visit: impl FnMut(&[&str], Scalar)) {
+        let mut i = 0;
+        if !self.started {
+            while i < bytes.len() && bytes[i] != b'{' {
+                i += 1;
+            }
+            if i == bytes.len() {
+                return;
+            }
+            self.started = true;
+        }
+        while i < bytes.len() && !self.done {
+            let b = bytes[i];
+            match self.token {
+                Token::Str { escaped } => {
+                    if b == b'"' && !escaped {
+                        self.token = Token::None;
+                        let (text, _) = string(&self.buf, 0);
+                        self.buf.clear();
+                        self.string_done(text, &mut visit);
+                    } else {
+                        if self.buf.len() < TOKEN_KEEP {
+                            self.buf.push(b);
+                        }
+                        self.token = Token::Str {
+                            escaped: b == b'\\' && !escaped,
+                        };
+                    }
+                    i += 1;
+                    continue;
+                }
+                Token::Raw => {
+                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+                        self.token = Token::None;
+                        let raw = String::from_utf8_lossy(&self.buf).into_owned();
+                        self.buf.clear();
+                        if self.array_depth == 0
+                            && let Some(k) = self.key.take()
+                        {
+                            self.emit(&k, Scalar::Raw(raw), &mut visit);
+                        }
+                        // The delimiter is handled below.
+                    } else {
+                        if self.buf.len() < TOKEN_KEEP {
+                            self.buf.push(b);
+                        }
+                        i += 1;
+                        continue;
+                    }
+                }
+                Token::None => {}
+            }
+            match b {
+                b'{' => {
+                    if self.array_depth == 0 {
+                        self.depth += 1;
+                        let k = self.key.take();
+                        if self.depth == 2 {
+                            self.outer = k;
+                        }
+                        self.expect_key = true;
+                    }
+                }
+                b'}' => {
+                    if self.array_depth == 0 {
+                        if self.depth == 2 {
+                            self.outer = None;
+                        }
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 0 {
+                            self.done = true;
+                        }
+                    }
+                    self.expect_key = false;
+                }
+                b'[' => {
+                    self.array_depth += 1;
+                    self.key = None;
+                }
+                b']' => self.array_depth = self.array_depth.saturating_sub(1),
+                b',' => {
+                    if self.array_depth == 0 {
+                        self.expect_key = true;
+                    }
+                }
+                b'"' => self.token = Token::Str { escaped: false },
+                b' ' | b'\t' | b'\r' | b'\n' | b':' => {}
+                _ => {
+                    self.token = Token::Raw;
+                    self.buf.push(b);
+                }
+            }
+            i += 1;
+        }
+    }
+
+    fn string_done(&mut self, s: String, visit: &mut impl FnMut(&[&str], Scalar)) {
+        if self.array_depth > 0 {
+            return;
+        }
+        if self.expect_key {
+            self.key = Some(s);
+            self.expect_key = false;
+        } else if let Some(k) = self.key.take() {
+            self.emit(&k, Scalar::Str(s), visit);
+        }
+    }
+
+    fn emit(&self, key: &str, v: Scalar, visit: &mut impl FnMut(&[&str], Scalar)) {
+        match (self.depth, &self.outer) {
+            (1, _) => visit(&[key], v),
+            (2, Some(outer)) => visit(&[outer, key], v),
+            _ => {}
+        }
+    }
 }
 
 /// Reads a JSON string starting after its opening quote; returns it and the index after the
@@ -218,6 +283,50 @@ mod tests {
     fn unicode_escapes_are_decoded() {
         let v = collect(r#"{"model":"caf\u00e9-\ud83d\ude00","x":"\u12"}"#);
         assert_eq!(v[0], ("model".into(), "café-😀".into()));
+    }
+
+    #[test]
+    fn pieces_of_any_size_give_the_same_keys() {
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"{} \" {{ [ \u00e9 model"}}],"stream_options":{{"x":[1,{{"y":2}}],"include_usage":true}},"model":"caf\u00e9","stream":true,"max_tokens":128}}"#,
+            "p".repeat(20_000)
+        );
+        let whole = collect(&body);
+        assert_eq!(
+            whole,
+            vec![
+                ("stream_options.include_usage".into(), "true".into()),
+                ("model".into(), "café".into()),
+                ("stream".into(), "true".into()),
+                ("max_tokens".into(), "128".into()),
+            ]
+        );
+        for size in [1, 2, 3, 7, 64, 4096] {
+            let mut s = Scanner::default();
+            let mut v = Vec::new();
+            for piece in body.as_bytes().chunks(size) {
+                s.feed(piece, |p, x| v.push((p.join("."), x.text().to_string())));
+            }
+            assert_eq!(v, whole, "pieces of {size}");
+            assert!(
+                s.buf.capacity() <= 2 * TOKEN_KEEP,
+                "state grew: {}",
+                s.buf.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_keeps_no_state() {
+        let mut s = Scanner::default();
+        let mut n = 0;
+        let deep = format!(
+            r#"{{"a":{}1{}, "model":"m"}}"#,
+            "{\"k\":".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        s.feed(deep.as_bytes(), |_, _| n += 1);
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -205,6 +205,9 @@ pub struct TrackerStats {
     pub evicted: u64,
     /// SSE/NDJSON bytes that could not be parsed for events (past a capture).
     pub stream_bytes_unseen: u64,
+    /// Request bodies whose scan for `model`, `stream`, `max_tokens` stopped before their end
+    /// (bytes uncaptured, or past 1 MiB): what came after is unknown.
+    pub body_meta_cut: u64,
 }
 
 /// The tracker. See the module docs.
