@@ -95,14 +95,6 @@ impl MetaScan {
     }
 }
 
-/// Reads what a request asks for from a whole JSON body (tests).
-#[cfg(test)]
-pub(super) fn request_meta(body: &[u8]) -> RequestMeta {
-    let mut s = MetaScan::default();
-    s.feed(body, body.len() as u64);
-    s.meta
-}
-
 /// The request id a request or response head carries.
 pub(super) fn request_id(headers: &[httparse::Header<'_>]) -> Option<String> {
     header(headers, "x-request-id").map(str::to_owned)
