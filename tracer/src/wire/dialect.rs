@@ -3,7 +3,7 @@
 //!
 //! Framing (`framing.rs`) and stream parsing (`stream.rs`) find the bytes; this file
 //! reads them. To teach the tracker a new server, add what it says here: request body keys in
-//! [`request_meta`], response headers in [`usage_in_headers`], streamed events in
+//! [`MetaScan::feed`], response headers in [`usage_in_headers`], streamed events in
 //! [`event_says`], whole JSON responses in [`read_body`] / [`usage_in`].
 //!
 //! Known today:
