@@ -191,6 +191,18 @@ fn a_20_kb_body_with_the_model_at_its_end() {
     check_server_bodies("body-20kb", Command::new("python3").arg(script), &body, &[]);
 }
 
+/// A server idle in a blocking `accept` when tracer attaches (any thread-per-connection
+/// server): the accept's entry was never seen, its first connection is followed all the same.
+#[test]
+fn a_server_blocked_in_accept_at_attach() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    check_server(
+        "blocked-accept",
+        Command::new("python3").arg(script).arg("--blocking-accept"),
+        false,
+    );
+}
+
 /// Large cookies and tokens make heads of many kilobytes, read in one syscall: a 12 KB head
 /// with a 6 KB cookie is followed as any other.
 #[test]

@@ -8,7 +8,8 @@ HTTP/1.1 keep-alive (ThreadingHTTPServer). POST /v1/chat/completions with a JSON
   With "tail_segments": N, the usage chunk, [DONE] and the terminator go out in one writev of N
   segments (as Node's http module writes them).
 - otherwise       -> one JSON body with `usage`, Content-Length framing.
-The number of completion tokens is the request's max_tokens. Prints `listening <port>` when ready.
+The number of completion tokens is the request's max_tokens. With --blocking-accept it waits in
+a blocking accept() instead of a selector. Prints `listening <port>` when ready.
 """
 import json
 import os
@@ -94,4 +95,10 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     print("listening %d" % server.server_address[1], flush=True)
+    if "--blocking-accept" in sys.argv:
+        # A thread-per-connection server idle in accept() (as llama.cpp's llama-server is):
+        # whoever attaches meanwhile sees the accept's exit, not its entry.
+        while True:
+            conn, addr = server.socket.accept()
+            server.process_request(conn, addr)
     server.serve_forever()

@@ -227,11 +227,14 @@ pub enum Stat {
     CudaSyncEmpty = 51,
     /// A process's CUDA launch counters could not be created (map full): its launches are lost.
     CudaTableFull = 52,
+    /// An accept that was in progress when the probes attached (a server idle in a blocking
+    /// `accept`): its connection is followed without its listener and address.
+    AcceptEntryUnseen = 53,
 }
 
 impl Stat {
     /// Every counter, in slot order.
-    pub const ALL: [Stat; 13] = [
+    pub const ALL: [Stat; 14] = [
         Stat::StashFull,
         Stat::ConnTableFull,
         Stat::DevTableFull,
@@ -245,6 +248,7 @@ impl Stat {
         Stat::IoctlsDecoded,
         Stat::CudaSyncEmpty,
         Stat::CudaTableFull,
+        Stat::AcceptEntryUnseen,
     ];
 
     /// The counter's name in reports and metrics.
@@ -263,6 +267,7 @@ impl Stat {
             Stat::IoctlsDecoded => "ioctls_decoded",
             Stat::CudaSyncEmpty => "cuda_sync_empty",
             Stat::CudaTableFull => "cuda_table_full",
+            Stat::AcceptEntryUnseen => "accept_entry_unseen",
         }
     }
 }

@@ -38,6 +38,7 @@ macro_rules! config {
 }
 
 // After `config!`, so the families can use it.
+mod capture;
 mod cuda;
 mod fd;
 mod net;

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::{ConnKey, RequestKey, Role, dialect::MetaScan};
+use super::{ConnKey, RequestKey, Role, meta::MetaScan};
 
 /// Which message a side carries, by who sends it.
 ///

@@ -9,8 +9,9 @@ use memchr::memmem;
 use super::{
     Lifecycle, Outcome, RequestKey, Tracker,
     conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, State},
-    dialect::{self, MetaScan},
-    header, prefix,
+    dialect, header,
+    meta::MetaScan,
+    prefix,
     stream::{self, trim_crlf},
 };
 

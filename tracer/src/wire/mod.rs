@@ -34,6 +34,7 @@ mod conn;
 mod dialect;
 mod framing;
 mod json;
+mod meta;
 pub mod prefix;
 mod stream;
 pub mod summary;
