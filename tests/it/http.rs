@@ -277,3 +277,87 @@ fn connection_opened_before_attach_is_seeded_from_proc() {
         assert_eq!(rec["response_bytes"], ex.response_bytes);
     }
 }
+
+/// The second hop: an Ollama-shaped front server that spawns its engine server and forwards
+/// each request to it over loopback HTTP (NDJSON outside, SSE inside), 32 clients at once.
+/// Each client request is one energy record, carrying the token counts of its own inner
+/// exchange (the front reports none), and neither the front's call nor the engine's side of it
+/// is a request of its own.
+#[test]
+fn a_request_forwarded_to_a_child_engine_is_one_request() {
+    const CLIENTS: u64 = 32;
+    const EACH: u64 = 3;
+    if !privileged_or_skip("a_request_forwarded_to_a_child_engine_is_one_request") {
+        return;
+    }
+    let dir = TempDir::new("second-hop");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/ndjson_proxy.py");
+    let (mut child, port) = start(Command::new("python3").arg(script));
+    let records_path = dir.path().join("records.jsonl");
+    let tracer = Tracer::start_with(
+        TRACER,
+        dir.path(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--poll-interval-ms",
+            "5",
+            "--records-out",
+            records_path.to_str().expect("utf8"),
+        ],
+        false,
+    );
+    std::thread::scope(|s| {
+        for c in 0..CLIENTS {
+            s.spawn(move || {
+                let mut client = Client::connect(port).expect("connect");
+                for i in 0..EACH {
+                    let n = 2 + (c * EACH + i) % 7;
+                    let body = format!(
+                        r#"{{"model":"front-{c}","options":{{"num_predict":{n}}},"messages":[{{"role":"user","content":"client {c} request {i}"}}]}}"#
+                    );
+                    let rid = format!("hop-{c}-{i}-{n}");
+                    let ex = client
+                        .post("/api/chat", &body, &[("X-Request-Id", &rid)])
+                        .expect("exchange");
+                    assert_eq!(ex.status, 200);
+                }
+            });
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let log = tracer.log_text();
+    let _ = tracer.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&records_path).expect("records");
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let strays: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            !r["external_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("hop-"))
+        })
+        .collect();
+    assert_eq!(
+        records.len() as u64,
+        CLIENTS * EACH,
+        "one record per client request; not the client's: {strays:#?}\n{log}"
+    );
+    for r in &records {
+        let rid = r["external_id"].as_str().expect("the client's request id");
+        let n: u64 = rid
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("n");
+        let c = rid.split('-').nth(1).expect("client");
+        assert_eq!(r["completion_tokens"], n, "the inner exchange's count: {r}");
+        assert!(r["prompt_tokens"].as_u64().is_some_and(|p| p > 0), "{r}");
+        assert_eq!(r["model"], format!("front-{c}"), "{r}");
+    }
+}

@@ -140,6 +140,7 @@ mod context;
 mod features;
 mod finalise;
 mod idle;
+mod merge;
 mod model;
 mod prefills;
 mod prefix;

@@ -225,4 +225,10 @@ pub struct LedgerStats {
     /// Engine step ends seen as CUDA synchronisations after kernel launches.
     #[serde(default)]
     pub step_marks_cuda: u64,
+    /// Requests taken back as another's inner exchange (`Ledger::withdraw`).
+    #[serde(default)]
+    pub withdrawn: u64,
+    /// Inner exchanges found after energy was attributed to them: kept as requests.
+    #[serde(default)]
+    pub withdraw_too_late: u64,
 }

@@ -4,7 +4,7 @@
 //! first fd and generation (`conn_id`), and it ends when its last fd closes or its process
 //! exits.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use tracer_ebpf::abi::Syscall;
 
@@ -18,6 +18,9 @@ use crate::{
 struct OpenConn {
     key: ConnKey,
     fds: Vec<i32>,
+    role: Role,
+    /// Accepted from a loopback address: possibly another traced process's call.
+    local_peer: bool,
 }
 
 /// The open connections of every traced process.
@@ -72,11 +75,32 @@ impl Conns {
             conn_id,
         };
         t.on_open(key, ts_ns, role);
-        self.open
-            .insert((tgid, conn_id), OpenConn { key, fds: vec![fd] });
+        self.open.insert(
+            (tgid, conn_id),
+            OpenConn {
+                key,
+                fds: vec![fd],
+                role,
+                local_peer: false,
+            },
+        );
     }
 
-    /// A connection record: a new connection, or a second fd for one (`dup`).
+    /// The process's side of a connection, when it was seen opening.
+    pub fn role(&self, tgid: Pid, conn_id: u64) -> Option<Role> {
+        self.open.get(&(tgid, conn_id)).map(|c| c.role)
+    }
+
+    /// The connection was accepted from a loopback address.
+    pub fn local_peer(&self, tgid: Pid, conn_id: u64) -> bool {
+        self.open
+            .get(&(tgid, conn_id))
+            .is_some_and(|c| c.local_peer)
+    }
+
+    /// A connection record: a new connection, or a second fd for one (`dup`); `peer` is the
+    /// address an accepted connection came from.
+    #[expect(clippy::too_many_arguments, reason = "one connection record's fields")]
     pub fn conn(
         &mut self,
         t: &mut Tracker,
@@ -85,6 +109,7 @@ impl Conns {
         conn_id: u64,
         syscall: Syscall,
         ts_ns: u64,
+        peer: Option<SocketAddr>,
     ) {
         if syscall == Syscall::Dup {
             if let Some(c) = self.open.get_mut(&(tgid, conn_id)) {
@@ -101,6 +126,12 @@ impl Conns {
             Role::Server
         };
         self.open(t, tgid, fd, conn_id, ts_ns, role);
+        if role == Role::Server
+            && peer.is_some_and(|p| p.ip().is_loopback())
+            && let Some(c) = self.open.get_mut(&(tgid, conn_id))
+        {
+            c.local_peer = true;
+        }
     }
 
     /// Bytes moved (or a read returned 0: `eof`). A syscall captured in several records (see

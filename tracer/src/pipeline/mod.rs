@@ -15,6 +15,7 @@
 pub mod bus;
 mod conns;
 pub mod fact;
+mod hops;
 mod input;
 mod requests;
 pub mod snapshot;
@@ -45,6 +46,7 @@ pub struct Pipeline {
     stats: UserStats,
     tracker: Tracker,
     conns: conns::Conns,
+    hops: hops::Hops,
     collector: RequestCollector,
     lifecycle: Vec<Lifecycle>,
     ledger: Ledger,
@@ -77,6 +79,7 @@ impl Pipeline {
             stats: UserStats::default(),
             tracker: Tracker::new(config.http.clone()),
             conns: conns::Conns::default(),
+            hops: hops::Hops::default(),
             collector: RequestCollector::default(),
             lifecycle: Vec::new(),
             ledger: Ledger::new(config.ledger.clone())?,
@@ -204,9 +207,11 @@ impl Pipeline {
                 fd,
                 family,
                 syscall,
+                peer,
                 ..
             } if family != libc::AF_UNIX as u16 => {
-                self.conns.conn(t, tgid, fd, conn_id, syscall, ev.ts_ns);
+                self.conns
+                    .conn(t, tgid, fd, conn_id, syscall, ev.ts_ns, peer);
             }
             Body::Data {
                 ipc: true, inbound, ..
@@ -242,23 +247,32 @@ impl Pipeline {
                 offset,
                 payload,
                 ..
-            } => self.conns.data(
-                t,
-                tgid,
-                &Moved {
-                    fd,
-                    conn_id,
-                    ts_ns: ev.ts_ns,
-                    inbound,
-                    total_len,
-                    eof,
-                    more,
-                    cont,
-                    offset,
-                    payload,
-                },
-            ),
-            Body::Close { conn_id, fd } => self.conns.close(t, tgid, fd, conn_id, ev.ts_ns),
+            } => {
+                if !cont && let Some(role) = self.conns.role(tgid, conn_id) {
+                    self.hops
+                        .data(ev.tid, tgid, conn_id, inbound, role == Role::Server);
+                }
+                self.conns.data(
+                    t,
+                    tgid,
+                    &Moved {
+                        fd,
+                        conn_id,
+                        ts_ns: ev.ts_ns,
+                        inbound,
+                        total_len,
+                        eof,
+                        more,
+                        cont,
+                        offset,
+                        payload,
+                    },
+                );
+            }
+            Body::Close { conn_id, fd } => {
+                self.hops.closed(tgid, conn_id);
+                self.conns.close(t, tgid, fd, conn_id, ev.ts_ns);
+            }
             Body::Exit {
                 pid, thread: true, ..
             } => {
@@ -277,6 +291,7 @@ impl Pipeline {
             Body::Exit { pid, .. } => {
                 self.exited.push(pid);
                 self.serving.remove(&Pid(pid));
+                self.hops.process_exited(Pid(pid));
                 self.binding
                     .process_exited(Pid(pid), ev.ts_ns, &mut self.changes);
                 self.apply_changes();
@@ -473,6 +488,8 @@ impl Pipeline {
             orphan_lifecycle_events: self.collector.orphans,
             gpu_unknown_device: self.binding.unknown_device(),
             data_pieces_lost: self.conns.pieces_lost(),
+            hop_calls_paired: self.hops.calls_paired,
+            hop_inner_found: self.hops.inner_found,
         }
     }
 

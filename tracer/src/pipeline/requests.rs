@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Fact, FinalRecord, Pipeline};
+use super::{Fact, FinalRecord, Pipeline, hops};
 use crate::{
     ids::{Pid, RequestId},
     ledger::{self, Arrival, RequestRecord},
@@ -29,8 +29,81 @@ impl Pipeline {
         self.lifecycle.clear();
     }
 
+    /// The second hop (`hops.rs`): a call a target makes and the inner exchange at its other
+    /// end are not ledger requests; a call's token counts and model join its outer request.
+    /// Returns whether `lc` was taken care of here.
+    fn route_hop(&mut self, lc: &Lifecycle) -> bool {
+        let req = lc.request();
+        let (id, tgid, conn) = (req.id, Pid(req.conn.tgid), req.conn.conn_id);
+        match lc {
+            Lifecycle::Arrive {
+                ts_ns,
+                body_bytes,
+                client: true,
+                model,
+                message_hash,
+                ..
+            } => {
+                let message = (*body_bytes, *message_hash);
+                if let Some(inner) = self.hops.call(id, (tgid, conn), *ts_ns, message) {
+                    self.ledger.withdraw(RequestId(inner));
+                }
+                if let Some(c) = self.hops.call_mut(id) {
+                    c.model.clone_from(model);
+                }
+                true
+            }
+            Lifecycle::Arrive {
+                ts_ns,
+                body_bytes,
+                client: false,
+                message_hash,
+                ..
+            } => {
+                let local = self.conns.local_peer(tgid, conn);
+                let message = (*body_bytes, *message_hash);
+                self.hops.arrive(id, (tgid, conn), *ts_ns, message, local) == hops::Arrival::Inner
+            }
+            _ if !self.hops.not_a_request(id) => {
+                if matches!(lc, Lifecycle::End { .. }) {
+                    self.hops.end(id, tgid);
+                }
+                false
+            }
+            Lifecycle::Usage {
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                if let Some(c) = self.hops.call_mut(id) {
+                    c.usage = Some((*prompt_tokens, *completion_tokens, *cached_tokens));
+                }
+                true
+            }
+            Lifecycle::End { .. } => {
+                if let Some(call) = self.hops.end(id, tgid)
+                    && let Some(outer) = call.outer
+                {
+                    let outer = RequestId(outer);
+                    if let Some((p, c, k)) = call.usage {
+                        self.ledger.usage(outer, p, c, k);
+                    }
+                    if let Some(m) = &call.model {
+                        self.ledger.model_if_unknown(outer, m);
+                    }
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
     /// Request lifecycle → ledger input.
     fn feed_ledger(&mut self, lc: &Lifecycle) {
+        if self.route_hop(lc) {
+            return;
+        }
         let l = &mut self.ledger;
         match lc {
             Lifecycle::Arrive {

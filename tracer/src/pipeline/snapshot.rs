@@ -80,6 +80,10 @@ pub struct Counts {
     /// Continuation records of a long read that did not follow the record before them (the
     /// ring dropped it): their bytes count as uncaptured.
     pub data_pieces_lost: u64,
+    /// Calls targets made to other targets, paired with the request they served, and their
+    /// other ends found (not requests of their own, `hops.rs`).
+    pub hop_calls_paired: u64,
+    pub hop_inner_found: u64,
 }
 
 /// A power sampler's health.

@@ -131,6 +131,24 @@ pub(super) struct Incoming {
     pub(super) body_gap: bool,
     /// What the body asks for, scanned as it is read.
     pub(super) meta: MetaScan,
+    /// Hash of the message's first [`MESSAGE_HASH_BYTES`] (head, then body), and how many
+    /// went in: both ends of one exchange see the same (`Lifecycle::Arrive::message_hash`).
+    pub(super) hasher: siphasher::sip::SipHasher13,
+    pub(super) hashed: usize,
+}
+
+/// Bytes of a request message hashed to recognise the same exchange at its two ends: every
+/// capture holds at least a message's first 4 KiB.
+pub(super) const MESSAGE_HASH_BYTES: usize = 4096;
+
+impl Incoming {
+    /// Hashes the next bytes of the message, up to [`MESSAGE_HASH_BYTES`].
+    pub(super) fn hash(&mut self, bytes: &[u8]) {
+        use std::hash::Hasher as _;
+        let n = bytes.len().min(MESSAGE_HASH_BYTES - self.hashed);
+        self.hasher.write(&bytes[..n]);
+        self.hashed += n;
+    }
 }
 
 /// One traced connection.

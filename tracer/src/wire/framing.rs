@@ -7,7 +7,7 @@
 use memchr::memmem;
 
 use super::{
-    Lifecycle, Outcome, RequestKey, Tracker,
+    Lifecycle, Outcome, RequestKey, Role, Tracker,
     conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, State},
     dialect, header,
     meta::MetaScan,
@@ -340,7 +340,7 @@ impl Tracker {
             .as_deref()
             .and_then(|h| header(req.headers, h))
             .map(|v| self.tenant_hash(v));
-        let inc = Incoming {
+        let mut inc = Incoming {
             method,
             path,
             request_id: dialect::request_id(req.headers),
@@ -348,7 +348,10 @@ impl Tracker {
             body_head: Vec::new(),
             body_gap: false,
             meta: MetaScan::default(),
+            hasher: siphasher::sip::SipHasher13::new_with_keys(0, 0),
+            hashed: 0,
         };
+        inc.hash(head);
         let framing = if is_chunked(req.headers) {
             Some(Framing::Chunked)
         } else {
@@ -435,6 +438,9 @@ impl Tracker {
                 };
                 if let Some(inc) = &mut c.incoming {
                     inc.meta.feed(data, len);
+                    if !inc.body_gap {
+                        inc.hash(data);
+                    }
                 }
                 if let Some(inc) = &mut c.incoming
                     && !inc.body_gap
@@ -534,6 +540,11 @@ impl Tracker {
             tenant: inc.tenant,
             body_bytes: bytes,
             prompt_blocks: prefix::prompt_blocks(&inc.body_head),
+            client: c.role == Role::Client,
+            message_hash: {
+                use std::hash::Hasher as _;
+                inc.hasher.finish()
+            },
         });
         self.out.push(Lifecycle::RequestDone {
             req: key,

@@ -117,6 +117,12 @@ pub enum Lifecycle {
         /// Kept in memory only (never written out).
         #[serde(skip)]
         prompt_blocks: Vec<u64>,
+        /// Sent by the traced process (a call it makes as a client), not received by it.
+        #[serde(skip)]
+        client: bool,
+        /// Hash of the message's first 4 KiB: the same exchange seen at its two ends.
+        #[serde(skip)]
+        message_hash: u64,
     },
     /// The request's last byte.
     RequestDone {
