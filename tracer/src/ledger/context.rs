@@ -46,6 +46,9 @@ pub(super) fn own_context_time(feats: &mut [Feat], ns_per_token: f64, busy_s: f6
     }
 }
 
+/// Decode steps learned per measured segment at most (evenly spread).
+const STEPS_PER_SEGMENT: usize = 4;
+
 /// A request in the engine around the steps being learned, and its time there.
 pub(super) type Member = (RequestId, (u64, u64));
 
@@ -62,7 +65,14 @@ pub(super) fn decode_steps(
     out: &mut Vec<(u64, usize, f64, u64)>,
 ) {
     let from = from.max(clock.context.learned_until_ns());
-    'steps: for s in clock.steps_ending(from, to, policy) {
+    // A few steps per segment are plenty for the fit and keep the cost per segment linear in
+    // the requests in flight, however short the steps (write bursts of a busy server).
+    let stride = clock
+        .steps_ending(from, to, policy)
+        .count()
+        .div_ceil(STEPS_PER_SEGMENT)
+        .max(1);
+    'steps: for s in clock.steps_ending(from, to, policy).step_by(stride) {
         let (mut seqs, mut ctx) = (0usize, 0.0);
         for (id, engine) in members {
             let Some(r) = requests.get(id) else {

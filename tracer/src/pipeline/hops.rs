@@ -63,7 +63,8 @@ pub(super) struct Hops {
     calls: BTreeMap<u64, Call>,
     /// Inner exchanges in flight (not ledger requests).
     inner: BTreeSet<u64>,
-    outers: BTreeMap<Pid, Vec<Outer>>,
+    /// Per process, by request id (arrival order).
+    outers: BTreeMap<Pid, BTreeMap<u64, Outer>>,
     loopback: VecDeque<Loopback>,
     /// The server connection each thread last read from, and the server connection each
     /// client connection was last written from.
@@ -109,11 +110,17 @@ impl Hops {
     ) -> Option<u64> {
         let served = self.via.get(&(tgid, conn_id)).copied();
         let outer = self.outers.get_mut(&tgid).and_then(|list| {
-            let pick = served
-                .and_then(|s| list.iter().rposition(|o| o.conn_id == s && !o.paired))
-                .or_else(|| list.iter().position(|o| !o.paired))?;
-            list[pick].paired = true;
-            Some(list[pick].id)
+            let pick = served.and_then(|s| {
+                list.values_mut()
+                    .rev()
+                    .find(|o| o.conn_id == s && !o.paired)
+            });
+            let o = match pick {
+                Some(o) => o,
+                None => list.values_mut().find(|o| !o.paired)?,
+            };
+            o.paired = true;
+            Some(o.id)
         });
         self.calls_paired += u64::from(outer.is_some());
         self.prune(ts_ns);
@@ -124,7 +131,7 @@ impl Hops {
             self.inner_found += 1;
             self.inner.insert(l.id);
             if let Some(list) = self.outers.get_mut(&l.tgid) {
-                list.retain(|o| o.id != l.id);
+                list.remove(&l.id);
             }
             l.id
         });
@@ -166,11 +173,14 @@ impl Hops {
             self.inner_found += 1;
             return Arrival::Inner;
         }
-        self.outers.entry(tgid).or_default().push(Outer {
+        self.outers.entry(tgid).or_default().insert(
             id,
-            conn_id,
-            paired: false,
-        });
+            Outer {
+                id,
+                conn_id,
+                paired: false,
+            },
+        );
         if local_peer {
             self.prune(ts_ns);
             self.loopback.push_back(Loopback {
@@ -197,7 +207,7 @@ impl Hops {
     pub(super) fn end(&mut self, id: u64, tgid: Pid) -> Option<Call> {
         self.inner.remove(&id);
         if let Some(list) = self.outers.get_mut(&tgid) {
-            list.retain(|o| o.id != id);
+            list.remove(&id);
             if list.is_empty() {
                 self.outers.remove(&tgid);
             }
