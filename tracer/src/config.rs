@@ -52,7 +52,7 @@ pub struct Config {
 pub struct ProbeFileConfig {
     /// Ring-buffer size in bytes (power of two, at least one page).
     pub ring_bytes: u32,
-    /// Payload bytes copied per socket syscall (at most 4096).
+    /// Payload bytes copied per socket syscall (256 to 4096).
     pub capture_bytes: u32,
     /// Bytes copied per read of a request on a server connection, in records of
     /// `capture_bytes` (at most 65536): long heads (cookies, tokens) and the metadata of long
@@ -162,9 +162,10 @@ impl Config {
                 "probe.ring_bytes = {ring}: must be a power of two of at least 4096"
             )));
         }
-        if self.probe.capture_bytes > 4096 {
+        if !(256..=4096).contains(&self.probe.capture_bytes) {
             return Err(ConfigError::Invalid(format!(
-                "probe.capture_bytes = {}: at most 4096",
+                "probe.capture_bytes = {}: between 256 (a request line and the headers that \
+                 frame it) and 4096",
                 self.probe.capture_bytes
             )));
         }

@@ -103,7 +103,7 @@ pub struct RunArgs {
     /// Ring-buffer size in bytes (power of two). [config: probe.ring_bytes]
     #[arg(long)]
     pub ring_bytes: Option<u32>,
-    /// Payload bytes copied per socket syscall (≤ 4096). [config: probe.capture_bytes]
+    /// Payload bytes copied per socket syscall (256 to 4096). [config: probe.capture_bytes]
     #[arg(long)]
     pub capture_bytes: Option<u32>,
     /// Bytes copied per read of a request on a server connection (≤ 65536).

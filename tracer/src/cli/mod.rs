@@ -42,10 +42,29 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // try_init: a second call (tests) is not an error worth dying for.
+    // Colour only for a person at a terminal, not in files or journals.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The error and its causes, each once: an error that already quotes its cause (`reading
+/// /x: No such file`) does not repeat it.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Entry point of the `tracer` binary.
@@ -55,7 +74,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", report(&e));
             ExitCode::FAILURE
         }
     }
@@ -81,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if args.targets.is_empty() {
                 anyhow::bail!("give --pid, --port, --cgroup or --comm");
             }
+            crate::daemon::privilege::check()?;
             let procfs = ProcFs::default();
             let self_pid = std::process::id();
             let roots = service::roots_from_spec(&procfs, &args.targets, self_pid)?;

@@ -9,6 +9,7 @@ mod attach;
 mod discovery;
 mod feeds;
 mod outputs;
+pub mod privilege;
 
 use std::time::Duration;
 
@@ -56,14 +57,23 @@ pub enum DaemonError {
     /// An I/O error on an output or the event loop.
     #[error("{what}: {source}")]
     Io {
-        what: &'static str,
+        what: String,
         #[source]
         source: std::io::Error,
     },
+    /// The daemon lacks the privileges it needs (checked before anything else).
+    #[error(
+        "tracer needs root, or the capabilities {missing}: it loads eBPF programs and reads \
+         other processes' /proc entries (running as uid {uid})"
+    )]
+    Privilege { uid: u32, missing: String },
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> DaemonError {
-    move |source| DaemonError::Io { what, source }
+    move |source| DaemonError::Io {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Connections without traffic for this long are ended (their close was never seen).
@@ -89,6 +99,7 @@ fn extras(probes: &mut Probes, feeds: &[feeds::SamplerFeed]) -> Result<Extras, D
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    privilege::check()?;
     let procfs = ProcFs::default();
     let self_pid = std::process::id();
     let (mut probes, resolved) = attach::load(&config, &procfs, self_pid)?;
@@ -98,7 +109,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut ring =
         unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
             DaemonError::Io {
-                what: "registering the ring buffer",
+                what: "registering the ring buffer".into(),
                 source: e.into_parts().1,
             }
         })?;

@@ -30,7 +30,10 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
         )?));
     }
     let file = |stream: Stream, path: &Path, what: &'static str| {
-        JsonLines::create(stream, path).map_err(|source| DaemonError::Io { what, source })
+        JsonLines::create(stream, path).map_err(|source| DaemonError::Io {
+            what: format!("{what} {}", path.display()),
+            source,
+        })
     };
     for (stream, path, what) in [
         (
