@@ -162,6 +162,38 @@ pub(super) struct Conn {
     pub(super) pending: VecDeque<Pending>,
     pub(super) next_seq: u32,
     pub(super) last_ns: u64,
+    /// What the connection speaks; only HTTP/1.x is parsed.
+    pub(super) proto: Proto,
+    /// No byte has been seen on it yet (its first bytes tell its protocol).
+    pub(super) fresh: bool,
+}
+
+/// A connection's protocol, from its first bytes or an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proto {
+    Http1,
+    /// HTTP/2 with prior knowledge (the client preface) or after an `h2c` upgrade.
+    Http2,
+    /// TLS records: encrypted where the probes see it (not through a traced TLS library).
+    Tls,
+    /// Switched to another protocol by `101 Switching Protocols` (WebSocket, ...).
+    Upgraded,
+}
+
+impl Proto {
+    /// The protocol that `first` (a connection's first bytes) begins, when not HTTP/1.x.
+    pub(super) fn sniff(first: &[u8]) -> Option<Proto> {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+        let n = first.len().min(PREFACE.len());
+        if n >= 3 && first[..n] == PREFACE[..n] {
+            return Some(Proto::Http2);
+        }
+        // A TLS record: handshake, alert, change cipher spec or application data, TLS 1.0-1.3.
+        match first {
+            [0x14..=0x17, 0x03, 0x00..=0x04, ..] => Some(Proto::Tls),
+            _ => None,
+        }
+    }
 }
 
 impl Conn {
@@ -174,6 +206,8 @@ impl Conn {
             pending: VecDeque::new(),
             next_seq: 0,
             last_ns: ts,
+            proto: Proto::Http1,
+            fresh: true,
         }
     }
 }

@@ -8,7 +8,7 @@ use memchr::memmem;
 
 use super::{
     Lifecycle, Outcome, RequestKey, Role, Tracker,
-    conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, State},
+    conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, Proto, State},
     dialect, header,
     meta::MetaScan,
     prefix,
@@ -409,6 +409,13 @@ impl Tracker {
             }
         } else {
             no_body = false;
+        }
+        if status == 101 {
+            // Switching protocols: this exchange ends here, the connection speaks another.
+            let h2 = header(resp.headers, "upgrade").is_some_and(|u| u.eq_ignore_ascii_case("h2c"));
+            self.message_done(c, Kind::Response, ts);
+            self.other_protocol(c, if h2 { Proto::Http2 } else { Proto::Upgraded });
+            return;
         }
         let framing = if no_body || status == 204 || status == 304 {
             None

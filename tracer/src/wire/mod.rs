@@ -43,7 +43,7 @@ use std::{collections::HashMap, hash::Hasher as _};
 
 use serde::{Deserialize, Serialize};
 
-use conn::{BodyType, Conn, Framing, Kind, Pending, Side, State};
+use conn::{BodyType, Conn, Framing, Kind, Pending, Proto, Side, State};
 
 /// One traced connection: process, fd, and the probes' generation id for that fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -215,6 +215,13 @@ pub struct TrackerStats {
     /// Request bodies whose scan for `model`, `stream`, `max_tokens` stopped before their end
     /// (bytes uncaptured, or past 1 MiB): what came after is unknown.
     pub body_meta_cut: u64,
+    /// Connections speaking HTTP/2 (prior knowledge or `h2c` upgrade), TLS the probes see
+    /// encrypted, or another protocol after `101 Switching Protocols`; and their bytes. Only
+    /// HTTP/1.x is parsed: these are counted, never mis-read as requests.
+    pub http2_connections: u64,
+    pub tls_connections: u64,
+    pub upgraded_connections: u64,
+    pub other_protocol_bytes: u64,
 }
 
 /// The tracker. See the module docs.
@@ -301,6 +308,18 @@ impl Tracker {
             return;
         };
         c.last_ns = ts_ns;
+        if c.fresh && !captured.is_empty() {
+            c.fresh = false;
+            if let Some(p) = Proto::sniff(captured) {
+                self.other_protocol(&mut c, p);
+            }
+        }
+        if c.proto != Proto::Http1 {
+            // Not HTTP/1.x: counted, never parsed into requests.
+            self.stats.other_protocol_bytes += total_len;
+            self.conns.insert(conn, c);
+            return;
+        }
         if c.role == Role::Unknown {
             if framing::starts_request(captured) {
                 c.role = if dir == Direction::Inbound {
@@ -346,6 +365,17 @@ impl Tracker {
             self.finish_responses(&mut c, ts_ns);
         }
         self.conns.insert(conn, c);
+    }
+
+    /// The connection turned out to speak `p`: counted, and whatever was in flight on it ends.
+    fn other_protocol(&mut self, c: &mut Conn, p: Proto) {
+        c.proto = p;
+        match p {
+            Proto::Http2 => self.stats.http2_connections += 1,
+            Proto::Tls => self.stats.tls_connections += 1,
+            Proto::Upgraded => self.stats.upgraded_connections += 1,
+            Proto::Http1 => {}
+        }
     }
 
     /// The connection was closed: everything in flight ends.

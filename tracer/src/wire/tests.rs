@@ -536,3 +536,51 @@ proptest! {
         t.drain_into(&mut evs);
     }
 }
+
+#[test]
+fn http2_tls_and_upgraded_connections_are_counted_never_parsed() {
+    // HTTP/2 with prior knowledge; a literal header that looks like HTTP/1 follows.
+    let (evs, st) = run(&[
+        (In, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00"),
+        (In, b"\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (Out, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ]);
+    assert!(ends(&evs).is_empty(), "{evs:?}");
+    assert_eq!((st.http2_connections, st.requests), (1, 0));
+    assert!(st.other_protocol_bytes > 0);
+
+    // TLS (a ClientHello's record header), encrypted where the probes see it.
+    let (evs, st) = run(&[
+        (In, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+        (In, b"\nPOST /v1/chat/completions HTTP/1.1\r\n\r\n"),
+    ]);
+    assert!(evs.is_empty(), "{evs:?}");
+    assert_eq!((st.tls_connections, st.requests), (1, 0));
+
+    // An h2c upgrade: the upgrading request is one exchange (101), then HTTP/2.
+    let (evs, st) = run(&[
+        (
+            In,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n",
+        ),
+        (
+            Out,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        ),
+        (In, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /x HTTP/1.1\r\n\r\n"),
+        (Out, b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"),
+    ]);
+    assert_eq!(
+        ends(&evs).iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(),
+        vec![(Some(101), Outcome::Complete)]
+    );
+    assert_eq!((st.http2_connections, st.requests), (1, 1));
+
+    // A WebSocket upgrade.
+    let (_, st) = run(&[
+        (In, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"),
+        (Out, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+        (In, b"\x81\x05hello"),
+    ]);
+    assert_eq!((st.upgraded_connections, st.requests), (1, 1));
+}
