@@ -55,7 +55,11 @@ fn invalid_values_are_refused_and_each_cause_told_once() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[probe]\nbogus_key = 1\n").expect("write config");
     let text = failed(Command::new(TRACER).args(["run", "--config"]).arg(&bad));
-    assert_eq!(text.matches("unknown field `bogus_key`").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("unknown field `bogus_key`").count(),
+        1,
+        "{text}"
+    );
     assert!(text.contains(&bad.display().to_string()), "{text}");
 
     // An output that cannot be created: its path named, the OS error once.

@@ -579,7 +579,10 @@ fn http2_tls_and_upgraded_connections_are_counted_never_parsed() {
     // A WebSocket upgrade.
     let (_, st) = run(&[
         (In, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"),
-        (Out, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+        (
+            Out,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        ),
         (In, b"\x81\x05hello"),
     ]);
     assert_eq!((st.upgraded_connections, st.requests), (1, 1));
