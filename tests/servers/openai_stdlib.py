@@ -14,6 +14,7 @@ a blocking accept() instead of a selector. Prints `listening <port>` when ready.
 import json
 import os
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -35,6 +36,10 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         req = json.loads(self.rfile.read(length) or b"{}")
         n = int(req.get("max_tokens", 4))
+        # A CPU-bound engine: "burn_ms" of pure computation before answering.
+        until = time.process_time() + float(req.get("burn_ms", 0)) / 1000.0
+        while time.process_time() < until:
+            pass
         prompt = len(json.dumps(req.get("messages", []))) // 4
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         rid = self.headers.get("X-Request-Id")

@@ -83,6 +83,31 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     Some(ProcStat { comm, ppid, flags })
 }
 
+/// CPU time of a process in clock ticks (`utime + stime` from `/proc/<pid>/stat`: all its
+/// threads).
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let close = stat.rfind(')')?;
+    // After the comm: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
+    // utime stime.
+    let mut rest = stat.get(close + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Host-wide busy CPU ticks since boot from `/proc/stat`'s first line: user, nice, system,
+/// irq, softirq and steal (not idle or iowait; guest time is inside user already).
+pub fn parse_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
 /// The cgroup v2 path of a process from `/proc/<pid>/cgroup` (`0::/path`).
 pub fn parse_cgroup(text: &str) -> Option<String> {
     text.lines()
@@ -190,6 +215,29 @@ impl ProcFs {
     /// A process's stat, or `None` if it is gone.
     pub fn stat(&self, pid: u32) -> Option<ProcStat> {
         parse_stat(&self.read(format!("{pid}/stat")).ok()?)
+    }
+
+    /// A process's CPU time in clock ticks, all its threads; `None` for a thread that is not
+    /// its process's leader (its time is in the leader's), or a process that is gone.
+    pub fn process_cpu_ticks(&self, pid: u32) -> Option<u64> {
+        let status =
+            fs::read_to_string(self.proc_root.join(pid.to_string()).join("status")).ok()?;
+        let tgid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        if tgid != pid {
+            return None;
+        }
+        let stat = fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
+        parse_cpu_ticks(&stat)
+    }
+
+    /// Host-wide busy CPU ticks since boot (see [`parse_busy_ticks`]).
+    pub fn busy_ticks(&self) -> Option<u64> {
+        parse_busy_ticks(&fs::read_to_string(self.proc_root.join("stat")).ok()?)
     }
 
     /// A process's cgroup v2 path, if it has one.

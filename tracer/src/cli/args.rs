@@ -176,6 +176,10 @@ pub struct RunArgs {
     /// CPU package/DRAM power source. [config: power.cpu.source]
     #[arg(long, value_enum)]
     pub cpu_power: Option<CpuSource>,
+    /// How often services' CPU time is read to split CPU/DRAM energy by it (0 = equally).
+    /// [config: power.cpu.cpu_time_interval_ms]
+    #[arg(long)]
+    pub cpu_time_interval_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -217,6 +221,9 @@ impl RunArgs {
         }
         if self.record.is_some() {
             c.output.record = self.record;
+        }
+        if let Some(v) = self.cpu_time_interval_ms {
+            c.power.cpu.cpu_time_interval_ms = v;
         }
         if let Some(v) = self.cpu_power {
             c.power.cpu.source = v;

@@ -76,6 +76,20 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> DaemonError {
     }
 }
 
+/// The services' CPU time and the host's now (`Input::CpuTime`).
+fn cpu_time_sample(procfs: &ProcFs, pipeline: &Pipeline) -> Input {
+    let processes = pipeline
+        .service_processes()
+        .into_iter()
+        .filter_map(|pid| Some((crate::ids::Pid(pid), procfs.process_cpu_ticks(pid)?)))
+        .collect();
+    Input::CpuTime {
+        ts_ns: monotonic_ns(),
+        busy_ticks: procfs.busy_ticks().unwrap_or(0),
+        processes,
+    }
+}
+
 /// Connections without traffic for this long are ended (their close was never seen).
 const IDLE_CONNECTION_NS: u64 = 600_000_000_000;
 
@@ -169,6 +183,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     report.tick().await;
     let mut rediscover = every(config.probe.rediscover_ms.max(100));
     rediscover.tick().await;
+    let cpu_time_ms = config.power.cpu.cpu_time_interval_ms;
+    let mut cpu_time = every(cpu_time_ms);
 
     loop {
         tokio::select! {
@@ -192,6 +208,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                         tracing::warn!("cleaning up after process {pid}: {e}");
                     }
                 }
+            }
+            _ = cpu_time.tick(), if cpu_time_ms > 0 => {
+                pipeline.apply(cpu_time_sample(&procfs, &pipeline));
             }
             _ = report.tick(), if config.output.summary_interval_ms > 0 => {
                 // Connections silent for 10 minutes lost their close somewhere: end them.

@@ -9,6 +9,8 @@
 //! utilisation (NVML samples) when the GPU reports samples, else equal. CPU packages and DRAM
 //! are held by every service from the moment it is known.
 
+mod cputime;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
@@ -20,6 +22,7 @@ use crate::{
 
 /// The service processes of unknown membership fall into (a single-service daemon run).
 pub const DEFAULT_SERVICE: ServiceId = ServiceId(0);
+pub use cputime::OTHER_PROCESSES;
 /// NVML utilisation samples older than this no longer weigh a service's share of a GPU.
 const UTIL_FRESH_NS: u64 = 5_000_000_000;
 /// A service's SM share is passed on when it moves by more than this many points.
@@ -136,6 +139,9 @@ pub struct Binding {
     nodes_used: BTreeMap<Pid, BTreeSet<u32>>,
     /// GPU facts about a device no power source knows (no NVML, or an unknown UUID).
     unknown_device: u64,
+    /// The last CPU-time sample: each service process's ticks, and the host's busy ticks.
+    cpu_last: BTreeMap<Pid, u64>,
+    busy_last: Option<u64>,
 }
 
 impl Binding {

@@ -48,6 +48,13 @@ pub enum Input {
         ts_ns: u64,
         server: bool,
     },
+    /// CPU time so far: the host's busy clock ticks and each service process's (all its
+    /// threads); CPU package and DRAM energy is split by it (`Binding::cpu_time`).
+    CpuTime {
+        ts_ns: u64,
+        busy_ticks: u64,
+        processes: Vec<(Pid, u64)>,
+    },
     /// The daemon's clock: attribute what the grace period allows up to `now_ns`.
     Advance { now_ns: u64 },
     /// End connections silent for `idle_ns` (their close was never seen).

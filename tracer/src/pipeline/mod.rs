@@ -131,6 +131,15 @@ impl Pipeline {
                 self.conns
                     .open(&mut self.tracker, tgid, fd, conn_id, ts_ns, role);
             }
+            Input::CpuTime {
+                ts_ns,
+                busy_ticks,
+                processes,
+            } => {
+                self.binding
+                    .cpu_time(ts_ns, busy_ticks, &processes, &mut self.changes);
+                self.apply_changes();
+            }
             Input::Advance { now_ns } => {
                 let recs = self.ledger.advance(now_ns);
                 self.emit_records(recs);
@@ -436,6 +445,11 @@ impl Pipeline {
                 Reading::Lost { .. } => {}
             }
         }
+    }
+
+    /// Every process of every service (whose CPU time the daemon reads, `Input::CpuTime`).
+    pub fn service_processes(&self) -> Vec<u32> {
+        self.binding.service_processes()
     }
 
     /// Processes that exited since the last call (the daemon removes their kernel entries).

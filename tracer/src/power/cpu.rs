@@ -82,6 +82,10 @@ pub struct CpuPowerConfig {
     /// Model only: watts of one package fully busy (default 200; roughly a server CPU's TDP).
     /// A guess: configure the CPU's TDP.
     pub model_max_watts: f64,
+    /// How often the services' CPU time is read (`/proc`) to split CPU package and DRAM energy
+    /// by it, the rest to other processes; 0 = equally among the services with requests in
+    /// flight.
+    pub cpu_time_interval_ms: u64,
 }
 
 /// Default modelled idle watts per package (a guess; configure it).
@@ -97,6 +101,7 @@ impl Default for CpuPowerConfig {
             proc_root: PathBuf::from("/proc"),
             model_idle_watts: DEFAULT_MODEL_IDLE_WATTS,
             model_max_watts: DEFAULT_MODEL_MAX_WATTS,
+            cpu_time_interval_ms: 500,
         }
     }
 }

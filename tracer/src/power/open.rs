@@ -61,6 +61,9 @@ pub struct OpenedSource {
     pub period: Duration,
     /// `power.gpu_idle_watts`, for this source's GPUs.
     gpu_idle_watts: Option<f64>,
+    /// The CPU model's idle watts per package: known by construction, not learned (a host
+    /// never idle while watched would otherwise read its load as idle).
+    model_idle_watts: Option<f64>,
 }
 
 impl fmt::Debug for OpenedSource {
@@ -81,14 +84,16 @@ impl OpenedSource {
     }
 
     /// The configured idle watts of `device` (an index into the source's devices):
-    /// `power.gpu_idle_watts` for a GPU; `None` for other devices, and for GPUs when unset
-    /// (then the idle power is learned from quiet periods).
+    /// `power.gpu_idle_watts` for a GPU, the model's idle watts for a modelled CPU package;
+    /// `None` for other devices, and for GPUs when unset (then the idle power is learned from
+    /// quiet periods).
     pub fn idle_watts(&self, device: usize) -> Option<f64> {
-        self.source
-            .devices()
-            .get(device)
-            .filter(|d| d.kind == DeviceKind::Gpu)
-            .and(self.gpu_idle_watts)
+        let d = self.source.devices().get(device)?;
+        match d.kind {
+            DeviceKind::Gpu => self.gpu_idle_watts,
+            DeviceKind::CpuPackage => self.model_idle_watts,
+            _ => None,
+        }
     }
 }
 
@@ -127,6 +132,8 @@ pub fn open_all(cfg: &PowerConfig) -> OpenedSources {
             kind,
             period: kind.sampling_period(configured),
             gpu_idle_watts: cfg.gpu_idle_watts,
+            model_idle_watts: (kind == SourceKind::Cpu(CpuSourceKind::Model))
+                .then_some(cfg.cpu.model_idle_watts),
         });
     };
     let mut warnings = Vec::new();
@@ -148,7 +155,7 @@ pub fn open_all(cfg: &PowerConfig) -> OpenedSources {
 mod tests {
     use super::*;
     use crate::power::{
-        cpu::{CpuPowerConfig, CpuSource},
+        cpu::{CpuPowerConfig, CpuSource, DEFAULT_MODEL_IDLE_WATTS},
         testutil::TempTree,
     };
 
@@ -228,8 +235,8 @@ mod tests {
         assert_eq!(cpu.label(), "cpu:model");
         assert_eq!(cpu.period, MODEL_MIN_PERIOD);
         assert_eq!(cpu.source.devices()[0].name, "cpu0-model");
-        // GPU idle watts are for GPUs only.
-        assert_eq!(cpu.idle_watts(0), None);
+        // GPU idle watts are for GPUs only; the model's package idles at its configured watts.
+        assert_eq!(cpu.idle_watts(0), Some(DEFAULT_MODEL_IDLE_WATTS));
         assert_eq!(cpu.idle_watts(7), None);
     }
 

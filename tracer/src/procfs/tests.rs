@@ -82,3 +82,13 @@ garbage
         ]
     );
 }
+
+#[test]
+fn cpu_ticks_of_a_process_and_busy_ticks_of_the_host() {
+    let stat = "4242 (python3 (x) y) S 1 4242 4242 0 -1 4194560 2000 0 0 0 150 25 0 0 20 0 9 0";
+    assert_eq!(parse_cpu_ticks(stat), Some(175));
+    assert_eq!(parse_cpu_ticks("garbage"), None);
+    let host = "cpu  100 5 50 1000 30 7 3 2 0 0\ncpu0 50 2 25 500 15 3 1 1 0 0\n";
+    // user + nice + system + irq + softirq + steal; not idle, not iowait.
+    assert_eq!(parse_busy_ticks(host), Some(167));
+}
