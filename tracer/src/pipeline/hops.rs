@@ -215,6 +215,11 @@ impl Hops {
         self.calls.remove(&id)
     }
 
+    /// A thread ended: it serves nothing any more.
+    pub(super) fn thread_exited(&mut self, tid: u32) {
+        self.last_read.remove(&tid);
+    }
+
     /// A process exited: forget its threads and connections.
     pub(super) fn process_exited(&mut self, pid: Pid) {
         self.last_read.retain(|_, v| v.0 != pid);

@@ -285,6 +285,7 @@ impl Pipeline {
             Body::Exit {
                 pid, thread: true, ..
             } => {
+                self.hops.thread_exited(pid);
                 self.binding.thread_exited(Pid(pid));
                 return;
             }
