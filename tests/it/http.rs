@@ -32,6 +32,24 @@ fn start(cmd: &mut Command) -> (Child, u16) {
     (child, port)
 }
 
+/// The daemon attached by `port`, writing the output `out` (flag, path); `events`: the
+/// per-event JSON too.
+fn attach(dir: &std::path::Path, port: u16, out: (&str, &std::path::Path), events: bool) -> Tracer {
+    Tracer::start_with(
+        TRACER,
+        dir,
+        &[
+            "--port",
+            &port.to_string(),
+            "--poll-interval-ms",
+            "5",
+            out.0,
+            out.1.to_str().expect("utf8"),
+        ],
+        events,
+    )
+}
+
 fn requests_of(dir: &std::path::Path, tgid: u32) -> Vec<Value> {
     let text = std::fs::read_to_string(dir.join("requests.jsonl")).expect("requests output");
     text.lines()
@@ -77,18 +95,7 @@ fn check_server_bodies(
     let dir = TempDir::new(name);
     let (mut child, port) = start(server);
     let requests_out = dir.path().join("requests.jsonl");
-    let tracer = Tracer::start(
-        TRACER,
-        dir.path(),
-        &[
-            "--port",
-            &port.to_string(),
-            "--poll-interval-ms",
-            "5",
-            "--requests-out",
-            requests_out.to_str().expect("utf8"),
-        ],
-    );
+    let tracer = attach(dir.path(), port, ("--requests-out", &requests_out), true);
     let mut client = Client::connect(port).expect("connect");
     let mut truth = Vec::new();
     for i in 0..10u64 {
@@ -238,18 +245,7 @@ fn connection_opened_before_attach_is_seeded_from_proc() {
         .post("/v1/chat/completions", body, &[])
         .expect("first exchange");
     let requests_out = dir.path().join("requests.jsonl");
-    let tracer = Tracer::start(
-        TRACER,
-        dir.path(),
-        &[
-            "--port",
-            &port.to_string(),
-            "--poll-interval-ms",
-            "5",
-            "--requests-out",
-            requests_out.to_str().expect("utf8"),
-        ],
-    );
+    let tracer = attach(dir.path(), port, ("--requests-out", &requests_out), true);
     assert!(
         tracer.log_text().contains("1 open connections"),
         "{}",
@@ -294,19 +290,7 @@ fn a_request_forwarded_to_a_child_engine_is_one_request() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/ndjson_proxy.py");
     let (mut child, port) = start(Command::new("python3").arg(script));
     let records_path = dir.path().join("records.jsonl");
-    let tracer = Tracer::start_with(
-        TRACER,
-        dir.path(),
-        &[
-            "--port",
-            &port.to_string(),
-            "--poll-interval-ms",
-            "5",
-            "--records-out",
-            records_path.to_str().expect("utf8"),
-        ],
-        false,
-    );
+    let tracer = attach(dir.path(), port, ("--records-out", &records_path), false);
     std::thread::scope(|s| {
         for c in 0..CLIENTS {
             s.spawn(move || {
