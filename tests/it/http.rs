@@ -281,18 +281,51 @@ fn connection_opened_before_attach_is_seeded_from_proc() {
 /// is a request of its own.
 #[test]
 fn a_request_forwarded_to_a_child_engine_is_one_request() {
-    const CLIENTS: u64 = 32;
+    second_hop("second-hop", 32, None);
+}
+
+/// The same with the engine started on its own and traced as another service (a proxy in
+/// front of a local engine): each request is the engine's service's, where its energy is.
+#[test]
+fn a_request_forwarded_to_an_engine_of_another_service_is_that_services() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    let (mut engine, port) = start(Command::new("python3").arg(script));
+    second_hop("second-hop-services", 8, Some(port));
+    let _ = engine.kill();
+    let _ = engine.wait();
+}
+
+/// `clients` × 3 requests through the Ollama-shaped front, its engine its child or, with
+/// `engine`, the one listening on that port (traced too, as its own service).
+fn second_hop(name: &str, clients: u64, engine: Option<u16>) {
     const EACH: u64 = 3;
-    if !privileged_or_skip("a_request_forwarded_to_a_child_engine_is_one_request") {
+    if !privileged_or_skip(name) {
         return;
     }
-    let dir = TempDir::new("second-hop");
+    let dir = TempDir::new(name);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/ndjson_proxy.py");
-    let (mut child, port) = start(Command::new("python3").arg(script));
+    let mut front = Command::new("python3");
+    front.arg(script);
+    if let Some(p) = engine {
+        front.args(["--engine-port", &p.to_string()]);
+    }
+    let (mut child, port) = start(&mut front);
     let records_path = dir.path().join("records.jsonl");
-    let tracer = attach(dir.path(), port, ("--records-out", &records_path), false);
+    let mut args = vec![
+        "--port".to_string(),
+        port.to_string(),
+        "--poll-interval-ms".into(),
+        "5".into(),
+        "--records-out".into(),
+        records_path.to_str().expect("utf8").into(),
+    ];
+    if let Some(p) = engine {
+        args.extend(["--port".into(), p.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tracer = Tracer::start_with(TRACER, dir.path(), &args, false);
     std::thread::scope(|s| {
-        for c in 0..CLIENTS {
+        for c in 0..clients {
             s.spawn(move || {
                 let mut client = Client::connect(port).expect("connect");
                 for i in 0..EACH {
@@ -329,9 +362,13 @@ fn a_request_forwarded_to_a_child_engine_is_one_request() {
         .collect();
     assert_eq!(
         records.len() as u64,
-        CLIENTS * EACH,
+        clients * EACH,
         "one record per client request; not the client's: {strays:#?}\n{log}"
     );
+    let service = match engine {
+        Some(p) => format!("port {p}"),
+        None => format!("port {port}"),
+    };
     for r in &records {
         let rid = r["external_id"].as_str().expect("the client's request id");
         let n: u64 = rid
@@ -343,5 +380,6 @@ fn a_request_forwarded_to_a_child_engine_is_one_request() {
         assert_eq!(r["completion_tokens"], n, "the inner exchange's count: {r}");
         assert!(r["prompt_tokens"].as_u64().is_some_and(|p| p > 0), "{r}");
         assert_eq!(r["model"], format!("front-{c}"), "{r}");
+        assert_eq!(r["service_name"], service, "where the work ran: {r}");
     }
 }

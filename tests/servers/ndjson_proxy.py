@@ -5,7 +5,8 @@
 POST /api/chat with {"model", "messages", "options": {"num_predict": n}} -> a streamed NDJSON
 response, one line per token the engine streamed (SSE, include_usage) and a final
 {"done": true} line. Like a proxy that reports no token counts of its own: they are only in the
-inner exchange. Thread per connection; one engine connection per request.
+inner exchange. Thread per connection; one engine connection per request. With
+--engine-port N it forwards to an engine already listening on N instead of spawning one.
 Prints `listening <port>` when ready.
 """
 import http.client
@@ -64,12 +65,18 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True)
-    Handler.engine_port = int(engine.stdout.readline().split()[1])
+    engine = None
+    if "--engine-port" in sys.argv:
+        # An engine someone else started (another service).
+        Handler.engine_port = int(sys.argv[sys.argv.index("--engine-port") + 1])
+    else:
+        engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True)
+        Handler.engine_port = int(engine.stdout.readline().split()[1])
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print("listening %d" % server.server_address[1], flush=True)
     try:
         server.serve_forever()
     finally:
-        engine.kill()
+        if engine:
+            engine.kill()

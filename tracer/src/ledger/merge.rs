@@ -1,7 +1,7 @@
 //! Requests the wire showed twice: a forwarded request's inner exchange (a proxy calling a
 //! local engine, `pipeline/hops.rs`) is taken back, and what it showed joins the outer one.
 
-use crate::ids::RequestId;
+use crate::ids::{RequestId, ServiceId};
 
 use super::Ledger;
 
@@ -27,6 +27,31 @@ impl Ledger {
         }
         self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
         self.stats.withdrawn += 1;
+        true
+    }
+
+    /// Moves a request to `service` (a proxy's request whose engine runs in another service),
+    /// while nothing has been attributed to it; afterwards it stays where it is (counted in
+    /// `rehome_too_late`). Returns whether it is in `service` now.
+    pub fn rehome(&mut self, id: RequestId, service: ServiceId) -> bool {
+        let Some(r) = self.requests.get_mut(&id) else {
+            return false;
+        };
+        if r.service == service {
+            return true;
+        }
+        if !r.accounts.is_empty() || r.held_units > 0 {
+            self.stats.rehome_too_late += 1;
+            return false;
+        }
+        let old = std::mem::replace(&mut r.service, service);
+        if let Some(ids) = self.pending.get_mut(&old)
+            && let Some(pos) = ids.iter().position(|x| *x == id)
+        {
+            ids.remove(pos);
+        }
+        self.pending.entry(service).or_default().push(id);
+        self.stats.rehomed += 1;
         true
     }
 

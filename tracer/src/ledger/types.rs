@@ -231,4 +231,10 @@ pub struct LedgerStats {
     /// Inner exchanges found after energy was attributed to them: kept as requests.
     #[serde(default)]
     pub withdraw_too_late: u64,
+    /// Forwarded requests moved to the service their engine runs in, and those found too
+    /// late for it (`Ledger::rehome`).
+    #[serde(default)]
+    pub rehomed: u64,
+    #[serde(default)]
+    pub rehome_too_late: u64,
 }

@@ -80,8 +80,17 @@ pub(super) struct Hops {
 pub(super) enum Arrival {
     /// A request of its own: to the ledger.
     Outer,
-    /// Another process's call seen from the other end: not a request.
-    Inner,
+    /// Another process's call seen from the other end: not a request; the outer request the
+    /// call was made for, if known.
+    Inner { outer: Option<u64> },
+}
+
+/// A call's two ends found: the inner exchange (id, process) and the call's outer request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Found {
+    pub(super) inner: u64,
+    pub(super) inner_tgid: Pid,
+    pub(super) outer: Option<u64>,
 }
 
 impl Hops {
@@ -99,15 +108,15 @@ impl Hops {
         }
     }
 
-    /// A call (`id`, on client connection `conn_id` of `tgid`) was sent. Returns the ledger
-    /// request to take back, if its inner exchange was already given to the ledger.
+    /// A call (`id`, on client connection `conn_id` of `tgid`) was sent. Returns its inner
+    /// exchange when that was already given to the ledger (to be taken back).
     pub(super) fn call(
         &mut self,
         id: u64,
         (tgid, conn_id): (Pid, u64),
         ts_ns: u64,
         message: Message,
-    ) -> Option<u64> {
+    ) -> Option<Found> {
         let served = self.via.get(&(tgid, conn_id)).copied();
         let outer = self.outers.get_mut(&tgid).and_then(|list| {
             let pick = served.and_then(|s| {
@@ -127,14 +136,15 @@ impl Hops {
         let early = self.loopback.iter().position(|l| {
             l.tgid != tgid && l.message == message && l.ts_ns.abs_diff(ts_ns) <= HOP_WINDOW_NS
         });
-        let inner = early.and_then(|i| self.loopback.remove(i)).map(|l| {
+        let early = early.and_then(|i| self.loopback.remove(i)).map(|l| {
             self.inner_found += 1;
             self.inner.insert(l.id);
             if let Some(list) = self.outers.get_mut(&l.tgid) {
                 list.remove(&l.id);
             }
-            l.id
+            (l.id, l.tgid)
         });
+        let inner = early.map(|e| e.0);
         self.calls.insert(
             id,
             Call {
@@ -147,7 +157,11 @@ impl Hops {
                 usage: None,
             },
         );
-        inner
+        early.map(|(inner, inner_tgid)| Found {
+            inner,
+            inner_tgid,
+            outer,
+        })
     }
 
     /// A request arrived on server connection `conn_id` of `tgid` (`local_peer`: from a
@@ -169,9 +183,10 @@ impl Hops {
             })
         {
             call.inner = Some(id);
+            let outer = call.outer;
             self.inner.insert(id);
             self.inner_found += 1;
-            return Arrival::Inner;
+            return Arrival::Inner { outer };
         }
         self.outers.entry(tgid).or_default().insert(
             id,

@@ -45,8 +45,11 @@ impl Pipeline {
                 ..
             } => {
                 let message = (*body_bytes, *message_hash);
-                if let Some(inner) = self.hops.call(id, (tgid, conn), *ts_ns, message) {
-                    self.ledger.withdraw(RequestId(inner));
+                if let Some(found) = self.hops.call(id, (tgid, conn), *ts_ns, message) {
+                    self.ledger.withdraw(RequestId(found.inner));
+                    if let Some(outer) = found.outer {
+                        self.where_it_ran(outer, found.inner_tgid);
+                    }
                 }
                 if let Some(c) = self.hops.call_mut(id) {
                     c.model.clone_from(model);
@@ -62,7 +65,15 @@ impl Pipeline {
             } => {
                 let local = self.conns.local_peer(tgid, conn);
                 let message = (*body_bytes, *message_hash);
-                self.hops.arrive(id, (tgid, conn), *ts_ns, message, local) == hops::Arrival::Inner
+                match self.hops.arrive(id, (tgid, conn), *ts_ns, message, local) {
+                    hops::Arrival::Outer => false,
+                    hops::Arrival::Inner { outer } => {
+                        if let Some(outer) = outer {
+                            self.where_it_ran(outer, tgid);
+                        }
+                        true
+                    }
+                }
             }
             _ if !self.hops.not_a_request(id) => {
                 if matches!(lc, Lifecycle::End { .. }) {
@@ -97,6 +108,13 @@ impl Pipeline {
             }
             _ => true,
         }
+    }
+
+    /// A forwarded request's engine runs in `engine`'s service: when that is not the front's,
+    /// the request is the engine's service's (its energy is where its work ran).
+    fn where_it_ran(&mut self, outer: u64, engine: Pid) {
+        let service = self.binding.service_of(engine);
+        self.ledger.rehome(RequestId(outer), service);
     }
 
     /// Request lifecycle → ledger input.
