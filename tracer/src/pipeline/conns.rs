@@ -19,7 +19,7 @@ struct OpenConn {
     key: ConnKey,
     fds: Vec<i32>,
     role: Role,
-    /// Accepted from a loopback address: possibly another traced process's call.
+    /// The other end has a loopback address: accepted from, or connected to, this host.
     local_peer: bool,
 }
 
@@ -91,7 +91,7 @@ impl Conns {
         self.open.get(&(tgid, conn_id)).map(|c| c.role)
     }
 
-    /// The connection was accepted from a loopback address.
+    /// The connection's other end has a loopback address.
     pub fn local_peer(&self, tgid: Pid, conn_id: u64) -> bool {
         self.open
             .get(&(tgid, conn_id))
@@ -126,8 +126,7 @@ impl Conns {
             Role::Server
         };
         self.open(t, tgid, fd, conn_id, ts_ns, role);
-        if role == Role::Server
-            && peer.is_some_and(|p| p.ip().is_loopback())
+        if peer.is_some_and(|p| p.ip().is_loopback())
             && let Some(c) = self.open.get_mut(&(tgid, conn_id))
         {
             c.local_peer = true;

@@ -32,6 +32,8 @@ pub(super) struct Call {
     tgid: Pid,
     ts_ns: u64,
     message: Message,
+    /// To this host (a hop), not to a remote API.
+    local: bool,
     /// The outer request it was made for, and the inner exchange at its other end.
     pub(super) outer: Option<u64>,
     inner: Option<u64>,
@@ -108,17 +110,25 @@ impl Hops {
         }
     }
 
-    /// A call (`id`, on client connection `conn_id` of `tgid`) was sent. Returns its inner
-    /// exchange when that was already given to the ledger (to be taken back).
+    /// A call (`id`, on client connection `conn_id` of `tgid`) was sent; `local`: to this host
+    /// (only such a call is a hop: one to a remote API is the process's own business, and is
+    /// not paired). Returns its inner exchange when that was already given to the ledger (to
+    /// be taken back).
     pub(super) fn call(
         &mut self,
         id: u64,
         (tgid, conn_id): (Pid, u64),
         ts_ns: u64,
         message: Message,
+        local: bool,
     ) -> Option<Found> {
         let served = self.via.get(&(tgid, conn_id)).copied();
-        let outer = self.outers.get_mut(&tgid).and_then(|list| {
+        let outers = if local {
+            self.outers.get_mut(&tgid)
+        } else {
+            None
+        };
+        let outer = outers.and_then(|list| {
             let pick = served.and_then(|s| {
                 list.values_mut()
                     .rev()
@@ -134,7 +144,10 @@ impl Hops {
         self.calls_paired += u64::from(outer.is_some());
         self.prune(ts_ns);
         let early = self.loopback.iter().position(|l| {
-            l.tgid != tgid && l.message == message && l.ts_ns.abs_diff(ts_ns) <= HOP_WINDOW_NS
+            local
+                && l.tgid != tgid
+                && l.message == message
+                && l.ts_ns.abs_diff(ts_ns) <= HOP_WINDOW_NS
         });
         let early = early.and_then(|i| self.loopback.remove(i)).map(|l| {
             self.inner_found += 1;
@@ -151,6 +164,7 @@ impl Hops {
                 tgid,
                 ts_ns,
                 message,
+                local,
                 outer,
                 inner,
                 model: None,
@@ -176,7 +190,8 @@ impl Hops {
     ) -> Arrival {
         if local_peer
             && let Some(call) = self.calls.values_mut().find(|c| {
-                c.inner.is_none()
+                c.local
+                    && c.inner.is_none()
                     && c.tgid != tgid
                     && c.message == message
                     && c.ts_ns.abs_diff(ts_ns) <= HOP_WINDOW_NS

@@ -45,7 +45,8 @@ impl Pipeline {
                 ..
             } => {
                 let message = (*body_bytes, *message_hash);
-                if let Some(found) = self.hops.call(id, (tgid, conn), *ts_ns, message) {
+                let local = self.conns.local_peer(tgid, conn);
+                if let Some(found) = self.hops.call(id, (tgid, conn), *ts_ns, message, local) {
                     self.ledger.withdraw(RequestId(found.inner));
                     if let Some(outer) = found.outer {
                         self.where_it_ran(outer, found.inner_tgid);
