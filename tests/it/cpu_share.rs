@@ -5,12 +5,11 @@
 //! follows the host's utilisation.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use tracer_tests::{TempDir, Tracer, client::Client, privileged_or_skip};
+use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -49,17 +48,7 @@ fn a_cpu_engine_pays_for_its_cpu_time_and_other_load_goes_to_other() {
     }
     let dir = TempDir::new("cpu-share");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
-    let mut server = Command::new("python3")
-        .arg(script)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening");
-    let port: u16 = line.trim()[10..].parse().expect("port");
+    let (mut server, port) = listening(Command::new("python3").arg(script));
     // Not traced: a core of someone else's work.
     let mut hog = Command::new("python3")
         .args(["-c", "while True: pass"])

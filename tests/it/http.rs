@@ -2,35 +2,13 @@
 //! keep-alive client recording the truth; every request must come out with the right
 //! boundaries, status, sizes, event counts and usage.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
-};
+use std::process::Command;
 
 use serde_json::Value;
-use tracer_tests::{TempDir, Tracer, client::Client, privileged_or_skip};
+use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 const AXUM: &str = env!("CARGO_BIN_EXE_openai-axum");
-
-/// Starts a server that prints `listening <port>`; returns it and the port.
-fn start(cmd: &mut Command) -> (Child, u16) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("server output");
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected server output {line:?}"));
-    (child, port)
-}
 
 /// The daemon attached by `port`, writing the output `out` (flag, path); `events`: the
 /// per-event JSON too.
@@ -93,7 +71,7 @@ fn check_server_bodies(
         return;
     }
     let dir = TempDir::new(name);
-    let (mut child, port) = start(server);
+    let (mut child, port) = listening(server);
     let requests_out = dir.path().join("requests.jsonl");
     let tracer = attach(dir.path(), port, ("--requests-out", &requests_out), true);
     let mut client = Client::connect(port).expect("connect");
@@ -237,7 +215,7 @@ fn connection_opened_before_attach_is_seeded_from_proc() {
         return;
     }
     let dir = TempDir::new("seeded");
-    let (mut child, port) = start(&mut Command::new(AXUM));
+    let (mut child, port) = listening(&mut Command::new(AXUM));
     // A keep-alive connection, used once before the tracer exists.
     let mut client = Client::connect(port).expect("connect");
     let body = r#"{"model":"before","max_tokens":2}"#;
@@ -289,7 +267,7 @@ fn a_request_forwarded_to_a_child_engine_is_one_request() {
 #[test]
 fn a_request_forwarded_to_an_engine_of_another_service_is_that_services() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
-    let (mut engine, port) = start(Command::new("python3").arg(script));
+    let (mut engine, port) = listening(Command::new("python3").arg(script));
     second_hop("second-hop-services", 8, Some(port));
     let _ = engine.kill();
     let _ = engine.wait();
@@ -309,7 +287,7 @@ fn second_hop(name: &str, clients: u64, engine: Option<u16>) {
     if let Some(p) = engine {
         front.args(["--engine-port", &p.to_string()]);
     }
-    let (mut child, port) = start(&mut front);
+    let (mut child, port) = listening(&mut front);
     let records_path = dir.path().join("records.jsonl");
     let mut args = vec![
         "--port".to_string(),

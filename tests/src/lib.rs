@@ -147,6 +147,26 @@ impl Drop for Tracer {
 }
 
 /// A binary of another workspace package (`target/<profile>/<name>`, or `deps/` for cdylibs),
+/// Starts a server that prints `listening <port>` first; returns it and the port.
+pub fn listening(cmd: &mut Command) -> (Child, u16) {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("server output");
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected server output {line:?}"));
+    (child, port)
+}
+
 /// built with cargo first if it is missing.
 pub fn workspace_artifact(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
