@@ -34,9 +34,18 @@ class Handler(BaseHTTPRequestHandler):
                             "stream": True, "stream_options": {"include_usage": True},
                             "max_tokens": n}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", Handler.engine_port)
-        conn.request("POST", "/v1/chat/completions", body=inner,
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        try:
+            conn.request("POST", "/v1/chat/completions", body=inner,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+        except OSError as e:
+            # As a proxy does: the engine's failure is a 502, not a dropped connection.
+            msg = ("engine: %s" % e).encode()
+            self.send_response(502)
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
@@ -72,6 +81,7 @@ if __name__ == "__main__":
     else:
         engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True)
         Handler.engine_port = int(engine.stdout.readline().split()[1])
+    ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print("listening %d" % server.server_address[1], flush=True)

@@ -98,6 +98,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     print("listening %d" % server.server_address[1], flush=True)
     if "--blocking-accept" in sys.argv:
