@@ -145,6 +145,14 @@ fn python_stdlib_server_streaming_and_not() {
     check_server("python-stdlib", Command::new("python3").arg(script), false);
 }
 
+/// Node's own `http` server: streams that end in one `writev` of 9 segments (the usage chunk,
+/// `[DONE]` and the chunked terminator), keep-alive.
+#[test]
+fn node_http_server_streaming_and_not() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_node.js");
+    check_server("node-http", Command::new("node").arg(script), false);
+}
+
 /// Node's `http` writes the usage chunk, `[DONE]` and the chunked terminator in one `writev` of
 /// 9 segments; servers that gather more write more: every segment must be walked.
 #[test]
