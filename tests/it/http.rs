@@ -5,7 +5,11 @@
 use std::process::Command;
 
 use serde_json::Value;
-use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
+use tracer_tests::{
+    TempDir, Tracer,
+    client::{Client, Post},
+    listening, privileged_or_skip,
+};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 const AXUM: &str = env!("CARGO_BIN_EXE_openai-axum");
@@ -57,7 +61,7 @@ fn check_server_with(
             3 + i
         )
     };
-    check_server_bodies(name, server, &body, headers);
+    check_server_bodies(name, server, &body, headers, 1);
 }
 
 /// Drives 10 requests whose bodies `body(i, stream)` makes; see [`check_server`].
@@ -66,6 +70,7 @@ fn check_server_bodies(
     server: &mut Command,
     body: &dyn Fn(u64, bool) -> String,
     headers: &[(&str, &str)],
+    pipelined: u64,
 ) {
     if !privileged_or_skip(name) {
         return;
@@ -76,17 +81,29 @@ fn check_server_bodies(
     let tracer = attach(dir.path(), port, ("--requests-out", &requests_out), true);
     let mut client = Client::connect(port).expect("connect");
     let mut truth = Vec::new();
-    for i in 0..10u64 {
-        let stream = i % 2 == 0;
-        let body = body(i, stream);
-        let rid = format!("req-{i}");
-        let mut all = vec![("X-Request-Id", rid.as_str())];
-        all.extend_from_slice(headers);
-        let ex = client
-            .post("/v1/chat/completions", &body, &all)
-            .expect("exchange");
-        assert_eq!(ex.status, 200);
-        truth.push((i, stream, rid, ex));
+    // `pipelined` requests at a time in one write (1: one after the other).
+    for first in (0..10u64).step_by(pipelined.max(1) as usize) {
+        let batch: Vec<(u64, bool, String, String)> = (first..(first + pipelined.max(1)).min(10))
+            .map(|i| (i, i % 2 == 0, body(i, i % 2 == 0), format!("req-{i}")))
+            .collect();
+        let all: Vec<Vec<(&str, &str)>> = batch
+            .iter()
+            .map(|(_, _, _, rid)| {
+                let mut all = vec![("X-Request-Id", rid.as_str())];
+                all.extend_from_slice(headers);
+                all
+            })
+            .collect();
+        let requests: Vec<Post<'_>> = batch
+            .iter()
+            .zip(&all)
+            .map(|((_, _, body, _), h)| ("/v1/chat/completions", body.as_str(), h.as_slice()))
+            .collect();
+        let exchanges = client.pipeline(&requests).expect("exchange");
+        for ((i, stream, _, rid), ex) in batch.iter().zip(exchanges) {
+            assert_eq!(ex.status, 200);
+            truth.push((*i, *stream, rid.clone(), ex));
+        }
     }
     drop(client);
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -153,6 +170,26 @@ fn node_http_server_streaming_and_not() {
     check_server("node-http", Command::new("node").arg(script), false);
 }
 
+/// Pipelining against Node: three requests in one write, the responses queued behind each
+/// other on the connection; each must still get its own events, usage and bytes.
+#[test]
+fn node_http_server_pipelined() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_node.js");
+    let body = |i: u64, stream: bool| {
+        format!(
+            r#"{{"model":"m-{i}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"hello number {i}"}}]}}"#,
+            3 + i
+        )
+    };
+    check_server_bodies(
+        "node-pipelined",
+        Command::new("node").arg(script),
+        &body,
+        &[],
+        3,
+    );
+}
+
 /// Node's `http` writes the usage chunk, `[DONE]` and the chunked terminator in one `writev` of
 /// 9 segments; servers that gather more write more: every segment must be walked.
 #[test]
@@ -181,7 +218,13 @@ fn a_20_kb_body_with_the_model_at_its_end() {
             3 + i
         )
     };
-    check_server_bodies("body-20kb", Command::new("python3").arg(script), &body, &[]);
+    check_server_bodies(
+        "body-20kb",
+        Command::new("python3").arg(script),
+        &body,
+        &[],
+        1,
+    );
 }
 
 /// A server idle in a blocking `accept` when tracer attaches (any thread-per-connection

@@ -22,6 +22,9 @@ pub struct Exchange {
     pub body: Vec<u8>,
 }
 
+/// A `POST`: path, JSON body, extra headers.
+pub type Post<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 /// One keep-alive connection.
 pub struct Client {
     reader: BufReader<TcpStream>,
@@ -51,6 +54,30 @@ impl Client {
         body: &str,
         extra_headers: &[(&str, &str)],
     ) -> std::io::Result<Exchange> {
+        let request = Self::request(path, body, extra_headers);
+        self.stream.write_all(&request)?;
+        let mut ex = self.read_response()?;
+        ex.request_bytes = request.len() as u64;
+        Ok(ex)
+    }
+
+    /// Pipelining: sends every request in one write, then reads the responses in order.
+    pub fn pipeline(&mut self, requests: &[Post<'_>]) -> std::io::Result<Vec<Exchange>> {
+        let wire: Vec<Vec<u8>> = requests
+            .iter()
+            .map(|(path, body, headers)| Self::request(path, body, headers))
+            .collect();
+        self.stream.write_all(&wire.concat())?;
+        wire.iter()
+            .map(|r| {
+                let mut ex = self.read_response()?;
+                ex.request_bytes = r.len() as u64;
+                Ok(ex)
+            })
+            .collect()
+    }
+
+    fn request(path: &str, body: &str, extra_headers: &[(&str, &str)]) -> Vec<u8> {
         let mut head = format!(
             "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
@@ -62,11 +89,7 @@ impl Client {
             head.push_str("\r\n");
         }
         head.push_str("\r\n");
-        let request = [head.as_bytes(), body.as_bytes()].concat();
-        self.stream.write_all(&request)?;
-        let mut ex = self.read_response()?;
-        ex.request_bytes = request.len() as u64;
-        Ok(ex)
+        [head.as_bytes(), body.as_bytes()].concat()
     }
 
     fn line(&mut self, wire: &mut u64) -> std::io::Result<String> {
