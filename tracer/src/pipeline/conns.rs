@@ -87,7 +87,7 @@ impl Conns {
     }
 
     /// The process's side of a connection, when it was seen opening.
-    pub fn role(&self, tgid: Pid, conn_id: u64) -> Option<Role> {
+    fn role(&self, tgid: Pid, conn_id: u64) -> Option<Role> {
         self.open.get(&(tgid, conn_id)).map(|c| c.role)
     }
 
@@ -134,8 +134,9 @@ impl Conns {
     }
 
     /// Bytes moved (or a read returned 0: `eof`). A syscall captured in several records (see
-    /// `DATA_FLAG_MORE`) is put back together first: the tracker sees one read.
-    pub fn data(&mut self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) {
+    /// `DATA_FLAG_MORE`) is put back together first: the tracker sees one read. Returns the
+    /// process's side of the connection, when known (none for a continuation).
+    pub fn data(&mut self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) -> Option<Role> {
         let at = (tgid, d.conn_id);
         if d.cont {
             match self.pieces.get_mut(&at) {
@@ -152,7 +153,7 @@ impl Conns {
                     self.flush_pieces(t, at);
                 }
             }
-            return;
+            return None;
         }
         self.flush_pieces(t, at);
         if d.more {
@@ -163,13 +164,16 @@ impl Conns {
                     buf: d.payload.to_vec(),
                 },
             );
-            return;
+            return self.role(tgid, d.conn_id);
         }
-        self.deliver(t, tgid, d);
+        self.deliver(t, tgid, d)
     }
 
     /// Hands a syscall being put together to the tracker as it is.
     fn flush_pieces(&mut self, t: &mut Tracker, at: (Pid, u64)) {
+        if self.pieces.is_empty() {
+            return;
+        }
         if let Some(p) = self.pieces.remove(&at) {
             let d = Moved {
                 payload: &p.buf,
@@ -179,8 +183,10 @@ impl Conns {
         }
     }
 
-    fn deliver(&self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) {
-        let first_fd = self.open.get(&(tgid, d.conn_id)).map_or(d.fd, |c| c.key.fd);
+    /// Feeds the tracker; returns the connection's side, when it was seen opening.
+    fn deliver(&self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) -> Option<Role> {
+        let open = self.open.get(&(tgid, d.conn_id));
+        let first_fd = open.map_or(d.fd, |c| c.key.fd);
         let key = ConnKey {
             tgid: tgid.0,
             fd: first_fd,
@@ -196,6 +202,7 @@ impl Conns {
         } else {
             t.on_data(key, d.ts_ns, dir, d.total_len, d.payload);
         }
+        open.map(|c| c.role)
     }
 
     /// Continuation records that did not follow the record before them (counted, not used).

@@ -118,8 +118,7 @@ impl Hops {
         &mut self,
         id: u64,
         (tgid, conn_id): (Pid, u64),
-        ts_ns: u64,
-        message: Message,
+        (ts_ns, message, model): (u64, Message, Option<String>),
         local: bool,
     ) -> Option<Found> {
         let served = self.via.get(&(tgid, conn_id)).copied();
@@ -167,7 +166,7 @@ impl Hops {
                 local,
                 outer,
                 inner,
-                model: None,
+                model,
                 usage: None,
             },
         );

@@ -257,11 +257,7 @@ impl Pipeline {
                 payload,
                 ..
             } => {
-                if !cont && let Some(role) = self.conns.role(tgid, conn_id) {
-                    self.hops
-                        .data(ev.tid, tgid, conn_id, inbound, role == Role::Server);
-                }
-                self.conns.data(
+                let role = self.conns.data(
                     t,
                     tgid,
                     &Moved {
@@ -277,6 +273,11 @@ impl Pipeline {
                         payload,
                     },
                 );
+                // Which request a thread serves, for the calls it makes (`hops.rs`).
+                if let Some(role) = role {
+                    self.hops
+                        .data(ev.tid, tgid, conn_id, inbound, role == Role::Server);
+                }
             }
             Body::Close { conn_id, fd } => {
                 self.hops.closed(tgid, conn_id);

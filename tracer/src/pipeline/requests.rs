@@ -46,14 +46,12 @@ impl Pipeline {
             } => {
                 let message = (*body_bytes, *message_hash);
                 let local = self.conns.local_peer(tgid, conn);
-                if let Some(found) = self.hops.call(id, (tgid, conn), *ts_ns, message, local) {
+                let call = (*ts_ns, message, model.clone());
+                if let Some(found) = self.hops.call(id, (tgid, conn), call, local) {
                     self.ledger.withdraw(RequestId(found.inner));
                     if let Some(outer) = found.outer {
                         self.where_it_ran(outer, found.inner_tgid);
                     }
-                }
-                if let Some(c) = self.hops.call_mut(id) {
-                    c.model.clone_from(model);
                 }
                 true
             }
