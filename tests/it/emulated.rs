@@ -98,9 +98,9 @@ struct Run {
 }
 
 /// Runs the demo's chat-like load (streamed and not, shared system prompts, prompts up to
-/// ~1000 tokens) from 8 clients for 8 s against the emulated host started with `host_args`,
-/// the tracer attached by port with the real probes, recording.
-fn run_host(name: &str, host_args: &[&OsStr]) -> Run {
+/// ~1000 tokens) from 8 clients for `seconds` against the emulated host started with
+/// `host_args`, the tracer attached by port with the real probes, recording.
+fn run_host(name: &str, seconds: u32, host_args: &[&OsStr]) -> Run {
     let env = EmuEnv::new(name);
     let stub = env.dir.path().join("libcuda.so.1");
     std::fs::copy(workspace_artifact("libcuda.so", "cuda-stub"), &stub).expect("stand-in libcuda");
@@ -138,7 +138,7 @@ fn run_host(name: &str, host_args: &[&OsStr]) -> Run {
             "--port",
             &port.to_string(),
             "--seconds",
-            "8",
+            &seconds.to_string(),
             "--concurrency",
             "8",
         ])
@@ -175,7 +175,7 @@ fn requests_get_energy_from_both_gpus_matching_ground_truth() {
         return;
     }
     // More clients (8) than the 4 requests the engine runs at once: requests queue.
-    let run = run_host("emulated", &[OsStr::new("--max-seqs"), OsStr::new("4")]);
+    let run = run_host("emulated", 8, &[OsStr::new("--max-seqs"), OsStr::new("4")]);
     let Run {
         env,
         records,
@@ -328,8 +328,11 @@ fn preempted_requests_do_not_share_the_steps_they_sat_out() {
     }
     // A KV cache of 2,000 tokens for 8 running requests of up to ~1,200: the engine preempts
     // the latest-scheduled ones and recomputes them later (vLLM's recompute preemption).
+    // 16 s: the preempted ones' median is over a few dozen requests; over 8 s (15-19 of them)
+    // it ranged 2.5-12.6 % from run to run.
     let run = run_host(
         "emulated-preempt",
+        16,
         &[
             OsStr::new("--max-seqs"),
             OsStr::new("8"),
