@@ -12,6 +12,12 @@ pub struct DeviceId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceId(pub u32);
 
+impl ServiceId {
+    /// The pseudo-service holding the host's CPU time that no traced service explains: other
+    /// processes on the host. It never has requests (`occupancy/binding/cputime.rs`).
+    pub const OTHER_PROCESSES: ServiceId = ServiceId(u32::MAX - 1);
+}
+
 /// A request, as minted by the daemon (cheap to copy and hash; the server's own id travels in
 /// the ledger's `Arrival::external_id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

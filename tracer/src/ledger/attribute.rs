@@ -15,7 +15,7 @@ use super::{
     sensor::Segment,
     state::{Device, Request},
     steps::{Chunk, StepClock},
-    types::{IdleBasis, LedgerStats},
+    types::{DeviceKind, IdleBasis, LedgerStats},
     warmup::HeldUnit,
     weights::{self, Prices, Weights, WeightsOutcome},
 };
@@ -258,6 +258,7 @@ pub(crate) fn segment(
 
     let mut attributed_dyn = 0.0;
     let mut attributed_idle = 0.0;
+    let host = matches!(d.info.kind, DeviceKind::CpuPackage | DeviceKind::Dram);
     for i in 0..n {
         let (a, b) = bounds(i);
         let dyn_i = dyn_total * scratch.shape[i] / total_shape;
@@ -277,11 +278,15 @@ pub(crate) fn segment(
         let mut any = false;
         for o in occupants.clone() {
             any = true;
+            let active = slice_active(scratch, o.service, a, b);
             match o.weight {
+                // A host domain's weights are CPU-time rates while serving: a service with
+                // nothing in flight here is not using its share now (`binding/cputime.rs`).
+                Some(_) if host && !active && o.service != ServiceId::OTHER_PROCESSES => {}
                 Some(w) => sum_w += w,
                 None => weighted = false,
             }
-            if slice_active(scratch, o.service, a, b) {
+            if active {
                 n_active += 1;
             }
         }

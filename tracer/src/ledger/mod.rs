@@ -133,6 +133,7 @@
 //! (`tests/outfamily.rs`); coverage is reported on the other scenarios. `idle_factor` (0.5)
 //! was set with the in-family simulation (`tests/ledger_sim.rs`).
 
+mod activity;
 mod attribute;
 mod bodies;
 mod config;

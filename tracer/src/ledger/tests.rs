@@ -965,3 +965,43 @@ fn queued_requests_share_no_steps_until_their_prefill() {
     let e = by_id(&recs);
     assert!((e[&3].total_j - 25.0).abs() < 1.5, "{recs:?}");
 }
+
+/// CPU-time weights on a host domain are rates while serving: a service with nothing in
+/// flight does not dilute the one that serves, while other processes' weight always counts.
+#[test]
+fn host_domain_weights_count_only_services_serving_and_other_processes() {
+    let mut l = Ledger::new(LedgerConfig::default()).expect("config");
+    let (cpu, b) = (DeviceId(3), ServiceId(2));
+    register(
+        &mut l,
+        cpu,
+        DeviceInfo {
+            name: "cpu0".into(),
+            kind: DeviceKind::CpuPackage,
+            estimated: false,
+            idle: IdleSource::Configured { watts: 10.0 },
+        },
+    );
+    l.occupy(cpu, SVC, 0, Some(60.0)).expect("device");
+    l.occupy(cpu, b, 0, Some(60.0)).expect("device");
+    l.occupy(cpu, ServiceId::OTHER_PROCESSES, 0, Some(40.0))
+        .expect("device");
+    arrive_on(&mut l, 1, SVC, S);
+    l.end(RequestId(1), 2 * S, 0, Outcome::Complete);
+    arrive_on(&mut l, 2, b, 2 * S);
+    arrive_on(&mut l, 3, b, 2 * S + S / 2);
+    assert!((l.in_flight_fraction(SVC, 0, 4 * S) - 0.25).abs() < 1e-12);
+    assert!((l.in_flight_fraction(b, 0, 4 * S) - 0.5).abs() < 1e-12, "open: to the end");
+    assert!((l.in_flight_fraction(b, 3 * S, 5 * S) - 1.0).abs() < 1e-12);
+    assert!(l.in_flight_fraction(ServiceId(9), 0, 4 * S).abs() < 1e-12);
+    l.end(RequestId(2), 3 * S, 0, Outcome::Complete);
+    l.end(RequestId(3), 3 * S, 0, Outcome::Complete);
+    assert!((l.in_flight_fraction(b, 0, 4 * S) - 0.25).abs() < 1e-12, "overlap once");
+    constant_power_on(&mut l, cpu, 0, 4, 50.0, 0);
+    let recs = l.advance(20 * S);
+    let got = by_id(&recs);
+    // 40 W dynamic for 1 s each; 60 against other processes' 40 while serving.
+    assert!((got[&1].dynamic_j - 24.0).abs() < 0.5, "{:?}", got[&1]);
+    let b_j = got[&2].dynamic_j + got[&3].dynamic_j;
+    assert!((b_j - 24.0).abs() < 0.5, "{b_j}");
+}

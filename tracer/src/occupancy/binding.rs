@@ -142,6 +142,8 @@ pub struct Binding {
     /// The last CPU-time sample: each service process's ticks, and the host's busy ticks.
     cpu_last: BTreeMap<Pid, u64>,
     busy_last: Option<u64>,
+    /// When the previous CPU-time sample was taken.
+    cpu_last_ns: Option<u64>,
 }
 
 impl Binding {

@@ -136,8 +136,14 @@ impl Pipeline {
                 busy_ticks,
                 processes,
             } => {
-                self.binding
-                    .cpu_time(ts_ns, busy_ticks, &processes, &mut self.changes);
+                let ledger = &self.ledger;
+                self.binding.cpu_time(
+                    ts_ns,
+                    busy_ticks,
+                    &processes,
+                    |service, from, to| ledger.in_flight_fraction(service, from, to),
+                    &mut self.changes,
+                );
                 self.apply_changes();
             }
             Input::Advance { now_ns } => {
