@@ -134,7 +134,9 @@ fn share(
 ) -> (f64, f64, String, String) {
     // One at a time: each test's engine and its hog are the other's "other processes".
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
     let (mut server, port) = listening(Command::new("python3").arg(script));
     let port_s = port.to_string();

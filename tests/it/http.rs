@@ -61,16 +61,19 @@ fn check_server_with(
             3 + i
         )
     };
-    check_server_bodies(name, server, &body, headers, 1);
+    check_server_bodies(name, server, &body, headers, 1, false);
 }
 
-/// Drives 10 requests whose bodies `body(i, stream)` makes; see [`check_server`].
+/// Drives 10 requests whose bodies `body(i, stream)` makes; see [`check_server`]. `tls`: the
+/// server speaks HTTPS, and the client reaches it through `tls_tunnel.py` (so the client's
+/// truth is the plaintext on the wire inside TLS).
 fn check_server_bodies(
     name: &str,
     server: &mut Command,
     body: &dyn Fn(u64, bool) -> String,
     headers: &[(&str, &str)],
     pipelined: u64,
+    tls: bool,
 ) {
     if !privileged_or_skip(name) {
         return;
@@ -79,7 +82,12 @@ fn check_server_bodies(
     let (mut child, port) = listening(server);
     let requests_out = dir.path().join("requests.jsonl");
     let tracer = attach(dir.path(), port, ("--requests-out", &requests_out), true);
-    let mut client = Client::connect(port).expect("connect");
+    let mut tunnel = tls.then(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/tls_tunnel.py");
+        listening(Command::new("python3").arg(script).arg(port.to_string()))
+    });
+    let connect_to = tunnel.as_ref().map_or(port, |t| t.1);
+    let mut client = Client::connect(connect_to).expect("connect");
     let mut truth = Vec::new();
     // `pipelined` requests at a time in one write (1: one after the other).
     for first in (0..10u64).step_by(pipelined.max(1) as usize) {
@@ -107,10 +115,19 @@ fn check_server_bodies(
     }
     drop(client);
     std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = tracer.log_text();
     let events = tracer.stop();
     let _ = child.kill();
     let _ = child.wait();
+    if let Some((t, _)) = &mut tunnel {
+        let _ = t.kill();
+        let _ = t.wait();
+    }
     assert!(!events.is_empty());
+    if tls {
+        assert!(log.contains("OpenSSL uprobes on"), "{log}");
+        assert!(log.contains("tls=1 (decrypted 1)"), "{log}");
+    }
 
     let records = requests_of(dir.path(), child.id());
     assert_eq!(
@@ -187,6 +204,7 @@ fn node_http_server_pipelined() {
         &body,
         &[],
         3,
+        false,
     );
 }
 
@@ -224,6 +242,48 @@ fn a_20_kb_body_with_the_model_at_its_end() {
         &body,
         &[],
         1,
+        false,
+    );
+}
+
+/// HTTPS terminated by the server itself (Python's `ssl`: OpenSSL through a socket BIO, a
+/// self-signed certificate), read in plaintext through the OpenSSL uprobes: streamed and not,
+/// with 20 KB bodies (a request read in several `SSL_read_ex` calls and capture records).
+#[test]
+fn https_served_through_openssl_is_read_in_plaintext() {
+    let certs = TempDir::new("tls-cert");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success(), "openssl req failed");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+    let prompt = "w ".repeat(10 * 1024);
+    let body = |i: u64, stream: bool| {
+        format!(
+            r#"{{"messages":[{{"role":"user","content":"{prompt}"}}],"stream_options":{{"include_usage":true}},"max_tokens":{},"stream":{stream},"model":"m-{i}"}}"#,
+            3 + i
+        )
+    };
+    check_server_bodies(
+        "https",
+        Command::new("python3")
+            .arg(script)
+            .arg("--tls")
+            .arg(&cert)
+            .arg(&key),
+        &body,
+        &[],
+        1,
+        true,
     );
 }
 

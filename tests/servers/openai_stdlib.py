@@ -9,7 +9,8 @@ HTTP/1.1 keep-alive (ThreadingHTTPServer). POST /v1/chat/completions with a JSON
   segments (as Node's http module writes them).
 - otherwise       -> one JSON body with `usage`, Content-Length framing.
 The number of completion tokens is the request's max_tokens. With --blocking-accept it waits in
-a blocking accept() instead of a selector. Prints `listening <port>` when ready.
+a blocking accept() instead of a selector. With --tls CERT KEY it serves HTTPS (OpenSSL through
+Python's ssl module, a socket BIO). Prints `listening <port>` when ready.
 """
 import json
 import os
@@ -100,6 +101,13 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if "--tls" in sys.argv:
+        import ssl
+
+        at = sys.argv.index("--tls")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[at + 1], sys.argv[at + 2])
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print("listening %d" % server.server_address[1], flush=True)
     if "--blocking-accept" in sys.argv:
         # A thread-per-connection server idle in accept() (as llama.cpp's llama-server is):

@@ -138,6 +138,11 @@ pub enum Syscall {
     Socket = 15,
     /// `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD*)`: a second fd for a tracked connection.
     Dup = 16,
+    /// OpenSSL's `SSL_read`/`SSL_read_ex` returning (a uprobe, not a syscall): plaintext read
+    /// from a TLS connection.
+    SslRead = 17,
+    /// `SSL_write`/`SSL_write_ex` returning: plaintext written to a TLS connection.
+    SslWrite = 18,
 }
 
 impl Syscall {
@@ -160,6 +165,8 @@ impl Syscall {
             14 => Some(Syscall::Ioctl),
             15 => Some(Syscall::Socket),
             16 => Some(Syscall::Dup),
+            17 => Some(Syscall::SslRead),
+            18 => Some(Syscall::SslWrite),
             _ => None,
         }
     }
@@ -183,6 +190,8 @@ impl Syscall {
             Syscall::Ioctl => "ioctl",
             Syscall::Socket => "socket",
             Syscall::Dup => "dup",
+            Syscall::SslRead => "SSL_read",
+            Syscall::SslWrite => "SSL_write",
         }
     }
 
@@ -190,8 +199,17 @@ impl Syscall {
     pub const fn is_inbound(self) -> bool {
         matches!(
             self,
-            Syscall::Read | Syscall::Readv | Syscall::Recvfrom | Syscall::Recvmsg
+            Syscall::Read
+                | Syscall::Readv
+                | Syscall::Recvfrom
+                | Syscall::Recvmsg
+                | Syscall::SslRead
         )
+    }
+
+    /// Whether the bytes are a TLS connection's plaintext, seen in the TLS library.
+    pub const fn is_plaintext(self) -> bool {
+        matches!(self, Syscall::SslRead | Syscall::SslWrite)
     }
 }
 
@@ -230,11 +248,15 @@ pub enum Stat {
     /// An accept that was in progress when the probes attached (a server idle in a blocking
     /// `accept`): its connection is followed without its listener and address.
     AcceptEntryUnseen = 53,
+    /// An OpenSSL read or write whose socket is not known (a memory BIO, or a call served from
+    /// the library's buffer on a connection it had before the probes attached): its plaintext
+    /// is not seen.
+    TlsNoSocket = 54,
 }
 
 impl Stat {
     /// Every counter, in slot order.
-    pub const ALL: [Stat; 14] = [
+    pub const ALL: [Stat; 15] = [
         Stat::StashFull,
         Stat::ConnTableFull,
         Stat::DevTableFull,
@@ -249,6 +271,7 @@ impl Stat {
         Stat::CudaSyncEmpty,
         Stat::CudaTableFull,
         Stat::AcceptEntryUnseen,
+        Stat::TlsNoSocket,
     ];
 
     /// The counter's name in reports and metrics.
@@ -268,6 +291,7 @@ impl Stat {
             Stat::CudaSyncEmpty => "cuda_sync_empty",
             Stat::CudaTableFull => "cuda_table_full",
             Stat::AcceptEntryUnseen => "accept_entry_unseen",
+            Stat::TlsNoSocket => "tls_no_socket",
         }
     }
 }
@@ -564,6 +588,32 @@ pub const ROLE_SEEDED: u8 = 3;
 /// A Unix-socket connection between service members (made by a target after attach, or seeded
 /// from service discovery): its data records carry timing, direction and length, no payload.
 pub const ROLE_IPC: u8 = 4;
+
+/// An OpenSSL read or write in progress on a thread (uprobe at entry → uretprobe).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SslCall {
+    /// The `SSL *`.
+    pub ssl: u64,
+    /// The caller's buffer.
+    pub buf: u64,
+    /// `_ex` variants: where the library writes the byte count; 0 for `SSL_read`/`SSL_write`.
+    pub len_ptr: u64,
+    /// The socket under it, once known (-1 before).
+    pub fd: i64,
+    /// A [`Syscall`] discriminant: `SslRead` or `SslWrite`.
+    pub syscall: u8,
+    pub pad: [u8; 7],
+}
+
+/// A process's `SSL *` (key of the socket each one was last seen reading or writing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SslKey {
+    pub tgid: u32,
+    pub pad: u32,
+    pub ssl: u64,
+}
 
 /// A syscall's entry arguments, kept per thread until its exit.
 #[repr(C)]

@@ -79,6 +79,10 @@ pub struct ProbeFileConfig {
     /// Follow Unix-socket connections between service members (vLLM's ZMQ, TGI's gRPC) as IPC:
     /// timing, direction and length of their data, never payload.
     pub ipc_clock: bool,
+    /// TLS terminated by a member itself: uprobes on OpenSSL's `SSL_read`/`SSL_write` (and
+    /// `_ex`) in the `libssl*` it maps, or in its executable when that exports them, so its
+    /// HTTPS traffic is read in plaintext.
+    pub tls_uprobes: bool,
 }
 
 impl Default for ProbeFileConfig {
@@ -95,6 +99,7 @@ impl Default for ProbeFileConfig {
             cuda_clock: true,
             cuda_library: None,
             ipc_clock: true,
+            tls_uprobes: true,
         }
     }
 }

@@ -423,3 +423,19 @@ pub fn parse_mapped_files(maps: &str, name_prefix: &str) -> BTreeSet<PathBuf> {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether the ELF file at `path` exports `symbol` (dynamic or static symbol table); false for
+/// anything unreadable or not ELF. Reads only the parts it needs.
+pub fn exports_symbol(path: &Path, symbol: &str) -> bool {
+    use object::{Object as _, ObjectSymbol as _};
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let cache = object::ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&cache) else {
+        return false;
+    };
+    elf.dynamic_symbols()
+        .chain(elf.symbols())
+        .any(|s| s.is_definition() && s.name_bytes() == Ok(symbol.as_bytes()))
+}

@@ -28,15 +28,18 @@ pub fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    // 1b. Node.js: the tests trace Node's own `http` server (its writev-ended streams).
-    if succeeds("node", &["--version"]) {
-        eprintln!("setup: nodejs present");
-    } else {
-        eprintln!("setup: installing nodejs (apt)");
-        sh(privileged("apt-get").arg("update"))?;
-        sh(privileged("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "nodejs"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // 1b. Node.js: the tests trace Node's own `http` server (its writev-ended streams); the
+    // openssl command makes the HTTPS test's self-signed certificate.
+    for (tool, package) in [("node", "nodejs"), ("openssl", "openssl")] {
+        if succeeds(tool, &["version"]) || succeeds(tool, &["--version"]) {
+            eprintln!("setup: {package} present");
+        } else {
+            eprintln!("setup: installing {package} (apt)");
+            sh(privileged("apt-get").arg("update"))?;
+            sh(privileged("apt-get")
+                .args(["install", "-y", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
     }
 
     // 2. The pinned nightly with rust-src (build-std) and clippy (eBPF lints).

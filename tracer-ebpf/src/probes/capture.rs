@@ -140,7 +140,11 @@ pub(super) fn emit_data(id: u64, entry: &Stash, syscall: Syscall, total: u64) {
         cap = CAPTURE_MAX as u32;
     }
     // A request read into one buffer is copied further, in continuation records.
-    let flat = segs == 0 && matches!(syscall, Syscall::Read | Syscall::Recvfrom);
+    let flat = segs == 0
+        && matches!(
+            syscall,
+            Syscall::Read | Syscall::Recvfrom | Syscall::SslRead
+        );
     let mut end = u64::from(cap);
     if flat && entry.role == ROLE_SERVER && u64::from(cap) == want && want > 0 {
         let more = u64::from(config!(request_capture_bytes));

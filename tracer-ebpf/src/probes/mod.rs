@@ -27,7 +27,8 @@ use aya_ebpf::{
 };
 use tracer_ebpf::abi::{
     CAPTURE_MAX, COMM_LEN, ConnState, CudaCounts, DataHead, DevOpenEvent, FdKey, GpuKey, GpuUse,
-    HandleKey, Header, Kind, ProbeConfig, STAT_SLOTS, Stash, Stat, Syscall, UvmKey,
+    HandleKey, Header, Kind, ProbeConfig, STAT_SLOTS, SslCall, SslKey, Stash, Stat, Syscall,
+    UvmKey,
 };
 
 macro_rules! config {
@@ -44,6 +45,7 @@ mod fd;
 mod net;
 mod nvidia;
 mod sched;
+mod tls;
 
 /// Overridden by the loader before the programs are loaded (a frozen `.rodata` global).
 #[unsafe(no_mangle)]
@@ -104,6 +106,16 @@ static CUDA_COUNTS: HashMap<u32, CudaCounts> = HashMap::with_max_entries(4096, 0
 /// leak entries forever.
 #[map]
 static STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// OpenSSL calls in progress per thread (`pid_tgid`), until they return (`tls.rs`). LRU as
+/// `STASH`.
+#[map]
+static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// The socket fd each of a target's `SSL *` was last seen reading or writing. LRU: `SSL`
+/// objects are freed without a probe.
+#[map]
+static SSL_FDS: LruHashMap<SslKey, i64> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-CPU counters (see `Stat` and `Kind::{emitted,dropped}_stat`).
 #[map]

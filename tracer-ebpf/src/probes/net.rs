@@ -285,6 +285,8 @@ fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let Some((conn_id, role)) = (unsafe { CONNS.get(key) }).map(|c| (c.conn_id, c.role)) else {
         return 0;
     };
+    // Inside an OpenSSL call: this is its socket.
+    super::tls::note_socket(id, fd);
     // (fd, buf|iov|msg, count|iovcnt|flags)
     let mut entry = stash_entry(fd, arg(ctx, 1), arg(ctx, 2), conn_id, syscall);
     entry.role = role;

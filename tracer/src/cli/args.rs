@@ -170,6 +170,10 @@ pub struct RunArgs {
     /// Do not follow Unix-socket IPC between service members. [config: probe.ipc_clock = false]
     #[arg(long)]
     pub no_ipc_clock: bool,
+    /// Do not attach the OpenSSL uprobes that read members' HTTPS in plaintext.
+    /// [config: probe.tls_uprobes = false]
+    #[arg(long)]
+    pub no_tls_uprobes: bool,
     /// Record every attribution input to this file for `tracer replay`. [config: output.record]
     #[arg(long)]
     pub record: Option<PathBuf>,
@@ -212,6 +216,9 @@ impl RunArgs {
         }
         if self.no_cuda_clock {
             c.probe.cuda_clock = false;
+        }
+        if self.no_tls_uprobes {
+            c.probe.tls_uprobes = false;
         }
         if self.cuda_lib.is_some() {
             c.probe.cuda_library = self.cuda_lib;

@@ -1,6 +1,7 @@
 //! Service discovery at run time: what `/proc` shows about the targets' services, fed to the
 //! pipeline as inputs and to the probes as new targets, with the two step clocks: the CUDA
-//! driver uprobes on members that map `libcuda.so*`, and the Unix-socket IPC between members.
+//! driver uprobes on members that map `libcuda.so*`, and the Unix-socket IPC between members;
+//! and the OpenSSL uprobes on members that map `libssl.so*` or export OpenSSL themselves.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,8 +29,10 @@ pub(super) struct Services {
     finder: Arc<Finder>,
     /// Processes already fed to the pipeline and made kernel targets.
     known: BTreeSet<u32>,
-    /// (library, process) pairs the CUDA step clock could not be attached to: not retried.
+    /// (library, process) pairs the CUDA step clock or the TLS uprobes could not be attached
+    /// to: not retried.
     cuda_failed: BTreeSet<(PathBuf, u32)>,
+    tls_failed: BTreeSet<(PathBuf, u32)>,
     /// A re-discovery is running.
     in_flight: bool,
     tx: mpsc::Sender<Result<Found, ServiceError>>,
@@ -44,6 +47,8 @@ pub(super) struct Clocks {
     pub cuda_library: Option<PathBuf>,
     /// Follow the Unix-socket fds between members as IPC.
     pub ipc: bool,
+    /// Attach the OpenSSL uprobes (TLS plaintext).
+    pub tls: bool,
 }
 
 /// A discovery, with what the blocking thread read for the step clocks.
@@ -51,6 +56,8 @@ pub(super) struct Found {
     discovery: Discovery,
     /// CUDA driver libraries to probe, per member, as paths this process can open.
     cuda: BTreeMap<u32, BTreeSet<PathBuf>>,
+    /// OpenSSL libraries (or executables exporting it) to probe, per member, likewise.
+    tls: BTreeMap<u32, BTreeSet<PathBuf>>,
 }
 
 /// What a discovery needs, shared with the blocking thread.
@@ -59,9 +66,43 @@ struct Finder {
     roots: Vec<ServiceRoot>,
     opts: DiscoverOptions,
     clocks: Clocks,
+    /// Whether an executable exports OpenSSL's `SSL_read`, by path (read once).
+    exports_ssl: std::sync::Mutex<BTreeMap<PathBuf, bool>>,
 }
 
 impl Finder {
+    /// `path` as process `pid` names it, through its root (containers' mount namespaces).
+    fn in_root(&self, pid: u32, path: &std::path::Path) -> PathBuf {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        self.procfs.proc_root.join(format!("{pid}/root")).join(rel)
+    }
+
+    /// The OpenSSL to probe for `pid`: the `libssl*` it maps, else its executable when that
+    /// exports `SSL_read` (OpenSSL linked in, as Node's is).
+    fn tls_libraries(&self, pid: u32) -> BTreeSet<PathBuf> {
+        let libs: BTreeSet<PathBuf> = self
+            .procfs
+            .mapped_files(pid, "libssl.so")
+            .iter()
+            .map(|p| self.in_root(pid, p))
+            .collect();
+        if !libs.is_empty() {
+            return libs;
+        }
+        let exe = self.procfs.proc_root.join(format!("{pid}/exe"));
+        let Ok(target) = std::fs::read_link(&exe) else {
+            return libs;
+        };
+        let mut seen = self
+            .exports_ssl
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let exports = *seen
+            .entry(target)
+            .or_insert_with(|| crate::procfs::exports_symbol(&exe, "SSL_read"));
+        if exports { BTreeSet::from([exe]) } else { libs }
+    }
+
     fn discover(&self) -> Result<Found, ServiceError> {
         let discovery = service::discover(&self.procfs, &self.roots, &self.opts)?;
         let mut cuda = BTreeMap::new();
@@ -70,12 +111,8 @@ impl Finder {
                 let mut libs: BTreeSet<PathBuf> = self
                     .procfs
                     .mapped_files(*pid, "libcuda.so")
-                    .into_iter()
-                    // The path in the process's mount namespace (containers), via its root.
-                    .map(|p| {
-                        let rel = p.strip_prefix("/").unwrap_or(&p);
-                        self.procfs.proc_root.join(format!("{pid}/root")).join(rel)
-                    })
+                    .iter()
+                    .map(|p| self.in_root(*pid, p))
                     .collect();
                 libs.extend(self.clocks.cuda_library.clone());
                 if !libs.is_empty() {
@@ -83,7 +120,20 @@ impl Finder {
                 }
             }
         }
-        Ok(Found { discovery, cuda })
+        let mut tls = BTreeMap::new();
+        if self.clocks.tls {
+            for pid in discovery.services.iter().flat_map(|s| s.members.keys()) {
+                let libs = self.tls_libraries(*pid);
+                if !libs.is_empty() {
+                    tls.insert(*pid, libs);
+                }
+            }
+        }
+        Ok(Found {
+            discovery,
+            cuda,
+            tls,
+        })
     }
 }
 
@@ -101,12 +151,14 @@ impl Services {
             roots,
             opts,
             clocks,
+            exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
         });
         (
             Self {
                 finder,
                 known: BTreeSet::new(),
                 cuda_failed: BTreeSet::new(),
+                tls_failed: BTreeSet::new(),
                 in_flight: false,
                 tx,
             },
@@ -159,6 +211,7 @@ impl Services {
     pub fn forget(&mut self, pid: u32) {
         self.known.remove(&pid);
         self.cuda_failed.retain(|(_, p)| *p != pid);
+        self.tls_failed.retain(|(_, p)| *p != pid);
     }
 
     /// Sets up the step clocks of a discovery: the CUDA uprobes on every member's driver
@@ -184,6 +237,25 @@ impl Services {
                     Err(e) => {
                         tracing::warn!("CUDA step clock for process {pid}: {e}");
                         self.cuda_failed.insert(key);
+                    }
+                }
+            }
+        }
+        for (&pid, libs) in &found.tls {
+            for lib in libs {
+                let key = (lib.clone(), pid);
+                if self.tls_failed.contains(&key) {
+                    continue;
+                }
+                match probes.attach_tls(lib, Some(Pid(pid))) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        "TLS plaintext: {n} OpenSSL uprobes on {} for process {pid}",
+                        lib.display()
+                    ),
+                    Err(e) => {
+                        tracing::warn!("TLS plaintext for process {pid}: {e}");
+                        self.tls_failed.insert(key);
                     }
                 }
             }

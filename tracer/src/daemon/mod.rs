@@ -149,6 +149,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         cuda: config.probe.cuda_clock,
         cuda_library: config.probe.cuda_library.clone(),
         ipc: config.probe.ipc_clock,
+        tls: config.probe.tls_uprobes,
     };
     let (mut services, mut rediscovered) =
         discovery::Services::new(procfs.clone(), roots, opts, clocks);

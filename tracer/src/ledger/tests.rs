@@ -991,12 +991,18 @@ fn host_domain_weights_count_only_services_serving_and_other_processes() {
     arrive_on(&mut l, 2, b, 2 * S);
     arrive_on(&mut l, 3, b, 2 * S + S / 2);
     assert!((l.in_flight_fraction(SVC, 0, 4 * S) - 0.25).abs() < 1e-12);
-    assert!((l.in_flight_fraction(b, 0, 4 * S) - 0.5).abs() < 1e-12, "open: to the end");
+    assert!(
+        (l.in_flight_fraction(b, 0, 4 * S) - 0.5).abs() < 1e-12,
+        "open: to the end"
+    );
     assert!((l.in_flight_fraction(b, 3 * S, 5 * S) - 1.0).abs() < 1e-12);
     assert!(l.in_flight_fraction(ServiceId(9), 0, 4 * S).abs() < 1e-12);
     l.end(RequestId(2), 3 * S, 0, Outcome::Complete);
     l.end(RequestId(3), 3 * S, 0, Outcome::Complete);
-    assert!((l.in_flight_fraction(b, 0, 4 * S) - 0.25).abs() < 1e-12, "overlap once");
+    assert!(
+        (l.in_flight_fraction(b, 0, 4 * S) - 0.25).abs() < 1e-12,
+        "overlap once"
+    );
     constant_power_on(&mut l, cpu, 0, 4, 50.0, 0);
     let recs = l.advance(20 * S);
     let got = by_id(&recs);

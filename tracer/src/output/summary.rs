@@ -94,13 +94,17 @@ pub fn render(s: &Snapshot, prev: Option<&Snapshot>) -> String {
         h.parse_errors + h.heads_too_large,
     );
     // What is seen but not parsed, or seen only in part: always counted, shown when it happens.
-    let unparsed = h.http2_connections + h.tls_connections + h.upgraded_connections;
+    let unparsed = h.http2_connections
+        + h.tls_connections
+        + h.tls_decrypted_connections
+        + h.upgraded_connections;
     if unparsed + h.body_meta_cut + s.counts.data_pieces_lost > 0 {
         let _ = write!(
             out,
-            " | not http/1: h2={} tls={} upgraded={} ({} B) | body_meta_cut={} pieces_lost={}",
+            " | not http/1: h2={} tls={} (decrypted {}) upgraded={} ({} B) | body_meta_cut={} pieces_lost={}",
             h.http2_connections,
             h.tls_connections,
+            h.tls_decrypted_connections,
             h.upgraded_connections,
             h.other_protocol_bytes,
             h.body_meta_cut,

@@ -48,6 +48,8 @@ pub(super) struct Moved<'a> {
     pub more: bool,
     pub cont: bool,
     pub offset: u32,
+    /// A TLS connection's plaintext (`SSL_read`/`SSL_write`), not its socket bytes.
+    pub plaintext: bool,
     pub payload: &'a [u8],
 }
 
@@ -199,6 +201,8 @@ impl Conns {
         };
         if d.eof {
             t.on_eof(key, d.ts_ns, dir);
+        } else if d.plaintext {
+            t.on_plaintext(key, d.ts_ns, dir, d.total_len, d.payload);
         } else {
             t.on_data(key, d.ts_ns, dir, d.total_len, d.payload);
         }

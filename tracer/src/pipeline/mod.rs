@@ -254,6 +254,7 @@ impl Pipeline {
             Body::Data {
                 conn_id,
                 fd,
+                syscall,
                 inbound,
                 total_len,
                 eof,
@@ -276,6 +277,7 @@ impl Pipeline {
                         more,
                         cont,
                         offset,
+                        plaintext: syscall.is_plaintext(),
                         payload,
                     },
                 );

@@ -10,8 +10,10 @@ mod cuda;
 pub mod decode;
 mod stats;
 pub mod targets;
+mod tls;
+mod uprobes;
 
-pub use self::{cuda::CUDA_SYMBOLS, stats::KernelStats};
+pub use self::{cuda::CUDA_SYMBOLS, stats::KernelStats, tls::TLS_SYMBOLS};
 
 use std::{
     ffi::CString,
@@ -108,10 +110,11 @@ pub enum ProbeError {
     /// The configured device root does not fit the probe's prefix buffer.
     #[error("device root prefix {0:?} is longer than {max} bytes", max = abi::DEV_PREFIX_MAX)]
     DevicePrefixTooLong(PathBuf),
-    /// No CUDA driver API symbol of a library could be probed (not a CUDA driver, or uprobes
-    /// unavailable); the error of the last symbol tried.
-    #[error("no CUDA uprobe attached to {}: {source}", library.display())]
-    CudaLibrary {
+    /// No symbol of a uprobe family (CUDA driver API, OpenSSL) could be probed in a library
+    /// (not that library, or uprobes unavailable); the error of the last symbol tried.
+    #[error("no {family} uprobe attached to {}: {source}", library.display())]
+    Library {
+        family: &'static str,
         library: PathBuf,
         #[source]
         source: Box<ProbeError>,
@@ -176,8 +179,8 @@ pub fn ensure_tracefs() -> Result<(), ProbeError> {
 /// The loaded and attached probes.
 pub struct Probes {
     ebpf: Ebpf,
-    /// The CUDA step clock's uprobes (see [`Probes::attach_cuda`]).
-    cuda: cuda::CudaLinks,
+    /// Uprobe families' links (see [`Probes::attach_cuda`], [`Probes::attach_tls`]).
+    uprobes: std::collections::BTreeMap<&'static str, uprobes::Links>,
     /// IPC fds seeded so far (their connection generations are this many apart).
     ipc_seeded: u64,
 }
@@ -233,7 +236,7 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
-            cuda: cuda::CudaLinks::default(),
+            uprobes: std::collections::BTreeMap::new(),
             ipc_seeded: 0,
         })
     }
@@ -414,6 +417,7 @@ impl Probes {
     /// may be reused by an unrelated process).
     pub fn forget_process(&mut self, tgid: u32) -> Result<(), ProbeError> {
         self.detach_cuda(crate::ids::Pid(tgid))?;
+        self.detach_tls(crate::ids::Pid(tgid))?;
         self.remove_fds_of::<ConnState>("CONNS", tgid)?;
         self.remove_fds_of::<u32>("DEV_FDS", tgid)?;
         let mut gpu = self.hash::<GpuKey, GpuUse>("GPU_USE")?;

@@ -166,6 +166,8 @@ pub(super) struct Conn {
     pub(super) proto: Proto,
     /// No byte has been seen on it yet (its first bytes tell its protocol).
     pub(super) fresh: bool,
+    /// TLS read through the TLS library: its plaintext is parsed, its socket bytes counted.
+    pub(super) decrypted: bool,
 }
 
 /// A connection's protocol, from its first bytes or an upgrade.
@@ -208,6 +210,7 @@ impl Conn {
             last_ns: ts,
             proto: Proto::Http1,
             fresh: true,
+            decrypted: false,
         }
     }
 }

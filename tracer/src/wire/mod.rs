@@ -222,6 +222,9 @@ pub struct TrackerStats {
     pub tls_connections: u64,
     pub upgraded_connections: u64,
     pub other_protocol_bytes: u64,
+    /// TLS connections read in plaintext through the TLS library's uprobes (their socket
+    /// bytes are in `other_protocol_bytes`).
+    pub tls_decrypted_connections: u64,
 }
 
 /// The tracker. See the module docs.
@@ -297,6 +300,31 @@ impl Tracker {
         total_len: u64,
         captured: &[u8],
     ) {
+        self.data(conn, ts_ns, dir, (total_len, captured), false);
+    }
+
+    /// A TLS connection's plaintext, seen in the TLS library (`SSL_read`/`SSL_write`): from
+    /// now on the connection is read from its plaintext, and its socket bytes (the records
+    /// that carry it) are only counted.
+    pub fn on_plaintext(
+        &mut self,
+        conn: ConnKey,
+        ts_ns: u64,
+        dir: Direction,
+        total_len: u64,
+        captured: &[u8],
+    ) {
+        self.data(conn, ts_ns, dir, (total_len, captured), true);
+    }
+
+    fn data(
+        &mut self,
+        conn: ConnKey,
+        ts_ns: u64,
+        dir: Direction,
+        (total_len, captured): (u64, &[u8]),
+        plaintext: bool,
+    ) {
         if !self.conns.contains_key(&conn) {
             if self.conns.len() >= self.config.max_connections {
                 self.evict_oldest(ts_ns);
@@ -308,6 +336,17 @@ impl Tracker {
             return;
         };
         c.last_ns = ts_ns;
+        if plaintext && !c.decrypted {
+            // Its first plaintext: whatever its ciphertext looked like, HTTP starts here.
+            c.decrypted = true;
+            c.fresh = true;
+            c.proto = Proto::Http1;
+            self.stats.tls_decrypted_connections += 1;
+        } else if c.decrypted && !plaintext {
+            self.stats.other_protocol_bytes += total_len;
+            self.conns.insert(conn, c);
+            return;
+        }
         if c.fresh && !captured.is_empty() {
             c.fresh = false;
             if let Some(p) = Proto::sniff(captured) {

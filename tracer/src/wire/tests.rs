@@ -587,3 +587,40 @@ fn http2_tls_and_upgraded_connections_are_counted_never_parsed() {
     ]);
     assert_eq!((st.upgraded_connections, st.requests), (1, 1));
 }
+
+/// A TLS connection read through the TLS library: its ciphertext (before and after the first
+/// plaintext) is only counted, its plaintext parsed as HTTP/1.
+#[test]
+fn tls_plaintext_is_parsed_and_its_ciphertext_counted() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    t.on_open(CONN, 0, Role::Server);
+    let hello: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+    t.on_data(CONN, 1_000, In, hello.len() as u64, hello);
+    let request: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+    let record: &[u8] = b"\x17\x03\x03\x00\x40 POST / HTTP/1.1\r\n\r\n";
+    t.on_data(CONN, 2_000, In, record.len() as u64, record);
+    t.on_plaintext(CONN, 2_100, In, request.len() as u64, request);
+    let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    t.on_data(CONN, 3_000, Out, 90, b"\x17\x03\x03\x00\x50");
+    t.on_plaintext(CONN, 3_100, Out, response.len() as u64, response);
+    t.on_close(CONN, 4_000);
+    let mut evs = Vec::new();
+    t.drain_into(&mut evs);
+    assert_eq!(
+        ends(&evs),
+        [(Some(200), response.len() as u64, 0, Outcome::Complete)]
+    );
+    let st = t.stats();
+    assert_eq!(
+        (
+            st.tls_connections,
+            st.tls_decrypted_connections,
+            st.requests
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        st.other_protocol_bytes,
+        (hello.len() + record.len() + 90) as u64
+    );
+}
