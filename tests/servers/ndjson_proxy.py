@@ -9,6 +9,7 @@ inner exchange. Thread per connection; one engine connection per request. With
 --engine-port N it forwards to an engine already listening on N instead of spawning one.
 Prints `listening <port>` when ready.
 """
+import ctypes
 import http.client
 import json
 import os
@@ -79,7 +80,10 @@ if __name__ == "__main__":
         # An engine someone else started (another service).
         Handler.engine_port = int(sys.argv[sys.argv.index("--engine-port") + 1])
     else:
-        engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True)
+        # The engine dies with its front (tests kill the front with SIGKILL).
+        libc = ctypes.CDLL(None, use_errno=True)
+        engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: libc.prctl(1, 9))  # PR_SET_PDEATHSIG, SIGKILL
         Handler.engine_port = int(engine.stdout.readline().split()[1])
     ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -71,6 +71,17 @@ enum Task {
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
     /// chat-like load, and per-request attribution beside the ground truth.
     Demo(demo::DemoOpts),
+    /// setup, then the third-party check at scale on a release build: Node's `http`, uvicorn,
+    /// an Ollama-shaped NDJSON front with its engine, and HTTPS through OpenSSL, each request
+    /// compared with the client's own counts; prints the table BENCHMARKS.md quotes.
+    Thirdparty {
+        /// Requests per server.
+        #[arg(long, default_value_t = 2000)]
+        requests: u64,
+        /// Connections at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -109,6 +120,26 @@ fn main() -> Result<()> {
         Task::Demo(opts) => {
             setup()?;
             demo::demo(&opts)
+        }
+        Task::Thirdparty {
+            requests,
+            concurrency,
+        } => {
+            setup()?;
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "test",
+                "--release",
+                "-p",
+                "tracer-tests",
+                "--test",
+                "thirdparty",
+            ])
+            .args(["--", "--nocapture", "--test-threads", "1"])
+            .env("TRACER_THIRDPARTY_REQUESTS", requests.to_string())
+            .env("TRACER_THIRDPARTY_CONCURRENCY", concurrency.to_string());
+            root_runner(&mut cmd);
+            sh(&mut cmd)
         }
     }
 }

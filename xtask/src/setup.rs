@@ -15,6 +15,10 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// The Python environment (relative to the workspace root) the third-party check runs uvicorn
+/// from; `tests/it/thirdparty.rs` expects it there.
+const PYENV: &str = "target/pyenv";
+const UVICORN: &str = "0.55.0";
 
 pub fn setup() -> Result<()> {
     // 1. LLVM 22 development files for bpf-linker.
@@ -106,7 +110,28 @@ pub fn setup() -> Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
 
-    // 5. tracefs (the daemon also mounts it itself if needed).
+    // 5. A Python environment with uvicorn, for the third-party check's uvicorn server.
+    let python = Path::new(PYENV).join("bin/python");
+    let has_uvicorn = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import uvicorn"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if has_uvicorn {
+        eprintln!("setup: {PYENV} has uvicorn");
+    } else {
+        eprintln!("setup: creating {PYENV} with uvicorn {UVICORN} (pip)");
+        sh(Command::new("python3").args(["-m", "venv", PYENV]))?;
+        sh(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("uvicorn=={UVICORN}"),
+        ]))?;
+    }
+
+    // 6. tracefs (the daemon also mounts it itself if needed).
     if Path::new(TRACEFS).join("events").is_dir() {
         eprintln!("setup: tracefs mounted");
     } else {

@@ -15,8 +15,11 @@ use crate::wire::{Lifecycle, Outcome};
 pub struct RequestSummary {
     /// Minted by the tracker, unique within this daemon run.
     pub id: u64,
-    /// The serving process and connection.
+    /// The process and connection.
     pub tgid: u32,
+    /// The process made this request (a call to another server: a proxy's hop to its engine),
+    /// rather than serving it.
+    pub client: bool,
     pub fd: i32,
     pub conn_id: u64,
     /// Position on the connection (0 = first request).
@@ -88,6 +91,7 @@ impl RequestCollector {
             max_tokens,
             request_id,
             tenant,
+            client,
             ..
         } = ev
         {
@@ -96,6 +100,7 @@ impl RequestCollector {
                 RequestSummary {
                     id: req.id,
                     tgid: req.conn.tgid,
+                    client: *client,
                     fd: req.conn.fd,
                     conn_id: req.conn.conn_id,
                     seq: req.seq,

@@ -1,0 +1,343 @@
+//! Third-party servers under load, each request compared with the client's own counts (issue
+//! 14): Node's `http` (SSE with `include_usage`, keep-alive, a third of the clients pipelining),
+//! uvicorn (a vLLM-shaped ASGI app), an Ollama-shaped NDJSON front spawning its engine (the
+//! second hop), and HTTPS served through OpenSSL. The tracer attaches by port after the server
+//! started. Every request must come out once, `complete`, with its exact request and response
+//! bytes, events, completion tokens and id; nothing truncated.
+//!
+//! CI runs `TRACER_THIRDPARTY_REQUESTS` (default 200) requests per server at
+//! `TRACER_THIRDPARTY_CONCURRENCY` (default 16); `cargo xtask thirdparty` runs 2,000 at 32 on a
+//! release build and prints the table BENCHMARKS.md quotes.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_tests::{
+    TempDir, Tracer,
+    client::{Client, Exchange, Post},
+    listening, privileged_or_skip,
+};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
+const SERVERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/servers");
+/// The Python environment `cargo xtask setup` makes with uvicorn in it.
+const PYENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
+
+fn scale() -> (u64, u64) {
+    let var = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    (
+        var("TRACER_THIRDPARTY_REQUESTS", 200),
+        var("TRACER_THIRDPARTY_CONCURRENCY", 16).max(1),
+    )
+}
+
+/// How a server is spoken to.
+struct Shape {
+    path: &'static str,
+    /// Request `i`'s body (and whether it streams).
+    body: fn(u64) -> (String, bool),
+    /// NDJSON (every line an event) rather than SSE.
+    ndjson: bool,
+    /// Requests a pipelining client sends per write (1: none); every third client pipelines.
+    pipeline: u64,
+    /// Through `tls_tunnel.py` to an HTTPS server.
+    tls: bool,
+}
+
+fn tokens(i: u64) -> u64 {
+    2 + i % 7
+}
+
+fn openai(i: u64) -> (String, bool) {
+    let stream = i % 2 == 0;
+    (
+        format!(
+            r#"{{"model":"m-{}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"request {i}"}}]}}"#,
+            i % 3,
+            tokens(i)
+        ),
+        stream,
+    )
+}
+
+fn ollama(i: u64) -> (String, bool) {
+    (
+        format!(
+            r#"{{"model":"m-{}","options":{{"num_predict":{}}},"messages":[{{"role":"user","content":"request {i}"}}]}}"#,
+            i % 3,
+            tokens(i)
+        ),
+        true,
+    )
+}
+
+/// The client's view of one request.
+struct Truth {
+    i: u64,
+    stream: bool,
+    ex: Exchange,
+}
+
+/// Drives `n` requests over `c` keep-alive connections at once.
+fn drive(port: u16, shape: &Shape, name: &str, n: u64, c: u64) -> BTreeMap<String, Truth> {
+    let results = Mutex::new(BTreeMap::new());
+    std::thread::scope(|s| {
+        for k in 0..c {
+            let results = &results;
+            s.spawn(move || {
+                let mut client = Client::connect(port).expect("connect");
+                let mine: Vec<u64> = (k..n).step_by(c as usize).collect();
+                let per_write = if k % 3 == 2 { shape.pipeline } else { 1 };
+                for batch in mine.chunks(per_write.max(1) as usize) {
+                    let reqs: Vec<(u64, String, bool, String)> = batch
+                        .iter()
+                        .map(|&i| {
+                            let (body, stream) = (shape.body)(i);
+                            (i, body, stream, format!("{name}-{i}"))
+                        })
+                        .collect();
+                    let headers: Vec<[(&str, &str); 1]> = reqs
+                        .iter()
+                        .map(|(_, _, _, rid)| [("X-Request-Id", rid.as_str())])
+                        .collect();
+                    let posts: Vec<Post<'_>> = reqs
+                        .iter()
+                        .zip(&headers)
+                        .map(|((_, body, _, _), h)| (shape.path, body.as_str(), h.as_slice()))
+                        .collect();
+                    let exchanges = client.pipeline(&posts).expect("exchange");
+                    let mut r = results.lock().expect("results");
+                    for ((i, _, stream, rid), ex) in reqs.into_iter().zip(exchanges) {
+                        assert_eq!(ex.status, 200, "{rid}");
+                        r.insert(rid, Truth { i, stream, ex });
+                    }
+                }
+            });
+        }
+    });
+    results.into_inner().expect("results")
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// Events the client saw: SSE `data:` events but `[DONE]`, or NDJSON lines.
+fn events(t: &Truth, ndjson: bool) -> u64 {
+    if !t.stream {
+        return 0;
+    }
+    if ndjson {
+        t.ex.body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count() as u64
+    } else {
+        t.ex.events
+    }
+}
+
+fn check(name: &str, server: &mut Command, shape: &Shape) {
+    if !privileged_or_skip(name) {
+        return;
+    }
+    // One server at a time: they share two cores with the daemon.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (n, c) = scale();
+    let dir = TempDir::new(name);
+    let (mut child, port) = listening(server);
+    let (requests_out, records_out) = (
+        dir.path().join("requests.jsonl"),
+        dir.path().join("records.jsonl"),
+    );
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--requests-out",
+        requests_out.to_str().expect("utf8"),
+        "--records-out",
+        records_out.to_str().expect("utf8"),
+    ];
+    let tracer = Tracer::start_with(TRACER, dir.path(), &args, false);
+    let mut tunnel = shape.tls.then(|| {
+        listening(
+            Command::new("python3")
+                .arg(format!("{SERVERS}/tls_tunnel.py"))
+                .arg(port.to_string()),
+        )
+    });
+    let start = Instant::now();
+    let truth = drive(tunnel.as_ref().map_or(port, |t| t.1), shape, name, n, c);
+    let took = start.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = tracer.log_text();
+    let _ = tracer.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some((t, _)) = &mut tunnel {
+        let _ = t.kill();
+        let _ = t.wait();
+    }
+    let requests: Vec<Value> = lines(&requests_out)
+        .into_iter()
+        .filter(|r| r["tgid"] == child.id() && r["client"] == false)
+        .collect();
+    let records = lines(&records_out);
+    let mut by_id: BTreeMap<&str, (&Value, Option<&Value>)> = BTreeMap::new();
+    for r in &requests {
+        let id = r["request_id"].as_str().unwrap_or("");
+        assert!(
+            by_id.insert(id, (r, None)).is_none(),
+            "{name}: {id} recorded twice"
+        );
+    }
+    for rec in &records {
+        if let Some(e) = rec["external_id"].as_str().and_then(|id| by_id.get_mut(id)) {
+            e.1 = Some(rec);
+        }
+    }
+    let mut wrong = Vec::new();
+    let (mut bytes, mut evs, mut toks, mut truncated) = (0, 0, 0, 0);
+    for (rid, t) in &truth {
+        let Some((r, rec)) = by_id.get(rid.as_str()) else {
+            wrong.push(format!("{rid}: not recorded"));
+            continue;
+        };
+        if r["outcome"] != "complete" {
+            truncated += 1;
+            wrong.push(format!("{rid}: {}", r["outcome"]));
+        }
+        if r["request_bytes"] == t.ex.request_bytes && r["response_bytes"] == t.ex.response_bytes {
+            bytes += 1;
+        } else {
+            wrong.push(format!("{rid}: bytes {r}"));
+        }
+        if r["events"] == events(t, shape.ndjson) {
+            evs += 1;
+        } else {
+            wrong.push(format!(
+                "{rid}: events {} vs {}",
+                r["events"],
+                events(t, shape.ndjson)
+            ));
+        }
+        if rec.is_some_and(|x| x["completion_tokens"] == tokens(t.i)) {
+            toks += 1;
+        } else {
+            wrong.push(format!("{rid}: tokens {rec:?}"));
+        }
+    }
+    let strays = requests.len().saturating_sub(truth.len());
+    println!(
+        "| {name} | {n} at {c} in {:.1} s | {} | {bytes} | {evs} | {toks} | {truncated} | {strays} |",
+        took.as_secs_f64(),
+        by_id.len().min(truth.len()),
+    );
+    assert!(
+        wrong.is_empty() && strays == 0,
+        "{name}: {} of {n} wrong, {strays} records the client did not make: {:#?}\n{}",
+        wrong.len(),
+        &wrong[..wrong.len().min(20)],
+        log.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn node_http_sse_keepalive_and_pipelined() {
+    let shape = Shape {
+        path: "/v1/chat/completions",
+        body: openai,
+        ndjson: false,
+        pipeline: 3,
+        tls: false,
+    };
+    let mut node = Command::new("node");
+    node.arg(format!("{SERVERS}/openai_node.js"));
+    check("node", &mut node, &shape);
+}
+
+#[test]
+fn uvicorn_vllm_shaped_sse() {
+    if !Path::new(PYENV).exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{PYENV} missing: `cargo xtask setup` installs uvicorn there"
+        );
+        eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
+        return;
+    }
+    let shape = Shape {
+        path: "/v1/chat/completions",
+        body: openai,
+        ndjson: false,
+        pipeline: 1,
+        tls: false,
+    };
+    let mut server = Command::new(PYENV);
+    server.arg(format!("{SERVERS}/openai_uvicorn.py"));
+    check("uvicorn", &mut server, &shape);
+}
+
+#[test]
+fn ollama_shaped_ndjson_front_and_its_engine() {
+    let shape = Shape {
+        path: "/api/chat",
+        body: ollama,
+        ndjson: true,
+        pipeline: 1,
+        tls: false,
+    };
+    let mut front = Command::new("python3");
+    front.arg(format!("{SERVERS}/ndjson_proxy.py"));
+    check("ollama-shaped", &mut front, &shape);
+}
+
+#[test]
+fn https_through_openssl() {
+    let certs = TempDir::new("thirdparty-cert");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let shape = Shape {
+        path: "/v1/chat/completions",
+        body: openai,
+        ndjson: false,
+        pipeline: 1,
+        tls: true,
+    };
+    let mut server = Command::new("python3");
+    server
+        .arg(format!("{SERVERS}/openai_stdlib.py"))
+        .arg("--tls")
+        .arg(&cert)
+        .arg(&key);
+    check("https", &mut server, &shape);
+}
