@@ -7,7 +7,10 @@
 //!
 //! CI runs `TRACER_THIRDPARTY_REQUESTS` (default 200) requests per server at
 //! `TRACER_THIRDPARTY_CONCURRENCY` (default 16); `cargo xtask thirdparty` runs 2,000 at 32 on a
-//! release build and prints the table BENCHMARKS.md quotes.
+//! release build and prints the table BENCHMARKS.md quotes. It also builds llama.cpp's C++
+//! `llama-server` from source with a generated tiny model (about ten minutes on two cores, so
+//! not in CI: that test is ignored unless `TRACER_LLAMA_SERVER` and `TRACER_LLAMA_MODEL` name
+//! them, which the xtask does).
 
 use std::{
     collections::BTreeMap,
@@ -60,11 +63,23 @@ fn tokens(i: u64) -> u64 {
 }
 
 fn openai(i: u64) -> (String, bool) {
-    let stream = i % 2 == 0;
+    let stream = i.is_multiple_of(2);
     (
         format!(
             r#"{{"model":"m-{}","stream":{stream},"max_tokens":{},"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"request {i}"}}]}}"#,
             i % 3,
+            tokens(i)
+        ),
+        stream,
+    )
+}
+
+/// llama.cpp's server: as [`openai`], never stopping early at the random model's end token.
+fn llama(i: u64) -> (String, bool) {
+    let stream = i.is_multiple_of(2);
+    (
+        format!(
+            r#"{{"model":"tiny","stream":{stream},"max_tokens":{},"ignore_eos":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"request {i}"}}]}}"#,
             tokens(i)
         ),
         stream,
@@ -89,44 +104,82 @@ struct Truth {
     ex: Exchange,
 }
 
-/// Drives `n` requests over `c` keep-alive connections at once.
-fn drive(port: u16, shape: &Shape, name: &str, n: u64, c: u64) -> BTreeMap<String, Truth> {
-    let results = Mutex::new(BTreeMap::new());
+/// What the clients saw: each request's final exchange, and the ids of attempts a server
+/// closed the connection on without answering.
+struct Seen {
+    truth: BTreeMap<String, Truth>,
+    unanswered: std::collections::BTreeSet<String>,
+}
+
+fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Drives `n` requests over `c` keep-alive connections at once. A server may close a keep-alive
+/// connection without answering the request it read next (llama.cpp's does after every
+/// streamed response): as HTTP clients do, the request is sent again on a new connection,
+/// under a new id (`<id>.retryN`), and the unanswered attempt is remembered.
+fn drive(port: u16, shape: &Shape, name: &str, n: u64, c: u64) -> Seen {
+    let seen = Mutex::new(Seen {
+        truth: BTreeMap::new(),
+        unanswered: std::collections::BTreeSet::new(),
+    });
     std::thread::scope(|s| {
         for k in 0..c {
-            let results = &results;
+            let seen = &seen;
             s.spawn(move || {
                 let mut client = Client::connect(port).expect("connect");
                 let mine: Vec<u64> = (k..n).step_by(c as usize).collect();
                 let per_write = if k % 3 == 2 { shape.pipeline } else { 1 };
                 for batch in mine.chunks(per_write.max(1) as usize) {
-                    let reqs: Vec<(u64, String, bool, String)> = batch
-                        .iter()
-                        .map(|&i| {
-                            let (body, stream) = (shape.body)(i);
-                            (i, body, stream, format!("{name}-{i}"))
-                        })
-                        .collect();
-                    let headers: Vec<[(&str, &str); 1]> = reqs
-                        .iter()
-                        .map(|(_, _, _, rid)| [("X-Request-Id", rid.as_str())])
-                        .collect();
-                    let posts: Vec<Post<'_>> = reqs
-                        .iter()
-                        .zip(&headers)
-                        .map(|((_, body, _, _), h)| (shape.path, body.as_str(), h.as_slice()))
-                        .collect();
-                    let exchanges = client.pipeline(&posts).expect("exchange");
-                    let mut r = results.lock().expect("results");
-                    for ((i, _, stream, rid), ex) in reqs.into_iter().zip(exchanges) {
-                        assert_eq!(ex.status, 200, "{rid}");
-                        r.insert(rid, Truth { i, stream, ex });
+                    for attempt in 0.. {
+                        let reqs: Vec<(u64, String, bool, String)> = batch
+                            .iter()
+                            .map(|&i| {
+                                let (body, stream) = (shape.body)(i);
+                                let rid = match attempt {
+                                    0 => format!("{name}-{i}"),
+                                    a => format!("{name}-{i}.retry{a}"),
+                                };
+                                (i, body, stream, rid)
+                            })
+                            .collect();
+                        let headers: Vec<[(&str, &str); 1]> = reqs
+                            .iter()
+                            .map(|(_, _, _, rid)| [("X-Request-Id", rid.as_str())])
+                            .collect();
+                        let posts: Vec<Post<'_>> = reqs
+                            .iter()
+                            .zip(&headers)
+                            .map(|((_, body, _, _), h)| (shape.path, body.as_str(), h.as_slice()))
+                            .collect();
+                        match client.pipeline(&posts) {
+                            Ok(exchanges) => {
+                                let mut r = seen.lock().expect("results");
+                                for ((i, _, stream, rid), ex) in reqs.into_iter().zip(exchanges) {
+                                    assert_eq!(ex.status, 200, "{rid}");
+                                    r.truth.insert(rid, Truth { i, stream, ex });
+                                }
+                                break;
+                            }
+                            Err(e) if is_closed(&e) && attempt < 3 && batch.len() == 1 => {
+                                let mut r = seen.lock().expect("results");
+                                r.unanswered.extend(reqs.into_iter().map(|q| q.3));
+                                client = Client::connect(port).expect("reconnect");
+                            }
+                            Err(e) => panic!("{name}: {e}"),
+                        }
                     }
                 }
             });
         }
     });
-    results.into_inner().expect("results")
+    seen.into_inner().expect("results")
 }
 
 fn lines(path: &Path) -> Vec<Value> {
@@ -152,12 +205,32 @@ fn events(t: &Truth, ndjson: bool) -> u64 {
     }
 }
 
+/// The completion tokens the client was told (the last `"completion_tokens":N` in the body),
+/// else the count asked for (the NDJSON front reports none; its engine produces exactly that).
+fn completion_tokens(t: &Truth) -> u64 {
+    const KEY: &[u8] = b"\"completion_tokens\":";
+    let body = &t.ex.body;
+    let told = (0..body.len().saturating_sub(KEY.len()))
+        .rev()
+        .find(|&at| body[at..].starts_with(KEY))
+        .and_then(|at| {
+            let digits: String = body[at + KEY.len()..]
+                .iter()
+                .skip_while(|b| **b == b' ')
+                .take_while(|b| b.is_ascii_digit())
+                .map(|&b| char::from(b))
+                .collect();
+            digits.parse().ok()
+        });
+    told.unwrap_or_else(|| tokens(t.i))
+}
+
 fn check(name: &str, server: &mut Command, shape: &Shape) {
+    // One server at a time: they share two cores with the daemon.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     if !privileged_or_skip(name) {
         return;
     }
-    // One server at a time: they share two cores with the daemon.
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -185,7 +258,8 @@ fn check(name: &str, server: &mut Command, shape: &Shape) {
         )
     });
     let start = Instant::now();
-    let truth = drive(tunnel.as_ref().map_or(port, |t| t.1), shape, name, n, c);
+    let Seen { truth, unanswered } =
+        drive(tunnel.as_ref().map_or(port, |t| t.1), shape, name, n, c);
     let took = start.elapsed();
     std::thread::sleep(Duration::from_secs(3));
     let log = tracer.log_text();
@@ -204,10 +278,9 @@ fn check(name: &str, server: &mut Command, shape: &Shape) {
     let mut by_id: BTreeMap<&str, (&Value, Option<&Value>)> = BTreeMap::new();
     for r in &requests {
         let id = r["request_id"].as_str().unwrap_or("");
-        assert!(
-            by_id.insert(id, (r, None)).is_none(),
-            "{name}: {id} recorded twice"
-        );
+        if let Some((first, _)) = by_id.insert(id, (r, None)) {
+            panic!("{name}: {id} recorded twice:\n{first}\n{r}");
+        }
     }
     for rec in &records {
         if let Some(e) = rec["external_id"].as_str().and_then(|id| by_id.get_mut(id)) {
@@ -239,17 +312,28 @@ fn check(name: &str, server: &mut Command, shape: &Shape) {
                 events(t, shape.ndjson)
             ));
         }
-        if rec.is_some_and(|x| x["completion_tokens"] == tokens(t.i)) {
+        if rec.is_some_and(|x| x["completion_tokens"] == completion_tokens(t)) {
             toks += 1;
         } else {
             wrong.push(format!("{rid}: tokens {rec:?}"));
         }
     }
-    let strays = requests.len().saturating_sub(truth.len());
+    // An attempt the server read and closed the connection on: recorded, never answered.
+    let mut closed = 0;
+    for id in &unanswered {
+        if let Some((r, _)) = by_id.get(id.as_str()) {
+            closed += 1;
+            if r["response_bytes"] != 0 || r["outcome"] == "complete" {
+                wrong.push(format!("{id}: the client got no answer: {r}"));
+            }
+        }
+    }
+    let strays = requests.len().saturating_sub(truth.len() + closed);
     println!(
-        "| {name} | {n} at {c} in {:.1} s | {} | {bytes} | {evs} | {toks} | {truncated} | {strays} |",
+        "| {name} | {n} at {c} in {:.1} s | {} | {bytes} | {evs} | {toks} | {truncated} | {strays} | {} retried, {closed} of them recorded unanswered |",
         took.as_secs_f64(),
         by_id.len().min(truth.len()),
+        unanswered.len(),
     );
     assert!(
         wrong.is_empty() && strays == 0,
@@ -340,4 +424,30 @@ fn https_through_openssl() {
         .arg(&cert)
         .arg(&key);
     check("https", &mut server, &shape);
+}
+
+/// llama.cpp's own C++ server (continuous batching over 4 slots, real CPU inference on a tiny
+/// random-weight Llama model): built by `cargo xtask thirdparty`.
+#[test]
+#[ignore = "needs llama-server and a model: `cargo xtask thirdparty` builds and runs them"]
+fn llama_cpp_server() {
+    let (Ok(bin), Ok(model)) = (
+        std::env::var("TRACER_LLAMA_SERVER"),
+        std::env::var("TRACER_LLAMA_MODEL"),
+    ) else {
+        panic!("TRACER_LLAMA_SERVER and TRACER_LLAMA_MODEL must name the server and model");
+    };
+    let shape = Shape {
+        path: "/v1/chat/completions",
+        body: llama,
+        ndjson: false,
+        pipeline: 1,
+        tls: false,
+    };
+    let mut server = Command::new("python3");
+    server
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/llama/serve.py"))
+        .arg(bin)
+        .arg(model);
+    check("llama-server", &mut server, &shape);
 }

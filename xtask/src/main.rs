@@ -14,6 +14,7 @@ mod demo;
 mod layout;
 mod score;
 mod setup;
+mod thirdparty;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -72,8 +73,9 @@ enum Task {
     /// chat-like load, and per-request attribution beside the ground truth.
     Demo(demo::DemoOpts),
     /// setup, then the third-party check at scale on a release build: Node's `http`, uvicorn,
-    /// an Ollama-shaped NDJSON front with its engine, and HTTPS through OpenSSL, each request
-    /// compared with the client's own counts; prints the table BENCHMARKS.md quotes.
+    /// llama.cpp's `llama-server` (built from source, a generated tiny model), an Ollama-shaped
+    /// NDJSON front with its engine, and HTTPS through OpenSSL, each request compared with the
+    /// client's own counts; prints the table BENCHMARKS.md quotes.
     Thirdparty {
         /// Requests per server.
         #[arg(long, default_value_t = 2000)]
@@ -126,20 +128,7 @@ fn main() -> Result<()> {
             concurrency,
         } => {
             setup()?;
-            let mut cmd = Command::new("cargo");
-            cmd.args([
-                "test",
-                "--release",
-                "-p",
-                "tracer-tests",
-                "--test",
-                "thirdparty",
-            ])
-            .args(["--", "--nocapture", "--test-threads", "1"])
-            .env("TRACER_THIRDPARTY_REQUESTS", requests.to_string())
-            .env("TRACER_THIRDPARTY_CONCURRENCY", concurrency.to_string());
-            root_runner(&mut cmd);
-            sh(&mut cmd)
+            thirdparty::thirdparty(requests, concurrency)
         }
     }
 }
