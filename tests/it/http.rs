@@ -373,6 +373,13 @@ fn a_request_forwarded_to_a_child_engine_is_one_request() {
     second_hop("second-hop", 32, None);
 }
 
+/// The same hop over HTTP on a Unix socket (the front spawns its engine on one): the socket's
+/// first bytes make it an HTTP connection in the kernel, not IPC.
+#[test]
+fn a_request_forwarded_over_a_unix_socket_is_one_request() {
+    second_hop("second-hop-unix", 32, Some(0));
+}
+
 /// The same with the engine started on its own and traced as another service (a proxy in
 /// front of a local engine): each request is the engine's service's, where its energy is.
 #[test]
@@ -385,7 +392,8 @@ fn a_request_forwarded_to_an_engine_of_another_service_is_that_services() {
 }
 
 /// `clients` × 3 requests through the Ollama-shaped front, its engine its child or, with
-/// `engine`, the one listening on that port (traced too, as its own service).
+/// `engine`, the one listening on that port (traced too, as its own service); port 0: its
+/// child on a Unix socket.
 fn second_hop(name: &str, clients: u64, engine: Option<u16>) {
     const EACH: u64 = 3;
     if !privileged_or_skip(name) {
@@ -395,6 +403,12 @@ fn second_hop(name: &str, clients: u64, engine: Option<u16>) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/ndjson_proxy.py");
     let mut front = Command::new("python3");
     front.arg(script);
+    let engine = engine.filter(|&p| {
+        if p == 0 {
+            front.arg("--engine-unix");
+        }
+        p != 0
+    });
     if let Some(p) = engine {
         front.args(["--engine-port", &p.to_string()]);
     }

@@ -1,9 +1,10 @@
 //! Third-party servers under load, each request compared with the client's own counts (issue
 //! 14): Node's `http` (SSE with `include_usage`, keep-alive, a third of the clients pipelining),
 //! uvicorn (a vLLM-shaped ASGI app), an Ollama-shaped NDJSON front spawning its engine (the
-//! second hop), and HTTPS served through OpenSSL. The tracer attaches by port after the server
-//! started. Every request must come out once, `complete`, with its exact request and response
-//! bytes, events, completion tokens and id; nothing truncated.
+//! second hop, over loopback TCP and over a Unix socket), and HTTPS served through OpenSSL. The
+//! tracer attaches by port after the server started. Every request must come out once,
+//! `complete`, with its exact request and response bytes, events, completion tokens and id;
+//! nothing truncated.
 //!
 //! CI runs `TRACER_THIRDPARTY_REQUESTS` (default 200) requests per server at
 //! `TRACER_THIRDPARTY_CONCURRENCY` (default 16); `cargo xtask thirdparty` runs 2,000 at 32 on a
@@ -392,6 +393,23 @@ fn ollama_shaped_ndjson_front_and_its_engine() {
     let mut front = Command::new("python3");
     front.arg(format!("{SERVERS}/ndjson_proxy.py"));
     check("ollama-shaped", &mut front, &shape);
+}
+
+/// The same front calling its engine over HTTP on a Unix socket.
+#[test]
+fn ollama_shaped_front_and_its_engine_on_a_unix_socket() {
+    let shape = Shape {
+        path: "/api/chat",
+        body: ollama,
+        ndjson: true,
+        pipeline: 1,
+        tls: false,
+    };
+    let mut front = Command::new("python3");
+    front
+        .arg(format!("{SERVERS}/ndjson_proxy.py"))
+        .arg("--engine-unix");
+    check("ollama-shaped-unix", &mut front, &shape);
 }
 
 #[test]

@@ -6,13 +6,16 @@ POST /api/chat with {"model", "messages", "options": {"num_predict": n}} -> a st
 response, one line per token the engine streamed (SSE, include_usage) and a final
 {"done": true} line. Like a proxy that reports no token counts of its own: they are only in the
 inner exchange. Thread per connection; one engine connection per request. With
---engine-port N it forwards to an engine already listening on N instead of spawning one.
+--engine-port N it forwards to an engine already listening on N instead of spawning one; with
+--engine-unix it spawns the engine on a Unix socket and forwards over that (HTTP on a Unix
+socket, as a front and its runner can talk).
 Prints `listening <port>` when ready.
 """
 import ctypes
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,9 +23,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openai_stdlib.py")
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     engine_port = 0
+    engine_unix = None
 
     def log_message(self, *args):
         pass
@@ -34,7 +49,10 @@ class Handler(BaseHTTPRequestHandler):
         inner = json.dumps({"model": req.get("model"), "messages": req.get("messages", []),
                             "stream": True, "stream_options": {"include_usage": True},
                             "max_tokens": n}).encode()
-        conn = http.client.HTTPConnection("127.0.0.1", Handler.engine_port)
+        if Handler.engine_unix:
+            conn = UnixHTTPConnection(Handler.engine_unix)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", Handler.engine_port)
         try:
             conn.request("POST", "/v1/chat/completions", body=inner,
                          headers={"Content-Type": "application/json"})
@@ -82,7 +100,11 @@ if __name__ == "__main__":
     else:
         # The engine dies with its front (tests kill the front with SIGKILL).
         libc = ctypes.CDLL(None, use_errno=True)
-        engine = subprocess.Popen([sys.executable, ENGINE], stdout=subprocess.PIPE, text=True,
+        args = [sys.executable, ENGINE]
+        if "--engine-unix" in sys.argv:
+            Handler.engine_unix = "/tmp/tracer-engine-%d.sock" % os.getpid()
+            args += ["--unix", Handler.engine_unix]
+        engine = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
                                   preexec_fn=lambda: libc.prctl(1, 9))  # PR_SET_PDEATHSIG, SIGKILL
         Handler.engine_port = int(engine.stdout.readline().split()[1])
     ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once

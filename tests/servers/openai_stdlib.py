@@ -10,7 +10,8 @@ HTTP/1.1 keep-alive (ThreadingHTTPServer). POST /v1/chat/completions with a JSON
 - otherwise       -> one JSON body with `usage`, Content-Length framing.
 The number of completion tokens is the request's max_tokens. With --blocking-accept it waits in
 a blocking accept() instead of a selector. With --tls CERT KEY it serves HTTPS (OpenSSL through
-Python's ssl module, a socket BIO). Prints `listening <port>` when ready.
+Python's ssl module, a socket BIO); with --unix PATH, HTTP on that Unix socket (`listening 0`).
+Prints `listening <port>` when ready.
 """
 import json
 import os
@@ -100,6 +101,19 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     ThreadingHTTPServer.request_queue_size = 128  # many clients connect at once
+    if "--unix" in sys.argv:
+        import socketserver
+
+        class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+            request_queue_size = 128
+
+        path = sys.argv[sys.argv.index("--unix") + 1]
+        if os.path.exists(path):
+            os.unlink(path)
+        server = UnixHTTPServer(path, Handler)
+        print("listening 0", flush=True)
+        server.serve_forever()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     if "--tls" in sys.argv:
         import ssl

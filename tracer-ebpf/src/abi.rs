@@ -574,7 +574,8 @@ pub struct ConnState {
     pub conn_id: u64,
     pub family: u16,
     /// 1 = server side (accepted), 2 = client side (connected), 3 = seeded from /proc,
-    /// 4 = IPC between service members (no payload captured).
+    /// 4 = IPC between service members (no payload captured), 5 = a Unix socket its first
+    /// bytes will tell (`ROLE_*`).
     pub role: u8,
     pub pad: [u8; 5],
 }
@@ -588,6 +589,10 @@ pub const ROLE_SEEDED: u8 = 3;
 /// A Unix-socket connection between service members (made by a target after attach, or seeded
 /// from service discovery): its data records carry timing, direction and length, no payload.
 pub const ROLE_IPC: u8 = 4;
+/// A Unix-socket connection a target accepted or made, not yet known to be IPC or HTTP (a
+/// proxy calling its engine over a Unix socket): its first bytes decide, in the kernel, and it
+/// becomes [`ROLE_SERVER`]/[`ROLE_CLIENT`] (payload captured) or [`ROLE_IPC`].
+pub const ROLE_UNIX_UNDECIDED: u8 = 5;
 
 /// An OpenSSL read or write in progress on a thread (uprobe at entry → uretprobe).
 #[repr(C)]

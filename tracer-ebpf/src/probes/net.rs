@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tracer_ebpf::abi::{
     CONFIG_IPC, ConnEvent, ConnState, DATA_FLAG_EOF, DATA_FLAG_IPC, DataHead, FdKey, Kind,
-    ROLE_CLIENT, ROLE_IPC, ROLE_SERVER, Stash, Stat, Syscall,
+    ROLE_CLIENT, ROLE_IPC, ROLE_SERVER, ROLE_UNIX_UNDECIDED, Stash, Stat, Syscall,
 };
 
 use super::{
@@ -115,13 +115,13 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         ev.family = (sock >> SOCK_FAMILY_SHIFT) as u16;
     }
     if ev.family == AF_UNIX {
-        // Unix sockets are IPC peers: followed as IPC (no payload) when asked, else only
-        // reported.
+        // Unix sockets are IPC peers, or a proxy's HTTP hop to its engine: followed when asked
+        // (their first bytes tell which), else only reported.
         if config!(flags) & CONFIG_IPC == 0 {
             emit(Kind::Conn, &ev);
             return 0;
         }
-        role = ROLE_IPC;
+        role = ROLE_UNIX_UNDECIDED;
     }
     // The connection generation: monotonic time is unique per (tgid, fd) lifetime.
     ev.conn_id = ev.hdr.ts_ns;
@@ -304,12 +304,49 @@ fn io_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     if rv < 0 || (rv == 0 && !syscall.is_inbound()) {
         return 0;
     }
+    let mut entry = entry;
+    if entry.role == ROLE_UNIX_UNDECIDED {
+        if rv == 0 {
+            return 0;
+        }
+        entry.role = unix_role(id, &entry, syscall);
+    }
     if entry.role == ROLE_IPC {
         emit_ipc(id, &entry, syscall, rv as u64);
     } else {
         emit_data(id, &entry, syscall, rv as u64);
     }
     0
+}
+
+/// A Unix-socket connection's first bytes decide what it is: an HTTP request line makes it an
+/// HTTP connection (the side that reads it serves), anything else IPC. Remembered in `CONNS`.
+#[inline(always)]
+fn unix_role(id: u64, entry: &Stash, syscall: Syscall) -> u8 {
+    // Where the bytes are: the buffer, or the first iovec's.
+    let buf = match syscall {
+        Syscall::Readv | Syscall::Writev => read_user::<u64>(entry.ptr).unwrap_or(0),
+        Syscall::Recvmsg | Syscall::Sendmsg => read_user::<u64>(entry.ptr + 16)
+            .and_then(read_user::<u64>)
+            .unwrap_or(0),
+        _ => entry.ptr,
+    };
+    let first = read_user::<[u8; 4]>(buf).unwrap_or([0; 4]);
+    let http = matches!(
+        &first,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI"
+    );
+    let role = match (http, syscall.is_inbound()) {
+        (false, _) => ROLE_IPC,
+        (true, true) => ROLE_SERVER,
+        (true, false) => ROLE_CLIENT,
+    };
+    let key = fd_key(id, entry.fd);
+    if let Some(state) = CONNS.get_ptr_mut(key) {
+        // SAFETY: a map value; only this connection's own syscalls write it.
+        unsafe { (*state).role = role };
+    }
+    role
 }
 
 /// A data record of an IPC connection: timing, direction and length, no payload.

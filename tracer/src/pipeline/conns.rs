@@ -101,7 +101,7 @@ impl Conns {
     }
 
     /// A connection record: a new connection, or a second fd for one (`dup`); `peer` is the
-    /// address an accepted connection came from.
+    /// address an accepted connection came from, and whether it is a Unix socket.
     #[expect(clippy::too_many_arguments, reason = "one connection record's fields")]
     pub fn conn(
         &mut self,
@@ -111,7 +111,7 @@ impl Conns {
         conn_id: u64,
         syscall: Syscall,
         ts_ns: u64,
-        peer: Option<SocketAddr>,
+        (peer, unix): (Option<SocketAddr>, bool),
     ) {
         if syscall == Syscall::Dup {
             if let Some(c) = self.open.get_mut(&(tgid, conn_id)) {
@@ -128,7 +128,7 @@ impl Conns {
             Role::Server
         };
         self.open(t, tgid, fd, conn_id, ts_ns, role);
-        if peer.is_some_and(|p| p.ip().is_loopback())
+        if (unix || peer.is_some_and(|p| p.ip().is_loopback()))
             && let Some(c) = self.open.get_mut(&(tgid, conn_id))
         {
             c.local_peer = true;

@@ -224,9 +224,12 @@ impl Pipeline {
                 syscall,
                 peer,
                 ..
-            } if family != libc::AF_UNIX as u16 => {
+            } => {
+                // A Unix socket is followed as IPC unless its first bytes are HTTP (a proxy's
+                // hop to its engine); either way its other end is on this host.
+                let unix = family == libc::AF_UNIX as u16;
                 self.conns
-                    .conn(t, tgid, fd, conn_id, syscall, ev.ts_ns, peer);
+                    .conn(t, tgid, fd, conn_id, syscall, ev.ts_ns, (peer, unix));
             }
             Body::Data {
                 ipc: true, inbound, ..
