@@ -8,7 +8,7 @@ use serde_json::Value;
 use tracer_tests::{
     TempDir, Tracer,
     client::{Client, Post},
-    listening, privileged_or_skip,
+    listening, privileged_or_skip, self_signed_cert,
 };
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
@@ -115,8 +115,9 @@ fn check_server_bodies(
     }
     drop(client);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let log = tracer.log_text();
     let events = tracer.stop();
+    // After the stop: its last summary is there.
+    let log = std::fs::read_to_string(dir.path().join("tracer.log")).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     if let Some((t, _)) = &mut tunnel {
@@ -125,7 +126,10 @@ fn check_server_bodies(
     }
     assert!(!events.is_empty());
     if tls {
-        assert!(log.contains("OpenSSL uprobes on"), "{log}");
+        assert!(
+            log.contains("TLS plaintext (OpenSSL): 8 uprobes on"),
+            "{log}"
+        );
         assert!(log.contains("tls=1 (decrypted 1)"), "{log}");
     }
 
@@ -224,22 +228,25 @@ fn a_stream_ending_in_one_writev_of_9_and_of_64_segments() {
     }
 }
 
+/// A 20 KB body with `model`, `stream` and `max_tokens` after the prompt (clients that put
+/// `messages` first).
+fn long_body(i: u64, stream: bool) -> String {
+    let prompt = "w ".repeat(10 * 1024);
+    format!(
+        r#"{{"messages":[{{"role":"user","content":"{prompt}"}}],"stream_options":{{"include_usage":true}},"max_tokens":{},"stream":{stream},"model":"m-{i}"}}"#,
+        3 + i
+    )
+}
+
 /// Clients that put `messages` first send `model`, `stream` and `max_tokens` after the
 /// prompt: a 20 KB body with them at its end.
 #[test]
 fn a_20_kb_body_with_the_model_at_its_end() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
-    let prompt = "w ".repeat(10 * 1024);
-    let body = |i: u64, stream: bool| {
-        format!(
-            r#"{{"messages":[{{"role":"user","content":"{prompt}"}}],"stream_options":{{"include_usage":true}},"max_tokens":{},"stream":{stream},"model":"m-{i}"}}"#,
-            3 + i
-        )
-    };
     check_server_bodies(
         "body-20kb",
         Command::new("python3").arg(script),
-        &body,
+        &long_body,
         &[],
         1,
         false,
@@ -252,27 +259,8 @@ fn a_20_kb_body_with_the_model_at_its_end() {
 #[test]
 fn https_served_through_openssl_is_read_in_plaintext() {
     let certs = TempDir::new("tls-cert");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(made.success(), "openssl req failed");
+    let (cert, key) = self_signed_cert(certs.path());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
-    let prompt = "w ".repeat(10 * 1024);
-    let body = |i: u64, stream: bool| {
-        format!(
-            r#"{{"messages":[{{"role":"user","content":"{prompt}"}}],"stream_options":{{"include_usage":true}},"max_tokens":{},"stream":{stream},"model":"m-{i}"}}"#,
-            3 + i
-        )
-    };
     check_server_bodies(
         "https",
         Command::new("python3")
@@ -280,7 +268,7 @@ fn https_served_through_openssl_is_read_in_plaintext() {
             .arg("--tls")
             .arg(&cert)
             .arg(&key),
-        &body,
+        &long_body,
         &[],
         1,
         true,

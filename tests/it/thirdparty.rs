@@ -16,7 +16,7 @@
 use std::{
     collections::BTreeMap,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use serde_json::Value;
 use tracer_tests::{
     TempDir, Tracer,
     client::{Client, Exchange, Post},
-    listening, privileged_or_skip,
+    listening, privileged_or_skip, self_signed_cert,
 };
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
@@ -58,6 +58,24 @@ struct Shape {
     /// Through `tls_tunnel.py` to an HTTPS server.
     tls: bool,
 }
+
+/// `OpenAI` chat completions, one request per write, plain HTTP.
+const OPENAI: Shape = Shape {
+    path: "/v1/chat/completions",
+    body: openai,
+    ndjson: false,
+    pipeline: 1,
+    tls: false,
+};
+
+/// Ollama's chat API (NDJSON).
+const OLLAMA: Shape = Shape {
+    path: "/api/chat",
+    body: ollama,
+    ndjson: true,
+    pipeline: 1,
+    tls: false,
+};
 
 fn tokens(i: u64) -> u64 {
     2 + i % 7
@@ -348,11 +366,8 @@ fn check(name: &str, server: &mut Command, shape: &Shape) {
 #[test]
 fn node_http_sse_keepalive_and_pipelined() {
     let shape = Shape {
-        path: "/v1/chat/completions",
-        body: openai,
-        ndjson: false,
         pipeline: 3,
-        tls: false,
+        ..OPENAI
     };
     let mut node = Command::new("node");
     node.arg(format!("{SERVERS}/openai_node.js"));
@@ -369,13 +384,7 @@ fn uvicorn_vllm_shaped_sse() {
         eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
         return;
     }
-    let shape = Shape {
-        path: "/v1/chat/completions",
-        body: openai,
-        ndjson: false,
-        pipeline: 1,
-        tls: false,
-    };
+    let shape = OPENAI;
     let mut server = Command::new(PYENV);
     server.arg(format!("{SERVERS}/openai_uvicorn.py"));
     check("uvicorn", &mut server, &shape);
@@ -383,13 +392,7 @@ fn uvicorn_vllm_shaped_sse() {
 
 #[test]
 fn ollama_shaped_ndjson_front_and_its_engine() {
-    let shape = Shape {
-        path: "/api/chat",
-        body: ollama,
-        ndjson: true,
-        pipeline: 1,
-        tls: false,
-    };
+    let shape = OLLAMA;
     let mut front = Command::new("python3");
     front.arg(format!("{SERVERS}/ndjson_proxy.py"));
     check("ollama-shaped", &mut front, &shape);
@@ -398,13 +401,7 @@ fn ollama_shaped_ndjson_front_and_its_engine() {
 /// The same front calling its engine over HTTP on a Unix socket.
 #[test]
 fn ollama_shaped_front_and_its_engine_on_a_unix_socket() {
-    let shape = Shape {
-        path: "/api/chat",
-        body: ollama,
-        ndjson: true,
-        pipeline: 1,
-        tls: false,
-    };
+    let shape = OLLAMA;
     let mut front = Command::new("python3");
     front
         .arg(format!("{SERVERS}/ndjson_proxy.py"))
@@ -415,25 +412,10 @@ fn ollama_shaped_front_and_its_engine_on_a_unix_socket() {
 #[test]
 fn https_through_openssl() {
     let certs = TempDir::new("thirdparty-cert");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(made.success());
+    let (cert, key) = self_signed_cert(certs.path());
     let shape = Shape {
-        path: "/v1/chat/completions",
-        body: openai,
-        ndjson: false,
-        pipeline: 1,
         tls: true,
+        ..OPENAI
     };
     let mut server = Command::new("python3");
     server
@@ -456,11 +438,8 @@ fn llama_cpp_server() {
         panic!("TRACER_LLAMA_SERVER and TRACER_LLAMA_MODEL must name the server and model");
     };
     let shape = Shape {
-        path: "/v1/chat/completions",
         body: llama,
-        ndjson: false,
-        pipeline: 1,
-        tls: false,
+        ..OPENAI
     };
     let mut server = Command::new("python3");
     server

@@ -397,3 +397,22 @@ pub fn start_emuhost_with(
         .unwrap_or_else(|| panic!("emuhost said {line:?}"));
     (EmuHost(host), port)
 }
+
+/// A self-signed certificate and its key for `localhost`, made with the `openssl` command
+/// (`cargo xtask setup` installs it) in `dir`: (certificate, key) paths.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(made.success(), "openssl req failed");
+    (cert, key)
+}

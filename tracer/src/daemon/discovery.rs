@@ -215,51 +215,22 @@ impl Services {
     }
 
     /// Sets up the step clocks of a discovery: the CUDA uprobes on every member's driver
-    /// library (once per library and process; a failure is a warning, not retried), and the
-    /// IPC fds between members. Returns (uprobes attached, IPC fds newly followed).
+    /// library and the OpenSSL uprobes on its TLS library (once per library and process; a
+    /// failure is a warning, not retried), and the IPC fds between members. Returns (CUDA
+    /// uprobes attached, IPC fds newly followed).
     fn clocks(&mut self, found: &Found, probes: &mut Probes) -> (usize, usize) {
-        let mut attached = 0;
-        for (&pid, libs) in &found.cuda {
-            for lib in libs {
-                let key = (lib.clone(), pid);
-                if self.cuda_failed.contains(&key) {
-                    continue;
-                }
-                match probes.attach_cuda(lib, Some(Pid(pid))) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(
-                            "CUDA step clock: {n} uprobes on {} for process {pid}",
-                            lib.display()
-                        );
-                        attached += n;
-                    }
-                    Err(e) => {
-                        tracing::warn!("CUDA step clock for process {pid}: {e}");
-                        self.cuda_failed.insert(key);
-                    }
-                }
-            }
-        }
-        for (&pid, libs) in &found.tls {
-            for lib in libs {
-                let key = (lib.clone(), pid);
-                if self.tls_failed.contains(&key) {
-                    continue;
-                }
-                match probes.attach_tls(lib, Some(Pid(pid))) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        "TLS plaintext: {n} OpenSSL uprobes on {} for process {pid}",
-                        lib.display()
-                    ),
-                    Err(e) => {
-                        tracing::warn!("TLS plaintext for process {pid}: {e}");
-                        self.tls_failed.insert(key);
-                    }
-                }
-            }
-        }
+        let attached = attach_each(
+            &found.cuda,
+            &mut self.cuda_failed,
+            "CUDA step clock",
+            |lib, pid| probes.attach_cuda(lib, Some(pid)),
+        );
+        attach_each(
+            &found.tls,
+            &mut self.tls_failed,
+            "TLS plaintext (OpenSSL)",
+            |lib, pid| probes.attach_tls(lib, Some(pid)),
+        );
         let mut ipc = 0;
         if self.finder.clocks.ipc {
             for &(pid, fd) in found.discovery.services.iter().flat_map(|s| &s.ipc_fds) {
@@ -367,4 +338,35 @@ impl Services {
         }
         Ok(())
     }
+}
+
+/// Attaches a uprobe family to each (library, process) of `libs` not failed before; a failure
+/// is logged once and remembered. Returns how many uprobes were attached.
+fn attach_each(
+    libs: &BTreeMap<u32, BTreeSet<PathBuf>>,
+    failed: &mut BTreeSet<(PathBuf, u32)>,
+    what: &str,
+    mut attach: impl FnMut(&std::path::Path, Pid) -> Result<usize, crate::probe::ProbeError>,
+) -> usize {
+    let mut attached = 0;
+    for (&pid, libs) in libs {
+        for lib in libs {
+            let key = (lib.clone(), pid);
+            if failed.contains(&key) {
+                continue;
+            }
+            match attach(lib, Pid(pid)) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!("{what}: {n} uprobes on {} for process {pid}", lib.display());
+                    attached += n;
+                }
+                Err(e) => {
+                    tracing::warn!("{what} for process {pid}: {e}");
+                    failed.insert(key);
+                }
+            }
+        }
+    }
+    attached
 }
