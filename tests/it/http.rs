@@ -127,7 +127,7 @@ fn check_server_bodies(
     assert!(!events.is_empty());
     if tls {
         assert!(
-            log.contains("TLS plaintext (OpenSSL): 8 uprobes on"),
+            log.contains("TLS plaintext (OpenSSL): 9 uprobes on"),
             "{log}"
         );
         assert!(log.contains("tls=1 (decrypted 1)"), "{log}");
@@ -264,6 +264,27 @@ fn https_served_through_openssl_is_read_in_plaintext() {
     check_server_bodies(
         "https",
         Command::new("python3")
+            .arg(script)
+            .arg("--tls")
+            .arg(&cert)
+            .arg(&key),
+        &long_body,
+        &[],
+        1,
+        true,
+    );
+}
+
+/// HTTPS from Node (`https`: the OpenSSL linked into the node binary, exporting its symbols,
+/// fed through a memory BIO: the socket under each `SSL *` is the one its thread just read).
+#[test]
+fn node_https_through_its_own_openssl_is_read_in_plaintext() {
+    let certs = TempDir::new("tls-cert-node");
+    let (cert, key) = self_signed_cert(certs.path());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_node.js");
+    check_server_bodies(
+        "node-https",
+        Command::new("node")
             .arg(script)
             .arg("--tls")
             .arg(&cert)

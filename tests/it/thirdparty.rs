@@ -409,6 +409,51 @@ fn ollama_shaped_front_and_its_engine_on_a_unix_socket() {
     check("ollama-shaped-unix", &mut front, &shape);
 }
 
+/// uvicorn serving HTTPS: asyncio's SSL, OpenSSL fed through a memory BIO.
+#[test]
+fn uvicorn_https_through_a_memory_bio() {
+    if !Path::new(PYENV).exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{PYENV} missing: `cargo xtask setup` installs uvicorn there"
+        );
+        eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
+        return;
+    }
+    let certs = TempDir::new("thirdparty-cert-uvicorn");
+    let (cert, key) = self_signed_cert(certs.path());
+    let shape = Shape {
+        tls: true,
+        ..OPENAI
+    };
+    let mut server = Command::new(PYENV);
+    server
+        .arg(format!("{SERVERS}/openai_uvicorn.py"))
+        .arg("--tls")
+        .arg(&cert)
+        .arg(&key);
+    check("uvicorn-https", &mut server, &shape);
+}
+
+/// Node serving HTTPS with the OpenSSL linked into its binary, through a memory BIO.
+#[test]
+fn node_https() {
+    let certs = TempDir::new("thirdparty-cert-node");
+    let (cert, key) = self_signed_cert(certs.path());
+    let shape = Shape {
+        tls: true,
+        pipeline: 3,
+        ..OPENAI
+    };
+    let mut server = Command::new("node");
+    server
+        .arg(format!("{SERVERS}/openai_node.js"))
+        .arg("--tls")
+        .arg(&cert)
+        .arg(&key);
+    check("node-https", &mut server, &shape);
+}
+
 #[test]
 fn https_through_openssl() {
     let certs = TempDir::new("thirdparty-cert");

@@ -4,10 +4,14 @@
 // its own turn of the event loop), then, when stream_options.include_usage, a usage chunk, and
 // `data: [DONE]` written with res.end() in the same turn: Node sends those last chunks and the
 // chunked terminator in one writev of 9 segments. Otherwise one JSON body with `usage`.
-// Completion tokens = max_tokens. Keep-alive (Node's default). Prints `listening <port>`.
+// Completion tokens = max_tokens. Keep-alive (Node's default). With `--tls CERT KEY` it serves
+// HTTPS (Node's `tls`: the OpenSSL in the node binary, through a memory BIO). Prints
+// `listening <port>`.
 const http = require('http');
+const https = require('https');
+const fs = require('fs');
 
-const server = http.createServer((req, res) => {
+const handler = (req, res) => {
   const parts = [];
   req.on('data', (c) => parts.push(c));
   req.on('end', () => {
@@ -48,7 +52,13 @@ const server = http.createServer((req, res) => {
       res.end(out);
     }
   });
-});
+};
+
+const at = process.argv.indexOf('--tls');
+const server = at > 0
+  ? https.createServer({ cert: fs.readFileSync(process.argv[at + 1]),
+    key: fs.readFileSync(process.argv[at + 2]) }, handler)
+  : http.createServer(handler);
 
 server.listen(0, '127.0.0.1', () => {
   console.log('listening ' + server.address().port);

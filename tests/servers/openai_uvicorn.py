@@ -4,11 +4,13 @@ check: POST /v1/chat/completions, "stream": true gives SSE (one `data:` event pe
 sent as its own ASGI message as vLLM's StreamingResponse does, a usage chunk when
 stream_options.include_usage, then `data: [DONE]`), else one JSON body with `usage`.
 Completion tokens = max_tokens; X-Request-Id echoed. uvicorn's own HTTP/1.1 (h11 or httptools),
-keep-alive. Prints `listening <port>` when ready.
+keep-alive. With --tls CERT KEY it serves HTTPS (asyncio's SSL: OpenSSL through a memory BIO).
+Prints `listening <port>` when ready.
 """
 import asyncio
 import json
 import socket
+import sys
 
 import uvicorn
 
@@ -63,5 +65,9 @@ if __name__ == "__main__":
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     print("listening %d" % sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=128)
+    tls = {}
+    if "--tls" in sys.argv:
+        at = sys.argv.index("--tls")
+        tls = {"ssl_certfile": sys.argv[at + 1], "ssl_keyfile": sys.argv[at + 2]}
+    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=128, **tls)
     uvicorn.Server(config).run(sockets=[sock])

@@ -117,6 +117,12 @@ static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(16384,
 #[map]
 static SSL_FDS: LruHashMap<SslKey, i64> = LruHashMap::with_max_entries(65536, 0);
 
+/// The socket each of a target's threads last read bytes from (`pid_tgid` → fd): the socket
+/// under an `SSL *` whose library reads through a memory BIO (Node, asyncio), which reads the
+/// socket itself and then hands the bytes to OpenSSL on the same thread (`tls.rs`).
+#[map]
+static LAST_READ: LruHashMap<u64, i64> = LruHashMap::with_max_entries(16384, 0);
+
 /// Per-CPU counters (see `Stat` and `Kind::{emitted,dropped}_stat`).
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);

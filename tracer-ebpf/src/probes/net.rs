@@ -314,6 +314,9 @@ fn io_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     if entry.role == ROLE_IPC {
         emit_ipc(id, &entry, syscall, rv as u64);
     } else {
+        if rv > 0 && syscall.is_inbound() {
+            super::tls::read_socket(id, entry.fd);
+        }
         emit_data(id, &entry, syscall, rv as u64);
     }
     0

@@ -4,10 +4,13 @@
 //! `Syscall::SslRead`/`SslWrite`, so the same HTTP tracker reads it.
 //!
 //! The socket under an `SSL *` is learned from the socket syscalls a call makes (`net.rs`
-//! notes the fd in the thread's call) and remembered per `SSL *`, for calls served from the
-//! library's buffer. A call whose socket is still unknown (memory BIOs, as asyncio uses; a
-//! connection that predates the probes and is served from the buffer) is counted
-//! (`Stat::TlsNoSocket`), never guessed.
+//! notes the fd in the thread's call: OpenSSL's socket BIO) and remembered per `SSL *` until
+//! `SSL_free`, for calls served from the library's buffer. Libraries that give OpenSSL the
+//! bytes through a memory BIO (Node's `tls`, Python's asyncio) read the socket themselves, then
+//! call `SSL_read` on the same thread: an `SSL *` not known yet, read on a thread that has just
+//! read a target's socket, is that socket's (`LAST_READ`; its writes are known from then on).
+//! A call whose socket is still unknown (a client's first write through a memory BIO, a
+//! connection that predates the probes) is counted (`Stat::TlsNoSocket`).
 
 use aya_ebpf::{
     bindings::BPF_ANY,
@@ -18,8 +21,8 @@ use aya_ebpf::{
 use tracer_ebpf::abi::{ROLE_IPC, SslCall, SslKey, Stat, Syscall};
 
 use super::{
-    CONNS, SSL_CALLS, SSL_FDS, bump, capture::emit_data, current_target, fd_key, read_user,
-    stash_entry,
+    CONNS, LAST_READ, SSL_CALLS, SSL_FDS, bump, capture::emit_data, current_target, fd_key,
+    read_user, stash_entry,
 };
 
 /// `SSL_read(ssl, buf, num)`, `SSL_read_ex(ssl, buf, num, &readbytes)` and the writes alike.
@@ -42,7 +45,15 @@ fn ssl_enter(ctx: &ProbeContext, syscall: Syscall, ex: bool) -> u32 {
         ssl,
     };
     // SAFETY: copied out immediately.
-    let fd = unsafe { SSL_FDS.get(key) }.copied().unwrap_or(-1);
+    let mut fd = unsafe { SSL_FDS.get(key) }.copied().unwrap_or(-1);
+    if fd < 0 && syscall == Syscall::SslRead {
+        // A memory BIO's bytes come from the socket this thread read last (module docs).
+        // SAFETY: copied out immediately.
+        if let Some(&last) = unsafe { LAST_READ.get(id) } {
+            fd = last;
+            let _ = SSL_FDS.insert(key, fd, u64::from(BPF_ANY));
+        }
+    }
     let call = SslCall {
         ssl,
         buf,
@@ -141,4 +152,29 @@ pub(super) fn note_socket(id: u64, fd: u64) {
         ssl: call.ssl,
     };
     let _ = SSL_FDS.insert(key, fd as i64, u64::from(BPF_ANY));
+}
+
+/// `SSL_free(ssl)`: its socket is forgotten (the next `SSL *` at that address is another
+/// connection's).
+#[uprobe]
+pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    let Some(id) = current_target() else {
+        return 0;
+    };
+    let Some(ssl) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let key = SslKey {
+        tgid: (id >> 32) as u32,
+        pad: 0,
+        ssl,
+    };
+    let _ = SSL_FDS.remove(key);
+    0
+}
+
+/// A target's thread read bytes from socket `fd` (see `LAST_READ`).
+#[inline(always)]
+pub(super) fn read_socket(id: u64, fd: i64) {
+    let _ = LAST_READ.insert(id, fd, u64::from(BPF_ANY));
 }

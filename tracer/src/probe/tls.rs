@@ -11,7 +11,8 @@ use super::{
 };
 use crate::ids::Pid;
 
-/// The OpenSSL symbols hooked: an entry program and the shared return program on each.
+/// The OpenSSL symbols hooked: an entry program and the shared return program on each read
+/// and write, and `SSL_free` (its socket forgotten).
 pub const TLS_SYMBOLS: &[(&str, &str)] = &[
     ("SSL_read", "ssl_read"),
     ("SSL_read", "ssl_return"),
@@ -21,6 +22,7 @@ pub const TLS_SYMBOLS: &[(&str, &str)] = &[
     ("SSL_write", "ssl_return"),
     ("SSL_write_ex", "ssl_write_ex"),
     ("SSL_write_ex", "ssl_return"),
+    ("SSL_free", "ssl_free"),
 ];
 
 static TLS: Family = Family {
@@ -32,6 +34,7 @@ static TLS: Family = Family {
         "ssl_write",
         "ssl_write_ex",
         "ssl_return",
+        "ssl_free",
     ],
 };
 
