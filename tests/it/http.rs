@@ -253,47 +253,31 @@ fn a_20_kb_body_with_the_model_at_its_end() {
     );
 }
 
-/// HTTPS terminated by the server itself (Python's `ssl`: OpenSSL through a socket BIO, a
-/// self-signed certificate), read in plaintext through the OpenSSL uprobes: streamed and not,
-/// with 20 KB bodies (a request read in several `SSL_read_ex` calls and capture records).
+/// `program script --tls CERT KEY` (a self-signed certificate) checked with 20 KB bodies,
+/// streamed and not, through the TLS tunnel.
+fn check_https(name: &str, program: &str, script: &str) {
+    let certs = TempDir::new(&format!("{name}-cert"));
+    let (cert, key) = self_signed_cert(certs.path());
+    let mut server = Command::new(program);
+    server.arg(script).arg("--tls").arg(&cert).arg(&key);
+    check_server_bodies(name, &mut server, &long_body, &[], 1, true);
+}
+
+/// HTTPS terminated by the server itself (Python's `ssl`: OpenSSL through a socket BIO), read
+/// in plaintext through the OpenSSL uprobes (a request read in several `SSL_read_ex` calls and
+/// capture records).
 #[test]
 fn https_served_through_openssl_is_read_in_plaintext() {
-    let certs = TempDir::new("tls-cert");
-    let (cert, key) = self_signed_cert(certs.path());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
-    check_server_bodies(
-        "https",
-        Command::new("python3")
-            .arg(script)
-            .arg("--tls")
-            .arg(&cert)
-            .arg(&key),
-        &long_body,
-        &[],
-        1,
-        true,
-    );
+    check_https("https", "python3", script);
 }
 
 /// HTTPS from Node (`https`: the OpenSSL linked into the node binary, exporting its symbols,
 /// fed through a memory BIO: the socket under each `SSL *` is the one its thread just read).
 #[test]
 fn node_https_through_its_own_openssl_is_read_in_plaintext() {
-    let certs = TempDir::new("tls-cert-node");
-    let (cert, key) = self_signed_cert(certs.path());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_node.js");
-    check_server_bodies(
-        "node-https",
-        Command::new("node")
-            .arg(script)
-            .arg("--tls")
-            .arg(&cert)
-            .arg(&key),
-        &long_body,
-        &[],
-        1,
-        true,
-    );
+    check_https("node-https", "node", script);
 }
 
 /// A server idle in a blocking `accept` when tracer attaches (any thread-per-connection

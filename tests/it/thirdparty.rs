@@ -47,6 +47,7 @@ fn scale() -> (u64, u64) {
 }
 
 /// How a server is spoken to.
+#[derive(Clone, Copy)]
 struct Shape {
     path: &'static str,
     /// Request `i`'s body (and whether it streams).
@@ -244,6 +245,30 @@ fn completion_tokens(t: &Truth) -> u64 {
     told.unwrap_or_else(|| tokens(t.i))
 }
 
+/// uvicorn from `setup`'s Python environment: `None` (a loud skip) where it is missing, which
+/// fails under `CI=true`.
+fn uvicorn() -> Option<Command> {
+    if !Path::new(PYENV).exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{PYENV} missing: `cargo xtask setup` installs uvicorn there"
+        );
+        eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
+        return None;
+    }
+    let mut server = Command::new(PYENV);
+    server.arg(format!("{SERVERS}/openai_uvicorn.py"));
+    Some(server)
+}
+
+/// `server --tls CERT KEY` with a self-signed certificate, checked through the TLS tunnel.
+fn check_https(name: &str, mut server: Command, shape: Shape) {
+    let certs = TempDir::new(&format!("thirdparty-{name}-cert"));
+    let (cert, key) = self_signed_cert(certs.path());
+    server.arg("--tls").arg(&cert).arg(&key);
+    check(name, &mut server, &Shape { tls: true, ..shape });
+}
+
 fn check(name: &str, server: &mut Command, shape: &Shape) {
     // One server at a time: they share two cores with the daemon.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -376,18 +401,9 @@ fn node_http_sse_keepalive_and_pipelined() {
 
 #[test]
 fn uvicorn_vllm_shaped_sse() {
-    if !Path::new(PYENV).exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{PYENV} missing: `cargo xtask setup` installs uvicorn there"
-        );
-        eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
-        return;
+    if let Some(mut server) = uvicorn() {
+        check("uvicorn", &mut server, &OPENAI);
     }
-    let shape = OPENAI;
-    let mut server = Command::new(PYENV);
-    server.arg(format!("{SERVERS}/openai_uvicorn.py"));
-    check("uvicorn", &mut server, &shape);
 }
 
 #[test]
@@ -412,63 +428,31 @@ fn ollama_shaped_front_and_its_engine_on_a_unix_socket() {
 /// uvicorn serving HTTPS: asyncio's SSL, OpenSSL fed through a memory BIO.
 #[test]
 fn uvicorn_https_through_a_memory_bio() {
-    if !Path::new(PYENV).exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{PYENV} missing: `cargo xtask setup` installs uvicorn there"
-        );
-        eprintln!("SKIPPED uvicorn: {PYENV} missing (run `cargo xtask setup`)");
-        return;
+    if let Some(server) = uvicorn() {
+        check_https("uvicorn-https", server, OPENAI);
     }
-    let certs = TempDir::new("thirdparty-cert-uvicorn");
-    let (cert, key) = self_signed_cert(certs.path());
-    let shape = Shape {
-        tls: true,
-        ..OPENAI
-    };
-    let mut server = Command::new(PYENV);
-    server
-        .arg(format!("{SERVERS}/openai_uvicorn.py"))
-        .arg("--tls")
-        .arg(&cert)
-        .arg(&key);
-    check("uvicorn-https", &mut server, &shape);
 }
 
 /// Node serving HTTPS with the OpenSSL linked into its binary, through a memory BIO.
 #[test]
 fn node_https() {
-    let certs = TempDir::new("thirdparty-cert-node");
-    let (cert, key) = self_signed_cert(certs.path());
-    let shape = Shape {
-        tls: true,
-        pipeline: 3,
-        ..OPENAI
-    };
     let mut server = Command::new("node");
-    server
-        .arg(format!("{SERVERS}/openai_node.js"))
-        .arg("--tls")
-        .arg(&cert)
-        .arg(&key);
-    check("node-https", &mut server, &shape);
+    server.arg(format!("{SERVERS}/openai_node.js"));
+    check_https(
+        "node-https",
+        server,
+        Shape {
+            pipeline: 3,
+            ..OPENAI
+        },
+    );
 }
 
 #[test]
 fn https_through_openssl() {
-    let certs = TempDir::new("thirdparty-cert");
-    let (cert, key) = self_signed_cert(certs.path());
-    let shape = Shape {
-        tls: true,
-        ..OPENAI
-    };
     let mut server = Command::new("python3");
-    server
-        .arg(format!("{SERVERS}/openai_stdlib.py"))
-        .arg("--tls")
-        .arg(&cert)
-        .arg(&key);
-    check("https", &mut server, &shape);
+    server.arg(format!("{SERVERS}/openai_stdlib.py"));
+    check_https("https", server, OPENAI);
 }
 
 /// llama.cpp's own C++ server (continuous batching over 4 slots, real CPU inference on a tiny
