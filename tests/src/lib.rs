@@ -57,6 +57,13 @@ impl Tracer {
         let log_file = std::fs::File::create(&log).expect("create log");
         let mut cmd = Command::new(exe);
         cmd.arg("run").args(args);
+        // Each daemon its own API socket (the default path is one per host).
+        if !args
+            .iter()
+            .any(|a| *a == "--api-socket" || *a == "--no-api")
+        {
+            cmd.arg("--api-socket").arg(dir.join("tracer.sock"));
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }

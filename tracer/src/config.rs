@@ -40,6 +40,8 @@ pub struct Config {
     pub power: crate::power::PowerConfig,
     /// Attribution (split and idle policies, grace, uncertainty factors).
     pub ledger: crate::ledger::LedgerConfig,
+    /// The local-socket API.
+    pub api: crate::api::ApiConfig,
 }
 
 /// Probe and ring-buffer settings.

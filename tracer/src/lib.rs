@@ -13,6 +13,7 @@
 //!
 //! [`daemon`] wires them together at run time; [`cli`] is the binary's front end.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;

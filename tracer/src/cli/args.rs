@@ -170,6 +170,16 @@ pub struct RunArgs {
     /// Do not follow Unix-socket IPC between service members. [config: probe.ipc_clock = false]
     #[arg(long)]
     pub no_ipc_clock: bool,
+    /// Serve the local-socket API on this Unix socket. [config: api.socket]
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Serve no API. [config: api.socket unset]
+    #[arg(long, conflicts_with = "api_socket")]
+    pub no_api: bool,
+    /// Members of this group see every service through the API, as root does.
+    /// [config: api.group]
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
     /// Do not attach the OpenSSL uprobes that read members' HTTPS in plaintext.
     /// [config: probe.tls_uprobes = false]
     #[arg(long)]
@@ -219,6 +229,15 @@ impl RunArgs {
         }
         if self.no_tls_uprobes {
             c.probe.tls_uprobes = false;
+        }
+        if let Some(p) = self.api_socket {
+            c.api.socket = Some(p);
+        }
+        if self.no_api {
+            c.api.socket = None;
+        }
+        if let Some(g) = self.api_group {
+            c.api.group = Some(g);
         }
         if self.cuda_lib.is_some() {
             c.probe.cuda_library = self.cuda_lib;

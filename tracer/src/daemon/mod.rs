@@ -61,6 +61,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The local-socket API could not start.
+    #[error("the API: {0}")]
+    Api(#[from] crate::api::ApiError),
     /// The daemon lacks the privileges it needs (checked before anything else).
     #[error(
         "tracer needs root, or the capabilities {missing}: it loads eBPF programs and reads \
@@ -133,7 +136,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ledger: config.ledger.clone(),
         wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
     };
-    let bus = outputs::bus(&config, &pipeline_config)?;
+    let mut bus = outputs::bus(&config, &pipeline_config)?;
+    let api_state = config
+        .api
+        .socket
+        .as_ref()
+        .map(|_| crate::api::Shared::new(config.api.memory_records));
+    if let Some(state) = &api_state {
+        bus.subscribe(Box::new(crate::api::Feed(std::sync::Arc::clone(state))));
+    }
     let mut pipeline = Pipeline::new(&pipeline_config, bus).map_err(DaemonError::Ledger)?;
     let feeds = feeds::start_all(&mut pipeline, &config.power)?;
 
@@ -169,6 +180,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             ""
         },
     );
+
+    let _api = match (&config.api.socket, api_state) {
+        (Some(path), Some(state)) => {
+            let api = crate::api::Api::start(&config.api, path, state, procfs.proc_root.clone())?;
+            tracing::info!("API on {} (mode {:o})", path.display(), config.api.mode);
+            Some(api)
+        }
+        _ => None,
+    };
 
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(io_err("installing SIGINT handler"))?;

@@ -84,6 +84,18 @@ pub enum Outcome {
     Aborted,
 }
 
+impl Outcome {
+    /// Its name in records and queries.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ClosedEarly => "closed_early",
+            Outcome::Truncated => "truncated",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
 /// One device's part of a request's energy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceShare {

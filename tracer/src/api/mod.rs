@@ -1,0 +1,128 @@
+//! The local-socket API: HTTP/1.1 + JSON on a Unix socket (`curl --unix-socket
+//! /run/tracer/tracer.sock http://localhost/v1/requests`), served with hyper on the daemon's
+//! tokio runtime. It reads what the pipeline publishes on its bus: final records (kept in a
+//! bounded in-memory index, newest last) and snapshots (services, devices, counters).
+//!
+//! Who sees what is decided per connection from the peer's credentials (`SO_PEERCRED`): root
+//! and members of the configured group see everything; any other user sees the services whose
+//! processes it owns, and their requests only.
+
+mod access;
+mod config;
+mod index;
+mod metrics;
+mod query;
+mod reply;
+mod routes;
+mod server;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+pub use config::ApiConfig;
+pub use server::{Api, ApiError};
+
+use crate::{
+    ids::ServiceId,
+    pipeline::{Fact, FinalRecord, Interest, Subscriber, SubscriberError, snapshot::Snapshot},
+};
+
+/// One group's running totals.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    requests: u64,
+    joules: f64,
+    output_tokens: u64,
+}
+
+/// What the API serves from: shared between the pipeline (writer) and the server (readers).
+#[derive(Debug)]
+pub struct Shared {
+    index: Mutex<index::Index>,
+    /// Running totals per (service, its name, model) since start, for `/metrics` (never
+    /// evicted, so they are counters).
+    totals: Mutex<BTreeMap<(ServiceId, String, String), Totals>>,
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// Records as they become final, for `/v1/stream` (a slow reader lags and is told so).
+    stream: tokio::sync::broadcast::Sender<Arc<FinalRecord>>,
+}
+
+impl Shared {
+    /// An empty state keeping at most `records` final records.
+    pub fn new(records: usize) -> Arc<Self> {
+        Arc::new(Self {
+            index: Mutex::new(index::Index::new(records)),
+            totals: Mutex::new(BTreeMap::new()),
+            snapshot: Mutex::new(None),
+            stream: tokio::sync::broadcast::channel(4096).0,
+        })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, index::Index> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The bus subscriber that keeps [`Shared`] current: in line (an index push and a broadcast
+/// per record, a pointer swap per snapshot), so nothing the API shows is ever skipped.
+pub struct Feed(pub Arc<Shared>);
+
+impl Subscriber for Feed {
+    fn name(&self) -> &'static str {
+        "api"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest {
+            records: true,
+            snapshots: true,
+            ..Interest::default()
+        }
+    }
+
+    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
+        match fact {
+            Fact::Record(r) => {
+                {
+                    let mut totals = self
+                        .0
+                        .totals
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let key = (
+                        r.record.service,
+                        r.service_name.clone(),
+                        r.record.model.clone().unwrap_or_default(),
+                    );
+                    let t = totals.entry(key).or_default();
+                    t.requests += 1;
+                    t.joules += r.record.total_j;
+                    t.output_tokens += r.record.completion_tokens.unwrap_or(0);
+                }
+                self.0.index().push(Arc::clone(r));
+                // No receiver is not an error: nobody streams.
+                let _ = self.0.stream.send(Arc::clone(r));
+            }
+            Fact::Snapshot(s) => {
+                *self
+                    .0
+                    .snapshot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(s));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

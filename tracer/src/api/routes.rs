@@ -1,0 +1,253 @@
+//! The endpoints: a request (method, path, query) and the caller's scope in, a reply out.
+//! Pure over [`Shared`]: no I/O but the locks.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde_json::{Value, json};
+
+use super::{
+    Shared,
+    access::Scope,
+    index::Filter,
+    query::{params, parse_time},
+    reply::{Reply, error},
+};
+use crate::pipeline::FinalRecord;
+
+/// Records per page when `limit` is not given, and the most one page holds.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 10_000;
+
+/// The filter the query asks for, within the caller's scope.
+fn filter(p: &BTreeMap<String, String>, scope: &Scope) -> Result<Filter, Reply> {
+    let time = |k: &str| -> Result<Option<i64>, Reply> {
+        p.get(k)
+            .map(|v| {
+                parse_time(v).ok_or_else(|| {
+                    error(
+                        400,
+                        format!("{k}: {v:?} is neither unix milliseconds nor RFC 3339"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    if let Some(o) = p.get("outcome")
+        && !["complete", "closed_early", "truncated", "aborted"].contains(&o.as_str())
+    {
+        return Err(error(400, format!("outcome: unknown {o:?}")));
+    }
+    Ok(Filter {
+        services: scope.services(),
+        service_name: p.get("service").cloned(),
+        model: p.get("model").cloned(),
+        outcome: p.get("outcome").cloned(),
+        since_ms: time("since")?,
+        until_ms: time("until")?,
+    })
+}
+
+fn requests(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Reply {
+    for k in p.keys() {
+        if ![
+            "service", "model", "outcome", "since", "until", "limit", "cursor",
+        ]
+        .contains(&k.as_str())
+        {
+            return error(400, format!("unknown parameter {k:?}"));
+        }
+    }
+    let f = match filter(p, scope) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let limit = match p.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEFAULT_LIMIT,
+        Some(Ok(l)) if (1..=MAX_LIMIT).contains(&l) => l,
+        Some(_) => return error(400, format!("limit: 1 to {MAX_LIMIT}")),
+    };
+    let before = match p
+        .get("cursor")
+        .map(|c| c.strip_prefix('r').map(str::parse::<u64>))
+    {
+        None => None,
+        Some(Some(Ok(id))) => Some(id),
+        Some(_) => return error(400, "cursor: not one this API gave"),
+    };
+    let page = shared.index().page(&f, before, limit);
+    let next = (page.len() == limit)
+        .then(|| page.last().map(|r| format!("r{}", r.record.id.0)))
+        .flatten();
+    let page: Vec<&FinalRecord> = page.iter().map(Arc::as_ref).collect();
+    Reply::Json(200, json!({ "requests": page, "next_cursor": next }))
+}
+
+/// One group's sums in a summary.
+#[derive(Default)]
+struct Sum {
+    requests: u64,
+    total_j: f64,
+    dynamic_j: f64,
+    idle_j: f64,
+    tokens: u64,
+    token_j: f64,
+}
+
+/// Sums per group (`by` model or service) over the records kept, with the devices' idle and
+/// unattributed energy from the latest snapshot (whole host: root and the group only).
+fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Reply {
+    let by = p.get("by").map_or("service", String::as_str);
+    if !["model", "service"].contains(&by) {
+        return error(400, format!("by: model or service, not {by:?}"));
+    }
+    let f = match filter(p, scope) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let mut groups: BTreeMap<String, Sum> = BTreeMap::new();
+    for r in shared.index().all(&f) {
+        let key = match by {
+            "model" => r.record.model.clone().unwrap_or_else(|| "(unknown)".into()),
+            _ => r.service_name.clone(),
+        };
+        let g = groups.entry(key).or_default();
+        g.requests += 1;
+        g.total_j += r.record.total_j;
+        g.dynamic_j += r.record.dynamic_j;
+        g.idle_j += r.record.idle_j;
+        if let Some(t) = r.record.completion_tokens.filter(|&t| t > 0) {
+            g.tokens += t;
+            g.token_j += r.record.total_j;
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(k, g)| {
+            json!({
+                by: k,
+                "requests": g.requests,
+                "joules": g.total_j,
+                "kwh": g.total_j / 3.6e6,
+                "dynamic_j": g.dynamic_j,
+                "idle_j": g.idle_j,
+                "output_tokens": g.tokens,
+                "joules_per_output_token": (g.tokens > 0).then(|| g.token_j / g.tokens as f64),
+            })
+        })
+        .collect();
+    let devices = (*scope == Scope::All)
+        .then(|| shared.snapshot())
+        .flatten()
+        .map(|s| {
+            s.devices
+                .iter()
+                .map(|d| {
+                    json!({
+                        "device": d.name,
+                        "measured_j": d.totals.measured_j,
+                        "idle_j": d.totals.idle_j,
+                        "unattributed_j": d.totals.unattributed_j,
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
+    Reply::Json(
+        200,
+        json!({ "by": by, "groups": groups, "devices_since_start": devices }),
+    )
+}
+
+fn services(shared: &Shared, scope: &Scope) -> Reply {
+    let list: Vec<Value> = shared.snapshot().map_or_else(Vec::new, |s| {
+        s.services
+            .iter()
+            .filter(|svc| scope.sees(svc.id))
+            .map(|svc| serde_json::to_value(svc).unwrap_or(Value::Null))
+            .collect()
+    });
+    Reply::Json(200, json!({ "services": list }))
+}
+
+fn gpus(shared: &Shared, scope: &Scope) -> Reply {
+    if *scope != Scope::All {
+        return error(
+            403,
+            "devices are the whole host's: root or the API group only",
+        );
+    }
+    let devices = shared.snapshot().map(|s| s.devices.clone());
+    Reply::Json(200, json!({ "devices": devices }))
+}
+
+fn health(shared: &Shared) -> Reply {
+    let (records, evicted) = {
+        let i = shared.index();
+        (i.len(), i.evicted)
+    };
+    let counts = shared.snapshot().map(|s| s.counts);
+    Reply::Json(
+        200,
+        json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "records_kept": records,
+            "records_evicted": evicted,
+            "counts": counts,
+        }),
+    )
+}
+
+/// A record for the caller, if it may see it.
+fn one(shared: &Shared, id: &str, scope: &Scope) -> Reply {
+    let Ok(id) = id.parse::<u64>() else {
+        return error(400, format!("{id:?} is not a request id"));
+    };
+    match shared.index().get(id) {
+        Some(r) if scope.sees(r.record.service) => Reply::Json(200, json!(r.as_ref())),
+        _ => error(
+            404,
+            format!("no request {id} (or not yours, or no longer kept)"),
+        ),
+    }
+}
+
+/// Dispatches one request.
+pub fn route(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    scope: &Scope,
+    shared: &Shared,
+) -> Reply {
+    if method != "GET" && method != "HEAD" {
+        return error(405, format!("{method} is not served: the API is read-only"));
+    }
+    let p = match params(query) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match path {
+        "/health" => health(shared),
+        "/v1/requests" => requests(shared, &p, scope),
+        "/v1/summary" => summary(shared, &p, scope),
+        "/v1/services" => services(shared, scope),
+        "/v1/gpus" => gpus(shared, scope),
+        "/v1/stream" => Reply::Stream,
+        "/metrics" => super::metrics::metrics(shared, scope),
+        _ => match path.strip_prefix("/v1/requests/") {
+            Some(id) => one(shared, id, scope),
+            None => error(404, format!("no such endpoint {path:?}")),
+        },
+    }
+}
+
+/// One record as a stream line, if the caller may see it.
+pub fn stream_line(r: &Arc<FinalRecord>, scope: &Scope) -> Option<String> {
+    if !scope.sees(r.record.service) {
+        return None;
+    }
+    serde_json::to_string(r.as_ref()).ok().map(|mut l| {
+        l.push('\n');
+        l
+    })
+}

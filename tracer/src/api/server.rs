@@ -1,0 +1,207 @@
+//! Serving: the Unix socket (created with the configured mode, a stale one replaced, a live
+//! one refused), one hyper HTTP/1.1 connection per client with a header timeout and size
+//! limit, at most `max_connections` at once, the peer's credentials read once per connection.
+
+use std::{
+    convert::Infallible,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::UnixListener, sync::Semaphore};
+
+use super::{ApiConfig, Shared, access, reply::Reply, routes};
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process serves the socket (another daemon).
+    #[error("{0}: another process is serving this socket (is another tracer running?)")]
+    InUse(PathBuf),
+    /// Creating, binding or setting the socket's mode failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `api.group` names no group.
+    #[error("api.group {0:?} is not a group on this host")]
+    UnknownGroup(String),
+}
+
+/// A running API.
+#[derive(Debug)]
+pub struct Api {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApiError {
+    let path = path.to_path_buf();
+    move |source| ApiError::Io { what, path, source }
+}
+
+/// Binds `path`: a socket file nobody answers on is a stale one (a daemon that died) and is
+/// replaced; one that answers is another daemon's.
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, ApiError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("creating the directory of", path))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io("removing the stale socket", path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io("binding", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("setting the mode of", path))?;
+    Ok(listener)
+}
+
+/// `/v1/stream`'s body: records as they become final, one JSON line each, fed by a task that
+/// follows the broadcast; a reader too slow for the queue is told how many it missed.
+struct StreamBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl StreamBody {
+    fn follow(shared: &Shared, scope: access::Scope) -> Self {
+        let mut records = shared.stream.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let line = match records.recv().await {
+                    Ok(r) => match routes::stream_line(&r, &scope) {
+                        Some(line) => line,
+                        None => continue,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        format!("{{\"lagged\":{n}}}\n")
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                // The client went away: stop following.
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { rx }
+    }
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|line| line.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type ApiBody = http_body_util::Either<Full<Bytes>, StreamBody>;
+
+fn reply(r: Reply, shared: &Shared, scope: &access::Scope) -> Response<ApiBody> {
+    let (status, kind, body) = match r {
+        Reply::Json(status, v) => (status, "application/json", v.to_string() + "\n"),
+        Reply::Text(status, kind, text) => (status, kind, text),
+        Reply::Stream => {
+            let body = StreamBody::follow(shared, scope.clone());
+            let mut resp = Response::new(http_body_util::Either::Right(body));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            return resp;
+        }
+    };
+    let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+    resp
+}
+
+impl Api {
+    /// Binds the socket and serves it on the current tokio runtime until dropped.
+    pub fn start(
+        config: &ApiConfig,
+        socket: &Path,
+        shared: Arc<Shared>,
+        proc_root: PathBuf,
+    ) -> Result<Api, ApiError> {
+        let group = config
+            .group
+            .as_ref()
+            .map(|g| access::group_id(g).ok_or_else(|| ApiError::UnknownGroup(g.clone())))
+            .transpose()?;
+        let listener = bind(socket, config.mode)?;
+        let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let cred = stream.peer_cred().ok();
+                let (shared, proc_root) = (Arc::clone(&shared), proc_root.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let Some(cred) = cred else {
+                        return;
+                    };
+                    let peer = (cred.uid(), cred.gid(), cred.pid().map(|p| p as u32));
+                    let snapshot = shared.snapshot();
+                    let scope = access::scope(&proc_root, peer, group, snapshot.as_deref());
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let r = routes::route(
+                            req.method().as_str(),
+                            req.uri().path(),
+                            req.uri().query(),
+                            &scope,
+                            &shared,
+                        );
+                        let resp = reply(r, &shared, &scope);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(5))
+                        .max_buf_size(16 * 1024)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Api {
+            path: socket.to_path_buf(),
+            task,
+        })
+    }
+}
