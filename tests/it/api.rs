@@ -307,3 +307,75 @@ fn a_user_sees_its_own_services_only() {
         let _ = s.wait();
     }
 }
+
+/// A restart on the same outputs: the JSON-lines files are appended to (the first run's lines
+/// are still there, a line the first run's `kill -9` cut off is dropped), and the earlier
+/// recording is kept beside the new one, never overwritten.
+#[test]
+fn a_restart_appends_and_keeps_the_recording() {
+    if !privileged_or_skip("a_restart_appends_and_keeps_the_recording") {
+        return;
+    }
+    let dir = TempDir::new("api-restart");
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let records = dir.path().join("records.jsonl");
+    let recording = dir.path().join("run.rec");
+    let run = |tag: &str| {
+        let tracer = Tracer::start_with(
+            TRACER,
+            dir.path(),
+            &[
+                "--port",
+                &port.to_string(),
+                "--records-out",
+                records.to_str().expect("utf-8"),
+                "--record",
+                recording.to_str().expect("utf-8"),
+            ],
+            false,
+        );
+        post(port, tag, &format!("{tag}-1"));
+        post(port, tag, &format!("{tag}-2"));
+        std::thread::sleep(Duration::from_millis(300));
+        tracer.stop();
+    };
+    run("first");
+    // As a kill -9 in the middle of a line leaves it.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&records)
+        .expect("records");
+    f.write_all(b"{\"id\":99,\"total").expect("torn line");
+    drop(f);
+    run("second");
+    let text = std::fs::read_to_string(&records).expect("records");
+    let models: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every line is JSON"))
+        .filter_map(|r| r["model"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(models, ["first", "first", "second", "second"], "{text}");
+    let kept = dir.path().join("run.rec.1");
+    assert!(kept.exists() && recording.exists(), "both recordings");
+    // The kept one is the first run's, whole: it replays to the first run's records.
+    let replayed = dir.path().join("replayed.jsonl");
+    let out = Command::new(TRACER)
+        .arg("replay")
+        .arg(&kept)
+        .arg("--records-out")
+        .arg(&replayed)
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = std::fs::read_to_string(&replayed)
+        .expect("replayed")
+        .lines()
+        .count();
+    assert_eq!(n, 2, "the first run's two records");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -84,6 +84,10 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
     let truth = dir.join("truth.jsonl");
     let records = dir.join("records.jsonl");
     let requests = dir.join("requests.jsonl");
+    // The daemon appends to its outputs: a directory left by an earlier run starts empty.
+    for old in [&records, &requests] {
+        let _ = std::fs::remove_file(old);
+    }
     let write_log = dir.join("write-log.jsonl");
     let recording = dir.join("run.rec");
 

@@ -19,6 +19,13 @@ use crate::{
 pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, DaemonError> {
     let mut bus = Bus::new();
     if let Some(path) = &config.output.record {
+        if let Some(kept) = rotate(path)? {
+            tracing::info!(
+                "{} existed: kept as {} (a recording is never overwritten)",
+                path.display(),
+                kept.display()
+            );
+        }
         bus.subscribe(Box::new(Recorder::create(
             path,
             &RecordHeader {
@@ -30,10 +37,17 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
         )?));
     }
     let file = |stream: Stream, path: &Path, what: &'static str| {
-        JsonLines::create(stream, path).map_err(|source| DaemonError::Io {
+        let (out, cut) = JsonLines::create(stream, path).map_err(|source| DaemonError::Io {
             what: format!("{what} {}", path.display()),
             source,
-        })
+        })?;
+        if cut > 0 {
+            tracing::warn!(
+                "{}: removed a last line cut off by an earlier crash ({cut} bytes); appending",
+                path.display()
+            );
+        }
+        Ok::<_, DaemonError>(out)
     };
     for (stream, path, what) in [
         (
@@ -58,4 +72,30 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
     }
     bus.subscribe(Box::new(LogSummary::new()));
     Ok(bus)
+}
+
+/// Moves an existing file at `path` to the first free `<path>.N`; returns where it went.
+fn rotate(path: &Path) -> Result<Option<std::path::PathBuf>, DaemonError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut n = 1u32;
+    let to = loop {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        let candidate = std::path::PathBuf::from(name);
+        if !candidate.exists() {
+            break candidate;
+        }
+        n += 1;
+    };
+    std::fs::rename(path, &to).map_err(|source| DaemonError::Io {
+        what: format!(
+            "keeping the earlier recording {} as {}",
+            path.display(),
+            to.display()
+        ),
+        source,
+    })?;
+    Ok(Some(to))
 }

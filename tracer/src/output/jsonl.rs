@@ -53,9 +53,23 @@ impl JsonLines {
         }
     }
 
-    /// Writes `stream` to the file at `path` (created or truncated).
-    pub fn create(stream: Stream, path: &Path) -> std::io::Result<Self> {
+    /// Writes `stream` to a new file at `path`, replacing one there (a replay's outputs are
+    /// the recording's, whole).
+    pub fn replace(stream: Stream, path: &Path) -> std::io::Result<Self> {
         Ok(Self::new(stream, Box::new(File::create(path)?)))
+    }
+
+    /// Appends `stream` to the file at `path` (created if missing): a restart never loses what
+    /// an earlier run wrote. A last line a crash cut off (no newline) is removed first, so every
+    /// line stays one JSON value; returns how many bytes that was.
+    pub fn create(stream: Stream, path: &Path) -> std::io::Result<(Self, u64)> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let cut = cut_torn_line(&mut f)?;
+        Ok((Self::new(stream, Box::new(f)), cut))
     }
 
     fn line<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> Result<(), SubscriberError> {
@@ -63,6 +77,35 @@ impl JsonLines {
         self.w.write_all(b"\n")?;
         Ok(())
     }
+}
+
+/// Truncates `f` after its last newline; returns the bytes removed (0 when it ends with one
+/// or is empty).
+fn cut_torn_line(f: &mut File) -> std::io::Result<u64> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    // Read backwards in blocks until a newline.
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(at) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            let keep = start + at as u64 + 1;
+            if keep < len {
+                f.set_len(keep)?;
+            }
+            return Ok(len - keep);
+        }
+        end = start;
+    }
+    f.set_len(0)?;
+    Ok(len)
 }
 
 impl Subscriber for JsonLines {
@@ -90,5 +133,32 @@ impl Subscriber for JsonLines {
 
     fn flush(&mut self) -> Result<(), SubscriberError> {
         Ok(self.w.flush()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::{JsonLines, Stream};
+
+    #[test]
+    fn appending_keeps_earlier_lines_and_drops_a_torn_last_one() {
+        let dir = std::env::temp_dir().join(format!("tracer-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("records.jsonl");
+        std::fs::write(&path, "{\"id\":1}\n{\"id\":2}\n{\"id\":3,\"tot").expect("write");
+        let (mut out, cut) = JsonLines::create(Stream::Records, &path).expect("open");
+        assert_eq!(cut, 12, "the torn line");
+        out.w.write_all(b"{\"id\":4}\n").expect("append");
+        out.w.flush().expect("flush");
+        drop(out);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"id\":1}\n{\"id\":2}\n{\"id\":4}\n");
+        // Whole lines: nothing to cut, nothing lost.
+        let (_, cut) = JsonLines::create(Stream::Records, &path).expect("open");
+        assert_eq!(cut, 0);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

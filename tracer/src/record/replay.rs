@@ -83,7 +83,7 @@ impl std::fmt::Display for ReplaySummary {
 }
 
 fn create(stream: Stream, path: &std::path::Path) -> Result<Box<dyn Subscriber>, ReplayError> {
-    JsonLines::create(stream, path)
+    JsonLines::replace(stream, path)
         .map(|j| Box::new(j) as Box<dyn Subscriber>)
         .map_err(|source| ReplayError::Output {
             path: path.to_owned(),
