@@ -240,6 +240,50 @@ fn the_api_answers_over_its_unix_socket() {
     assert!(s.contains(" 405 "), "{s}");
     assert_eq!(json(&sock, "/health")["status"], "ok", "still answering");
 
+    // The CLI on the socket: a table, JSON lines, a summary, and a clear error without a daemon.
+    let cli = |args: &[&str]| {
+        let out = Command::new(TRACER)
+            .args(args)
+            .arg("--socket")
+            .arg(&sock)
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let table = cli(&["query", "--limit", "10"]);
+    assert!(
+        table.lines().count() == 8 && table.contains("m-2"),
+        "{table}"
+    );
+    let lines = cli(&["query", "--model", "m-1", "--json"]);
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(
+        lines
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{lines}"
+    );
+    let by_model = cli(&["summary", "--by", "model"]);
+    assert!(
+        by_model.contains("m-0") && by_model.contains("m-live"),
+        "{by_model}"
+    );
+    let out = Command::new(TRACER)
+        .args(["query", "--socket", "/run/no-such-tracer.sock"])
+        .output()
+        .expect("cli");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the daemon running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Another user sees none of root's services, and not the whole host.
     let (status, body) = curl(&sock, "/v1/requests", Some(NOBODY));
     assert_eq!(status, 200, "{body}");

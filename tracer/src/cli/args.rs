@@ -291,3 +291,51 @@ impl RunArgs {
         Ok(c)
     }
 }
+
+/// `tracer query` flags.
+#[derive(Debug, clap::Args)]
+pub struct QueryArgs {
+    /// The daemon's API socket.
+    #[arg(long, default_value = "/run/tracer/tracer.sock")]
+    pub socket: PathBuf,
+    /// Only this service (its name, e.g. "port 8000").
+    #[arg(long)]
+    pub service: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// complete, closed_early, truncated or aborted.
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Ended at or after this time (Unix milliseconds or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Ended before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// The newest this many.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// One JSON record per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tracer summary` flags.
+#[derive(Debug, clap::Args)]
+pub struct SummaryArgs {
+    /// The daemon's API socket.
+    #[arg(long, default_value = "/run/tracer/tracer.sock")]
+    pub socket: PathBuf,
+    /// Group by model or service.
+    #[arg(long, default_value = "model")]
+    pub by: String,
+    /// From this time (Unix milliseconds or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -3,12 +3,15 @@
 // Doc comments on the commands are clap help text, shown verbatim: no Markdown backticks.
 
 mod args;
+mod query;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use self::args::{RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs};
+pub use self::args::{
+    QueryArgs, RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs, SummaryArgs,
+};
 use crate::config::Config;
 
 /// Per-request energy attribution for LLM inference servers, measured in the kernel.
@@ -36,6 +39,10 @@ pub enum Command {
     /// List the power sensors this host has (NVML GPUs, RAPL, powercap, or the CPU model),
     /// measure their update periods, and sample them for a while.
     Sensors(SensorsArgs),
+    /// Ask the running daemon (its API socket) for requests' energy records, newest first.
+    Query(QueryArgs),
+    /// Ask the running daemon for energy per model or service.
+    Summary(SummaryArgs),
 }
 
 fn init_logging() {
@@ -90,6 +97,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Run(args) => daemon(args.into_config()?),
+        Command::Query(args) => query::requests(&args),
+        Command::Summary(args) => query::summary(&args),
         Command::Record(args) => {
             let mut config = args.run.into_config()?;
             config.output.record = Some(args.out);

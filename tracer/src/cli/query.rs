@@ -1,0 +1,190 @@
+//! `tracer query` and `tracer summary`: the daemon's API, over its Unix socket, as a table or
+//! JSON.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use super::args::{QueryArgs, SummaryArgs};
+
+/// `GET path` on the daemon's socket: the JSON body of a 200, else the API's error.
+fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such socket: is the daemon running, with this api.socket?"
+            }
+            std::io::ErrorKind::ConnectionRefused => {
+                "nobody answers (a daemon that stopped left it)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (the socket's mode, or its directory's)"
+            }
+            _ => "cannot connect",
+        };
+        anyhow::anyhow!("{}: {why}: {e}", socket.display())
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: tracer\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the daemon's answer has no HTTP head")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("the daemon's answer has no status")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    let v: Value = serde_json::from_str(&body).context("the daemon's answer is not JSON")?;
+    if status != 200 {
+        bail!(
+            "the daemon answered {status}: {}",
+            v["error"].as_str().unwrap_or(&body)
+        );
+    }
+    Ok(v)
+}
+
+/// A chunked body's data.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `key=value` pairs, percent-encoded.
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let enc = |v: &str| {
+        v.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn num(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
+}
+
+/// `tracer query`.
+pub fn requests(a: &QueryArgs) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/requests{}",
+        query(&[
+            ("service", a.service.clone()),
+            ("model", a.model.clone()),
+            ("outcome", a.outcome.clone()),
+            ("since", a.since.clone()),
+            ("until", a.until.clone()),
+            ("limit", Some(a.limit.to_string())),
+        ])
+    );
+    let v = get(&a.socket, &path)?;
+    let list = v["requests"].as_array().cloned().unwrap_or_default();
+    if a.json {
+        for r in &list {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}",
+        "id", "service", "model", "outcome", "tokens", "energy J", "± J", "J/token"
+    );
+    for r in &list {
+        println!(
+            "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}",
+            r["id"],
+            r["service_name"].as_str().unwrap_or("-"),
+            r["model"].as_str().unwrap_or("-"),
+            r["outcome"].as_str().unwrap_or("-"),
+            r["completion_tokens"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |t| t.to_string()),
+            num(&r["total_j"], 3),
+            num(&r["uncertainty_j"], 3),
+            num(&r["joules_per_output_token"], 4),
+        );
+    }
+    if let Some(c) = v["next_cursor"].as_str() {
+        eprintln!("(more: the API's cursor {c})");
+    }
+    Ok(())
+}
+
+/// `tracer summary`.
+pub fn summary(a: &SummaryArgs) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/summary{}",
+        query(&[
+            ("by", Some(a.by.clone())),
+            ("since", a.since.clone()),
+            ("until", a.until.clone()),
+        ])
+    );
+    let v = get(&a.socket, &path)?;
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let by = a.by.as_str();
+    println!(
+        "{:<24} {:>9} {:>13} {:>12} {:>10}",
+        by, "requests", "energy J", "kWh", "J/token"
+    );
+    for g in v["groups"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<24} {:>9} {:>13} {:>12} {:>10}",
+            g[by].as_str().unwrap_or("-"),
+            g["requests"],
+            num(&g["joules"], 2),
+            num(&g["kwh"], 6),
+            num(&g["joules_per_output_token"], 4),
+        );
+    }
+    Ok(())
+}
