@@ -15,6 +15,8 @@ mod query;
 mod reply;
 mod routes;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::BTreeMap,

@@ -211,6 +211,19 @@ fn one(shared: &Shared, id: &str, scope: &Scope) -> Reply {
     }
 }
 
+/// Every endpoint `route` serves, as `tracer/openapi.json` names them (a test holds the two
+/// together).
+pub const ENDPOINTS: [&str; 8] = [
+    "/health",
+    "/v1/requests",
+    "/v1/requests/{id}",
+    "/v1/summary",
+    "/v1/services",
+    "/v1/gpus",
+    "/v1/stream",
+    "/metrics",
+];
+
 /// Dispatches one request.
 pub fn route(
     method: &str,
@@ -236,7 +249,13 @@ pub fn route(
         "/metrics" => super::metrics::metrics(shared, scope),
         _ => match path.strip_prefix("/v1/requests/") {
             Some(id) => one(shared, id, scope),
-            None => error(404, format!("no such endpoint {path:?}")),
+            None => error(
+                404,
+                format!(
+                    "no such endpoint {path:?}; served: {}",
+                    ENDPOINTS.join(", ")
+                ),
+            ),
         },
     }
 }

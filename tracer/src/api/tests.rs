@@ -1,0 +1,130 @@
+//! The `OpenAPI` description (`tracer/openapi.json`) against the implementation: every
+//! documented path is served and answers with the documented required fields; every served
+//! path is documented.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{
+    Feed, Shared,
+    access::Scope,
+    reply::Reply,
+    routes::{ENDPOINTS, route},
+};
+use crate::{
+    ledger::RequestRecord,
+    pipeline::{Fact, FinalRecord, Subscriber as _},
+};
+
+const OPENAPI: &str = include_str!("../../openapi.json");
+
+fn record(id: u64) -> Arc<FinalRecord> {
+    let json = format!(
+        r#"{{"id":{id},"external_id":"x-{id}","service":1,"model":"m","arrive_ns":1,"first_byte_ns":2,"first_event_ns":null,"end_ns":3,"outcome":"complete","prompt_tokens":5,"cached_tokens":null,"completion_tokens":4,"events":0,"response_bytes":10,"devices":[],"dynamic_j":1.0,"idle_j":0.5,"total_j":1.5,"kwh":4.1e-7,"joules_per_output_token":0.375,"uncertainty_j":0.1,"coverage_gap_ns":0}}"#
+    );
+    let record: RequestRecord = serde_json::from_str(&json).expect("a record");
+    Arc::new(FinalRecord {
+        record,
+        service_name: "port 8000".into(),
+        end_unix_ms: 1_796_464_800_000,
+    })
+}
+
+/// The schema `s` points at (one `$ref` resolved).
+fn resolve<'a>(doc: &'a Value, s: &'a Value) -> &'a Value {
+    match s["$ref"].as_str() {
+        Some(r) => r
+            .trim_start_matches("#/")
+            .split('/')
+            .fold(doc, |v, k| &v[k]),
+        None => s,
+    }
+}
+
+#[test]
+fn every_documented_path_is_served_with_its_required_fields() {
+    let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+    let shared = Shared::new(100);
+    let mut feed = Feed(Arc::clone(&shared));
+    for id in 1..=3 {
+        feed.on_fact(&Fact::Record(&record(id))).expect("fed");
+    }
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut served = ENDPOINTS.to_vec();
+    documented.sort_unstable();
+    served.sort_unstable();
+    assert_eq!(
+        documented, served,
+        "openapi.json and the router list the same paths"
+    );
+    for (path, item) in paths {
+        let concrete = path.replace("{id}", "2");
+        let reply = route("GET", &concrete, None, &Scope::All, &shared);
+        let ok = &item["get"]["responses"]["200"]["content"];
+        match reply {
+            Reply::Json(status, body) => {
+                assert_eq!(status, 200, "{path}: {body}");
+                let schema = resolve(&doc, &ok["application/json"]["schema"]);
+                for field in schema["required"].as_array().into_iter().flatten() {
+                    let f = field.as_str().expect("a name");
+                    assert!(body.get(f).is_some(), "{path}: no {f} in {body}");
+                }
+            }
+            Reply::Text(status, kind, _) => {
+                assert_eq!(status, 200, "{path}");
+                assert!(
+                    ok.get(kind.split(';').next().unwrap_or(kind)).is_some(),
+                    "{path}: {kind}"
+                );
+            }
+            Reply::Stream => assert!(ok.get("application/x-ndjson").is_some(), "{path}"),
+        }
+    }
+    // A page's records carry the documented record fields.
+    let Reply::Json(_, page) = route("GET", "/v1/requests", Some("limit=2"), &Scope::All, &shared)
+    else {
+        panic!("a page");
+    };
+    let record_schema = &doc["components"]["schemas"]["Record"];
+    for r in page["requests"].as_array().expect("requests") {
+        for f in record_schema["required"].as_array().expect("required") {
+            let f = f.as_str().expect("a name");
+            assert!(r.get(f).is_some(), "record without {f}: {r}");
+        }
+    }
+    assert_eq!(page["next_cursor"], "r2");
+    let Reply::Json(_, next) = route(
+        "GET",
+        "/v1/requests",
+        Some("limit=2&cursor=r2"),
+        &Scope::All,
+        &shared,
+    ) else {
+        panic!("a page");
+    };
+    assert_eq!(next["requests"][0]["id"], 1);
+    assert_eq!(next["next_cursor"], Value::Null);
+    // Someone who owns nothing sees nothing.
+    let nobody = Scope::Services(Vec::new());
+    let Reply::Json(status, none) = route("GET", "/v1/requests", None, &nobody, &shared) else {
+        panic!("a page");
+    };
+    assert_eq!(
+        (status, none["requests"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    assert!(matches!(
+        route("GET", "/v1/requests/2", None, &nobody, &shared),
+        Reply::Json(404, _)
+    ));
+    assert!(matches!(
+        route("GET", "/v1/gpus", None, &nobody, &shared),
+        Reply::Json(403, _)
+    ));
+    assert!(matches!(
+        route("DELETE", "/v1/requests", None, &Scope::All, &shared),
+        Reply::Json(405, _)
+    ));
+}
