@@ -189,6 +189,29 @@ fn the_api_answers_over_its_unix_socket() {
     assert_eq!(status, 200);
     let want = format!("tracer_requests_total{{service=\"port {port}\",model=\"m-0\"}} 2");
     assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    let want = format!("tracer_request_joules_count{{service=\"port {port}\",model=\"m-0\"}} 2");
+    assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    // Prometheus's own checker reads it (format and naming).
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus)");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("metrics to promtool");
+    let checked = check.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     // The stream: a record that becomes final while it is open.
     let mut stream = UnixStream::connect(&sock).expect("connect");

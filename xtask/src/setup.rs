@@ -33,8 +33,13 @@ pub fn setup() -> Result<()> {
     }
 
     // 1b. Node.js: the tests trace Node's own `http` server (its writev-ended streams); the
-    // openssl command makes the HTTPS test's self-signed certificate.
-    for (tool, package) in [("node", "nodejs"), ("openssl", "openssl")] {
+    // openssl command makes the HTTPS test's self-signed certificate;
+    // promtool (Debian's prometheus) checks the API's /metrics text.
+    for (tool, package) in [
+        ("node", "nodejs"),
+        ("openssl", "openssl"),
+        ("promtool", "prometheus"),
+    ] {
         if succeeds(tool, &["version"]) || succeeds(tool, &["--version"]) {
             eprintln!("setup: {package} present");
         } else {

@@ -6,6 +6,53 @@ use super::{Shared, Totals, access::Scope, reply::Reply};
 
 /// How one counter is read from a group's totals.
 type Get = fn(&Totals) -> f64;
+/// How one histogram is found in a group's totals.
+type Hist = fn(&Totals) -> &Histogram;
+
+/// Bucket bounds, joules per request: 10 mJ to 10 kJ, three per decade.
+pub(super) const J_PER_REQUEST: [f64; 13] = [
+    0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10_000.0,
+];
+/// Bucket bounds, joules per output token: 1 mJ to 100 J.
+pub(super) const J_PER_TOKEN: [f64; 11] = [
+    0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0,
+];
+
+/// A Prometheus histogram: counts per bucket (not cumulative; summed when written), the sum
+/// and the count. Aggregatable across hosts, unlike quantiles.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Histogram {
+    buckets: [u64; 13],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// One observation against `bounds` (at most 13).
+    pub(super) fn observe(&mut self, bounds: &[f64], v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        if let Some(i) = bounds.iter().position(|&b| v <= b)
+            && let Some(c) = self.buckets.get_mut(i)
+        {
+            *c += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let mut cumulative = 0;
+        for (b, c) in bounds.iter().zip(self.buckets) {
+            cumulative += c;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
 
 /// A Prometheus label value, escaped.
 fn label(v: &str) -> String {
@@ -53,6 +100,27 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
                 label(m),
                 get(t)
             );
+        }
+    }
+    let histograms: [(&str, &str, &[f64], Hist); 2] = [
+        (
+            "tracer_request_joules",
+            "Energy of one request (dynamic and idle share), joules.",
+            &J_PER_REQUEST,
+            |t| &t.per_request,
+        ),
+        (
+            "tracer_output_token_joules",
+            "Energy of a request per output token, joules.",
+            &J_PER_TOKEN,
+            |t| &t.per_token,
+        ),
+    ];
+    for (name, help, bounds, get) in histograms {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (s, m, t) in &totals {
+            let labels = format!("service=\"{}\",model=\"{}\"", label(s), label(m));
+            get(t).write(&mut out, name, &labels, bounds);
         }
     }
     if *scope == Scope::All

@@ -37,6 +37,10 @@ struct Totals {
     requests: u64,
     joules: f64,
     output_tokens: u64,
+    /// Joules per request and per output token, as Prometheus histograms (cumulative counts
+    /// at `metrics::J_PER_REQUEST` and `metrics::J_PER_TOKEN`).
+    per_request: metrics::Histogram,
+    per_token: metrics::Histogram,
 }
 
 /// What the API serves from: shared between the pipeline (writer) and the server (readers).
@@ -111,6 +115,11 @@ impl Subscriber for Feed {
                     t.requests += 1;
                     t.joules += r.record.total_j;
                     t.output_tokens += r.record.completion_tokens.unwrap_or(0);
+                    t.per_request
+                        .observe(&metrics::J_PER_REQUEST, r.record.total_j);
+                    if let Some(j) = r.record.joules_per_output_token {
+                        t.per_token.observe(&metrics::J_PER_TOKEN, j);
+                    }
                 }
                 self.0.index().push(Arc::clone(r));
                 // No receiver is not an error: nobody streams.
