@@ -80,6 +80,19 @@ impl Shared {
     }
 }
 
+/// What the socket would answer root for `GET path_and_query`, in process (benchmarks,
+/// tests): the status and the body. `/v1/stream` has no body here.
+pub fn get_as_root(shared: &Shared, path_and_query: &str) -> (u16, String) {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .map_or((path_and_query, None), |(p, q)| (p, Some(q)));
+    match routes::route("GET", path, query, &access::Scope::All, shared) {
+        reply::Reply::Json(status, v) => (status, v.to_string()),
+        reply::Reply::Text(status, _, text) => (status, text),
+        reply::Reply::Stream => (200, String::new()),
+    }
+}
+
 /// The bus subscriber that keeps [`Shared`] current: in line (an index push and a broadcast
 /// per record, a pointer swap per snapshot), so nothing the API shows is ever skipped.
 pub struct Feed(pub Arc<Shared>);
