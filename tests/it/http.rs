@@ -125,6 +125,13 @@ fn check_server_bodies(
         let _ = t.wait();
     }
     assert!(!events.is_empty());
+    // Without --events-payload, nothing sent or received is kept.
+    assert!(
+        events
+            .iter()
+            .all(|e| e["payload"].as_str().is_none_or(str::is_empty)),
+        "a payload in the events file"
+    );
     if tls {
         assert!(
             log.contains("TLS plaintext (OpenSSL): 9 uprobes on"),

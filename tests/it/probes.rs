@@ -77,6 +77,8 @@ fn daemon_sees_exactly_the_targets_syscalls() {
             "5",
             "--summary-interval-ms",
             "200",
+            // The payloads too: this test reads them.
+            "--events-payload",
             // Per-call ioctl events as well as the aggregated GPU state changes.
             "--ioctl-events",
         ],

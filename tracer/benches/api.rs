@@ -68,13 +68,17 @@ fn main() {
         get_as_root(&shared, &format!("/v1/requests/{id}")).1.len()
     });
     percentiles("a page of 1,000 (model filter)", 200, || {
-        get_as_root(&shared, "/v1/requests?model=model-3&limit=1000").1.len()
+        get_as_root(&shared, "/v1/requests?model=model-3&limit=1000")
+            .1
+            .len()
     });
     percentiles("a page of 1,000 (no filter)", 200, || {
         get_as_root(&shared, "/v1/requests?limit=1000").1.len()
     });
     let since = END_MS - 86_400_000;
     percentiles("summary by model over 24 h (1 M records)", 50, || {
-        get_as_root(&shared, &format!("/v1/summary?by=model&since={since}")).1.len()
+        get_as_root(&shared, &format!("/v1/summary?by=model&since={since}"))
+            .1
+            .len()
     });
 }

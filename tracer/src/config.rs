@@ -114,6 +114,9 @@ pub struct OutputConfig {
     pub summary_interval_ms: u64,
     /// Write every decoded probe event as a JSON line here (debugging and tests).
     pub events_out: Option<PathBuf>,
+    /// Keep the captured payload (the bytes sent and received: prompts, completions,
+    /// credentials) in `events_out`. Off: events carry lengths and timing only.
+    pub events_payload: bool,
     /// Write every finished HTTP request as a JSON line here.
     pub requests_out: Option<PathBuf>,
     /// Write every request's final energy record as a JSON line here.
@@ -128,6 +131,7 @@ impl Default for OutputConfig {
         Self {
             summary_interval_ms: 1000,
             events_out: None,
+            events_payload: false,
             requests_out: None,
             records_out: None,
             record: None,

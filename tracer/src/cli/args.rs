@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Write every decoded probe event as a JSON line to this file. [config: output.events_out]
     #[arg(long)]
     pub events_out: Option<PathBuf>,
+    /// Keep captured payloads (prompts, completions, credentials) in --events-out; without it
+    /// events carry lengths and timing only. [config: output.events_payload]
+    #[arg(long)]
+    pub events_payload: bool,
     /// Write every finished HTTP request as a JSON line to this file. [config: output.requests_out]
     #[arg(long)]
     pub requests_out: Option<PathBuf>,
@@ -256,6 +260,9 @@ impl RunArgs {
         }
         if let Some(v) = self.summary_interval_ms {
             c.output.summary_interval_ms = v;
+        }
+        if self.events_payload {
+            c.output.events_payload = true;
         }
         if self.events_out.is_some() {
             c.output.events_out = self.events_out;

@@ -67,7 +67,8 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
         ),
     ] {
         if let Some(p) = path {
-            bus.subscribe(Box::new(file(stream, p, what)?));
+            let out = file(stream, p, what)?.with_payload(config.output.events_payload);
+            bus.subscribe(Box::new(out));
         }
     }
     bus.subscribe(Box::new(LogSummary::new()));

@@ -7,7 +7,10 @@ use std::{
     path::Path,
 };
 
-use crate::pipeline::{Fact, Interest, Subscriber, SubscriberError};
+use crate::{
+    pipeline::{Fact, Interest, Subscriber, SubscriberError},
+    probe::decode::Body,
+};
 
 /// Which facts a JSON-lines output writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +37,9 @@ impl Stream {
 pub struct JsonLines {
     stream: Stream,
     w: BufWriter<Box<dyn Write + Send>>,
+    /// Events keep the bytes the probes captured (prompts, completions, credentials): off
+    /// unless asked for (`output.events_payload`).
+    payload: bool,
 }
 
 impl std::fmt::Debug for JsonLines {
@@ -50,7 +56,16 @@ impl JsonLines {
         Self {
             stream,
             w: BufWriter::new(w),
+            payload: false,
         }
+    }
+
+    /// Keeps captured payloads in events (what was sent and received: prompts, completions,
+    /// credentials).
+    #[must_use]
+    pub fn with_payload(mut self, payload: bool) -> Self {
+        self.payload = payload;
+        self
     }
 
     /// Writes `stream` to a new file at `path`, replacing one there (a replay's outputs are
@@ -124,7 +139,16 @@ impl Subscriber for JsonLines {
 
     fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
         match (self.stream, fact) {
-            (Stream::Events, Fact::Event { event, .. }) => self.line(*event),
+            (Stream::Events, Fact::Event { event, .. }) => {
+                if !self.payload && matches!(event.body, Body::Data { .. }) {
+                    let mut e = (*event).clone();
+                    if let Body::Data { payload, .. } = &mut e.body {
+                        *payload = &[];
+                    }
+                    return self.line(&e);
+                }
+                self.line(*event)
+            }
             (Stream::Requests, Fact::Request(r)) => self.line(&***r),
             (Stream::Records, Fact::Record(r)) => self.line(&***r),
             _ => Ok(()),
