@@ -107,6 +107,8 @@ fn daemon(dir: &TempDir, ports: &[u16]) -> Tracer {
         config.to_str().expect("utf-8").into(),
         "--summary-interval-ms".into(),
         "200".into(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
     ];
     for p in ports {
         args.extend(["--port".into(), p.to_string()]);
@@ -191,6 +193,21 @@ fn the_api_answers_over_its_unix_socket() {
     assert!(metrics.contains(&want), "{want} not in\n{metrics}");
     let want = format!("tracer_request_joules_count{{service=\"port {port}\",model=\"m-0\"}} 2");
     assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    // The same on the TCP listener Prometheus scrapes (its port from the log).
+    let log = tracer.log_text();
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|r| r.split("/metrics").next())
+        .expect("the metrics address in the log");
+    let mut tcp = std::net::TcpStream::connect(addr).expect("metrics listener");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut scraped = String::new();
+    tcp.read_to_string(&mut scraped).expect("read");
+    assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+    let want = format!("tracer_requests_total{{service=\"port {port}\",model=\"m-0\"}} 2");
+    assert!(scraped.contains(&want), "{scraped}");
     // Prometheus's own checker reads it (format and naming).
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])

@@ -19,6 +19,9 @@ pub struct ApiConfig {
     pub memory_records: usize,
     /// Connections served at once; more wait in the socket's backlog.
     pub max_connections: usize,
+    /// Also serve `/metrics` (and `/health`) on this TCP address, for Prometheus; off when
+    /// unset. No credentials over TCP: bind it where only the scraper reaches.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ApiConfig {
@@ -29,6 +32,7 @@ impl Default for ApiConfig {
             group: None,
             memory_records: 100_000,
             max_connections: 64,
+            metrics_listen: None,
         }
     }
 }

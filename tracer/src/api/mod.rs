@@ -10,6 +10,7 @@
 mod access;
 mod config;
 mod index;
+mod listen;
 mod metrics;
 mod query;
 mod reply;
@@ -24,6 +25,7 @@ use std::{
 };
 
 pub use config::ApiConfig;
+pub use listen::MetricsListener;
 pub use server::{Api, ApiError};
 
 use crate::{

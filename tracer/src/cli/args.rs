@@ -180,6 +180,10 @@ pub struct RunArgs {
     /// Serve no API. [config: api.socket unset]
     #[arg(long, conflicts_with = "api_socket")]
     pub no_api: bool,
+    /// Also serve /metrics on this TCP address (e.g. 127.0.0.1:9464) for Prometheus.
+    /// [config: api.metrics_listen]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Members of this group see every service through the API, as root does.
     /// [config: api.group]
     #[arg(long, value_name = "GROUP")]
@@ -239,6 +243,9 @@ impl RunArgs {
         }
         if self.no_api {
             c.api.socket = None;
+        }
+        if let Some(a) = self.metrics_listen {
+            c.api.metrics_listen = Some(a);
         }
         if let Some(g) = self.api_group {
             c.api.group = Some(g);

@@ -137,11 +137,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
     };
     let mut bus = outputs::bus(&config, &pipeline_config)?;
-    let api_state = config
-        .api
-        .socket
-        .as_ref()
-        .map(|_| crate::api::Shared::new(config.api.memory_records));
+    let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
+        .then(|| crate::api::Shared::new(config.api.memory_records));
     if let Some(state) = &api_state {
         bus.subscribe(Box::new(crate::api::Feed(std::sync::Arc::clone(state))));
     }
@@ -181,13 +178,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         },
     );
 
-    let _api = match (&config.api.socket, api_state) {
+    let _api = match (&config.api.socket, api_state.clone()) {
         (Some(path), Some(state)) => {
             let api = crate::api::Api::start(&config.api, path, state, procfs.proc_root.clone())?;
             tracing::info!("API on {} (mode {:o})", path.display(), config.api.mode);
             Some(api)
         }
         _ => None,
+    };
+    let _metrics = match config.api.metrics_listen {
+        Some(addr) => {
+            let state = api_state
+                .clone()
+                .unwrap_or_else(|| crate::api::Shared::new(config.api.memory_records));
+            let m = crate::api::MetricsListener::start(addr, state).await?;
+            tracing::info!("metrics on http://{}/metrics", m.addr);
+            Some(m)
+        }
+        None => None,
     };
 
     let mut sigint =
