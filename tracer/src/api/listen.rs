@@ -3,15 +3,17 @@
 //! root gets from `/metrics`, so bind it where only the scraper reaches (loopback, or a
 //! network policy), and it gets nothing else.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use super::{Shared, get_as_root, server::ApiError};
+use super::{
+    Shared, get_as_root,
+    server::{ApiError, serve},
+};
 
 /// The running listener (stops when dropped).
 #[derive(Debug)]
@@ -76,12 +78,7 @@ impl MetricsListener {
                         let resp = answer(&shared, req.uri().path());
                         async move { Ok::<_, Infallible>(resp) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(5))
-                        .max_buf_size(16 * 1024)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    serve(stream, service).await;
                 });
             }
         });

@@ -146,6 +146,26 @@ fn reply(r: Reply, shared: &Shared, scope: &access::Scope) -> Response<ApiBody> 
     resp
 }
 
+/// One client connection, HTTP/1.1 with keep-alive: a head not sent within 5 s, or over
+/// 16 KiB, ends it (hyper answers 408/431 where it can).
+pub(super) async fn serve<S, B>(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    service: S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 impl Api {
     /// Binds the socket and serves it on the current tokio runtime until dropped.
     pub fn start(
@@ -190,12 +210,7 @@ impl Api {
                         let resp = reply(r, &shared, &scope);
                         async move { Ok::<_, Infallible>(resp) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(5))
-                        .max_buf_size(16 * 1024)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    serve(stream, service).await;
                 });
             }
         });
