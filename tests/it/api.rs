@@ -442,21 +442,7 @@ fn a_restart_appends_and_keeps_the_recording() {
     let kept = dir.path().join("run.rec.1");
     assert!(kept.exists() && recording.exists(), "both recordings");
     // The kept one is the first run's, whole: it replays to the first run's records.
-    let replayed = dir.path().join("replayed.jsonl");
-    let out = Command::new(TRACER)
-        .arg("replay")
-        .arg(&kept)
-        .arg("--records-out")
-        .arg(&replayed)
-        .output()
-        .expect("replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let n = std::fs::read_to_string(&replayed)
-        .expect("replayed")
+    let n = tracer_tests::replay(TRACER, &kept, dir.path())
         .lines()
         .count();
     assert_eq!(n, 2, "the first run's two records");

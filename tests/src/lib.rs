@@ -423,3 +423,22 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     assert!(made.success(), "openssl req failed");
     (cert, key)
 }
+
+/// `exe replay <recording> --records-out <dir>/replayed.jsonl`: the replayed records' text
+/// (panics with the daemon's stderr if the replay fails).
+pub fn replay(exe: &str, recording: &Path, dir: &Path) -> String {
+    let replayed = dir.join("replayed.jsonl");
+    let out = Command::new(exe)
+        .arg("replay")
+        .arg(recording)
+        .arg("--records-out")
+        .arg(&replayed)
+        .output()
+        .expect("run the replay");
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&replayed).expect("replayed records")
+}
