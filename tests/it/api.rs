@@ -449,3 +449,30 @@ fn a_restart_appends_and_keeps_the_recording() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A file that is not a socket at the API's path is never removed: the daemon refuses to start
+/// and says why.
+#[test]
+fn a_file_at_the_socket_path_is_left_alone() {
+    if !privileged_or_skip("a_file_at_the_socket_path_is_left_alone") {
+        return;
+    }
+    let dir = TempDir::new("api-not-a-socket");
+    let path = dir.path().join("important.txt");
+    std::fs::write(&path, "keep me").expect("file");
+    let mut target = Command::new("sleep").arg("30").spawn().expect("sleep");
+    let out = Command::new(TRACER)
+        .args(["run", "--pid", &target.id().to_string(), "--api-socket"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let _ = target.kill();
+    let _ = target.wait();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("still there"),
+        "keep me"
+    );
+}

@@ -24,6 +24,9 @@ use super::{ApiConfig, Shared, access, reply::Reply, routes};
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// Something that is not a socket is at the socket's path.
+    #[error("{0} exists and is not a socket: choose another api.socket")]
+    NotASocket(PathBuf),
     /// Another process serves the socket (another daemon).
     #[error("{0}: another process is serving this socket (is another tracer running?)")]
     InUse(PathBuf),
@@ -65,7 +68,12 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ApiError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("creating the directory of", path))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        // Only a socket is ever replaced: a misconfigured path never costs a file.
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_path_buf()));
         }
