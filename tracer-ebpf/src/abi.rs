@@ -651,6 +651,9 @@ pub const TARGET_CGROUP: u32 = 8;
 pub const TARGET_CHILD: u32 = 16;
 /// An IPC peer of a target (same service: found by service discovery in userspace).
 pub const TARGET_PEER: u32 = 32;
+/// Its OpenSSL is probed (`tls.rs`): its socket reads are remembered per thread, for libraries
+/// that hand OpenSSL the bytes through a memory BIO. Set by userspace with the uprobes.
+pub const TARGET_TLS: u32 = 64;
 
 /// The probes' configuration, a global the loader overrides before loading.
 #[repr(C)]

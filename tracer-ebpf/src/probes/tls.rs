@@ -18,11 +18,11 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_ebpf::abi::{ROLE_IPC, SslCall, SslKey, Stat, Syscall};
+use tracer_ebpf::abi::{ROLE_IPC, SslCall, SslKey, Stat, Syscall, TARGET_TLS};
 
 use super::{
-    CONNS, LAST_READ, SSL_CALLS, SSL_FDS, bump, capture::emit_data, current_target, fd_key,
-    read_user, stash_entry,
+    CONNS, LAST_READ, SSL_CALLS, SSL_FDS, TARGETS, bump, capture::emit_data, current_target,
+    fd_key, read_user, stash_entry,
 };
 
 /// `SSL_read(ssl, buf, num)`, `SSL_read_ex(ssl, buf, num, &readbytes)` and the writes alike.
@@ -173,8 +173,13 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A target's thread read bytes from socket `fd` (see `LAST_READ`).
+/// A target's thread read bytes from socket `fd` (see `LAST_READ`): remembered only in
+/// processes whose OpenSSL is probed, so no other target pays for the map update on each read.
 #[inline(always)]
 pub(super) fn read_socket(id: u64, fd: i64) {
-    let _ = LAST_READ.insert(id, fd, u64::from(BPF_ANY));
+    // SAFETY: copied out immediately.
+    let tls = unsafe { TARGETS.get((id >> 32) as u32) }.is_some_and(|r| r & TARGET_TLS != 0);
+    if tls {
+        let _ = LAST_READ.insert(id, fd, u64::from(BPF_ANY));
+    }
 }

@@ -40,10 +40,16 @@ static TLS: Family = Family {
 
 impl Probes {
     /// Attaches the TLS uprobes to every OpenSSL read/write symbol `library` (a `libssl`, or
-    /// an executable exporting them) has, for `pid` (or every process when `None`). Returns how
-    /// many were attached; the same (library, process) twice is a no-op that returns 0.
+    /// an executable exporting them) has, for `pid` (or every process when `None`: then only
+    /// OpenSSL's socket BIO is read, as no process is marked for memory BIOs). Returns how many
+    /// were attached; the same (library, process) twice is a no-op that returns 0.
     pub fn attach_tls(&mut self, library: &Path, pid: Option<Pid>) -> Result<usize, ProbeError> {
-        self.attach_family(&TLS, library, pid)
+        let n = self.attach_family(&TLS, library, pid)?;
+        // Its socket reads are remembered from now on (memory BIOs; `TARGET_TLS`).
+        if let Some(p) = pid {
+            self.add_target(p.0, tracer_ebpf::abi::TARGET_TLS)?;
+        }
+        Ok(n)
     }
 
     /// Detaches the TLS uprobes from a process (every library). Returns how many.
