@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
 use super::args::{QueryArgs, SummaryArgs};
@@ -47,56 +48,25 @@ fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("the daemon's answer has no status")?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    let v: Value = serde_json::from_str(&body).context("the daemon's answer is not JSON")?;
+    // The API answers JSON with a Content-Length (a whole body), never chunked.
+    let v: Value = serde_json::from_str(body).context("the daemon's answer is not JSON")?;
     if status != 200 {
         bail!(
             "the daemon answered {status}: {}",
-            v["error"].as_str().unwrap_or(&body)
+            v["error"].as_str().unwrap_or(body)
         );
     }
     Ok(v)
 }
 
-/// A chunked body's data.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// `key=value` pairs, percent-encoded.
 fn query(pairs: &[(&str, Option<String>)]) -> String {
-    let enc = |v: &str| {
-        v.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect::<String>()
-    };
     let parts: Vec<String> = pairs
         .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v))))
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|v| format!("{k}={}", utf8_percent_encode(v, NON_ALPHANUMERIC)))
+        })
         .collect();
     if parts.is_empty() {
         String::new()
