@@ -169,11 +169,23 @@ fn run_host(name: &str, seconds: u32, host_args: &[&OsStr]) -> Run {
     }
 }
 
+/// One emulated host at a time: two hosts and two daemons on this VM's two cores disturb the
+/// emulation's own step timing, which is what the accuracy bounds are about (a CI run with
+/// both at once put the preempted requests' median at 13 %, 5-6 % alone).
+static ONE_HOST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_host_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_HOST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn requests_get_energy_from_both_gpus_matching_ground_truth() {
     if !privileged_or_skip("requests_get_energy_from_both_gpus_matching_ground_truth") {
         return;
     }
+    let _host = one_host_at_a_time();
     // More clients (8) than the 4 requests the engine runs at once: requests queue.
     let run = run_host("emulated", 8, &[OsStr::new("--max-seqs"), OsStr::new("4")]);
     let Run {
@@ -326,6 +338,7 @@ fn preempted_requests_do_not_share_the_steps_they_sat_out() {
     if !privileged_or_skip("preempted_requests_do_not_share_the_steps_they_sat_out") {
         return;
     }
+    let _host = one_host_at_a_time();
     // A KV cache of 2,000 tokens for 8 running requests of up to ~1,200: the engine preempts
     // the latest-scheduled ones and recomputes them later (vLLM's recompute preemption).
     // 16 s: the preempted ones' median is over a few dozen requests; over 8 s (15-19 of them)
