@@ -32,7 +32,7 @@ echo "== live: tracer first, then the server"
 mkfifo /tmp/go
 bash -c 'read _ < /tmp/go; exec python3 tests/device/torch_server.py '$PORT > /tmp/server.log 2>&1 &
 WRAP=$!
-"$T" record --out "$OUT/live.rec" --pid $WRAP --records-out "$OUT/live-records.jsonl" \
+"$T" record --store "$OUT/store-live" --out "$OUT/live.rec" --pid $WRAP --records-out "$OUT/live-records.jsonl" \
   --events-out /tmp/live-events.jsonl --summary-interval-ms 5000 2> "$OUT/live-tracer.log" &
 TR=$!
 for i in $(seq 60); do grep -q attached "$OUT/live-tracer.log" && break; sleep 0.5; done
@@ -47,7 +47,7 @@ echo "gpu events:"; cat "$OUT/live-gpu-events.jsonl" | head -40
 grep -E "bound|released|power:|NVML|shutting" "$OUT/live-tracer.log" | head -30
 
 echo "== late: attach to the running server by port"
-"$T" record --out "$OUT/late.rec" --port $PORT --records-out "$OUT/late-records.jsonl" \
+"$T" record --store "$OUT/store-late" --out "$OUT/late.rec" --port $PORT --records-out "$OUT/late-records.jsonl" \
   --summary-interval-ms 5000 2> "$OUT/late-tracer.log" &
 TR=$!
 for i in $(seq 60); do grep -q attached "$OUT/late-tracer.log" && break; sleep 0.5; done

@@ -462,7 +462,13 @@ fn a_file_at_the_socket_path_is_left_alone() {
     std::fs::write(&path, "keep me").expect("file");
     let mut target = Command::new("sleep").arg("30").spawn().expect("sleep");
     let out = Command::new(TRACER)
-        .args(["run", "--pid", &target.id().to_string(), "--api-socket"])
+        .args([
+            "run",
+            "--no-store",
+            "--pid",
+            &target.id().to_string(),
+            "--api-socket",
+        ])
         .arg(&path)
         .output()
         .expect("run");

@@ -48,7 +48,14 @@ fn invalid_values_are_refused_and_each_cause_told_once() {
     if !privileged_or_skip("invalid_values_are_refused_and_each_cause_told_once") {
         return;
     }
-    let text = failed(Command::new(TRACER).args(["run", "--port", "1", "--capture-bytes", "0"]));
+    let text = failed(Command::new(TRACER).args([
+        "run",
+        "--no-store",
+        "--port",
+        "1",
+        "--capture-bytes",
+        "0",
+    ]));
     assert_eq!(text.matches("probe.capture_bytes = 0").count(), 1, "{text}");
 
     let dir = TempDir::new("cli-errors");
@@ -67,7 +74,13 @@ fn invalid_values_are_refused_and_each_cause_told_once() {
     let out = dir.path().join("missing-dir").join("records.jsonl");
     let text = failed(
         Command::new(TRACER)
-            .args(["run", "--pid", &target.id().to_string(), "--records-out"])
+            .args([
+                "run",
+                "--no-store",
+                "--pid",
+                &target.id().to_string(),
+                "--records-out",
+            ])
             .arg(&out),
     );
     let _ = target.kill();

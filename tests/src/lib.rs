@@ -64,6 +64,10 @@ impl Tracer {
         {
             cmd.arg("--api-socket").arg(dir.join("tracer.sock"));
         }
+        // And its own store (the default directory is one per host, locked).
+        if !args.iter().any(|a| *a == "--store" || *a == "--no-store") {
+            cmd.arg("--store").arg(dir.join("store"));
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -99,6 +103,14 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(20));
         }
         t
+    }
+
+    /// `kill -9`: the daemon dies with no chance to finish anything (a crash).
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// The daemon's process id.

@@ -51,7 +51,10 @@ fn main() {
     )
     .expect("template record");
     let shared = Shared::new(N as usize);
-    let mut feed = Feed(Arc::clone(&shared));
+    let mut feed = Feed {
+        shared: Arc::clone(&shared),
+        records: true,
+    };
     let t = Instant::now();
     for id in 1..=N {
         feed.on_fact(&Fact::Record(&record(id, &template)))

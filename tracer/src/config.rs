@@ -42,6 +42,8 @@ pub struct Config {
     pub ledger: crate::ledger::LedgerConfig,
     /// The local-socket API.
     pub api: crate::api::ApiConfig,
+    /// The durable store.
+    pub store: crate::store::StoreConfig,
 }
 
 /// Probe and ring-buffer settings.

@@ -8,7 +8,8 @@
 //!   → occupancy (GPU devices, services, which process holds which GPU)
 //!   → pipeline (deterministic: inputs in, facts out)  ← power (samplers)
 //!        └ ledger (where every joule goes)
-//!   → output (subscribers: JSON lines, log summary) and record (recordings, replay)
+//!   → output (subscribers: JSON lines, log summary), record (recordings, replay),
+//!     store (the database, its writer, crash recovery) and api (the local socket)
 //! ```
 //!
 //! [`daemon`] wires them together at run time; [`cli`] is the binary's front end.
@@ -26,4 +27,5 @@ pub mod power;
 pub mod probe;
 pub mod procfs;
 pub mod record;
+pub mod store;
 pub mod wire;

@@ -60,6 +60,8 @@ fn bench_case(
                 "--summary-interval-ms",
                 "0",
             ])
+            .arg("--store")
+            .arg(dir.join(format!("store-{pid}")))
             .arg("--device-root")
             .arg(dir)
             .arg("--standin-devices")

@@ -142,6 +142,8 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
         .arg(format!("TRACER_EMU_STATE={}", state.display()))
         .arg(release.join("tracer"))
         .args(["run", "--port", &port.to_string()])
+        .arg("--store")
+        .arg(dir.join("store"))
         .arg("--device-root")
         .arg(&dev)
         .arg("--standin-devices")

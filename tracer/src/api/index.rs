@@ -12,13 +12,16 @@ pub struct Filter {
     pub service_name: Option<String>,
     pub model: Option<String>,
     pub outcome: Option<String>,
+    pub tenant: Option<String>,
+    /// Records with smaller ids are hidden (earlier runs, for callers limited to their own).
+    pub first_id: u64,
     /// Unix milliseconds, on the record's end.
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
 }
 
 impl Filter {
-    fn keeps(&self, r: &FinalRecord) -> bool {
+    pub fn keeps(&self, r: &FinalRecord) -> bool {
         self.services
             .as_ref()
             .is_none_or(|s| s.contains(&r.record.service))
@@ -34,6 +37,11 @@ impl Filter {
                 .outcome
                 .as_ref()
                 .is_none_or(|o| r.record.outcome.name() == o.as_str())
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| r.record.tenant.as_deref() == Some(t.as_str()))
+            && r.record.id.0 >= self.first_id
             && self.since_ms.is_none_or(|t| r.end_unix_ms >= t)
             && self.until_ms.is_none_or(|t| r.end_unix_ms < t)
     }
@@ -59,6 +67,15 @@ impl Index {
 
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The oldest id held (older ones are in the store, if anywhere).
+    pub fn oldest_id(&self) -> Option<u64> {
+        self.records.front().map(|r| r.record.id.0)
     }
 
     pub fn push(&mut self, r: Arc<FinalRecord>) {

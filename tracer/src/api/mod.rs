@@ -55,6 +55,11 @@ pub struct Shared {
     snapshot: Mutex<Option<Arc<Snapshot>>>,
     /// Records as they become final, for `/v1/stream` (a slow reader lags and is told so).
     stream: tokio::sync::broadcast::Sender<Arc<FinalRecord>>,
+    /// The store, read where memory ends (older records, ids evicted from memory).
+    store: Mutex<Option<crate::store::Store>>,
+    /// This run's first request id: records below it are earlier runs', whose service ids
+    /// meant other services, so only root and the API group see them.
+    run_first_id: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -65,7 +70,82 @@ impl Shared {
             totals: Mutex::new(BTreeMap::new()),
             snapshot: Mutex::new(None),
             stream: tokio::sync::broadcast::channel(4096).0,
+            store: Mutex::new(None),
+            run_first_id: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Serves records from earlier runs: the newest `memory` of them from `store` into memory,
+    /// older ones from the store on demand; this run's ids start at `run_first_id`.
+    pub fn attach_store(
+        &self,
+        store: crate::store::Store,
+        run_first_id: u64,
+    ) -> Result<usize, crate::store::StoreError> {
+        let newest = store.newest(self.index().capacity())?;
+        let n = newest.len();
+        {
+            let mut index = self.index();
+            for r in newest {
+                index.push(Arc::new(r));
+            }
+        }
+        self.run_first_id
+            .store(run_first_id, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(store);
+        Ok(n)
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Option<crate::store::Store>> {
+        self.store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The first id a caller limited to its own services may see (earlier runs are hidden).
+    fn first_visible(&self, scope: &access::Scope) -> u64 {
+        match scope {
+            access::Scope::All => 0,
+            access::Scope::Services(_) => {
+                self.run_first_id.load(std::sync::atomic::Ordering::Relaxed)
+            }
+        }
+    }
+
+    /// Whether a caller with `scope` may see `r`.
+    fn sees(&self, scope: &access::Scope, r: &FinalRecord) -> bool {
+        scope.sees(r.record.service) && r.record.id.0 >= self.first_visible(scope)
+    }
+
+    /// A record became final (and stored, when there is a store): into the totals, the
+    /// index and the stream.
+    pub fn add_record(&self, r: &Arc<FinalRecord>) {
+        {
+            let mut totals = self
+                .totals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (
+                r.record.service,
+                r.service_name.clone(),
+                r.record.model.clone().unwrap_or_default(),
+            );
+            let t = totals.entry(key).or_default();
+            t.requests += 1;
+            t.joules += r.record.total_j;
+            t.output_tokens += r.record.completion_tokens.unwrap_or(0);
+            t.per_request
+                .observe(&metrics::J_PER_REQUEST, r.record.total_j);
+            if let Some(j) = r.record.joules_per_output_token {
+                t.per_token.observe(&metrics::J_PER_TOKEN, j);
+            }
+        }
+        self.index().push(Arc::clone(r));
+        // No receiver is not an error: nobody streams.
+        let _ = self.stream.send(Arc::clone(r));
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, index::Index> {
@@ -97,7 +177,11 @@ pub fn get_as_root(shared: &Shared, path_and_query: &str) -> (u16, String) {
 
 /// The bus subscriber that keeps [`Shared`] current: in line (an index push and a broadcast
 /// per record, a pointer swap per snapshot), so nothing the API shows is ever skipped.
-pub struct Feed(pub Arc<Shared>);
+/// With a store, records come from its writer once committed instead (`records: false`).
+pub struct Feed {
+    pub shared: Arc<Shared>,
+    pub records: bool,
+}
 
 impl Subscriber for Feed {
     fn name(&self) -> &'static str {
@@ -106,7 +190,7 @@ impl Subscriber for Feed {
 
     fn interest(&self) -> Interest {
         Interest {
-            records: true,
+            records: self.records,
             snapshots: true,
             ..Interest::default()
         }
@@ -114,35 +198,10 @@ impl Subscriber for Feed {
 
     fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
         match fact {
-            Fact::Record(r) => {
-                {
-                    let mut totals = self
-                        .0
-                        .totals
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let key = (
-                        r.record.service,
-                        r.service_name.clone(),
-                        r.record.model.clone().unwrap_or_default(),
-                    );
-                    let t = totals.entry(key).or_default();
-                    t.requests += 1;
-                    t.joules += r.record.total_j;
-                    t.output_tokens += r.record.completion_tokens.unwrap_or(0);
-                    t.per_request
-                        .observe(&metrics::J_PER_REQUEST, r.record.total_j);
-                    if let Some(j) = r.record.joules_per_output_token {
-                        t.per_token.observe(&metrics::J_PER_TOKEN, j);
-                    }
-                }
-                self.0.index().push(Arc::clone(r));
-                // No receiver is not an error: nobody streams.
-                let _ = self.0.stream.send(Arc::clone(r));
-            }
+            Fact::Record(r) => self.shared.add_record(r),
             Fact::Snapshot(s) => {
                 *self
-                    .0
+                    .shared
                     .snapshot
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(s));

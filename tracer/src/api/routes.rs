@@ -19,7 +19,7 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
 
 /// The filter the query asks for, within the caller's scope.
-fn filter(p: &BTreeMap<String, String>, scope: &Scope) -> Result<Filter, Reply> {
+fn filter(p: &BTreeMap<String, String>, scope: &Scope, shared: &Shared) -> Result<Filter, Reply> {
     let time = |k: &str| -> Result<Option<i64>, Reply> {
         p.get(k)
             .map(|v| {
@@ -33,7 +33,14 @@ fn filter(p: &BTreeMap<String, String>, scope: &Scope) -> Result<Filter, Reply> 
             .transpose()
     };
     if let Some(o) = p.get("outcome")
-        && !["complete", "closed_early", "truncated", "aborted"].contains(&o.as_str())
+        && ![
+            "complete",
+            "closed_early",
+            "truncated",
+            "aborted",
+            "incomplete",
+        ]
+        .contains(&o.as_str())
     {
         return Err(error(400, format!("outcome: unknown {o:?}")));
     }
@@ -42,6 +49,8 @@ fn filter(p: &BTreeMap<String, String>, scope: &Scope) -> Result<Filter, Reply> 
         service_name: p.get("service").cloned(),
         model: p.get("model").cloned(),
         outcome: p.get("outcome").cloned(),
+        tenant: p.get("tenant").cloned(),
+        first_id: shared.first_visible(scope),
         since_ms: time("since")?,
         until_ms: time("until")?,
     })
@@ -50,14 +59,14 @@ fn filter(p: &BTreeMap<String, String>, scope: &Scope) -> Result<Filter, Reply> 
 fn requests(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Reply {
     for k in p.keys() {
         if ![
-            "service", "model", "outcome", "since", "until", "limit", "cursor",
+            "service", "model", "tenant", "outcome", "since", "until", "limit", "cursor",
         ]
         .contains(&k.as_str())
         {
             return error(400, format!("unknown parameter {k:?}"));
         }
     }
-    let f = match filter(p, scope) {
+    let f = match filter(p, scope, shared) {
         Ok(f) => f,
         Err(r) => return r,
     };
@@ -74,12 +83,42 @@ fn requests(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Rep
         Some(Some(Ok(id))) => Some(id),
         Some(_) => return error(400, "cursor: not one this API gave"),
     };
-    let page = shared.index().page(&f, before, limit);
+    let (mut page, oldest) = {
+        let index = shared.index();
+        (index.page(&f, before, limit), index.oldest_id())
+    };
+    // Memory holds the newest records; older ones are read from the store.
+    if page.len() < limit
+        && let Some(store) = shared.store().as_ref()
+    {
+        let from = before.unwrap_or(u64::MAX).min(oldest.unwrap_or(u64::MAX));
+        match store.page(&stored_filter(&f), from, limit - page.len()) {
+            Ok(more) => page.extend(more.into_iter().map(Arc::new)),
+            Err(e) => return error(500, format!("reading the store: {e}")),
+        }
+    }
     let next = (page.len() == limit)
         .then(|| page.last().map(|r| format!("r{}", r.record.id.0)))
         .flatten();
     let page: Vec<&FinalRecord> = page.iter().map(Arc::as_ref).collect();
     Reply::Json(200, json!({ "requests": page, "next_cursor": next }))
+}
+
+/// The same filter on the store's columns.
+fn stored_filter(f: &Filter) -> crate::store::StoredFilter {
+    crate::store::StoredFilter {
+        services: f
+            .services
+            .as_ref()
+            .map(|s| s.iter().map(|id| id.0).collect()),
+        service_name: f.service_name.clone(),
+        first_id: f.first_id,
+        model: f.model.clone(),
+        tenant: f.tenant.clone(),
+        outcome: f.outcome.clone(),
+        since_ms: f.since_ms,
+        until_ms: f.until_ms,
+    }
 }
 
 /// One group's sums in a summary.
@@ -97,27 +136,54 @@ struct Sum {
 /// unattributed energy from the latest snapshot (whole host: root and the group only).
 fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Reply {
     let by = p.get("by").map_or("service", String::as_str);
-    if !["model", "service"].contains(&by) {
-        return error(400, format!("by: model or service, not {by:?}"));
+    if !["model", "service", "tenant"].contains(&by) {
+        return error(400, format!("by: model, service or tenant, not {by:?}"));
     }
-    let f = match filter(p, scope) {
+    let f = match filter(p, scope, shared) {
         Ok(f) => f,
         Err(r) => return r,
     };
     let mut groups: BTreeMap<String, Sum> = BTreeMap::new();
-    for r in shared.index().all(&f) {
-        let key = match by {
-            "model" => r.record.model.clone().unwrap_or_else(|| "(unknown)".into()),
-            _ => r.service_name.clone(),
+    let oldest = {
+        let index = shared.index();
+        for r in index.all(&f) {
+            let key = match by {
+                "model" => r.record.model.clone().unwrap_or_else(|| "(unknown)".into()),
+                "tenant" => r.record.tenant.clone().unwrap_or_else(|| "(none)".into()),
+                _ => r.service_name.clone(),
+            };
+            let g = groups.entry(key).or_default();
+            g.requests += 1;
+            g.total_j += r.record.total_j;
+            g.dynamic_j += r.record.dynamic_j;
+            g.idle_j += r.record.idle_j;
+            if let Some(t) = r.record.completion_tokens.filter(|&t| t > 0) {
+                g.tokens += t;
+                g.token_j += r.record.total_j;
+            }
+        }
+        index.oldest_id()
+    };
+    // What memory no longer holds, summed by the store.
+    if let Some(store) = shared.store().as_ref() {
+        let group_by = match by {
+            "model" => crate::store::GroupBy::Model,
+            "tenant" => crate::store::GroupBy::Tenant,
+            _ => crate::store::GroupBy::Service,
         };
-        let g = groups.entry(key).or_default();
-        g.requests += 1;
-        g.total_j += r.record.total_j;
-        g.dynamic_j += r.record.dynamic_j;
-        g.idle_j += r.record.idle_j;
-        if let Some(t) = r.record.completion_tokens.filter(|&t| t > 0) {
-            g.tokens += t;
-            g.token_j += r.record.total_j;
+        match store.sums(&stored_filter(&f), oldest.unwrap_or(u64::MAX), group_by) {
+            Ok(sums) => {
+                for s in sums {
+                    let g = groups.entry(s.key).or_default();
+                    g.requests += s.requests;
+                    g.total_j += s.total_j;
+                    g.dynamic_j += s.dynamic_j;
+                    g.idle_j += s.idle_j;
+                    g.tokens += s.output_tokens;
+                    g.token_j += s.token_j;
+                }
+            }
+            Err(e) => return error(500, format!("reading the store: {e}")),
         }
     }
     let groups: Vec<Value> = groups
@@ -202,8 +268,13 @@ fn one(shared: &Shared, id: &str, scope: &Scope) -> Reply {
     let Ok(id) = id.parse::<u64>() else {
         return error(400, format!("{id:?} is not a request id"));
     };
-    match shared.index().get(id) {
-        Some(r) if scope.sees(r.record.service) => Reply::Json(200, json!(r.as_ref())),
+    let found = shared.index().get(id).or_else(|| {
+        let store = shared.store();
+        let r = store.as_ref()?.get(id).ok().flatten()?;
+        Some(Arc::new(r))
+    });
+    match found {
+        Some(r) if shared.sees(scope, &r) => Reply::Json(200, json!(r.as_ref())),
         _ => error(
             404,
             format!("no request {id} (or not yours, or no longer kept)"),
@@ -262,6 +333,7 @@ pub fn route(
 
 /// One record as a stream line, if the caller may see it.
 pub fn stream_line(r: &Arc<FinalRecord>, scope: &Scope) -> Option<String> {
+    // Streamed records are this run's: the scope's service ids mean the same services.
     if !scope.sees(r.record.service) {
         return None;
     }

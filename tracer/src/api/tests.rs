@@ -46,7 +46,10 @@ fn resolve<'a>(doc: &'a Value, s: &'a Value) -> &'a Value {
 fn every_documented_path_is_served_with_its_required_fields() {
     let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
     let shared = Shared::new(100);
-    let mut feed = Feed(Arc::clone(&shared));
+    let mut feed = Feed {
+        shared: Arc::clone(&shared),
+        records: true,
+    };
     for id in 1..=3 {
         feed.on_fact(&Fact::Record(&record(id))).expect("fed");
     }

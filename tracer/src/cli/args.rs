@@ -192,6 +192,25 @@ pub struct RunArgs {
     /// [config: probe.tls_uprobes = false]
     #[arg(long)]
     pub no_tls_uprobes: bool,
+    /// Keep final records, services and device totals in this directory's database, with
+    /// each run's journal (default /var/lib/tracer). [config: store.path]
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Keep nothing across restarts (no database, no journal). [config: store.path unset]
+    #[arg(long, conflicts_with = "store")]
+    pub no_store: bool,
+    /// Do not journal the inputs (a crash then loses requests not yet final).
+    /// [config: store.journal = false]
+    #[arg(long)]
+    pub no_journal: bool,
+    /// Delete stored records older than this many days (0 = keep by size only).
+    /// [config: store.retention_days]
+    #[arg(long)]
+    pub retention_days: Option<u32>,
+    /// Keep the database under this many bytes, oldest records first (0 = no limit).
+    /// [config: store.max_bytes]
+    #[arg(long)]
+    pub store_max_bytes: Option<u64>,
     /// Record every attribution input to this file for `tracer replay`. [config: output.record]
     #[arg(long)]
     pub record: Option<PathBuf>,
@@ -258,6 +277,21 @@ impl RunArgs {
         }
         if self.record.is_some() {
             c.output.record = self.record;
+        }
+        if let Some(p) = self.store {
+            c.store.path = Some(p);
+        }
+        if self.no_store {
+            c.store.path = None;
+        }
+        if self.no_journal {
+            c.store.journal = false;
+        }
+        if let Some(v) = self.retention_days {
+            c.store.retention_days = v;
+        }
+        if let Some(v) = self.store_max_bytes {
+            c.store.max_bytes = v;
         }
         if let Some(v) = self.cpu_time_interval_ms {
             c.power.cpu.cpu_time_interval_ms = v;

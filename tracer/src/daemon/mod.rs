@@ -10,6 +10,7 @@ mod discovery;
 mod feeds;
 mod outputs;
 pub mod privilege;
+mod storage;
 
 use std::time::Duration;
 
@@ -61,6 +62,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The store could not be opened, recovered or closed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The local-socket API could not start.
     #[error("the API: {0}")]
     Api(#[from] crate::api::ApiError),
@@ -131,17 +135,51 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         })?;
 
+    let opened = storage::open(&config)?;
     let pipeline_config = PipelineConfig {
         http: config.http.clone(),
         ledger: config.ledger.clone(),
         wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
+        first_request_id: opened.as_ref().map_or(1, |o| o.run.first_request_id),
     };
-    let mut bus = outputs::bus(&config, &pipeline_config)?;
+    let journal = opened.as_ref().and_then(|o| o.journal.clone());
+    let mut bus = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
     let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
         .then(|| crate::api::Shared::new(config.api.memory_records));
     if let Some(state) = &api_state {
-        bus.subscribe(Box::new(crate::api::Feed(std::sync::Arc::clone(state))));
+        bus.subscribe(Box::new(crate::api::Feed {
+            shared: std::sync::Arc::clone(state),
+            records: opened.is_none(),
+        }));
     }
+    // With a store, records reach the API once committed (what anyone sees as final is
+    // stored).
+    let writer = match opened {
+        Some(o) => {
+            let on_commit: crate::store::writer::OnCommit = match &api_state {
+                Some(state) => {
+                    let loaded = state.attach_store(
+                        crate::store::Store::open_reader(o.store.dir())?,
+                        o.run.first_request_id,
+                    )?;
+                    tracing::info!("API: {loaded} stored records in memory");
+                    let state = std::sync::Arc::clone(state);
+                    Box::new(move |records| {
+                        for r in records {
+                            state.add_record(r);
+                        }
+                    })
+                }
+                None => Box::new(|_| {}),
+            };
+            let run = o.run.run;
+            let w = crate::store::StoreWriter::start(o.store, run, config.store.clone(), on_commit)
+                .map_err(io_err("starting the store's writer"))?;
+            bus.subscribe(Box::new(w.feed()));
+            Some((w, run))
+        }
+        None => None,
+    };
     let mut pipeline = Pipeline::new(&pipeline_config, bus).map_err(DaemonError::Ledger)?;
     let feeds = feeds::start_all(&mut pipeline, &config.power)?;
 
@@ -228,6 +266,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     feed.drain(&mut pipeline);
                 }
                 pipeline.apply(Input::Advance { now_ns: monotonic_ns() });
+                // The journal and files reach the kernel every tick: a kill loses one tick.
+                pipeline.flush();
                 if let Some(log) = &mut ebpf_log {
                     log.flush();
                 }
@@ -264,8 +304,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         feed.drain(&mut pipeline);
     }
     pipeline.apply(Input::Finish);
+    pipeline.flush();
     let last = pipeline.snapshot(monotonic_ns(), extras(&mut probes, &feeds)?);
     tracing::info!("shutting down: {}", summary::render(&last, None));
+    if let Some((w, run)) = writer {
+        let stats = w.stats();
+        if let Some(mut store) = w.stop() {
+            store.close_run(
+                run,
+                (power::realtime_ns() / 1_000_000) as i64,
+                pipeline.next_request_id(),
+            )?;
+            tracing::info!(
+                "store: run {run} closed, {} records stored ({} failed)",
+                stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+                stats.failed.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        } else {
+            tracing::warn!(
+                "store: the writer stopped abnormally; run {run} stays open (recovered at next start)"
+            );
+        }
+    }
     drop(ring);
     drop(probes);
     tracing::info!("probes detached");

@@ -16,8 +16,15 @@ use crate::{
 
 /// Recording first (it must see every input before anything acts on it), then the JSON-lines
 /// files, then the log.
-pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, DaemonError> {
+pub(super) fn bus(
+    config: &Config,
+    pipeline: &PipelineConfig,
+    journal: Option<&Path>,
+) -> Result<Bus, DaemonError> {
     let mut bus = Bus::new();
+    if let Some(path) = journal {
+        bus.subscribe(Box::new(Recorder::create(path, &header(pipeline))?));
+    }
     if let Some(path) = &config.output.record {
         if let Some(kept) = rotate(path)? {
             tracing::info!(
@@ -26,15 +33,7 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
                 kept.display()
             );
         }
-        bus.subscribe(Box::new(Recorder::create(
-            path,
-            &RecordHeader {
-                version: 1,
-                started_unix_ms: (power::realtime_ns() / 1_000_000) as i64,
-                tracer_version: env!("CARGO_PKG_VERSION").into(),
-                pipeline: pipeline.clone(),
-            },
-        )?));
+        bus.subscribe(Box::new(Recorder::create(path, &header(pipeline))?));
     }
     let file = |stream: Stream, path: &Path, what: &'static str| {
         let (out, cut) = JsonLines::create(stream, path).map_err(|source| DaemonError::Io {
@@ -73,6 +72,15 @@ pub(super) fn bus(config: &Config, pipeline: &PipelineConfig) -> Result<Bus, Dae
     }
     bus.subscribe(Box::new(LogSummary::new()));
     Ok(bus)
+}
+
+fn header(pipeline: &PipelineConfig) -> RecordHeader {
+    RecordHeader {
+        version: 1,
+        started_unix_ms: (power::realtime_ns() / 1_000_000) as i64,
+        tracer_version: env!("CARGO_PKG_VERSION").into(),
+        pipeline: pipeline.clone(),
+    }
 }
 
 /// Moves an existing file at `path` to the first free `<path>.N`; returns where it went.

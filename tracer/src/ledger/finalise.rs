@@ -281,6 +281,7 @@ impl Ledger {
             external_id: r.arrival.external_id,
             service: r.service,
             model: r.arrival.model,
+            tenant: r.arrival.tenant,
             arrive_ns: r.arrival.ts_ns,
             first_byte_ns: r.first_byte_ns,
             first_event_ns: r.first_event_ns,

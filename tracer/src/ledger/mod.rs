@@ -590,7 +590,7 @@ impl Ledger {
         out
     }
 
-    /// Ends every open request at its last activity and attributes and emits everything the
+    /// Ends every open request at its last activity (`incomplete`) and attributes and emits everything the
     /// sensors cover (shutdown). Devices that stopped reporting are treated as stale.
     pub fn finish(&mut self) -> Vec<RequestRecord> {
         let open: Vec<RequestId> = self
@@ -603,7 +603,7 @@ impl Ledger {
         for id in open {
             if let Some(r) = self.requests.get_mut(&id) {
                 r.end_ns = Some(r.last_seen_ns);
-                r.outcome = Outcome::Aborted;
+                r.outcome = Outcome::Incomplete;
             }
         }
         self.advance(u64::MAX)

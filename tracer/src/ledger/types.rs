@@ -58,6 +58,9 @@ pub struct Arrival {
     pub model: Option<String>,
     /// The server's own id (X-Request-Id, response id), if any.
     pub external_id: Option<String>,
+    /// The tenant as the tracker keeps it (a keyed hash of the configured header's value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     /// Bytes of the request body: sizes a prompt whose usage is never reported, at the
@@ -82,6 +85,9 @@ pub enum Outcome {
     Truncated,
     /// No response (client gone, evicted, or open past `max_open_ns`).
     Aborted,
+    /// Still in flight when the tracer stopped (shutdown, or a crash recovered from the
+    /// journal): its energy up to the last thing seen of it.
+    Incomplete,
 }
 
 impl Outcome {
@@ -92,6 +98,7 @@ impl Outcome {
             Outcome::ClosedEarly => "closed_early",
             Outcome::Truncated => "truncated",
             Outcome::Aborted => "aborted",
+            Outcome::Incomplete => "incomplete",
         }
     }
 }
@@ -120,6 +127,9 @@ pub struct RequestRecord {
     pub external_id: Option<String>,
     pub service: ServiceId,
     pub model: Option<String>,
+    /// Keyed hash of the tenant header's value (`http.tenant_header`), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub arrive_ns: u64,
     pub first_byte_ns: Option<u64>,
     pub first_event_ns: Option<u64>,

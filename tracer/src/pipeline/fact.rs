@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Input, snapshot::Snapshot};
 use crate::{
@@ -15,7 +15,7 @@ use crate::{
 
 /// A request's final energy account with its service's name and wall-clock end time (the API
 /// edge). This is what `--records-out` writes, one JSON line each.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinalRecord {
     #[serde(flatten)]
     pub record: RequestRecord,

@@ -78,10 +78,28 @@ pub struct DeviceSetup {
 }
 
 /// The settings a recording carries, so a replay starts from the same ones.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PipelineConfig {
     pub http: TrackerConfig,
     pub ledger: LedgerConfig,
     /// Wall-clock minus monotonic at the start, for wall-clock stamps at the API edge.
     pub wall_offset_ns: i64,
+    /// The first request id this run gives: ids stay unique across restarts on one store.
+    #[serde(default = "first_id")]
+    pub first_request_id: u64,
+}
+
+const fn first_id() -> u64 {
+    1
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            http: TrackerConfig::default(),
+            ledger: LedgerConfig::default(),
+            wall_offset_ns: 0,
+            first_request_id: first_id(),
+        }
+    }
 }

@@ -77,7 +77,7 @@ impl Pipeline {
         Ok(Self {
             bus,
             stats: UserStats::default(),
-            tracker: Tracker::new(config.http.clone()),
+            tracker: Tracker::new(config.http.clone()).starting_at(config.first_request_id),
             conns: conns::Conns::default(),
             hops: hops::Hops::default(),
             collector: RequestCollector::default(),
@@ -523,6 +523,11 @@ impl Pipeline {
     /// Per-device totals (conservation: measured = requests + idle + unattributed).
     pub fn totals(&self) -> std::collections::BTreeMap<DeviceId, ledger::DeviceTotals> {
         self.ledger.totals()
+    }
+
+    /// The id the next request will get (a recovery continues after the last one given).
+    pub fn next_request_id(&self) -> u64 {
+        self.tracker.next_id()
     }
 
     /// The services as the pipeline knows them, with the GPUs each holds now.

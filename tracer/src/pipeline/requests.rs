@@ -128,6 +128,7 @@ impl Pipeline {
                 ts_ns,
                 model,
                 request_id,
+                tenant,
                 body_bytes,
                 prompt_blocks,
                 ..
@@ -141,6 +142,7 @@ impl Pipeline {
                         ts_ns: *ts_ns,
                         model: model.clone(),
                         external_id: request_id.clone(),
+                        tenant: tenant.clone(),
                         prompt_tokens: None,
                         cached_tokens: None,
                         body_bytes: Some(*body_bytes).filter(|&b| b > 0),

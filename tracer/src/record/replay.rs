@@ -59,6 +59,8 @@ pub struct ReplaySummary {
     pub attributed_j: f64,
     pub idle_j: f64,
     pub unattributed_j: f64,
+    /// The id the recording's next request would have had.
+    pub next_request_id: u64,
 }
 
 impl std::fmt::Display for ReplaySummary {
@@ -144,5 +146,6 @@ pub fn replay_into(opts: &ReplayOptions, bus: Bus) -> Result<ReplaySummary, Repl
         attributed_j: sum(|t| t.request_dynamic_j + t.request_idle_j),
         idle_j: sum(|t| t.idle_j),
         unattributed_j: sum(|t| t.unattributed_j),
+        next_request_id: pipeline.next_request_id(),
     })
 }

@@ -262,6 +262,18 @@ impl Tracker {
         }
     }
 
+    /// Request ids start at `first` (ids stay unique across a store's runs).
+    #[must_use]
+    pub fn starting_at(mut self, first: u64) -> Self {
+        self.next_id = first.max(1);
+        self
+    }
+
+    /// The id the next request will get.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> TrackerStats {
         let mut s = self.stats;

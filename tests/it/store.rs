@@ -1,0 +1,223 @@
+//! The durable store (issue 15): a daemon killed with `kill -9` under load and started again
+//! on the same store keeps every record that was final before the kill, recovers the requests
+//! whose end its journal holds, duplicates nothing, and keeps its ids growing; a clean stop
+//! leaves nothing to recover.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
+const SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
+
+fn get(sock: &Path, path: &str) -> Value {
+    let out = Command::new("curl")
+        .args(["-sf", "--noproxy", "*", "--unix-socket"])
+        .arg(sock)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "{path}: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Every record the API lists, paging with its cursor (memory, then the store).
+fn all_records(sock: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let v = get(sock, &format!("/v1/requests?limit=500{cursor}"));
+        out.extend(v["requests"].as_array().cloned().unwrap_or_default());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
+}
+
+fn daemon(dir: &TempDir, port: u16, memory_records: usize) -> Tracer {
+    let config = dir.path().join("tracer.toml");
+    std::fs::write(
+        &config,
+        format!("[ledger]\nmax_defer_ns = 2000000000\n[api]\nmemory_records = {memory_records}\n"),
+    )
+    .expect("config");
+    Tracer::start_with(
+        TRACER,
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--port",
+            &port.to_string(),
+            "--summary-interval-ms",
+            "200",
+        ],
+        false,
+    )
+}
+
+fn post(port: u16, rid: &str) -> bool {
+    let Ok(mut c) = Client::connect(port) else {
+        return false;
+    };
+    let body = r#"{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#;
+    c.post("/v1/chat/completions", body, &[("X-Request-Id", rid)])
+        .is_ok_and(|ex| ex.status == 200)
+}
+
+#[test]
+fn a_kill_9_loses_nothing_final_and_nothing_journalled() {
+    if !privileged_or_skip("a_kill_9_loses_nothing_final_and_nothing_journalled") {
+        return;
+    }
+    let dir = TempDir::new("store-kill9");
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let sock = dir.path().join("tracer.sock");
+    // Memory holds 50 records: the rest are read from the store.
+    let first = daemon(&dir, port, 50);
+
+    // Load from four clients; each request's completion time is kept.
+    let done: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let rid = format!("c{c}-{i}");
+                    if post(port, &rid) {
+                        done.lock().expect("lock").push((rid, Instant::now()));
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let before: Vec<Value> = all_records(&sock);
+    assert!(
+        before.len() > 50,
+        "final records before the kill: {}",
+        before.len()
+    );
+    let killed_at = Instant::now();
+    first.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+
+    let second = daemon(&dir, port, 50);
+    let log = second.log_text();
+    assert!(log.contains("recovered from"), "{log}");
+    for i in 0..5 {
+        assert!(post(port, &format!("after-{i}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let a = all_records(&sock);
+        let news = a
+            .iter()
+            .filter(|r| {
+                r["external_id"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("after-"))
+            })
+            .count();
+        if news == 5 || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Nothing twice.
+    let ids: Vec<u64> = after.iter().filter_map(|r| r["id"].as_u64()).collect();
+    let unique: BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate ids");
+    // Every record final before the kill, unchanged.
+    let by_id: BTreeMap<u64, &Value> = after
+        .iter()
+        .filter_map(|r| Some((r["id"].as_u64()?, r)))
+        .collect();
+    for r in &before {
+        let id = r["id"].as_u64().expect("id");
+        assert_eq!(
+            by_id.get(&id).copied(),
+            Some(r),
+            "record {id} changed or lost"
+        );
+    }
+    // Every request answered well before the kill (its end was journalled): recorded.
+    let recorded: BTreeSet<&str> = after
+        .iter()
+        .filter_map(|r| r["external_id"].as_str())
+        .collect();
+    let done = done.lock().expect("lock");
+    let journalled: Vec<&String> = done
+        .iter()
+        .filter(|(_, t)| *t + Duration::from_millis(200) < killed_at)
+        .map(|(rid, _)| rid)
+        .collect();
+    let lost: Vec<&&String> = journalled
+        .iter()
+        .filter(|rid| !recorded.contains(rid.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} lost: {lost:?}",
+        lost.len(),
+        journalled.len()
+    );
+    let recovered = after.len() - before.len() - 5;
+    eprintln!(
+        "final before the kill {}, answered {}, recovered after it {recovered}, after restart 5",
+        before.len(),
+        journalled.len()
+    );
+    // The new run's ids follow every old one.
+    let old_max = before
+        .iter()
+        .filter_map(|r| r["id"].as_u64())
+        .max()
+        .expect("ids");
+    for r in after.iter().filter(|r| {
+        r["external_id"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("after-"))
+    }) {
+        assert!(r["id"].as_u64().expect("id") > old_max, "{r}");
+    }
+    // Summaries see the old runs' records too (memory holds only 50).
+    let s = get(&sock, "/v1/summary?by=model");
+    let n: u64 = s["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["requests"].as_u64())
+        .sum();
+    assert_eq!(n as usize, after.len(), "{s}");
+    let _ = second.stop();
+
+    // A clean stop leaves nothing to recover.
+    let third = daemon(&dir, port, 50);
+    let log = third.log_text();
+    assert!(!log.contains("recovered from"), "{log}");
+    assert_eq!(all_records(&sock).len(), after.len());
+    let _ = third.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+}

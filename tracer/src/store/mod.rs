@@ -1,0 +1,592 @@
+//! The durable store: final records, services, devices and per-interval device totals in an
+//! embedded `SQLite` database (`<store>/tracer.db`), and each run's journal beside it.
+//!
+//! Why `SQLite` (through `rusqlite`, bundled): its write-ahead log makes every committed
+//! transaction survive a `kill -9` of the daemon (and, with `synchronous = NORMAL`, everything
+//! but the last commits before a power cut), one file holds everything, operators can read it
+//! with the `sqlite3` shell, and indexed range queries serve what the in-memory index does
+//! not hold. Records are written by one thread ([`writer`]) in group commits; the API and the
+//! stream see a record only once it is committed, so "final" means "stored".
+//!
+//! Ids: each daemon start is a run (`runs` table); a run's first request id follows every id
+//! an earlier run gave (its stored records and, after a crash, its journal's replay), so ids
+//! are unique across restarts. Two daemons cannot share a store (an exclusive lock).
+
+mod config;
+mod recover;
+mod schema;
+#[cfg(test)]
+mod tests;
+pub mod writer;
+
+use std::{
+    fmt::Write as _,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use self::{
+    config::StoreConfig,
+    recover::{Recovery, recover},
+    writer::{StoreFeed, StoreWriter, WriterStats},
+};
+use crate::pipeline::{FinalRecord, snapshot::Snapshot};
+
+/// The database's file name in the store directory.
+pub const DB_FILE: &str = "tracer.db";
+/// The journals' directory in the store directory.
+pub const JOURNAL_DIR: &str = "journal";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory or a file in it could not be created or opened.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another daemon holds the store.
+    #[error("{0}: another tracer is using this store (its lock is held)")]
+    Locked(PathBuf),
+    /// The database refused an operation.
+    #[error("the store's database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored record is not valid JSON of a record.
+    #[error("stored record {id}: {source}")]
+    Corrupt {
+        id: i64,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The database was written by a newer tracer.
+    #[error("the store's schema version {found} is newer than this tracer's ({supported})")]
+    Schema { found: i64, supported: i64 },
+    /// Recovering a crashed run from its journal failed.
+    #[error("recovering run {run} from {journal}: {detail}")]
+    Recover {
+        run: i64,
+        journal: PathBuf,
+        detail: String,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One daemon run as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub run: i64,
+    pub started_unix_ms: i64,
+    pub first_request_id: u64,
+    /// The id after the last one the run gave, once known (a clean stop or a recovery).
+    pub next_request_id: Option<u64>,
+    /// The run stopped cleanly (or was recovered).
+    pub closed: bool,
+}
+
+/// What a records query keeps (the API's filters, on stored columns).
+#[derive(Debug, Default, Clone)]
+pub struct StoredFilter {
+    /// Service ids (of runs from `first_id` on: callers limited to their own services).
+    pub services: Option<Vec<u32>>,
+    pub service_name: Option<String>,
+    /// Records with smaller ids are left out.
+    pub first_id: u64,
+    pub model: Option<String>,
+    pub tenant: Option<String>,
+    pub outcome: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+}
+
+/// What a summary groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Model,
+    Service,
+    Tenant,
+}
+
+/// One group's sums.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupSums {
+    pub key: String,
+    pub requests: u64,
+    pub total_j: f64,
+    pub dynamic_j: f64,
+    pub idle_j: f64,
+    /// Output tokens of the requests that reported them, and those requests' joules.
+    pub output_tokens: u64,
+    pub token_j: f64,
+}
+
+/// The SQL condition (and its arguments) for `filter` and ids below `before`; `None`: nothing
+/// can match.
+fn where_clause(
+    filter: &StoredFilter,
+    before: u64,
+) -> Option<(String, Vec<rusqlite::types::Value>)> {
+    let mut sql = String::from("id < ?1");
+    let mut args: Vec<rusqlite::types::Value> = vec![(before.min(i64::MAX as u64) as i64).into()];
+    let mut add = |clause: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        let _ = write!(sql, " AND {clause} ?{}", args.len());
+    };
+    if let Some(m) = &filter.model {
+        add("model =", m.clone().into());
+    }
+    if let Some(t) = &filter.tenant {
+        add("tenant =", t.clone().into());
+    }
+    if let Some(o) = &filter.outcome {
+        add("outcome =", o.clone().into());
+    }
+    if let Some(t) = filter.since_ms {
+        add("end_unix_ms >=", t.into());
+    }
+    if let Some(t) = filter.until_ms {
+        add("end_unix_ms <", t.into());
+    }
+    if let Some(n) = &filter.service_name {
+        add("service_name =", n.clone().into());
+    }
+    if filter.first_id > 0 {
+        add(
+            "id >=",
+            (filter.first_id.min(i64::MAX as u64) as i64).into(),
+        );
+    }
+    if let Some(ids) = &filter.services {
+        if ids.is_empty() {
+            return None;
+        }
+        let mut marks = Vec::new();
+        for id in ids {
+            args.push(i64::from(*id).into());
+            marks.push(format!("?{}", args.len()));
+        }
+        let _ = write!(sql, " AND service IN ({})", marks.join(","));
+    }
+    Some((sql, args))
+}
+
+/// An open store (the writer's side, holding the lock) or a reader.
+pub struct Store {
+    conn: Connection,
+    dir: PathBuf,
+    /// The exclusive lock: held for the store's life (writers only).
+    _lock: Option<std::fs::File>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating) the store in `dir` for writing; fails if another daemon holds it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir.join(JOURNAL_DIR)).map_err(io(dir))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        // SAFETY: flock on an fd this function owns; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Locked(dir.to_owned()));
+        }
+        let conn = Connection::open(dir.join(DB_FILE))?;
+        schema::prepare(&conn)?;
+        Ok(Self {
+            conn,
+            dir: dir.to_owned(),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens the store in `dir` to read (the API's queries beyond memory, reports), beside a
+    /// writer.
+    pub fn open_reader(dir: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            dir.join(DB_FILE),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        Ok(Self {
+            conn,
+            dir: dir.to_owned(),
+            _lock: None,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where run `run`'s journal is.
+    pub fn journal_path(&self, run: i64) -> PathBuf {
+        self.dir.join(JOURNAL_DIR).join(format!("run-{run}.rec"))
+    }
+
+    /// The highest request id given by any run so far (stored records, closed runs).
+    pub fn last_request_id(&self) -> Result<u64, StoreError> {
+        let max_record: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(id) FROM records", [], |r| r.get(0))?;
+        let max_run: Option<i64> = self.conn.query_row(
+            "SELECT MAX(COALESCE(next_request_id, first_request_id) - 1) FROM runs",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(max_record.unwrap_or(0).max(max_run.unwrap_or(0)).max(0) as u64)
+    }
+
+    /// Starts a run: its first request id follows every id given before.
+    pub fn begin_run(&mut self, started_unix_ms: i64) -> Result<Run, StoreError> {
+        let first = self.last_request_id()? + 1;
+        self.conn.execute(
+            "INSERT INTO runs (started_unix_ms, tracer_version, first_request_id) VALUES (?1, ?2, ?3)",
+            params![started_unix_ms, env!("CARGO_PKG_VERSION"), first as i64],
+        )?;
+        Ok(Run {
+            run: self.conn.last_insert_rowid(),
+            started_unix_ms,
+            first_request_id: first,
+            next_request_id: None,
+            closed: false,
+        })
+    }
+
+    /// Marks `run` closed, with the id after the last one it gave.
+    pub fn close_run(
+        &mut self,
+        run: i64,
+        ended_unix_ms: i64,
+        next_request_id: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE runs SET ended_unix_ms = ?2, next_request_id = ?3, closed = 1 WHERE run = ?1",
+            params![run, ended_unix_ms, next_request_id as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Runs that never closed (the daemon was killed), oldest first.
+    pub fn unclosed_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT run, started_unix_ms, first_request_id, next_request_id, closed FROM runs WHERE closed = 0 ORDER BY run",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Run {
+                run: r.get(0)?,
+                started_unix_ms: r.get(1)?,
+                first_request_id: r.get::<_, i64>(2)? as u64,
+                next_request_id: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                closed: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores `records` of `run` in one transaction; a record already stored (same id) is
+    /// left alone. Returns how many were new.
+    pub fn insert(
+        &mut self,
+        run: i64,
+        records: &[Arc<FinalRecord>],
+        recovered: bool,
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut new = 0;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for r in records {
+                let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
+                    id: r.record.id.0 as i64,
+                    source,
+                })?;
+                new += st.execute(params![
+                    r.record.id.0 as i64,
+                    run,
+                    r.end_unix_ms,
+                    r.record.service.0,
+                    r.service_name,
+                    r.record.model,
+                    r.record.tenant,
+                    r.record.outcome.name(),
+                    r.record.total_j,
+                    r.record.dynamic_j,
+                    r.record.idle_j,
+                    r.record.completion_tokens.map(|t| t as i64),
+                    recovered,
+                    json,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Stores what a snapshot says about services and devices: the services as of now and
+    /// each device's running totals at this instant (differences of consecutive rows give
+    /// per-interval energy).
+    pub fn snapshot(&mut self, run: i64, snap: &Snapshot) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut dev = tx.prepare_cached(
+                "INSERT OR REPLACE INTO device_totals (run, unix_ms, device, name, kind, measured_j, request_j, idle_j, unattributed_j, gap_ns, idle_w, idle_basis) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for d in &snap.devices {
+                let t = &d.totals;
+                dev.execute(params![
+                    run,
+                    snap.unix_ms,
+                    d.id.0,
+                    d.name,
+                    format!("{:?}", d.kind),
+                    t.measured_j,
+                    t.request_dynamic_j + t.request_idle_j,
+                    t.idle_j,
+                    t.unattributed_j,
+                    t.gap_ns as i64,
+                    t.idle_w,
+                    serde_json::to_value(t.idle_basis)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned)),
+                ])?;
+            }
+            let mut svc = tx.prepare_cached(
+                "INSERT OR REPLACE INTO services (run, id, name, updated_unix_ms, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for s in &snap.services {
+                svc.execute(params![
+                    run,
+                    s.id.0,
+                    s.name,
+                    snap.unix_ms,
+                    serde_json::to_string(s).unwrap_or_default(),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn decode(id: i64, json: &str) -> Result<FinalRecord, StoreError> {
+        serde_json::from_str(json).map_err(|source| StoreError::Corrupt { id, source })
+    }
+
+    /// The newest `n` records, oldest first (what the API's memory starts with).
+    pub fn newest(&self, n: usize) -> Result<Vec<FinalRecord>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, json FROM records ORDER BY id DESC LIMIT ?1")?;
+        let rows = st.query_map([n as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = rows
+            .map(|row| {
+                let (id, json) = row?;
+                Self::decode(id, &json)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One record by id.
+    pub fn get(&self, id: u64) -> Result<Option<FinalRecord>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT json FROM records WHERE id = ?1", [id as i64], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        json.map(|j| Self::decode(id as i64, &j)).transpose()
+    }
+
+    /// Up to `limit` records with ids below `before` that `filter` keeps, newest first.
+    pub fn page(
+        &self,
+        filter: &StoredFilter,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<FinalRecord>, StoreError> {
+        let Some((clause, mut args)) = where_clause(filter, before) else {
+            return Ok(Vec::new());
+        };
+        args.push((limit as i64).into());
+        let sql = format!(
+            "SELECT id, json FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
+            args.len()
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        rows.map(|row| {
+            let (id, json) = row?;
+            Self::decode(id, &json)
+        })
+        .collect()
+    }
+
+    /// Sums per group (`by`: model, service or tenant) over records with ids below `before`
+    /// that `filter` keeps (what memory no longer holds).
+    pub fn sums(
+        &self,
+        filter: &StoredFilter,
+        before: u64,
+        by: GroupBy,
+    ) -> Result<Vec<GroupSums>, StoreError> {
+        let Some((clause, args)) = where_clause(filter, before) else {
+            return Ok(Vec::new());
+        };
+        let key = match by {
+            GroupBy::Model => "COALESCE(model, '(unknown)')",
+            GroupBy::Service => "service_name",
+            GroupBy::Tenant => "COALESCE(tenant, '(none)')",
+        };
+        let sql = format!(
+            "SELECT {key}, COUNT(*), SUM(total_j), SUM(dynamic_j), SUM(idle_j), \
+             SUM(CASE WHEN completion_tokens > 0 THEN completion_tokens ELSE 0 END), \
+             SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END) \
+             FROM records WHERE {clause} GROUP BY 1"
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok(GroupSums {
+                key: r.get(0)?,
+                requests: r.get::<_, i64>(1)? as u64,
+                total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
+                idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+                output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
+                token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stored records (all runs).
+    pub fn count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Bytes the database uses (pages in use).
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(((pages - free).max(0) * size) as u64)
+    }
+
+    /// Deletes records older than the configured age, then the oldest until the database is
+    /// under its size limit (and the totals rows of the same span). Returns records deleted.
+    pub fn enforce_retention(
+        &mut self,
+        now_unix_ms: i64,
+        config: &StoreConfig,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0u64;
+        if config.retention_days > 0 {
+            let cut = now_unix_ms - i64::from(config.retention_days) * 86_400_000;
+            deleted += self
+                .conn
+                .execute("DELETE FROM records WHERE end_unix_ms < ?1", [cut])?
+                as u64;
+            self.conn
+                .execute("DELETE FROM device_totals WHERE unix_ms < ?1", [cut])?;
+        }
+        if config.max_bytes > 0 {
+            // Delete the oldest tenth at a time: used pages shrink as rows go (freed pages are
+            // reused, and incremental vacuum hands them back to the file system).
+            for _ in 0..64 {
+                if self.used_bytes()? <= config.max_bytes {
+                    break;
+                }
+                let n = self.count()?;
+                if n == 0 {
+                    break;
+                }
+                let k = (n / 10).max(1);
+                let gone = self.conn.execute(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY id LIMIT ?1)",
+                    [k as i64],
+                )? as u64;
+                deleted += gone;
+                if let Some(oldest) =
+                    self.conn
+                        .query_row("SELECT MIN(end_unix_ms) FROM records", [], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })?
+                {
+                    self.conn
+                        .execute("DELETE FROM device_totals WHERE unix_ms < ?1", [oldest])?;
+                }
+            }
+        }
+        if deleted > 0 {
+            self.conn.execute_batch("PRAGMA incremental_vacuum")?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes journals of runs older than the newest `keep` (and of runs no longer stored).
+    pub fn prune_journals(&self, current_run: i64, keep: u32) -> Result<u32, StoreError> {
+        let dir = self.dir.join(JOURNAL_DIR);
+        let mut runs: Vec<(i64, PathBuf)> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name();
+                let run = name
+                    .to_str()?
+                    .strip_prefix("run-")?
+                    .split('.')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()?;
+                Some((run, e.path()))
+            })
+            .filter(|(run, _)| *run != current_run)
+            .collect();
+        runs.sort();
+        let unclosed: Vec<i64> = self.unclosed_runs()?.iter().map(|r| r.run).collect();
+        let mut removed = 0;
+        let excess = runs.len().saturating_sub(keep as usize);
+        for (run, path) in runs.into_iter().take(excess) {
+            if unclosed.contains(&run) {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,163 @@
+//! Recovery after a crash: a run that never closed left requests that had ended but were not
+//! yet final (the ledger waits for power data past a request's end) and requests in flight.
+//! Its journal holds every input up to the kill, so replaying it gives exactly the records the
+//! run would have finalised; those not already stored are stored (`recovered`), requests
+//! still open at the journal's end as `incomplete`. Nothing already stored is duplicated
+//! (ids are the run's own: the journal's header carries its first id).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use super::{Store, StoreError};
+use crate::{
+    ledger::Outcome,
+    pipeline::{Bus, Fact, FinalRecord, Interest, Subscriber, SubscriberError},
+    record::replay::{ReplayOptions, replay_into},
+};
+
+/// What recovering one run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub run: i64,
+    /// The journal replayed; `None`: the run had none (nothing could be recovered).
+    pub journal: Option<PathBuf>,
+    /// Records stored now that were not before.
+    pub recovered: usize,
+    /// Of those, requests still in flight at the journal's end.
+    pub incomplete: usize,
+    /// Records the replay gave that were already stored.
+    pub already_stored: usize,
+    /// The journal ended inside a frame (the kill cut its last write).
+    pub cut_short: bool,
+    /// The run's journal could not be read: its unstored requests are lost (count unknown).
+    pub unreadable: Option<String>,
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.journal, &self.unreadable) {
+            (None, _) => write!(
+                f,
+                "run {} stopped without closing and kept no journal: requests not final at the stop are lost (count unknown)",
+                self.run
+            ),
+            (Some(j), Some(e)) => write!(
+                f,
+                "run {}: journal {} unreadable ({e}): requests not final at the stop are lost (count unknown)",
+                self.run,
+                j.display()
+            ),
+            (Some(j), None) => write!(
+                f,
+                "run {} recovered from {}: {} records stored now ({} of them incomplete: in flight at the stop), {} were already stored{}",
+                self.run,
+                j.display(),
+                self.recovered,
+                self.incomplete,
+                self.already_stored,
+                if self.cut_short {
+                    "; the journal's last write was cut"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// Collects a replay's final records.
+struct Collect(Arc<Mutex<Vec<Arc<FinalRecord>>>>);
+
+impl Subscriber for Collect {
+    fn name(&self) -> &'static str {
+        "recovery"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest {
+            records: true,
+            ..Interest::default()
+        }
+    }
+
+    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
+        if let Fact::Record(r) = fact {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(Arc::clone(r));
+        }
+        Ok(())
+    }
+}
+
+/// The collector, for tests.
+#[cfg(test)]
+pub(super) fn tests_collect(into: Arc<Mutex<Vec<Arc<FinalRecord>>>>) -> impl Subscriber {
+    Collect(into)
+}
+
+/// Recovers every run of `store` that never closed, oldest first, and closes it.
+pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, StoreError> {
+    let mut out = Vec::new();
+    for run in store.unclosed_runs()? {
+        let path = store.journal_path(run.run);
+        let mut rec = Recovery {
+            run: run.run,
+            journal: path.exists().then(|| path.clone()),
+            recovered: 0,
+            incomplete: 0,
+            already_stored: 0,
+            cut_short: false,
+            unreadable: None,
+        };
+        let mut next_id = store.last_request_id()? + 1;
+        if rec.journal.is_some() {
+            let got = Arc::new(Mutex::new(Vec::new()));
+            let mut bus = Bus::new();
+            bus.subscribe(Box::new(Collect(Arc::clone(&got))));
+            let opts = ReplayOptions {
+                recording: path.clone(),
+                split: None,
+                idle: None,
+                step_clock: None,
+                records_out: None,
+                events_out: None,
+            };
+            match replay_into(&opts, bus) {
+                Ok(summary) => {
+                    let records = std::mem::take(
+                        &mut *got
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                    let mut fresh = Vec::new();
+                    for r in records {
+                        if store.get(r.record.id.0)?.is_some() {
+                            rec.already_stored += 1;
+                        } else {
+                            fresh.push(r);
+                        }
+                    }
+                    rec.recovered = store.insert(run.run, &fresh, true)?;
+                    rec.incomplete = fresh
+                        .iter()
+                        .filter(|r| r.record.outcome == Outcome::Incomplete)
+                        .count();
+                    rec.cut_short = summary.truncated;
+                    next_id = next_id.max(summary.next_request_id);
+                }
+                Err(e) => rec.unreadable = Some(e.to_string()),
+            }
+        }
+        store.close_run(run.run, now_unix_ms, next_id)?;
+        store.conn.execute(
+            "UPDATE runs SET recovered = ?2, incomplete = ?3 WHERE run = ?1",
+            rusqlite::params![run.run, rec.recovered as i64, rec.incomplete as i64],
+        )?;
+        out.push(rec);
+    }
+    Ok(out)
+}

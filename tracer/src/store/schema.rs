@@ -1,0 +1,85 @@
+//! The database's tables, created on first open and checked on every open.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The schema this build writes.
+pub const VERSION: i64 = 1;
+
+const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY,
+    started_unix_ms INTEGER NOT NULL,
+    tracer_version TEXT NOT NULL,
+    first_request_id INTEGER NOT NULL,
+    next_request_id INTEGER,
+    ended_unix_ms INTEGER,
+    closed INTEGER NOT NULL DEFAULT 0,
+    recovered INTEGER NOT NULL DEFAULT 0,
+    incomplete INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    run INTEGER NOT NULL,
+    end_unix_ms INTEGER NOT NULL,
+    service INTEGER NOT NULL,
+    service_name TEXT NOT NULL,
+    model TEXT,
+    tenant TEXT,
+    outcome TEXT NOT NULL,
+    total_j REAL NOT NULL,
+    dynamic_j REAL NOT NULL,
+    idle_j REAL NOT NULL,
+    completion_tokens INTEGER,
+    recovered INTEGER NOT NULL DEFAULT 0,
+    json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_end ON records (end_unix_ms);
+CREATE TABLE IF NOT EXISTS services (
+    run INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (run, id)
+);
+CREATE TABLE IF NOT EXISTS device_totals (
+    run INTEGER NOT NULL,
+    unix_ms INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    measured_j REAL NOT NULL,
+    request_j REAL NOT NULL,
+    idle_j REAL NOT NULL,
+    unattributed_j REAL NOT NULL,
+    gap_ns INTEGER NOT NULL,
+    idle_w REAL NOT NULL,
+    idle_basis TEXT,
+    PRIMARY KEY (run, unix_ms, device)
+);
+";
+
+/// Sets the connection up (WAL, durability, incremental vacuum) and creates or checks the
+/// tables.
+pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Before any table exists, so it takes effect.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+    // WAL: a committed transaction is in the log before the commit returns, so it survives the
+    // process being killed; NORMAL syncs at checkpoints (a power cut may lose the last
+    // commits, never corrupt the database).
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > VERSION {
+        return Err(StoreError::Schema {
+            found,
+            supported: VERSION,
+        });
+    }
+    conn.execute_batch(TABLES)?;
+    conn.pragma_update(None, "user_version", VERSION)?;
+    Ok(())
+}
