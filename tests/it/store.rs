@@ -221,3 +221,109 @@ fn a_kill_9_loses_nothing_final_and_nothing_journalled() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Every file found under `dir` (recursively) that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Nothing the daemon writes by default holds prompt text or credentials: the store, the
+/// journal, a recording, the JSON-lines outputs, the log. The recording and the journal still
+/// replay to the records the daemon wrote. With `--record-payloads` the recording keeps them
+/// (what the check above would catch).
+#[test]
+fn nothing_written_by_default_holds_a_prompt_or_a_credential() {
+    const PROMPT: &str = "ZEBRA-PRIVATE-7731 tell me a secret";
+    const TOKEN: &str = "sk-OCELOT-4402";
+    if !privileged_or_skip("nothing_written_by_default_holds_a_prompt_or_a_credential") {
+        return;
+    }
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let run = |dir: &TempDir, extra: &[&str]| {
+        let rec = dir.path().join("run.rec");
+        let records = dir.path().join("records.jsonl");
+        let mut args = vec![
+            "--port".to_string(),
+            port.to_string(),
+            "--record".into(),
+            rec.display().to_string(),
+            "--records-out".into(),
+            records.display().to_string(),
+            "--requests-out".into(),
+            dir.path().join("requests.jsonl").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tracer = Tracer::start(TRACER, dir.path(), &args);
+        for (i, stream) in [false, true, false].into_iter().enumerate() {
+            let mut c = Client::connect(port).expect("connect");
+            let body = format!(
+                r#"{{"model":"m","stream":{stream},"max_tokens":4,"messages":[{{"role":"system","content":"{PROMPT}"}},{{"role":"user","content":"{PROMPT} {i}"}}]}}"#
+            );
+            let auth = format!("Bearer {TOKEN}");
+            let ex = c
+                .post(
+                    "/v1/chat/completions",
+                    &body,
+                    &[("Authorization", auth.as_str()), ("X-Request-Id", "p")],
+                )
+                .expect("exchange");
+            assert_eq!(ex.status, 200);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = tracer.stop();
+        (rec, records)
+    };
+
+    let dir = TempDir::new("store-privacy");
+    let (rec, records) = run(&dir, &[]);
+    let written = std::fs::read_to_string(&records).expect("records");
+    assert_eq!(written.lines().count(), 3, "{written}");
+    for needle in ["ZEBRA-PRIVATE", TOKEN] {
+        let found = files_holding(dir.path(), needle.as_bytes());
+        assert!(found.is_empty(), "{needle} written to {found:?}");
+    }
+    // The redacted recording and the journal still give the daemon's records back.
+    let journal = std::fs::read_dir(dir.path().join("store/journal"))
+        .expect("journal dir")
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .expect("a journal");
+    for r in [&rec, &journal] {
+        assert_eq!(
+            tracer_tests::replay(TRACER, r, dir.path()),
+            written,
+            "{} replays to other records",
+            r.display()
+        );
+    }
+
+    let kept = TempDir::new("store-payloads");
+    let (rec, _) = run(&kept, &["--record-payloads"]);
+    assert_eq!(
+        files_holding(kept.path(), b"ZEBRA-PRIVATE")
+            .iter()
+            .filter(|f| f.ends_with("run.rec") || f.contains("journal"))
+            .count(),
+        2,
+        "--record-payloads keeps them in the recording and the journal ({})",
+        rec.display()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

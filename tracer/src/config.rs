@@ -119,6 +119,9 @@ pub struct OutputConfig {
     /// Keep the captured payload (the bytes sent and received: prompts, completions,
     /// credentials) in `events_out`. Off: events carry lengths and timing only.
     pub events_payload: bool,
+    /// Keep prompts, completions and credentials in the recording and the journal, as
+    /// captured. Off: the tracker reads, and they keep, redacted bytes (`wire::redact`).
+    pub record_payloads: bool,
     /// Write every finished HTTP request as a JSON line here.
     pub requests_out: Option<PathBuf>,
     /// Write every request's final energy record as a JSON line here.
@@ -134,6 +137,7 @@ impl Default for OutputConfig {
             summary_interval_ms: 1000,
             events_out: None,
             events_payload: false,
+            record_payloads: false,
             requests_out: None,
             records_out: None,
             record: None,

@@ -32,6 +32,7 @@ fn options() -> ReplayOptions {
         step_clock: None,
         records_out: None,
         events_out: None,
+        redact_to: None,
     }
 }
 

@@ -5,6 +5,10 @@
 //! Replaying it must give the daemon's records back byte for byte — the audit property — and
 //! the raw probe records in it must show what the real driver did: the engine registered the
 //! GPU's UUID with UVM and created a Hopper compute object, the API process touched no GPU.
+//! The recording was made in format 1 (payloads as captured, the prompts readable) and
+//! converted with `tracer replay live.rec --redact-to` (format 2: the bytes the tracker reads,
+//! text and credentials redacted); the converted one replays to the live run's records, byte
+//! for byte.
 //! If attribution changes on purpose, regenerate `live-records.jsonl` with
 //! `tracer replay tests/fixtures/h200/live.rec --records-out tests/fixtures/h200/live-records.jsonl`
 //! and say why in the commit.
@@ -27,6 +31,24 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 #[test]
+fn h200_recording_holds_no_prompt_text() {
+    let bytes = std::fs::read(fixture("live.rec")).expect("fixture");
+    let rp = Replayer::open(&fixture("live.rec")).expect("open");
+    assert_eq!(rp.header.version, 2);
+    assert_eq!(
+        rp.header.payloads,
+        tracer::record::format::Payloads::Redacted
+    );
+    // The check's prompts were the word "energy", repeated.
+    assert!(
+        !bytes.windows(13).any(|w| w == b"energy energy"),
+        "prompt text in the fixture"
+    );
+    // Attribution's own fields are still there.
+    assert!(bytes.windows(14).any(|w| w == b"\"torch-matmul\""));
+}
+
+#[test]
 fn h200_recording_replays_exactly() {
     let out = std::env::temp_dir().join(format!("tracer-h200-replay-{}.jsonl", std::process::id()));
     let summary = replay(&ReplayOptions {
@@ -36,6 +58,7 @@ fn h200_recording_replays_exactly() {
         step_clock: None,
         records_out: Some(out.clone()),
         events_out: None,
+        redact_to: None,
     })
     .expect("replay");
     let again = std::fs::read_to_string(&out).expect("replayed records");

@@ -83,6 +83,10 @@ pub struct ReplayArgs {
     /// Write every decoded probe event as a JSON line here (the audit view of the raw data).
     #[arg(long)]
     pub events_out: Option<PathBuf>,
+    /// Also write the recording again to this file with prompts, completions and credentials
+    /// redacted (for a recording made with --record-payloads, or by an older tracer).
+    #[arg(long, value_name = "FILE")]
+    pub redact_to: Option<PathBuf>,
 }
 
 /// `tracer run` flags. Each one overrides the same setting from `--config`.
@@ -123,6 +127,10 @@ pub struct RunArgs {
     /// events carry lengths and timing only. [config: output.events_payload]
     #[arg(long)]
     pub events_payload: bool,
+    /// Keep prompts, completions and credentials as captured in the recording and the
+    /// journal (by default they hold redacted bytes only). [config: output.record_payloads]
+    #[arg(long)]
+    pub record_payloads: bool,
     /// Write every finished HTTP request as a JSON line to this file. [config: output.requests_out]
     #[arg(long)]
     pub requests_out: Option<PathBuf>,
@@ -304,6 +312,9 @@ impl RunArgs {
         }
         if self.events_payload {
             c.output.events_payload = true;
+        }
+        if self.record_payloads {
+            c.output.record_payloads = true;
         }
         if self.events_out.is_some() {
             c.output.events_out = self.events_out;

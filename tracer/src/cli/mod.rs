@@ -163,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 step_clock: args.step_clock,
                 records_out: args.records_out,
                 events_out: args.events_out,
+                redact_to: args.redact_to,
             })?;
             eprintln!("{summary}");
             Ok(())

@@ -136,8 +136,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })?;
 
     let opened = storage::open(&config)?;
+    let mut http = config.http.clone();
+    if !config.output.record_payloads {
+        http.redaction_key = Some(storage::redaction_key(opened.as_ref().map(|o| &o.store))?);
+    }
     let pipeline_config = PipelineConfig {
-        http: config.http.clone(),
+        http,
         ledger: config.ledger.clone(),
         wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
         first_request_id: opened.as_ref().map_or(1, |o| o.run.first_request_id),

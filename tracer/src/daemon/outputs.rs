@@ -76,7 +76,12 @@ pub(super) fn bus(
 
 fn header(pipeline: &PipelineConfig) -> RecordHeader {
     RecordHeader {
-        version: 1,
+        version: crate::record::format::VERSION,
+        payloads: if pipeline.http.redaction_key.is_some() {
+            crate::record::format::Payloads::Redacted
+        } else {
+            crate::record::format::Payloads::Raw
+        },
         started_unix_ms: (power::realtime_ns() / 1_000_000) as i64,
         tracer_version: env!("CARGO_PKG_VERSION").into(),
         pipeline: pipeline.clone(),

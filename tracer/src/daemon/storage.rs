@@ -22,6 +22,44 @@ fn now_ms() -> i64 {
     (power::realtime_ns() / 1_000_000) as i64
 }
 
+/// The redaction key (`wire::redact`): the store's, made on first use and readable by root
+/// only, so pseudonyms stay the same across runs; without a store, a fresh one per run.
+/// Never written into a recording.
+pub(super) fn redaction_key(store: Option<&Store>) -> Result<[u64; 2], DaemonError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut random = [0u8; 16];
+    let urandom = std::path::Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(super::io_err("reading /dev/urandom"))?;
+    let bytes = match store {
+        None => random,
+        Some(s) => {
+            let path = s.dir().join("redaction.key");
+            match std::fs::read(&path) {
+                Ok(b) if b.len() == 16 => b.try_into().unwrap_or(random),
+                _ => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .map_err(super::io_err("creating the store's redaction key"))?;
+                    std::io::Write::write_all(&mut f, &random)
+                        .map_err(super::io_err("writing the store's redaction key"))?;
+                    random
+                }
+            }
+        }
+    };
+    let (a, b) = bytes.split_at(8);
+    Ok([
+        u64::from_le_bytes(a.try_into().unwrap_or_default()),
+        u64::from_le_bytes(b.try_into().unwrap_or_default()),
+    ])
+}
+
 /// Opens the configured store, if any.
 pub(super) fn open(config: &Config) -> Result<Option<Opened>, DaemonError> {
     let Some(dir) = &config.store.path else {

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use tracer_ebpf::abi::Syscall;
+use tracer_ebpf::abi::{self, DataHead, Syscall};
 
 use crate::{
     ids::Pid,
@@ -30,6 +30,9 @@ pub(super) struct Conns {
     /// Syscalls captured in several records, being put back together.
     pieces: BTreeMap<(Pid, u64), Pieces>,
     pieces_lost: u64,
+    /// When inputs are recorded: each syscall as the tracker read it (redacted), as data
+    /// records in the probes' format, in the order the tracker read them.
+    pub read: Option<Vec<Vec<u8>>>,
 }
 
 /// One data record's fields, as the tracker needs them.
@@ -51,13 +54,53 @@ pub(super) struct Moved<'a> {
     /// A TLS connection's plaintext (`SSL_read`/`SSL_write`), not its socket bytes.
     pub plaintext: bool,
     pub payload: &'a [u8],
+    /// The record's fixed part as the probes wrote it (what a recording starts from).
+    pub head: &'a [u8],
 }
 
 /// A syscall's first record and the bytes put together so far.
 #[derive(Debug)]
 struct Pieces {
     first: Moved<'static>,
+    head: Vec<u8>,
     buf: Vec<u8>,
+}
+
+/// `payload` of the syscall whose first record began with `head`, as data records: one, or
+/// several continuation records when it is longer than a record holds (a replay puts them
+/// back together as the live run did).
+fn records_of(head: &[u8], payload: &[u8], out: &mut Vec<Vec<u8>>) {
+    const FLAGS: usize = std::mem::offset_of!(DataHead, hdr.flags);
+    const CAP: usize = std::mem::offset_of!(DataHead, cap_len);
+    const OFFSET: usize = std::mem::offset_of!(DataHead, offset);
+    let len = size_of::<DataHead>();
+    let Some(head) = head.get(..len) else {
+        return;
+    };
+    let flags = u16::from_ne_bytes([head[FLAGS], head[FLAGS + 1]])
+        & !(abi::DATA_FLAG_MORE | abi::DATA_FLAG_CONT);
+    let pieces: Vec<&[u8]> = if payload.is_empty() {
+        vec![payload]
+    } else {
+        payload.chunks(abi::CAPTURE_MAX).collect()
+    };
+    let last = pieces.len() - 1;
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let mut f = flags;
+        if i < last {
+            f |= abi::DATA_FLAG_MORE;
+        }
+        if i > 0 {
+            f |= abi::DATA_FLAG_CONT;
+        }
+        let mut r = Vec::with_capacity(len + piece.len());
+        r.extend_from_slice(head);
+        r[FLAGS..FLAGS + 2].copy_from_slice(&f.to_ne_bytes());
+        r[CAP..CAP + 4].copy_from_slice(&(piece.len() as u32).to_ne_bytes());
+        r[OFFSET..OFFSET + 4].copy_from_slice(&((i * abi::CAPTURE_MAX) as u32).to_ne_bytes());
+        r.extend_from_slice(piece);
+        out.push(r);
+    }
 }
 
 impl Conns {
@@ -162,7 +205,12 @@ impl Conns {
             self.pieces.insert(
                 at,
                 Pieces {
-                    first: Moved { payload: &[], ..*d },
+                    first: Moved {
+                        payload: &[],
+                        head: &[],
+                        ..*d
+                    },
+                    head: d.head.to_vec(),
                     buf: d.payload.to_vec(),
                 },
             );
@@ -179,6 +227,7 @@ impl Conns {
         if let Some(p) = self.pieces.remove(&at) {
             let d = Moved {
                 payload: &p.buf,
+                head: &p.head,
                 ..p.first
             };
             self.deliver(t, at.0, &d);
@@ -186,7 +235,7 @@ impl Conns {
     }
 
     /// Feeds the tracker; returns the connection's side, when it was seen opening.
-    fn deliver(&self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) -> Option<Role> {
+    fn deliver(&mut self, t: &mut Tracker, tgid: Pid, d: &Moved<'_>) -> Option<Role> {
         let open = self.open.get(&(tgid, d.conn_id));
         let first_fd = open.map_or(d.fd, |c| c.key.fd);
         let key = ConnKey {
@@ -199,6 +248,7 @@ impl Conns {
         } else {
             Direction::Outbound
         };
+        let role = open.map(|c| c.role);
         if d.eof {
             t.on_eof(key, d.ts_ns, dir);
         } else if d.plaintext {
@@ -206,7 +256,10 @@ impl Conns {
         } else {
             t.on_data(key, d.ts_ns, dir, d.total_len, d.payload);
         }
-        open.map(|c| c.role)
+        if let Some(out) = &mut self.read {
+            records_of(d.head, if d.eof { &[] } else { t.view() }, out);
+        }
+        role
     }
 
     /// Continuation records that did not follow the record before them (counted, not used).

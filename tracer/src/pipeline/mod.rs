@@ -96,9 +96,13 @@ impl Pipeline {
 
     /// Publishes `input` (the recorder keeps it), then acts on it.
     pub fn apply(&mut self, input: Input) {
+        if let Input::Probe { bytes } = &input {
+            self.probe(bytes);
+            return;
+        }
         self.bus.publish(&Fact::Input(&input));
         match input {
-            Input::Probe { bytes } => self.handle(&bytes),
+            Input::Probe { .. } => {}
             Input::Power { readings } => self.power(readings),
             Input::Device { id, setup } => self.add_device(id, setup),
             Input::Service { id, name, ts_ns } => {
@@ -163,10 +167,33 @@ impl Pipeline {
         }
     }
 
-    /// A raw probe record (the hot path: no copy).
+    /// A raw probe record (the hot path: no copy). The recorder gets it after it is read:
+    /// a data record as the tracker read it (redacted, `wire::redact`; a syscall captured in
+    /// pieces once put together), any other record as it came.
     pub fn probe(&mut self, bytes: &[u8]) {
-        self.bus.publish(&Fact::Probe(bytes));
-        self.handle(bytes);
+        let recording = self.bus.interest().inputs;
+        if recording && self.conns.read.is_none() {
+            self.conns.read = Some(Vec::new());
+        }
+        let data = self.handle(bytes);
+        if recording {
+            let read = self
+                .conns
+                .read
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            for r in &read {
+                self.bus.publish(&Fact::Probe(r));
+            }
+            if let Some(mut reuse) = self.conns.read.take() {
+                reuse.clear();
+                self.conns.read = Some(reuse);
+            }
+            if !data {
+                self.bus.publish(&Fact::Probe(bytes));
+            }
+        }
     }
 
     fn add_device(&mut self, id: DeviceId, setup: DeviceSetup) {
@@ -194,13 +221,15 @@ impl Pipeline {
         self.devices.insert(id, setup);
     }
 
-    fn handle(&mut self, bytes: &[u8]) {
+    /// Decodes and acts on a record; returns whether it was a data record (recorded as read,
+    /// not as it came).
+    fn handle(&mut self, bytes: &[u8]) -> bool {
         let ev = match decode::decode(bytes) {
             Ok(ev) => ev,
             Err(e) => {
                 self.stats.decode_errors += 1;
                 tracing::debug!("undecodable record: {e}");
-                return;
+                return false;
             }
         };
         self.stats.record(&ev);
@@ -208,12 +237,13 @@ impl Pipeline {
             raw: bytes,
             event: &ev,
         });
-        self.track(&ev);
+        self.track(&ev, bytes);
+        matches!(ev.body, Body::Data { .. })
     }
 
     /// Connection events to the HTTP tracker, process and GPU events to the binding, engine
     /// messages and CUDA synchronisations to the ledger as step ends.
-    fn track(&mut self, ev: &Event<'_>) {
+    fn track(&mut self, ev: &Event<'_>, raw: &[u8]) {
         let tgid = Pid(ev.tgid);
         let t = &mut self.tracker;
         match ev.body {
@@ -234,8 +264,16 @@ impl Pipeline {
             Body::Data {
                 ipc: true, inbound, ..
             } => {
-                // IPC between service members is never HTTP. The HTTP-serving process receiving
-                // a message from the engine: a step ended (it writes that step's chunks next).
+                // IPC between service members is never HTTP, and only its timing is read: it
+                // is recorded without its bytes.
+                if let Some(read) = &mut self.conns.read {
+                    let head = raw.len().min(tracer_ebpf::abi::DATA_HEAD_LEN);
+                    let mut r = raw.to_vec();
+                    r[head..].fill(0);
+                    read.push(r);
+                }
+                // The HTTP-serving process receiving a message from the engine: a step ended
+                // (it writes that step's chunks next).
                 if inbound && self.serving.contains(&tgid) {
                     let service = self.binding.service_of(tgid);
                     self.ledger.step_mark(service, ev.ts_ns, StepSource::Ipc);
@@ -282,6 +320,7 @@ impl Pipeline {
                         offset,
                         plaintext: syscall.is_plaintext(),
                         payload,
+                        head: raw,
                     },
                 );
                 // Which request a thread serves, for the calls it makes (`hops.rs`).

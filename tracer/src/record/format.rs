@@ -2,10 +2,16 @@
 //! from raw data (`tracer replay`).
 //!
 //! Format: the magic `TRACERREC1\n`, then frames of `[tag: u8][len: u32 LE][len bytes]`.
-//! Tag 0 is the header (JSON: format version, start time, the pipeline settings), tag 1 a probe
-//! record exactly as the kernel wrote it (decoded again at replay by the same code), tag 2 any
-//! other [`Input`] as JSON (power readings, devices, services, clock ticks). A recording cut
-//! short (the daemon was killed) replays up to its last whole frame.
+//! Tag 0 is the header (JSON: format version, start time, the pipeline settings, whether
+//! payloads are redacted), tag 1 a probe record in the kernel's format (decoded again at replay
+//! by the same code), tag 2 any other [`Input`] as JSON (power readings, devices, services,
+//! clock ticks). A recording cut short (the daemon was killed) replays up to its last whole
+//! frame.
+//!
+//! Version 2: data records hold what the tracker read, not what the kernel wrote: redacted
+//! unless payloads were kept on purpose (`wire::redact`), a syscall captured in pieces put
+//! together, IPC messages without their bytes. Version 1 recordings (raw payloads) replay as
+//! before.
 
 use std::{
     fs::File,
@@ -49,11 +55,29 @@ pub enum RecordError {
     Header { path: PathBuf, detail: String },
 }
 
+/// The format version this build writes.
+pub const VERSION: u32 = 2;
+
+/// What the data records' payloads hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payloads {
+    /// As captured: prompts, completions and credentials included (version 1, or kept on
+    /// purpose with `--record-payloads`).
+    #[default]
+    Raw,
+    /// Redacted by the tracker before it read them: no text, no credentials.
+    Redacted,
+}
+
 /// The first frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordHeader {
-    /// Format version (1).
+    /// Format version (1 or 2).
     pub version: u32,
+    /// What data records hold.
+    #[serde(default)]
+    pub payloads: Payloads,
     /// Wall-clock start of the recording, Unix milliseconds.
     pub started_unix_ms: i64,
     /// The tracer version that wrote it.
@@ -177,6 +201,7 @@ impl Replayer {
             offset: MAGIC.len() as u64,
             header: RecordHeader {
                 version: 0,
+                payloads: Payloads::Raw,
                 started_unix_ms: 0,
                 tracer_version: String::new(),
                 pipeline: PipelineConfig::default(),
@@ -191,7 +216,7 @@ impl Replayer {
             Some((TAG_HEADER, bytes)) => {
                 let h: RecordHeader =
                     serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-                if h.version != 1 {
+                if h.version != 1 && h.version != VERSION {
                     return Err(bad(format!("version {}", h.version)));
                 }
                 me.header = h;
@@ -295,7 +320,8 @@ mod tests {
 
     fn header() -> RecordHeader {
         RecordHeader {
-            version: 1,
+            version: VERSION,
+            payloads: Payloads::Redacted,
             started_unix_ms: 1,
             tracer_version: "test".into(),
             pipeline: PipelineConfig::default(),

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use super::format::{RecordError, Replayer};
+use super::format::{Payloads, RecordError, RecordHeader, Recorder, Replayer, VERSION};
 use crate::{
     ledger::{IdlePolicy, LedgerError, SplitPolicy, StepClockPolicy},
     output::jsonl::{JsonLines, Stream},
@@ -23,6 +23,9 @@ pub enum ReplayError {
     /// The recorded (or overridden) ledger settings are invalid.
     #[error("ledger settings: {0}")]
     Ledger(#[from] LedgerError),
+    /// `--redact-to` was given a recording whose payloads are redacted already.
+    #[error("{0}: its payloads are redacted already")]
+    AlreadyRedacted(PathBuf),
     /// An output could not be written.
     #[error("{path}: {source}")]
     Output {
@@ -46,6 +49,9 @@ pub struct ReplayOptions {
     pub records_out: Option<PathBuf>,
     /// Decoded probe events as JSON lines here.
     pub events_out: Option<PathBuf>,
+    /// Also write the recording again here with its payloads redacted (a version 1 or
+    /// `--record-payloads` recording made safe to keep or share); its records are the same.
+    pub redact_to: Option<PathBuf>,
 }
 
 /// What a replay did.
@@ -109,9 +115,25 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplaySummary, ReplayError> {
 
 /// Replays `opts.recording` into the subscribers on `bus` (`records_out`/`events_out` are not
 /// used): what a test or another output sees of a recording.
-pub fn replay_into(opts: &ReplayOptions, bus: Bus) -> Result<ReplaySummary, ReplayError> {
+pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, ReplayError> {
     let mut rp = Replayer::open(&opts.recording)?;
     let mut config = rp.header.pipeline.clone();
+    if let Some(to) = &opts.redact_to {
+        if rp.header.payloads == Payloads::Redacted {
+            return Err(ReplayError::AlreadyRedacted(opts.recording.clone()));
+        }
+        // A fresh key: pseudonyms only need to agree within the recording.
+        let key = std::collections::hash_map::RandomState::new();
+        let k = |i: u64| std::hash::BuildHasher::hash_one(&key, i);
+        config.http.redaction_key = Some([k(0), k(1)]);
+        let header = RecordHeader {
+            version: VERSION,
+            payloads: Payloads::Redacted,
+            pipeline: config.clone(),
+            ..rp.header.clone()
+        };
+        bus.subscribe(Box::new(Recorder::create(to, &header)?));
+    }
     if let Some(s) = opts.split {
         config.ledger.split = s;
     }

@@ -125,6 +125,7 @@ pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, Sto
                 step_clock: None,
                 records_out: None,
                 events_out: None,
+                redact_to: None,
             };
             match replay_into(&opts, bus) {
                 Ok(summary) => {

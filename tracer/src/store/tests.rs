@@ -200,6 +200,7 @@ fn a_crashed_run_is_recovered_from_its_journal_without_duplicates() {
             step_clock: None,
             records_out: None,
             events_out: None,
+            redact_to: None,
         };
         crate::record::replay::replay_into(&opts, bus).expect("replay");
         std::mem::take(&mut *got.lock().expect("lock"))

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::{ConnKey, RequestKey, Role, meta::MetaScan};
+use super::{ConnKey, RequestKey, Role, meta::MetaScan, redact};
 
 /// Which message a side carries, by who sends it.
 ///
@@ -63,6 +63,9 @@ pub(super) struct Side {
     pub(super) msg_bytes: u64,
     pub(super) msg_start_ns: u64,
     pub(super) in_message: bool,
+    /// Redaction of the current message's head and body (`redact.rs`).
+    pub(super) head_redact: redact::HeadState,
+    pub(super) body_redact: redact::BodyState,
 }
 
 impl Side {
@@ -73,6 +76,8 @@ impl Side {
             msg_bytes: 0,
             msg_start_ns: 0,
             in_message: false,
+            head_redact: redact::HeadState::default(),
+            body_redact: redact::BodyState::default(),
         }
     }
 }
@@ -183,6 +188,9 @@ pub(super) enum Proto {
 }
 
 impl Proto {
+    /// Bytes [`Proto::sniff`] reads at most.
+    pub(super) const SNIFF_BYTES: usize = 16;
+
     /// The protocol that `first` (a connection's first bytes) begins, when not HTTP/1.x.
     pub(super) fn sniff(first: &[u8]) -> Option<Proto> {
         const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";

@@ -11,7 +11,7 @@ use super::{
     conn::{BodyType, Chunk, Conn, Framing, Incoming, Kind, Pending, Proto, State},
     dialect, header,
     meta::MetaScan,
-    prefix,
+    prefix, redact,
     stream::{self, trim_crlf},
 };
 
@@ -80,16 +80,23 @@ fn find_start(data: &[u8], kind: Kind) -> Option<usize> {
 }
 
 impl Tracker {
-    /// Feeds known bytes through one side's state machine.
-    pub(super) fn feed(&mut self, c: &mut Conn, kind: Kind, ts: u64, mut data: &[u8]) {
+    /// Feeds known bytes through one side's state machine, redacting each part before it is
+    /// read (`redact.rs`): skipped bytes and bodies by their kind, heads up to their blank
+    /// line; start lines and chunk-size lines stay.
+    pub(super) fn feed(&mut self, c: &mut Conn, kind: Kind, ts: u64, mut data: &mut [u8]) {
         let side = kind as usize;
+        let key = self.redact;
         while !data.is_empty() {
             match c.sides[side].state {
                 State::Resync => {
                     let at = find_start(data, kind);
                     let skip = at.unwrap_or(data.len());
                     self.stats.resync_bytes_skipped += skip as u64;
-                    data = &data[skip..];
+                    let (skipped, rest) = std::mem::take(&mut data).split_at_mut(skip);
+                    if key.is_some() {
+                        redact::opaque(skipped);
+                    }
+                    data = rest;
                     if at.is_some() {
                         c.sides[side].state = State::Head;
                     }
@@ -103,7 +110,7 @@ impl Tracker {
                                 .iter()
                                 .take_while(|b| matches!(b, b'\r' | b'\n'))
                                 .count();
-                            data = &data[lead..];
+                            data = &mut std::mem::take(&mut data)[lead..];
                             if data.is_empty() {
                                 break;
                             }
@@ -117,10 +124,15 @@ impl Tracker {
                         s.in_message = true;
                         s.msg_start_ns = ts;
                         s.msg_bytes = 0;
+                        s.head_redact.reset();
                     }
                     let from = s.buf.len().saturating_sub(3);
                     let room = self.config.max_head_bytes.saturating_sub(s.buf.len());
                     let take = data.len().min(room.max(1));
+                    if let Some(k) = key {
+                        // Stops at the blank line: what follows is the body's.
+                        s.head_redact.redact(k, &mut data[..take]);
+                    }
                     s.buf.extend_from_slice(&data[..take]);
                     if let Some(end) =
                         memmem::find(&s.buf[from..], b"\r\n\r\n").map(|p| p + from + 4)
@@ -128,22 +140,27 @@ impl Tracker {
                         let extra = s.buf.len() - end;
                         let consumed = take - extra;
                         s.msg_bytes += consumed as u64;
-                        data = &data[consumed..];
+                        data = &mut std::mem::take(&mut data)[consumed..];
                         let head = std::mem::take(&mut s.buf);
+                        let sse = kind == Kind::Response;
                         self.on_head(c, kind, ts, &head[..end]);
+                        let sse = sse && c.pending.front().is_some_and(|p| p.body == BodyType::Sse);
+                        c.sides[side].body_redact.reset(sse);
                     } else if s.buf.len() >= self.config.max_head_bytes {
                         self.stats.heads_too_large += 1;
                         self.lose_framing(c, kind, ts);
-                        data = &data[take..];
+                        data = &mut std::mem::take(&mut data)[take..];
                     } else {
                         s.msg_bytes += take as u64;
-                        data = &data[take..];
+                        data = &mut std::mem::take(&mut data)[take..];
                     }
                 }
                 State::Body(Framing::Length(rem)) => {
                     let n = (rem as usize).min(data.len());
-                    self.body(c, kind, ts, &data[..n], n as u64);
-                    data = &data[n..];
+                    let (now, rest) = std::mem::take(&mut data).split_at_mut(n);
+                    self.redact_body(c, kind, now);
+                    self.body(c, kind, ts, now, n as u64);
+                    data = rest;
                     let rem = rem - n as u64;
                     c.sides[side].state = State::Body(Framing::Length(rem));
                     if rem == 0 {
@@ -151,8 +168,10 @@ impl Tracker {
                     }
                 }
                 State::Body(Framing::UntilClose) => {
-                    self.body(c, kind, ts, data, data.len() as u64);
-                    data = &[];
+                    let now = std::mem::take(&mut data);
+                    self.redact_body(c, kind, now);
+                    let n = now.len() as u64;
+                    self.body(c, kind, ts, now, n);
                 }
                 State::Body(Framing::Chunked) => {
                     c.sides[side].state = State::InChunk(Chunk::Size);
@@ -166,9 +185,15 @@ impl Tracker {
                         self.lose_framing(c, kind, ts);
                         continue;
                     }
+                    if s.state == State::InChunk(Chunk::Trailer)
+                        && let Some(k) = key
+                    {
+                        // Trailer fields are header fields: credentials go.
+                        s.head_redact.redact(k, &mut data[..take]);
+                    }
                     s.buf.extend_from_slice(&data[..take]);
                     s.msg_bytes += take as u64;
-                    data = &data[take..];
+                    data = &mut std::mem::take(&mut data)[take..];
                     if nl.is_none() {
                         break;
                     }
@@ -185,7 +210,10 @@ impl Tracker {
                         .ok()
                         .and_then(|t| u64::from_str_radix(t.trim(), 16).ok());
                     match size {
-                        Some(0) => s.state = State::InChunk(Chunk::Trailer),
+                        Some(0) => {
+                            s.state = State::InChunk(Chunk::Trailer);
+                            s.head_redact.reset();
+                        }
                         Some(n) => s.state = State::InChunk(Chunk::Data(n)),
                         None => {
                             self.stats.parse_errors += 1;
@@ -195,8 +223,10 @@ impl Tracker {
                 }
                 State::InChunk(Chunk::Data(rem)) => {
                     let n = (rem as usize).min(data.len());
-                    self.body(c, kind, ts, &data[..n], n as u64);
-                    data = &data[n..];
+                    let (now, rest) = std::mem::take(&mut data).split_at_mut(n);
+                    self.redact_body(c, kind, now);
+                    self.body(c, kind, ts, now, n as u64);
+                    data = rest;
                     let rem = rem - n as u64;
                     c.sides[side].msg_bytes += n as u64;
                     c.sides[side].state = if rem == 0 {
@@ -207,7 +237,7 @@ impl Tracker {
                 }
                 State::InChunk(Chunk::DataEnd(rem)) => {
                     let n = (rem as usize).min(data.len());
-                    data = &data[n..];
+                    data = &mut std::mem::take(&mut data)[n..];
                     let rem = rem - n as u8;
                     c.sides[side].msg_bytes += n as u64;
                     c.sides[side].state = if rem == 0 {
@@ -217,6 +247,13 @@ impl Tracker {
                     };
                 }
             }
+        }
+    }
+
+    /// Redacts body bytes of `kind`'s current message in place (when the tracker redacts).
+    fn redact_body(&self, c: &mut Conn, kind: Kind, data: &mut [u8]) {
+        if let Some(k) = self.redact {
+            c.sides[kind as usize].body_redact.redact(k, data);
         }
     }
 

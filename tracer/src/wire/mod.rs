@@ -36,6 +36,7 @@ mod framing;
 mod json;
 mod meta;
 pub mod prefix;
+mod redact;
 mod stream;
 pub mod summary;
 
@@ -184,6 +185,11 @@ pub struct TrackerConfig {
     pub tenant_key: [u64; 2],
     /// Connections tracked at most; beyond, the oldest idle one is evicted.
     pub max_connections: usize,
+    /// Redact what the tracker reads (`redact.rs`) with this key; `None`: read bytes as they
+    /// are (a replay of a redacted recording, or payloads kept on purpose). Never configured
+    /// or recorded: the daemon sets it.
+    #[serde(skip)]
+    pub redaction_key: Option<[u64; 2]>,
 }
 
 impl Default for TrackerConfig {
@@ -193,6 +199,7 @@ impl Default for TrackerConfig {
             tenant_header: None,
             tenant_key: [0x7472_6163_6572, 0x7465_6e61_6e74],
             max_connections: 65_536,
+            redaction_key: None,
         }
     }
 }
@@ -235,6 +242,9 @@ pub struct Tracker {
     next_id: u64,
     out: Vec<Lifecycle>,
     stats: TrackerStats,
+    redact: Option<redact::Key>,
+    /// The last syscall's bytes as the tracker read them (redacted when it redacts).
+    view: Vec<u8>,
 }
 
 fn lower_eq(a: &str, b: &str) -> bool {
@@ -254,11 +264,13 @@ impl Tracker {
     /// A tracker with `config`.
     pub fn new(config: TrackerConfig) -> Self {
         Tracker {
+            redact: config.redaction_key.map(redact::Key::new),
             config,
             conns: HashMap::new(),
             next_id: 1,
             out: Vec::new(),
             stats: TrackerStats::default(),
+            view: Vec::new(),
         }
     }
 
@@ -267,6 +279,12 @@ impl Tracker {
     pub fn starting_at(mut self, first: u64) -> Self {
         self.next_id = first.max(1);
         self
+    }
+
+    /// The bytes of the last `on_data`/`on_plaintext` as the tracker read them: redacted when
+    /// it redacts. What a recording keeps, so that it replays to the same records.
+    pub fn view(&self) -> &[u8] {
+        &self.view
     }
 
     /// The id the next request will get.
@@ -337,6 +355,22 @@ impl Tracker {
         (total_len, captured): (u64, &[u8]),
         plaintext: bool,
     ) {
+        // The tracker reads a copy, redacted in place as it goes (`redact.rs`).
+        let mut view = std::mem::take(&mut self.view);
+        view.clear();
+        view.extend_from_slice(captured);
+        self.read(conn, ts_ns, dir, (total_len, &mut view), plaintext);
+        self.view = view;
+    }
+
+    fn read(
+        &mut self,
+        conn: ConnKey,
+        ts_ns: u64,
+        dir: Direction,
+        (total_len, captured): (u64, &mut [u8]),
+        plaintext: bool,
+    ) {
         if !self.conns.contains_key(&conn) {
             if self.conns.len() >= self.config.max_connections {
                 self.evict_oldest(ts_ns);
@@ -347,6 +381,7 @@ impl Tracker {
         let Some(mut c) = self.conns.remove(&conn) else {
             return;
         };
+        let redact = self.redact.is_some();
         c.last_ns = ts_ns;
         if plaintext && !c.decrypted {
             // Its first plaintext: whatever its ciphertext looked like, HTTP starts here.
@@ -356,18 +391,27 @@ impl Tracker {
             self.stats.tls_decrypted_connections += 1;
         } else if c.decrypted && !plaintext {
             self.stats.other_protocol_bytes += total_len;
+            if redact {
+                redact::opaque(captured);
+            }
             self.conns.insert(conn, c);
             return;
         }
+        let mut sniffed = 0;
         if c.fresh && !captured.is_empty() {
             c.fresh = false;
             if let Some(p) = Proto::sniff(captured) {
                 self.other_protocol(&mut c, p);
+                // The bytes the sniff read stay (a protocol's preface or record header).
+                sniffed = Proto::SNIFF_BYTES.min(captured.len());
             }
         }
         if c.proto != Proto::Http1 {
             // Not HTTP/1.x: counted, never parsed into requests.
             self.stats.other_protocol_bytes += total_len;
+            if redact {
+                redact::opaque(&mut captured[sniffed..]);
+            }
             self.conns.insert(conn, c);
             return;
         }
@@ -381,6 +425,9 @@ impl Tracker {
             } else {
                 // Until a request line shows which way requests flow, nothing can be matched.
                 self.stats.resync_bytes_skipped += total_len;
+                if redact {
+                    redact::opaque(captured);
+                }
                 self.conns.insert(conn, c);
                 return;
             }
@@ -391,7 +438,11 @@ impl Tracker {
         } else {
             Kind::Response
         };
-        let captured = &captured[..captured.len().min(total_len as usize)];
+        let n = captured.len().min(total_len as usize);
+        let (captured, beyond) = captured.split_at_mut(n);
+        if redact {
+            redact::opaque(beyond);
+        }
         let missing = total_len - captured.len() as u64;
         self.feed(&mut c, kind, ts_ns, captured);
         if missing > 0 {

@@ -1,0 +1,468 @@
+//! Redaction: what the tracker reads is what gets persisted, with prompt and completion text
+//! and credentials replaced, byte for byte, before anything reads them.
+//!
+//! The tracker works on a copy of each syscall's bytes, redacted in place as its framing
+//! walks them ([`super::framing`]): header values of credentials, the string values of JSON
+//! bodies (except the few keys attribution reads: `model`, `id`, `object`, `role`, `type`,
+//! `finish_reason`...), numbers inside JSON arrays (token ids), and every body byte that is not
+//! JSON. Structure stays: lengths, line breaks, chunk sizes, keys, `true`/`false`/`null`,
+//! numbers that are a key's value (`max_tokens`, usage counts), SSE field names and `[DONE]`.
+//! Because the tracker itself only ever reads the redacted bytes, a recording of them (the
+//! journal) replays to exactly the records of the live run.
+//!
+//! The replacement is a keyed, prefix-preserving pseudonym, not encryption: each replaced byte
+//! is derived from the key and every byte of its value up to it, so two prompts that start
+//! alike still start alike (the prefix-cache estimate, `prefix.rs`, and the two ends of a
+//! proxied request, `hops`, see the same sharing), while without the key nothing of the text
+//! can be recovered, not even byte by byte. The key is the store's (`redaction.key`, never
+//! in a recording), or random per run.
+
+/// Header names whose values are credentials (compared lowercase).
+const SECRET_HEADERS: [&[u8]; 8] = [
+    b"authorization",
+    b"proxy-authorization",
+    b"cookie",
+    b"set-cookie",
+    b"x-api-key",
+    b"api-key",
+    b"x-goog-api-key",
+    b"openai-api-key",
+];
+
+/// Keys whose string values are kept: what attribution and the records read, never text.
+const KEPT_VALUES: [&[u8]; 9] = [
+    b"model",
+    b"id",
+    b"object",
+    b"role",
+    b"type",
+    b"finish_reason",
+    b"done_reason",
+    b"stop_reason",
+    b"system_fingerprint",
+];
+
+/// Longest key remembered (longer ones are never kept-value keys).
+const KEY_MAX: usize = 24;
+
+/// The redaction key and the byte pseudonym.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Key([u64; 2]);
+
+impl Key {
+    pub(super) fn new(k: [u64; 2]) -> Self {
+        Key(k)
+    }
+
+    /// The chain's start for a new value.
+    fn start(self) -> u64 {
+        self.0[0]
+    }
+
+    /// The chain after byte `b`.
+    fn step(self, state: u64, b: u8) -> u64 {
+        mix(state ^ u64::from(b) ^ self.0[1]).wrapping_add(self.0[0])
+    }
+}
+
+/// `SplitMix64`'s finaliser: every input bit reaches every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const LETTERS: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+fn letter(state: u64) -> u8 {
+    LETTERS[(state >> 40) as usize % LETTERS.len()]
+}
+
+fn digit(state: u64) -> u8 {
+    b'1' + ((state >> 40) % 9) as u8
+}
+
+/// Bytes nothing reads: replaced, line breaks kept.
+pub(super) fn opaque(data: &mut [u8]) {
+    for b in data {
+        if !matches!(*b, b'\r' | b'\n') {
+            *b = b'x';
+        }
+    }
+}
+
+/// Where a head's redaction is.
+#[derive(Debug, Clone, Default)]
+pub(super) struct HeadState {
+    /// Bytes of the current line's name so far (lowercased), before its `:`.
+    name: Vec<u8>,
+    in_value: bool,
+    secret: bool,
+    /// Bytes on the current line so far (0 at a line start).
+    line_len: usize,
+    chain: u64,
+    /// The blank line was seen: the rest is not head.
+    done: bool,
+}
+
+impl HeadState {
+    /// A new message starts.
+    pub(super) fn reset(&mut self) {
+        self.name.clear();
+        self.in_value = false;
+        self.secret = false;
+        self.line_len = 0;
+        self.done = false;
+    }
+
+    /// Redacts head bytes in place, up to the blank line that ends the head (bytes after it
+    /// are left for the body).
+    pub(super) fn redact(&mut self, key: Key, data: &mut [u8]) {
+        for b in data {
+            if self.done {
+                return;
+            }
+            match *b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                    }
+                    self.name.clear();
+                    self.in_value = false;
+                    self.secret = false;
+                    self.line_len = 0;
+                    continue;
+                }
+                b'\r' => continue,
+                _ => {}
+            }
+            self.line_len += 1;
+            if self.in_value {
+                if self.secret && *b != b' ' {
+                    self.chain = key.step(self.chain, *b);
+                    *b = letter(self.chain);
+                }
+            } else if *b == b':' {
+                self.in_value = true;
+                self.secret = SECRET_HEADERS.contains(&self.name.as_slice());
+                self.chain = key.start();
+            } else if self.name.len() < 32 {
+                self.name.push(b.to_ascii_lowercase());
+            }
+        }
+    }
+}
+
+/// How a body is read for redaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum BodyMode {
+    /// Not decided yet (the first non-blank byte decides).
+    #[default]
+    Sniff,
+    Json,
+    /// Server-sent events: field names, then JSON in `data:` values.
+    Sse,
+    /// Not JSON: every byte replaced.
+    Opaque,
+}
+
+/// A container in the JSON being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Container {
+    Object,
+    Array,
+}
+
+/// Where a body's redaction is.
+#[derive(Debug, Clone, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a lexer's independent flags, each its own state"
+)]
+pub(super) struct BodyState {
+    mode: BodyMode,
+    stack: Vec<Container>,
+    /// Inside a string: (is it a key, is its value kept, escape pending).
+    string: Option<(bool, bool, bool)>,
+    /// In an object, the next string is a key (after `{` or `,`).
+    expect_key: bool,
+    /// The last key read, lowercased, and whether its value is kept.
+    key: Vec<u8>,
+    keep_value: bool,
+    /// Inside a number (digits, `.eE+-` until a delimiter).
+    number: bool,
+    /// A literal being matched (`true`, `false`, `null`, `DONE`) and the next byte's index.
+    literal: Option<(&'static [u8], usize)>,
+    /// SSE: at the start of a line / reading the field name.
+    sse_field: bool,
+    sse_name: Vec<u8>,
+    chain: u64,
+}
+
+const LITERALS: [&[u8]; 4] = [b"true", b"false", b"null", b"DONE"];
+
+impl BodyState {
+    /// A new body, of a response announced as server-sent events or not.
+    pub(super) fn reset(&mut self, sse: bool) {
+        *self = BodyState {
+            mode: if sse { BodyMode::Sse } else { BodyMode::Sniff },
+            sse_field: sse,
+            ..BodyState::default()
+        };
+    }
+
+    /// Redacts body bytes in place.
+    pub(super) fn redact(&mut self, key: Key, data: &mut [u8]) {
+        for b in data {
+            self.byte(key, b);
+        }
+    }
+
+    fn byte(&mut self, key: Key, b: &mut u8) {
+        match self.mode {
+            BodyMode::Sniff => match *b {
+                b' ' | b'\t' | b'\r' | b'\n' => return,
+                b'{' | b'[' => self.mode = BodyMode::Json,
+                _ => self.mode = BodyMode::Opaque,
+            },
+            BodyMode::Opaque => {
+                if !matches!(*b, b'\r' | b'\n') {
+                    *b = b'x';
+                }
+                return;
+            }
+            BodyMode::Sse => {
+                if *b == b'\n' || *b == b'\r' {
+                    // Each event line stands alone: a cut one must not spill into the next.
+                    self.sse_field = true;
+                    self.sse_name.clear();
+                    self.stack.clear();
+                    self.string = None;
+                    self.number = false;
+                    self.literal = None;
+                    return;
+                }
+                if self.sse_field {
+                    if *b == b':' {
+                        self.sse_field = false;
+                        return;
+                    }
+                    self.sse_name.push(*b);
+                    if !matches!(
+                        self.sse_name.as_slice(),
+                        b"d" | b"da"
+                            | b"dat"
+                            | b"data"
+                            | b"e"
+                            | b"ev"
+                            | b"eve"
+                            | b"even"
+                            | b"event"
+                            | b"i"
+                            | b"id"
+                            | b"r"
+                            | b"re"
+                            | b"ret"
+                            | b"retr"
+                            | b"retry"
+                    ) {
+                        *b = b'x';
+                    }
+                    return;
+                }
+            }
+            BodyMode::Json => {}
+        }
+        self.json(key, b);
+    }
+
+    fn json(&mut self, key: Key, b: &mut u8) {
+        if let Some((is_key, kept, escape)) = self.string {
+            if escape {
+                self.string = Some((is_key, kept, false));
+            } else if *b == b'"' {
+                self.string = None;
+                if is_key {
+                    self.keep_value = KEPT_VALUES.contains(&self.key.as_slice());
+                }
+                return;
+            } else if *b == b'\\' {
+                self.string = Some((is_key, kept, true));
+            }
+            if is_key {
+                if self.key.len() < KEY_MAX {
+                    self.key.push(*b);
+                }
+            } else if !kept {
+                self.chain = key.step(self.chain, *b);
+                *b = letter(self.chain);
+            }
+            return;
+        }
+        let in_array = self.stack.last() == Some(&Container::Array);
+        if self.number {
+            match *b {
+                b'0'..=b'9' => {
+                    if in_array {
+                        self.chain = key.step(self.chain, *b);
+                        *b = digit(self.chain);
+                    }
+                    return;
+                }
+                b'.' | b'e' | b'E' | b'+' | b'-' => return,
+                _ => self.number = false,
+            }
+        }
+        if let Some((lit, i)) = self.literal {
+            if b.is_ascii_alphabetic() {
+                if lit.get(i) == Some(b) {
+                    self.literal = Some((lit, i + 1));
+                } else {
+                    self.literal = Some((b"", usize::MAX));
+                    *b = b'x';
+                }
+                return;
+            }
+            self.literal = None;
+        }
+        match *b {
+            b'{' => {
+                self.stack.push(Container::Object);
+                self.expect_key = true;
+            }
+            b'[' => {
+                self.stack.push(Container::Array);
+                self.expect_key = false;
+            }
+            b'}' | b']' => {
+                self.stack.pop();
+                self.expect_key = false;
+            }
+            b',' => self.expect_key = self.stack.last() == Some(&Container::Object),
+            b':' => self.expect_key = false,
+            b'"' => {
+                let is_key = self.expect_key && self.stack.last() == Some(&Container::Object);
+                if is_key {
+                    self.key.clear();
+                }
+                let kept = !is_key && !in_array && self.keep_value;
+                self.chain = key.start();
+                self.string = Some((is_key, kept, false));
+                self.expect_key = false;
+            }
+            b'-' | b'0'..=b'9' => {
+                self.number = true;
+                self.chain = key.start();
+                if in_array && b.is_ascii_digit() {
+                    self.chain = key.step(self.chain, *b);
+                    *b = digit(self.chain);
+                }
+            }
+            c if c.is_ascii_alphabetic() => {
+                if let Some(l) = LITERALS.iter().find(|l| l[0] == c) {
+                    self.literal = Some((l, 1));
+                } else {
+                    self.literal = Some((b"", usize::MAX));
+                    *b = b'x';
+                }
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => *b = b'x',
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: Key = Key([0x1234, 0x5678]);
+
+    fn body(text: &str, sse: bool, pieces: usize) -> String {
+        let mut s = BodyState::default();
+        s.reset(sse);
+        let mut bytes = text.as_bytes().to_vec();
+        let n = bytes.len().div_ceil(pieces.max(1));
+        for chunk in bytes.chunks_mut(n.max(1)) {
+            s.redact(K, chunk);
+        }
+        String::from_utf8(bytes).expect("ascii")
+    }
+
+    #[test]
+    fn json_keeps_structure_and_attribution_keys_only() {
+        let req = r#"{"model":"llama-3","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"SECRET prompt \"quoted\""}],"prompt":[101,2023,3],"user":"alice"}"#;
+        for pieces in [1, 3, 17, req.len()] {
+            let out = body(req, false, pieces);
+            assert_eq!(out.len(), req.len());
+            assert!(!out.contains("SECRET") && !out.contains("alice") && !out.contains("2023"));
+            let v: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+            assert_eq!(v["model"], "llama-3");
+            assert_eq!(v["stream"], true);
+            assert_eq!(v["max_tokens"], 64);
+            assert_eq!(v["messages"][0]["role"], "user");
+            assert_eq!(v["prompt"].as_array().map(Vec::len), Some(3));
+            assert_eq!(out, body(req, false, 1), "the same however it is cut");
+        }
+    }
+
+    #[test]
+    fn equal_starts_stay_equal_and_different_ones_differ() {
+        let a = body(
+            r#"{"prompt":"You are helpful. Tell me about cats"}"#,
+            false,
+            1,
+        );
+        let b = body(
+            r#"{"prompt":"You are helpful. Tell me about dogs"}"#,
+            false,
+            1,
+        );
+        let shared = r#"{"prompt":"You are helpful. Tell me about "#.len();
+        assert_eq!(a[..shared], b[..shared]);
+        assert_ne!(a[shared..], b[shared..]);
+        let other_key = {
+            let mut s = BodyState::default();
+            s.reset(false);
+            let mut x = br#"{"prompt":"You are helpful. Tell me about cats"}"#.to_vec();
+            s.redact(Key([9, 9]), &mut x);
+            String::from_utf8(x).expect("ascii")
+        };
+        assert_ne!(a, other_key, "another key, other pseudonyms");
+    }
+
+    #[test]
+    fn sse_keeps_fields_usage_and_done() {
+        let stream = "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hello world\"}}]}\n\n\
+                      data: {\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2}}\n\n\
+                      event: note\ndata: [DONE]\n\n";
+        let out = body(stream, true, 5);
+        assert!(!out.contains("Hello") && !out.contains("note"));
+        let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+        assert!(lines[0].starts_with("data: {\"id\":\"c1\""), "{out}");
+        let usage: serde_json::Value =
+            serde_json::from_str(lines[1].trim_start_matches("data: ")).expect("json");
+        assert_eq!(usage["usage"]["completion_tokens"], 2);
+        assert!(lines[2].starts_with("event: "));
+        assert_eq!(lines[3], "data: [DONE]");
+    }
+
+    #[test]
+    fn text_bodies_and_credentials_are_replaced() {
+        assert_eq!(
+            body("plain SECRET\r\ntext", false, 2),
+            "xxxxxxxxxxxx\r\nxxxx"
+        );
+        let mut head = b"POST /v1/chat HTTP/1.1\r\nAuthorization: Bearer sk-SECRET\r\nX-Request-Id: r1\r\n\r\n{\"a\":1}".to_vec();
+        let mut h = HeadState::default();
+        h.reset();
+        h.redact(K, &mut head);
+        let text = String::from_utf8(head).expect("ascii");
+        assert!(
+            !text.contains("SECRET") && !text.contains("Bearer"),
+            "{text}"
+        );
+        assert!(text.contains("X-Request-Id: r1\r\n\r\n{\"a\":1}"), "{text}");
+        assert!(text.starts_with("POST /v1/chat HTTP/1.1\r\nAuthorization: "));
+    }
+}
