@@ -149,5 +149,28 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
             }
         }
     }
+    if *scope == Scope::All
+        && let Some(w) = shared.writer()
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let name = "tracer_store_records_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Final records the store committed, failed to commit (shown unstored), or deleted by retention.\n# TYPE {name} counter"
+        );
+        for (result, n) in [
+            ("committed", w.committed.load(Relaxed)),
+            ("failed", w.failed.load(Relaxed)),
+            ("expired", w.expired.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {n}");
+        }
+        let name = "tracer_store_commit_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time the store's writer spent committing.\n# TYPE {name} counter\n{name} {}",
+            w.commit_ns.load(Relaxed) as f64 / 1e9
+        );
+    }
     Reply::Text(200, "text/plain; version=0.0.4", out)
 }

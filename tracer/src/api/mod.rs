@@ -60,6 +60,8 @@ pub struct Shared {
     /// This run's first request id: records below it are earlier runs', whose service ids
     /// meant other services, so only root and the API group see them.
     run_first_id: std::sync::atomic::AtomicU64,
+    /// The store's writer counters, for `/metrics` and `/health`.
+    writer: Mutex<Option<Arc<crate::store::WriterStats>>>,
 }
 
 impl Shared {
@@ -72,7 +74,23 @@ impl Shared {
             stream: tokio::sync::broadcast::channel(4096).0,
             store: Mutex::new(None),
             run_first_id: std::sync::atomic::AtomicU64::new(0),
+            writer: Mutex::new(None),
         })
+    }
+
+    /// Reports the store writer's counters.
+    pub fn watch_writer(&self, stats: Arc<crate::store::WriterStats>) {
+        *self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stats);
+    }
+
+    fn writer(&self) -> Option<Arc<crate::store::WriterStats>> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Serves records from earlier runs: the newest `memory` of them from `store` into memory,

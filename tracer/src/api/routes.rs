@@ -144,9 +144,10 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
         Err(r) => return r,
     };
     let mut groups: BTreeMap<String, Sum> = BTreeMap::new();
+    let store_only = *scope == Scope::All && shared.store().is_some();
     let oldest = {
         let index = shared.index();
-        for r in index.all(&f) {
+        for r in index.all(&f).filter(|_| !store_only) {
             let key = match by {
                 "model" => r.record.model.clone().unwrap_or_else(|| "(unknown)".into()),
                 "tenant" => r.record.tenant.clone().unwrap_or_else(|| "(none)".into()),
@@ -164,14 +165,20 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
         }
         index.oldest_id()
     };
-    // What memory no longer holds, summed by the store.
+    // With a store, everything is in it (memory holds only committed records): whole minutes
+    // from its rollups. Callers limited to their own services: memory, then the store's rows.
     if let Some(store) = shared.store().as_ref() {
         let group_by = match by {
             "model" => crate::store::GroupBy::Model,
             "tenant" => crate::store::GroupBy::Tenant,
             _ => crate::store::GroupBy::Service,
         };
-        match store.sums(&stored_filter(&f), oldest.unwrap_or(u64::MAX), group_by) {
+        let sums = if store_only {
+            store.summary(&stored_filter(&f), group_by)
+        } else {
+            store.sums(&stored_filter(&f), oldest.unwrap_or(u64::MAX), group_by)
+        };
+        match sums {
             Ok(sums) => {
                 for s in sums {
                     let g = groups.entry(s.key).or_default();
@@ -251,6 +258,14 @@ fn health(shared: &Shared) -> Reply {
         (i.len(), i.evicted)
     };
     let counts = shared.snapshot().map(|s| s.counts);
+    let store = shared.writer().map(|w| {
+        use std::sync::atomic::Ordering::Relaxed;
+        json!({
+            "committed": w.committed.load(Relaxed),
+            "failed": w.failed.load(Relaxed),
+            "expired": w.expired.load(Relaxed),
+        })
+    });
     Reply::Json(
         200,
         json!({
@@ -259,6 +274,7 @@ fn health(shared: &Shared) -> Reply {
             "records_kept": records,
             "records_evicted": evicted,
             "counts": counts,
+            "store": store,
         }),
     )
 }

@@ -85,6 +85,33 @@ fn every_documented_path_is_served_with_its_required_fields() {
             Reply::Stream => assert!(ok.get("application/x-ndjson").is_some(), "{path}"),
         }
     }
+    // Every documented query parameter is accepted, with each of its documented values.
+    for (path, item) in paths {
+        for p in item["get"]["parameters"].as_array().into_iter().flatten() {
+            if p["in"] != "query" {
+                continue;
+            }
+            let name = p["name"].as_str().expect("name");
+            let values: Vec<String> = match p["schema"]["enum"].as_array() {
+                Some(e) => e
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                None if p["schema"]["type"] == "integer" => vec!["5".into()],
+                None if ["since", "until"].contains(&name) => vec!["1796460000000".into()],
+                None if name == "cursor" => vec!["r3".into()],
+                None => vec!["x".into()],
+            };
+            for v in values {
+                let q = format!("{name}={v}");
+                match route("GET", path, Some(&q), &Scope::All, &shared) {
+                    Reply::Json(status, body) => assert_eq!(status, 200, "{path}?{q}: {body}"),
+                    Reply::Text(status, ..) => assert_eq!(status, 200, "{path}?{q}"),
+                    Reply::Stream => {}
+                }
+            }
+        }
+    }
     // A page's records carry the documented record fields.
     let Reply::Json(_, page) = route("GET", "/v1/requests", Some("limit=2"), &Scope::All, &shared)
     else {

@@ -180,6 +180,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             let w = crate::store::StoreWriter::start(o.store, run, config.store.clone(), on_commit)
                 .map_err(io_err("starting the store's writer"))?;
             bus.subscribe(Box::new(w.feed()));
+            if let Some(state) = &api_state {
+                state.watch_writer(w.stats());
+            }
             Some((w, run))
         }
         None => None,

@@ -35,6 +35,9 @@ pub use self::{
 };
 use crate::pipeline::{FinalRecord, snapshot::Snapshot};
 
+/// Rollups are per minute of a record's end.
+const MINUTE_MS: i64 = 60_000;
+
 /// The database's file name in the store directory.
 pub const DB_FILE: &str = "tracer.db";
 /// The journals' directory in the store directory.
@@ -319,12 +322,19 @@ impl Store {
             let mut st = tx.prepare_cached(
                 "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
+            let mut roll = tx.prepare_cached(
+                "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT DO UPDATE SET requests = requests + 1, total_j = total_j + excluded.total_j, \
+                 dynamic_j = dynamic_j + excluded.dynamic_j, idle_j = idle_j + excluded.idle_j, \
+                 output_tokens = output_tokens + excluded.output_tokens, token_j = token_j + excluded.token_j",
+            )?;
             for r in records {
                 let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
                     id: r.record.id.0 as i64,
                     source,
                 })?;
-                new += st.execute(params![
+                let added = st.execute(params![
                     r.record.id.0 as i64,
                     run,
                     r.end_unix_ms,
@@ -340,6 +350,26 @@ impl Store {
                     recovered,
                     json,
                 ])?;
+                if added > 0 {
+                    let tokens = r.record.completion_tokens.filter(|&t| t > 0);
+                    roll.execute(params![
+                        r.end_unix_ms.div_euclid(MINUTE_MS),
+                        r.service_name,
+                        r.record.model.as_deref().unwrap_or(""),
+                        r.record.tenant.as_deref().unwrap_or(""),
+                        r.record.outcome.name(),
+                        r.record.total_j,
+                        r.record.dynamic_j,
+                        r.record.idle_j,
+                        tokens.unwrap_or(0) as i64,
+                        if tokens.is_some() {
+                            r.record.total_j
+                        } else {
+                            0.0
+                        },
+                    ])?;
+                }
+                new += added;
             }
         }
         tx.commit()?;
@@ -487,6 +517,128 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Sums per group over every stored record `filter` keeps (all runs): whole minutes from
+    /// the per-minute rollups, the partial minutes at the window's edges from the records.
+    /// For callers who see everything (`filter.services` and `first_id` are ignored).
+    pub fn summary(
+        &self,
+        filter: &StoredFilter,
+        by: GroupBy,
+    ) -> Result<Vec<GroupSums>, StoreError> {
+        let since = filter.since_ms.unwrap_or(i64::MIN);
+        let until = filter.until_ms.unwrap_or(i64::MAX);
+        let first = if since == i64::MIN {
+            i64::MIN
+        } else {
+            since.div_euclid(MINUTE_MS) + i64::from(since.rem_euclid(MINUTE_MS) != 0)
+        };
+        let last = if until == i64::MAX {
+            i64::MAX
+        } else {
+            until.div_euclid(MINUTE_MS)
+        };
+        let everyone = StoredFilter {
+            services: None,
+            first_id: 0,
+            ..filter.clone()
+        };
+        let mut groups: std::collections::BTreeMap<String, GroupSums> = Default::default();
+        let mut add = |g: GroupSums| {
+            let e = groups.entry(g.key.clone()).or_insert_with(|| GroupSums {
+                key: g.key.clone(),
+                ..GroupSums::default()
+            });
+            e.requests += g.requests;
+            e.total_j += g.total_j;
+            e.dynamic_j += g.dynamic_j;
+            e.idle_j += g.idle_j;
+            e.output_tokens += g.output_tokens;
+            e.token_j += g.token_j;
+        };
+        if first >= last {
+            for g in self.sums(&everyone, u64::MAX, by)? {
+                add(g);
+            }
+        } else {
+            for g in self.rollup_sums(&everyone, first, last, by)? {
+                add(g);
+            }
+            let edges = [
+                (
+                    filter.since_ms,
+                    (first != i64::MIN).then(|| first * MINUTE_MS),
+                ),
+                (
+                    (last != i64::MAX).then(|| last * MINUTE_MS),
+                    filter.until_ms,
+                ),
+            ];
+            for (from, to) in edges {
+                if from.is_none() && to.is_none() {
+                    continue;
+                }
+                if let (Some(a), Some(b)) = (from, to)
+                    && a >= b
+                {
+                    continue;
+                }
+                let edge = StoredFilter {
+                    since_ms: from,
+                    until_ms: to,
+                    ..everyone.clone()
+                };
+                for g in self.sums(&edge, u64::MAX, by)? {
+                    add(g);
+                }
+            }
+        }
+        Ok(groups.into_values().collect())
+    }
+
+    fn rollup_sums(
+        &self,
+        filter: &StoredFilter,
+        first: i64,
+        last: i64,
+        by: GroupBy,
+    ) -> Result<Vec<GroupSums>, StoreError> {
+        let key = match by {
+            GroupBy::Model => "CASE model WHEN '' THEN '(unknown)' ELSE model END",
+            GroupBy::Service => "service_name",
+            GroupBy::Tenant => "CASE tenant WHEN '' THEN '(none)' ELSE tenant END",
+        };
+        let mut sql = String::from("minute >= ?1 AND minute < ?2");
+        let mut args: Vec<rusqlite::types::Value> = vec![first.into(), last.into()];
+        for (col, v) in [
+            ("service_name", &filter.service_name),
+            ("model", &filter.model),
+            ("tenant", &filter.tenant),
+            ("outcome", &filter.outcome),
+        ] {
+            if let Some(v) = v {
+                args.push(v.clone().into());
+                let _ = write!(sql, " AND {col} = ?{}", args.len());
+            }
+        }
+        let sql = format!(
+            "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j) \
+             FROM rollup WHERE {sql} GROUP BY 1"
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok(GroupSums {
+                key: r.get(0)?,
+                requests: r.get::<_, i64>(1)? as u64,
+                total_j: r.get(2)?,
+                dynamic_j: r.get(3)?,
+                idle_j: r.get(4)?,
+                output_tokens: r.get::<_, i64>(5)? as u64,
+                token_j: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Stored records (all runs).
     pub fn count(&self) -> Result<u64, StoreError> {
         Ok(self
@@ -521,6 +673,10 @@ impl Store {
                 as u64;
             self.conn
                 .execute("DELETE FROM device_totals WHERE unix_ms < ?1", [cut])?;
+            self.conn.execute(
+                "DELETE FROM rollup WHERE minute < ?1",
+                [cut.div_euclid(MINUTE_MS)],
+            )?;
         }
         if config.max_bytes > 0 {
             // Delete the oldest tenth at a time: used pages shrink as rows go (freed pages are

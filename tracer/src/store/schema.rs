@@ -36,6 +36,20 @@ CREATE TABLE IF NOT EXISTS records (
     json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_end ON records (end_unix_ms);
+CREATE TABLE IF NOT EXISTS rollup (
+    minute INTEGER NOT NULL,
+    service_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    total_j REAL NOT NULL,
+    dynamic_j REAL NOT NULL,
+    idle_j REAL NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    token_j REAL NOT NULL,
+    PRIMARY KEY (minute, service_name, model, tenant, outcome)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS services (
     run INTEGER NOT NULL,
     id INTEGER NOT NULL,
