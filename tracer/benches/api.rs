@@ -1,5 +1,5 @@
 //! API query latency with 1,000,000 final records: first all in memory (what
-//! `api.memory_records` can be set to), then as the daemon runs by default — stored in SQLite
+//! `api.memory_records` can be set to), then as the daemon runs by default — stored in `SQLite`
 //! through the store's writer (its sustained write rate, and what the pipeline's thread pays per
 //! record), the newest 100,000 in memory. One record by id, a page of 1,000 with a model
 //! filter, a summary by model over 24 hours: measured in process on the same routes the socket

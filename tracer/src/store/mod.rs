@@ -542,7 +542,7 @@ impl Store {
             first_id: 0,
             ..filter.clone()
         };
-        let mut groups: std::collections::BTreeMap<String, GroupSums> = Default::default();
+        let mut groups = std::collections::BTreeMap::<String, GroupSums>::new();
         let mut add = |g: GroupSums| {
             let e = groups.entry(g.key.clone()).or_insert_with(|| GroupSums {
                 key: g.key.clone(),
