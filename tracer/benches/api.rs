@@ -197,13 +197,10 @@ fn stored(template: &RequestRecord) {
 }
 
 fn dir_mib(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum::<u64>()
-        })
-        .unwrap_or(0)
-        >> 20
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    }) >> 20
 }
