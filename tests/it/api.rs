@@ -313,16 +313,32 @@ fn the_api_answers_over_its_unix_socket() {
         by_model.contains("m-0") && by_model.contains("m-live"),
         "{by_model}"
     );
-    let out = Command::new(TRACER)
-        .args(["query", "--socket", "/run/no-such-tracer.sock"])
-        .output()
-        .expect("cli");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is the daemon running"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `tracer top`, one frame as text: devices with watts, the service with its processes,
+    // the latest requests.
+    let frame = cli(&["top", "--once", "--interval-ms", "300"]);
+    eprintln!("{frame}");
+    for want in [
+        "devices",
+        "W now",
+        &format!("port {port}"),
+        "latest requests",
+        "m-live",
+        "ring drops 0",
+    ] {
+        assert!(frame.contains(want), "{want} not in:\n{frame}");
+    }
+    for sub in ["query", "top"] {
+        let out = Command::new(TRACER)
+            .args([sub, "--socket", "/run/no-such-tracer.sock"])
+            .output()
+            .expect("cli");
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is the daemon running"),
+            "{sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // Another user sees none of root's services, and not the whole host.
     let (status, body) = curl(&sock, "/v1/requests", Some(NOBODY));

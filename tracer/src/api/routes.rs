@@ -235,7 +235,14 @@ fn services(shared: &Shared, scope: &Scope) -> Reply {
         s.services
             .iter()
             .filter(|svc| scope.sees(svc.id))
-            .map(|svc| serde_json::to_value(svc).unwrap_or(Value::Null))
+            .map(|svc| {
+                let mut v = serde_json::to_value(svc).unwrap_or(Value::Null);
+                let in_flight = s.in_flight.iter().filter(|r| r.service == svc.id).count();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("in_flight".into(), in_flight.into());
+                }
+                v
+            })
             .collect()
     });
     Reply::Json(200, json!({ "services": list }))
@@ -274,6 +281,7 @@ fn health(shared: &Shared) -> Reply {
             "records_kept": records,
             "records_evicted": evicted,
             "counts": counts,
+            "kernel": shared.snapshot().and_then(|s| s.kernel),
             "store": store,
         }),
     )

@@ -362,7 +362,10 @@ pub struct QueryArgs {
     pub service: Option<String>,
     #[arg(long)]
     pub model: Option<String>,
-    /// complete, closed_early, truncated or aborted.
+    /// Only this tenant (the keyed hash records carry).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// complete, closed_early, truncated, aborted or incomplete.
     #[arg(long)]
     pub outcome: Option<String>,
     /// Ended at or after this time (Unix milliseconds or RFC 3339).
@@ -385,7 +388,7 @@ pub struct SummaryArgs {
     /// The daemon's API socket.
     #[arg(long, default_value = "/run/tracer/tracer.sock")]
     pub socket: PathBuf,
-    /// Group by model or service.
+    /// Group by model, service or tenant.
     #[arg(long, default_value = "model")]
     pub by: String,
     /// From this time (Unix milliseconds or RFC 3339).
@@ -397,4 +400,19 @@ pub struct SummaryArgs {
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `tracer top` flags.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// The daemon's API socket.
+    #[arg(long, default_value = "/run/tracer/tracer.sock")]
+    pub socket: PathBuf,
+    /// Refresh period in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Print one frame as text and exit (also what happens when standard output is not a
+    /// terminal).
+    #[arg(long)]
+    pub once: bool,
 }

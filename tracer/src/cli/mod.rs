@@ -4,13 +4,14 @@
 
 mod args;
 mod query;
+mod top;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 pub use self::args::{
-    QueryArgs, RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs, SummaryArgs,
+    QueryArgs, RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs, SummaryArgs, TopArgs,
 };
 use crate::config::Config;
 
@@ -41,8 +42,11 @@ pub enum Command {
     Sensors(SensorsArgs),
     /// Ask the running daemon (its API socket) for requests' energy records, newest first.
     Query(QueryArgs),
-    /// Ask the running daemon for energy per model or service.
+    /// Ask the running daemon for energy per model, service or tenant.
     Summary(SummaryArgs),
+    /// A live view of the running daemon: watts per device, services and their requests in
+    /// flight, the latest requests' energy, losses (q to quit).
+    Top(TopArgs),
 }
 
 fn init_logging() {
@@ -99,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => daemon(args.into_config()?),
         Command::Query(args) => query::requests(&args),
         Command::Summary(args) => query::summary(&args),
+        Command::Top(args) => top::run(&args),
         Command::Record(args) => {
             let mut config = args.run.into_config()?;
             config.output.record = Some(args.out);

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::args::{QueryArgs, SummaryArgs};
 
 /// `GET path` on the daemon's socket: the JSON body of a 200, else the API's error.
-fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
+pub(super) fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -87,6 +87,7 @@ pub fn requests(a: &QueryArgs) -> anyhow::Result<()> {
         query(&[
             ("service", a.service.clone()),
             ("model", a.model.clone()),
+            ("tenant", a.tenant.clone()),
             ("outcome", a.outcome.clone()),
             ("since", a.since.clone()),
             ("until", a.until.clone()),
