@@ -78,6 +78,11 @@ impl Shared {
         })
     }
 
+    /// Nothing: what an answer is rendered against when its query failed.
+    fn empty() -> Arc<Self> {
+        Self::new(1)
+    }
+
     /// Reports the store writer's counters.
     pub fn watch_writer(&self, stats: Arc<crate::store::WriterStats>) {
         *self

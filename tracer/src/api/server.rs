@@ -207,16 +207,33 @@ impl Api {
                     let peer = (cred.uid(), cred.gid(), cred.pid().map(|p| p as u32));
                     let snapshot = shared.snapshot();
                     let scope = access::scope(&proc_root, peer, group, snapshot.as_deref());
+                    // Queries run on tokio's blocking pool: the daemon's event loop (the
+                    // pipeline, the ring drain) never waits for one.
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let r = routes::route(
-                            req.method().as_str(),
-                            req.uri().path(),
-                            req.uri().query(),
-                            &scope,
-                            &shared,
-                        );
-                        let resp = reply(r, &shared, &scope);
-                        async move { Ok::<_, Infallible>(resp) }
+                        let (shared, scope) = (Arc::clone(&shared), scope.clone());
+                        let method = req.method().as_str().to_owned();
+                        let path = req.uri().path().to_owned();
+                        let query = req.uri().query().map(str::to_owned);
+                        async move {
+                            let answer = tokio::task::spawn_blocking(move || {
+                                let r = routes::route(
+                                    &method,
+                                    &path,
+                                    query.as_deref(),
+                                    &scope,
+                                    &shared,
+                                );
+                                reply(r, &shared, &scope)
+                            })
+                            .await;
+                            Ok::<_, Infallible>(answer.unwrap_or_else(|_| {
+                                reply(
+                                    super::reply::error(500, "the query failed"),
+                                    &Shared::empty(),
+                                    &access::Scope::All,
+                                )
+                            }))
+                        }
                     });
                     serve(stream, service).await;
                 });
