@@ -124,6 +124,8 @@ fn a_kill_9_loses_nothing_final_and_nothing_journalled() {
     let second = daemon(&dir, port, 50);
     let log = second.log_text();
     assert!(log.contains("recovered from"), "{log}");
+    // The cost model the first run learned (CPU energy split per service) starts this one.
+    assert!(log.contains("restored 1 learned cost models"), "{log}");
     for i in 0..5 {
         assert!(post(port, &format!("after-{i}")));
     }

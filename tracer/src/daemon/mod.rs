@@ -135,7 +135,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         })?;
 
-    let opened = storage::open(&config)?;
+    let mut opened = storage::open(&config)?;
     let mut http = config.http.clone();
     if !config.output.record_payloads {
         http.redaction_key = Some(storage::redaction_key(opened.as_ref().map(|o| &o.store))?);
@@ -147,6 +147,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         first_request_id: opened.as_ref().map_or(1, |o| o.run.first_request_id),
     };
     let journal = opened.as_ref().and_then(|o| o.journal.clone());
+    let learned = opened
+        .as_mut()
+        .map(|o| std::mem::take(&mut o.learned))
+        .unwrap_or_default();
     let mut bus = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
     let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
         .then(|| crate::api::Shared::new(config.api.memory_records));
@@ -207,6 +211,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (mut services, mut rediscovered) =
         discovery::Services::new(procfs.clone(), roots, opts, clocks);
     services.attach(&mut pipeline, &mut probes)?;
+    if !learned.is_empty() {
+        let n = storage::restore_learned(&mut pipeline, learned);
+        tracing::info!("store: restored {n} learned cost models (device, service)");
+    }
     let seeded = attach::seed_connections(&procfs, &resolved, &mut probes, &mut pipeline)?;
     tracing::info!(
         "attached {} probes; tracing {} processes {:?}, {} cgroups, {} names, {seeded} open connections; device root {}{}",

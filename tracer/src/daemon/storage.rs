@@ -16,6 +16,8 @@ pub(super) struct Opened {
     pub run: Run,
     /// Where this run's journal goes (`None`: journal off).
     pub journal: Option<PathBuf>,
+    /// Cost models earlier runs learned, by device and service name.
+    pub learned: Vec<(String, String, crate::ledger::CostModel)>,
 }
 
 fn now_ms() -> i64 {
@@ -90,9 +92,36 @@ pub(super) fn open(config: &Config) -> Result<Option<Opened>, DaemonError> {
             .as_ref()
             .map_or_else(String::new, |j| format!(", journal {}", j.display())),
     );
+    let learned = store.learned()?;
     Ok(Some(Opened {
         store,
         run,
         journal,
+        learned,
     }))
+}
+
+/// Gives the pipeline the cost models earlier runs learned for the devices and services it has
+/// now (matched by name); returns how many.
+pub(super) fn restore_learned(
+    pipeline: &mut crate::pipeline::Pipeline,
+    learned: Vec<(String, String, crate::ledger::CostModel)>,
+) -> usize {
+    let services = pipeline.services();
+    let mut n = 0;
+    for (device, service, model) in learned {
+        let (Some(device), Some(service)) = (
+            pipeline.device_id(&device),
+            services.iter().find(|s| s.name == service).map(|s| s.id),
+        ) else {
+            continue;
+        };
+        pipeline.apply(crate::pipeline::Input::Learned {
+            device,
+            service,
+            model,
+        });
+        n += 1;
+    }
+    n
 }

@@ -160,6 +160,7 @@ pub use config::{
     CostModelConfig, IdlePolicy, LedgerConfig, LedgerError, SplitPolicy, UncertaintyConfig,
 };
 pub use idle::IdleEstimator;
+pub use model::CostModel;
 pub use steps::{StepClockPolicy, StepSource};
 pub use types::{
     Arrival, CostPrices, DeviceInfo, DeviceKind, DeviceShare, DeviceTotals, IdleBasis, IdleSource,
@@ -607,6 +608,37 @@ impl Ledger {
             }
         }
         self.advance(u64::MAX)
+    }
+
+    /// Every (device, service) cost model learned so far (what the store keeps).
+    pub fn learned_models(&self) -> Vec<(DeviceId, ServiceId, CostModel)> {
+        self.devices
+            .iter()
+            .flat_map(|(d, dev)| {
+                dev.models
+                    .iter()
+                    .filter(|(_, m)| m.units() > 0.0)
+                    .map(move |(s, m)| (*d, *s, m.clone()))
+            })
+            .collect()
+    }
+
+    /// Starts a service's cost model on a device from what an earlier run learned (a model
+    /// already learning here is left alone). Returns whether it was taken.
+    pub fn restore_model(
+        &mut self,
+        device: DeviceId,
+        service: ServiceId,
+        model: CostModel,
+    ) -> bool {
+        let Some(dev) = self.devices.get_mut(&device) else {
+            return false;
+        };
+        if dev.models.get(&service).is_some_and(|m| m.units() > 0.0) {
+            return false;
+        }
+        dev.models.insert(service, model);
+        true
     }
 
     /// Per-device totals over everything attributed so far.

@@ -33,8 +33,11 @@ pub(crate) type Features = [f64; N];
 const N: usize = 5;
 
 /// Online non-negative ridge regression of unit dynamic energy on [`Features`].
-#[derive(Debug, Clone)]
-pub(crate) struct CostModel {
+/// Learned sufficient statistics and coefficients; stored between runs (the store's `learned`
+/// table) and given back to the ledger at start ([`super::Ledger::restore_model`]), so a
+/// restart does not begin from the prior.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CostModel {
     /// Decayed Gram matrix `XᵀX`.
     g: [[f64; N]; N],
     /// Decayed `Xᵀy`.
@@ -266,6 +269,33 @@ mod tests {
             assert!((got - want).abs() / want < 0.01, "{beta:?}");
         }
         assert!(m.relative_residual() < 0.01);
+    }
+
+    #[test]
+    fn a_stored_model_comes_back_bit_for_bit_and_keeps_learning_alike() {
+        let mut m = CostModel::new(0.1, 0.1, 600_000_000_000);
+        for i in 0..50u64 {
+            let x = [
+                0.1,
+                0.05 + (i % 3) as f64 * 0.01,
+                (i % 5) as f64 * 30.0,
+                10.0,
+                900.0,
+            ];
+            m.learn(i * 100_000_000, x, 20.0 + (i % 7) as f64, 60.0);
+        }
+        let json = serde_json::to_string(&m).expect("json");
+        let mut back: CostModel = serde_json::from_str(&json).expect("model");
+        assert_eq!(back, m);
+        let x = [0.1, 0.07, 64.0, 12.0, 1000.0];
+        m.learn(6_000_000_000, x, 25.0, 60.0);
+        back.learn(6_000_000_000, x, 25.0, 60.0);
+        assert_eq!(back.beta(), m.beta());
+        assert!(
+            back.units() > 40.0,
+            "warm after a restart: {}",
+            back.units()
+        );
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub enum Input {
         busy_ticks: u64,
         processes: Vec<(Pid, u64)>,
     },
+    /// A cost model an earlier run learned for a service on a device (from the store).
+    Learned {
+        device: DeviceId,
+        service: ServiceId,
+        model: crate::ledger::CostModel,
+    },
     /// The daemon's clock: attribute what the grace period allows up to `now_ns`.
     Advance { now_ns: u64 },
     /// End connections silent for `idle_ns` (their close was never seen).

@@ -150,6 +150,13 @@ impl Pipeline {
                 );
                 self.apply_changes();
             }
+            Input::Learned {
+                device,
+                service,
+                model,
+            } => {
+                self.ledger.restore_model(device, service, model);
+            }
             Input::Advance { now_ns } => {
                 let recs = self.ledger.advance(now_ns);
                 self.emit_records(recs);
@@ -540,6 +547,7 @@ impl Pipeline {
             samplers: extras.samplers,
             outputs: self.bus.health(),
             targets: extras.targets,
+            learned: self.learned(),
         }
     }
 
@@ -562,6 +570,30 @@ impl Pipeline {
     /// Per-device totals (conservation: measured = requests + idle + unattributed).
     pub fn totals(&self) -> std::collections::BTreeMap<DeviceId, ledger::DeviceTotals> {
         self.ledger.totals()
+    }
+
+    /// Every cost model learned so far, by device and service name (what the store keeps).
+    pub fn learned(&self) -> Vec<snapshot::Learned> {
+        let services = self.binding.services();
+        self.ledger
+            .learned_models()
+            .into_iter()
+            .filter_map(|(d, s, model)| {
+                Some(snapshot::Learned {
+                    device: self.devices.get(&d)?.name.clone(),
+                    service: services.iter().find(|v| v.id == s)?.name.clone(),
+                    model,
+                })
+            })
+            .collect()
+    }
+
+    /// A device's id by name.
+    pub fn device_id(&self, name: &str) -> Option<DeviceId> {
+        self.devices
+            .iter()
+            .find(|(_, d)| d.name == name)
+            .map(|(id, _)| *id)
     }
 
     /// The id the next request will get (a recovery continues after the last one given).

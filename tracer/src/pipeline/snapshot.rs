@@ -36,6 +36,17 @@ pub struct Snapshot {
     pub outputs: Vec<SubscriberHealth>,
     /// Processes the kernel traces now (absent in a replay).
     pub targets: Option<usize>,
+    /// The cost models learned so far (the store keeps them for the next run).
+    #[serde(skip)]
+    pub learned: Vec<Learned>,
+}
+
+/// A cost model, by the names that outlive a run.
+#[derive(Debug, Clone)]
+pub struct Learned {
+    pub device: String,
+    pub service: String,
+    pub model: crate::ledger::CostModel,
 }
 
 /// One device's totals.

@@ -416,6 +416,17 @@ impl Store {
                     serde_json::to_string(s).unwrap_or_default(),
                 ])?;
             }
+            let mut learned = tx.prepare_cached(
+                "INSERT OR REPLACE INTO learned (device, service, updated_unix_ms, json) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for l in &snap.learned {
+                learned.execute(params![
+                    l.device,
+                    l.service,
+                    snap.unix_ms,
+                    serde_json::to_string(&l.model).unwrap_or_default(),
+                ])?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -423,6 +434,29 @@ impl Store {
 
     fn decode(id: i64, json: &str) -> Result<FinalRecord, StoreError> {
         serde_json::from_str(json).map_err(|source| StoreError::Corrupt { id, source })
+    }
+
+    /// The cost models earlier runs learned, by device and service name (a row that does not
+    /// read as a model is skipped: it is re-learned).
+    pub fn learned(&self) -> Result<Vec<(String, String, crate::ledger::CostModel)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT device, service, json FROM learned ORDER BY device, service")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device, service, json) = row?;
+            if let Ok(model) = serde_json::from_str(&json) {
+                out.push((device, service, model));
+            }
+        }
+        Ok(out)
     }
 
     /// The newest `n` records, oldest first (what the API's memory starts with).

@@ -50,6 +50,13 @@ CREATE TABLE IF NOT EXISTS rollup (
     token_j REAL NOT NULL,
     PRIMARY KEY (minute, service_name, model, tenant, outcome)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS learned (
+    device TEXT NOT NULL,
+    service TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (device, service)
+);
 CREATE TABLE IF NOT EXISTS services (
     run INTEGER NOT NULL,
     id INTEGER NOT NULL,
