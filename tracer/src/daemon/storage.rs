@@ -119,7 +119,7 @@ pub(super) fn restore_learned(
         pipeline.apply(crate::pipeline::Input::Learned {
             device,
             service,
-            model,
+            model: Box::new(model),
         });
         n += 1;
     }

@@ -290,7 +290,7 @@ mod tests {
         let x = [0.1, 0.07, 64.0, 12.0, 1000.0];
         m.learn(6_000_000_000, x, 25.0, 60.0);
         back.learn(6_000_000_000, x, 25.0, 60.0);
-        assert_eq!(back.beta(), m.beta());
+        assert_eq!(back, m, "the same state learns the same");
         assert!(
             back.units() > 40.0,
             "warm after a restart: {}",

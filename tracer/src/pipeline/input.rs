@@ -59,7 +59,7 @@ pub enum Input {
     Learned {
         device: DeviceId,
         service: ServiceId,
-        model: crate::ledger::CostModel,
+        model: Box<crate::ledger::CostModel>,
     },
     /// The daemon's clock: attribute what the grace period allows up to `now_ns`.
     Advance { now_ns: u64 },

@@ -155,7 +155,7 @@ impl Pipeline {
                 service,
                 model,
             } => {
-                self.ledger.restore_model(device, service, model);
+                self.ledger.restore_model(device, service, *model);
             }
             Input::Advance { now_ns } => {
                 let recs = self.ledger.advance(now_ns);
