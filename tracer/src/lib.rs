@@ -9,12 +9,14 @@
 //!   → pipeline (deterministic: inputs in, facts out)  ← power (samplers)
 //!        └ ledger (where every joule goes)
 //!   → output (subscribers: JSON lines, log summary), record (recordings, replay),
-//!     store (the database, its writer, crash recovery) and api (the local socket)
+//!     store (the database, its writer, crash recovery), api (the local socket) and bill
+//!     (tariffs, per-token prices, bills)
 //! ```
 //!
 //! [`daemon`] wires them together at run time; [`cli`] is the binary's front end.
 
 pub mod api;
+pub mod bill;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -26,6 +26,7 @@ use std::{
 
 pub use config::ApiConfig;
 pub use listen::MetricsListener;
+pub use query::parse_time;
 pub use server::{Api, ApiError};
 
 use crate::{
