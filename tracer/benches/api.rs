@@ -28,6 +28,7 @@ fn record(id: u64, template: &RequestRecord) -> Arc<FinalRecord> {
         record,
         service_name: format!("port {}", 8000 + id % 4),
         end_unix_ms: END_MS - ((N - id) as f64 * 86.4) as i64,
+        cost: None,
     })
 }
 

@@ -44,6 +44,8 @@ pub struct Config {
     pub api: crate::api::ApiConfig,
     /// The durable store.
     pub store: crate::store::StoreConfig,
+    /// The tariff records are priced at (none: no cost on records).
+    pub bill: crate::bill::BillConfig,
 }
 
 /// Probe and ring-buffer settings.

@@ -28,6 +28,7 @@ fn record(id: u64) -> Arc<FinalRecord> {
         record,
         service_name: "port 8000".into(),
         end_unix_ms: 1_796_464_800_000,
+        cost: None,
     })
 }
 

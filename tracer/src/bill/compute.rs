@@ -380,6 +380,7 @@ mod tests {
             .expect("record"),
             service_name: "s".into(),
             end_unix_ms: t0 + id as i64 * 100,
+            cost: None,
         };
         let records: Vec<_> = (1..=7).map(|i| rec(i, 1000.0 * i as f64 / 3.0)).collect();
         let intervals = vec![Interval {

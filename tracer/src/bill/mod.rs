@@ -82,7 +82,7 @@ pub struct RecordCost {
     pub price_per_kwh: Decimal,
     #[serde(with = "rust_decimal::serde::str")]
     pub pue: Decimal,
-    /// Emissions at the carbon intensity in force, grams CO2e (with PUE), when one is set.
+    /// Emissions at the carbon intensity in force, grams `CO2e` (with PUE), when one is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emissions_g: Option<f64>,
 }

@@ -186,7 +186,7 @@ impl Tariff {
             .sum()
     }
 
-    /// Grams CO2e of `j` joules used evenly over the span, with PUE.
+    /// Grams `CO2e` of `j` joules used evenly over the span, with PUE.
     pub fn emissions_g(&self, j: Decimal, from_ms: i64, to_ms: i64) -> Option<Decimal> {
         let carbon = self.carbon.as_ref()?;
         let as_price = Tariff {

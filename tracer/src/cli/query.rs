@@ -103,12 +103,19 @@ pub fn requests(a: &QueryArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}",
-        "id", "service", "model", "outcome", "tokens", "energy J", "± J", "J/token"
+        "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}  {}",
+        "id", "service", "model", "outcome", "tokens", "energy J", "± J", "J/token", "cost"
     );
     for r in &list {
+        let cost = r["cost"]["amount"].as_str().map_or_else(String::new, |a| {
+            format!(
+                "{a} ± {} {}",
+                r["cost"]["bar"].as_str().unwrap_or("?"),
+                r["cost"]["currency"].as_str().unwrap_or("")
+            )
+        });
         println!(
-            "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}",
+            "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}  {cost}",
             r["id"],
             r["service_name"].as_str().unwrap_or("-"),
             r["model"].as_str().unwrap_or("-"),

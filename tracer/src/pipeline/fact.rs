@@ -21,6 +21,9 @@ pub struct FinalRecord {
     pub record: RequestRecord,
     pub service_name: String,
     pub end_unix_ms: i64,
+    /// Its cost at the configured tariff (none configured: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::bill::RecordCost>,
 }
 
 /// A service bound or released a device (what the log shows; the ledger has already been

@@ -93,6 +93,9 @@ pub struct PipelineConfig {
     /// The first request id this run gives: ids stay unique across restarts on one store.
     #[serde(default = "first_id")]
     pub first_request_id: u64,
+    /// Records carry their cost at this tariff (`[bill]`); recorded, so a replay prices alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tariff: Option<crate::bill::Tariff>,
 }
 
 const fn first_id() -> u64 {
@@ -106,6 +109,7 @@ impl Default for PipelineConfig {
             ledger: LedgerConfig::default(),
             wall_offset_ns: 0,
             first_request_id: first_id(),
+            tariff: None,
         }
     }
 }

@@ -60,6 +60,7 @@ pub struct Pipeline {
     requests_done: u64,
     records_done: u64,
     wall_offset_ns: i128,
+    tariff: Option<crate::bill::Tariff>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -91,6 +92,7 @@ impl Pipeline {
             requests_done: 0,
             records_done: 0,
             wall_offset_ns: i128::from(config.wall_offset_ns),
+            tariff: config.tariff.clone(),
         })
     }
 

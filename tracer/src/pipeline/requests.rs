@@ -193,10 +193,20 @@ impl Pipeline {
             if !publish {
                 continue;
             }
+            let end_unix_ms = self.unix_ms(rec.end_ns);
+            let cost = self.tariff.as_ref().map(|t| {
+                t.record_cost(
+                    rec.total_j,
+                    rec.uncertainty_j,
+                    self.unix_ms(rec.arrive_ns),
+                    end_unix_ms,
+                )
+            });
             let rec = Arc::new(FinalRecord {
-                end_unix_ms: self.unix_ms(rec.end_ns),
+                end_unix_ms,
                 service_name: self.binding.service_name(rec.service).to_string(),
                 record: rec,
+                cost,
             });
             self.bus.publish(&Fact::Record(&rec));
         }

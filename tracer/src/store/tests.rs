@@ -44,6 +44,7 @@ fn record(id: u64, end_unix_ms: i64, model: &str, total_j: f64) -> Arc<FinalReco
         },
         service_name: "api".into(),
         end_unix_ms,
+        cost: None,
     })
 }
 
