@@ -329,3 +329,118 @@ fn nothing_written_by_default_holds_a_prompt_or_a_credential() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// The bill (issue 16): with a tariff configured, every record carries its cost; `tracer
+/// report` from the store gives a line per request at the same price, the per-token
+/// comparison, CSV, and an HTML report with its plots.
+#[test]
+fn records_carry_their_cost_and_the_report_bills_them() {
+    if !privileged_or_skip("records_carry_their_cost_and_the_report_bills_them") {
+        return;
+    }
+    let dir = TempDir::new("store-bill");
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let config = dir.path().join("tracer.toml");
+    std::fs::write(
+        &config,
+        "[ledger]\nmax_defer_ns = 2000000000\n[bill]\ncurrency = \"EUR\"\nprice_per_kwh = \"0.30\"\npue = \"1.2\"\n",
+    )
+    .expect("config");
+    let tracer = Tracer::start_with(
+        TRACER,
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--port",
+            &port.to_string(),
+            "--summary-interval-ms",
+            "200",
+        ],
+        false,
+    );
+    for i in 0..8 {
+        assert!(post(port, &format!("bill-{i}")));
+    }
+    let sock = dir.path().join("tracer.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let records = loop {
+        let r = all_records(&sock);
+        if r.len() >= 8 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(records.len(), 8);
+    for r in &records {
+        assert_eq!(r["cost"]["currency"], "EUR", "{r}");
+        let amount: f64 = r["cost"]["amount"]
+            .as_str()
+            .expect("amount")
+            .parse()
+            .expect("decimal");
+        let want = r["total_j"].as_f64().expect("J") / 3.6e6 * 0.30 * 1.2;
+        assert!((amount - want).abs() < 2e-9, "{amount} vs {want}: {r}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = tracer.stop();
+
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "currency = \"EUR\"\n[default]\ninput = \"0.50\"\noutput = \"1.50\"\n",
+    )
+    .expect("prices");
+    let store = dir.path().join("store");
+    let report = |format: &str| {
+        let out = Command::new(TRACER)
+            .args([
+                "report",
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--store",
+            ])
+            .arg(&store)
+            .args([
+                "--per-token-prices",
+                tokens.to_str().expect("utf-8"),
+                "--format",
+                format,
+            ])
+            .output()
+            .expect("report");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let v: Value = serde_json::from_str(&report("json")).expect("json");
+    let lines = v["bill"]["lines"].as_array().expect("lines");
+    assert_eq!(lines.len(), 8);
+    for l in lines {
+        let r = records
+            .iter()
+            .find(|r| r["id"] == l["id"])
+            .expect("the record");
+        let billed: f64 = l["cost"].as_str().expect("cost").parse().expect("decimal");
+        let carried: f64 = r["cost"]["amount"]
+            .as_str()
+            .expect("amount")
+            .parse()
+            .expect("decimal");
+        assert!((billed - carried).abs() < 2e-9, "{l} vs {r}");
+        assert!(l["per_token_cost"].is_string(), "{l}");
+    }
+    assert_eq!(v["audit"]["runs"][0]["split"], "auto", "{}", v["audit"]);
+    assert!(v["audit"]["runs"][0]["journal"].is_string());
+    let table = report("table");
+    assert!(table.contains("0.30 EUR/kWh (flat) | PUE 1.2"), "{table}");
+    assert!(table.contains("saving"), "{table}");
+    assert_eq!(report("csv").lines().count(), 9);
+    let html = report("html");
+    assert_eq!(html.matches("<svg").count(), 6, "six plots");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -11,6 +11,7 @@
 //! - [`tokens`]: per-token price tables and the per-token bill of a request.
 
 pub mod compute;
+pub mod plots;
 pub mod tariff;
 pub mod tokens;
 

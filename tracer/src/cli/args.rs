@@ -416,3 +416,68 @@ pub struct TopArgs {
     #[arg(long)]
     pub once: bool,
 }
+
+/// What `tracer report` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+    Html,
+    Svg,
+}
+
+/// `tracer report` flags.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// TOML configuration file: its [bill] table is the tariff (the flags below override it).
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The store to bill from. [config: store.path]
+    #[arg(long, value_name = "DIR", conflicts_with = "recording")]
+    pub store: Option<PathBuf>,
+    /// Bill a recording instead (replayed; its devices' energy as one interval).
+    #[arg(long, value_name = "FILE")]
+    pub recording: Option<PathBuf>,
+    /// From this time (request ends; Unix milliseconds or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Group by model, service or tenant.
+    #[arg(long, value_enum, default_value = "model")]
+    pub by: crate::bill::By,
+    /// Flat price per kWh. [config: bill.price_per_kwh]
+    #[arg(long)]
+    pub price: Option<rust_decimal::Decimal>,
+    /// Time-of-use prices: a CSV of `from, price`. [config: bill.price_csv]
+    #[arg(long, value_name = "FILE")]
+    pub price_csv: Option<PathBuf>,
+    /// ISO 4217 currency of the prices. [config: bill.currency]
+    #[arg(long)]
+    pub currency: Option<String>,
+    /// Power usage effectiveness (≥ 1). [config: bill.pue]
+    #[arg(long)]
+    pub pue: Option<rust_decimal::Decimal>,
+    /// Added to each request's cost. [config: bill.overhead_per_request]
+    #[arg(long)]
+    pub overhead: Option<rust_decimal::Decimal>,
+    /// Carbon intensity, gCO2e per kWh. [config: bill.carbon_g_per_kwh]
+    #[arg(long)]
+    pub carbon: Option<rust_decimal::Decimal>,
+    /// Idle energy: its own line (none) or spread over requests (pro-rata). [config: bill.idle]
+    #[arg(long, value_enum)]
+    pub idle: Option<crate::bill::IdleAllocation>,
+    /// Per-token prices (TOML: currency, [models."name"] input/cached_input/output per million
+    /// tokens, [default]) for the comparison.
+    #[arg(long, value_name = "FILE")]
+    pub per_token_prices: Option<PathBuf>,
+    /// table, json, csv (one line per request), html (self-contained, with the plots) or svg
+    /// (the plots, one file each, into --out as a directory).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// Write here instead of standard output (a directory for svg).
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+}

@@ -4,6 +4,7 @@
 
 mod args;
 mod query;
+mod report;
 mod top;
 
 use std::process::ExitCode;
@@ -11,7 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use self::args::{
-    QueryArgs, RecordArgs, ReplayArgs, RunArgs, SensorsArgs, ServicesArgs, SummaryArgs, TopArgs,
+    QueryArgs, RecordArgs, ReplayArgs, ReportArgs, ReportFormat, RunArgs, SensorsArgs,
+    ServicesArgs, SummaryArgs, TopArgs,
 };
 use crate::config::Config;
 
@@ -47,6 +49,10 @@ pub enum Command {
     /// A live view of the running daemon: watts per device, services and their requests in
     /// flight, the latest requests' energy, losses (q to quit).
     Top(TopArgs),
+    /// The bill: energy cost per request, model, service or tenant at a tariff (PUE, overhead,
+    /// emissions, idle policy), beside a per-token bill, from the store or a recording; as a
+    /// table, JSON, CSV, or HTML/SVG with plots.
+    Report(ReportArgs),
 }
 
 fn init_logging() {
@@ -104,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(args) => query::requests(&args),
         Command::Summary(args) => query::summary(&args),
         Command::Top(args) => top::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Record(args) => {
             let mut config = args.run.into_config()?;
             config.output.record = Some(args.out);

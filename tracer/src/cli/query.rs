@@ -103,8 +103,8 @@ pub fn requests(a: &QueryArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}  {}",
-        "id", "service", "model", "outcome", "tokens", "energy J", "± J", "J/token", "cost"
+        "{:>8}  {:<16} {:<20} {:<12} {:>6} {:>11} {:>9} {:>9}  cost",
+        "id", "service", "model", "outcome", "tokens", "energy J", "± J", "J/token"
     );
     for r in &list {
         let cost = r["cost"]["amount"].as_str().map_or_else(String::new, |a| {

@@ -145,13 +145,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ledger: config.ledger.clone(),
         wall_offset_ns: (i128::from(power::realtime_ns()) - i128::from(monotonic_ns())) as i64,
         first_request_id: opened.as_ref().map_or(1, |o| o.run.first_request_id),
-        tariff: config
-            .bill
-            .tariff()
-            .map_err(|e| DaemonError::Io {
-                what: "reading the tariff".into(),
-                source: std::io::Error::other(e),
-            })?,
+        tariff: config.bill.tariff().map_err(|e| DaemonError::Io {
+            what: "reading the tariff".into(),
+            source: std::io::Error::other(e),
+        })?,
     };
     let journal = opened.as_ref().and_then(|o| o.journal.clone());
     let learned = opened

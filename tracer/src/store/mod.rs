@@ -436,6 +436,99 @@ impl Store {
         serde_json::from_str(json).map_err(|source| StoreError::Corrupt { id, source })
     }
 
+    /// Every record that ended in `[since, until)`, oldest first, with its run.
+    pub fn records_between(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(i64, FinalRecord)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, run, json FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
+        )?;
+        let rows = st.query_map([since_ms, until_ms], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, run, json) = row?;
+            Ok((run, Self::decode(id, &json)?))
+        })
+        .collect()
+    }
+
+    /// Each device's energy per summary interval within `[since, until)`: consecutive totals
+    /// rows of a run, differenced (a run's first row starts nothing).
+    pub fn intervals(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<crate::bill::Interval>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT run, device, name, unix_ms, measured_j, request_j, idle_j, unattributed_j FROM device_totals ORDER BY run, device, unix_ms",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                [
+                    r.get::<_, f64>(4)?,
+                    r.get::<_, f64>(5)?,
+                    r.get::<_, f64>(6)?,
+                    r.get::<_, f64>(7)?,
+                ],
+            ))
+        })?;
+        let mut out = Vec::new();
+        let mut prev: Option<(i64, i64, i64, [f64; 4])> = None;
+        for row in rows {
+            let (run, device, name, t, v) = row?;
+            if let Some((prun, pdev, pt, pv)) = prev
+                && prun == run
+                && pdev == device
+                && t > since_ms
+                && pt < until_ms
+            {
+                let d = |i: usize| (v[i] - pv[i]).max(0.0);
+                out.push(crate::bill::Interval {
+                    device: name,
+                    from_ms: pt,
+                    to_ms: t,
+                    measured_j: d(0),
+                    request_j: d(1),
+                    idle_j: d(2),
+                    unattributed_j: d(3),
+                });
+            }
+            prev = Some((run, device, t, v));
+        }
+        Ok(out)
+    }
+
+    /// Every run: (run, first request id, next request id when closed, recovered records).
+    pub fn runs(&self) -> Result<Vec<(Run, i64)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT run, started_unix_ms, first_request_id, next_request_id, closed, recovered FROM runs ORDER BY run",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                Run {
+                    run: r.get(0)?,
+                    started_unix_ms: r.get(1)?,
+                    first_request_id: r.get::<_, i64>(2)? as u64,
+                    next_request_id: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    closed: r.get(4)?,
+                },
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The cost models earlier runs learned, by device and service name (a row that does not
     /// read as a model is skipped: it is re-learned).
     pub fn learned(&self) -> Result<Vec<(String, String, crate::ledger::CostModel)>, StoreError> {
