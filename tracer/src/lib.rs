@@ -29,5 +29,7 @@ pub mod power;
 pub mod probe;
 pub mod procfs;
 pub mod record;
+pub mod report;
 pub mod store;
+pub mod wallclock;
 pub mod wire;

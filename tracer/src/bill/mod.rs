@@ -9,9 +9,10 @@
 //! - [`tariff`]: price per kWh (flat or a schedule), PUE, overhead per request, carbon
 //!   intensity, the idle-allocation policy; the cost of energy spread over a time span.
 //! - [`tokens`]: per-token price tables and the per-token bill of a request.
+//!
+//! The bill over final records, and its plots, are downstream of the pipeline:
+//! [`crate::report`].
 
-pub mod compute;
-pub mod plots;
 pub mod tariff;
 pub mod tokens;
 
@@ -19,7 +20,6 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    compute::{Bill, By, Group, Interval, Line, bill},
     tariff::{BillConfig, IdleAllocation, Schedule, Tariff, TariffError},
     tokens::{TokenPrices, TokenTable},
 };

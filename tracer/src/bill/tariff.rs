@@ -6,6 +6,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::{J_PER_KWH, RecordCost, joules};
+use crate::wallclock::parse_time;
 
 /// Errors reading a tariff.
 #[derive(Debug, thiserror::Error)]
@@ -104,14 +105,6 @@ impl Schedule {
         steps.sort_by_key(|s| s.0);
         Ok(Schedule(steps))
     }
-}
-
-/// RFC 3339 or Unix milliseconds.
-pub fn parse_time(s: &str) -> Option<i64> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Some(ms);
-    }
-    crate::api::parse_time(s)
 }
 
 /// How idle energy (the device on, nothing running) is billed.

@@ -447,7 +447,7 @@ pub struct ReportArgs {
     pub until: Option<String>,
     /// Group by model, service or tenant.
     #[arg(long, value_enum, default_value = "model")]
-    pub by: crate::bill::By,
+    pub by: crate::report::By,
     /// Flat price per kWh. [config: bill.price_per_kwh]
     #[arg(long)]
     pub price: Option<rust_decimal::Decimal>,

@@ -14,11 +14,13 @@ use serde::Serialize;
 
 use super::{ReportArgs, ReportFormat};
 use crate::{
-    bill::{self, Bill, Interval, Tariff, TokenTable, plots, round_minor},
+    bill::{self, Tariff, TokenTable, round_minor},
     config::Config,
     pipeline::{Bus, Fact, FinalRecord, Interest, Subscriber, SubscriberError},
     record::{format::Replayer, replay},
+    report::{self as billing, Bill, Interval, plots},
     store::Store,
+    wallclock::utc,
 };
 
 /// A run the bill covers, and how to reproduce its lines.
@@ -179,28 +181,6 @@ fn from_recording(
         step_clock,
     };
     Ok((records, vec![interval], vec![run]))
-}
-
-/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 fn tariff_line(t: &Tariff) -> String {
@@ -469,7 +449,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
     let time = |v: &Option<String>, what: &str| -> anyhow::Result<Option<i64>> {
         v.as_deref()
             .map(|s| {
-                bill::tariff::parse_time(s).ok_or_else(|| {
+                crate::wallclock::parse_time(s).ok_or_else(|| {
                     anyhow::anyhow!("--{what}: {s:?} is neither Unix ms nor RFC 3339")
                 })
             })
@@ -489,7 +469,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
         let (r, i, runs) = from_store(&dir, lo, hi)?;
         (r, i, runs, format!("the store {}", dir.display()))
     };
-    let b = bill::bill(&records, &intervals, &tariff, tokens.as_ref(), a.by);
+    let b = billing::bill(&records, &intervals, &tariff, tokens.as_ref(), a.by);
     let mut devices = std::collections::BTreeMap::<String, (f64, usize)>::new();
     for i in &intervals {
         let d = devices.entry(i.device.clone()).or_default();

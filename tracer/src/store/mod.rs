@@ -13,6 +13,7 @@
 //! are unique across restarts. Two daemons cannot share a store (an exclusive lock).
 
 mod config;
+mod query;
 mod recover;
 mod schema;
 #[cfg(test)]
@@ -20,7 +21,6 @@ mod tests;
 pub mod writer;
 
 use std::{
-    fmt::Write as _,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -30,13 +30,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use self::{
     config::StoreConfig,
+    query::{GroupBy, GroupSums},
     recover::{Recovery, recover},
     writer::{StoreFeed, StoreWriter, WriterStats},
 };
 use crate::pipeline::{FinalRecord, snapshot::Snapshot};
 
 /// Rollups are per minute of a record's end.
-const MINUTE_MS: i64 = 60_000;
+pub(crate) const MINUTE_MS: i64 = 60_000;
 
 /// The database's file name in the store directory.
 pub const DB_FILE: &str = "tracer.db";
@@ -110,77 +111,6 @@ pub struct StoredFilter {
     pub outcome: Option<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
-}
-
-/// What a summary groups by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupBy {
-    Model,
-    Service,
-    Tenant,
-}
-
-/// One group's sums.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GroupSums {
-    pub key: String,
-    pub requests: u64,
-    pub total_j: f64,
-    pub dynamic_j: f64,
-    pub idle_j: f64,
-    /// Output tokens of the requests that reported them, and those requests' joules.
-    pub output_tokens: u64,
-    pub token_j: f64,
-}
-
-/// The SQL condition (and its arguments) for `filter` and ids below `before`; `None`: nothing
-/// can match.
-fn where_clause(
-    filter: &StoredFilter,
-    before: u64,
-) -> Option<(String, Vec<rusqlite::types::Value>)> {
-    let mut sql = String::from("id < ?1");
-    let mut args: Vec<rusqlite::types::Value> = vec![(before.min(i64::MAX as u64) as i64).into()];
-    let mut add = |clause: &str, v: rusqlite::types::Value| {
-        args.push(v);
-        let _ = write!(sql, " AND {clause} ?{}", args.len());
-    };
-    if let Some(m) = &filter.model {
-        add("model =", m.clone().into());
-    }
-    if let Some(t) = &filter.tenant {
-        add("tenant =", t.clone().into());
-    }
-    if let Some(o) = &filter.outcome {
-        add("outcome =", o.clone().into());
-    }
-    if let Some(t) = filter.since_ms {
-        add("end_unix_ms >=", t.into());
-    }
-    if let Some(t) = filter.until_ms {
-        add("end_unix_ms <", t.into());
-    }
-    if let Some(n) = &filter.service_name {
-        add("service_name =", n.clone().into());
-    }
-    if filter.first_id > 0 {
-        add(
-            "id >=",
-            (filter.first_id.min(i64::MAX as u64) as i64).into(),
-        );
-    }
-    if let Some(ids) = &filter.services {
-        if ids.is_empty() {
-            return None;
-        }
-        let mut marks = Vec::new();
-        for id in ids {
-            args.push(i64::from(*id).into());
-            marks.push(format!("?{}", args.len()));
-        }
-        let _ = write!(sql, " AND service IN ({})", marks.join(","));
-    }
-    Some((sql, args))
 }
 
 /// An open store (the writer's side, holding the lock) or a reader.
@@ -436,79 +366,6 @@ impl Store {
         serde_json::from_str(json).map_err(|source| StoreError::Corrupt { id, source })
     }
 
-    /// Every record that ended in `[since, until)`, oldest first, with its run.
-    pub fn records_between(
-        &self,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> Result<Vec<(i64, FinalRecord)>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, run, json FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
-        )?;
-        let rows = st.query_map([since_ms, until_ms], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (id, run, json) = row?;
-            Ok((run, Self::decode(id, &json)?))
-        })
-        .collect()
-    }
-
-    /// Each device's energy per summary interval within `[since, until)`: consecutive totals
-    /// rows of a run, differenced (a run's first row starts nothing).
-    pub fn intervals(
-        &self,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> Result<Vec<crate::bill::Interval>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT run, device, name, unix_ms, measured_j, request_j, idle_j, unattributed_j FROM device_totals ORDER BY run, device, unix_ms",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                [
-                    r.get::<_, f64>(4)?,
-                    r.get::<_, f64>(5)?,
-                    r.get::<_, f64>(6)?,
-                    r.get::<_, f64>(7)?,
-                ],
-            ))
-        })?;
-        let mut out = Vec::new();
-        let mut prev: Option<(i64, i64, i64, [f64; 4])> = None;
-        for row in rows {
-            let (run, device, name, t, v) = row?;
-            if let Some((prun, pdev, pt, pv)) = prev
-                && prun == run
-                && pdev == device
-                && t > since_ms
-                && pt < until_ms
-            {
-                let d = |i: usize| (v[i] - pv[i]).max(0.0);
-                out.push(crate::bill::Interval {
-                    device: name,
-                    from_ms: pt,
-                    to_ms: t,
-                    measured_j: d(0),
-                    request_j: d(1),
-                    idle_j: d(2),
-                    unattributed_j: d(3),
-                });
-            }
-            prev = Some((run, device, t, v));
-        }
-        Ok(out)
-    }
-
     /// Every run: (run, first request id, next request id when closed, recovered records).
     pub fn runs(&self) -> Result<Vec<(Run, i64)>, StoreError> {
         let mut st = self.conn.prepare(
@@ -579,191 +436,6 @@ impl Store {
             })
             .optional()?;
         json.map(|j| Self::decode(id as i64, &j)).transpose()
-    }
-
-    /// Up to `limit` records with ids below `before` that `filter` keeps, newest first.
-    pub fn page(
-        &self,
-        filter: &StoredFilter,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<FinalRecord>, StoreError> {
-        let Some((clause, mut args)) = where_clause(filter, before) else {
-            return Ok(Vec::new());
-        };
-        args.push((limit as i64).into());
-        let sql = format!(
-            "SELECT id, json FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
-            args.len()
-        );
-        let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
-        rows.map(|row| {
-            let (id, json) = row?;
-            Self::decode(id, &json)
-        })
-        .collect()
-    }
-
-    /// Sums per group (`by`: model, service or tenant) over records with ids below `before`
-    /// that `filter` keeps (what memory no longer holds).
-    pub fn sums(
-        &self,
-        filter: &StoredFilter,
-        before: u64,
-        by: GroupBy,
-    ) -> Result<Vec<GroupSums>, StoreError> {
-        let Some((clause, args)) = where_clause(filter, before) else {
-            return Ok(Vec::new());
-        };
-        let key = match by {
-            GroupBy::Model => "COALESCE(model, '(unknown)')",
-            GroupBy::Service => "service_name",
-            GroupBy::Tenant => "COALESCE(tenant, '(none)')",
-        };
-        let sql = format!(
-            "SELECT {key}, COUNT(*), SUM(total_j), SUM(dynamic_j), SUM(idle_j), \
-             SUM(CASE WHEN completion_tokens > 0 THEN completion_tokens ELSE 0 END), \
-             SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END) \
-             FROM records WHERE {clause} GROUP BY 1"
-        );
-        let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(GroupSums {
-                key: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
-                dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
-                idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
-                output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
-                token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Sums per group over every stored record `filter` keeps (all runs): whole minutes from
-    /// the per-minute rollups, the partial minutes at the window's edges from the records.
-    /// For callers who see everything (`filter.services` and `first_id` are ignored).
-    pub fn summary(
-        &self,
-        filter: &StoredFilter,
-        by: GroupBy,
-    ) -> Result<Vec<GroupSums>, StoreError> {
-        let since = filter.since_ms.unwrap_or(i64::MIN);
-        let until = filter.until_ms.unwrap_or(i64::MAX);
-        let first = if since == i64::MIN {
-            i64::MIN
-        } else {
-            since.div_euclid(MINUTE_MS) + i64::from(since.rem_euclid(MINUTE_MS) != 0)
-        };
-        let last = if until == i64::MAX {
-            i64::MAX
-        } else {
-            until.div_euclid(MINUTE_MS)
-        };
-        let everyone = StoredFilter {
-            services: None,
-            first_id: 0,
-            ..filter.clone()
-        };
-        let mut groups = std::collections::BTreeMap::<String, GroupSums>::new();
-        let mut add = |g: GroupSums| {
-            let e = groups.entry(g.key.clone()).or_insert_with(|| GroupSums {
-                key: g.key.clone(),
-                ..GroupSums::default()
-            });
-            e.requests += g.requests;
-            e.total_j += g.total_j;
-            e.dynamic_j += g.dynamic_j;
-            e.idle_j += g.idle_j;
-            e.output_tokens += g.output_tokens;
-            e.token_j += g.token_j;
-        };
-        if first >= last {
-            for g in self.sums(&everyone, u64::MAX, by)? {
-                add(g);
-            }
-        } else {
-            for g in self.rollup_sums(&everyone, first, last, by)? {
-                add(g);
-            }
-            let edges = [
-                (
-                    filter.since_ms,
-                    (first != i64::MIN).then(|| first * MINUTE_MS),
-                ),
-                (
-                    (last != i64::MAX).then(|| last * MINUTE_MS),
-                    filter.until_ms,
-                ),
-            ];
-            for (from, to) in edges {
-                if from.is_none() && to.is_none() {
-                    continue;
-                }
-                if let (Some(a), Some(b)) = (from, to)
-                    && a >= b
-                {
-                    continue;
-                }
-                let edge = StoredFilter {
-                    since_ms: from,
-                    until_ms: to,
-                    ..everyone.clone()
-                };
-                for g in self.sums(&edge, u64::MAX, by)? {
-                    add(g);
-                }
-            }
-        }
-        Ok(groups.into_values().collect())
-    }
-
-    fn rollup_sums(
-        &self,
-        filter: &StoredFilter,
-        first: i64,
-        last: i64,
-        by: GroupBy,
-    ) -> Result<Vec<GroupSums>, StoreError> {
-        let key = match by {
-            GroupBy::Model => "CASE model WHEN '' THEN '(unknown)' ELSE model END",
-            GroupBy::Service => "service_name",
-            GroupBy::Tenant => "CASE tenant WHEN '' THEN '(none)' ELSE tenant END",
-        };
-        let mut sql = String::from("minute >= ?1 AND minute < ?2");
-        let mut args: Vec<rusqlite::types::Value> = vec![first.into(), last.into()];
-        for (col, v) in [
-            ("service_name", &filter.service_name),
-            ("model", &filter.model),
-            ("tenant", &filter.tenant),
-            ("outcome", &filter.outcome),
-        ] {
-            if let Some(v) = v {
-                args.push(v.clone().into());
-                let _ = write!(sql, " AND {col} = ?{}", args.len());
-            }
-        }
-        let sql = format!(
-            "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j) \
-             FROM rollup WHERE {sql} GROUP BY 1"
-        );
-        let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(GroupSums {
-                key: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                total_j: r.get(2)?,
-                dynamic_j: r.get(3)?,
-                idle_j: r.get(4)?,
-                output_tokens: r.get::<_, i64>(5)? as u64,
-                token_j: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Stored records (all runs).

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use super::{IdleAllocation, J_PER_KWH, Tariff, TokenTable, joules, round_minor};
+use crate::bill::{IdleAllocation, J_PER_KWH, Tariff, TokenTable, joules, round_minor};
 use crate::pipeline::FinalRecord;
 
 /// A device's energy over one interval (the store's totals rows, differenced).
