@@ -46,6 +46,13 @@ pub struct DemoOpts {
     /// truth.
     #[arg(long)]
     pub clocks: bool,
+    /// Fraction of requests that start with one of the shared system prompts (emuload's
+    /// default, 0.3, when not given).
+    #[arg(long)]
+    pub shared_prefix_fraction: Option<f64>,
+    /// Keep everything (store, records, logs) in this directory (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 /// The replays scored by `--clocks`: row name and `tracer replay` flags.
@@ -57,7 +64,7 @@ const VARIANTS: &[(&str, &[&str])] = &[
     ("write bursts only", &["--step-clock", "writes"]),
 ];
 
-pub fn demo(opts: &DemoOpts) -> Result<()> {
+pub fn demo(opts: &DemoOpts) -> Result<PathBuf> {
     let seconds = opts.seconds;
     // Separate builds: `--bin` would narrow every package to binaries, and the NVML emulation
     // is a cdylib.
@@ -73,7 +80,10 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
         "cuda-stub",
     ]))?;
     let release = PathBuf::from("target/release");
-    let dir = env::temp_dir().join(format!("tracer-demo-{}", std::process::id()));
+    let dir = opts
+        .dir
+        .clone()
+        .unwrap_or_else(|| env::temp_dir().join(format!("tracer-demo-{}", std::process::id())));
     let dev = dir.join("dev");
     std::fs::create_dir_all(&dev)?;
     let lib_dir = dir.join("nvml");
@@ -186,7 +196,12 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
             "--seconds",
             &seconds.to_string(),
         ])
-        .args(["--concurrency", &opts.concurrency.to_string()]))?;
+        .args(["--concurrency", &opts.concurrency.to_string()])
+        .args(
+            opts.shared_prefix_fraction
+                .map(|f| vec!["--shared-prefix-fraction".to_string(), f.to_string()])
+                .unwrap_or_default(),
+        ))?;
     // Let the grace period pass so every request's energy is final, then stop everything.
     std::thread::sleep(Duration::from_secs(4));
     sh(privileged("kill").args(["-INT", &tracer.id().to_string()]))?;
@@ -208,7 +223,7 @@ pub fn demo(opts: &DemoOpts) -> Result<()> {
     if opts.clocks {
         clocks(&release.join("tracer"), &recording, &dir, &truth_lines);
     }
-    Ok(())
+    Ok(dir)
 }
 
 /// Replays the recording under each variant and prints one table scoring them all.

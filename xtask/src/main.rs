@@ -12,6 +12,7 @@ use std::{
 mod bench;
 mod demo;
 mod layout;
+mod report_demo;
 mod score;
 mod setup;
 mod thirdparty;
@@ -72,6 +73,14 @@ enum Task {
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
     /// chat-like load, and per-request attribution beside the ground truth.
     Demo(demo::DemoOpts),
+    /// setup, then the demo twice (30 % and 80 % of requests sharing a system prompt) and
+    /// `tracer report` on each store: the energy bill beside the per-token bill, with plots
+    /// (target/report-demo/).
+    ReportDemo {
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 40)]
+        seconds: u64,
+    },
     /// setup, then the third-party check at scale on a release build: Node's `http`, uvicorn,
     /// llama.cpp's `llama-server` (built from source, a generated tiny model), an Ollama-shaped
     /// NDJSON front with its engine, and HTTPS through OpenSSL, each request compared with the
@@ -121,7 +130,11 @@ fn main() -> Result<()> {
         }
         Task::Demo(opts) => {
             setup()?;
-            demo::demo(&opts)
+            demo::demo(&opts).map(|_| ())
+        }
+        Task::ReportDemo { seconds } => {
+            setup()?;
+            report_demo::run(seconds)
         }
         Task::Thirdparty {
             requests,

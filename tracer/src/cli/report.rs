@@ -305,10 +305,11 @@ fn table(b: &Bill, audit: &Audit) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<24} {:>9} {:>12} {:>14} {cur}",
+        "{:<24} {:>9} {:>12} {:>14} {cur}   ({} at the minor unit)",
         "total",
         "",
         "",
+        m(b.lines.iter().map(|l| l.cost).sum::<Decimal>() + b.idle + b.unattributed),
         round_minor(b.total, cur)
     );
     let _ = writeln!(
