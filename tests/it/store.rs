@@ -382,6 +382,24 @@ fn records_carry_their_cost_and_the_report_bills_them() {
         let want = r["total_j"].as_f64().expect("J") / 3.6e6 * 0.30 * 1.2;
         assert!((amount - want).abs() < 2e-9, "{amount} vs {want}: {r}");
     }
+    // The summary adds the records' costs, exactly (billionths), in their currency.
+    let summary = get(&sock, "/v1/summary?by=model");
+    let group = &summary["groups"][0];
+    let nano = |s: &str| -> i64 {
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        let frac = format!("{frac:0<9}");
+        int.parse::<i64>().expect("int") * 1_000_000_000 + frac[..9].parse::<i64>().expect("frac")
+    };
+    let want: i64 = records
+        .iter()
+        .map(|r| nano(r["cost"]["amount"].as_str().expect("amount")))
+        .sum();
+    assert_eq!(group["cost"]["currency"], "EUR", "{summary}");
+    assert_eq!(
+        nano(group["cost"]["amount"].as_str().expect("sum")),
+        want,
+        "{summary}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let _ = tracer.stop();
 
@@ -435,6 +453,12 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     }
     assert_eq!(v["audit"]["runs"][0]["split"], "auto", "{}", v["audit"]);
     assert!(v["audit"]["runs"][0]["journal"].is_string());
+    let by_day = report_by(&report_args(&config, &store, &tokens), "day");
+    assert_eq!(
+        by_day.lines().filter(|l| l.starts_with("20")).count(),
+        1,
+        "{by_day}"
+    );
     let table = report("table");
     assert!(table.contains("0.30 EUR/kWh (flat) | PUE 1.2"), "{table}");
     assert!(table.contains("saving"), "{table}");
@@ -443,4 +467,31 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     assert_eq!(html.matches("<svg").count(), 6, "six plots");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// `tracer report` on a store with a config and per-token prices.
+fn report_args(config: &Path, store: &Path, tokens: &Path) -> Vec<String> {
+    vec![
+        "report".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--store".into(),
+        store.display().to_string(),
+        "--per-token-prices".into(),
+        tokens.display().to_string(),
+    ]
+}
+/// Its table grouped `by`.
+fn report_by(args: &[String], by: &str) -> String {
+    let out = Command::new(TRACER)
+        .args(args)
+        .args(["--by", by])
+        .output()
+        .expect("report");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

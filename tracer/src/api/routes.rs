@@ -130,6 +130,24 @@ struct Sum {
     idle_j: f64,
     tokens: u64,
     token_j: f64,
+    /// Billionths of `currency`.
+    cost_nano: i64,
+    currency: Option<String>,
+}
+
+/// A group's cost: `{amount, currency}` (decimal string), `null` without a tariff, or a
+/// refusal to add different currencies.
+fn cost_json(nano: i64, currency: Option<&str>) -> Value {
+    match currency {
+        None => Value::Null,
+        Some("*") => {
+            json!({ "error": "costs in more than one currency: summarise a period of one tariff" })
+        }
+        Some(c) => json!({
+            "amount": (rust_decimal::Decimal::from(nano) / rust_decimal::Decimal::from(1_000_000_000u32)).to_string(),
+            "currency": c,
+        }),
+    }
 }
 
 /// Sums per group (`by` model or service) over the records kept, with the devices' idle and
@@ -162,6 +180,15 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 g.tokens += t;
                 g.token_j += r.record.total_j;
             }
+            if let Some(c) = &r.cost {
+                use rust_decimal::prelude::ToPrimitive as _;
+                g.cost_nano += (c.amount * rust_decimal::Decimal::from(1_000_000_000u32))
+                    .round()
+                    .to_i64()
+                    .unwrap_or(0);
+                g.currency =
+                    crate::store::merge_currency(g.currency.take(), Some(c.currency.clone()));
+            }
         }
         index.oldest_id()
     };
@@ -188,6 +215,8 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                     g.idle_j += s.idle_j;
                     g.tokens += s.output_tokens;
                     g.token_j += s.token_j;
+                    g.cost_nano += s.cost_nano;
+                    g.currency = crate::store::merge_currency(g.currency.take(), s.currency);
                 }
             }
             Err(e) => return error(500, format!("reading the store: {e}")),
@@ -205,6 +234,7 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 "idle_j": g.idle_j,
                 "output_tokens": g.tokens,
                 "joules_per_output_token": (g.tokens > 0).then(|| g.token_j / g.tokens as f64),
+                "cost": cost_json(g.cost_nano, g.currency.as_deref()),
             })
         })
         .collect();

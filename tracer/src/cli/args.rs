@@ -445,7 +445,7 @@ pub struct ReportArgs {
     /// Until this time.
     #[arg(long)]
     pub until: Option<String>,
-    /// Group by model, service or tenant.
+    /// Group by model, service, tenant, or time (hour, day; UTC).
     #[arg(long, value_enum, default_value = "model")]
     pub by: crate::report::By,
     /// Flat price per kWh. [config: bill.price_per_kwh]

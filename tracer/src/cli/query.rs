@@ -151,12 +151,16 @@ pub fn summary(a: &SummaryArgs) -> anyhow::Result<()> {
     }
     let by = a.by.as_str();
     println!(
-        "{:<24} {:>9} {:>13} {:>12} {:>10}",
+        "{:<24} {:>9} {:>13} {:>12} {:>10}  cost",
         by, "requests", "energy J", "kWh", "J/token"
     );
     for g in v["groups"].as_array().cloned().unwrap_or_default() {
+        let cost = match (g["cost"]["amount"].as_str(), g["cost"]["currency"].as_str()) {
+            (Some(a), Some(c)) => format!("{a} {c}"),
+            _ => g["cost"]["error"].as_str().unwrap_or("").to_string(),
+        };
         println!(
-            "{:<24} {:>9} {:>13} {:>12} {:>10}",
+            "{:<24} {:>9} {:>13} {:>12} {:>10}  {cost}",
             g[by].as_str().unwrap_or("-"),
             g["requests"],
             num(&g["joules"], 2),

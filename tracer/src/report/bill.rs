@@ -34,6 +34,10 @@ pub enum By {
     Model,
     Service,
     Tenant,
+    /// The UTC hour a request ended in.
+    Hour,
+    /// The UTC day a request ended in.
+    Day,
 }
 
 /// One request on a bill.
@@ -265,6 +269,9 @@ pub fn bill(
                 By::Model => l.model.clone().unwrap_or_else(|| "(unknown)".into()),
                 By::Service => l.service.clone(),
                 By::Tenant => l.tenant.clone().unwrap_or_else(|| "(none)".into()),
+                // `YYYY-MM-DDTHH` and `YYYY-MM-DD` sort in time order.
+                By::Hour => crate::wallclock::utc(l.end_unix_ms)[..13].to_string(),
+                By::Day => crate::wallclock::utc(l.end_unix_ms)[..10].to_string(),
             };
             let g = groups.entry(key.clone()).or_insert_with(|| Group {
                 key,

@@ -30,7 +30,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use self::{
     config::StoreConfig,
-    query::{GroupBy, GroupSums},
+    query::{GroupBy, GroupSums, merge_currency},
     recover::{Recovery, recover},
     writer::{StoreFeed, StoreWriter, WriterStats},
 };
@@ -96,6 +96,19 @@ pub struct Run {
     pub next_request_id: Option<u64>,
     /// The run stopped cleanly (or was recovered).
     pub closed: bool,
+}
+
+/// A record's cost in billionths of its currency (sums stay exact integers), and the currency.
+fn cost_nano(r: &FinalRecord) -> (Option<i64>, Option<&str>) {
+    use rust_decimal::prelude::ToPrimitive as _;
+    r.cost.as_ref().map_or((None, None), |c| {
+        (
+            (c.amount * rust_decimal::Decimal::from(1_000_000_000u32))
+                .round()
+                .to_i64(),
+            Some(c.currency.as_str()),
+        )
+    })
 }
 
 /// What a records query keeps (the API's filters, on stored columns).
@@ -250,20 +263,24 @@ impl Store {
         let mut new = 0;
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             let mut roll = tx.prepare_cached(
-                "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10) \
+                "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j, cost_nano, currency) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
                  ON CONFLICT DO UPDATE SET requests = requests + 1, total_j = total_j + excluded.total_j, \
                  dynamic_j = dynamic_j + excluded.dynamic_j, idle_j = idle_j + excluded.idle_j, \
-                 output_tokens = output_tokens + excluded.output_tokens, token_j = token_j + excluded.token_j",
+                 output_tokens = output_tokens + excluded.output_tokens, token_j = token_j + excluded.token_j, \
+                 cost_nano = cost_nano + excluded.cost_nano, \
+                 currency = CASE WHEN currency IN ('', excluded.currency) THEN excluded.currency \
+                 WHEN excluded.currency = '' THEN currency ELSE '*' END",
             )?;
             for r in records {
                 let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
                     id: r.record.id.0 as i64,
                     source,
                 })?;
+                let (cost_nano, currency) = cost_nano(r);
                 let added = st.execute(params![
                     r.record.id.0 as i64,
                     run,
@@ -279,6 +296,8 @@ impl Store {
                     r.record.completion_tokens.map(|t| t as i64),
                     recovered,
                     json,
+                    cost_nano,
+                    currency,
                 ])?;
                 if added > 0 {
                     let tokens = r.record.completion_tokens.filter(|&t| t > 0);
@@ -297,6 +316,8 @@ impl Store {
                         } else {
                             0.0
                         },
+                        cost_nano.unwrap_or(0),
+                        currency.unwrap_or(""),
                     ])?;
                 }
                 new += added;

@@ -25,6 +25,41 @@ pub struct GroupSums {
     /// Output tokens of the requests that reported them, and those requests' joules.
     pub output_tokens: u64,
     pub token_j: f64,
+    /// Cost in billionths of `currency` (records without a cost add nothing).
+    pub cost_nano: i64,
+    /// `None`: no record had a cost; `Some("*")`: costs in more than one currency.
+    pub currency: Option<String>,
+}
+
+impl GroupSums {
+    /// Adds `other`'s sums (the same group).
+    pub fn add(&mut self, other: &GroupSums) {
+        self.requests += other.requests;
+        self.total_j += other.total_j;
+        self.dynamic_j += other.dynamic_j;
+        self.idle_j += other.idle_j;
+        self.output_tokens += other.output_tokens;
+        self.token_j += other.token_j;
+        self.cost_nano += other.cost_nano;
+        self.currency = merge_currency(self.currency.take(), other.currency.clone());
+    }
+}
+
+/// The currency of two sums: one, the other, or `*` for two different ones.
+pub fn merge_currency(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(a), Some(b)) if a == b => Some(a),
+        _ => Some("*".into()),
+    }
+}
+
+fn currency_of(min: Option<String>, max: Option<String>) -> Option<String> {
+    match (min.filter(|c| !c.is_empty()), max.filter(|c| !c.is_empty())) {
+        (Some(a), Some(b)) if a == b => Some(a),
+        (None, None) => None,
+        _ => Some("*".into()),
+    }
 }
 
 /// The SQL condition (and its arguments) for `filter` and ids below `before`; `None`: nothing
@@ -123,7 +158,8 @@ impl Store {
         let sql = format!(
             "SELECT {key}, COUNT(*), SUM(total_j), SUM(dynamic_j), SUM(idle_j), \
              SUM(CASE WHEN completion_tokens > 0 THEN completion_tokens ELSE 0 END), \
-             SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END) \
+             SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END), \
+             SUM(COALESCE(cost_nano, 0)), MIN(currency), MAX(currency) \
              FROM records WHERE {clause} GROUP BY 1"
         );
         let mut st = self.conn.prepare(&sql)?;
@@ -136,6 +172,8 @@ impl Store {
                 idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
                 output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
                 token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
+                cost_nano: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+                currency: currency_of(r.get(8)?, r.get(9)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -172,12 +210,7 @@ impl Store {
                 key: g.key.clone(),
                 ..GroupSums::default()
             });
-            e.requests += g.requests;
-            e.total_j += g.total_j;
-            e.dynamic_j += g.dynamic_j;
-            e.idle_j += g.idle_j;
-            e.output_tokens += g.output_tokens;
-            e.token_j += g.token_j;
+            e.add(&g);
         };
         if first >= last {
             for g in self.sums(&everyone, u64::MAX, by)? {
@@ -245,7 +278,8 @@ impl Store {
             }
         }
         let sql = format!(
-            "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j) \
+            "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j), \
+             SUM(cost_nano), MIN(currency), MAX(currency) \
              FROM rollup WHERE {sql} GROUP BY 1"
         );
         let mut st = self.conn.prepare(&sql)?;
@@ -258,6 +292,8 @@ impl Store {
                 idle_j: r.get(4)?,
                 output_tokens: r.get::<_, i64>(5)? as u64,
                 token_j: r.get(6)?,
+                cost_nano: r.get(7)?,
+                currency: currency_of(r.get(8)?, r.get(9)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

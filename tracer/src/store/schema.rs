@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS records (
     dynamic_j REAL NOT NULL,
     idle_j REAL NOT NULL,
     completion_tokens INTEGER,
+    cost_nano INTEGER,
+    currency TEXT,
     recovered INTEGER NOT NULL DEFAULT 0,
     json TEXT NOT NULL
 );
@@ -48,6 +50,8 @@ CREATE TABLE IF NOT EXISTS rollup (
     idle_j REAL NOT NULL,
     output_tokens INTEGER NOT NULL,
     token_j REAL NOT NULL,
+    cost_nano INTEGER NOT NULL,
+    currency TEXT NOT NULL,
     PRIMARY KEY (minute, service_name, model, tenant, outcome)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS learned (
