@@ -462,7 +462,12 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     let table = report("table");
     assert!(table.contains("0.30 EUR/kWh (flat) | PUE 1.2"), "{table}");
     assert!(table.contains("saving"), "{table}");
-    assert_eq!(report("csv").lines().count(), 9);
+    let csv = report("csv");
+    assert_eq!(csv.lines().count(), 9);
+    assert!(
+        csv.lines().skip(1).all(|l| l.ends_with("run-1.rec")),
+        "each line names the journal that reproduces it: {csv}"
+    );
     let html = report("html");
     assert_eq!(html.matches("<svg").count(), 6, "six plots");
     let _ = server.kill();

@@ -329,9 +329,17 @@ fn table(b: &Bill, audit: &Audit) -> String {
     o
 }
 
-fn csv(b: &Bill) -> String {
+/// The journal that reproduces request `id` (`tracer replay` gives its record again).
+fn journal_of(runs: &[RunAudit], id: u64) -> String {
+    runs.iter()
+        .find(|r| id >= r.first_request_id && r.next_request_id.is_none_or(|n| id < n))
+        .and_then(|r| r.journal.as_ref())
+        .map_or_else(String::new, |j| j.display().to_string())
+}
+
+fn csv(b: &Bill, runs: &[RunAudit]) -> String {
     let mut o = String::from(
-        "id,service,model,tenant,start_unix_ms,end_unix_ms,joules,bar_j,cost,cost_bar,currency,per_token_cost,prompt_tokens,cached_tokens,completion_tokens,occupancy,emissions_g,outcome\n",
+        "id,service,model,tenant,start_unix_ms,end_unix_ms,joules,bar_j,cost,cost_bar,currency,per_token_cost,prompt_tokens,cached_tokens,completion_tokens,occupancy,emissions_g,outcome,journal\n",
     );
     let q = |s: &str| {
         if s.contains([',', '"', '\n']) {
@@ -344,7 +352,7 @@ fn csv(b: &Bill) -> String {
     for l in &b.lines {
         let _ = writeln!(
             o,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             l.id,
             q(&l.service),
             q(l.model.as_deref().unwrap_or("")),
@@ -364,7 +372,8 @@ fn csv(b: &Bill) -> String {
             l.occupancy,
             l.emissions_g
                 .map_or_else(String::new, |g| g.round_dp(6).to_string()),
-            l.outcome
+            l.outcome,
+            q(&journal_of(runs, l.id))
         );
     }
     o
@@ -494,7 +503,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
             &(serde_json::to_string_pretty(&serde_json::json!({ "audit": audit, "bill": b }))?
                 + "\n"),
         ),
-        ReportFormat::Csv => write_out(a.out.as_deref(), &csv(&b)),
+        ReportFormat::Csv => write_out(a.out.as_deref(), &csv(&b, &audit.runs)),
         ReportFormat::Html => write_out(a.out.as_deref(), &html(&b, &audit, &intervals)?),
         ReportFormat::Svg => {
             let dir = a.out.as_deref().ok_or_else(|| {
