@@ -322,7 +322,9 @@ fn one(shared: &Shared, id: &str, scope: &Scope) -> Reply {
     let Ok(id) = id.parse::<u64>() else {
         return error(400, format!("{id:?} is not a request id"));
     };
-    let found = shared.index().get(id).or_else(|| {
+    // The index's lock is let go before the store is asked (the writer waits on it).
+    let in_memory = shared.index().get(id);
+    let found = in_memory.or_else(|| {
         let store = shared.store();
         let r = store.as_ref()?.get(id).ok().flatten()?;
         Some(Arc::new(r))

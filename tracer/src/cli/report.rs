@@ -5,7 +5,6 @@
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
 };
 
 use anyhow::Context as _;
@@ -16,7 +15,7 @@ use super::{ReportArgs, ReportFormat};
 use crate::{
     bill::{self, Tariff, TokenTable, round_minor},
     config::Config,
-    pipeline::{Bus, Fact, FinalRecord, Interest, Subscriber, SubscriberError},
+    pipeline::FinalRecord,
     record::{format::Replayer, replay},
     report::{self as billing, Bill, Interval, plots},
     store::Store,
@@ -50,31 +49,6 @@ struct Audit {
     devices: Vec<(String, f64, usize)>,
     /// Σ over the requests of time on a device without power data.
     request_coverage_gap_ns: u64,
-}
-
-struct Collect(Arc<Mutex<Vec<FinalRecord>>>);
-
-impl Subscriber for Collect {
-    fn name(&self) -> &'static str {
-        "report"
-    }
-
-    fn interest(&self) -> Interest {
-        Interest {
-            records: true,
-            ..Interest::default()
-        }
-    }
-
-    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
-        if let Fact::Record(r) = fact {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(FinalRecord::clone(r));
-        }
-        Ok(())
-    }
 }
 
 fn policies(journal: &Path) -> (Option<String>, Option<String>, Option<String>) {
@@ -130,29 +104,12 @@ fn from_recording(
     since: i64,
     until: i64,
 ) -> anyhow::Result<(Vec<FinalRecord>, Vec<Interval>, Vec<RunAudit>)> {
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let mut bus = Bus::new();
-    bus.subscribe(Box::new(Collect(Arc::clone(&got))));
-    let summary = replay::replay_into(
-        &replay::ReplayOptions {
-            recording: path.to_owned(),
-            split: None,
-            idle: None,
-            step_clock: None,
-            records_out: None,
-            events_out: None,
-            redact_to: None,
-        },
-        bus,
-    )?;
-    let records: Vec<FinalRecord> = std::mem::take(
-        &mut *got
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_iter()
-    .filter(|r| r.end_unix_ms >= since && r.end_unix_ms < until)
-    .collect();
+    let (all, summary) = replay::replay_records(&replay::ReplayOptions::of(path))?;
+    let records: Vec<FinalRecord> = all
+        .iter()
+        .filter(|r| r.end_unix_ms >= since && r.end_unix_ms < until)
+        .map(|r| FinalRecord::clone(r))
+        .collect();
     // A recording's devices' energy, as one interval over its requests' span.
     let from = records
         .iter()

@@ -328,7 +328,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!("shutting down: {}", summary::render(&last, None));
     if let Some((w, run)) = writer {
         let stats = w.stats();
-        if let Some(mut store) = w.stop() {
+        let failed = stats.failed.load(std::sync::atomic::Ordering::Relaxed);
+        if failed > 0 {
+            // Left open on purpose: the next start replays the journal and stores them.
+            tracing::warn!(
+                "store: {failed} records failed to commit; run {run} stays open so the next start recovers them from its journal"
+            );
+            let _ = w.stop();
+        } else if let Some(mut store) = w.stop() {
             store.close_run(
                 run,
                 (power::realtime_ns() / 1_000_000) as i64,

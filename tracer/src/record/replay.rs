@@ -11,7 +11,7 @@ use super::format::{Payloads, RecordError, RecordHeader, Recorder, Replayer, VER
 use crate::{
     ledger::{IdlePolicy, LedgerError, SplitPolicy, StepClockPolicy},
     output::jsonl::{JsonLines, Stream},
-    pipeline::{Bus, Input, Pipeline, Subscriber},
+    pipeline::{Bus, Fact, FinalRecord, Input, Interest, Pipeline, Subscriber, SubscriberError},
 };
 
 /// Errors of a replay.
@@ -52,6 +52,21 @@ pub struct ReplayOptions {
     /// Also write the recording again here with its payloads redacted (a version 1 or
     /// `--record-payloads` recording made safe to keep or share); its records are the same.
     pub redact_to: Option<PathBuf>,
+}
+
+impl ReplayOptions {
+    /// `recording` with its own settings, records to standard output.
+    pub fn of(recording: &std::path::Path) -> Self {
+        Self {
+            recording: recording.to_owned(),
+            split: None,
+            idle: None,
+            step_clock: None,
+            records_out: None,
+            events_out: None,
+            redact_to: None,
+        }
+    }
 }
 
 /// What a replay did.
@@ -170,4 +185,46 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
         unattributed_j: sum(|t| t.unattributed_j),
         next_request_id: pipeline.next_request_id(),
     })
+}
+
+/// Keeps a replay's final records.
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<FinalRecord>>>>);
+
+impl Subscriber for Collect {
+    fn name(&self) -> &'static str {
+        "replayed records"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest {
+            records: true,
+            ..Interest::default()
+        }
+    }
+
+    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
+        if let Fact::Record(r) = fact {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(std::sync::Arc::clone(r));
+        }
+        Ok(())
+    }
+}
+
+/// Replays `opts.recording` and returns its final records (what recovery and reports read).
+pub fn replay_records(
+    opts: &ReplayOptions,
+) -> Result<(Vec<std::sync::Arc<FinalRecord>>, ReplaySummary), ReplayError> {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut bus = Bus::new();
+    bus.subscribe(Box::new(Collect(std::sync::Arc::clone(&got))));
+    let summary = replay_into(opts, bus)?;
+    let records = std::mem::take(
+        &mut *got
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    Ok((records, summary))
 }

@@ -37,6 +37,22 @@ fn svg(
     Ok(out)
 }
 
+/// The series' legend, boxed in the chart's corner.
+fn legend<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    X: Ranged,
+    Y: Ranged,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 fn key(l: &Line) -> String {
     l.model.clone().unwrap_or_else(|| "(unknown)".into())
 }
@@ -93,11 +109,7 @@ pub fn joules_per_request(bill: &Bill) -> Result<String, PlotError> {
                 .label(model)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -150,11 +162,7 @@ fn per_token_against(
                 .label(m.clone())
                 .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -250,11 +258,7 @@ pub fn watts_over_time(bill: &Bill, intervals: &[Interval]) -> Result<String, Pl
             ))?
             .label("requests per minute")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -316,11 +320,7 @@ fn bars(
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }

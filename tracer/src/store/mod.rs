@@ -145,7 +145,20 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating) the store in `dir` for writing; fails if another daemon holds it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         std::fs::create_dir_all(dir.join(JOURNAL_DIR)).map_err(io(dir))?;
+        // Records, journals and the key are root's: other users ask the API, which limits
+        // what they see. (SQLite gives its -wal and -shm files the database's mode.)
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        let db = dir.join(DB_FILE);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(io(&db))?;
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).map_err(io(&db))?;
         let lock_path = dir.join("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -438,14 +451,52 @@ impl Store {
         let rows = st.query_map([n as i64], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
-        let mut out = rows
-            .map(|row| {
-                let (id, json) = row?;
-                Self::decode(id, &json)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            match Self::decode(id, &json) {
+                Ok(r) => out.push(r),
+                // One unreadable row must not keep the daemon from starting.
+                Err(e) => tracing::warn!("store: skipping {e}"),
+            }
+        }
         out.reverse();
         Ok(out)
+    }
+
+    /// Whether a record with this id is stored (without reading it).
+    pub fn contains(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM records WHERE id = ?1", [id as i64], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    /// The highest id retention has deleted (recovery must not bring those back).
+    pub fn deleted_through(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'deleted_through_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    fn note_deleted_through(&self, id: Option<i64>) -> Result<(), StoreError> {
+        if let Some(id) = id {
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('deleted_through_id', ?1) \
+                 ON CONFLICT DO UPDATE SET value = MAX(value, excluded.value)",
+                [id],
+            )?;
+        }
+        Ok(())
     }
 
     /// One record by id.
@@ -487,6 +538,12 @@ impl Store {
         let mut deleted = 0u64;
         if config.retention_days > 0 {
             let cut = now_unix_ms - i64::from(config.retention_days) * 86_400_000;
+            let top: Option<i64> = self.conn.query_row(
+                "SELECT MAX(id) FROM records WHERE end_unix_ms < ?1",
+                [cut],
+                |r| r.get(0),
+            )?;
+            self.note_deleted_through(top)?;
             deleted += self
                 .conn
                 .execute("DELETE FROM records WHERE end_unix_ms < ?1", [cut])?
@@ -510,6 +567,12 @@ impl Store {
                     break;
                 }
                 let k = (n / 10).max(1);
+                let top: Option<i64> = self.conn.query_row(
+                    "SELECT MAX(id) FROM (SELECT id FROM records ORDER BY id LIMIT ?1)",
+                    [k as i64],
+                    |r| r.get(0),
+                )?;
+                self.note_deleted_through(top)?;
                 let gone = self.conn.execute(
                     "DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY id LIMIT ?1)",
                     [k as i64],

@@ -279,7 +279,7 @@ impl Store {
         }
         let sql = format!(
             "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j), \
-             SUM(cost_nano), MIN(currency), MAX(currency) \
+             SUM(cost_nano), MIN(NULLIF(currency, '')), MAX(NULLIF(currency, '')) \
              FROM rollup WHERE {sql} GROUP BY 1"
         );
         let mut st = self.conn.prepare(&sql)?;

@@ -5,16 +5,12 @@
 //! still open at the journal's end as `incomplete`. Nothing already stored is duplicated
 //! (ids are the run's own: the journal's header carries its first id).
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::path::PathBuf;
 
 use super::{Store, StoreError};
 use crate::{
     ledger::Outcome,
-    pipeline::{Bus, Fact, FinalRecord, Interest, Subscriber, SubscriberError},
-    record::replay::{ReplayOptions, replay_into},
+    record::replay::{ReplayOptions, replay_records},
 };
 
 /// What recovering one run did.
@@ -67,38 +63,6 @@ impl std::fmt::Display for Recovery {
     }
 }
 
-/// Collects a replay's final records.
-struct Collect(Arc<Mutex<Vec<Arc<FinalRecord>>>>);
-
-impl Subscriber for Collect {
-    fn name(&self) -> &'static str {
-        "recovery"
-    }
-
-    fn interest(&self) -> Interest {
-        Interest {
-            records: true,
-            ..Interest::default()
-        }
-    }
-
-    fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
-        if let Fact::Record(r) = fact {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(Arc::clone(r));
-        }
-        Ok(())
-    }
-}
-
-/// The collector, for tests.
-#[cfg(test)]
-pub(super) fn tests_collect(into: Arc<Mutex<Vec<Arc<FinalRecord>>>>) -> impl Subscriber {
-    Collect(into)
-}
-
 /// Recovers every run of `store` that never closed, oldest first, and closes it.
 pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, StoreError> {
     let mut out = Vec::new();
@@ -115,28 +79,13 @@ pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, Sto
         };
         let mut next_id = store.last_request_id()? + 1;
         if rec.journal.is_some() {
-            let got = Arc::new(Mutex::new(Vec::new()));
-            let mut bus = Bus::new();
-            bus.subscribe(Box::new(Collect(Arc::clone(&got))));
-            let opts = ReplayOptions {
-                recording: path.clone(),
-                split: None,
-                idle: None,
-                step_clock: None,
-                records_out: None,
-                events_out: None,
-                redact_to: None,
-            };
-            match replay_into(&opts, bus) {
-                Ok(summary) => {
-                    let records = std::mem::take(
-                        &mut *got
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner),
-                    );
+            match replay_records(&ReplayOptions::of(&path)) {
+                Ok((records, summary)) => {
                     let mut fresh = Vec::new();
+                    // Records retention has since deleted stay deleted.
+                    let floor = store.deleted_through()?;
                     for r in records {
-                        if store.get(r.record.id.0)?.is_some() {
+                        if r.record.id.0 <= floor || store.contains(r.record.id.0)? {
                             rec.already_stored += 1;
                         } else {
                             fresh.push(r);

@@ -8,6 +8,10 @@ use super::StoreError;
 pub const VERSION: i64 = 1;
 
 const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     run INTEGER PRIMARY KEY,
     started_unix_ms INTEGER NOT NULL,

@@ -52,6 +52,13 @@ fn record(id: u64, end_unix_ms: i64, model: &str, total_j: f64) -> Arc<FinalReco
 fn ids_keep_growing_across_runs_and_nothing_is_stored_twice() {
     let dir = temp("ids");
     let mut s = Store::open(&dir).expect("open");
+    // Root's alone: other users ask the API.
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
     let run = s.begin_run(1_000).expect("run");
     assert_eq!(run.first_request_id, 1);
     let batch: Vec<_> = (1..=5)
@@ -175,6 +182,8 @@ fn retention_deletes_by_age_then_by_size() {
     // The oldest went first: the newest record is still there.
     assert!(s.get(5000).expect("get").is_some());
     assert!(s.get(11).expect("get").is_none());
+    // What retention deleted, a recovery will not bring back.
+    assert!(s.deleted_through().expect("floor") >= 11);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -190,22 +199,10 @@ fn a_crashed_run_is_recovered_from_its_journal_without_duplicates() {
     // The kill: the journal's last write cut mid-frame, 60 % in.
     std::fs::write(s.journal_path(run.run), &whole[..whole.len() * 6 / 10]).expect("journal");
     // What the live run had stored before it died: the replay's first few records.
-    let replayed = {
-        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut bus = crate::pipeline::Bus::new();
-        bus.subscribe(Box::new(recover::tests_collect(Arc::clone(&got))));
-        let opts = crate::record::replay::ReplayOptions {
-            recording: s.journal_path(run.run),
-            split: None,
-            idle: None,
-            step_clock: None,
-            records_out: None,
-            events_out: None,
-            redact_to: None,
-        };
-        crate::record::replay::replay_into(&opts, bus).expect("replay");
-        std::mem::take(&mut *got.lock().expect("lock"))
-    };
+    let (replayed, _) = crate::record::replay::replay_records(
+        &crate::record::replay::ReplayOptions::of(&s.journal_path(run.run)),
+    )
+    .expect("replay");
     assert!(replayed.len() > 5, "{}", replayed.len());
     let stored_before: Vec<_> = replayed
         .iter()
