@@ -59,10 +59,14 @@ pub fn round_minor(amount: Decimal, currency: &str) -> Decimal {
     )
 }
 
+/// The most energy one line can hold: no device measures an exajoule, and beyond about
+/// 1e28 the decimal type's products would overflow.
+const MAX_J: f64 = 1e18;
+
 /// Joules as a decimal, exactly (the f64's own value, no rounding but the decimal type's 28
-/// digits).
+/// digits); a value that cannot be energy (not finite, beyond [`MAX_J`]) counts as none.
 pub fn joules(j: f64) -> Decimal {
-    if !j.is_finite() {
+    if !j.is_finite() || j.abs() > MAX_J {
         return Decimal::ZERO;
     }
     Decimal::from_f64_retain(j).unwrap_or(Decimal::ZERO)

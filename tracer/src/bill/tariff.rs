@@ -88,8 +88,8 @@ impl Schedule {
             };
             let (from, value) = (from.trim(), value.trim());
             let Some(t) = parse_time(from) else {
-                if n == 0 {
-                    continue; // a header
+                if steps.is_empty() && value.parse::<Decimal>().is_err() {
+                    continue; // a header: neither column is data
                 }
                 return Err(bad(format!("{from:?} is neither RFC 3339 nor Unix ms")));
             };
@@ -175,7 +175,7 @@ impl Tariff {
         self.price
             .pieces(from_ms, to_ms)
             .into_iter()
-            .map(|(a, b, price)| j * Decimal::from(b - a) / span * price * self.pue / kwh)
+            .map(|(a, b, price)| j * (Decimal::from(b - a) / span) * price * self.pue / kwh)
             .sum()
     }
 
@@ -359,6 +359,10 @@ mod tests {
         assert_eq!(s.at(1_796_151_600_000), dec!(0.40));
         std::fs::write(&p, "2026-12-01T00:00:00Z,abc\n").expect("csv");
         let e = Schedule::from_csv(&p).expect_err("bad price");
+        assert!(e.to_string().contains(":1:"), "{e}");
+        // A mistyped first date is an error, not a header.
+        std::fs::write(&p, "2026-13-01T00:00:00Z,0.25\n2026-12-02T00:00:00Z,0.30\n").expect("csv");
+        let e = Schedule::from_csv(&p).expect_err("bad date");
         assert!(e.to_string().contains(":1:"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -52,7 +52,9 @@ impl TokenTable {
         completion: Option<u64>,
     ) -> Option<Decimal> {
         let p = self.prices(model)?;
-        let (prompt, completion) = (prompt?, completion?);
+        // Embeddings report prompt tokens only: no output is no output.
+        let prompt = prompt?;
+        let completion = completion.unwrap_or(0);
         let cached = cached.unwrap_or(0).min(prompt);
         let million = Decimal::from(1_000_000u32);
         Some(
@@ -86,6 +88,11 @@ mod tests {
             Some(dec!(0.0005))
         );
         assert_eq!(t.cost(Some("qwen-72b"), None, None, Some(3)), None);
+        // An embedding: prompt tokens only.
+        assert_eq!(
+            t.cost(Some("qwen-72b"), Some(1000), None, None),
+            Some(dec!(0.0009))
+        );
         assert!(toml::from_str::<TokenTable>("[models.x]\ninput = 1\n").is_err());
     }
 }

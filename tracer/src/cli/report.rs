@@ -424,6 +424,12 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
     };
     let (since, until) = (time(&a.since, "since")?, time(&a.until, "until")?);
     let (lo, hi) = (since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
+    if a.recording.is_some() && (since.is_some() || until.is_some()) {
+        // A recording's device totals are the whole recording's.
+        anyhow::bail!(
+            "--since/--until bill part of a store; a recording is billed whole (cut it with the store instead)"
+        );
+    }
     let (records, intervals, runs, source) = if let Some(rec) = &a.recording {
         let (r, i, runs) = from_recording(rec, lo, hi)?;
         (r, i, runs, format!("the recording {}", rec.display()))

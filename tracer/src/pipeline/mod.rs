@@ -200,7 +200,7 @@ impl Pipeline {
                 self.conns.read = Some(reuse);
             }
             if !data {
-                self.bus.publish(&Fact::Probe(bytes));
+                self.publish_unread(bytes);
             }
         }
     }
@@ -228,6 +228,23 @@ impl Pipeline {
         );
         self.apply_changes();
         self.devices.insert(id, setup);
+    }
+
+    /// A record the pipeline did not read as data: as it came, except that a data record it
+    /// could not decode keeps its length but not its bytes (they were never redacted).
+    fn publish_unread(&mut self, bytes: &[u8]) {
+        use tracer_ebpf::abi::{DATA_HEAD_LEN, Header, Kind};
+        let kind_at = std::mem::offset_of!(Header, kind);
+        let is_data = bytes
+            .get(kind_at..kind_at + 2)
+            .is_some_and(|k| u16::from_ne_bytes([k[0], k[1]]) == Kind::Data as u16);
+        if is_data && bytes.len() > DATA_HEAD_LEN {
+            let mut r = bytes.to_vec();
+            r[DATA_HEAD_LEN..].fill(0);
+            self.bus.publish(&Fact::Probe(&r));
+        } else {
+            self.bus.publish(&Fact::Probe(bytes));
+        }
     }
 
     /// Decodes and acts on a record; returns whether it was a data record (recorded as read,

@@ -128,7 +128,7 @@ fn units(t: &Tariff, j: Decimal, from_ms: i64, to_ms: i64) -> Decimal {
             let share = if b - a == to_ms - from_ms {
                 j
             } else {
-                j * Decimal::from(b - a) / span
+                j * (Decimal::from(b - a) / span)
             };
             share * price * t.pue
         })

@@ -260,6 +260,13 @@ impl Tracker {
     /// Accounts for `n` bytes that moved but were not captured.
     pub(super) fn skip(&mut self, c: &mut Conn, kind: Kind, ts: u64, mut n: u64) {
         let side = kind as usize;
+        if matches!(
+            c.sides[side].state,
+            State::Body(_) | State::InChunk(Chunk::Data(_))
+        ) {
+            // Past a hole the redactor cannot know where it is: it replaces the rest.
+            c.sides[side].body_redact.gap();
+        }
         while n > 0 {
             match c.sides[side].state {
                 State::Body(Framing::Length(rem)) => {

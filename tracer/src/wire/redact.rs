@@ -17,8 +17,8 @@
 //! can be recovered, not even byte by byte. The key is the store's (`redaction.key`, never
 //! in a recording), or random per run.
 
-/// Header names whose values are credentials (compared lowercase).
-const SECRET_HEADERS: [&[u8]; 8] = [
+/// Header names whose values are credentials or carry them (compared lowercase, trimmed).
+const SECRET_HEADERS: [&[u8]; 13] = [
     b"authorization",
     b"proxy-authorization",
     b"cookie",
@@ -27,6 +27,11 @@ const SECRET_HEADERS: [&[u8]; 8] = [
     b"api-key",
     b"x-goog-api-key",
     b"openai-api-key",
+    b"x-auth-token",
+    b"ocp-apim-subscription-key",
+    b"x-amz-security-token",
+    b"referer",
+    b"location",
 ];
 
 /// Keys whose string values are kept: what attribution and the records read, never text.
@@ -44,6 +49,10 @@ const KEPT_VALUES: [&[u8]; 9] = [
 
 /// Longest key remembered (longer ones are never kept-value keys).
 const KEY_MAX: usize = 24;
+
+/// Objects nested deeper than this hold data, not what attribution reads (the deepest it
+/// reads: `usage.prompt_tokens_details.cached_tokens`, and `choices[].finish_reason`).
+const DEPTH_KEPT: usize = 3;
 
 /// The redaction key and the byte pseudonym.
 #[derive(Debug, Clone, Copy)]
@@ -93,50 +102,106 @@ pub(super) fn opaque(data: &mut [u8]) {
 
 /// Where a head's redaction is.
 #[derive(Debug, Clone, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a line lexer's independent flags, each its own state"
+)]
 pub(super) struct HeadState {
     /// Bytes of the current line's name so far (lowercased), before its `:`.
     name: Vec<u8>,
     in_value: bool,
     secret: bool,
+    /// The header before was secret (a folded continuation line stays secret).
+    prev_secret: bool,
     /// Bytes on the current line so far (0 at a line start).
     line_len: usize,
+    /// The current line ended in CR before its LF.
+    cr: bool,
+    /// On the start line: spaces seen, and inside the request target's query.
+    start_line: bool,
+    spaces: u8,
+    in_query: bool,
     chain: u64,
-    /// The blank line was seen: the rest is not head.
+    /// The blank line (CRLF) was seen: the rest is not head.
     done: bool,
+    /// A bare-LF blank line: the framing will not end the head there, so everything after it
+    /// (a body, as far as anyone knows) is replaced.
+    opaque: bool,
 }
 
 impl HeadState {
     /// A new message starts.
     pub(super) fn reset(&mut self) {
-        self.name.clear();
-        self.in_value = false;
-        self.secret = false;
-        self.line_len = 0;
-        self.done = false;
+        *self = HeadState {
+            start_line: true,
+            ..HeadState::default()
+        };
     }
 
     /// Redacts head bytes in place, up to the blank line that ends the head (bytes after it
-    /// are left for the body).
+    /// are left for the body): credential header values, and the request target's query
+    /// string (API keys travel there too).
     pub(super) fn redact(&mut self, key: Key, data: &mut [u8]) {
         for b in data {
             if self.done {
                 return;
             }
+            if self.opaque {
+                if !matches!(*b, b'\r' | b'\n') {
+                    *b = b'x';
+                }
+                continue;
+            }
             match *b {
                 b'\n' => {
                     if self.line_len == 0 {
-                        self.done = true;
+                        if self.cr {
+                            self.done = true;
+                        } else {
+                            self.opaque = true;
+                        }
                     }
+                    self.prev_secret = self.secret;
                     self.name.clear();
                     self.in_value = false;
                     self.secret = false;
                     self.line_len = 0;
+                    self.cr = false;
+                    self.start_line = false;
                     continue;
                 }
-                b'\r' => continue,
+                b'\r' => {
+                    self.cr = true;
+                    continue;
+                }
                 _ => {}
             }
             self.line_len += 1;
+            if self.start_line {
+                match *b {
+                    b' ' => {
+                        self.spaces += 1;
+                        self.in_query = false;
+                    }
+                    b'?' if self.spaces == 1 => {
+                        self.in_query = true;
+                        self.chain = key.start();
+                    }
+                    b'&' | b'=' if self.in_query => self.chain = key.start(),
+                    _ if self.in_query => {
+                        self.chain = key.step(self.chain, *b);
+                        *b = letter(self.chain);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if self.line_len == 1 && matches!(*b, b' ' | b'\t') && self.prev_secret {
+                // An obsolete folded line continues the secret value above it.
+                self.in_value = true;
+                self.secret = true;
+                continue;
+            }
             if self.in_value {
                 if self.secret && *b != b' ' {
                     self.chain = key.step(self.chain, *b);
@@ -144,9 +209,9 @@ impl HeadState {
                 }
             } else if *b == b':' {
                 self.in_value = true;
-                self.secret = SECRET_HEADERS.contains(&self.name.as_slice());
+                self.secret = SECRET_HEADERS.contains(&self.name.trim_ascii());
                 self.chain = key.start();
-            } else if self.name.len() < 32 {
+            } else if self.name.len() < 40 {
                 self.name.push(b.to_ascii_lowercase());
             }
         }
@@ -196,6 +261,10 @@ pub(super) struct BodyState {
     /// SSE: at the start of a line / reading the field name.
     sse_field: bool,
     sse_name: Vec<u8>,
+    /// SSE: the field's value has not begun (its first byte decides JSON or text).
+    sse_value_start: bool,
+    /// SSE: the rest of this line is replaced (text, or cut by an uncaptured gap).
+    sse_line_opaque: bool,
     chain: u64,
 }
 
@@ -211,6 +280,16 @@ impl BodyState {
         };
     }
 
+    /// Bytes of the body went by uncaptured: where the lexer is can no longer be known, so
+    /// the rest of the body is replaced (a stream's, up to the end of the current line).
+    pub(super) fn gap(&mut self) {
+        if self.mode == BodyMode::Sse {
+            self.sse_line_opaque = true;
+        } else {
+            self.mode = BodyMode::Opaque;
+        }
+    }
+
     /// Redacts body bytes in place.
     pub(super) fn redact(&mut self, key: Key, data: &mut [u8]) {
         for b in data {
@@ -223,7 +302,11 @@ impl BodyState {
             BodyMode::Sniff => match *b {
                 b' ' | b'\t' | b'\r' | b'\n' => return,
                 b'{' | b'[' => self.mode = BodyMode::Json,
-                _ => self.mode = BodyMode::Opaque,
+                _ => {
+                    self.mode = BodyMode::Opaque;
+                    *b = b'x';
+                    return;
+                }
             },
             BodyMode::Opaque => {
                 if !matches!(*b, b'\r' | b'\n') {
@@ -240,11 +323,19 @@ impl BodyState {
                     self.string = None;
                     self.number = false;
                     self.literal = None;
+                    self.keep_value = false;
+                    self.expect_key = false;
+                    self.sse_line_opaque = false;
+                    return;
+                }
+                if self.sse_line_opaque {
+                    *b = b'x';
                     return;
                 }
                 if self.sse_field {
                     if *b == b':' {
                         self.sse_field = false;
+                        self.sse_value_start = true;
                         return;
                     }
                     self.sse_name.push(*b);
@@ -273,6 +364,19 @@ impl BodyState {
             }
             BodyMode::Json => {}
         }
+        if self.mode == BodyMode::Sse && self.sse_value_start {
+            match *b {
+                b' ' | b'\t' => return,
+                b'{' | b'[' => self.sse_value_start = false,
+                _ => {
+                    // Not JSON (plain text, a comment): the line is replaced.
+                    self.sse_value_start = false;
+                    self.sse_line_opaque = true;
+                    *b = b'x';
+                    return;
+                }
+            }
+        }
         self.json(key, b);
     }
 
@@ -293,13 +397,21 @@ impl BodyState {
                 if self.key.len() < KEY_MAX {
                     self.key.push(*b);
                 }
+                if self.stack.len() > DEPTH_KEPT {
+                    // Keys below the depth attribution reads are data (tool arguments, metadata).
+                    self.chain = key.step(self.chain, *b);
+                    *b = letter(self.chain);
+                }
             } else if !kept {
                 self.chain = key.step(self.chain, *b);
                 *b = letter(self.chain);
             }
             return;
         }
-        let in_array = self.stack.last() == Some(&Container::Array);
+        // Numbers are kept only as a key's own value within the depth attribution reads
+        // (`max_tokens`, usage counts); in arrays (token ids) and deeper they are data.
+        let in_array =
+            self.stack.last() == Some(&Container::Array) || self.stack.len() > DEPTH_KEPT;
         if self.number {
             match *b {
                 b'0'..=b'9' => {
@@ -346,6 +458,10 @@ impl BodyState {
                     self.key.clear();
                 }
                 let kept = !is_key && !in_array && self.keep_value;
+                if !is_key {
+                    // A kept key's value is this one string, not the next.
+                    self.keep_value = false;
+                }
                 self.chain = key.start();
                 self.string = Some((is_key, kept, false));
                 self.expect_key = false;
@@ -445,6 +561,62 @@ mod tests {
         assert_eq!(usage["usage"]["completion_tokens"], 2);
         assert!(lines[2].starts_with("event: "));
         assert_eq!(lines[3], "data: [DONE]");
+    }
+
+    #[test]
+    fn what_review_found_is_replaced_too() {
+        // Tool arguments and metadata below the depth attribution reads: keys, numbers, ids.
+        let req = r#"{"model":"m","tools":[{"type":"function"}],"messages":[{"role":"assistant","tool_calls":[{"id":"c1","function":{"name":"pay","arguments":{"account":98765432,"id":"passport X"}}}]}],"usage":{"prompt_tokens_details":{"cached_tokens":7}}}"#;
+        let out = body(req, false, 3);
+        for secret in ["98765432", "account", "passport"] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
+        assert_eq!(v["model"], "m");
+        // SSE: a JSON object spread over lines, plain text, a comment; nothing of them stays.
+        let stream = "data: {\"role\":\"assistant\",\ndata:   \"content\":\"SECRET\"}\n\n\
+                      data: plain SECRET 4111\n: comment 4111\n\ndata: [DONE]\n\n";
+        let out = body(stream, true, 4);
+        assert!(!out.contains("SECRET") && !out.contains("4111"), "{out}");
+        assert!(out.contains("data: [DONE]"), "{out}");
+        // A hole in the capture: the rest of the body is replaced.
+        let mut s = BodyState::default();
+        s.reset(false);
+        let mut a = br#"{"prompt":"first part "#.to_vec();
+        s.redact(K, &mut a);
+        s.gap();
+        let mut b = br#"ends","x":"after 4111 the gap"}"#.to_vec();
+        s.redact(K, &mut b);
+        let b = String::from_utf8(b).expect("ascii");
+        assert!(!b.contains("4111") && !b.contains("after"), "{b}");
+    }
+
+    #[test]
+    fn heads_lose_query_strings_odd_credentials_and_anything_after_a_bare_lf() {
+        let redact = |text: &str| {
+            let mut h = HeadState::default();
+            h.reset();
+            let mut v = text.as_bytes().to_vec();
+            h.redact(K, &mut v);
+            String::from_utf8(v).expect("ascii")
+        };
+        let out = redact(
+            "POST /v1beta/models/x:generateContent?key=AIzaSECRET&alt=sse HTTP/1.1\r\nAuthorization : Bearer SECRET\r\nX-Auth-Token: SECRET\r\nCookie: a=1;\r\n b=SECRET\r\n\r\n{\"a\":1}",
+        );
+        assert!(!out.contains("SECRET"), "{out}");
+        assert!(
+            out.starts_with("POST /v1beta/models/x:generateContent?"),
+            "{out}"
+        );
+        assert!(!out.contains("AIza") && !out.contains("Bearer"), "{out}");
+        assert!(
+            out.contains(" HTTP/1.1\r\n") && out.ends_with("\r\n\r\n{\"a\":1}"),
+            "{out}"
+        );
+        // LF-only: the framing does not end the head there, so nothing after it is kept.
+        let out = redact("POST / HTTP/1.1\nContent-Length: 20\n\n{\"prompt\":\"SECRET\"}");
+        assert!(!out.contains("SECRET"), "{out}");
     }
 
     #[test]
