@@ -46,10 +46,20 @@ fn all_records(sock: &Path) -> Vec<Value> {
 }
 
 fn daemon(dir: &TempDir, port: u16, memory_records: usize) -> Tracer {
+    daemon_with(
+        dir,
+        port,
+        &format!("[api]\nmemory_records = {memory_records}\n"),
+    )
+}
+
+/// The daemon on `port` with `extra` configuration, its records final within two seconds;
+/// returns it (its config is `<dir>/tracer.toml`).
+fn daemon_with(dir: &TempDir, port: u16, extra: &str) -> Tracer {
     let config = dir.path().join("tracer.toml");
     std::fs::write(
         &config,
-        format!("[ledger]\nmax_defer_ns = 2000000000\n[api]\nmemory_records = {memory_records}\n"),
+        format!("[ledger]\nmax_defer_ns = 2000000000\n{extra}"),
     )
     .expect("config");
     Tracer::start_with(
@@ -340,25 +350,12 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     }
     let dir = TempDir::new("store-bill");
     let (mut server, port) = listening(Command::new("python3").arg(SERVER));
-    let config = dir.path().join("tracer.toml");
-    std::fs::write(
-        &config,
-        "[ledger]\nmax_defer_ns = 2000000000\n[bill]\ncurrency = \"EUR\"\nprice_per_kwh = \"0.30\"\npue = \"1.2\"\n",
-    )
-    .expect("config");
-    let tracer = Tracer::start_with(
-        TRACER,
-        dir.path(),
-        &[
-            "--config",
-            config.to_str().expect("utf-8"),
-            "--port",
-            &port.to_string(),
-            "--summary-interval-ms",
-            "200",
-        ],
-        false,
+    let tracer = daemon_with(
+        &dir,
+        port,
+        "[bill]\ncurrency = \"EUR\"\nprice_per_kwh = \"0.30\"\npue = \"1.2\"\n",
     );
+    let config = dir.path().join("tracer.toml");
     for i in 0..8 {
         assert!(post(port, &format!("bill-{i}")));
     }

@@ -159,24 +159,10 @@ impl Store {
             "SELECT {key}, COUNT(*), SUM(total_j), SUM(dynamic_j), SUM(idle_j), \
              SUM(CASE WHEN completion_tokens > 0 THEN completion_tokens ELSE 0 END), \
              SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END), \
-             SUM(COALESCE(cost_nano, 0)), MIN(currency), MAX(currency) \
+             SUM(COALESCE(cost_nano, 0)), MIN(NULLIF(currency, '')), MAX(NULLIF(currency, '')) \
              FROM records WHERE {clause} GROUP BY 1"
         );
-        let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(GroupSums {
-                key: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
-                dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
-                idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
-                output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
-                token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
-                cost_nano: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
-                currency: currency_of(r.get(8)?, r.get(9)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.groups(&sql, args)
     }
 
     /// Sums per group over every stored record `filter` keeps (all runs): whole minutes from
@@ -282,17 +268,27 @@ impl Store {
              SUM(cost_nano), MIN(NULLIF(currency, '')), MAX(NULLIF(currency, '')) \
              FROM rollup WHERE {sql} GROUP BY 1"
         );
-        let mut st = self.conn.prepare(&sql)?;
+        self.groups(&sql, args)
+    }
+
+    /// Runs a sums query whose columns are: key, requests, total, dynamic and idle J, output
+    /// tokens, their J, cost in billionths, lowest and highest currency.
+    fn groups(
+        &self,
+        sql: &str,
+        args: Vec<rusqlite::types::Value>,
+    ) -> Result<Vec<GroupSums>, StoreError> {
+        let mut st = self.conn.prepare(sql)?;
         let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
             Ok(GroupSums {
                 key: r.get(0)?,
                 requests: r.get::<_, i64>(1)? as u64,
-                total_j: r.get(2)?,
-                dynamic_j: r.get(3)?,
-                idle_j: r.get(4)?,
-                output_tokens: r.get::<_, i64>(5)? as u64,
-                token_j: r.get(6)?,
-                cost_nano: r.get(7)?,
+                total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
+                idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+                output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
+                token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
+                cost_nano: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
                 currency: currency_of(r.get(8)?, r.get(9)?),
             })
         })?;
