@@ -211,6 +211,37 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The README's configuration block is a valid file, every key in it known, and its
+    /// commented-out keys too once uncommented (unknown keys are refused).
+    #[test]
+    fn the_readme_configuration_block_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[targets]")
+            .expect("the README's config block");
+        let block = &readme[start + 8..];
+        let block = &block[..block.find("```").expect("closed")];
+        let c = Config::from_toml(block).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.store, crate::store::StoreConfig::default());
+        // Uncommented: `# key = value` and `# [table]` lines become settings.
+        let uncommented: String = block
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                match t.strip_prefix("# ") {
+                    Some(rest)
+                        if rest.contains(" = ")
+                            || (rest.starts_with('[') && rest.trim_end().ends_with(']')) =>
+                    {
+                        format!("{rest}\n")
+                    }
+                    _ => format!("{l}\n"),
+                }
+            })
+            .collect();
+        toml::from_str::<Config>(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    }
+
     #[test]
     fn defaults_and_partial_files() {
         let c = Config::from_toml("[targets]\nports = [8000]\n").expect("parses");
