@@ -107,6 +107,27 @@ impl Schedule {
     }
 }
 
+/// `j` spread evenly over `[from_ms, to_ms)`, each piece times the schedule's value then (the
+/// whole of `j` when one value covers the span, so no division enters).
+fn spread(schedule: &Schedule, j: Decimal, from_ms: i64, to_ms: i64) -> Decimal {
+    if to_ms <= from_ms {
+        return j * schedule.at(from_ms);
+    }
+    let span = Decimal::from(to_ms - from_ms);
+    schedule
+        .pieces(from_ms, to_ms)
+        .into_iter()
+        .map(|(a, b, v)| {
+            let share = if b - a == to_ms - from_ms {
+                j
+            } else {
+                j * (Decimal::from(b - a) / span)
+            };
+            share * v
+        })
+        .sum()
+}
+
 /// How idle energy (the device on, nothing running) is billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -163,30 +184,23 @@ impl Tariff {
         Ok(())
     }
 
-    /// The cost (PUE included, no overhead) of `j` joules used evenly over `[from_ms, to_ms)`:
-    /// each piece of the span at the price in force then. A span of zero length is priced at
-    /// its instant.
+    /// `j` joules used evenly over `[from_ms, to_ms)`, times the price in force over each
+    /// piece of the span, times the PUE: "joule-prices", exact decimal products when the span
+    /// lies within one price (÷ 3.6 MJ gives money). A span of zero length is priced at its
+    /// instant.
+    pub fn joule_prices(&self, j: Decimal, from_ms: i64, to_ms: i64) -> Decimal {
+        spread(&self.price, j, from_ms, to_ms) * self.pue
+    }
+
+    /// The cost (PUE included, no overhead) of `j` joules used evenly over the span.
     pub fn energy_cost(&self, j: Decimal, from_ms: i64, to_ms: i64) -> Decimal {
-        let kwh = Decimal::from(J_PER_KWH);
-        if to_ms <= from_ms {
-            return j * self.price.at(from_ms) * self.pue / kwh;
-        }
-        let span = Decimal::from(to_ms - from_ms);
-        self.price
-            .pieces(from_ms, to_ms)
-            .into_iter()
-            .map(|(a, b, price)| j * (Decimal::from(b - a) / span) * price * self.pue / kwh)
-            .sum()
+        self.joule_prices(j, from_ms, to_ms) / Decimal::from(J_PER_KWH)
     }
 
     /// Grams `CO2e` of `j` joules used evenly over the span, with PUE.
     pub fn emissions_g(&self, j: Decimal, from_ms: i64, to_ms: i64) -> Option<Decimal> {
         let carbon = self.carbon.as_ref()?;
-        let as_price = Tariff {
-            price: carbon.clone(),
-            ..self.clone()
-        };
-        Some(as_price.energy_cost(j, from_ms, to_ms))
+        Some(spread(carbon, j, from_ms, to_ms) * self.pue / Decimal::from(J_PER_KWH))
     }
 
     /// A record's cost: its energy over its time, the overhead, the bar at the same prices.

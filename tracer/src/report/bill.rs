@@ -115,26 +115,6 @@ pub struct Bill {
     pub measured_cost: Decimal,
 }
 
-/// Joule-prices of `j` spread evenly over `[from, to)`.
-fn units(t: &Tariff, j: Decimal, from_ms: i64, to_ms: i64) -> Decimal {
-    if to_ms <= from_ms {
-        return j * t.price.at(from_ms) * t.pue;
-    }
-    let span = Decimal::from(to_ms - from_ms);
-    t.price
-        .pieces(from_ms, to_ms)
-        .into_iter()
-        .map(|(a, b, price)| {
-            let share = if b - a == to_ms - from_ms {
-                j
-            } else {
-                j * (Decimal::from(b - a) / span)
-            };
-            share * price * t.pue
-        })
-        .sum()
-}
-
 fn money(units: Decimal) -> Decimal {
     units / Decimal::from(J_PER_KWH)
 }
@@ -186,15 +166,9 @@ pub fn bill(
             let rec = &r.record;
             let dur = (rec.end_ns.saturating_sub(rec.arrive_ns) / 1_000_000) as i64;
             let (from, to) = (r.end_unix_ms - dur, r.end_unix_ms);
-            let u = units(tariff, joules(rec.total_j), from, to);
-            let bar = units(tariff, joules(rec.uncertainty_j), from, to);
-            let emissions = tariff.carbon.as_ref().map(|c| {
-                let as_price = Tariff {
-                    price: c.clone(),
-                    ..tariff.clone()
-                };
-                money(units(&as_price, joules(rec.total_j), from, to))
-            });
+            let u = tariff.joule_prices(joules(rec.total_j), from, to);
+            let bar = tariff.joule_prices(joules(rec.uncertainty_j), from, to);
+            let emissions = tariff.emissions_g(joules(rec.total_j), from, to);
             (
                 Line {
                     id: rec.id.0,
@@ -231,9 +205,9 @@ pub fn bill(
     let mut measured_units = Decimal::ZERO;
     let (mut idle_j, mut unattributed_j, mut measured_j) = (0.0, 0.0, 0.0);
     for i in intervals {
-        idle_units += units(tariff, joules(i.idle_j), i.from_ms, i.to_ms);
-        unattributed_units += units(tariff, joules(i.unattributed_j), i.from_ms, i.to_ms);
-        measured_units += units(tariff, joules(i.measured_j), i.from_ms, i.to_ms);
+        idle_units += tariff.joule_prices(joules(i.idle_j), i.from_ms, i.to_ms);
+        unattributed_units += tariff.joule_prices(joules(i.unattributed_j), i.from_ms, i.to_ms);
+        measured_units += tariff.joule_prices(joules(i.measured_j), i.from_ms, i.to_ms);
         idle_j += i.idle_j;
         unattributed_j += i.unattributed_j;
         measured_j += i.measured_j;
@@ -343,11 +317,11 @@ mod tests {
             let mj = |v: u32| Decimal::from(v) / dec!(1000);
             let mut m = mj(*idle) + mj(*un);
             for r in reqs {
-                req += units(&tariff, mj(*r), a, b);
+                req += tariff.joule_prices(mj(*r), a, b);
                 m += mj(*r);
             }
-            rest += units(&tariff, mj(*idle), a, b) + units(&tariff, mj(*un), a, b);
-            measured += units(&tariff, m, a, b);
+            rest += tariff.joule_prices(mj(*idle), a, b) + tariff.joule_prices(mj(*un), a, b);
+            measured += tariff.joule_prices(m, a, b);
         }
         assert_eq!(req + rest, measured);
     }
