@@ -12,7 +12,7 @@ use super::{
     query::{params, parse_time},
     reply::{Reply, error},
 };
-use crate::pipeline::FinalRecord;
+use crate::{pipeline::FinalRecord, store::GroupSums};
 
 /// Records per page when `limit` is not given, and the most one page holds.
 const DEFAULT_LIMIT: usize = 100;
@@ -121,20 +121,6 @@ fn stored_filter(f: &Filter) -> crate::store::StoredFilter {
     }
 }
 
-/// One group's sums in a summary.
-#[derive(Default)]
-struct Sum {
-    requests: u64,
-    total_j: f64,
-    dynamic_j: f64,
-    idle_j: f64,
-    tokens: u64,
-    token_j: f64,
-    /// Billionths of `currency`.
-    cost_nano: i64,
-    currency: Option<String>,
-}
-
 /// A group's cost: `{amount, currency}` (decimal string), `null` without a tariff, or a
 /// refusal to add different currencies.
 fn cost_json(nano: i64, currency: Option<&str>) -> Value {
@@ -161,7 +147,7 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
         Ok(f) => f,
         Err(r) => return r,
     };
-    let mut groups: BTreeMap<String, Sum> = BTreeMap::new();
+    let mut groups: BTreeMap<String, GroupSums> = BTreeMap::new();
     let store_only = *scope == Scope::All && shared.store().is_some();
     let oldest = {
         let index = shared.index();
@@ -171,24 +157,10 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 "tenant" => r.record.tenant.clone().unwrap_or_else(|| "(none)".into()),
                 _ => r.service_name.clone(),
             };
-            let g = groups.entry(key).or_default();
-            g.requests += 1;
-            g.total_j += r.record.total_j;
-            g.dynamic_j += r.record.dynamic_j;
-            g.idle_j += r.record.idle_j;
-            if let Some(t) = r.record.completion_tokens.filter(|&t| t > 0) {
-                g.tokens += t;
-                g.token_j += r.record.total_j;
-            }
-            if let Some(c) = &r.cost {
-                use rust_decimal::prelude::ToPrimitive as _;
-                g.cost_nano += (c.amount * rust_decimal::Decimal::from(1_000_000_000u32))
-                    .round()
-                    .to_i64()
-                    .unwrap_or(0);
-                g.currency =
-                    crate::store::merge_currency(g.currency.take(), Some(c.currency.clone()));
-            }
+            groups
+                .entry(key.clone())
+                .or_default()
+                .add(&GroupSums::of(key, r));
         }
         index.oldest_id()
     };
@@ -208,15 +180,7 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
         match sums {
             Ok(sums) => {
                 for s in sums {
-                    let g = groups.entry(s.key).or_default();
-                    g.requests += s.requests;
-                    g.total_j += s.total_j;
-                    g.dynamic_j += s.dynamic_j;
-                    g.idle_j += s.idle_j;
-                    g.tokens += s.output_tokens;
-                    g.token_j += s.token_j;
-                    g.cost_nano += s.cost_nano;
-                    g.currency = crate::store::merge_currency(g.currency.take(), s.currency);
+                    groups.entry(s.key.clone()).or_default().add(&s);
                 }
             }
             Err(e) => return error(500, format!("reading the store: {e}")),
@@ -232,8 +196,8 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 "kwh": g.total_j / 3.6e6,
                 "dynamic_j": g.dynamic_j,
                 "idle_j": g.idle_j,
-                "output_tokens": g.tokens,
-                "joules_per_output_token": (g.tokens > 0).then(|| g.token_j / g.tokens as f64),
+                "output_tokens": g.output_tokens,
+                "joules_per_output_token": (g.output_tokens > 0).then(|| g.token_j / g.output_tokens as f64),
                 "cost": cost_json(g.cost_nano, g.currency.as_deref()),
             })
         })

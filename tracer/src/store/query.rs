@@ -32,6 +32,24 @@ pub struct GroupSums {
 }
 
 impl GroupSums {
+    /// One record's contribution to group `key` (what the records' sums add per row).
+    pub fn of(key: String, r: &FinalRecord) -> Self {
+        let rec = &r.record;
+        let tokens = rec.completion_tokens.filter(|&t| t > 0);
+        let (cost_nano, currency) = super::cost_nano(r);
+        GroupSums {
+            key,
+            requests: 1,
+            total_j: rec.total_j,
+            dynamic_j: rec.dynamic_j,
+            idle_j: rec.idle_j,
+            output_tokens: tokens.unwrap_or(0),
+            token_j: if tokens.is_some() { rec.total_j } else { 0.0 },
+            cost_nano: cost_nano.unwrap_or(0),
+            currency: currency.map(str::to_owned),
+        }
+    }
+
     /// Adds `other`'s sums (the same group).
     pub fn add(&mut self, other: &GroupSums) {
         self.requests += other.requests;
