@@ -407,30 +407,8 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     )
     .expect("prices");
     let store = dir.path().join("store");
-    let report = |format: &str| {
-        let out = Command::new(TRACER)
-            .args([
-                "report",
-                "--config",
-                config.to_str().expect("utf-8"),
-                "--store",
-            ])
-            .arg(&store)
-            .args([
-                "--per-token-prices",
-                tokens.to_str().expect("utf-8"),
-                "--format",
-                format,
-            ])
-            .output()
-            .expect("report");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let args = report_args(&config, &store, &tokens);
+    let report = |format: &str| tracer_report(&args, &["--format", format]);
     let v: Value = serde_json::from_str(&report("json")).expect("json");
     let lines = v["bill"]["lines"].as_array().expect("lines");
     assert_eq!(lines.len(), 8);
@@ -450,7 +428,7 @@ fn records_carry_their_cost_and_the_report_bills_them() {
     }
     assert_eq!(v["audit"]["runs"][0]["split"], "auto", "{}", v["audit"]);
     assert!(v["audit"]["runs"][0]["journal"].is_string());
-    let by_day = report_by(&report_args(&config, &store, &tokens), "day");
+    let by_day = tracer_report(&args, &["--by", "day"]);
     assert_eq!(
         by_day.lines().filter(|l| l.starts_with("20")).count(),
         1,
@@ -483,11 +461,11 @@ fn report_args(config: &Path, store: &Path, tokens: &Path) -> Vec<String> {
         tokens.display().to_string(),
     ]
 }
-/// Its table grouped `by`.
-fn report_by(args: &[String], by: &str) -> String {
+/// `tracer report` with `args` and `more`: its standard output.
+fn tracer_report(args: &[String], more: &[&str]) -> String {
     let out = Command::new(TRACER)
         .args(args)
-        .args(["--by", by])
+        .args(more)
         .output()
         .expect("report");
     assert!(

@@ -186,19 +186,13 @@ impl Pipeline {
         }
         let data = self.handle(bytes);
         if recording {
-            let read = self
-                .conns
-                .read
-                .as_mut()
-                .map(std::mem::take)
-                .unwrap_or_default();
+            // The syscalls as the tracker read them, then the list kept for the next record.
+            let mut read = self.conns.read.take().unwrap_or_default();
             for r in &read {
                 self.bus.publish(&Fact::Probe(r));
             }
-            if let Some(mut reuse) = self.conns.read.take() {
-                reuse.clear();
-                self.conns.read = Some(reuse);
-            }
+            read.clear();
+            self.conns.read = Some(read);
             if !data {
                 self.publish_unread(bytes);
             }

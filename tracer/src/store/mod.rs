@@ -249,19 +249,12 @@ impl Store {
 
     /// Runs that never closed (the daemon was killed), oldest first.
     pub fn unclosed_runs(&self) -> Result<Vec<Run>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT run, started_unix_ms, first_request_id, next_request_id, closed FROM runs WHERE closed = 0 ORDER BY run",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Run {
-                run: r.get(0)?,
-                started_unix_ms: r.get(1)?,
-                first_request_id: r.get::<_, i64>(2)? as u64,
-                next_request_id: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
-                closed: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(self
+            .runs()?
+            .into_iter()
+            .map(|(r, _)| r)
+            .filter(|r| !r.closed)
+            .collect())
     }
 
     /// Stores `records` of `run` in one transaction; a record already stored (same id) is

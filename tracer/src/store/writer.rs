@@ -172,14 +172,7 @@ fn write_loop(
             }
         }
     }
-    commit(
-        &mut store,
-        run,
-        &mut records,
-        &mut snapshots,
-        &mut on_commit,
-        stats,
-    );
+    // Every message taken was committed in its turn (a stop ends the turn it arrived in).
     store
 }
 
