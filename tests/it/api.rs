@@ -313,6 +313,36 @@ fn the_api_answers_over_its_unix_socket() {
         by_model.contains("m-0") && by_model.contains("m-live"),
         "{by_model}"
     );
+    // The README's `curl --unix-socket` examples, as written (its example id made a real one):
+    // each is answered 200 (the stream's headers, then curl's own time limit).
+    let readme = include_str!("../../README.md");
+    let block = readme
+        .split("### Asking the daemon")
+        .nth(1)
+        .and_then(|t| t.split("```sh\n").nth(1))
+        .and_then(|t| t.split("```").next())
+        .expect("the README's curl block");
+    let mut ran = 0;
+    for line in block.lines().filter(|l| l.starts_with("curl ")) {
+        let cmd = line
+            .split("  #")
+            .next()
+            .unwrap_or(line)
+            .trim()
+            .replace("1234", &ids[0].to_string());
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{cmd} -s -o /dev/null -w '%{{http_code}}' --max-time 2 --noproxy '*'"
+            ))
+            .env("S", &sock)
+            .output()
+            .expect("sh");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{cmd}");
+        ran += 1;
+    }
+    assert_eq!(ran, 9, "every example in the block:\n{block}");
+
     // `tracer top`, one frame as text: devices with watts, the service with its processes,
     // the latest requests.
     let frame = cli(&["top", "--once", "--interval-ms", "300"]);
