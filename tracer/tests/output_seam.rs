@@ -25,15 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn options() -> ReplayOptions {
-    ReplayOptions {
-        recording: fixture("live.rec"),
-        split: None,
-        idle: None,
-        step_clock: None,
-        records_out: None,
-        events_out: None,
-        redact_to: None,
-    }
+    ReplayOptions::of(&fixture("live.rec"))
 }
 
 /// A writer the test can read back.

@@ -52,13 +52,8 @@ fn h200_recording_holds_no_prompt_text() {
 fn h200_recording_replays_exactly() {
     let out = std::env::temp_dir().join(format!("tracer-h200-replay-{}.jsonl", std::process::id()));
     let summary = replay(&ReplayOptions {
-        recording: fixture("live.rec"),
-        split: None,
-        idle: None,
-        step_clock: None,
         records_out: Some(out.clone()),
-        events_out: None,
-        redact_to: None,
+        ..ReplayOptions::of(&fixture("live.rec"))
     })
     .expect("replay");
     let again = std::fs::read_to_string(&out).expect("replayed records");

@@ -65,8 +65,11 @@ pub struct RecordArgs {
 /// `tracer replay` flags.
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// A recording written by `tracer record` (or `run --record`).
-    pub recording: PathBuf,
+    /// A recording written by `tracer record` (or `run --record`), or consecutive segments of
+    /// a journal (`<store>/journal/run-3.4.rec run-3.5.rec`): a segment after a run's first
+    /// starts from the checkpoint it holds, so it replays without the ones before it.
+    #[arg(required = true, num_args = 1.., value_name = "RECORDING")]
+    pub recordings: Vec<PathBuf>,
     /// Split policy for requests sharing a device: auto, equal, tokens or bytes (default: the
     /// recording's).
     #[arg(long, value_enum)]
@@ -436,9 +439,11 @@ pub struct ReportArgs {
     /// The store to bill from. [config: store.path]
     #[arg(long, value_name = "DIR", conflicts_with = "recording")]
     pub store: Option<PathBuf>,
-    /// Bill a recording instead (replayed; its devices' energy as one interval).
-    #[arg(long, value_name = "FILE")]
-    pub recording: Option<PathBuf>,
+    /// Bill a recording instead (replayed; its devices' energy as one interval), or
+    /// consecutive segments of a journal (a segment after a run's first starts from its
+    /// checkpoint).
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub recording: Vec<PathBuf>,
     /// From this time (request ends; Unix milliseconds or RFC 3339).
     #[arg(long)]
     pub since: Option<String>,

@@ -168,8 +168,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => {
+            let mut recordings = args.recordings.into_iter();
             let summary = crate::record::replay::replay(&crate::record::replay::ReplayOptions {
-                recording: args.recording,
+                recording: recordings.next().unwrap_or_default(),
+                continued: recordings.collect(),
+                finish_continued: false,
                 split: args.split,
                 idle: args.idle_policy,
                 step_clock: args.step_clock,

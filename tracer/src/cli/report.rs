@@ -16,7 +16,10 @@ use crate::{
     bill::{self, Tariff, TokenTable, round_minor},
     config::Config,
     pipeline::FinalRecord,
-    record::{format::Replayer, replay},
+    record::{
+        format::{Replayer, segment_path},
+        replay,
+    },
     report::{self as billing, Bill, Interval, plots},
     store::Store,
     wallclock::utc,
@@ -29,7 +32,8 @@ struct RunAudit {
     first_request_id: u64,
     next_request_id: Option<u64>,
     recovered_records: i64,
-    /// `tracer replay` of it gives the run's records again (while it is kept).
+    /// The run's oldest journal segment still kept: `tracer replay` of it and those after it
+    /// gives the run's records from there on again.
     journal: Option<PathBuf>,
     split: Option<String>,
     idle: Option<String>,
@@ -49,7 +53,19 @@ struct Audit {
     devices: Vec<(String, f64, usize)>,
     /// Σ over the requests of time on a device without power data.
     request_coverage_gap_ns: u64,
+    /// Per request id, the recording (journal segment) whose `tracer replay` gives its line
+    /// again, while it is kept.
+    reproduce: std::collections::BTreeMap<u64, PathBuf>,
 }
+
+/// What a bill is computed from: records, the devices' intervals, the runs, and per request
+/// the recording that reproduces it.
+type Sources = (
+    Vec<FinalRecord>,
+    Vec<Interval>,
+    Vec<RunAudit>,
+    std::collections::BTreeMap<u64, PathBuf>,
+);
 
 fn policies(journal: &Path) -> (Option<String>, Option<String>, Option<String>) {
     let name = |v: serde_json::Value| v.as_str().map(str::to_string);
@@ -66,23 +82,29 @@ fn policies(journal: &Path) -> (Option<String>, Option<String>, Option<String>) 
     }
 }
 
-fn from_store(
-    dir: &Path,
-    since: i64,
-    until: i64,
-) -> anyhow::Result<(Vec<FinalRecord>, Vec<Interval>, Vec<RunAudit>)> {
+fn from_store(dir: &Path, since: i64, until: i64) -> anyhow::Result<Sources> {
     let store =
         Store::open_reader(dir).with_context(|| format!("opening the store {}", dir.display()))?;
     let rows = store.records_between(since, until)?;
     let intervals = store.intervals(since, until)?;
-    let used: std::collections::BTreeSet<i64> = rows.iter().map(|(run, _)| *run).collect();
+    let used: std::collections::BTreeSet<i64> = rows.iter().map(|((run, _), _)| *run).collect();
+    let mut reproduce = std::collections::BTreeMap::new();
+    for ((run, segment), r) in &rows {
+        let path = segment_path(&store.journal_path(*run), *segment);
+        if path.exists() {
+            reproduce.insert(r.record.id.0, path);
+        }
+    }
     let runs = store
         .runs()?
         .into_iter()
         .filter(|(r, _)| used.contains(&r.run))
         .map(|(r, recovered)| {
-            let path = store.journal_path(r.run);
-            let journal = path.exists().then_some(path);
+            let journal = store
+                .journal_segments(r.run)
+                .into_iter()
+                .next()
+                .map(|(_, p)| p);
             let (split, idle, step_clock) = journal.as_deref().map_or((None, None, None), policies);
             RunAudit {
                 run: r.run,
@@ -96,20 +118,37 @@ fn from_store(
             }
         })
         .collect();
-    Ok((rows.into_iter().map(|(_, r)| r).collect(), intervals, runs))
+    Ok((
+        rows.into_iter().map(|(_, r)| r).collect(),
+        intervals,
+        runs,
+        reproduce,
+    ))
 }
 
-fn from_recording(
-    path: &Path,
-    since: i64,
-    until: i64,
-) -> anyhow::Result<(Vec<FinalRecord>, Vec<Interval>, Vec<RunAudit>)> {
-    let (all, summary) = replay::replay_records(&replay::ReplayOptions::of(path))?;
-    let records: Vec<FinalRecord> = all
+/// `paths`: a recording, or consecutive segments of a journal.
+fn from_recording(paths: &[PathBuf], since: i64, until: i64) -> anyhow::Result<Sources> {
+    let (path, rest) = paths
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("no recording"))?;
+    let (all, summary) = replay::replay_records(&replay::ReplayOptions {
+        continued: rest.to_vec(),
+        ..replay::ReplayOptions::of(path)
+    })?;
+    let first = Replayer::open(path)?.header.segment;
+    let mut records = Vec::new();
+    let mut reproduce = std::collections::BTreeMap::new();
+    for r in all
         .iter()
-        .filter(|r| r.end_unix_ms >= since && r.end_unix_ms < until)
-        .map(|r| FinalRecord::clone(r))
-        .collect();
+        .filter(|r| r.record.end_unix_ms >= since && r.record.end_unix_ms < until)
+    {
+        // The segment it was finalised in replays it on its own.
+        let at = paths
+            .get(r.segment.saturating_sub(first) as usize)
+            .unwrap_or(path);
+        reproduce.insert(r.record.record.id.0, at.clone());
+        records.push(FinalRecord::clone(&r.record));
+    }
     // A recording's devices' energy, as one interval over its requests' span.
     let from = records
         .iter()
@@ -137,7 +176,7 @@ fn from_recording(
         idle,
         step_clock,
     };
-    Ok((records, vec![interval], vec![run]))
+    Ok((records, vec![interval], vec![run], reproduce))
 }
 
 fn tariff_line(t: &Tariff) -> String {
@@ -286,15 +325,7 @@ fn table(b: &Bill, audit: &Audit) -> String {
     o
 }
 
-/// The journal that reproduces request `id` (`tracer replay` gives its record again).
-fn journal_of(runs: &[RunAudit], id: u64) -> String {
-    runs.iter()
-        .find(|r| id >= r.first_request_id && r.next_request_id.is_none_or(|n| id < n))
-        .and_then(|r| r.journal.as_ref())
-        .map_or_else(String::new, |j| j.display().to_string())
-}
-
-fn csv(b: &Bill, runs: &[RunAudit]) -> String {
+fn csv(b: &Bill, reproduce: &std::collections::BTreeMap<u64, PathBuf>) -> String {
     let mut o = String::from(
         "id,service,model,tenant,start_unix_ms,end_unix_ms,joules,bar_j,cost,cost_bar,currency,per_token_cost,prompt_tokens,cached_tokens,completion_tokens,occupancy,emissions_g,outcome,journal\n",
     );
@@ -330,7 +361,9 @@ fn csv(b: &Bill, runs: &[RunAudit]) -> String {
             l.emissions_g
                 .map_or_else(String::new, |g| g.round_dp(6).to_string()),
             l.outcome,
-            q(&journal_of(runs, l.id))
+            q(&reproduce
+                .get(&l.id)
+                .map_or_else(String::new, |p| p.display().to_string()))
         );
     }
     o
@@ -424,23 +457,32 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
     };
     let (since, until) = (time(&a.since, "since")?, time(&a.until, "until")?);
     let (lo, hi) = (since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
-    if a.recording.is_some() && (since.is_some() || until.is_some()) {
+    if !a.recording.is_empty() && (since.is_some() || until.is_some()) {
         // A recording's device totals are the whole recording's.
         anyhow::bail!(
             "--since/--until bill part of a store; a recording is billed whole (cut it with the store instead)"
         );
     }
-    let (records, intervals, runs, source) = if let Some(rec) = &a.recording {
-        let (r, i, runs) = from_recording(rec, lo, hi)?;
-        (r, i, runs, format!("the recording {}", rec.display()))
+    let (records, intervals, runs, reproduce, source) = if let Some(rec) = a.recording.first() {
+        let (r, i, runs, p) = from_recording(&a.recording, lo, hi)?;
+        let more = a.recording.len() - 1;
+        let source = if more > 0 {
+            format!(
+                "the recording {} and {more} later segment(s)",
+                rec.display()
+            )
+        } else {
+            format!("the recording {}", rec.display())
+        };
+        (r, i, runs, p, source)
     } else {
         let dir = a
             .store
             .clone()
             .or_else(|| config.store.path.clone())
             .ok_or_else(|| anyhow::anyhow!("no store: give --store or --recording"))?;
-        let (r, i, runs) = from_store(&dir, lo, hi)?;
-        (r, i, runs, format!("the store {}", dir.display()))
+        let (r, i, runs, p) = from_store(&dir, lo, hi)?;
+        (r, i, runs, p, format!("the store {}", dir.display()))
     };
     let b = billing::bill(&records, &intervals, &tariff, tokens.as_ref(), a.by);
     let mut devices = std::collections::BTreeMap::<String, (f64, usize)>::new();
@@ -458,6 +500,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
         runs,
         devices: devices.into_iter().map(|(k, (j, n))| (k, j, n)).collect(),
         request_coverage_gap_ns: records.iter().map(|r| r.record.coverage_gap_ns).sum(),
+        reproduce,
     };
     match a.format {
         ReportFormat::Table => write_out(a.out.as_deref(), &table(&b, &audit)),
@@ -466,7 +509,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
             &(serde_json::to_string_pretty(&serde_json::json!({ "audit": audit, "bill": b }))?
                 + "\n"),
         ),
-        ReportFormat::Csv => write_out(a.out.as_deref(), &csv(&b, &audit.runs)),
+        ReportFormat::Csv => write_out(a.out.as_deref(), &csv(&b, &audit.reproduce)),
         ReportFormat::Html => write_out(a.out.as_deref(), &html(&b, &audit, &intervals)?),
         ReportFormat::Svg => {
             let dir = a.out.as_deref().ok_or_else(|| {

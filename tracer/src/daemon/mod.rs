@@ -155,7 +155,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .as_mut()
         .map(|o| std::mem::take(&mut o.learned))
         .unwrap_or_default();
-    let mut bus = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
+    let (mut bus, journal_written) = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
     let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
         .then(|| crate::api::Shared::new(config.api.memory_records));
     if let Some(state) = &api_state {
@@ -196,6 +196,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         None => None,
     };
     let mut pipeline = Pipeline::new(&pipeline_config, bus).map_err(DaemonError::Ledger)?;
+    let mut segments = journal_written
+        .zip(writer.as_ref())
+        .and_then(|(w, (_, run))| storage::Segments::new(&config.store, w, *run, monotonic_ns()));
     let feeds = feeds::start_all(&mut pipeline, &config.power)?;
 
     // Services: each target is a root; roots linked through shared processes or IPC are one
@@ -285,6 +288,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     feed.drain(&mut pipeline);
                 }
                 pipeline.apply(Input::Advance { now_ns: monotonic_ns() });
+                if let Some(s) = &mut segments {
+                    s.tick(&mut pipeline, monotonic_ns());
+                }
                 // The journal and files reach the kernel every tick: a kill loses one tick.
                 pipeline.flush();
                 if let Some(log) = &mut ebpf_log {

@@ -1,6 +1,9 @@
 //! The subscribers the configuration asks for, on a new bus.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use super::DaemonError;
 use crate::{
@@ -16,14 +19,19 @@ use crate::{
 
 /// Recording first (it must see every input before anything acts on it), then the JSON-lines
 /// files, then the log.
+/// Also returns the journal's byte counter for its current segment (the daemon starts the next
+/// one by size).
 pub(super) fn bus(
     config: &Config,
     pipeline: &PipelineConfig,
     journal: Option<&Path>,
-) -> Result<Bus, DaemonError> {
+) -> Result<(Bus, Option<Arc<AtomicU64>>), DaemonError> {
     let mut bus = Bus::new();
+    let mut written = None;
     if let Some(path) = journal {
-        bus.subscribe(Box::new(Recorder::create(path, &header(pipeline))?));
+        let j = Recorder::journal(path, &header(pipeline))?;
+        written = Some(j.written());
+        bus.subscribe(Box::new(j));
     }
     if let Some(path) = &config.output.record {
         if let Some(kept) = rotate(path)? {
@@ -71,7 +79,7 @@ pub(super) fn bus(
         }
     }
     bus.subscribe(Box::new(LogSummary::new()));
-    Ok(bus)
+    Ok((bus, written))
 }
 
 fn header(pipeline: &PipelineConfig) -> RecordHeader {
@@ -85,6 +93,7 @@ fn header(pipeline: &PipelineConfig) -> RecordHeader {
         started_unix_ms: (power::realtime_ns() / 1_000_000) as i64,
         tracer_version: env!("CARGO_PKG_VERSION").into(),
         pipeline: pipeline.clone(),
+        segment: 0,
     }
 }
 

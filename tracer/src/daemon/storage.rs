@@ -125,3 +125,65 @@ pub(super) fn restore_learned(
     }
     n
 }
+
+/// When the journal starts its next segment: at `store.journal_segment_mib` or
+/// `store.journal_segment_s`, whichever comes first. The pipeline publishes a checkpoint of its
+/// state, the journal ends the segment and starts the next with it, and the journals are cut
+/// back to `store.journal_max_bytes`.
+pub(super) struct Segments {
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    max_bytes: u64,
+    max_ns: u64,
+    since_ns: u64,
+    store_dir: PathBuf,
+    run: i64,
+    journals_max_bytes: u64,
+}
+
+impl Segments {
+    pub(super) fn new(
+        config: &store::StoreConfig,
+        written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        run: i64,
+        now_ns: u64,
+    ) -> Option<Self> {
+        Some(Self {
+            written,
+            max_bytes: config.journal_segment_mib.saturating_mul(1 << 20),
+            max_ns: config.journal_segment_s.saturating_mul(1_000_000_000),
+            since_ns: now_ns,
+            store_dir: config.path.clone()?,
+            run,
+            journals_max_bytes: config.journal_max_bytes,
+        })
+    }
+
+    /// Between inputs: starts the next segment if this one is due.
+    pub(super) fn tick(&mut self, pipeline: &mut crate::pipeline::Pipeline, now_ns: u64) {
+        let bytes = self.written.load(std::sync::atomic::Ordering::Relaxed);
+        let by_size = self.max_bytes > 0 && bytes >= self.max_bytes;
+        let by_age = self.max_ns > 0 && now_ns.saturating_sub(self.since_ns) >= self.max_ns;
+        if !(by_size || by_age) {
+            return;
+        }
+        self.since_ns = now_ns;
+        let t0 = std::time::Instant::now();
+        match pipeline.checkpoint() {
+            Ok(size) => tracing::info!(
+                "journal: next segment after {:.1} MiB; checkpoint of the state {:.1} KiB in {:.1} ms",
+                bytes as f64 / f64::from(1 << 20),
+                size as f64 / 1024.0,
+                t0.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                // The journal goes on in the current segment; a recovery replays more.
+                tracing::warn!("journal: no checkpoint, the segment goes on: {e}");
+                return;
+            }
+        }
+        let n = store::prune_journal_bytes(&self.store_dir, self.run, self.journals_max_bytes);
+        if n > 0 {
+            tracing::info!("journal: removed {n} old segments (store.journal_max_bytes)");
+        }
+    }
+}

@@ -41,7 +41,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Buffers reused from segment to segment (no allocation per segment in steady state).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Scratch {
     cands: Vec<Cand>,
     services: Vec<Svc>,
@@ -64,7 +64,7 @@ pub(crate) struct Scratch {
 }
 
 /// A request in flight during the segment.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Cand {
     id: RequestId,
     svc: usize,
@@ -79,7 +79,7 @@ struct Cand {
 }
 
 /// A service occupying the device during the segment.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Svc {
     service: ServiceId,
     unit: Unit,
@@ -88,7 +88,7 @@ struct Svc {
 }
 
 /// A service's energy in a split unit.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Unit {
     dyn_j: f64,
     /// Its idle energy (shared among its requests only under `amortize`).

@@ -17,7 +17,7 @@ const MIN_FIT: usize = 16;
 const MIN_RATIO: usize = 3;
 
 /// Recent requests' body sizes and prompt tokens, and what they say about the next.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct BodySizes {
     pairs: VecDeque<(f64, f64)>,
     /// Tokens = `slope` × bytes + `intercept`, once fitted.

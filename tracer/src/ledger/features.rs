@@ -7,7 +7,7 @@ use super::{
 };
 
 /// A request's features in one split unit.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Feat {
     pub(super) cand: usize,
     pub(super) a: u64,
@@ -284,7 +284,7 @@ pub(super) fn decode_in(
 }
 
 /// A request's decode work in a unit (see [`decode_in`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Decode {
     pub(super) tokens: f64,
     /// Σ token × its context length.

@@ -12,7 +12,7 @@ const BIN_W: f64 = 0.25;
 const BINS: usize = 16_384;
 
 /// Sliding-window quantile of power samples. Deterministic: depends only on the samples pushed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IdleEstimator {
     quantile: f64,
     window_ns: u64,

@@ -173,7 +173,7 @@ use state::{Device, Occupancy, Request};
 pub use crate::ids::{DeviceId, RequestId, ServiceId};
 
 /// The attribution engine. See the module docs for the model.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     config: LedgerConfig,
     devices: BTreeMap<DeviceId, Device>,

@@ -48,7 +48,7 @@ use super::{
 use crate::ids::RequestId;
 
 /// A group of fresh requests whose prefill one step finished.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Group {
     /// Its members: a range of the sorted fresh list.
     members: (usize, usize),

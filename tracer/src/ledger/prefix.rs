@@ -18,7 +18,7 @@ use crate::wire::prefix::BLOCK_BYTES;
 const CAPACITY: usize = 1 << 16;
 
 /// One block's history.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Block {
     /// The first arrival that carried it (ns).
     first_ns: u64,
@@ -31,7 +31,7 @@ struct Block {
 }
 
 /// The blocks a service's prompts began with.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PrefixCache {
     blocks: HashMap<u64, Block>,
     /// Blocks in the order they were last seen (stale entries are skipped when dropping).

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 /// A measured energy interval between two (estimated) counter updates, or between power
 /// windows on a device without a counter.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Segment {
     pub start_ns: u64,
     pub end_ns: u64,
@@ -27,7 +27,7 @@ pub(crate) struct Segment {
 }
 
 /// What a counter reading did, for the ledger's stats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum CounterEvent {
     Unchanged,
     First,
@@ -38,7 +38,7 @@ pub(crate) enum CounterEvent {
 }
 
 /// What became of a buffered observation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Push {
     /// In time order.
     Appended,
@@ -50,7 +50,7 @@ pub(crate) enum Push {
     Repeat,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Reading {
     ts_ns: u64,
     uj: u64,
@@ -58,7 +58,7 @@ struct Reading {
 }
 
 /// One device's energy counter.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Counter {
     buf: VecDeque<Reading>,
     /// Readings at or before this time have been processed; older ones are late.
@@ -214,7 +214,7 @@ const FIT_DECAY: f64 = 0.999;
 /// between the last read that showed the old value and the first that showed the new one, so
 /// the windows' middles, against the updates' running count, lie on a line whose slope is the
 /// period (weighted least squares with a slow decay, so that it follows drift).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct PeriodFit {
     /// The first update's window middle and the period then in use: the line is fitted to the
     /// differences from `origin + count × period`.
@@ -304,7 +304,7 @@ fn update_bounds(lo: u64, hi: u64, period_ns: Option<u64>, prev: Option<(u64, u6
 }
 
 /// A power sample: the mean power over `[ts_ns − window_ns, ts_ns]`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PowerPoint {
     pub ts_ns: u64,
     pub window_ns: u64,
@@ -319,7 +319,7 @@ impl PowerPoint {
 }
 
 /// Power samples of one device, in time order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PowerCurve {
     /// Every sample not yet pruned (the curve), ordered by `ts_ns`.
     points: VecDeque<PowerPoint>,

@@ -17,7 +17,7 @@ pub(super) fn body_tokens(r: &Request, c: &StepClock, cached: u64) -> Option<f64
 }
 
 /// A prompt of unknown size whose start others shared.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Shared {
     /// Its size (tokens) with that start cached, and computed whole.
     pub(super) lo: f64,

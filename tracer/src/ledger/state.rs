@@ -14,7 +14,7 @@ use super::{
 };
 
 /// A service holding a device over `[from_ns, to_ns)` (`u64::MAX`: still holding).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Occupancy {
     pub(super) service: ServiceId,
     pub(super) from_ns: u64,
@@ -23,7 +23,7 @@ pub(super) struct Occupancy {
 }
 
 /// A registered device: its sensor streams, what was made of them, and who holds it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Device {
     pub(super) info: DeviceInfo,
     pub(super) counter_period_ns: Option<u64>,
@@ -68,7 +68,7 @@ impl Device {
 }
 
 /// A request's running account on one device.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Account {
     pub(super) dynamic_j: f64,
     pub(super) idle_j: f64,
@@ -94,7 +94,7 @@ pub(super) struct Account {
 }
 
 /// A request not yet emitted: what the wire said about it and its accounts per device.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Request {
     pub(super) service: ServiceId,
     pub(super) arrival: Arrival,

@@ -78,7 +78,7 @@ const MIN_GAPS: usize = 16;
 const MIN_WINDOW_NS: u64 = 200_000;
 
 /// The step that produced an event, or in which a request's prefill ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Step {
     /// When the step began (the previous step's end).
     pub from_ns: u64,
@@ -97,7 +97,7 @@ impl Step {
     clippy::struct_field_names,
     reason = "all three are times in ns, named with their unit"
 )]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PrefillStep {
     /// When the step began (the previous step's end), or `None` when the engine was idle.
     pub from_ns: Option<u64>,
@@ -114,7 +114,7 @@ pub(crate) struct PrefillStep {
     clippy::struct_field_names,
     reason = "all three are times in ns, named with their unit"
 )]
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Chunk {
     pub from_ns: u64,
     pub to_ns: u64,
@@ -122,7 +122,7 @@ pub(crate) struct Chunk {
 }
 
 /// The stretched steps before a prefill's last step (see [`StepClock::chain_before`]).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Chain {
     /// Stretched steps that finished no prefill, nearest first, with their whole extension.
     pub steps: Vec<Chunk>,
@@ -135,7 +135,7 @@ pub(crate) struct Chain {
 }
 
 /// Step ends of one source, in time order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Marks {
     ends: VecDeque<u64>,
 }
@@ -190,7 +190,7 @@ impl Marks {
 }
 
 /// Write bursts: the first event time of each (as marks) and the last, in time order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Bursts {
     marks: Marks,
     lasts: VecDeque<u64>,
@@ -232,7 +232,7 @@ impl Bursts {
 }
 
 /// Step ends of one service.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct StepClock {
     ipc: Marks,
     cuda: Marks,
@@ -257,7 +257,7 @@ pub(crate) struct StepClock {
 
 /// A run of stretched steps with no step of usual length inside: every chunk in it belongs
 /// to a prefill that finished in it, whatever order the engine ran them in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Period {
     ext_ns: f64,
     tokens: u64,
@@ -653,7 +653,7 @@ impl StepClock {
 /// The last [`RATE_SAMPLES`] of a ratio and their median (kept up to date on each sample, once
 /// there are [`MIN_RATES`]: read for every request in every split unit, written once per
 /// request).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Samples {
     values: VecDeque<f64>,
     median: Option<f64>,

@@ -26,7 +26,7 @@ use super::{
 };
 
 /// One service's energy in one unit, split at a model that had not learned yet.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct HeldUnit {
     pub(super) service: ServiceId,
     /// When the unit ended.

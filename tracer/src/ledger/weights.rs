@@ -7,7 +7,7 @@
 use super::{config::SplitPolicy, features::Feat};
 
 /// The `tokens` split's prices in one unit (the cost model's, with busy power taken above idle).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Prices {
     /// Power above idle that goes with time, time-sliced among the requests in flight.
     pub busy_w: f64,
@@ -28,7 +28,7 @@ impl Prices {
 }
 
 /// Per request of the unit, in [`Feat`] order (buffers reused from unit to unit).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Weights {
     /// What the energy is split by.
     pub w: Vec<f64>,
@@ -37,7 +37,7 @@ pub(super) struct Weights {
 }
 
 /// What [`weights`] decided.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct WeightsOutcome {
     /// Σ of the weights: positive and finite, unless nothing can be split.
     pub sum: f64,
@@ -48,7 +48,7 @@ pub(super) struct WeightsOutcome {
 }
 
 /// What a policy's weights rest on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Basis {
     /// Its own measure (time, response bytes).
     Measure,

@@ -29,7 +29,7 @@ const UTIL_FRESH_NS: u64 = 5_000_000_000;
 const WEIGHT_STEP: f64 = 2.0;
 
 /// Why a process holds a GPU.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Evidence {
     /// Live compute contexts on the GPU (RM, decoded in the kernel).
     pub context: bool,
@@ -48,7 +48,7 @@ impl Evidence {
 }
 
 /// A change of who occupies a device, for the ledger (and the log).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     /// `service` now occupies `device` (`weight`: its SM share, `None` = split equally).
@@ -77,7 +77,7 @@ pub enum Change {
 }
 
 /// A service as the binding tracks it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ServiceState {
     pub name: String,
     /// Member processes and why each belongs.
@@ -85,7 +85,7 @@ pub struct ServiceState {
 }
 
 /// A GPU a service holds, who holds it and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ServiceGpu {
     pub device: String,
     pub uuid: Option<String>,
@@ -95,7 +95,7 @@ pub struct ServiceGpu {
 }
 
 /// A service with its processes and GPUs (the `services` view).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ServiceView {
     pub id: ServiceId,
     pub name: String,
@@ -103,7 +103,7 @@ pub struct ServiceView {
     pub gpus: Vec<ServiceGpu>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct DeviceEntry {
     name: String,
     kind: DeviceKind,
@@ -118,7 +118,7 @@ fn is_host_domain(kind: DeviceKind) -> bool {
 }
 
 /// The occupancy state machine.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Binding {
     devices: BTreeMap<DeviceId, DeviceEntry>,
     gpu_by_minor: BTreeMap<u32, DeviceId>,

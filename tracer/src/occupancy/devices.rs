@@ -46,7 +46,7 @@ pub const CTL_MINOR: u32 = 255;
 pub const UVM_MINOR: u32 = 0;
 
 /// Character-device majors of the NVIDIA driver, from `/proc/devices`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Majors {
     /// GPU and control nodes (195 when the driver is loaded).
     pub nvidia: Option<u32>,
@@ -97,7 +97,7 @@ pub fn parse_proc_devices(text: &str) -> Majors {
 }
 
 /// One GPU as the driver describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct GpuInfo {
     /// Device minor (`/dev/nvidia<minor>`).
     pub minor: u32,
@@ -152,7 +152,7 @@ pub fn inventory(proc_root: &Path) -> Vec<GpuInfo> {
 }
 
 /// Which driver node something refers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Node {
     /// `/dev/nvidia<minor>`.
@@ -164,7 +164,7 @@ pub enum Node {
 }
 
 /// Why a process is said to use a node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Evidence {
     /// An open fd on the node.
@@ -174,7 +174,7 @@ pub enum Evidence {
 }
 
 /// What one process uses of the driver.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProcessGpus {
     /// GPU minors held through fds or mappings.
     pub minors: BTreeSet<u32>,

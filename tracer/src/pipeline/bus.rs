@@ -50,6 +50,8 @@ pub struct Interest {
     pub bindings: bool,
     /// Periodic snapshots.
     pub snapshots: bool,
+    /// Checkpoints of the whole state (the journal's segments start with one).
+    pub checkpoints: bool,
 }
 
 impl Interest {
@@ -61,6 +63,7 @@ impl Interest {
         records: true,
         bindings: true,
         snapshots: true,
+        checkpoints: true,
     };
 
     fn union(self, o: Interest) -> Interest {
@@ -71,6 +74,7 @@ impl Interest {
             records: self.records || o.records,
             bindings: self.bindings || o.bindings,
             snapshots: self.snapshots || o.snapshots,
+            checkpoints: self.checkpoints || o.checkpoints,
         }
     }
 
@@ -83,6 +87,7 @@ impl Interest {
             Fact::Record(_) => self.records,
             Fact::Binding(_) => self.bindings,
             Fact::Snapshot(_) => self.snapshots,
+            Fact::Checkpoint(_) => self.checkpoints,
         }
     }
 }

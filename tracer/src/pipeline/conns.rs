@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// A traced connection: its tracker key (first fd) and every fd that refers to it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct OpenConn {
     key: ConnKey,
     fds: Vec<i32>,
@@ -24,7 +24,7 @@ struct OpenConn {
 }
 
 /// The open connections of every traced process.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Conns {
     open: BTreeMap<(Pid, u64), OpenConn>,
     /// Syscalls captured in several records, being put back together.
@@ -36,7 +36,7 @@ pub(super) struct Conns {
 }
 
 /// One data record's fields, as the tracker needs them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "the record's flags, each its own meaning"
@@ -53,13 +53,16 @@ pub(super) struct Moved<'a> {
     pub offset: u32,
     /// A TLS connection's plaintext (`SSL_read`/`SSL_write`), not its socket bytes.
     pub plaintext: bool,
+    /// Not in a checkpoint: a syscall being put together keeps its bytes in [`Pieces`].
+    #[serde(skip)]
     pub payload: &'a [u8],
     /// The record's fixed part as the probes wrote it (what a recording starts from).
+    #[serde(skip)]
     pub head: &'a [u8],
 }
 
 /// A syscall's first record and the bytes put together so far.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Pieces {
     first: Moved<'static>,
     head: Vec<u8>,

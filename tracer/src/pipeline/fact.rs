@@ -57,6 +57,8 @@ pub enum Fact<'a> {
     Binding(&'a BindingFact),
     /// A periodic snapshot of the whole state.
     Snapshot(&'a Arc<Snapshot>),
+    /// The pipeline's whole state, between two inputs ([`super::Pipeline::checkpoint`]).
+    Checkpoint(&'a [u8]),
 }
 
 /// A fact a lossy subscriber owns (cheap to clone: shared parts are reference-counted).
@@ -70,6 +72,7 @@ pub enum OwnedFact {
     Record(Arc<FinalRecord>),
     Binding(BindingFact),
     Snapshot(Arc<Snapshot>),
+    Checkpoint(Arc<[u8]>),
 }
 
 impl Fact<'_> {
@@ -83,6 +86,7 @@ impl Fact<'_> {
             Fact::Record(r) => OwnedFact::Record(Arc::clone(r)),
             Fact::Binding(b) => OwnedFact::Binding(b.clone()),
             Fact::Snapshot(s) => OwnedFact::Snapshot(Arc::clone(s)),
+            Fact::Checkpoint(b) => OwnedFact::Checkpoint(Arc::from(b)),
         }
     }
 }

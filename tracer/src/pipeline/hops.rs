@@ -27,7 +27,7 @@ pub(super) const HOP_WINDOW_NS: u64 = 1_000_000_000;
 pub(super) type Message = (u64, u64);
 
 /// A call a traced process made as a client, until it ends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Call {
     tgid: Pid,
     ts_ns: u64,
@@ -42,7 +42,7 @@ pub(super) struct Call {
 }
 
 /// A server-side request in flight (a ledger request).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Outer {
     id: u64,
     conn_id: u64,
@@ -51,7 +51,7 @@ struct Outer {
 
 /// A server-side request from a loopback peer that was given to the ledger before any call
 /// matched it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Loopback {
     id: u64,
     tgid: Pid,
@@ -60,7 +60,7 @@ struct Loopback {
 }
 
 /// The pairing state (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Hops {
     calls: BTreeMap<u64, Call>,
     /// Inner exchanges in flight (not ledger requests).
@@ -78,7 +78,7 @@ pub(super) struct Hops {
 }
 
 /// What to do with a server-side arrival.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Arrival {
     /// A request of its own: to the ledger.
     Outer,
@@ -88,7 +88,7 @@ pub(super) enum Arrival {
 }
 
 /// A call's two ends found: the inner exchange (id, process) and the call's outer request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Found {
     pub(super) inner: u64,
     pub(super) inner_tgid: Pid,

@@ -13,6 +13,7 @@
 //! power readings go to the ledger. [`snapshot`] renders the whole state as plain structs.
 
 pub mod bus;
+mod checkpoint;
 mod conns;
 pub mod fact;
 mod hops;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use self::conns::Moved;
 pub use self::{
     bus::{Bus, Interest, LossyReceiver, Subscriber, SubscriberError},
+    checkpoint::CheckpointError,
     fact::{BindingFact, Fact, FinalRecord, OwnedFact},
     input::{DeviceSetup, Input, PipelineConfig},
     snapshot::{Snapshot, SubscriberHealth},
@@ -41,8 +43,11 @@ use crate::{
 };
 
 /// The pipeline. Owned by one thread (the daemon's event loop, or a replay); no locking.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Pipeline {
+    #[serde(skip)]
     bus: Bus,
+    #[serde(with = "stats::raw")]
     stats: UserStats,
     tracker: Tracker,
     conns: conns::Conns,

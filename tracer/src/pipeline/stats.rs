@@ -77,3 +77,25 @@ impl Serialize for UserStats {
         st.end()
     }
 }
+
+/// The counters as they are, for checkpoints (`Serialize` above is the reports' form).
+pub(super) mod raw {
+    use serde::{Deserialize as _, Deserializer, Serialize as _, Serializer};
+
+    use super::UserStats;
+
+    pub fn serialize<S: Serializer>(u: &UserStats, s: S) -> Result<S::Ok, S::Error> {
+        (u.decoded, u.decode_errors, u.bytes_in, u.bytes_out).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UserStats, D::Error> {
+        let (decoded, decode_errors, bytes_in, bytes_out) =
+            <([u64; 16], u64, u64, u64)>::deserialize(d)?;
+        Ok(UserStats {
+            decoded,
+            decode_errors,
+            bytes_in,
+            bytes_out,
+        })
+    }
+}

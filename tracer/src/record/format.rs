@@ -8,6 +8,11 @@
 //! clock ticks). A recording cut short (the daemon was killed) replays up to its last whole
 //! frame.
 //!
+//! Tag 3 is a checkpoint (the pipeline's whole state, `pipeline::Pipeline::checkpoint`): a
+//! journal is cut into segments (`run-N.rec`, `run-N.1.rec`, ...) and every segment after the
+//! first starts with one, right after its header, so it replays on its own. Tag 4 ends a
+//! segment that the next continues (its open requests are not cut short there).
+//!
 //! Version 2: data records hold what the tracker read, not what the kernel wrote: redacted
 //! unless payloads were kept on purpose (`wire::redact`), a syscall captured in pieces put
 //! together, IPC messages without their bytes. Version 1 recordings (raw payloads) replay as
@@ -17,6 +22,10 @@ use std::{
     fs::File,
     io::{BufReader, BufWriter, Read, Write},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -27,8 +36,13 @@ const MAGIC: &[u8; 11] = b"TRACERREC1\n";
 const TAG_HEADER: u8 = 0;
 const TAG_PROBE: u8 = 1;
 const TAG_INPUT: u8 = 2;
+const TAG_CHECKPOINT: u8 = 3;
+/// The last frame of a journal segment that the next one continues.
+const TAG_CONTINUED: u8 = 4;
 /// Frames larger than this are corruption, not data (a probe record is at most ~4 KiB).
 const MAX_FRAME: u32 = 64 << 20;
+/// A checkpoint holds every open connection's buffers: allowed to be larger.
+const MAX_CHECKPOINT: u32 = 1 << 30;
 
 /// Errors reading or writing a recording.
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +98,37 @@ pub struct RecordHeader {
     pub tracer_version: String,
     /// The settings attribution ran with.
     pub pipeline: PipelineConfig,
+    /// Which segment of a journal this is: 0 starts with the run, a later one with a
+    /// checkpoint of the state where the one before it ended.
+    #[serde(default)]
+    pub segment: u32,
+}
+
+/// Where segment `k` of the journal whose first segment is `first` goes (`run-3.rec`,
+/// `run-3.1.rec`, `run-3.2.rec`, ...).
+pub fn segment_path(first: &Path, k: u32) -> PathBuf {
+    if k == 0 {
+        return first.to_owned();
+    }
+    let stem = first
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    first.with_file_name(format!("{stem}.{k}.rec"))
 }
 
 /// Writes a recording.
 pub struct Recorder {
     w: BufWriter<File>,
     frames: u64,
+    /// Bytes in the current file (the daemon starts a journal's next segment by size).
+    written: Arc<AtomicU64>,
+    /// A journal: a checkpoint ends the current segment and starts the next with it.
+    segments: Option<Segments>,
+}
+
+struct Segments {
+    first: PathBuf,
+    header: RecordHeader,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -101,18 +140,56 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    /// Creates `path` and writes the header.
+    /// Creates `path` and writes the header: one file, from the start (checkpoints are not
+    /// kept).
     pub fn create(path: &Path, header: &RecordHeader) -> Result<Self, RecordError> {
+        let mut r = Self {
+            w: Self::open(path)?,
+            frames: 0,
+            written: Arc::new(AtomicU64::new(0)),
+            segments: None,
+        };
+        r.header(path, header)?;
+        Ok(r)
+    }
+
+    /// A journal whose first segment is `path` (header segment 0): every checkpoint ends the
+    /// current segment and starts the next (`segment_path`) with it.
+    pub fn journal(path: &Path, header: &RecordHeader) -> Result<Self, RecordError> {
+        let mut r = Self::create(path, header)?;
+        r.segments = Some(Segments {
+            first: path.to_owned(),
+            header: RecordHeader {
+                segment: 0,
+                ..header.clone()
+            },
+        });
+        Ok(r)
+    }
+
+    /// Bytes written to the current file so far (shared: the daemon reads it).
+    pub fn written(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.written)
+    }
+
+    fn open(path: &Path) -> Result<BufWriter<File>, RecordError> {
+        File::create(path)
+            .map(|f| BufWriter::with_capacity(1 << 20, f))
+            .map_err(|source| RecordError::Io {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    fn header(&mut self, path: &Path, header: &RecordHeader) -> Result<(), RecordError> {
         let io = |source| RecordError::Io {
             path: path.to_owned(),
             source,
         };
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
-        w.write_all(MAGIC).map_err(io)?;
-        let mut r = Self { w, frames: 0 };
+        self.w.write_all(MAGIC).map_err(io)?;
+        self.written.store(MAGIC.len() as u64, Ordering::Relaxed);
         let json = serde_json::to_vec(header).map_err(|e| io(e.into()))?;
-        r.frame(TAG_HEADER, &json).map_err(io)?;
-        Ok(r)
+        self.frame(TAG_HEADER, &json).map_err(io)
     }
 
     fn frame(&mut self, tag: u8, bytes: &[u8]) -> std::io::Result<()> {
@@ -121,7 +198,30 @@ impl Recorder {
         self.w.write_all(&len.to_le_bytes())?;
         self.w.write_all(bytes)?;
         self.frames += 1;
+        self.written
+            .fetch_add(5 + u64::from(len), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Ends the current segment (flushed whole) and starts the next with `state`.
+    fn next_segment(&mut self, state: &[u8]) -> Result<(), RecordError> {
+        let Some(seg) = &mut self.segments else {
+            return Ok(());
+        };
+        seg.header.segment += 1;
+        let path = segment_path(&seg.first, seg.header.segment);
+        let header = seg.header.clone();
+        let io = |source| RecordError::Io {
+            path: path.clone(),
+            source,
+        };
+        self.frame(TAG_CONTINUED, &[]).map_err(io)?;
+        self.w.flush().map_err(io)?;
+        self.w = Self::open(&path)?;
+        self.header(&path, &header)?;
+        self.frame(TAG_CHECKPOINT, state).map_err(io)?;
+        // On disk before the inputs that follow it are.
+        self.w.flush().map_err(io)
     }
 
     /// Appends a raw probe record.
@@ -154,6 +254,7 @@ impl Subscriber for Recorder {
     fn interest(&self) -> Interest {
         Interest {
             inputs: true,
+            checkpoints: self.segments.is_some(),
             ..Interest::default()
         }
     }
@@ -162,6 +263,9 @@ impl Subscriber for Recorder {
         match fact {
             Fact::Input(i) => self.write(i)?,
             Fact::Probe(b) => self.write_probe(b)?,
+            Fact::Checkpoint(state) => self
+                .next_segment(state)
+                .map_err(|e| SubscriberError::Io(std::io::Error::other(e)))?,
             _ => {}
         }
         Ok(())
@@ -179,6 +283,10 @@ pub struct Replayer {
     offset: u64,
     /// The recording's header.
     pub header: RecordHeader,
+    /// A later segment of a journal: the state it starts from.
+    pub checkpoint: Option<Vec<u8>>,
+    /// The recording ended where the journal went on in its next segment (read to the end).
+    pub continued: bool,
     /// The recording ended inside a frame (cut short).
     pub truncated: bool,
 }
@@ -205,7 +313,10 @@ impl Replayer {
                 started_unix_ms: 0,
                 tracer_version: String::new(),
                 pipeline: PipelineConfig::default(),
+                segment: 0,
             },
+            checkpoint: None,
+            continued: false,
             truncated: false,
         };
         let bad = |detail: String| RecordError::Header {
@@ -222,6 +333,17 @@ impl Replayer {
                 me.header = h;
             }
             _ => return Err(bad("missing".into())),
+        }
+        if me.header.segment > 0 {
+            match me.next_frame()? {
+                Some((TAG_CHECKPOINT, bytes)) => me.checkpoint = Some(bytes),
+                _ => {
+                    return Err(bad(format!(
+                        "segment {} without the checkpoint it starts from",
+                        me.header.segment
+                    )));
+                }
+            }
         }
         Ok(me)
     }
@@ -244,7 +366,12 @@ impl Replayer {
         }
         let tag = head[0];
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
-        if len > MAX_FRAME || tag > TAG_INPUT {
+        let max = if tag == TAG_CHECKPOINT {
+            MAX_CHECKPOINT
+        } else {
+            MAX_FRAME
+        };
+        if len > max || tag > TAG_CONTINUED {
             return Err(RecordError::BadFrame {
                 path: self.path.clone(),
                 offset: self.offset,
@@ -286,6 +413,15 @@ impl Replayer {
                         detail: e.to_string(),
                     })
             }
+            TAG_CONTINUED => {
+                self.continued = true;
+                Ok(None)
+            }
+            TAG_CHECKPOINT => Err(RecordError::BadFrame {
+                path: self.path.clone(),
+                offset: at,
+                detail: "a checkpoint inside a segment".into(),
+            }),
             _ => Err(RecordError::BadFrame {
                 path: self.path.clone(),
                 offset: at,
@@ -325,6 +461,7 @@ mod tests {
             started_unix_ms: 1,
             tracer_version: "test".into(),
             pipeline: PipelineConfig::default(),
+            segment: 0,
         }
     }
 
@@ -414,6 +551,64 @@ mod tests {
             assert_eq!(got.to_bits(), w.to_bits());
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_journal_is_cut_into_segments_that_start_from_their_checkpoint() {
+        let path = temp("journal.rec");
+        let mut j = Recorder::journal(&path, &header()).expect("create");
+        let written = j.written();
+        j.on_fact(&Fact::Input(&Input::Advance { now_ns: 1 }))
+            .expect("write");
+        assert!(written.load(Ordering::Relaxed) > MAGIC.len() as u64);
+        j.on_fact(&Fact::Checkpoint(b"state one")).expect("cut");
+        j.on_fact(&Fact::Input(&Input::Advance { now_ns: 2 }))
+            .expect("write");
+        j.on_fact(&Fact::Checkpoint(b"state two")).expect("cut");
+        j.on_fact(&Fact::Input(&Input::Finish)).expect("write");
+        Subscriber::flush(&mut j).expect("flush");
+        drop(j);
+        let read = |k: u32| {
+            let mut rp = Replayer::open(&segment_path(&path, k)).expect("open");
+            let mut inputs = Vec::new();
+            while let Some(i) = rp.next_input().expect("read") {
+                inputs.push(i);
+            }
+            (rp, inputs)
+        };
+        let (rp0, in0) = read(0);
+        assert_eq!(
+            (rp0.header.segment, rp0.checkpoint.as_deref(), rp0.continued),
+            (0, None, true)
+        );
+        assert_eq!(in0, vec![Input::Advance { now_ns: 1 }]);
+        let (rp1, in1) = read(1);
+        assert_eq!(
+            (rp1.header.segment, rp1.checkpoint.as_deref(), rp1.continued),
+            (1, Some(&b"state one"[..]), true)
+        );
+        assert_eq!(in1, vec![Input::Advance { now_ns: 2 }]);
+        let (rp2, in2) = read(2);
+        assert_eq!(
+            (rp2.header.segment, rp2.checkpoint.as_deref(), rp2.continued),
+            (2, Some(&b"state two"[..]), false)
+        );
+        assert_eq!(in2, vec![Input::Finish]);
+        assert_eq!(rp2.header.started_unix_ms, rp0.header.started_unix_ms);
+        // A plain recording keeps no checkpoints: one file from the start.
+        let plain = Recorder::create(&temp("plain.rec"), &header()).expect("create");
+        assert!(!plain.interest().checkpoints);
+        for k in 0..3 {
+            let _ = std::fs::remove_file(segment_path(&path, k));
+        }
+        let _ = std::fs::remove_file(temp("plain.rec"));
+    }
+
+    #[test]
+    fn segment_paths() {
+        let p = Path::new("/s/journal/run-3.rec");
+        assert_eq!(segment_path(p, 0), p);
+        assert_eq!(segment_path(p, 7), Path::new("/s/journal/run-3.7.rec"));
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! and no other input, so feeding them again gives the same records, bit for bit, under the
 //! same settings — and a different split or idle policy gives the bill under that policy,
 //! from the same raw data.
+//!
+//! A journal segment after a run's first starts from a checkpoint (the state where the one
+//! before it ended): it replays on its own, with the policies it was recorded with, and gives
+//! the records finalised in it exactly as the live run did. Consecutive segments replay as one
+//! (`continued`).
 
 use std::path::PathBuf;
 
@@ -26,6 +31,21 @@ pub enum ReplayError {
     /// `--redact-to` was given a recording whose payloads are redacted already.
     #[error("{0}: its payloads are redacted already")]
     AlreadyRedacted(PathBuf),
+    /// A segment's checkpoint could not be read (or a boundary's written).
+    #[error(transparent)]
+    Checkpoint(#[from] crate::pipeline::CheckpointError),
+    /// A segment starts from a checkpoint, which holds the policies it ran with and the
+    /// tracker's redaction: they cannot be changed from there.
+    #[error(
+        "{0} starts from a checkpoint: it replays with the policies it was recorded with (replay the run from its first segment to change them)"
+    )]
+    FixedFromCheckpoint(PathBuf),
+    /// A file given to continue a replay is not the next segment of the same journal.
+    #[error("{path} does not continue the replay: {detail}")]
+    NotNext { path: PathBuf, detail: String },
+    /// A segment before the last ended inside a frame.
+    #[error("{0} was cut short, but later segments follow it")]
+    CutMidChain(PathBuf),
     /// An output could not be written.
     #[error("{path}: {source}")]
     Output {
@@ -45,6 +65,12 @@ pub struct ReplayOptions {
     pub idle: Option<IdlePolicy>,
     /// Overrides the recording's step clock (which engine clock the split steps by).
     pub step_clock: Option<StepClockPolicy>,
+    /// Later segments of the same journal, in order, replayed after `recording` as one.
+    pub continued: Vec<PathBuf>,
+    /// Finalise requests still open at the end even when the last segment says the journal
+    /// went on (a recovery whose newest segment is unreadable); otherwise they stay open, as
+    /// they were in the live run at that point.
+    pub finish_continued: bool,
     /// Records as JSON lines here; `None`: standard output.
     pub records_out: Option<PathBuf>,
     /// Decoded probe events as JSON lines here.
@@ -59,6 +85,8 @@ impl ReplayOptions {
     pub fn of(recording: &std::path::Path) -> Self {
         Self {
             recording: recording.to_owned(),
+            continued: Vec::new(),
+            finish_continued: false,
             split: None,
             idle: None,
             step_clock: None,
@@ -76,6 +104,8 @@ pub struct ReplaySummary {
     pub records: u64,
     pub requests: u64,
     pub truncated: bool,
+    /// The last segment ended where the journal went on: requests open there stay open.
+    pub continued: bool,
     pub measured_j: f64,
     pub attributed_j: f64,
     pub idle_j: f64,
@@ -92,6 +122,8 @@ impl std::fmt::Display for ReplaySummary {
             self.inputs,
             if self.truncated {
                 " (recording cut short: replayed up to its last whole frame)"
+            } else if self.continued {
+                " (the journal goes on in the next segment: requests open at its end are final there)"
             } else {
                 ""
             },
@@ -158,15 +190,59 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
     if let Some(i) = opts.idle {
         config.ledger.idle = i;
     }
-    let mut pipeline = Pipeline::new(&config, bus)?;
+    let mut pipeline = match rp.checkpoint.take() {
+        Some(state) => {
+            let changed = opts.split.is_some()
+                || opts.idle.is_some()
+                || opts.step_clock.is_some()
+                || opts.redact_to.is_some();
+            if changed {
+                return Err(ReplayError::FixedFromCheckpoint(opts.recording.clone()));
+            }
+            Pipeline::restore(&state, bus)?
+        }
+        None => Pipeline::new(&config, bus)?,
+    };
     let mut inputs = 0u64;
     let mut finished = false;
-    while let Some(input) = rp.next_input()? {
-        inputs += 1;
-        finished |= matches!(input, Input::Finish);
-        pipeline.apply(input);
+    let mut path = opts.recording.clone();
+    let mut rest = opts.continued.iter();
+    loop {
+        while let Some(input) = rp.next_input()? {
+            inputs += 1;
+            finished |= matches!(input, Input::Finish);
+            pipeline.apply(input);
+        }
+        let Some(next) = rest.next() else { break };
+        if rp.truncated {
+            return Err(ReplayError::CutMidChain(path));
+        }
+        let follows = Replayer::open(next)?;
+        let (a, b) = (&rp.header, &follows.header);
+        if b.segment != a.segment + 1
+            || b.pipeline.first_request_id != a.pipeline.first_request_id
+            || b.started_unix_ms != a.started_unix_ms
+        {
+            return Err(ReplayError::NotNext {
+                path: next.clone(),
+                detail: format!(
+                    "segment {} of the run started at {} (first request id {}), after segment {} of the run started at {} (first request id {})",
+                    b.segment,
+                    b.started_unix_ms,
+                    b.pipeline.first_request_id,
+                    a.segment,
+                    a.started_unix_ms,
+                    a.pipeline.first_request_id
+                ),
+            });
+        }
+        // Where the live journal started this segment (what subscribers counting segments see);
+        // the state is the one the segment's checkpoint holds, as the pipeline is deterministic.
+        pipeline.checkpoint()?;
+        rp = follows;
+        path.clone_from(next);
     }
-    if !finished {
+    if !finished && (!rp.continued || opts.finish_continued) {
         // Cut short before the daemon's shutdown: finalise what the recording holds.
         pipeline.apply(Input::Finish);
     }
@@ -179,6 +255,7 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
         records: counts.records_done,
         requests: counts.requests_done,
         truncated: rp.truncated,
+        continued: rp.continued && !opts.finish_continued,
         measured_j: sum(|t| t.measured_j),
         attributed_j: sum(|t| t.request_dynamic_j + t.request_idle_j),
         idle_j: sum(|t| t.idle_j),
@@ -187,8 +264,18 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
     })
 }
 
-/// Keeps a replay's final records.
-struct Collect(std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<FinalRecord>>>>);
+/// Keeps a replay's final records, each with the journal segment it was finalised in.
+struct Collect {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Replayed>>>,
+    segment: u32,
+}
+
+/// A replayed record and the journal segment it was finalised in.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub record: std::sync::Arc<FinalRecord>,
+    pub segment: u32,
+}
 
 impl Subscriber for Collect {
     fn name(&self) -> &'static str {
@@ -198,28 +285,38 @@ impl Subscriber for Collect {
     fn interest(&self) -> Interest {
         Interest {
             records: true,
+            checkpoints: true,
             ..Interest::default()
         }
     }
 
     fn on_fact(&mut self, fact: &Fact<'_>) -> Result<(), SubscriberError> {
-        if let Fact::Record(r) = fact {
-            self.0
+        match fact {
+            Fact::Record(r) => self
+                .got
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(std::sync::Arc::clone(r));
+                .push(Replayed {
+                    record: std::sync::Arc::clone(r),
+                    segment: self.segment,
+                }),
+            Fact::Checkpoint(_) => self.segment += 1,
+            _ => {}
         }
         Ok(())
     }
 }
 
-/// Replays `opts.recording` and returns its final records (what recovery and reports read).
-pub fn replay_records(
-    opts: &ReplayOptions,
-) -> Result<(Vec<std::sync::Arc<FinalRecord>>, ReplaySummary), ReplayError> {
+/// Replays `opts.recording` (and `opts.continued`) and returns its final records (what
+/// recovery and reports read).
+pub fn replay_records(opts: &ReplayOptions) -> Result<(Vec<Replayed>, ReplaySummary), ReplayError> {
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let first = Replayer::open(&opts.recording)?.header.segment;
     let mut bus = Bus::new();
-    bus.subscribe(Box::new(Collect(std::sync::Arc::clone(&got))));
+    bus.subscribe(Box::new(Collect {
+        got: std::sync::Arc::clone(&got),
+        segment: first,
+    }));
     let summary = replay_into(opts, bus)?;
     let records = std::mem::take(
         &mut *got

@@ -21,6 +21,15 @@ pub struct StoreConfig {
     pub journal: bool,
     /// Journals of earlier runs kept (the newest; each is a replayable recording).
     pub journals_kept: u32,
+    /// The journal starts a new segment (beginning with a checkpoint of the whole state, so
+    /// it replays on its own) after this many MiB...
+    pub journal_segment_mib: u64,
+    /// ...or this many seconds, whichever comes first (0: never by time). A recovery
+    /// replays at most the last two segments.
+    pub journal_segment_s: u64,
+    /// All journals together are kept under this many bytes by deleting the oldest segments
+    /// first (never the current run's newest two; 0: no limit).
+    pub journal_max_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -31,6 +40,9 @@ impl Default for StoreConfig {
             max_bytes: 10 << 30,
             journal: true,
             journals_kept: 3,
+            journal_segment_mib: 256,
+            journal_segment_s: 3600,
+            journal_max_bytes: 20 << 30,
         }
     }
 }
@@ -42,7 +54,7 @@ mod tests {
     #[test]
     fn the_readme_block_parses() {
         let c: StoreConfig = toml::from_str(
-            "path = \"/var/lib/tracer\"\nretention_days = 90\nmax_bytes = 10737418240\njournal = true\njournals_kept = 3\n",
+            "path = \"/var/lib/tracer\"\nretention_days = 90\nmax_bytes = 10737418240\njournal = true\njournals_kept = 3\njournal_segment_mib = 256\njournal_segment_s = 3600\njournal_max_bytes = 21474836480\n",
         )
         .expect("valid");
         assert_eq!(c, StoreConfig::default());

@@ -44,6 +44,26 @@ pub const DB_FILE: &str = "tracer.db";
 /// The journals' directory in the store directory.
 pub const JOURNAL_DIR: &str = "journal";
 
+/// The journal files in `dir`: (run, segment, path) for `run-N.rec` (segment 0) and
+/// `run-N.K.rec`.
+fn journal_files(dir: &Path) -> Vec<(i64, u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            let rest = name.to_str()?.strip_prefix("run-")?.strip_suffix(".rec")?;
+            let (run, segment) = match rest.split_once('.') {
+                Some((r, k)) => (r.parse().ok()?, k.parse().ok()?),
+                None => (rest.parse().ok()?, 0),
+            };
+            Some((run, segment, e.path()))
+        })
+        .collect()
+}
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -199,9 +219,23 @@ impl Store {
         &self.dir
     }
 
-    /// Where run `run`'s journal is.
+    /// Where run `run`'s journal starts (its first segment; later ones beside it,
+    /// [`crate::record::format::segment_path`]).
     pub fn journal_path(&self, run: i64) -> PathBuf {
         self.dir.join(JOURNAL_DIR).join(format!("run-{run}.rec"))
+    }
+
+    /// Run `run`'s journal segments on disk, in order: (segment number, path). Older
+    /// segments may have been removed to bound the journals' size; each segment replays on
+    /// its own (a later one starts with a checkpoint).
+    pub fn journal_segments(&self, run: i64) -> Vec<(u32, PathBuf)> {
+        let mut out: Vec<(u32, PathBuf)> = journal_files(&self.dir.join(JOURNAL_DIR))
+            .into_iter()
+            .filter(|(r, _, _)| *r == run)
+            .map(|(_, k, p)| (k, p))
+            .collect();
+        out.sort();
+        out
     }
 
     /// The highest request id given by any run so far (stored records, closed runs).
@@ -265,11 +299,22 @@ impl Store {
         records: &[Arc<FinalRecord>],
         recovered: bool,
     ) -> Result<usize, StoreError> {
+        self.insert_in(run, 0, records, recovered)
+    }
+
+    /// [`Store::insert`], for records finalised in journal segment `segment` of the run.
+    pub fn insert_in(
+        &mut self,
+        run: i64,
+        segment: u32,
+        records: &[Arc<FinalRecord>],
+        recovered: bool,
+    ) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut new = 0;
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency, segment) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
             let mut roll = tx.prepare_cached(
                 "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j, cost_nano, currency) \
@@ -304,6 +349,7 @@ impl Store {
                     json,
                     cost_nano,
                     currency,
+                    segment,
                 ])?;
                 if added > 0 {
                     let tokens = r.record.completion_tokens.filter(|&t| t > 0);
@@ -588,37 +634,69 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Deletes journals of runs older than the newest `keep` (and of runs no longer stored).
+    /// Deletes the journals (every segment) of runs older than the newest `keep`, except
+    /// runs never closed (recovery needs them).
     pub fn prune_journals(&self, current_run: i64, keep: u32) -> Result<u32, StoreError> {
-        let dir = self.dir.join(JOURNAL_DIR);
-        let mut runs: Vec<(i64, PathBuf)> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name();
-                let run = name
-                    .to_str()?
-                    .strip_prefix("run-")?
-                    .split('.')
-                    .next()?
-                    .parse::<i64>()
-                    .ok()?;
-                Some((run, e.path()))
-            })
-            .filter(|(run, _)| *run != current_run)
+        let files = journal_files(&self.dir.join(JOURNAL_DIR));
+        let runs: std::collections::BTreeSet<i64> = files
+            .iter()
+            .map(|(r, _, _)| *r)
+            .filter(|r| *r != current_run)
             .collect();
-        runs.sort();
         let unclosed: Vec<i64> = self.unclosed_runs()?.iter().map(|r| r.run).collect();
-        let mut removed = 0;
         let excess = runs.len().saturating_sub(keep as usize);
-        for (run, path) in runs.into_iter().take(excess) {
-            if unclosed.contains(&run) {
-                continue;
-            }
-            if std::fs::remove_file(&path).is_ok() {
+        let old: Vec<i64> = runs
+            .into_iter()
+            .take(excess)
+            .filter(|r| !unclosed.contains(r))
+            .collect();
+        let mut removed = 0;
+        for (run, _, path) in files {
+            if old.contains(&run) && std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }
         Ok(removed)
     }
+}
+
+/// Deletes the oldest journal segments until the journals in `store_dir` take at most
+/// `max_bytes` (0: no limit), never one of the newest two segments of `current_run` (a
+/// recovery replays those). Returns how many were deleted.
+pub fn prune_journal_bytes(store_dir: &Path, current_run: i64, max_bytes: u64) -> u32 {
+    if max_bytes == 0 {
+        return 0;
+    }
+    let mut files: Vec<(i64, u32, PathBuf, u64)> = journal_files(&store_dir.join(JOURNAL_DIR))
+        .into_iter()
+        .map(|(r, k, p)| {
+            let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+            (r, k, p, len)
+        })
+        .collect();
+    files.sort_by_key(|(r, k, _, _)| (*r, *k));
+    let newest: Vec<u32> = {
+        let mut mine: Vec<u32> = files
+            .iter()
+            .filter(|(r, ..)| *r == current_run)
+            .map(|(_, k, ..)| *k)
+            .collect();
+        mine.sort_unstable();
+        mine.into_iter().rev().take(2).collect()
+    };
+    let mut total: u64 = files.iter().map(|f| f.3).sum();
+    let mut removed = 0;
+    for (run, k, path, len) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if run == current_run && newest.contains(&k) {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += 1;
+        }
+    }
+    removed
 }

@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 use super::{MINUTE_MS, Store, StoreError, StoredFilter};
 use crate::pipeline::FinalRecord;
 
+/// A stored record's run and the journal segment it was finalised in.
+pub type RunSegment = (i64, u32);
+
 /// What a summary groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
@@ -313,25 +316,27 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Every record that ended in `[since, until)`, oldest first, with its run.
+    /// Every record that ended in `[since, until)`, oldest first, with its run and the
+    /// journal segment it was finalised in (whose replay gives it again).
     pub fn records_between(
         &self,
         since_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<(i64, FinalRecord)>, StoreError> {
+    ) -> Result<Vec<(RunSegment, FinalRecord)>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, run, json FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
+            "SELECT id, run, segment, json FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
         )?;
         let rows = st.query_map([since_ms, until_ms], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
             ))
         })?;
         rows.map(|row| {
-            let (id, run, json) = row?;
-            Ok((run, Self::decode(id, &json)?))
+            let (id, run, segment, json) = row?;
+            Ok(((run, segment), Self::decode(id, &json)?))
         })
         .collect()
     }

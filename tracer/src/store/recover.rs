@@ -1,7 +1,8 @@
 //! Recovery after a crash: a run that never closed left requests that had ended but were not
 //! yet final (the ledger waits for power data past a request's end) and requests in flight.
 //! Its journal holds every input up to the kill, so replaying it gives exactly the records the
-//! run would have finalised; those not already stored are stored (`recovered`), requests
+//! run would have finalised (only its last two segments: each later segment starts from a
+//! checkpoint, and the records of older ones were committed long before the kill); those not already stored are stored (`recovered`), requests
 //! still open at the journal's end as `incomplete`. Nothing already stored is duplicated
 //! (ids are the run's own: the journal's header carries its first id).
 
@@ -17,8 +18,11 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovery {
     pub run: i64,
-    /// The journal replayed; `None`: the run had none (nothing could be recovered).
+    /// The journal segment the replay started from; `None`: the run had none (nothing could
+    /// be recovered).
     pub journal: Option<PathBuf>,
+    /// Segments replayed (from `journal` on).
+    pub segments: usize,
     /// Records stored now that were not before.
     pub recovered: usize,
     /// Of those, requests still in flight at the journal's end.
@@ -47,9 +51,14 @@ impl std::fmt::Display for Recovery {
             ),
             (Some(j), None) => write!(
                 f,
-                "run {} recovered from {}: {} records stored now ({} of them incomplete: in flight at the stop), {} were already stored{}",
+                "run {} recovered from {}{}: {} records stored now ({} of them incomplete: in flight at the stop), {} were already stored{}",
                 self.run,
                 j.display(),
+                if self.segments > 1 {
+                    format!(" and {} later segment(s)", self.segments - 1)
+                } else {
+                    String::new()
+                },
                 self.recovered,
                 self.incomplete,
                 self.already_stored,
@@ -67,10 +76,18 @@ impl std::fmt::Display for Recovery {
 pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, StoreError> {
     let mut out = Vec::new();
     for run in store.unclosed_runs()? {
-        let path = store.journal_path(run.run);
+        let segments = store.journal_segments(run.run);
+        let tail: Vec<PathBuf> = segments
+            .iter()
+            .rev()
+            .take(2)
+            .rev()
+            .map(|(_, p)| p.clone())
+            .collect();
         let mut rec = Recovery {
             run: run.run,
-            journal: path.exists().then(|| path.clone()),
+            journal: tail.first().cloned(),
+            segments: tail.len(),
             recovered: 0,
             incomplete: 0,
             already_stored: 0,
@@ -78,24 +95,46 @@ pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, Sto
             unreadable: None,
         };
         let mut next_id = store.last_request_id()? + 1;
-        if rec.journal.is_some() {
-            match replay_records(&ReplayOptions::of(&path)) {
+        if let Some((first, rest)) = tail.split_first() {
+            let chain = |continued: &[PathBuf]| {
+                replay_records(&ReplayOptions {
+                    continued: continued.to_vec(),
+                    // The run ended here: what was open is incomplete.
+                    finish_continued: true,
+                    ..ReplayOptions::of(first)
+                })
+            };
+            // The newest segment may be only a header cut by the kill: then the one before is
+            // the whole story.
+            let replayed = chain(rest).or_else(|e| {
+                if rest.is_empty() {
+                    Err(e)
+                } else {
+                    rec.segments = 1;
+                    chain(&[])
+                }
+            });
+            match replayed {
                 Ok((records, summary)) => {
-                    let mut fresh = Vec::new();
+                    let mut fresh: std::collections::BTreeMap<u32, Vec<_>> =
+                        std::collections::BTreeMap::new();
                     // Records retention has since deleted stay deleted.
                     let floor = store.deleted_through()?;
                     for r in records {
-                        if r.record.id.0 <= floor || store.contains(r.record.id.0)? {
+                        let id = r.record.record.id.0;
+                        if id <= floor || store.contains(id)? {
                             rec.already_stored += 1;
                         } else {
-                            fresh.push(r);
+                            fresh.entry(r.segment).or_default().push(r.record);
                         }
                     }
-                    rec.recovered = store.insert(run.run, &fresh, true)?;
-                    rec.incomplete = fresh
-                        .iter()
-                        .filter(|r| r.record.outcome == Outcome::Incomplete)
-                        .count();
+                    for (segment, records) in &fresh {
+                        rec.recovered += store.insert_in(run.run, *segment, records, true)?;
+                        rec.incomplete += records
+                            .iter()
+                            .filter(|r| r.record.outcome == Outcome::Incomplete)
+                            .count();
+                    }
                     rec.cut_short = summary.truncated;
                     next_id = next_id.max(summary.next_request_id);
                 }

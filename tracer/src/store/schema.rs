@@ -4,8 +4,8 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-/// The schema this build writes.
-pub const VERSION: i64 = 1;
+/// The schema this build writes. 2: records carry the journal segment they were finalised in.
+pub const VERSION: i64 = 2;
 
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS records (
     cost_nano INTEGER,
     currency TEXT,
     recovered INTEGER NOT NULL DEFAULT 0,
-    json TEXT NOT NULL
+    json TEXT NOT NULL,
+    segment INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_end ON records (end_unix_ms);
 CREATE TABLE IF NOT EXISTS rollup (
@@ -108,7 +109,16 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
             supported: VERSION,
         });
     }
+    let existed: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'records'",
+        [],
+        |r| r.get(0),
+    )?;
     conn.execute_batch(TABLES)?;
+    if existed && found < 2 {
+        // Version 1 had one journal file per run: its records are all in segment 0.
+        conn.execute_batch("ALTER TABLE records ADD COLUMN segment INTEGER NOT NULL DEFAULT 0")?;
+    }
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }

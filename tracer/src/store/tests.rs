@@ -206,9 +206,9 @@ fn a_crashed_run_is_recovered_from_its_journal_without_duplicates() {
     assert!(replayed.len() > 5, "{}", replayed.len());
     let stored_before: Vec<_> = replayed
         .iter()
+        .map(|r| r.record.clone())
         .filter(|r| r.record.outcome != Outcome::Incomplete)
         .take(5)
-        .cloned()
         .collect();
     s.insert(run.run, &stored_before, false).expect("insert");
 
@@ -222,12 +222,19 @@ fn a_crashed_run_is_recovered_from_its_journal_without_duplicates() {
     assert_eq!(s.count().expect("count") as usize, replayed.len());
     // Each recovered record as the replay gave it, once.
     for want in &replayed {
-        let got = s.get(want.record.id.0).expect("get").expect("stored");
-        assert_eq!(&got, want.as_ref());
+        let got = s
+            .get(want.record.record.id.0)
+            .expect("get")
+            .expect("stored");
+        assert_eq!(&got, want.record.as_ref());
     }
     // Closed: the next run's ids follow the dead run's last one.
     assert!(s.unclosed_runs().expect("runs").is_empty());
-    let max_id = replayed.iter().map(|r| r.record.id.0).max().expect("some");
+    let max_id = replayed
+        .iter()
+        .map(|r| r.record.record.id.0)
+        .max()
+        .expect("some");
     assert!(s.begin_run(2).expect("run").first_request_id > max_id);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -285,5 +292,44 @@ fn rollup_summaries_equal_sums_over_the_records() {
     let fast = s.summary(&f, GroupBy::Model).expect("summary");
     let slow = s.sums(&f, u64::MAX, GroupBy::Model).expect("sums");
     assert_eq!(fast[0].requests, slow[0].requests);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Journals are pruned by whole runs (every segment of a run), and by bytes from the oldest
+/// segment on, never the current run's newest two.
+#[test]
+fn journals_are_pruned_by_run_and_by_bytes() {
+    let dir = temp("prune");
+    let mut s = Store::open(&dir).expect("open");
+    let mut runs = Vec::new();
+    for t in 0..3 {
+        let r = s.begin_run(t).expect("run");
+        s.close_run(r.run, t + 1, r.first_request_id)
+            .expect("close");
+        runs.push(r.run);
+    }
+    let current = s.begin_run(9).expect("run").run;
+    for run in runs.iter().chain([&current]) {
+        for k in 0..3 {
+            let p = crate::record::format::segment_path(&s.journal_path(*run), k);
+            std::fs::write(&p, vec![0u8; 1000]).expect("segment");
+        }
+    }
+    assert_eq!(s.journal_segments(current).len(), 3);
+    // Keep the newest run before this one: the two older runs go, all their segments.
+    assert_eq!(s.prune_journals(current, 1).expect("prune"), 6);
+    assert!(s.journal_segments(runs[0]).is_empty());
+    assert_eq!(s.journal_segments(runs[2]).len(), 3);
+    // 6 segments of 1000 bytes left; under 2500 bytes: the oldest go first, but never the
+    // current run's newest two.
+    assert_eq!(prune_journal_bytes(&dir, current, 2500), 4);
+    let left: Vec<u32> = s
+        .journal_segments(current)
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(left, vec![1, 2]);
+    assert!(s.journal_segments(runs[2]).is_empty());
+    assert_eq!(prune_journal_bytes(&dir, current, 0), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,6 +37,8 @@ enum Msg {
     Snapshot(Arc<Snapshot>),
     /// Commit everything before this, then answer.
     Sync(std::sync::mpsc::Sender<()>),
+    /// The journal started its next segment: records after this were finalised in it.
+    Checkpoint,
     Stop,
 }
 
@@ -125,6 +127,9 @@ fn write_loop(
     let mut records: Vec<Arc<FinalRecord>> = Vec::with_capacity(BATCH);
     let mut snapshots: Vec<Arc<Snapshot>> = Vec::new();
     let mut syncs = Vec::new();
+    // The journal segment the records now arriving were finalised in (the bus delivers the
+    // journal's checkpoints to both, in order).
+    let mut segment = 0u32;
     let mut last_retention: Option<Instant> = None;
     let mut stopping = false;
     while !stopping {
@@ -141,6 +146,17 @@ fn write_loop(
                 Msg::Snapshot(s) => snapshots.push(s),
                 Msg::Sync(s) => syncs.push(s),
                 Msg::Stop => stopping = true,
+                Msg::Checkpoint => {
+                    commit(
+                        &mut store,
+                        (run, segment),
+                        &mut records,
+                        &mut snapshots,
+                        &mut on_commit,
+                        stats,
+                    );
+                    segment += 1;
+                }
             }
             next = if records.len() < BATCH {
                 rx.try_recv().ok()
@@ -150,7 +166,7 @@ fn write_loop(
         }
         commit(
             &mut store,
-            run,
+            (run, segment),
             &mut records,
             &mut snapshots,
             &mut on_commit,
@@ -178,7 +194,7 @@ fn write_loop(
 
 fn commit(
     store: &mut Store,
-    run: i64,
+    (run, segment): (i64, u32),
     records: &mut Vec<Arc<FinalRecord>>,
     snapshots: &mut Vec<Arc<Snapshot>>,
     on_commit: &mut OnCommit,
@@ -186,7 +202,7 @@ fn commit(
 ) {
     let t0 = Instant::now();
     if !records.is_empty() {
-        match store.insert(run, records, false) {
+        match store.insert_in(run, segment, records, false) {
             Ok(_) => {
                 stats
                     .committed
@@ -228,6 +244,7 @@ impl Subscriber for StoreFeed {
         Interest {
             records: true,
             snapshots: true,
+            checkpoints: true,
             ..Interest::default()
         }
     }
@@ -236,6 +253,7 @@ impl Subscriber for StoreFeed {
         let msg = match fact {
             Fact::Record(r) => Msg::Record(Arc::clone(r)),
             Fact::Snapshot(s) => Msg::Snapshot(Arc::clone(s)),
+            Fact::Checkpoint(_) => Msg::Checkpoint,
             _ => return Ok(()),
         };
         self.tx

@@ -8,14 +8,14 @@ use super::{ConnKey, RequestKey, Role, meta::MetaScan, redact};
 /// Which message a side carries, by who sends it.
 ///
 /// Its value is the index of that side in [`Conn::sides`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Kind {
     Request,
     Response,
 }
 
 /// How a message's body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Framing {
     Length(u64),
     Chunked,
@@ -23,7 +23,7 @@ pub(super) enum Framing {
 }
 
 /// Where a chunked body is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Chunk {
     /// Reading a chunk-size line (in `line`).
     Size,
@@ -35,7 +35,7 @@ pub(super) enum Chunk {
 }
 
 /// Where one side's byte stream is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum State {
     /// Waiting for / accumulating a start line and head.
     Head,
@@ -46,7 +46,7 @@ pub(super) enum State {
 }
 
 /// How a response body is read: streamed ones event by event, others by their kept windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum BodyType {
     Other,
     Sse,
@@ -54,7 +54,7 @@ pub(super) enum BodyType {
 }
 
 /// One direction of a connection.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Side {
     pub(super) state: State,
     /// Head bytes, or the current chunk-size / trailer line.
@@ -83,7 +83,7 @@ impl Side {
 }
 
 /// A request waiting for (or receiving) its response.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pending {
     pub(super) key: RequestKey,
     pub(super) head_request: bool,
@@ -125,7 +125,7 @@ impl Pending {
 }
 
 /// The request currently being received.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Incoming {
     pub(super) method: String,
     pub(super) path: String,
@@ -157,7 +157,7 @@ impl Incoming {
 }
 
 /// One traced connection.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Conn {
     pub(super) key: ConnKey,
     pub(super) role: Role,
@@ -176,7 +176,7 @@ pub(super) struct Conn {
 }
 
 /// A connection's protocol, from its first bytes or an upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Proto {
     Http1,
     /// HTTP/2 with prior knowledge (the client preface) or after an `h2c` upgrade.

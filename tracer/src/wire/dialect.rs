@@ -19,7 +19,7 @@ use memchr::memmem;
 use super::{Lifecycle, RequestKey, conn::Pending, header, json};
 
 /// Token counts reported by the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[expect(
     clippy::struct_field_names,
     reason = "the names of `Lifecycle::Usage` and of the servers' own fields"
@@ -59,7 +59,7 @@ pub(super) fn usage_in_headers(headers: &[httparse::Header<'_>]) -> Option<Usage
 }
 
 /// What one streamed event (an SSE `data:` payload or an NDJSON line) says.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct EventSays {
     pub(super) server_id: Option<String>,
     pub(super) usage: Option<Usage>,

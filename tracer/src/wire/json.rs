@@ -6,7 +6,7 @@
 //! the end of the input without error.
 
 /// A top-level scalar: string contents (unescaped only for the simple escapes) or raw text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Scalar {
     Str(String),
     Raw(String),
@@ -33,7 +33,7 @@ const TOKEN_KEEP: usize = 1024;
 /// [`scan`] over input that comes in pieces (a request body read by read): the state between
 /// pieces is bounded (nesting counters, the current key and token up to [`TOKEN_KEEP`] bytes),
 /// whatever the body's size; nothing of the body is kept.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Scanner {
     /// The opening brace was seen; the object closed.
     started: bool,
@@ -49,7 +49,7 @@ pub struct Scanner {
     buf: Vec<u8>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Token {
     #[default]
     None,

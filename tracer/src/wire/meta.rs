@@ -4,7 +4,7 @@
 use super::json;
 
 /// What a request body asks for.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct RequestMeta {
     pub(super) model: Option<String>,
     pub(super) stream: Option<bool>,
@@ -18,7 +18,7 @@ pub(super) const BODY_SCAN_MAX: u64 = 1 << 20;
 
 /// Reads what a request asks for from its JSON body, piece by piece as it is read (nothing of
 /// the body is kept; see [`json::Scanner`]).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct MetaScan {
     scanner: json::Scanner,
     pub(super) meta: RequestMeta,

@@ -47,7 +47,9 @@ use serde::{Deserialize, Serialize};
 use conn::{BodyType, Conn, Framing, Kind, Pending, Proto, Side, State};
 
 /// One traced connection: process, fd, and the probes' generation id for that fd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 pub struct ConnKey {
     pub tgid: u32,
     pub fd: i32,
@@ -55,7 +57,7 @@ pub struct ConnKey {
 }
 
 /// Which side of the connection the traced process is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Role {
     /// It accepted the connection: inbound bytes are requests.
     Server,
@@ -66,14 +68,14 @@ pub enum Role {
 }
 
 /// Direction of bytes relative to the traced process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     Inbound,
     Outbound,
 }
 
 /// A request on a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct RequestKey {
     pub conn: ConnKey,
     /// Position on the connection, from 0.
@@ -83,7 +85,7 @@ pub struct RequestKey {
 }
 
 /// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The response's framing completed.
@@ -97,7 +99,7 @@ pub enum Outcome {
 }
 
 /// What the tracker tells the ledger, in order per request.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Lifecycle {
     /// The request's head and body were received; `ts_ns` is its first byte.
@@ -205,7 +207,7 @@ impl Default for TrackerConfig {
 }
 
 /// Counters: everything unusual is counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TrackerStats {
     pub requests: u64,
     pub completed: u64,
@@ -235,7 +237,7 @@ pub struct TrackerStats {
 }
 
 /// The tracker. See the module docs.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Tracker {
     config: TrackerConfig,
     conns: HashMap<ConnKey, Conn>,

@@ -55,7 +55,7 @@ const KEY_MAX: usize = 24;
 const DEPTH_KEPT: usize = 3;
 
 /// The redaction key and the byte pseudonym.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(super) struct Key([u64; 2]);
 
 impl Key {
@@ -101,7 +101,7 @@ pub(super) fn opaque(data: &mut [u8]) {
 }
 
 /// Where a head's redaction is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "a line lexer's independent flags, each its own state"
@@ -219,7 +219,7 @@ impl HeadState {
 }
 
 /// How a body is read for redaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub(super) enum BodyMode {
     /// Not decided yet (the first non-blank byte decides).
     #[default]
@@ -232,14 +232,14 @@ pub(super) enum BodyMode {
 }
 
 /// A container in the JSON being read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Container {
     Object,
     Array,
 }
 
 /// Where a body's redaction is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "a lexer's independent flags, each its own state"
@@ -257,6 +257,7 @@ pub(super) struct BodyState {
     /// Inside a number (digits, `.eE+-` until a delimiter).
     number: bool,
     /// A literal being matched (`true`, `false`, `null`, `DONE`) and the next byte's index.
+    #[serde(deserialize_with = "known_literal")]
     literal: Option<(&'static [u8], usize)>,
     /// SSE: at the start of a line / reading the field name.
     sse_field: bool,
@@ -269,6 +270,24 @@ pub(super) struct BodyState {
 }
 
 const LITERALS: [&[u8]; 4] = [b"true", b"false", b"null", b"DONE"];
+
+/// A literal being matched, read back (a checkpoint): one of [`LITERALS`], or the empty one
+/// that marks a mismatch.
+fn known_literal<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<(&'static [u8], usize)>, D::Error> {
+    let got = <Option<(Vec<u8>, usize)> as serde::Deserialize>::deserialize(d)?;
+    got.map(|(bytes, i)| {
+        let empty: &'static [u8] = b"";
+        LITERALS
+            .into_iter()
+            .chain([empty])
+            .find(|l| **l == bytes[..])
+            .map(|l| (l, i))
+            .ok_or_else(|| serde::de::Error::custom("unknown literal"))
+    })
+    .transpose()
+}
 
 impl BodyState {
     /// A new body, of a response announced as server-sent events or not.

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::wire::{Lifecycle, Outcome};
 
 /// One HTTP request, start to end, as seen on the wire.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct RequestSummary {
     /// Minted by the tracker, unique within this daemon run.
     pub id: u64,
@@ -48,11 +48,12 @@ pub struct RequestSummary {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
-    pub outcome: &'static str,
+    /// `open`, or the outcome's name (owned when read back from a checkpoint).
+    pub outcome: std::borrow::Cow<'static, str>,
 }
 
 /// Collects lifecycle events into summaries.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RequestCollector {
     open: HashMap<u64, RequestSummary>,
     /// Lifecycle events for requests never seen arriving (should stay 0).
@@ -112,7 +113,7 @@ impl RequestCollector {
                     request_id: request_id.clone(),
                     tenant: tenant.clone(),
                     arrive_ns: *ts_ns,
-                    outcome: "open",
+                    outcome: "open".into(),
                     ..RequestSummary::default()
                 },
             );
@@ -165,7 +166,7 @@ impl RequestCollector {
                 if done.request_id.is_none() {
                     done.request_id.clone_from(request_id);
                 }
-                done.outcome = outcome_name(*outcome);
+                done.outcome = outcome_name(*outcome).into();
                 return Some(done);
             }
         }

@@ -22,7 +22,7 @@ const MAX_GROUPS: usize = 4096;
 const MIN_GROUP_W: f64 = 1e-2;
 
 /// One batch size's decayed moments of (context tokens `x`, step length ns `y`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Moments {
     w: f64,
     x: f64,
@@ -67,7 +67,7 @@ impl Moments {
 }
 
 /// The fit of a service's decode step length on its sequences' context (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ContextTime {
     /// Keyed by (period, batch size).
     groups: BTreeMap<(u64, usize), Moments>,
