@@ -3,7 +3,7 @@
 check: POST /v1/chat/completions, "stream": true gives SSE (one `data:` event per token, each
 sent as its own ASGI message as vLLM's StreamingResponse does, a usage chunk when
 stream_options.include_usage, then `data: [DONE]`), else one JSON body with `usage`.
-Completion tokens = max_tokens; X-Request-Id echoed. uvicorn's own HTTP/1.1 (h11 or httptools),
+Completion tokens = max_tokens, `token_delay_ms` between events; X-Request-Id echoed. uvicorn's own HTTP/1.1 (h11 or httptools),
 keep-alive. With --tls CERT KEY it serves HTTPS (asyncio's SSL: OpenSSL through a memory BIO).
 Prints `listening <port>` when ready.
 """
@@ -40,7 +40,7 @@ async def app(scope, receive, send):
                   "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}]}
             data = b"data: " + json.dumps(ev).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": True})
-            await asyncio.sleep(0)
+            await asyncio.sleep(float(req.get("token_delay_ms") or 0) / 1000)
         if (req.get("stream_options") or {}).get("include_usage"):
             ev = {"id": "chatcmpl-u", "object": "chat.completion.chunk", "choices": [],
                   "usage": usage}

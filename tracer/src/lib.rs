@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod ids;
 pub mod ledger;
+mod memo;
 pub mod occupancy;
 pub mod output;
 pub mod pipeline;

@@ -226,7 +226,7 @@ fn bench_cuda(release: &Path, tracer: &Path, dir: &Path, iterations: u32) -> Res
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` if set (relative to the workspace root, the
 /// current directory here), else `target`.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from)
 }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | layout | run | demo | bench-probes | bench-sampler`.
+//! Project tasks: `cargo xtask setup | test | layout | run | demo | bench | bench-probes | bench-sampler`.
 //!
 //! `setup` makes a fresh machine able to build and load the probes, and is idempotent: every step
 //! first checks whether it is needed and says what it found or did. `test` and `run` call it first.
@@ -10,6 +10,7 @@ use std::{
 };
 
 mod bench;
+mod bench_load;
 mod demo;
 mod layout;
 mod report_demo;
@@ -47,6 +48,14 @@ enum Task {
         /// Arguments for `tracer run`, e.g. `-- --port 8000`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// setup, then everything tracer costs, alternated with and without it in one run:
+    /// throughput, p99 and the daemon's CPU per request and per SSE event (axum and uvicorn,
+    /// streamed and not), its RSS with 1k/10k connections, the host-wide tax and the sampler.
+    Bench {
+        /// One short round per case, no timing judged: fails on any request not recorded (CI).
+        #[arg(long)]
+        quick: bool,
     },
     /// setup, then measure what the probes cost a process (not a target / a target) and print a
     /// table for BENCHMARKS.md.
@@ -119,6 +128,10 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup()?;
             run(&args)
+        }
+        Task::Bench { quick } => {
+            setup()?;
+            bench_load::bench(quick)
         }
         Task::BenchProbes { iterations } => {
             setup()?;
@@ -250,7 +263,12 @@ fn test(extra: &[String]) -> Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--workspace"]).args(extra);
     root_runner(&mut cmd);
-    sh(&mut cmd)
+    sh(&mut cmd)?;
+    if extra.is_empty() {
+        // The overhead benchmark's correctness pass: every request recorded, nothing timed.
+        bench_load::bench(true)?;
+    }
+    Ok(())
 }
 
 fn build_release() -> Result<PathBuf> {

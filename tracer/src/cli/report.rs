@@ -357,7 +357,7 @@ fn csv(b: &Bill, reproduce: &std::collections::BTreeMap<u64, PathBuf>) -> String
             opt(l.prompt_tokens),
             opt(l.cached_tokens),
             opt(l.completion_tokens),
-            l.occupancy,
+            l.occupancy.map_or_else(String::new, |o| format!("{o:.2}")),
             l.emissions_g
                 .map_or_else(String::new, |g| g.round_dp(6).to_string()),
             l.outcome,

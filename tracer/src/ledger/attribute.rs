@@ -551,6 +551,7 @@ fn split_unit(
 
     let mut got_dyn = 0.0;
     let mut got_idle = 0.0;
+    let batch = scratch.feats.len() as f64;
     for (k, f) in scratch.feats.iter().enumerate() {
         let share = w[k] / sum;
         let e_d = share * e_dyn;
@@ -585,6 +586,7 @@ fn split_unit(
         }
         acc.share_ns += share * (f.b - f.a) as f64;
         acc.present_ns += f.b - f.a;
+        acc.batch_ns += batch * (f.b - f.a) as f64;
     }
 
     if used_model && !warm {

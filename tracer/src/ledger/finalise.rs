@@ -276,6 +276,9 @@ impl Ledger {
         let total_j = dynamic_j + idle_j;
         let uncertainty_j = devices.iter().map(|s| s.uncertainty_j).sum();
         let out_tokens = r.completion_tokens.or((r.events > 0).then_some(r.events));
+        let present_ns: u64 = r.accounts.values().map(|a| a.present_ns).sum();
+        let occupancy = (present_ns > 0)
+            .then(|| r.accounts.values().map(|a| a.batch_ns).sum::<f64>() / present_ns as f64);
         RequestRecord {
             id,
             external_id: r.arrival.external_id,
@@ -298,6 +301,7 @@ impl Ledger {
             total_j,
             kwh: total_j / J_PER_KWH,
             joules_per_output_token: out_tokens.filter(|&t| t > 0).map(|t| total_j / t as f64),
+            occupancy,
             uncertainty_j,
             coverage_gap_ns: gap_total,
         }

@@ -91,6 +91,8 @@ pub(super) struct Account {
     /// Σ share × duration and Σ duration, for the mean share.
     pub(super) share_ns: f64,
     pub(super) present_ns: u64,
+    /// Σ requests of its service in the split unit × duration, for the mean occupancy.
+    pub(super) batch_ns: f64,
 }
 
 /// A request not yet emitted: what the wire said about it and its accounts per device.

@@ -68,8 +68,8 @@ pub struct Arrival {
     pub body_bytes: Option<u64>,
     /// The prompt's start as chained block hashes (`wire::prefix`): the part of a prompt
     /// without usage that others shared, which the engine had cached (`prefix.rs`). Kept in
-    /// memory only (never written out).
-    #[serde(skip)]
+    /// memory only (never written out; a checkpoint carries it).
+    #[serde(default, skip_serializing_if = "crate::memo::memory_only")]
     pub prefix_blocks: Vec<u64>,
 }
 
@@ -148,6 +148,10 @@ pub struct RequestRecord {
     pub kwh: f64,
     /// Per completion token (or streamed event when the count is unknown).
     pub joules_per_output_token: Option<f64>,
+    /// Batch occupancy: requests of its service in the engine with it (itself included),
+    /// averaged over its time on the devices, as the split saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occupancy: Option<f64>,
     pub uncertainty_j: f64,
     /// Time of the request on some device with no power data.
     pub coverage_gap_ns: u64,

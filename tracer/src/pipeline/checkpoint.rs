@@ -51,13 +51,15 @@ impl Pipeline {
     /// The pipeline's state as bytes ([`Pipeline::restore`] reads them).
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
         let mut out = Vec::new();
-        ciborium::into_writer(
-            &Out {
-                tracer_version: THIS,
-                state: self,
-            },
-            &mut out,
-        )
+        crate::memo::checkpointing(|| {
+            ciborium::into_writer(
+                &Out {
+                    tracer_version: THIS,
+                    state: self,
+                },
+                &mut out,
+            )
+        })
         .map_err(|e| CheckpointError::Encode(e.to_string()))?;
         Ok(out)
     }

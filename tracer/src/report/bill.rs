@@ -59,8 +59,10 @@ pub struct Line {
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
-    /// Requests of its service in flight with it (itself included).
-    pub occupancy: u32,
+    /// Batch occupancy: requests of its service in the engine with it (itself included),
+    /// time-averaged, as the ledger's split saw them (`None`: never on a device with power
+    /// data).
+    pub occupancy: Option<f64>,
     pub emissions_g: Option<Decimal>,
     pub outcome: String,
 }
@@ -119,36 +121,6 @@ fn money(units: Decimal) -> Decimal {
     units / Decimal::from(J_PER_KWH)
 }
 
-/// Requests of the same service overlapping each record (itself included).
-fn occupancy(records: &[FinalRecord]) -> Vec<u32> {
-    let mut by_service: BTreeMap<&str, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
-    let span = |r: &FinalRecord| {
-        let dur = (r.record.end_ns.saturating_sub(r.record.arrive_ns) / 1_000_000) as i64;
-        (r.end_unix_ms - dur, r.end_unix_ms)
-    };
-    for r in records {
-        let (s, e) = span(r);
-        let v = by_service.entry(r.service_name.as_str()).or_default();
-        v.0.push(s);
-        v.1.push(e);
-    }
-    for v in by_service.values_mut() {
-        v.0.sort_unstable();
-        v.1.sort_unstable();
-    }
-    records
-        .iter()
-        .map(|r| {
-            let (s, e) = span(r);
-            let (starts, ends) = &by_service[r.service_name.as_str()];
-            // Started before it ended, minus those that ended before it started.
-            let started = starts.partition_point(|&x| x <= e);
-            let ended = ends.partition_point(|&x| x < s);
-            started.saturating_sub(ended).max(1) as u32
-        })
-        .collect()
-}
-
 /// Prices `records` and the devices' `intervals` at `tariff`; `tokens` adds the per-token
 /// comparison.
 pub fn bill(
@@ -158,11 +130,9 @@ pub fn bill(
     tokens: Option<&TokenTable>,
     by: By,
 ) -> Bill {
-    let occupancy = occupancy(records);
     let mut lines: Vec<(Line, Decimal)> = records
         .iter()
-        .zip(occupancy)
-        .map(|(r, occ)| {
+        .map(|r| {
             let rec = &r.record;
             let dur = (rec.end_ns.saturating_sub(rec.arrive_ns) / 1_000_000) as i64;
             let (from, to) = (r.end_unix_ms - dur, r.end_unix_ms);
@@ -192,7 +162,7 @@ pub fn bill(
                     prompt_tokens: rec.prompt_tokens,
                     cached_tokens: rec.cached_tokens,
                     completion_tokens: rec.completion_tokens,
-                    occupancy: occ,
+                    occupancy: rec.occupancy,
                     emissions_g: emissions,
                     outcome: rec.outcome.name().to_string(),
                 },
@@ -402,6 +372,6 @@ mod tests {
             dec!(7) * (dec!(50) + dec!(5) + dec!(20)) / dec!(1000000)
         );
         assert!(g.savings_pct().is_some());
-        assert!(b.lines.iter().all(|l| l.occupancy >= 1));
+        assert!(b.lines.iter().all(|l| l.occupancy.is_none_or(|o| o >= 1.0)));
     }
 }

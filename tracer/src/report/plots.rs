@@ -188,7 +188,7 @@ pub fn per_token_vs_occupancy(bill: &Bill) -> Result<String, PlotError> {
         "J/token vs occupancy",
         "Energy per output token against batch occupancy",
         "requests of the service in flight with it",
-        |l| Some(f64::from(l.occupancy)),
+        |l| l.occupancy,
     )
 }
 

@@ -38,6 +38,7 @@ fn record(id: u64, end_unix_ms: i64, model: &str, total_j: f64) -> Arc<FinalReco
             idle_j: total_j * 0.25,
             total_j,
             kwh: total_j / 3.6e6,
+            occupancy: None,
             joules_per_output_token: Some(total_j / 4.0),
             uncertainty_j: 0.1,
             coverage_gap_ns: 0,

@@ -117,14 +117,14 @@ pub enum Lifecycle {
         /// Bytes of the request body (what a prompt's size can be estimated from).
         body_bytes: u64,
         /// The prompt's start as chained block hashes (`prefix.rs`): what it shares with others.
-        /// Kept in memory only (never written out).
-        #[serde(skip)]
+        /// Kept in memory only (never written out; a checkpoint carries it).
+        #[serde(default, skip_serializing_if = "crate::memo::memory_only")]
         prompt_blocks: Vec<u64>,
         /// Sent by the traced process (a call it makes as a client), not received by it.
-        #[serde(skip)]
+        #[serde(default, skip_serializing_if = "crate::memo::memory_only")]
         client: bool,
         /// Hash of the message's first 4 KiB: the same exchange seen at its two ends.
-        #[serde(skip)]
+        #[serde(default, skip_serializing_if = "crate::memo::memory_only")]
         message_hash: u64,
     },
     /// The request's last byte.
