@@ -42,6 +42,12 @@ impl Client {
         })
     }
 
+    /// The connection alone (one descriptor: the reader's copy is closed). Call it between
+    /// exchanges, when nothing is buffered.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// The client's local port (identifies the connection in the tracer's view).
     pub fn local_port(&self) -> u16 {
         self.stream.local_addr().map_or(0, |a| a.port())

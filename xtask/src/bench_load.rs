@@ -280,7 +280,7 @@ fn unlimited(exe: &str) -> Command {
     let mut c = Command::new("sh");
     c.args([
         "-c",
-        "ulimit -n 65536 2>/dev/null || ulimit -n 4096; exec \"$0\" \"$@\"",
+        "ulimit -n \"$(ulimit -Hn)\" 2>/dev/null; exec \"$0\" \"$@\"",
         exe,
     ]);
     c

@@ -141,7 +141,8 @@ fn hold(a: &Args, body: &str) {
         match Client::connect(a.port) {
             Ok(mut c) => {
                 if c.post("/v1/chat/completions", body, &[]).is_ok() {
-                    held.push(c);
+                    // One descriptor per connection held.
+                    held.push(c.into_stream());
                 }
             }
             Err(e) => {

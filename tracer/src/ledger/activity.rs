@@ -15,12 +15,14 @@ impl Ledger {
         if to_ns <= from_ns {
             return 0.0;
         }
-        let Some(ids) = self.pending.get(&service) else {
+        let Some(p) = self.pending.service(service) else {
             return 0.0;
         };
-        let mut spans: Vec<(u64, u64)> = ids
-            .iter()
-            .filter_map(|id| self.requests.get(id))
+        // Only those that arrived before the stretch's end can overlap it.
+        let mut spans: Vec<(u64, u64)> = p
+            .arrivals
+            .range(..(to_ns, crate::ids::RequestId(0)))
+            .filter_map(|(_, id)| self.requests.get(id))
             .map(|r| {
                 let a = r.arrival.ts_ns.max(from_ns);
                 (a, r.end_ns.unwrap_or(to_ns).min(to_ns))

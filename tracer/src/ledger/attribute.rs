@@ -1,6 +1,6 @@
 //! Attribution of one measured segment: idle, shape, services, requests, error terms.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::ids::{DeviceId, RequestId, ServiceId};
 
@@ -9,6 +9,7 @@ use super::{
     context::{Member, decode_steps, own_context_time},
     features::{Feat, decode_in, prefill_in, time_shares, unit_chunks},
     model::{CostModel, Features},
+    pending::{IdMap, Pending},
     prefills::allocate_prefills,
     prefix::PrefixCache,
     presence::{in_engine, pauses, resolve_prefill},
@@ -27,7 +28,7 @@ const FINE_COVERAGE: f64 = 0.8;
 pub(crate) struct Ctx<'a> {
     pub dev_id: DeviceId,
     pub config: &'a LedgerConfig,
-    pub pending: &'a BTreeMap<ServiceId, Vec<RequestId>>,
+    pub pending: &'a mut Pending,
     /// Every request that came in before this is known to its end: prefills whose last step
     /// ended before it can be placed.
     pub settled_ns: u64,
@@ -56,6 +57,8 @@ pub(crate) struct Scratch {
     weights: Weights,
     /// Requests whose prefill step was resolved while collecting candidates.
     fresh: Vec<RequestId>,
+    /// A service's requests to look at (unplaced prefills, then candidates).
+    ids: Vec<RequestId>,
     /// One service's candidates and their time in the engine, its decode steps learned from
     /// them, and pauses (`context.rs`).
     members: Vec<Member>,
@@ -102,12 +105,7 @@ struct Unit {
     clippy::many_single_char_names,
     reason = "segment maths uses its own notation"
 )]
-pub(crate) fn segment(
-    ctx: Ctx<'_>,
-    d: &mut Device,
-    seg: &Segment,
-    requests: &mut HashMap<RequestId, Request>,
-) {
+pub(crate) fn segment(ctx: Ctx<'_>, d: &mut Device, seg: &Segment, requests: &mut IdMap<Request>) {
     let Ctx {
         dev_id,
         config,
@@ -139,8 +137,14 @@ pub(crate) fn segment(
             unit: Unit::default(),
             rel_resid: 0.0,
         });
-        let ids = pending.get(&o.service).into_iter().flatten();
-        for id in ids.clone() {
+        // Placed prefills are settled: only the others can change (in id order, as held);
+        // without a step clock, only those with a streamed event.
+        let no_clock = !steps.contains_key(&o.service);
+        match pending.service(o.service) {
+            Some(p) => p.unplaced(no_clock, &mut scratch.ids),
+            None => scratch.ids.clear(),
+        }
+        for id in &scratch.ids {
             let Some(r) = requests.get_mut(id) else {
                 continue;
             };
@@ -148,6 +152,11 @@ pub(crate) fn segment(
             if !r.prefill_placed && r.prefill_to_ns.is_some_and(|to| to < settled_ns) {
                 r.prefill_placed = true;
                 scratch.fresh.push(*id);
+            }
+        }
+        for id in &scratch.fresh {
+            if let Some(r) = requests.get(id) {
+                pending.placed(o.service, *id, r.arrival.ts_ns);
             }
         }
         allocate_prefills(
@@ -158,7 +167,13 @@ pub(crate) fn segment(
             config.step_clock,
         );
         scratch.fresh.clear();
-        for id in ids {
+        // In the engine during the segment: arrived before its end (in the engine from its
+        // arrival at the earliest, `in_engine`).
+        match pending.service(o.service) {
+            Some(p) => p.arrived_before(seg.end_ns, &mut scratch.ids),
+            None => scratch.ids.clear(),
+        }
+        for id in &scratch.ids {
             let Some(r) = requests.get(id) else {
                 continue;
             };
@@ -438,7 +453,7 @@ fn split_unit(
     stats: &mut LedgerStats,
     scratch: &mut Scratch,
     (models, held): (&mut BTreeMap<ServiceId, CostModel>, &mut Vec<HeldUnit>),
-    requests: &mut HashMap<RequestId, Request>,
+    requests: &mut IdMap<Request>,
     steps: &BTreeMap<ServiceId, StepClock>,
     svc: usize,
     (u0, u1): (u64, u64),

@@ -14,12 +14,11 @@
 //! work, a kernel choice that changes with the batch — can pass for context. The slope is used
 //! only where the data shows it (t ≥ [`MIN_T`]); else no step time is given to contexts.
 
-use std::collections::HashMap;
-
 use crate::ids::RequestId;
 
 use super::{
     features::{Feat, prompt_tokens},
+    pending::IdMap,
     presence::pauses,
     state::Request,
     steps::{Step, StepClock, StepClockPolicy},
@@ -60,7 +59,7 @@ pub(super) fn decode_steps(
     clock: &StepClock,
     policy: StepClockPolicy,
     (from, to): (u64, u64),
-    (members, requests): (&[Member], &HashMap<RequestId, Request>),
+    (members, requests): (&[Member], &IdMap<Request>),
     buf: &mut Vec<(u64, u64)>,
     out: &mut Vec<(u64, usize, f64, u64)>,
 ) {

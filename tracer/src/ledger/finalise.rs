@@ -16,21 +16,34 @@ use super::{
 
 /// Joules per kWh.
 const J_PER_KWH: f64 = 3.6e6;
+/// Event times a request keeps before those attribution is past are pruned.
+pub(super) const LONG_TIMES: usize = 64;
 
 impl Ledger {
     /// Ends requests open longer than `max_open_ns`.
     pub(super) fn expire(&mut self, watermark: u64) {
-        let limit = self.config.max_open_ns;
-        for ids in self.pending.values() {
-            for id in ids {
-                if let Some(r) = self.requests.get_mut(id)
-                    && r.end_ns.is_none()
-                    && watermark.saturating_sub(r.arrival.ts_ns) > limit
-                {
-                    r.end_ns = Some(r.last_seen_ns);
-                    r.outcome = Outcome::Aborted;
-                    self.stats.expired_requests += 1;
-                }
+        // Open longer than the limit: arrived before `watermark - limit`.
+        let Some(cutoff) = watermark.checked_sub(self.config.max_open_ns) else {
+            return;
+        };
+        let expired: Vec<(ServiceId, RequestId)> = self
+            .pending
+            .services()
+            .flat_map(|(svc, p)| {
+                p.open
+                    .range(..(cutoff, RequestId(0)))
+                    .map(move |(_, id)| (svc, *id))
+            })
+            .collect();
+        for (service, id) in expired {
+            if let Some(r) = self.requests.get_mut(&id)
+                && r.end_ns.is_none()
+            {
+                r.end_ns = Some(r.last_seen_ns);
+                r.outcome = Outcome::Aborted;
+                self.stats.expired_requests += 1;
+                self.pending
+                    .end(service, id, r.arrival.ts_ns, r.last_seen_ns);
             }
         }
     }
@@ -100,14 +113,10 @@ impl Ledger {
         // attribution from there on: their phases and token counts are not known yet.
         let mut blocked_from = u64::MAX;
         for o in &d.occupancy {
-            if let Some(ids) = self.pending.get(&o.service) {
-                for rid in ids {
-                    if let Some(r) = self.requests.get(rid)
-                        && r.end_ns.is_none()
-                    {
-                        blocked_from = blocked_from.min(r.arrival.ts_ns);
-                    }
-                }
+            if let Some(&(arrival, _)) =
+                self.pending.service(o.service).and_then(|p| p.open.first())
+            {
+                blocked_from = blocked_from.min(arrival);
             }
         }
         while let Some(s) = d.segments.front().copied() {
@@ -119,7 +128,11 @@ impl Ledger {
             // of the requests that came in before its end to be settled.
             let mut settle_to = s.end_ns;
             for o in &d.occupancy {
-                for rid in self.pending.get(&o.service).into_iter().flatten() {
+                let unplaced = self
+                    .pending
+                    .service(o.service)
+                    .map(|p| p.unplaced.range(..(s.end_ns, RequestId(0))));
+                for (_, rid) in unplaced.into_iter().flatten() {
                     if let Some(r) = self.requests.get(rid)
                         && r.arrival.ts_ns < s.end_ns
                         && !r.prefill_placed
@@ -139,7 +152,7 @@ impl Ledger {
                 attribute::Ctx {
                     dev_id: id,
                     config: &self.config,
-                    pending: &self.pending,
+                    pending: &mut self.pending,
                     settled_ns: if forced { u64::MAX } else { blocked_from },
                     steps: &mut self.steps,
                     prefixes: &self.prefixes,
@@ -177,41 +190,28 @@ impl Ledger {
 
     pub(super) fn finalise(&mut self, watermark: u64) -> Vec<RequestRecord> {
         let mut done: Vec<(u64, RequestId)> = Vec::new();
-        for ids in self.pending.values() {
-            for rid in ids {
-                let Some(r) = self.requests.get(rid) else {
-                    continue;
-                };
-                let Some(end) = r.end_ns else {
-                    continue;
-                };
-                if end > watermark {
-                    continue;
-                }
-                if r.held_units > 0 {
-                    continue;
-                }
-                let ready = self.devices.iter().all(|(dev_id, d)| {
-                    let used = d.uses(r.service) || r.accounts.contains_key(dev_id);
-                    !used
-                        || d.attributed_ns >= end
-                        || (d.covered_until_ns < end
-                            && watermark.saturating_sub(end) >= self.config.stale_ns)
-                });
-                if ready {
-                    done.push((end, *rid));
-                }
+        for (end, rid) in self.pending.ended_until(watermark) {
+            let Some(r) = self.requests.get(&rid) else {
+                continue;
+            };
+            if r.held_units > 0 {
+                continue;
+            }
+            let ready = self.devices.iter().all(|(dev_id, d)| {
+                let used = d.uses(r.service) || r.accounts.contains_key(dev_id);
+                !used
+                    || d.attributed_ns >= end
+                    || (d.covered_until_ns < end
+                        && watermark.saturating_sub(end) >= self.config.stale_ns)
+            });
+            if ready {
+                done.push((end, rid));
             }
         }
-        done.sort_unstable();
         let mut out = Vec::with_capacity(done.len());
         for (_, rid) in done {
             if let Some(r) = self.requests.remove(&rid) {
-                if let Some(ids) = self.pending.get_mut(&r.service)
-                    && let Some(pos) = ids.iter().position(|x| *x == rid)
-                {
-                    ids.remove(pos);
-                }
+                self.pending.remove(r.service, rid, r.keys());
                 self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
                 self.stats.records_emitted += 1;
                 out.push(self.record(rid, r));
@@ -310,14 +310,7 @@ impl Ledger {
     /// Drops state nothing can need any more: old power samples, occupancy, gaps, and event
     /// times of open requests before every device has attributed past them.
     pub(super) fn prune(&mut self) {
-        let oldest_pending = self
-            .pending
-            .values()
-            .flatten()
-            .filter_map(|id| self.requests.get(id))
-            .map(|r| r.arrival.ts_ns)
-            .min()
-            .unwrap_or(u64::MAX);
+        let oldest_pending = self.pending.oldest_arrival().unwrap_or(u64::MAX);
         let mut horizon_by_service: BTreeMap<ServiceId, u64> = BTreeMap::new();
         for d in self.devices.values_mut() {
             let horizon = d.attributed_ns;
@@ -331,34 +324,44 @@ impl Ledger {
             (d.totals.idle_w, d.totals.idle_basis) = d.idle_estimate();
         }
         for (service, steps) in &mut self.steps {
+            // Not resolved yet: not placed either (`unplaced` holds them all, by arrival: the
+            // first such is the oldest).
             let oldest = self
                 .pending
-                .get(service)
+                .service(*service)
+                .map(|p| &p.unplaced)
                 .into_iter()
                 .flatten()
-                .filter_map(|id| self.requests.get(id))
-                .filter(|r| r.prefill_from_ns.is_none())
-                .map(|r| r.arrival.ts_ns)
-                .min()
-                .unwrap_or(u64::MAX);
+                .find(|(_, id)| {
+                    self.requests
+                        .get(id)
+                        .is_some_and(|r| r.prefill_from_ns.is_none())
+                })
+                .map_or(u64::MAX, |(arrival, _)| *arrival);
             // Events not attributed yet are placed in their steps: keep those too.
             let horizon = horizon_by_service.get(service).copied().unwrap_or(0);
             steps.prune(oldest.min(horizon));
         }
-        for (service, ids) in &self.pending {
-            let Some(&h) = horizon_by_service.get(service) else {
+        let long: Vec<(ServiceId, RequestId)> = self
+            .pending
+            .services()
+            .flat_map(|(svc, p)| p.long.iter().map(move |id| (svc, *id)))
+            .collect();
+        for (service, id) in long {
+            let Some(&h) = horizon_by_service.get(&service) else {
                 continue;
             };
-            for id in ids {
-                if let Some(r) = self.requests.get_mut(id)
-                    && r.times.len() > 64
-                {
-                    while r.times.len() > 1 && r.times[0].0 < h {
-                        if let Some((t, n)) = r.times.pop_front() {
-                            r.pruned_last_ns = Some(t);
-                            r.pruned_events += u64::from(n);
-                        }
+            if let Some(r) = self.requests.get_mut(&id)
+                && r.times.len() > LONG_TIMES
+            {
+                while r.times.len() > 1 && r.times[0].0 < h {
+                    if let Some((t, n)) = r.times.pop_front() {
+                        r.pruned_last_ns = Some(t);
+                        r.pruned_events += u64::from(n);
                     }
+                }
+                if r.times.len() <= LONG_TIMES {
+                    self.pending.short(service, id);
                 }
             }
         }

@@ -18,13 +18,9 @@ impl Ledger {
             self.stats.withdraw_too_late += 1;
             return false;
         }
-        let service = r.service;
+        let (service, keys) = (r.service, r.keys());
         self.requests.remove(&id);
-        if let Some(ids) = self.pending.get_mut(&service)
-            && let Some(pos) = ids.iter().position(|x| *x == id)
-        {
-            ids.remove(pos);
-        }
+        self.pending.remove(service, id, keys);
         self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
         self.stats.withdrawn += 1;
         true
@@ -45,12 +41,12 @@ impl Ledger {
             return false;
         }
         let old = std::mem::replace(&mut r.service, service);
-        if let Some(ids) = self.pending.get_mut(&old)
-            && let Some(pos) = ids.iter().position(|x| *x == id)
-        {
-            ids.remove(pos);
+        let (keys, long) = (r.keys(), r.times.len() > super::finalise::LONG_TIMES);
+        self.pending.remove(old, id, keys);
+        self.pending.insert(service, id, keys);
+        if long {
+            self.pending.long(service, id);
         }
-        self.pending.entry(service).or_default().push(id);
         self.stats.rehomed += 1;
         true
     }

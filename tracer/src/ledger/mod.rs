@@ -143,6 +143,7 @@ mod finalise;
 mod idle;
 mod merge;
 mod model;
+mod pending;
 mod prefills;
 mod prefix;
 mod presence;
@@ -154,7 +155,7 @@ mod types;
 mod warmup;
 mod weights;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 pub use config::{
     CostModelConfig, IdlePolicy, LedgerConfig, LedgerError, SplitPolicy, UncertaintyConfig,
@@ -167,6 +168,7 @@ pub use types::{
     LedgerStats, Outcome, RequestRecord,
 };
 
+use pending::{IdMap, Pending};
 use sensor::{PowerCurve, PowerPoint, Push};
 use state::{Device, Occupancy, Request};
 
@@ -177,9 +179,9 @@ pub use crate::ids::{DeviceId, RequestId, ServiceId};
 pub struct Ledger {
     config: LedgerConfig,
     devices: BTreeMap<DeviceId, Device>,
-    requests: HashMap<RequestId, Request>,
-    /// Requests not yet emitted, by service, in order of arrival registration.
-    pending: BTreeMap<ServiceId, Vec<RequestId>>,
+    requests: IdMap<Request>,
+    /// Requests not yet emitted, indexed (`pending.rs`).
+    pending: Pending,
     /// Per service, the ends of its engine steps (engine marks and write bursts).
     steps: BTreeMap<ServiceId, steps::StepClock>,
     /// Per service, the prompt starts seen (what a prompt without usage had cached).
@@ -241,8 +243,8 @@ impl Ledger {
         Ok(Self {
             config,
             devices: BTreeMap::new(),
-            requests: HashMap::new(),
-            pending: BTreeMap::new(),
+            requests: IdMap::default(),
+            pending: Pending::default(),
             steps: BTreeMap::new(),
             prefixes: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -448,8 +450,9 @@ impl Ledger {
             .entry(service)
             .or_default()
             .arrive(arrival.ts_ns, &arrival.prefix_blocks);
-        self.requests.insert(id, Request::new(service, arrival));
-        self.pending.entry(service).or_default().push(id);
+        let r = Request::new(service, arrival);
+        self.pending.insert(service, id, r.keys());
+        self.requests.insert(id, r);
         self.stats.requests_open += 1;
         Ok(())
     }
@@ -492,6 +495,12 @@ impl Ledger {
                 self.stats.reordered_observations += 1;
             }
             _ => r.times.push_back(item),
+        }
+        if r.times.len() > finalise::LONG_TIMES {
+            self.pending.long(r.service, id);
+        }
+        if r.first_event_ns.is_none() && !r.prefill_placed {
+            self.pending.evented(r.service, id);
         }
         let was_first = r.first_event_ns;
         let first = was_first.is_none_or(|f| ts_ns < f);
@@ -565,10 +574,13 @@ impl Ledger {
             self.stats.duplicate_ends += 1;
             return;
         }
-        r.end_ns = Some(ts_ns.max(r.arrival.ts_ns));
+        let end = ts_ns.max(r.arrival.ts_ns);
+        r.end_ns = Some(end);
         r.response_bytes = response_bytes;
         r.outcome = outcome;
         r.last_seen_ns = r.last_seen_ns.max(ts_ns);
+        let (service, arrival) = (r.service, r.arrival.ts_ns);
+        self.pending.end(service, id, arrival, end);
         if ts_ns < horizon {
             self.stats.late_observations += 1;
         }
@@ -594,17 +606,14 @@ impl Ledger {
     /// Ends every open request at its last activity (`incomplete`) and attributes and emits everything the
     /// sensors cover (shutdown). Devices that stopped reporting are treated as stale.
     pub fn finish(&mut self) -> Vec<RequestRecord> {
-        let open: Vec<RequestId> = self
-            .pending
-            .values()
-            .flatten()
-            .copied()
-            .filter(|id| self.requests.get(id).is_some_and(|r| r.end_ns.is_none()))
-            .collect();
-        for id in open {
-            if let Some(r) = self.requests.get_mut(&id) {
+        for (service, id) in self.pending.open() {
+            if let Some(r) = self.requests.get_mut(&id)
+                && r.end_ns.is_none()
+            {
                 r.end_ns = Some(r.last_seen_ns);
                 r.outcome = Outcome::Incomplete;
+                self.pending
+                    .end(service, id, r.arrival.ts_ns, r.last_seen_ns);
             }
         }
         self.advance(u64::MAX)

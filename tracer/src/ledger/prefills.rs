@@ -36,9 +36,8 @@
 //! group's prefill. The ns per uncached token and tokens per body byte are learned first, from
 //! the periods and prompts these groups close ([`StepClock::period_group`]).
 
-use std::collections::HashMap;
-
 use super::{
+    pending::IdMap,
     prefix::PrefixCache,
     presence::extension,
     sizes::{Shared, body_estimate, cached_choice, choose_cached},
@@ -101,13 +100,13 @@ impl Group {
 /// Places the prefills of the `fresh` requests (just resolved) in the stretched steps they ran
 /// in, as each one's own part of each step (`Request::prefill_chunks`). See the module docs.
 pub(super) fn allocate_prefills(
-    requests: &mut HashMap<RequestId, Request>,
+    requests: &mut IdMap<Request>,
     fresh: &mut [RequestId],
     clock: Option<&mut StepClock>,
     prefixes: Option<&PrefixCache>,
     policy: StepClockPolicy,
 ) {
-    let key = |requests: &HashMap<RequestId, Request>, id: &RequestId| {
+    let key = |requests: &IdMap<Request>, id: &RequestId| {
         requests
             .get(id)
             .map(|r| (r.prefill_to_ns, r.arrival.ts_ns, *id))
@@ -257,7 +256,7 @@ pub(super) fn allocate_prefills(
 
 /// A group's facts (`None` when its members were not resolved).
 fn group(
-    requests: &HashMap<RequestId, Request>,
+    requests: &IdMap<Request>,
     ids: &[RequestId],
     members: (usize, usize),
     c: &StepClock,
@@ -370,12 +369,7 @@ fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
 
 /// Adds a group to its service's prefill period (see [`StepClock::period_group`]) and its
 /// prompts' sizes to what the clock knows of body sizes.
-fn learn_period(
-    requests: &HashMap<RequestId, Request>,
-    ids: &[RequestId],
-    g: &Group,
-    c: &mut StepClock,
-) {
+fn learn_period(requests: &IdMap<Request>, ids: &[RequestId], g: &Group, c: &mut StepClock) {
     for r in ids.iter().filter_map(|id| requests.get(id)) {
         if let (Some(prompt), Some(bytes)) = (r.arrival.prompt_tokens, r.arrival.body_bytes) {
             c.prompt_sample(bytes, prompt);
@@ -394,7 +388,7 @@ fn learn_period(
 
 /// Shares a group's `claimed` step parts (in time order) among its members.
 fn share_group(
-    requests: &mut HashMap<RequestId, Request>,
+    requests: &mut IdMap<Request>,
     group: &[RequestId],
     need: &[Option<f64>],
     claimed: &[Chunk],
@@ -604,7 +598,7 @@ mod tests {
         rs: Vec<Request>,
         prefixes: Option<&PrefixCache>,
     ) -> Vec<Vec<(u64, u64, u64)>> {
-        let mut requests: HashMap<RequestId, Request> = HashMap::new();
+        let mut requests: IdMap<Request> = IdMap::default();
         let mut fresh: Vec<RequestId> = Vec::new();
         for (i, r) in rs.into_iter().enumerate() {
             requests.insert(RequestId(i as u64), r);

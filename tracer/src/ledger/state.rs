@@ -131,6 +131,16 @@ pub(super) struct Request {
 }
 
 impl Request {
+    /// What the pending indices key it by.
+    pub(super) fn keys(&self) -> super::pending::Keys {
+        super::pending::Keys {
+            arrival_ns: self.arrival.ts_ns,
+            end_ns: self.end_ns,
+            placed: self.prefill_placed,
+            evented: self.first_event_ns.is_some(),
+        }
+    }
+
     pub(super) fn new(service: ServiceId, arrival: Arrival) -> Self {
         let ts = arrival.ts_ns;
         Self {

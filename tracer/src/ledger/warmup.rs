@@ -14,13 +14,12 @@
 //!
 //! [`CostModelConfig::warmup_units`]: super::CostModelConfig::warmup_units
 
-use std::collections::HashMap;
-
 use crate::ids::{DeviceId, RequestId, ServiceId};
 
 use super::{
     config::LedgerConfig,
     features::Feat,
+    pending::IdMap,
     state::Request,
     weights::{self, Prices, Weights},
 };
@@ -46,7 +45,7 @@ pub(super) fn resplit(
     config: &LedgerConfig,
     unit: &HeldUnit,
     prices: Option<&Prices>,
-    requests: &mut HashMap<RequestId, Request>,
+    requests: &mut IdMap<Request>,
     scratch: &mut Weights,
 ) {
     let outcome = prices.map(|p| weights::weights(config.split, &unit.feats, p, scratch));
@@ -99,7 +98,7 @@ mod tests {
     fn a_held_unit_is_split_again_at_the_learned_prices() {
         let config = LedgerConfig::default();
         let dev = DeviceId(0);
-        let mut requests = HashMap::new();
+        let mut requests = IdMap::default();
         let ids = [RequestId(1), RequestId(2)];
         for id in ids {
             let mut r = Request::new(ServiceId(1), Arrival::default());
@@ -137,7 +136,7 @@ mod tests {
             &mut requests,
             &mut scratch,
         );
-        let got = |rs: &HashMap<RequestId, Request>, i: usize| rs[&ids[i]].accounts[&dev];
+        let got = |rs: &IdMap<Request>, i: usize| rs[&ids[i]].accounts[&dev];
         let (a, b) = (5.1 / 13.2, 8.1 / 13.2);
         assert!((got(&requests, 0).dynamic_j - 10.0 * a).abs() < 1e-9);
         assert!((got(&requests, 1).dynamic_j - 10.0 * b).abs() < 1e-9);

@@ -21,6 +21,7 @@ mod tests;
 pub mod writer;
 
 use std::{
+    collections::BTreeMap,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -129,6 +130,56 @@ fn cost_nano(r: &FinalRecord) -> (Option<i64>, Option<&str>) {
             Some(c.currency.as_str()),
         )
     })
+}
+
+/// A batch's per-minute sums before they are added to the `rollup` table, keyed by (minute,
+/// service, model, tenant, outcome).
+#[derive(Default)]
+struct Rollups<'a>(BTreeMap<(i64, &'a str, &'a str, &'a str, &'static str), RollupSums<'a>>);
+
+#[derive(Default)]
+struct RollupSums<'a> {
+    requests: i64,
+    total_j: f64,
+    dynamic_j: f64,
+    idle_j: f64,
+    output_tokens: i64,
+    token_j: f64,
+    cost_nano: i64,
+    /// The table's rule: one currency, `*` where they differ, empty while none is known.
+    currency: &'a str,
+}
+
+impl<'a> Rollups<'a> {
+    fn add(&mut self, r: &'a FinalRecord, cost_nano: Option<i64>, currency: Option<&'a str>) {
+        let rec = &r.record;
+        let key = (
+            r.end_unix_ms.div_euclid(MINUTE_MS),
+            r.service_name.as_str(),
+            rec.model.as_deref().unwrap_or(""),
+            rec.tenant.as_deref().unwrap_or(""),
+            rec.outcome.name(),
+        );
+        let s = self.0.entry(key).or_default();
+        let tokens = rec.completion_tokens.filter(|&t| t > 0);
+        s.requests += 1;
+        s.total_j += rec.total_j;
+        s.dynamic_j += rec.dynamic_j;
+        s.idle_j += rec.idle_j;
+        s.output_tokens += tokens.unwrap_or(0) as i64;
+        if tokens.is_some() {
+            s.token_j += rec.total_j;
+        }
+        s.cost_nano += cost_nano.unwrap_or(0);
+        let c = currency.unwrap_or("");
+        s.currency = if s.requests == 1 || s.currency.is_empty() || s.currency == c {
+            c
+        } else if c.is_empty() {
+            s.currency
+        } else {
+            "*"
+        };
+    }
 }
 
 /// What a records query keeps (the API's filters, on stored columns).
@@ -318,14 +369,15 @@ impl Store {
             )?;
             let mut roll = tx.prepare_cached(
                 "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j, cost_nano, currency) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-                 ON CONFLICT DO UPDATE SET requests = requests + 1, total_j = total_j + excluded.total_j, \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?13, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT DO UPDATE SET requests = requests + excluded.requests, total_j = total_j + excluded.total_j, \
                  dynamic_j = dynamic_j + excluded.dynamic_j, idle_j = idle_j + excluded.idle_j, \
                  output_tokens = output_tokens + excluded.output_tokens, token_j = token_j + excluded.token_j, \
                  cost_nano = cost_nano + excluded.cost_nano, \
                  currency = CASE WHEN currency IN ('', excluded.currency) THEN excluded.currency \
                  WHEN excluded.currency = '' THEN currency ELSE '*' END",
             )?;
+            let mut rollups = Rollups::default();
             for r in records {
                 let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
                     id: r.record.id.0 as i64,
@@ -352,27 +404,27 @@ impl Store {
                     segment,
                 ])?;
                 if added > 0 {
-                    let tokens = r.record.completion_tokens.filter(|&t| t > 0);
-                    roll.execute(params![
-                        r.end_unix_ms.div_euclid(MINUTE_MS),
-                        r.service_name,
-                        r.record.model.as_deref().unwrap_or(""),
-                        r.record.tenant.as_deref().unwrap_or(""),
-                        r.record.outcome.name(),
-                        r.record.total_j,
-                        r.record.dynamic_j,
-                        r.record.idle_j,
-                        tokens.unwrap_or(0) as i64,
-                        if tokens.is_some() {
-                            r.record.total_j
-                        } else {
-                            0.0
-                        },
-                        cost_nano.unwrap_or(0),
-                        currency.unwrap_or(""),
-                    ])?;
+                    rollups.add(r, cost_nano, currency);
                 }
                 new += added;
+            }
+            // One upsert per minute and group in the batch, not one per record.
+            for ((minute, service, model, tenant, outcome), s) in &rollups.0 {
+                roll.execute(params![
+                    minute,
+                    service,
+                    model,
+                    tenant,
+                    outcome,
+                    s.total_j,
+                    s.dynamic_j,
+                    s.idle_j,
+                    s.output_tokens,
+                    s.token_j,
+                    s.cost_nano,
+                    s.currency,
+                    s.requests,
+                ])?;
             }
         }
         tx.commit()?;
