@@ -107,3 +107,94 @@ fn garbage_and_other_versions_are_errors() {
     ));
     assert!(Pipeline::restore(&bytes, Bus::new()).is_ok());
 }
+
+/// The journal as the daemon writes it (a recorder in journal mode, a checkpoint published
+/// every few hundred inputs): each segment replays on its own to the records the live pipeline
+/// finalised in it, its summary counts what happened in it (not the run's totals carried by
+/// its checkpoint), and consecutive segments replay as one.
+#[test]
+fn each_journal_segment_replays_to_its_own_records() {
+    use tracer::record::{
+        format::{RecordHeader, Recorder, segment_path},
+        replay::{ReplayOptions, replay_records},
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/h200/live.rec");
+    let mut rp = Replayer::open(&path).expect("fixture");
+    let mut inputs = Vec::new();
+    while let Some(i) = rp.next_input().expect("read") {
+        inputs.push(i);
+    }
+    let dir = std::env::temp_dir().join(format!("tracer-journal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let first = dir.join("run-1.rec");
+    let header = RecordHeader {
+        segment: 0,
+        ..rp.header.clone()
+    };
+    let (mut bus, live_got) = collecting();
+    bus.subscribe(Box::new(Recorder::journal(&first, &header).expect("journal")));
+    let mut live = Pipeline::new(&rp.header.pipeline, bus).expect("pipeline");
+    let step = inputs.len() / 4;
+    // Records the live pipeline had given when each segment began.
+    let mut starts = vec![0];
+    for (n, input) in inputs.iter().enumerate() {
+        if n > 0 && n % step == 0 && starts.len() < 4 {
+            starts.push(live_got.lock().expect("lock").len());
+            assert!(live.checkpoint().expect("checkpoint") > 0);
+        }
+        live.apply(input.clone());
+    }
+    live.apply(Input::Finish);
+    live.flush();
+    drop(live);
+    let live_records = live_got.lock().expect("lock").clone();
+    starts.push(live_records.len());
+    // The whole journal as one chain; each segment's energy adds up to it.
+    let (all, whole) = replay_records(&ReplayOptions {
+        continued: (1..4).map(|k| segment_path(&first, k)).collect(),
+        ..ReplayOptions::of(&first)
+    })
+    .expect("the whole journal");
+    assert_eq!(all.len(), live_records.len());
+    let mut measured_j = replay_records(&ReplayOptions::of(&first))
+        .expect("segment 0")
+        .1
+        .measured_j;
+    for k in 1..4u32 {
+        let seg = segment_path(&first, k);
+        let (got, summary) = replay_records(&ReplayOptions::of(&seg)).expect("segment");
+        let got: Vec<String> = got
+            .iter()
+            .map(|r| serde_json::to_string(&*r.record).expect("json"))
+            .collect();
+        let (a, b) = (starts[k as usize], starts[k as usize + 1]);
+        assert_eq!(got, live_records[a..b], "segment {k}");
+        assert_eq!(summary.records as usize, b - a, "segment {k}: {summary}");
+        assert!(summary.measured_j > 0.0, "segment {k}: {summary}");
+        measured_j += summary.measured_j;
+        if k < 3 {
+            assert!(summary.continued, "segment {k} goes on: {summary}");
+        }
+    }
+    assert!(
+        (measured_j - whole.measured_j).abs() <= 1e-9 * whole.measured_j,
+        "segments {measured_j} J, whole {}",
+        whole.measured_j
+    );
+    // Segments 2 and 3 as one: their records, in order.
+    let (got, _) = replay_records(&ReplayOptions {
+        continued: vec![segment_path(&first, 3)],
+        ..ReplayOptions::of(&segment_path(&first, 2))
+    })
+    .expect("chain");
+    assert_eq!(got.len(), starts[4] - starts[2]);
+    assert!(got.iter().all(|r| r.segment >= 2));
+    // Another policy cannot start from a checkpoint.
+    let split = ReplayOptions {
+        split: Some(tracer::ledger::SplitPolicy::Equal),
+        ..ReplayOptions::of(&segment_path(&first, 1))
+    };
+    assert!(replay_records(&split).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -151,11 +151,25 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    fn stop(mut self) -> Result<()> {
-        sh(privileged("kill").args(["-INT", &self.pid().to_string()]))?;
+/// Stopped however the bench ends (an error included): detached, its records flushed.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = privileged("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
-        Ok(())
+    }
+}
+
+/// A child killed however the bench ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -296,13 +310,15 @@ fn rss_with_connections(
 ) -> Result<u64> {
     let d = Daemon::start(tracer, port, dir)?;
     let before = d.recorded()?;
-    let mut hold = unlimited(&loadgen.to_string_lossy())
-        .args(["--port", &port.to_string(), "--hold", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut hold = Killed(
+        unlimited(&loadgen.to_string_lossy())
+            .args(["--port", &port.to_string(), "--hold", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
     let mut line = String::new();
-    BufReader::new(hold.stdout.take().context("stdout")?).read_line(&mut line)?;
+    BufReader::new(hold.0.stdout.take().context("stdout")?).read_line(&mut line)?;
     if !line.starts_with("held") {
         bail!("loadgen --hold said {line:?}");
     }
@@ -312,14 +328,18 @@ fn rss_with_connections(
     }
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_kib(d.pid())?;
-    let stdin: Option<ChildStdin> = hold.stdin.take();
+    let stdin: Option<ChildStdin> = hold.0.stdin.take();
     drop(stdin);
-    let _ = hold.wait();
-    d.stop()?;
+    let _ = hold.0.wait();
+    drop(d);
     Ok(rss)
 }
 
 pub fn bench(quick: bool) -> Result<()> {
+    if !crate::is_root() {
+        // Under sudo the pid at hand would be sudo's, and its CPU and memory near zero.
+        bail!("cargo xtask bench reads the daemon's CPU and memory in /proc: run it as root");
+    }
     sh(Command::new("cargo").args([
         "build",
         "--release",
@@ -362,7 +382,8 @@ pub fn bench(quick: bool) -> Result<()> {
     let mut rows = Vec::new();
     let mut rss = Vec::new();
     for (name, mut cmd) in servers {
-        let (mut server, port) = spawn_listening(&mut cmd)?;
+        let (server, port) = spawn_listening(&mut cmd)?;
+        let server = Killed(server);
         for m in mixes(quick) {
             // Warm the server up, and the daemon: its cost model learns the service (the store
             // keeps it for the next start, as after a restart on a real host).
@@ -380,7 +401,7 @@ pub fn bench(quick: bool) -> Result<()> {
             let d = Daemon::start(&tracer, port, &daemon_dir)?;
             let warm = run_load(&loadgen, port, &m, m.requests / 4)?;
             d.wait_recorded(warm.ok)?;
-            d.stop()?;
+            drop(d);
             let mut row = Row {
                 server: name,
                 mix: m,
@@ -403,7 +424,7 @@ pub fn bench(quick: bool) -> Result<()> {
                     let load = run_load(&loadgen, port, &m, m.requests)?;
                     let recorded = d.wait_recorded(before + load.ok)? - before;
                     let cpu = cpu_s(d.pid())? - cpu0;
-                    d.stop()?;
+                    drop(d);
                     if load.failed > 0 {
                         bail!("{name}, {}: {} requests failed", m.name, load.failed);
                     }
@@ -443,8 +464,7 @@ pub fn bench(quick: bool) -> Result<()> {
                 ));
             }
         }
-        let _ = server.kill();
-        let _ = server.wait();
+        drop(server);
     }
     println!();
     println!(

@@ -160,6 +160,10 @@ impl Segments {
 
     /// Between inputs: starts the next segment if this one is due.
     pub(super) fn tick(&mut self, pipeline: &mut crate::pipeline::Pipeline, now_ns: u64) {
+        if std::sync::Arc::strong_count(&self.written) == 1 {
+            // The journal failed and was dropped (its bus counts it): nothing to cut.
+            return;
+        }
         let bytes = self.written.load(std::sync::atomic::Ordering::Relaxed);
         let by_size = self.max_bytes > 0 && bytes >= self.max_bytes;
         let by_age = self.max_ns > 0 && now_ns.saturating_sub(self.since_ns) >= self.max_ns;

@@ -21,12 +21,18 @@ pub enum CheckpointError {
     /// The bytes are not a checkpoint (corrupt, or another layout).
     #[error("decoding the pipeline's state: {0}")]
     Decode(String),
+    /// Larger than a recording frame may be ([`MAX_BYTES`]): not taken.
+    #[error("the pipeline's state is {0} bytes, over the {MAX_BYTES}-byte limit of a checkpoint")]
+    TooLarge(usize),
     /// Written by another tracer version, whose state layout this build does not know.
     #[error(
         "checkpoint written by tracer {found}, this is {this}: replay it with that version, or the run's journal from its first segment"
     )]
     Version { found: String, this: &'static str },
 }
+
+/// The largest checkpoint a recording holds (every open connection's buffers are in it).
+pub const MAX_BYTES: usize = 1 << 30;
 
 /// This build's version, which names the state layout.
 const THIS: &str = env!("CARGO_PKG_VERSION");
@@ -61,6 +67,9 @@ impl Pipeline {
             )
         })
         .map_err(|e| CheckpointError::Encode(e.to_string()))?;
+        if out.len() > MAX_BYTES {
+            return Err(CheckpointError::TooLarge(out.len()));
+        }
         Ok(out)
     }
 

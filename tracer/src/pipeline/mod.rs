@@ -13,7 +13,7 @@
 //! power readings go to the ledger. [`snapshot`] renders the whole state as plain structs.
 
 pub mod bus;
-mod checkpoint;
+pub mod checkpoint;
 mod conns;
 pub mod fact;
 mod hops;

@@ -42,7 +42,7 @@ const TAG_CONTINUED: u8 = 4;
 /// Frames larger than this are corruption, not data (a probe record is at most ~4 KiB).
 const MAX_FRAME: u32 = 64 << 20;
 /// A checkpoint holds every open connection's buffers: allowed to be larger.
-const MAX_CHECKPOINT: u32 = 1 << 30;
+const MAX_CHECKPOINT: u32 = crate::pipeline::checkpoint::MAX_BYTES as u32;
 
 /// Errors reading or writing a recording.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +167,8 @@ impl Recorder {
         Ok(r)
     }
 
-    /// Bytes written to the current file so far (shared: the daemon reads it).
+    /// Bytes of inputs written to the current segment so far (shared: the daemon reads it;
+    /// when the journal is dropped, after a write failed, the daemon holds the only copy).
     pub fn written(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.written)
     }
@@ -220,6 +221,8 @@ impl Recorder {
         self.w = Self::open(&path)?;
         self.header(&path, &header)?;
         self.frame(TAG_CHECKPOINT, state).map_err(io)?;
+        // A segment's size is its inputs': a large state must not start the next one at once.
+        self.written.store(0, Ordering::Relaxed);
         // On disk before the inputs that follow it are.
         self.w.flush().map_err(io)
     }

@@ -203,6 +203,8 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
         }
         None => Pipeline::new(&config, bus)?,
     };
+    // A segment's state carries the run's totals so far: its summary is what happened in it.
+    let (totals0, counts0) = (pipeline.totals(), pipeline.counts());
     let mut inputs = 0u64;
     let mut finished = false;
     let mut path = opts.recording.clone();
@@ -219,7 +221,7 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
         }
         let follows = Replayer::open(next)?;
         let (a, b) = (&rp.header, &follows.header);
-        if b.segment != a.segment + 1
+        if a.segment.checked_add(1) != Some(b.segment)
             || b.pipeline.first_request_id != a.pipeline.first_request_id
             || b.started_unix_ms != a.started_unix_ms
         {
@@ -248,12 +250,14 @@ pub fn replay_into(opts: &ReplayOptions, mut bus: Bus) -> Result<ReplaySummary, 
     }
     pipeline.flush();
     let totals = pipeline.totals();
-    let sum = |f: fn(&crate::ledger::DeviceTotals) -> f64| totals.values().map(f).sum::<f64>();
+    let sum = |f: fn(&crate::ledger::DeviceTotals) -> f64| {
+        totals.values().map(f).sum::<f64>() - totals0.values().map(f).sum::<f64>()
+    };
     let counts = pipeline.counts();
     Ok(ReplaySummary {
         inputs,
-        records: counts.records_done,
-        requests: counts.requests_done,
+        records: counts.records_done - counts0.records_done,
+        requests: counts.requests_done - counts0.requests_done,
         truncated: rp.truncated,
         continued: rp.continued && !opts.finish_continued,
         measured_j: sum(|t| t.measured_j),

@@ -95,25 +95,45 @@ pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, Sto
             unreadable: None,
         };
         let mut next_id = store.last_request_id()? + 1;
-        if let Some((first, rest)) = tail.split_first() {
-            let chain = |continued: &[PathBuf]| {
-                replay_records(&ReplayOptions {
-                    continued: continued.to_vec(),
+        if !tail.is_empty() {
+            // The last two segments; the one before the newest alone (the newest may be only a
+            // header the kill cut); else the whole journal from its first segment, where it is
+            // all kept (a checkpoint this build cannot read: written before an upgrade).
+            let all: Vec<PathBuf> = segments.iter().map(|(_, p)| p.clone()).collect();
+            let whole = segments
+                .iter()
+                .enumerate()
+                .all(|(i, (k, _))| *k as usize == i);
+            let mut chains: Vec<&[PathBuf]> = vec![&tail, &tail[..1]];
+            if whole {
+                chains.push(&all);
+                chains.push(&all[..all.len() - 1]);
+            }
+            let mut replayed = Err(None);
+            for paths in chains {
+                let Some((first, rest)) = paths.split_first() else {
+                    continue;
+                };
+                match replay_records(&ReplayOptions {
+                    continued: rest.to_vec(),
                     // The run ended here: what was open is incomplete.
                     finish_continued: true,
                     ..ReplayOptions::of(first)
-                })
-            };
-            // The newest segment may be only a header cut by the kill: then the one before is
-            // the whole story.
-            let replayed = chain(rest).or_else(|e| {
-                if rest.is_empty() {
-                    Err(e)
-                } else {
-                    rec.segments = 1;
-                    chain(&[])
+                }) {
+                    Ok(r) => {
+                        rec.journal = Some(first.clone());
+                        rec.segments = paths.len();
+                        replayed = Ok(r);
+                        break;
+                    }
+                    Err(e) => {
+                        if let Err(None) = replayed {
+                            replayed = Err(Some(e));
+                        }
+                    }
                 }
-            });
+            }
+            let replayed = replayed.map_err(|e| e.map_or_else(String::new, |e| e.to_string()));
             match replayed {
                 Ok((records, summary)) => {
                     let mut fresh: std::collections::BTreeMap<u32, Vec<_>> =
@@ -138,7 +158,7 @@ pub fn recover(store: &mut Store, now_unix_ms: i64) -> Result<Vec<Recovery>, Sto
                     rec.cut_short = summary.truncated;
                     next_id = next_id.max(summary.next_request_id);
                 }
-                Err(e) => rec.unreadable = Some(e.to_string()),
+                Err(e) => rec.unreadable = Some(e),
             }
         }
         store.close_run(run.run, now_unix_ms, next_id)?;

@@ -117,7 +117,11 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(TABLES)?;
     if existed && found < 2 {
         // Version 1 had one journal file per run: its records are all in segment 0.
-        conn.execute_batch("ALTER TABLE records ADD COLUMN segment INTEGER NOT NULL DEFAULT 0")?;
+        // With the version, in one transaction: a crash between them cannot leave the column
+        // added and the version old.
+        conn.execute_batch(&format!(
+            "BEGIN; ALTER TABLE records ADD COLUMN segment INTEGER NOT NULL DEFAULT 0; PRAGMA user_version = {VERSION}; COMMIT;"
+        ))?;
     }
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
