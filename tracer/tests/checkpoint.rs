@@ -118,8 +118,8 @@ fn each_journal_segment_replays_to_its_own_records() {
         format::{RecordHeader, Recorder, segment_path},
         replay::{ReplayOptions, replay_records},
     };
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/h200/live.rec");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/h200/live.rec");
     let mut rp = Replayer::open(&path).expect("fixture");
     let mut inputs = Vec::new();
     while let Some(i) = rp.next_input().expect("read") {
@@ -133,7 +133,9 @@ fn each_journal_segment_replays_to_its_own_records() {
         ..rp.header.clone()
     };
     let (mut bus, live_got) = collecting();
-    bus.subscribe(Box::new(Recorder::journal(&first, &header).expect("journal")));
+    bus.subscribe(Box::new(
+        Recorder::journal(&first, &header).expect("journal"),
+    ));
     let mut live = Pipeline::new(&rp.header.pipeline, bus).expect("pipeline");
     let step = inputs.len() / 4;
     // Records the live pipeline had given when each segment began.
