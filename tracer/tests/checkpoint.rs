@@ -40,10 +40,8 @@ fn collecting() -> (Bus, Arc<Mutex<Vec<String>>>) {
     (bus, got)
 }
 
-/// The real H200 recording, cut at many points: a pipeline restored from the live one's
-/// checkpoint and fed the rest gives exactly the records the live one gave after the cut.
-#[test]
-fn a_restored_pipeline_gives_the_live_records_after_the_checkpoint() {
+/// The real H200 recording's header and inputs.
+fn h200() -> (tracer::record::format::RecordHeader, Vec<Input>) {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/h200/live.rec");
     let mut rp = Replayer::open(&path).expect("fixture");
@@ -51,11 +49,19 @@ fn a_restored_pipeline_gives_the_live_records_after_the_checkpoint() {
     while let Some(i) = rp.next_input().expect("read") {
         inputs.push(i);
     }
+    (rp.header, inputs)
+}
+
+/// The real H200 recording, cut at many points: a pipeline restored from the live one's
+/// checkpoint and fed the rest gives exactly the records the live one gave after the cut.
+#[test]
+fn a_restored_pipeline_gives_the_live_records_after_the_checkpoint() {
+    let (header, mut inputs) = h200();
     if !matches!(inputs.last(), Some(Input::Finish)) {
         inputs.push(Input::Finish);
     }
     let (bus, live_got) = collecting();
-    let mut live = Pipeline::new(&rp.header.pipeline, bus).expect("pipeline");
+    let mut live = Pipeline::new(&header.pipeline, bus).expect("pipeline");
     let step = inputs.len() / 9;
     let mut cuts = Vec::new();
     for (n, input) in inputs.iter().enumerate() {
@@ -118,25 +124,19 @@ fn each_journal_segment_replays_to_its_own_records() {
         format::{RecordHeader, Recorder, segment_path},
         replay::{ReplayOptions, replay_records},
     };
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/h200/live.rec");
-    let mut rp = Replayer::open(&path).expect("fixture");
-    let mut inputs = Vec::new();
-    while let Some(i) = rp.next_input().expect("read") {
-        inputs.push(i);
-    }
+    let (header, inputs) = h200();
     let dir = std::env::temp_dir().join(format!("tracer-journal-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let first = dir.join("run-1.rec");
     let header = RecordHeader {
         segment: 0,
-        ..rp.header.clone()
+        ..header
     };
     let (mut bus, live_got) = collecting();
     bus.subscribe(Box::new(
         Recorder::journal(&first, &header).expect("journal"),
     ));
-    let mut live = Pipeline::new(&rp.header.pipeline, bus).expect("pipeline");
+    let mut live = Pipeline::new(&header.pipeline, bus).expect("pipeline");
     let step = inputs.len() / 4;
     // Records the live pipeline had given when each segment began.
     let mut starts = vec![0];

@@ -89,10 +89,16 @@ fn from_store(dir: &Path, since: i64, until: i64) -> anyhow::Result<Sources> {
     let intervals = store.intervals(since, until)?;
     let used: std::collections::BTreeSet<i64> = rows.iter().map(|((run, _), _)| *run).collect();
     let mut reproduce = std::collections::BTreeMap::new();
+    // Each segment's file looked up once, not once per record.
+    let mut kept: std::collections::BTreeMap<(i64, u32), Option<PathBuf>> =
+        std::collections::BTreeMap::new();
     for ((run, segment), r) in &rows {
-        let path = segment_path(&store.journal_path(*run), *segment);
-        if path.exists() {
-            reproduce.insert(r.record.id.0, path);
+        let path = kept.entry((*run, *segment)).or_insert_with(|| {
+            let p = segment_path(&store.journal_path(*run), *segment);
+            p.exists().then_some(p)
+        });
+        if let Some(p) = path {
+            reproduce.insert(r.record.id.0, p.clone());
         }
     }
     let runs = store
