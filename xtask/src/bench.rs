@@ -10,15 +10,26 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{privileged, sh};
 
+/// What is attached while a benchmark process runs.
+#[derive(Clone, Copy)]
+enum Attach {
+    /// Nothing.
+    None,
+    /// The daemon, tracing the benchmark (`true`) or a decoy process (`false`).
+    Tracer { target: bool },
+    /// The empty-program floor (`probe-floor`) on the daemon's tracepoints.
+    Floor,
+}
+
 /// One benchmark process run: spawn `bench` with `args` (it prints `ready <pid>` and waits for
-/// a line), optionally attach the tracer (to it or to a decoy, with `tracer_args`), say go and
-/// read the figures `names` in order.
+/// a line), attach what `attach` says (the daemon with `tracer_args`), say go and read the
+/// figures `names` in order.
 fn bench_case(
     bench: &Path,
     args: &[String],
     tracer: &Path,
     dir: &Path,
-    target: Option<bool>,
+    attach: Attach,
     tracer_args: &[String],
     names: &[&str],
 ) -> Result<Vec<f64>> {
@@ -40,44 +51,59 @@ fn bench_case(
         .and_then(|p| p.parse().ok())
         .context("bad ready line")?;
     let mut decoy = None;
-    let mut daemon = None;
-    if let Some(is_target) = target {
-        let target_pid = if is_target {
-            pid
-        } else {
-            let d = Command::new("sleep").arg("600").spawn()?;
-            let id = d.id();
-            decoy = Some(d);
-            id
-        };
-        let events = dir.join(format!("events-{pid}.jsonl"));
-        let log = dir.join(format!("tracer-{pid}.log"));
-        let d = privileged(&tracer.to_string_lossy())
-            .args([
-                "run",
-                "--pid",
-                &target_pid.to_string(),
-                "--summary-interval-ms",
-                "0",
-            ])
-            .arg("--store")
-            .arg(dir.join(format!("store-{pid}")))
-            .arg("--device-root")
-            .arg(dir)
-            .arg("--standin-devices")
-            .arg("--events-out")
-            .arg(&events)
-            .args(tracer_args)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting tracer")?;
-        daemon = Some(d);
-        // The last attach step (services, step clocks, connections) logs "attached".
+    let log = dir.join(format!("tracer-{pid}.log"));
+    let daemon = match attach {
+        Attach::None => None,
+        Attach::Floor => {
+            let floor = tracer.with_file_name("probe-floor");
+            Some(
+                privileged(&floor.to_string_lossy())
+                    .stderr(std::fs::File::create(&log)?)
+                    .spawn()
+                    .context("starting probe-floor")?,
+            )
+        }
+        Attach::Tracer { target: is_target } => {
+            let target_pid = if is_target {
+                pid
+            } else {
+                let d = Command::new("sleep").arg("600").spawn()?;
+                let id = d.id();
+                decoy = Some(d);
+                id
+            };
+            let events = dir.join(format!("events-{pid}.jsonl"));
+            Some(
+                privileged(&tracer.to_string_lossy())
+                    .args([
+                        "run",
+                        "--pid",
+                        &target_pid.to_string(),
+                        "--summary-interval-ms",
+                        "0",
+                    ])
+                    .arg("--store")
+                    .arg(dir.join(format!("store-{pid}")))
+                    .arg("--device-root")
+                    .arg(dir)
+                    .arg("--standin-devices")
+                    .arg("--events-out")
+                    .arg(&events)
+                    .args(tracer_args)
+                    .env("RUST_LOG", "info")
+                    .stderr(std::fs::File::create(&log)?)
+                    .spawn()
+                    .context("starting tracer")?,
+            )
+        }
+    };
+    if daemon.is_some() {
+        // The daemon's last attach step (services, step clocks, connections) logs "attached",
+        // as does the floor once its programs are.
         let deadline = Instant::now() + Duration::from_secs(60);
         while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("attached")) {
             if Instant::now() > deadline {
-                bail!("tracer did not attach");
+                bail!("the probes did not attach: {}", log.display());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -118,6 +144,8 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
         "--bin",
         "syscall-bench",
         "--bin",
+        "probe-floor",
+        "--bin",
         "cuda-steps",
     ]))?;
     // Apart: with a `--bin` filter the stand-in driver would be built only as a dependency,
@@ -129,11 +157,18 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
     let dir = env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cases = [
-        ("no tracer", None),
-        ("tracer attached, caller not a target", Some(false)),
+        ("no tracer", Attach::None),
+        (
+            "floor: an empty program on each of the same tracepoints",
+            Attach::Floor,
+        ),
+        (
+            "tracer attached, caller not a target",
+            Attach::Tracer { target: false },
+        ),
         (
             "tracer attached, caller is the target (data captured, ioctl recorded)",
-            Some(true),
+            Attach::Tracer { target: true },
         ),
     ];
     let mut rows = Vec::new();
@@ -146,18 +181,36 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
             &dir,
             target,
             &[],
-            &["write_read_ns", "ioctl_ns"],
+            &["write_read_ns", "ioctl_ns", "getppid_ns"],
         )?;
-        rows.push((name, v[0], v[1]));
+        rows.push((name, v));
     }
-    let (base_rw, base_ioctl) = (rows[0].1, rows[0].2);
-    println!("| case | 64 B write + read, ns | added | ioctl, ns | added |");
-    println!("|---|---|---|---|---|");
-    for (name, rw, ioctl) in rows {
+    // Added ns over no tracer; the floor's added ns is what the not-a-target tax is held to.
+    let base = rows[0].1.clone();
+    let floor = rows[1].1.clone();
+    println!(
+        "| case | 64 B write + read, ns | added | ioctl, ns | added | getppid (not hooked), ns | added | added / floor's (write+read, ioctl) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, v) in rows {
+        let ratio = |i: usize| {
+            let floor_added = floor[i] - base[i];
+            if floor_added > 0.0 {
+                format!("{:.2}", (v[i] - base[i]) / floor_added)
+            } else {
+                "-".to_string()
+            }
+        };
         println!(
-            "| {name} | {rw:.0} | {:+.0} | {ioctl:.0} | {:+.0} |",
-            rw - base_rw,
-            ioctl - base_ioctl
+            "| {name} | {:.0} | {:+.0} | {:.0} | {:+.0} | {:.1} | {:+.1} | {}, {} |",
+            v[0],
+            v[0] - base[0],
+            v[1],
+            v[1] - base[1],
+            v[2],
+            v[2] - base[2],
+            ratio(0),
+            ratio(1),
         );
     }
     bench_cuda(&release, &tracer, &dir, iterations)?;
@@ -178,16 +231,16 @@ fn bench_cuda(release: &Path, tracer: &Path, dir: &Path, iterations: u32) -> Res
     // Not a target: the decoy gets the uprobes (forced library), the benchmark uses the same
     // library file.
     let forced = ["--cuda-lib".to_string(), lib.to_string_lossy().into_owned()];
-    let cases: [(&str, Option<bool>, &[String]); 3] = [
-        ("no tracer", None, &[]),
+    let cases: [(&str, Attach, &[String]); 3] = [
+        ("no tracer", Attach::None, &[]),
         (
             "tracer attached, uprobes on the library for another process",
-            Some(false),
+            Attach::Tracer { target: false },
             &forced,
         ),
         (
             "tracer attached, caller is the target (found in its maps)",
-            Some(true),
+            Attach::Tracer { target: true },
             &[],
         ),
     ];

@@ -42,6 +42,7 @@ macro_rules! config {
 mod capture;
 mod cuda;
 mod fd;
+mod floor;
 mod net;
 mod nvidia;
 mod sched;

@@ -8,12 +8,13 @@
 
 mod cuda;
 pub mod decode;
+mod floor;
 mod stats;
 pub mod targets;
 mod tls;
 mod uprobes;
 
-pub use self::{cuda::CUDA_SYMBOLS, stats::KernelStats, tls::TLS_SYMBOLS};
+pub use self::{cuda::CUDA_SYMBOLS, floor::Floor, stats::KernelStats, tls::TLS_SYMBOLS};
 
 use std::{
     ffi::CString,
