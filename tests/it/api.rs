@@ -21,13 +21,18 @@ const NOBODY: u32 = 65534;
 
 /// `curl --unix-socket SOCK http://localhost/PATH` (as `uid` when given): (status, body).
 fn curl(sock: &Path, path: &str, uid: Option<u32>) -> (u16, String) {
+    curl_in(sock, path, uid, None)
+}
+
+/// `curl` as `uid`, a member of `group` when given (else of no supplementary group).
+fn curl_in(sock: &Path, path: &str, uid: Option<u32>, group: Option<u32>) -> (u16, String) {
     let mut cmd = match uid {
         Some(u) => {
             let mut c = Command::new("setpriv");
             c.args([
                 format!("--reuid={u}"),
-                format!("--regid={u}"),
-                "--clear-groups".into(),
+                format!("--regid={NOBODY}"),
+                group.map_or_else(|| "--clear-groups".into(), |g| format!("--groups={g}")),
                 "curl".into(),
             ]);
             c
@@ -74,14 +79,30 @@ fn raw(sock: &Path, bytes: &[u8]) -> String {
 }
 
 fn post(port: u16, model: &str, rid: &str) {
+    post_as(port, model, rid, "t-0");
+}
+
+/// A completion for `tenant` (the daemon's `http.tenant_header`).
+fn post_as(port: u16, model: &str, rid: &str, tenant: &str) {
     let mut c = Client::connect(port).expect("connect");
     let body = format!(
         r#"{{"model":"{model}","max_tokens":3,"messages":[{{"role":"user","content":"hi"}}]}}"#
     );
     let ex = c
-        .post("/v1/chat/completions", &body, &[("X-Request-Id", rid)])
+        .post(
+            "/v1/chat/completions",
+            &body,
+            &[("X-Request-Id", rid), ("X-Tenant", tenant)],
+        )
         .expect("exchange");
     assert_eq!(ex.status, 200);
+}
+
+/// The number of requests a page lists.
+fn listed(sock: &Path, path: &str) -> usize {
+    json(sock, path)["requests"]
+        .as_array()
+        .map_or(usize::MAX, Vec::len)
 }
 
 /// Waits until `/v1/requests` lists `n` records.
@@ -100,8 +121,19 @@ fn records(sock: &Path, n: usize) -> Vec<Value> {
 /// The daemon on `ports`, its records final within two seconds (the cost model's warm-up
 /// would otherwise hold the first few requests of a quiet service for up to a minute).
 fn daemon(dir: &TempDir, ports: &[u16]) -> Tracer {
+    daemon_with(dir, ports, "")
+}
+
+/// As `daemon`, with more configuration (`[api]` keys).
+fn daemon_with(dir: &TempDir, ports: &[u16], api: &str) -> Tracer {
     let config = dir.path().join("tracer.toml");
-    std::fs::write(&config, "[ledger]\nmax_defer_ns = 2000000000\n").expect("config");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nmax_defer_ns = 2000000000\n[http]\ntenant_header = \"x-tenant\"\n[api]\n{api}\n"
+        ),
+    )
+    .expect("config");
     let mut args: Vec<String> = vec![
         "--config".into(),
         config.to_str().expect("utf-8").into(),
@@ -127,7 +159,12 @@ fn the_api_answers_over_its_unix_socket() {
     let tracer = daemon(&dir, &[port]);
     let sock = dir.path().join("tracer.sock");
     for i in 0..6 {
-        post(port, &format!("m-{}", i % 3), &format!("api-{i}"));
+        post_as(
+            port,
+            &format!("m-{}", i % 3),
+            &format!("api-{i}"),
+            &format!("t-{}", i % 2),
+        );
     }
     let all = records(&sock, 6);
     assert_eq!(all.len(), 6, "{all:#?}");
@@ -169,6 +206,55 @@ fn the_api_answers_over_its_unix_socket() {
     );
     let rfc = json(&sock, "/v1/requests?since=2020-01-01T00:00:00Z");
     assert_eq!(rfc["requests"].as_array().map(Vec::len), Some(6));
+    let first_ms = all
+        .iter()
+        .filter_map(|r| r["end_unix_ms"].as_i64())
+        .min()
+        .expect("ends");
+    // `until` is exclusive.
+    assert_eq!(listed(&sock, &format!("/v1/requests?until={first_ms}")), 0);
+    assert_eq!(
+        listed(&sock, &format!("/v1/requests?until={}", now_ms + 1)),
+        6
+    );
+    assert_eq!(listed(&sock, "/v1/requests?outcome=complete"), 6);
+    assert_eq!(listed(&sock, "/v1/requests?outcome=aborted"), 0);
+    assert_eq!(
+        listed(&sock, &format!("/v1/requests?service=port%20{port}")),
+        6
+    );
+    assert_eq!(listed(&sock, "/v1/requests?service=port%201"), 0);
+    // Tenants are kept as keyed hashes: the filter takes the hash a record shows.
+    let tenant = all[0]["tenant"]
+        .as_str()
+        .expect("a tenant hash")
+        .to_string();
+    assert!(!tenant.contains("t-"), "never the tenant itself: {tenant}");
+    assert_eq!(listed(&sock, &format!("/v1/requests?tenant={tenant}")), 3);
+    let by_tenant = json(&sock, "/v1/summary?by=tenant");
+    let tenants = by_tenant["groups"].as_array().expect("groups");
+    assert_eq!(tenants.len(), 2, "{by_tenant}");
+    assert!(tenants.iter().all(|g| g["requests"] == 3), "{by_tenant}");
+    // The devices' energy over the same window: requests + idle + unattributed = measured.
+    let window = json(&sock, "/v1/summary?by=model");
+    let devices = window["devices"]
+        .as_array()
+        .expect("devices over the window");
+    assert!(!devices.is_empty(), "{window}");
+    for d in devices {
+        let parts: f64 = ["requests_j", "idle_j", "unattributed_j"]
+            .iter()
+            .filter_map(|k| d[*k].as_f64())
+            .sum();
+        let measured = d["measured_j"].as_f64().expect("measured");
+        assert!(
+            measured > 0.0 && (parts - measured).abs() < 1e-6 * measured,
+            "{d}"
+        );
+    }
+    let by_service = json(&sock, "/v1/summary?by=service");
+    assert_eq!(by_service["groups"][0]["service"], format!("port {port}"));
+    assert_eq!(by_service["groups"][0]["requests"], 6, "{by_service}");
     let summary = json(&sock, "/v1/summary?by=model");
     let groups = summary["groups"].as_array().expect("groups");
     assert_eq!(groups.len(), 3, "{summary}");
@@ -193,6 +279,34 @@ fn the_api_answers_over_its_unix_socket() {
     assert!(metrics.contains(&want), "{want} not in\n{metrics}");
     let want = format!("tracer_request_joules_count{{service=\"port {port}\",model=\"m-0\"}} 2");
     assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    let want = format!(
+        "tracer_tenant_requests_total{{service=\"port {port}\",model=\"m-0\",tenant=\"{tenant}\"}} "
+    );
+    assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    for want in [
+        "tracer_probe_records_total{kind=\"data\",result=\"dropped\"} 0",
+        "tracer_probe_events_total{counter=\"stash_full\"} ",
+        "tracer_pipeline_events_total{counter=\"user_decode_errors\"} 0",
+        "tracer_store_runs_lost_total 0",
+        "tracer_device_idle_watts{device=",
+        "tracer_sampler_polls_total{source=",
+    ] {
+        assert!(metrics.contains(want), "{want} not in\n{metrics}");
+    }
+    // The host's devices: what each draws now, who holds it, its sensor's health.
+    let gpus = json(&sock, "/v1/gpus");
+    let devices = gpus["devices"].as_array().expect("devices");
+    assert!(!devices.is_empty(), "{gpus}");
+    for d in devices {
+        assert!(d["holders"].is_array(), "{d}");
+        assert_eq!(d["sensor"]["status"], "ok", "{d}");
+        assert!(d["power_w"].as_f64().is_some_and(|w| w >= 0.0), "{d}");
+        assert!(d["sensor"]["polls"].as_u64().is_some_and(|n| n > 0), "{d}");
+    }
+    assert_eq!(
+        json(&sock, "/health")["recoveries"],
+        Value::Array(Vec::new())
+    );
     // The same on the TCP listener Prometheus scrapes (its port from the log).
     let log = tracer.log_text();
     let addr = log
@@ -264,8 +378,8 @@ fn the_api_answers_over_its_unix_socket() {
     );
     let status = raw(&sock, huge.as_bytes());
     assert!(
-        status.is_empty() || status.contains(" 431 ") || status.contains(" 400 "),
-        "{status}"
+        status.contains(" 431 ") || status.contains(" 400 "),
+        "a head over 16 KiB is refused with a status: {status:?}"
     );
     let s = {
         let mut c = UnixStream::connect(&sock).expect("connect");
@@ -357,7 +471,7 @@ fn the_api_answers_over_its_unix_socket() {
     ] {
         assert!(frame.contains(want), "{want} not in:\n{frame}");
     }
-    for sub in ["query", "top"] {
+    for sub in ["query", "summary", "top"] {
         let out = Command::new(TRACER)
             .args([sub, "--socket", "/run/no-such-tracer.sock"])
             .output()
@@ -369,6 +483,33 @@ fn the_api_answers_over_its_unix_socket() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A socket the caller may not open: said so (the binary copied where `nobody` may run it).
+    let cli_copy = dir.path().join("tracer-cli");
+    std::fs::copy(TRACER, &cli_copy).expect("copy the cli");
+    let mode = |p: &Path, m: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+    };
+    mode(&cli_copy, 0o755);
+    mode(&sock, 0o600);
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+        ])
+        .arg(&cli_copy)
+        .args(["summary", "--socket"])
+        .arg(&sock)
+        .output()
+        .expect("cli as nobody");
+    mode(&sock, 0o666);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied (the socket's mode"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Another user sees none of root's services, and not the whole host.
     let (status, body) = curl(&sock, "/v1/requests", Some(NOBODY));
@@ -388,54 +529,232 @@ fn the_api_answers_over_its_unix_socket() {
     assert!(!sock.exists(), "the socket is removed at exit");
 }
 
-/// A user sees the services it runs: a server started as `nobody` is visible to `nobody`,
-/// root's is not.
+/// A user and a group made for one test (`useradd`, `groupadd`), removed after it.
+struct Account {
+    user: String,
+    group: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl Account {
+    fn create() -> Account {
+        let tag = std::process::id();
+        let (user, group) = (format!("tracer-u{tag}"), format!("tracer-g{tag}"));
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("account tools");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        run(Command::new("groupadd").arg(&group));
+        run(Command::new("useradd").args(["-M", "-N", "-s", "/usr/sbin/nologin", &user]));
+        let uid = run(Command::new("id").args(["-u", &user]))
+            .parse()
+            .expect("uid");
+        let gid = run(Command::new("getent").args(["group", &group]))
+            .split(':')
+            .nth(2)
+            .and_then(|g| g.parse().ok())
+            .expect("gid");
+        Account {
+            user,
+            group,
+            uid,
+            gid,
+        }
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.user).output();
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+/// A user sees the services it runs: a server started by a user created for the test is
+/// visible to that user, root's is not; another user sees neither; a member of `api.group`
+/// sees both, as root does.
 #[test]
 fn a_user_sees_its_own_services_only() {
     if !privileged_or_skip("a_user_sees_its_own_services_only") {
         return;
     }
+    let account = Account::create();
     let dir = TempDir::new("api-users");
     let (mut mine, my_port) = listening(
         Command::new("setpriv")
             .args([
-                format!("--reuid={NOBODY}"),
+                format!("--reuid={}", account.uid),
                 format!("--regid={NOBODY}"),
                 "--clear-groups".into(),
-                // The system's: the test's own Python may live where nobody can read.
+                // The system's: the test's own Python may live where the user cannot read.
                 "/usr/bin/python3".into(),
             ])
             .arg(SERVER),
     );
     let (mut roots, root_port) = listening(Command::new("python3").arg(SERVER));
-    let tracer = daemon(&dir, &[my_port, root_port]);
+    let tracer = daemon_with(
+        &dir,
+        &[my_port, root_port],
+        &format!("group = \"{}\"", account.group),
+    );
     let sock = dir.path().join("tracer.sock");
-    post(my_port, "mine", "nobody-1");
+    post(my_port, "mine", "user-1");
     post(root_port, "roots", "root-1");
-    assert_eq!(records(&sock, 2).len(), 2);
+    let all = records(&sock, 2);
+    assert_eq!(all.len(), 2);
+    let id_of = |model: &str| {
+        all.iter()
+            .find(|r| r["model"] == model)
+            .and_then(|r| r["id"].as_u64())
+            .expect("id")
+    };
     // The next snapshot knows both services.
     std::thread::sleep(Duration::from_millis(500));
-    let (status, body) = curl(&sock, "/v1/requests", Some(NOBODY));
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("json");
-    let models: Vec<&str> = v["requests"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|r| r["model"].as_str())
-        .collect();
-    assert_eq!(models, ["mine"], "{v}");
-    let (_, services) = curl(&sock, "/v1/services", Some(NOBODY));
+    let models = |uid: u32, group: Option<u32>| {
+        let (status, body) = curl_in(&sock, "/v1/requests", Some(uid), group);
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        let mut m: Vec<String> = v["requests"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|r| r["model"].as_str().map(str::to_owned))
+            .collect();
+        m.sort();
+        m
+    };
+    let me = account.uid;
+    assert_eq!(models(me, None), ["mine"]);
+    assert_eq!(
+        curl(&sock, &format!("/v1/requests/{}", id_of("roots")), Some(me)).0,
+        404
+    );
+    assert_eq!(
+        curl(&sock, &format!("/v1/requests/{}", id_of("mine")), Some(me)).0,
+        200
+    );
+    assert_eq!(curl(&sock, "/v1/gpus", Some(me)).0, 403);
+    let (_, services) = curl(&sock, "/v1/services", Some(me));
     assert!(services.contains(&format!("port {my_port}")), "{services}");
     assert!(
         !services.contains(&format!("port {root_port}")),
         "{services}"
+    );
+    // Another user: nobody's records, 404 rather than someone else's.
+    assert!(models(NOBODY, None).is_empty());
+    assert_eq!(
+        curl(
+            &sock,
+            &format!("/v1/requests/{}", id_of("mine")),
+            Some(NOBODY)
+        )
+        .0,
+        404
+    );
+    // The API group sees everything.
+    assert_eq!(models(NOBODY, Some(account.gid)), ["mine", "roots"]);
+    assert_eq!(
+        curl_in(&sock, "/v1/gpus", Some(NOBODY), Some(account.gid)).0,
+        200
     );
     let _ = tracer.stop();
     for s in [&mut mine, &mut roots] {
         let _ = s.kill();
         let _ = s.wait();
     }
+}
+
+/// Slow and idle clients: one user's idle connections are capped (the next is told 429 at
+/// once) and cannot starve another user; streams are capped (503) and give their connection
+/// slot back; a head trickled byte by byte is cut off by the head timeout; and records keep
+/// becoming final throughout.
+#[test]
+fn slow_and_idle_clients_never_stall_the_api() {
+    if !privileged_or_skip("slow_and_idle_clients_never_stall_the_api") {
+        return;
+    }
+    let dir = TempDir::new("api-slow");
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let tracer = daemon_with(
+        &dir,
+        &[port],
+        "max_connections = 8\nmax_connections_per_user = 4\nmax_streams = 2",
+    );
+    let sock = dir.path().join("tracer.sock");
+    post(port, "m", "slow-0");
+    assert_eq!(records(&sock, 1).len(), 1);
+    // Root's four idle connections (connected, nothing sent), then a fifth: 429, at once.
+    let idle: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let status = raw(&sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(status.contains(" 429 "), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Another user is served meanwhile, at once.
+    let t = Instant::now();
+    assert_eq!(curl(&sock, "/health", Some(NOBODY)).0, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two streams; a third is refused; queries still answered (streams gave their slots back).
+    let open_stream = || {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).unwrap_or(0);
+        (s, String::from_utf8_lossy(&b[..n]).to_string())
+    };
+    let (s1, h1) = open_stream();
+    let (s2, h2) = open_stream();
+    assert!(
+        h1.starts_with("HTTP/1.1 200") && h2.starts_with("HTTP/1.1 200"),
+        "{h1} {h2}"
+    );
+    let (_s3, h3) = open_stream();
+    assert!(h3.starts_with("HTTP/1.1 503"), "{h3}");
+    for _ in 0..8 {
+        assert_eq!(curl(&sock, "/health", Some(NOBODY)).0, 200);
+    }
+    // A head trickled a byte at a time is cut off by the 5 s head timeout.
+    let mut slow = UnixStream::connect(&sock).expect("connect");
+    slow.set_write_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let t = Instant::now();
+    let mut cut = false;
+    for b in b"GET /health HTTP/1.1\r\nX-Slow: ".iter().cycle().take(40) {
+        if slow.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if !cut {
+        // The server may have closed without our writes failing yet: it sends nothing more.
+        slow.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut b = Vec::new();
+        cut = slow.read_to_end(&mut b).is_ok();
+    }
+    assert!(cut, "a trickled head was cut off ({:?})", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
+    // Records kept becoming final throughout, and the open streams showed them.
+    post(port, "m", "slow-1");
+    assert_eq!(records(&sock, 2).len(), 2);
+    drop((s1, s2));
+    let _ = tracer.stop();
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 /// A restart on the same outputs: the JSON-lines files are appended to (the first run's lines

@@ -263,6 +263,57 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
 /// journal, a recording, the JSON-lines outputs, the log. The recording and the journal still
 /// replay to the records the daemon wrote. With `--record-payloads` the recording keeps them
 /// (what the check above would catch).
+/// A clean stop with a request in flight (the server still working on it): the request is
+/// stored as `incomplete`, not dropped, and the next run still lists it beside the others.
+#[test]
+fn a_request_in_flight_at_a_clean_stop_is_stored_incomplete() {
+    use std::io::Write as _;
+    if !privileged_or_skip("a_request_in_flight_at_a_clean_stop_is_stored_incomplete") {
+        return;
+    }
+    let dir = TempDir::new("store-stop");
+    let (mut server, port) = listening(Command::new("python3").arg(SERVER));
+    let sock = dir.path().join("tracer.sock");
+    let tracer = daemon(&dir, port, 1000);
+    assert!(post(port, "done-1"));
+    // The server works on this one for 20 s (`burn_ms`): in flight until the stop.
+    let body = r#"{"model":"m","max_tokens":3,"burn_ms":20000,"messages":[]}"#;
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        held,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: held-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    // Final records of the first, and the held one in flight in a snapshot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = get(&sock, "/v1/requests")["requests"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty());
+        let in_flight = get(&sock, "/v1/services")["services"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|s| s["in_flight"] == 1));
+        if done && in_flight {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", tracer.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = tracer.stop();
+    drop(held);
+    let tracer = daemon(&dir, port, 1000);
+    let incomplete = get(&sock, "/v1/requests?outcome=incomplete")["requests"].clone();
+    let list = incomplete.as_array().expect("list");
+    assert_eq!(list.len(), 1, "{incomplete}");
+    assert_eq!(list[0]["external_id"], "held-1", "{incomplete}");
+    let complete = get(&sock, "/v1/requests?outcome=complete")["requests"].clone();
+    assert_eq!(complete.as_array().map(Vec::len), Some(1), "{complete}");
+    let _ = tracer.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 #[test]
 fn nothing_written_by_default_holds_a_prompt_or_a_credential() {
     const PROMPT: &str = "ZEBRA-PRIVATE-7731 tell me a secret";

@@ -3,13 +3,19 @@
 //! through the store's writer (its sustained write rate, and what the pipeline's thread pays per
 //! record), the newest 100,000 in memory. One record by id, a page of 1,000 with a model
 //! filter, a summary by model over 24 hours: measured in process on the same routes the socket
-//! serves (the socket adds one local HTTP exchange, not measured here), as p50 and p99.
-//! `cargo bench -p tracer --bench api`.
+//! serves, and, for the default (the store), also over the real Unix socket (`Api`, hyper, a
+//! keep-alive HTTP/1.1 client reading whole answers), as p50 and p99.
+//! `cargo bench -p tracer --bench api` (as root: the socket's peer is then root, who sees all).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::net::UnixStream,
+    sync::Arc,
+    time::Instant,
+};
 
 use tracer::{
-    api::{Feed, Shared, get_as_root},
+    api::{Api, ApiConfig, Feed, Shared, get_as_root},
     ledger::RequestRecord,
     pipeline::{Fact, FinalRecord, Subscriber as _},
     store::{Store, StoreConfig, StoreWriter},
@@ -194,7 +200,80 @@ fn stored(template: &RequestRecord) {
                 .len()
         },
     );
+    over_the_socket(&shared, &dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same three queries over the real socket, as `curl --unix-socket` would ask them.
+fn over_the_socket(shared: &Arc<Shared>, dir: &std::path::Path) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _enter = rt.enter();
+    let sock = dir.join("bench.sock");
+    let _api = Api::start(
+        &ApiConfig::default(),
+        &sock,
+        Arc::clone(shared),
+        "/proc".into(),
+    )
+    .expect("api");
+    let mut client = SocketClient::connect(&sock);
+    let mut id = 1u64;
+    percentiles("socket: one record by id", 10_000, || {
+        id = id * 7_919 % N + 1;
+        client.get(&format!("/v1/requests/{id}"))
+    });
+    percentiles("socket: a page of 1,000 (model filter, old)", 200, || {
+        client.get("/v1/requests?model=model-3&limit=1000&cursor=r500000")
+    });
+    percentiles("socket: a page of 1,000 (newest)", 200, || {
+        client.get("/v1/requests?limit=1000")
+    });
+    let since = END_MS - 86_400_000;
+    percentiles("socket: summary by model over 24 h", 50, || {
+        client.get(&format!("/v1/summary?by=model&since={since}"))
+    });
+}
+
+/// A keep-alive HTTP/1.1 client on a Unix socket that reads each answer whole.
+struct SocketClient {
+    stream: BufReader<UnixStream>,
+}
+
+impl SocketClient {
+    fn connect(path: &std::path::Path) -> Self {
+        Self {
+            stream: BufReader::new(UnixStream::connect(path).expect("connect")),
+        }
+    }
+
+    /// `GET path`: the body's length (a 200 is required).
+    fn get(&mut self, path: &str) -> usize {
+        write!(
+            self.stream.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        .expect("write");
+        let mut line = String::new();
+        self.stream.read_line(&mut line).expect("status");
+        assert!(line.starts_with("HTTP/1.1 200"), "{path}: {line}");
+        let mut len = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).expect("header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).expect("body");
+        len
+    }
 }
 
 fn dir_mib(dir: &std::path::Path) -> u64 {

@@ -19,6 +19,15 @@ pub struct ApiConfig {
     pub memory_records: usize,
     /// Connections served at once; more wait in the socket's backlog.
     pub max_connections: usize,
+    /// Of those, at most this many from one user (uid), so one user's idle or slow
+    /// connections cannot take every slot; more are answered 429 at once.
+    pub max_connections_per_user: usize,
+    /// Of those, at most this many may be `/v1/stream` readers (long-lived), so streams can
+    /// never take every slot from queries; more are answered 503.
+    pub max_streams: usize,
+    /// Tenants named in `/metrics` (in the order first seen); the rest are counted as
+    /// `other`, so a tenant per customer cannot grow the series without bound.
+    pub metrics_tenants: usize,
     /// Also serve `/metrics` (and `/health`) on this TCP address, for Prometheus; off when
     /// unset. No credentials over TCP: bind it where only the scraper reaches.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -32,6 +41,9 @@ impl Default for ApiConfig {
             group: None,
             memory_records: 100_000,
             max_connections: 64,
+            max_connections_per_user: 16,
+            max_streams: 16,
+            metrics_tenants: 100,
             metrics_listen: None,
         }
     }
@@ -44,7 +56,7 @@ mod tests {
     #[test]
     fn the_readme_block_parses() {
         let c: ApiConfig = toml::from_str(
-            "socket = \"/run/tracer/tracer.sock\"\nmode = 0o666\ngroup = \"tracer\"\nmemory_records = 100000\nmax_connections = 64\n",
+            "socket = \"/run/tracer/tracer.sock\"\nmode = 0o666\ngroup = \"tracer\"\nmemory_records = 100000\nmax_connections = 64\nmax_connections_per_user = 16\nmax_streams = 16\nmetrics_tenants = 100\n",
         )
         .expect("valid");
         assert_eq!(c.mode, 0o666);

@@ -6,6 +6,8 @@ use super::{Shared, Totals, access::Scope, reply::Reply};
 
 /// How one counter is read from a group's totals.
 type Get = fn(&Totals) -> f64;
+/// How one per-tenant counter is read from (requests, joules).
+type Get2 = fn(&(u64, f64)) -> f64;
 /// How one histogram is found in a group's totals.
 type Hist = fn(&Totals) -> &Histogram;
 
@@ -55,14 +57,15 @@ impl Histogram {
 }
 
 /// A Prometheus label value, escaped.
-fn label(v: &str) -> String {
+pub(super) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-/// Prometheus text: per (service, model) counters the caller may see; the devices' energy
-/// and the index's size for root and the API group.
+/// Prometheus text: per (service, model) counters the caller may see (and per tenant, up to
+/// `api.metrics_tenants` of them); the host's devices, samplers, losses and store for root and
+/// the API group.
 pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
     let totals: Vec<_> = shared
         .totals
@@ -123,31 +126,9 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
             get(t).write(&mut out, name, &labels, bounds);
         }
     }
-    if *scope == Scope::All
-        && let Some(snap) = shared.snapshot()
-    {
-        let name = "tracer_device_energy_joules_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Energy measured on each device, and where it went.\n# TYPE {name} counter"
-        );
-        for d in &snap.devices {
-            for (kind, j) in [
-                ("measured", d.totals.measured_j),
-                (
-                    "requests",
-                    d.totals.request_dynamic_j + d.totals.request_idle_j,
-                ),
-                ("idle", d.totals.idle_j),
-                ("unattributed", d.totals.unattributed_j),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "{name}{{device=\"{}\",part=\"{kind}\"}} {j}",
-                    label(&d.name)
-                );
-            }
-        }
+    tenants(&mut out, shared, scope);
+    if *scope == Scope::All {
+        super::health_metrics::write(&mut out, shared);
     }
     if *scope == Scope::All
         && let Some(w) = shared.writer()
@@ -173,4 +154,39 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         );
     }
     Reply::Text(200, "text/plain; version=0.0.4", out)
+}
+
+/// Requests and energy per tenant: a label only for the first `api.metrics_tenants` tenants
+/// seen (a series per tenant would otherwise grow without bound); the rest are `other`.
+fn tenants(out: &mut String, shared: &Shared, scope: &Scope) {
+    let rows: Vec<_> = shared
+        .tenant_totals()
+        .into_iter()
+        .filter(|((id, ..), _)| scope.sees(*id))
+        .collect();
+    let series: [(&str, &str, Get2); 2] = [
+        (
+            "tracer_tenant_requests_total",
+            "Requests with a final energy record, per tenant (capped; the rest are \"other\").",
+            |t| t.0 as f64,
+        ),
+        (
+            "tracer_tenant_request_energy_joules_total",
+            "Energy attributed to requests per tenant, joules (capped; the rest are \"other\").",
+            |t| t.1,
+        ),
+    ];
+    for (name, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((_, s, m, t), v) in &rows {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\",model=\"{}\",tenant=\"{}\"}} {}",
+                label(s),
+                label(m),
+                label(t),
+                get(v)
+            );
+        }
+    }
 }

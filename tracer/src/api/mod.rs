@@ -9,6 +9,7 @@
 
 mod access;
 mod config;
+mod health_metrics;
 mod index;
 mod listen;
 mod metrics;
@@ -63,7 +64,40 @@ pub struct Shared {
     run_first_id: std::sync::atomic::AtomicU64,
     /// The store's writer counters, for `/metrics` and `/health`.
     writer: Mutex<Option<Arc<crate::store::WriterStats>>>,
+    /// Requests and joules per (service, its name, model, tenant) since start; tenants past
+    /// the cap are counted as `other`.
+    tenants: Mutex<Tenants>,
+    /// What recovering crashed runs did at start (`/health`, `/metrics`).
+    recoveries: Mutex<Vec<crate::store::Recovery>>,
 }
+
+/// (service, its name, model, tenant label).
+type TenantKey = (ServiceId, String, String, String);
+
+/// Per-tenant totals under a cardinality cap.
+#[derive(Debug)]
+struct Tenants {
+    cap: usize,
+    named: std::collections::BTreeSet<String>,
+    totals: BTreeMap<TenantKey, (u64, f64)>,
+}
+
+impl Tenants {
+    /// The label `tenant` is counted under: itself while fewer than `cap` tenants have names.
+    fn label(&mut self, tenant: &str) -> String {
+        if self.named.contains(tenant) {
+            return tenant.to_owned();
+        }
+        if self.named.len() < self.cap {
+            self.named.insert(tenant.to_owned());
+            return tenant.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+/// Tenants named in `/metrics` unless configured (`api.metrics_tenants`).
+const DEFAULT_METRICS_TENANTS: usize = 100;
 
 impl Shared {
     /// An empty state keeping at most `records` final records.
@@ -76,7 +110,47 @@ impl Shared {
             store: Mutex::new(None),
             run_first_id: std::sync::atomic::AtomicU64::new(0),
             writer: Mutex::new(None),
+            tenants: Mutex::new(Tenants {
+                cap: DEFAULT_METRICS_TENANTS,
+                named: std::collections::BTreeSet::new(),
+                totals: BTreeMap::new(),
+            }),
+            recoveries: Mutex::new(Vec::new()),
         })
+    }
+
+    /// At most `n` tenants get their own label in `/metrics` (the rest: `other`).
+    pub fn limit_tenants(&self, n: usize) {
+        self.tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cap = n;
+    }
+
+    /// What recovering crashed runs did at start, for `/health` and `/metrics`.
+    pub fn report_recoveries(&self, recoveries: Vec<crate::store::Recovery>) {
+        *self
+            .recoveries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = recoveries;
+    }
+
+    fn recoveries(&self) -> Vec<crate::store::Recovery> {
+        self.recoveries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Per-tenant totals (requests, joules), keyed by (service, name, model, tenant label).
+    fn tenant_totals(&self) -> Vec<(TenantKey, (u64, f64))> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .totals
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Nothing: what an answer is rendered against when its query failed.
@@ -166,6 +240,22 @@ impl Shared {
             if let Some(j) = r.record.joules_per_output_token {
                 t.per_token.observe(&metrics::J_PER_TOKEN, j);
             }
+        }
+        if let Some(tenant) = &r.record.tenant {
+            let mut tenants = self
+                .tenants
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let label = tenants.label(tenant);
+            let key = (
+                r.record.service,
+                r.service_name.clone(),
+                r.record.model.clone().unwrap_or_default(),
+                label,
+            );
+            let t = tenants.totals.entry(key).or_default();
+            t.0 += 1;
+            t.1 += r.record.total_j;
         }
         self.index().push(Arc::clone(r));
         // No receiver is not an error: nobody streams.

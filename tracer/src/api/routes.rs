@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 
 use super::{
     Shared,
@@ -83,25 +83,46 @@ fn requests(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Rep
         Some(Some(Ok(id))) => Some(id),
         Some(_) => return error(400, "cursor: not one this API gave"),
     };
-    let (mut page, oldest) = {
+    let (memory, oldest) = {
         let index = shared.index();
         (index.page(&f, before, limit), index.oldest_id())
     };
+    // Records as JSON text: memory's encoded here, the store's sent as stored (checked JSON).
+    let mut page: Vec<(u64, Box<RawValue>)> = Vec::with_capacity(limit);
+    for r in &memory {
+        match serde_json::value::to_raw_value(r.as_ref()) {
+            Ok(raw) => page.push((r.record.id.0, raw)),
+            Err(e) => return error(500, format!("encoding record {}: {e}", r.record.id.0)),
+        }
+    }
     // Memory holds the newest records; older ones are read from the store.
     if page.len() < limit
         && let Some(store) = shared.store().as_ref()
     {
         let from = before.unwrap_or(u64::MAX).min(oldest.unwrap_or(u64::MAX));
-        match store.page(&stored_filter(&f), from, limit - page.len()) {
-            Ok(more) => page.extend(more.into_iter().map(Arc::new)),
+        match store.page_raw(&stored_filter(&f), from, limit - page.len()) {
+            Ok(more) => page.extend(more),
             Err(e) => return error(500, format!("reading the store: {e}")),
         }
     }
     let next = (page.len() == limit)
-        .then(|| page.last().map(|r| format!("r{}", r.record.id.0)))
+        .then(|| page.last().map(|(id, _)| format!("r{id}")))
         .flatten();
-    let page: Vec<&FinalRecord> = page.iter().map(Arc::as_ref).collect();
-    Reply::Json(200, json!({ "requests": page, "next_cursor": next }))
+    let body = Page {
+        requests: page.into_iter().map(|(_, raw)| raw).collect(),
+        next_cursor: next,
+    };
+    match serde_json::to_string(&body) {
+        Ok(text) => Reply::Text(200, "application/json", text + "\n"),
+        Err(e) => error(500, format!("encoding the page: {e}")),
+    }
+}
+
+/// A page of records, each as JSON text.
+#[derive(serde::Serialize)]
+struct Page {
+    requests: Vec<Box<RawValue>>,
+    next_cursor: Option<String>,
 }
 
 /// The same filter on the store's columns.
@@ -136,8 +157,9 @@ fn cost_json(nano: i64, currency: Option<&str>) -> Value {
     }
 }
 
-/// Sums per group (`by` model or service) over the records kept, with the devices' idle and
-/// unattributed energy from the latest snapshot (whole host: root and the group only).
+/// Sums and quantiles (J per request and per output token) per group (`by` model, service or
+/// tenant) over the records kept, with the devices' idle and unattributed energy from the
+/// latest snapshot (whole host: root and the group only).
 fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Reply {
     let by = p.get("by").map_or("service", String::as_str);
     if !["model", "service", "tenant"].contains(&by) {
@@ -153,14 +175,15 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
         let index = shared.index();
         for r in index.all(&f).filter(|_| !store_only) {
             let key = match by {
-                "model" => r.record.model.clone().unwrap_or_else(|| "(unknown)".into()),
-                "tenant" => r.record.tenant.clone().unwrap_or_else(|| "(none)".into()),
-                _ => r.service_name.clone(),
+                "model" => r.record.model.as_deref().unwrap_or("(unknown)"),
+                "tenant" => r.record.tenant.as_deref().unwrap_or("(none)"),
+                _ => r.service_name.as_str(),
             };
-            groups
-                .entry(key.clone())
-                .or_default()
-                .add(&GroupSums::of(key, r));
+            // Found without allocating: a window holds many records of few groups.
+            match groups.get_mut(key) {
+                Some(g) => g.add_record(r),
+                None => groups.entry(key.to_owned()).or_default().add_record(r),
+            }
         }
         index.oldest_id()
     };
@@ -198,6 +221,9 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 "idle_j": g.idle_j,
                 "output_tokens": g.output_tokens,
                 "joules_per_output_token": (g.output_tokens > 0).then(|| g.token_j / g.output_tokens as f64),
+                "j_per_request": g.quantiles.per_request_json(),
+                "j_per_output_token": g.quantiles.per_token_json(),
+                "quantiles_over": g.quantiles.requests(),
                 "cost": cost_json(g.cost_nano, g.currency.as_deref()),
             })
         })
@@ -218,9 +244,48 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 })
                 .collect::<Vec<_>>()
         });
+    // Each device's energy over the window, from the store's summary intervals (intervals
+    // that straddle an edge count whole, as on a bill): where the requests' share sits beside
+    // idle and unattributed energy for the same period.
+    let window = match (*scope == Scope::All, shared.store().as_ref()) {
+        (true, Some(store)) => {
+            match store.intervals(
+                f.since_ms.unwrap_or(i64::MIN),
+                f.until_ms.unwrap_or(i64::MAX),
+            ) {
+                Ok(intervals) => {
+                    let mut sums: BTreeMap<String, [f64; 4]> = BTreeMap::new();
+                    for i in intervals {
+                        let e = sums.entry(i.device).or_default();
+                        for (k, v) in [i.measured_j, i.request_j, i.idle_j, i.unattributed_j]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            e[k] += v;
+                        }
+                    }
+                    Some(
+                        sums.into_iter()
+                            .map(|(device, v)| {
+                                json!({
+                                    "device": device,
+                                    "measured_j": v[0],
+                                    "requests_j": v[1],
+                                    "idle_j": v[2],
+                                    "unattributed_j": v[3],
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
+                Err(e) => return error(500, format!("reading the store: {e}")),
+            }
+        }
+        _ => None,
+    };
     Reply::Json(
         200,
-        json!({ "by": by, "groups": groups, "devices_since_start": devices }),
+        json!({ "by": by, "groups": groups, "devices": window, "devices_since_start": devices }),
     )
 }
 
@@ -242,6 +307,13 @@ fn services(shared: &Shared, scope: &Scope) -> Reply {
     Reply::Json(200, json!({ "services": list }))
 }
 
+/// A sensor whose newest reading is older than this is reported stale: samplers poll at tens
+/// of hertz and counters update at least every few hundred milliseconds, so seconds of silence
+/// mean the sensor or its sampler stopped.
+pub(super) const STALE_AFTER_MS: u64 = 2_000;
+
+/// Every measured device: its totals, what it draws now, who holds it (services, their
+/// processes, requests in flight) and its sensor's health.
 fn gpus(shared: &Shared, scope: &Scope) -> Reply {
     if *scope != Scope::All {
         return error(
@@ -249,7 +321,48 @@ fn gpus(shared: &Shared, scope: &Scope) -> Reply {
             "devices are the whole host's: root or the API group only",
         );
     }
-    let devices = shared.snapshot().map(|s| s.devices.clone());
+    let Some(snap) = shared.snapshot() else {
+        return Reply::Json(200, json!({ "devices": Value::Null }));
+    };
+    let devices: Vec<Value> = snap
+        .devices
+        .iter()
+        .map(|d| {
+            let holders: Vec<Value> = snap
+                .services
+                .iter()
+                .filter_map(|svc| {
+                    let g = svc.gpus.iter().find(|g| g.device == d.name)?;
+                    Some(json!({
+                        "service": svc.id,
+                        "service_name": svc.name,
+                        "pids": g.holders.keys().collect::<Vec<_>>(),
+                        "weight": g.weight,
+                        "in_flight": snap.in_flight.iter().filter(|r| r.service == svc.id).count(),
+                    }))
+                })
+                .collect();
+            let sampler = snap.samplers.iter().find(|s| s.devices.contains(&d.name));
+            let stale = d.power_age_ms.is_none_or(|age| age > STALE_AFTER_MS);
+            let mut v = serde_json::to_value(d).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("holders".into(), holders.into());
+                o.insert(
+                    "sensor".into(),
+                    json!({
+                        "source": sampler.map(|s| s.source.as_str()),
+                        "polls": sampler.map(|s| s.polls),
+                        "late_polls": sampler.map(|s| s.late),
+                        "sampler_cpu_ns": sampler.map(|s| s.cpu_ns),
+                        "reading_age_ms": d.power_age_ms,
+                        "gap_ns": d.totals.gap_ns,
+                        "status": if stale { "stale" } else { "ok" },
+                    }),
+                );
+            }
+            v
+        })
+        .collect();
     Reply::Json(200, json!({ "devices": devices }))
 }
 
@@ -267,6 +380,26 @@ fn health(shared: &Shared) -> Reply {
             "expired": w.expired.load(Relaxed),
         })
     });
+    let recoveries: Vec<Value> = shared
+        .recoveries()
+        .iter()
+        .map(|r| {
+            let lost = r.journal.is_none() || r.unreadable.is_some();
+            json!({
+                "run": r.run,
+                "journal": r.journal.as_ref().map(|j| j.display().to_string()),
+                "segments": r.segments,
+                "recovered": r.recovered,
+                "incomplete": r.incomplete,
+                "already_stored": r.already_stored,
+                "cut_short": r.cut_short,
+                // Without a readable journal, what was not final at the crash cannot be
+                // counted: null says so, 0 means nothing was lost.
+                "requests_lost": if lost { Value::Null } else { json!(0) },
+                "why": r.to_string(),
+            })
+        })
+        .collect();
     Reply::Json(
         200,
         json!({
@@ -277,6 +410,7 @@ fn health(shared: &Shared) -> Reply {
             "counts": counts,
             "kernel": shared.snapshot().and_then(|s| s.kernel),
             "store": store,
+            "recoveries": recoveries,
         }),
     )
 }

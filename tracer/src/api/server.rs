@@ -1,6 +1,8 @@
 //! Serving: the Unix socket (created with the configured mode, a stale one replaced, a live
 //! one refused), one hyper HTTP/1.1 connection per client with a header timeout and size
-//! limit, at most `max_connections` at once, the peer's credentials read once per connection.
+//! limit, at most `max_connections` at once (`max_connections_per_user` of them per uid, and
+//! `max_streams` streams, which give their connection slot back), the peer's credentials read
+//! once per connection.
 
 use std::{
     convert::Infallible,
@@ -89,10 +91,16 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ApiError> {
 /// follows the broadcast; a reader too slow for the queue is told how many it missed.
 struct StreamBody {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
+    /// One of `api.max_streams`, held while the body lives.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl StreamBody {
-    fn follow(shared: &Shared, scope: access::Scope) -> Self {
+    fn follow(
+        shared: &Shared,
+        scope: access::Scope,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         let mut records = shared.stream.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -113,7 +121,7 @@ impl StreamBody {
                 }
             }
         });
-        Self { rx }
+        Self { rx, _slot: slot }
     }
 }
 
@@ -133,19 +141,47 @@ impl Body for StreamBody {
 
 type ApiBody = http_body_util::Either<Full<Bytes>, StreamBody>;
 
-fn reply(r: Reply, shared: &Shared, scope: &access::Scope) -> Response<ApiBody> {
+/// What a connection holds: its slot among `api.max_connections` (given back when it turns
+/// into a stream, which holds one of `api.max_streams` instead) and the streams' semaphore.
+struct Slots {
+    connection: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    streams: Arc<Semaphore>,
+}
+
+fn reply(r: Reply, shared: &Shared, scope: &access::Scope, slots: &Slots) -> Response<ApiBody> {
     let (status, kind, body) = match r {
         Reply::Json(status, v) => (status, "application/json", v.to_string() + "\n"),
         Reply::Text(status, kind, text) => (status, kind, text),
-        Reply::Stream => {
-            let body = StreamBody::follow(shared, scope.clone());
-            let mut resp = Response::new(http_body_util::Either::Right(body));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/x-ndjson"),
-            );
-            return resp;
-        }
+        Reply::Stream => match Arc::clone(&slots.streams).try_acquire_owned() {
+            Ok(slot) => {
+                // A stream lives long: it gives its connection slot back to queries.
+                slots
+                    .connection
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                let body = StreamBody::follow(shared, scope.clone(), slot);
+                let mut resp = Response::new(http_body_util::Either::Right(body));
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/x-ndjson"),
+                );
+                // Without its slot, the connection ends with the stream.
+                h.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                return resp;
+            }
+            Err(_) => (
+                503,
+                "application/json",
+                serde_json::json!({ "error": "too many streams open (api.max_streams)" })
+                    .to_string()
+                    + "\n",
+            ),
+        },
     };
     let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -188,22 +224,36 @@ impl Api {
             .map(|g| access::group_id(g).ok_or_else(|| ApiError::UnknownGroup(g.clone())))
             .transpose()?;
         let listener = bind(socket, config.mode)?;
-        let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let streams = Arc::new(Semaphore::new(config.max_streams.max(1)));
+        let per_user = PerUser::new(config.max_connections_per_user.max(1));
         let task = tokio::spawn(async move {
             loop {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
                     return;
                 };
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let cred = stream.peer_cred().ok();
                 let (shared, proc_root) = (Arc::clone(&shared), proc_root.clone());
+                let streams = Arc::clone(&streams);
+                let per_user = per_user.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
                     let Some(cred) = cred else {
                         return;
                     };
+                    // One user cannot hold every slot (idle or slow connections): past its
+                    // share it is told so at once, and the slot goes back.
+                    let Some(_user_slot) = per_user.take(cred.uid()) else {
+                        drop(permit);
+                        too_many(&mut stream).await;
+                        return;
+                    };
+                    let slots = Arc::new(Slots {
+                        connection: std::sync::Mutex::new(Some(permit)),
+                        streams,
+                    });
                     let peer = (cred.uid(), cred.gid(), cred.pid().map(|p| p as u32));
                     let snapshot = shared.snapshot();
                     let scope = access::scope(&proc_root, peer, group, snapshot.as_deref());
@@ -211,6 +261,7 @@ impl Api {
                     // pipeline, the ring drain) never waits for one.
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (shared, scope) = (Arc::clone(&shared), scope.clone());
+                        let slots = Arc::clone(&slots);
                         let method = req.method().as_str().to_owned();
                         let path = req.uri().path().to_owned();
                         let query = req.uri().query().map(str::to_owned);
@@ -223,16 +274,18 @@ impl Api {
                                     &scope,
                                     &shared,
                                 );
-                                reply(r, &shared, &scope)
+                                (r, shared, scope)
                             })
                             .await;
-                            Ok::<_, Infallible>(answer.unwrap_or_else(|_| {
-                                reply(
+                            Ok::<_, Infallible>(match answer {
+                                Ok((r, shared, scope)) => reply(r, &shared, &scope, &slots),
+                                Err(_) => reply(
                                     super::reply::error(500, "the query failed"),
                                     &Shared::empty(),
                                     &access::Scope::All,
-                                )
-                            }))
+                                    &slots,
+                                ),
+                            })
                         }
                     });
                     serve(stream, service).await;
@@ -244,4 +297,76 @@ impl Api {
             task,
         })
     }
+}
+
+/// Connections per user (uid): at most `limit` at once.
+#[derive(Clone)]
+struct PerUser {
+    limit: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+/// A user's connection, counted until dropped.
+struct UserSlot {
+    uid: u32,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+impl PerUser {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            held: Arc::default(),
+        }
+    }
+
+    fn take(&self, uid: u32) -> Option<UserSlot> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(uid).or_default();
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            uid,
+            held: Arc::clone(&self.held),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its user's share with 429 and closes it (without reading its
+/// request: the answer is the same whatever it asks).
+async fn too_many(stream: &mut tokio::net::UnixStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let body =
+        "{\"error\":\"too many connections from this user (api.max_connections_per_user)\"}\n";
+    let head = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    // A client that does not read is not waited for.
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }

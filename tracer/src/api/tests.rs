@@ -43,6 +43,16 @@ fn resolve<'a>(doc: &'a Value, s: &'a Value) -> &'a Value {
     }
 }
 
+/// A JSON answer sent as text (a page: records as stored) parsed like the others.
+fn json_text(r: Reply) -> Reply {
+    match r {
+        Reply::Text(status, kind, text) if kind.starts_with("application/json") => {
+            Reply::Json(status, serde_json::from_str(&text).expect("JSON text"))
+        }
+        other => other,
+    }
+}
+
 #[test]
 fn every_documented_path_is_served_with_its_required_fields() {
     let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
@@ -65,7 +75,7 @@ fn every_documented_path_is_served_with_its_required_fields() {
     );
     for (path, item) in paths {
         let concrete = path.replace("{id}", "2");
-        let reply = route("GET", &concrete, None, &Scope::All, &shared);
+        let reply = json_text(route("GET", &concrete, None, &Scope::All, &shared));
         let ok = &item["get"]["responses"]["200"]["content"];
         match reply {
             Reply::Json(status, body) => {
@@ -113,9 +123,39 @@ fn every_documented_path_is_served_with_its_required_fields() {
             }
         }
     }
+    // A summary's groups carry the documented group fields; the quantiles are the records'
+    // (all 1.5 J, 4 output tokens), from memory.
+    let Reply::Json(_, summary) = route("GET", "/v1/summary", None, &Scope::All, &shared) else {
+        panic!("a summary");
+    };
+    let group_schema = &doc["components"]["schemas"]["Summary"]["properties"]["groups"]["items"];
+    let quantiles_schema = &doc["components"]["schemas"]["Quantiles"];
+    let groups = summary["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 1, "{summary}");
+    let g = &groups[0];
+    for f in group_schema["required"].as_array().expect("required") {
+        let f = f.as_str().expect("a name");
+        assert!(g.get(f).is_some(), "group without {f}: {g}");
+    }
+    assert_eq!(g["quantiles_over"], 3);
+    for (field, want_j) in [("j_per_request", 1.5), ("j_per_output_token", 0.375)] {
+        for q in quantiles_schema["required"].as_array().expect("required") {
+            let q = q.as_str().expect("a name");
+            let got = g[field][q].as_f64().expect("a number");
+            assert!(
+                (want_j..=want_j * 1.01).contains(&got),
+                "{field}.{q}: {got}, not {want_j}"
+            );
+        }
+    }
     // A page's records carry the documented record fields.
-    let Reply::Json(_, page) = route("GET", "/v1/requests", Some("limit=2"), &Scope::All, &shared)
-    else {
+    let Reply::Json(_, page) = json_text(route(
+        "GET",
+        "/v1/requests",
+        Some("limit=2"),
+        &Scope::All,
+        &shared,
+    )) else {
         panic!("a page");
     };
     let record_schema = &doc["components"]["schemas"]["Record"];
@@ -126,20 +166,21 @@ fn every_documented_path_is_served_with_its_required_fields() {
         }
     }
     assert_eq!(page["next_cursor"], "r2");
-    let Reply::Json(_, next) = route(
+    let Reply::Json(_, next) = json_text(route(
         "GET",
         "/v1/requests",
         Some("limit=2&cursor=r2"),
         &Scope::All,
         &shared,
-    ) else {
+    )) else {
         panic!("a page");
     };
     assert_eq!(next["requests"][0]["id"], 1);
     assert_eq!(next["next_cursor"], Value::Null);
     // Someone who owns nothing sees nothing.
     let nobody = Scope::Services(Vec::new());
-    let Reply::Json(status, none) = route("GET", "/v1/requests", None, &nobody, &shared) else {
+    let Reply::Json(status, none) = json_text(route("GET", "/v1/requests", None, &nobody, &shared))
+    else {
         panic!("a page");
     };
     assert_eq!(
@@ -158,4 +199,29 @@ fn every_documented_path_is_served_with_its_required_fields() {
         route("DELETE", "/v1/requests", None, &Scope::All, &shared),
         Reply::Json(405, _)
     ));
+}
+
+/// Tenants past `api.metrics_tenants` share the `other` label: the series cannot grow without
+/// bound, and no request is left out of the totals.
+#[test]
+fn tenants_past_the_cap_are_counted_as_other() {
+    let shared = Shared::new(100);
+    shared.limit_tenants(2);
+    for id in 1..=5 {
+        let mut r = (*record(id)).clone();
+        r.record.tenant = Some(format!("tenant-{id}"));
+        shared.add_record(&Arc::new(r));
+    }
+    let Reply::Text(200, _, text) = super::metrics::metrics(&shared, &Scope::All) else {
+        panic!("metrics");
+    };
+    let line = |tenant: &str| {
+        format!(
+            "tracer_tenant_requests_total{{service=\"port 8000\",model=\"m\",tenant=\"{tenant}\"}} "
+        )
+    };
+    assert!(text.contains(&(line("tenant-1") + "1")), "{text}");
+    assert!(text.contains(&(line("tenant-2") + "1")), "{text}");
+    assert!(text.contains(&(line("other") + "3")), "{text}");
+    assert!(!text.contains("tenant-3"), "{text}");
 }

@@ -400,7 +400,7 @@ pub struct SummaryArgs {
     /// Until this time.
     #[arg(long)]
     pub until: Option<String>,
-    /// JSON instead of a table.
+    /// The API's JSON, as it answers (every quantile), instead of a table.
     #[arg(long)]
     pub json: bool,
 }

@@ -151,22 +151,36 @@ pub fn summary(a: &SummaryArgs) -> anyhow::Result<()> {
     }
     let by = a.by.as_str();
     println!(
-        "{:<24} {:>9} {:>13} {:>12} {:>10}  cost",
-        by, "requests", "energy J", "kWh", "J/token"
+        "{:<24} {:>9} {:>13} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10}  cost",
+        by, "requests", "energy J", "kWh", "J/token", "J/req p50", "p99", "J/token p50", "p99"
     );
+    let mut partial = Vec::new();
     for g in v["groups"].as_array().cloned().unwrap_or_default() {
         let cost = match (g["cost"]["amount"].as_str(), g["cost"]["currency"].as_str()) {
             (Some(a), Some(c)) => format!("{a} {c}"),
             _ => g["cost"]["error"].as_str().unwrap_or("").to_string(),
         };
+        let name = g[by].as_str().unwrap_or("-");
         println!(
-            "{:<24} {:>9} {:>13} {:>12} {:>10}  {cost}",
-            g[by].as_str().unwrap_or("-"),
+            "{name:<24} {:>9} {:>13} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10}  {cost}",
             g["requests"],
             num(&g["joules"], 2),
             num(&g["kwh"], 6),
             num(&g["joules_per_output_token"], 4),
+            num(&g["j_per_request"]["p50"], 3),
+            num(&g["j_per_request"]["p99"], 3),
+            num(&g["j_per_output_token"]["p50"], 4),
+            num(&g["j_per_output_token"]["p99"], 4),
         );
+        if let (Some(over), Some(all)) = (g["quantiles_over"].as_u64(), g["requests"].as_u64())
+            && over < all
+        {
+            partial.push(format!("{name}: {over} of {all}"));
+        }
+    }
+    // Stored minutes from before the quantiles existed have none: say what they cover.
+    if !partial.is_empty() {
+        eprintln!("(quantiles over fewer requests: {})", partial.join(", "));
     }
     Ok(())
 }

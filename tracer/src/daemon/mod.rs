@@ -155,10 +155,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .as_mut()
         .map(|o| std::mem::take(&mut o.learned))
         .unwrap_or_default();
+    let learned_idle = opened
+        .as_mut()
+        .map(|o| std::mem::take(&mut o.learned_idle))
+        .unwrap_or_default();
     let (mut bus, journal_written) = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
     let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
         .then(|| crate::api::Shared::new(config.api.memory_records));
     if let Some(state) = &api_state {
+        state.limit_tenants(config.api.metrics_tenants);
+        if let Some(o) = opened.as_mut() {
+            state.report_recoveries(std::mem::take(&mut o.recoveries));
+        }
         bus.subscribe(Box::new(crate::api::Feed {
             shared: std::sync::Arc::clone(state),
             records: opened.is_none(),
@@ -221,6 +229,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if !learned.is_empty() {
         let n = storage::restore_learned(&mut pipeline, learned);
         tracing::info!("store: restored {n} learned cost models (device, service)");
+    }
+    if !learned_idle.is_empty() {
+        let n = storage::restore_idle(&mut pipeline, learned_idle);
+        tracing::info!("store: restored the idle power learned from quiet time of {n} devices");
     }
     let seeded = attach::seed_connections(&procfs, &resolved, &mut probes, &mut pipeline)?;
     tracing::info!(

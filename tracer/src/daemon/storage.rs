@@ -18,6 +18,10 @@ pub(super) struct Opened {
     pub journal: Option<PathBuf>,
     /// Cost models earlier runs learned, by device and service name.
     pub learned: Vec<(String, String, crate::ledger::CostModel)>,
+    /// Idle watts earlier runs learned from quiet time, by device name.
+    pub learned_idle: Vec<(String, f64)>,
+    /// What recovering crashed runs did (the API reports it).
+    pub recoveries: Vec<store::Recovery>,
 }
 
 fn now_ms() -> i64 {
@@ -68,7 +72,8 @@ pub(super) fn open(config: &Config) -> Result<Option<Opened>, DaemonError> {
         return Ok(None);
     };
     let mut store = Store::open(dir)?;
-    for r in store::recover(&mut store, now_ms())? {
+    let recoveries = store::recover(&mut store, now_ms())?;
+    for r in &recoveries {
         if r.journal.is_some() && r.unreadable.is_none() {
             tracing::info!("store: {r}");
         } else {
@@ -93,11 +98,14 @@ pub(super) fn open(config: &Config) -> Result<Option<Opened>, DaemonError> {
             .map_or_else(String::new, |j| format!(", journal {}", j.display())),
     );
     let learned = store.learned()?;
+    let learned_idle = store.learned_idle()?;
     Ok(Some(Opened {
         store,
         run,
         journal,
         learned,
+        learned_idle,
+        recoveries,
     }))
 }
 
@@ -121,6 +129,23 @@ pub(super) fn restore_learned(
             service,
             model: Box::new(model),
         });
+        n += 1;
+    }
+    n
+}
+
+/// Gives the pipeline the idle power earlier runs learned from quiet time for the devices it
+/// has now (matched by name); returns how many.
+pub(super) fn restore_idle(
+    pipeline: &mut crate::pipeline::Pipeline,
+    learned: Vec<(String, f64)>,
+) -> usize {
+    let mut n = 0;
+    for (device, watts) in learned {
+        let Some(device) = pipeline.device_id(&device) else {
+            continue;
+        };
+        pipeline.apply(crate::pipeline::Input::LearnedIdle { device, watts });
         n += 1;
     }
     n

@@ -290,6 +290,8 @@ impl Ledger {
                 idle,
                 counter: sensor::Counter::default(),
                 power: PowerCurve::default(),
+                now: state::PowerNow::default(),
+                restored_idle_w: None,
                 segments: VecDeque::new(),
                 occupancy: Vec::new(),
                 attributed_ns: self.watermark_ns,
@@ -337,6 +339,7 @@ impl Ledger {
             self.stats.late_observations += 1;
             return Ok(());
         }
+        d.now.counter(ts_ns, energy_uj);
         match d.counter.push(ts_ns, energy_uj, wrap_uj) {
             Push::Late | Push::Repeat => self.stats.late_observations += 1,
             Push::Appended => self.stats.counter_readings += 1,
@@ -368,6 +371,7 @@ impl Ledger {
             self.stats.late_observations += 1;
             return Ok(());
         }
+        d.now.sample(ts_ns, watts);
         let p = PowerPoint {
             ts_ns,
             window_ns: window_ns.min(ts_ns),
@@ -650,9 +654,32 @@ impl Ledger {
         true
     }
 
+    /// Idle an earlier run learned for `device` from quiet time: used until this run has quiet
+    /// time of its own (a configured idle always wins). False for an unknown device or a
+    /// figure that is not a finite, non-negative number of watts.
+    pub fn restore_idle(&mut self, device: DeviceId, watts: f64) -> bool {
+        let Some(dev) = self.devices.get_mut(&device) else {
+            return false;
+        };
+        if !watts.is_finite() || watts < 0.0 {
+            return false;
+        }
+        dev.restored_idle_w = Some(watts);
+        true
+    }
+
     /// Per-device totals over everything attributed so far.
     pub fn totals(&self) -> BTreeMap<DeviceId, DeviceTotals> {
         self.devices.iter().map(|(k, d)| (*k, d.totals)).collect()
+    }
+
+    /// What each device draws now, watts, and when that was read (`CLOCK_MONOTONIC`): its
+    /// newest power sample or counter update. For display; attribution never uses it.
+    pub fn power_now(&self) -> BTreeMap<DeviceId, (u64, f64)> {
+        self.devices
+            .iter()
+            .filter_map(|(k, d)| Some((*k, d.now.watts?)))
+            .collect()
     }
 
     /// Counters of everything unusual.

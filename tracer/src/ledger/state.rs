@@ -43,6 +43,45 @@ pub(super) struct Device {
     pub(super) max_dyn_w: f64,
     pub(super) totals: DeviceTotals,
     pub(super) models: BTreeMap<ServiceId, CostModel>,
+    /// The newest reading, for what the device draws now (display only: never attributed).
+    pub(super) now: PowerNow,
+    /// Idle an earlier run learned from quiet time (the store keeps it): used until this run
+    /// has quiet time of its own, rather than the all-power fallback, which overestimates a
+    /// device restarted under sustained load.
+    pub(super) restored_idle_w: Option<f64>,
+}
+
+/// What a device draws now: its newest power sample, or the mean between its counter's two
+/// newest distinct readings (a counter repeats its value between updates).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(super) struct PowerNow {
+    /// `(ts_ns, watts)` of the newest estimate.
+    pub(super) watts: Option<(u64, f64)>,
+    /// `(ts_ns, µJ)` of the newest counter reading that changed the value.
+    counter: Option<(u64, u64)>,
+}
+
+impl PowerNow {
+    pub(super) fn sample(&mut self, ts_ns: u64, watts: f64) {
+        if self.watts.is_none_or(|(t, _)| ts_ns >= t) {
+            self.watts = Some((ts_ns, watts));
+        }
+    }
+
+    pub(super) fn counter(&mut self, ts_ns: u64, uj: u64) {
+        match self.counter {
+            Some((t, v)) if ts_ns > t && uj > v => {
+                let watts = (uj - v) as f64 / 1e6 / ((ts_ns - t) as f64 / 1e9);
+                self.sample(ts_ns, watts);
+                self.counter = Some((ts_ns, uj));
+            }
+            // Unchanged (between updates), older, or wrapped/reset: a new base only on the
+            // latter.
+            Some((t, v)) if ts_ns > t && uj == v => {}
+            Some((t, _)) if ts_ns <= t => {}
+            _ => self.counter = Some((ts_ns, uj)),
+        }
+    }
 }
 
 impl Device {
@@ -53,6 +92,8 @@ impl Device {
             IdleSource::Learned { .. } => {
                 if let Some(w) = self.idle_quiet.as_ref().and_then(IdleEstimator::watts) {
                     (w, IdleBasis::Quiet)
+                } else if let Some(w) = self.restored_idle_w {
+                    (w, IdleBasis::Restored)
                 } else if let Some(w) = self.idle.as_ref().and_then(IdleEstimator::watts) {
                     (w, IdleBasis::AllPower)
                 } else {

@@ -552,6 +552,43 @@ fn never_quiet_device_flags_its_idle_guess_and_widens_bars() {
     assert!(t.imbalance_j().abs() < 1e-9);
 }
 
+/// A device restarted under sustained load: an earlier run's quiet idle is used instead of a
+/// low quantile of loaded power, until this run has quiet time of its own.
+#[test]
+fn a_restored_idle_stands_until_quiet_time_of_its_own() {
+    let mut l = ledger(IdleSource::default(), IdlePolicy::Report);
+    assert!(l.restore_idle(GPU, 80.0));
+    assert!(!l.restore_idle(GPU, f64::NAN), "not a figure");
+    assert!(!l.restore_idle(DeviceId(99), 80.0), "no such device");
+    // Busy from the start at 250 W: without the restored figure, idle would be ~250 W.
+    arrive(&mut l, 1, 0);
+    l.end(RequestId(1), 4 * S - 5 * MS, 0, Outcome::Complete);
+    let uj = constant_power(&mut l, 0, 4, 250.0, 0);
+    let r = l.advance(10 * S).remove(0);
+    let t = l.totals()[&GPU];
+    assert_eq!(t.idle_basis, IdleBasis::Restored, "{t:?}");
+    assert!((t.idle_w - 80.0).abs() < 1e-9, "{t:?}");
+    assert!((r.dynamic_j - 4.0 * 170.0).abs() < 15.0, "{r:?}");
+    // Then quiet at 60 W: this run's own figure wins.
+    constant_power(&mut l, 4 * S, 6, 60.0, uj);
+    l.advance(20 * S);
+    let t = l.totals()[&GPU];
+    assert_eq!(t.idle_basis, IdleBasis::Quiet, "{t:?}");
+    assert!((t.idle_w - 60.0).abs() < 1.0, "{t:?}");
+}
+
+/// A configured idle is never replaced by a restored one.
+#[test]
+fn a_configured_idle_wins_over_a_restored_one() {
+    let mut l = ledger(IdleSource::Configured { watts: 50.0 }, IdlePolicy::Report);
+    assert!(l.restore_idle(GPU, 80.0));
+    constant_power(&mut l, 0, 3, 120.0, 0);
+    l.advance(10 * S);
+    let t = l.totals()[&GPU];
+    assert_eq!(t.idle_basis, IdleBasis::Configured, "{t:?}");
+    assert!((t.idle_w - 50.0).abs() < 1e-9, "{t:?}");
+}
+
 #[test]
 fn late_events_are_counted() {
     let mut l = ledger(IdleSource::Configured { watts: 0.0 }, IdlePolicy::Amortize);

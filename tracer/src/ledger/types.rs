@@ -200,6 +200,9 @@ pub enum IdleBasis {
     Configured,
     /// Learned from time with nothing in flight: trustworthy.
     Quiet,
+    /// Learned from quiet time by an earlier run (kept by the store), until this run has
+    /// quiet time of its own.
+    Restored,
     /// Learned from all power samples because the device was never seen quiet: an overestimate
     /// under sustained load. Error bars widen accordingly; configure idle for such devices.
     AllPower,

@@ -61,6 +61,8 @@ pub enum Input {
         service: ServiceId,
         model: Box<crate::ledger::CostModel>,
     },
+    /// Idle power an earlier run learned for a device from quiet time (from the store).
+    LearnedIdle { device: DeviceId, watts: f64 },
     /// The daemon's clock: attribute what the grace period allows up to `now_ns`.
     Advance { now_ns: u64 },
     /// End connections silent for `idle_ns` (their close was never seen).

@@ -164,6 +164,9 @@ impl Pipeline {
             } => {
                 self.ledger.restore_model(device, service, *model);
             }
+            Input::LearnedIdle { device, watts } => {
+                self.ledger.restore_idle(device, watts);
+            }
             Input::Advance { now_ns } => {
                 let recs = self.ledger.advance(now_ns);
                 self.emit_records(recs);
@@ -544,6 +547,7 @@ impl Pipeline {
     /// The whole state now, as plain structs.
     pub fn snapshot(&self, ts_ns: u64, extras: snapshot::Extras) -> Snapshot {
         let totals = self.ledger.totals();
+        let now = self.ledger.power_now();
         Snapshot {
             ts_ns,
             unix_ms: self.unix_ms(ts_ns),
@@ -555,6 +559,10 @@ impl Pipeline {
                     name: d.name.clone(),
                     kind: d.kind,
                     estimated: d.estimated,
+                    power_w: now.get(&id).map(|&(_, w)| w),
+                    power_age_ms: now
+                        .get(&id)
+                        .map(|&(t, _)| ts_ns.saturating_sub(t) / 1_000_000),
                     totals: totals.get(&id).copied().unwrap_or_default(),
                 })
                 .collect(),

@@ -56,6 +56,12 @@ pub struct DeviceSnapshot {
     pub name: String,
     pub kind: DeviceKind,
     pub estimated: bool,
+    /// What it draws now: its newest power sample or counter update, watts (`None` before the
+    /// first).
+    pub power_w: Option<f64>,
+    /// How old that reading was at the snapshot, ms: a sensor that stopped answering shows
+    /// here first.
+    pub power_age_ms: Option<u64>,
     #[serde(flatten)]
     pub totals: DeviceTotals,
 }

@@ -13,15 +13,16 @@
 //! are unique across restarts. Two daemons cannot share a store (an exclusive lock).
 
 mod config;
+mod quantiles;
 mod query;
 mod recover;
+mod rollup;
 mod schema;
 #[cfg(test)]
 mod tests;
 pub mod writer;
 
 use std::{
-    collections::BTreeMap,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -31,6 +32,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use self::{
     config::StoreConfig,
+    quantiles::JouleQuantiles,
     query::{GroupBy, GroupSums, merge_currency},
     recover::{Recovery, recover},
     writer::{StoreFeed, StoreWriter, WriterStats},
@@ -91,6 +93,9 @@ pub enum StoreError {
     /// The database was written by a newer tracer.
     #[error("the store's schema version {found} is newer than this tracer's ({supported})")]
     Schema { found: i64, supported: i64 },
+    /// A quantiles histogram (a rollup row's) could not be written, read or added.
+    #[error("a quantiles histogram: {0}")]
+    Histogram(String),
     /// Recovering a crashed run from its journal failed.
     #[error("recovering run {run} from {journal}: {detail}")]
     Recover {
@@ -130,56 +135,6 @@ fn cost_nano(r: &FinalRecord) -> (Option<i64>, Option<&str>) {
             Some(c.currency.as_str()),
         )
     })
-}
-
-/// A batch's per-minute sums before they are added to the `rollup` table, keyed by (minute,
-/// service, model, tenant, outcome).
-#[derive(Default)]
-struct Rollups<'a>(BTreeMap<(i64, &'a str, &'a str, &'a str, &'static str), RollupSums<'a>>);
-
-#[derive(Default)]
-struct RollupSums<'a> {
-    requests: i64,
-    total_j: f64,
-    dynamic_j: f64,
-    idle_j: f64,
-    output_tokens: i64,
-    token_j: f64,
-    cost_nano: i64,
-    /// The table's rule: one currency, `*` where they differ, empty while none is known.
-    currency: &'a str,
-}
-
-impl<'a> Rollups<'a> {
-    fn add(&mut self, r: &'a FinalRecord, cost_nano: Option<i64>, currency: Option<&'a str>) {
-        let rec = &r.record;
-        let key = (
-            r.end_unix_ms.div_euclid(MINUTE_MS),
-            r.service_name.as_str(),
-            rec.model.as_deref().unwrap_or(""),
-            rec.tenant.as_deref().unwrap_or(""),
-            rec.outcome.name(),
-        );
-        let s = self.0.entry(key).or_default();
-        let tokens = rec.completion_tokens.filter(|&t| t > 0);
-        s.requests += 1;
-        s.total_j += rec.total_j;
-        s.dynamic_j += rec.dynamic_j;
-        s.idle_j += rec.idle_j;
-        s.output_tokens += tokens.unwrap_or(0) as i64;
-        if tokens.is_some() {
-            s.token_j += rec.total_j;
-        }
-        s.cost_nano += cost_nano.unwrap_or(0);
-        let c = currency.unwrap_or("");
-        s.currency = if s.requests == 1 || s.currency.is_empty() || s.currency == c {
-            c
-        } else if c.is_empty() {
-            s.currency
-        } else {
-            "*"
-        };
-    }
 }
 
 /// What a records query keeps (the API's filters, on stored columns).
@@ -367,17 +322,7 @@ impl Store {
             let mut st = tx.prepare_cached(
                 "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency, segment) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
-            let mut roll = tx.prepare_cached(
-                "INSERT INTO rollup (minute, service_name, model, tenant, outcome, requests, total_j, dynamic_j, idle_j, output_tokens, token_j, cost_nano, currency) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?13, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-                 ON CONFLICT DO UPDATE SET requests = requests + excluded.requests, total_j = total_j + excluded.total_j, \
-                 dynamic_j = dynamic_j + excluded.dynamic_j, idle_j = idle_j + excluded.idle_j, \
-                 output_tokens = output_tokens + excluded.output_tokens, token_j = token_j + excluded.token_j, \
-                 cost_nano = cost_nano + excluded.cost_nano, \
-                 currency = CASE WHEN currency IN ('', excluded.currency) THEN excluded.currency \
-                 WHEN excluded.currency = '' THEN currency ELSE '*' END",
-            )?;
-            let mut rollups = Rollups::default();
+            let mut rollups = rollup::Rollups::default();
             for r in records {
                 let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
                     id: r.record.id.0 as i64,
@@ -408,24 +353,7 @@ impl Store {
                 }
                 new += added;
             }
-            // One upsert per minute and group in the batch, not one per record.
-            for ((minute, service, model, tenant, outcome), s) in &rollups.0 {
-                roll.execute(params![
-                    minute,
-                    service,
-                    model,
-                    tenant,
-                    outcome,
-                    s.total_j,
-                    s.dynamic_j,
-                    s.idle_j,
-                    s.output_tokens,
-                    s.token_j,
-                    s.cost_nano,
-                    s.currency,
-                    s.requests,
-                ])?;
-            }
+            rollups.write(&tx)?;
         }
         tx.commit()?;
         Ok(new)
@@ -529,6 +457,26 @@ impl Store {
             let (device, service, json) = row?;
             if let Ok(model) = serde_json::from_str(&json) {
                 out.push((device, service, model));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each device's newest idle figure learned from quiet time (`idle_basis` quiet), by
+    /// device name: what the next run starts from instead of the all-power fallback.
+    pub fn learned_idle(&self) -> Result<Vec<(String, f64)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT d.name, d.idle_w FROM device_totals d \
+             JOIN (SELECT name, MAX(unix_ms) AS t FROM device_totals WHERE idle_basis = 'quiet' GROUP BY name) n \
+             ON d.name = n.name AND d.unix_ms = n.t AND d.idle_basis = 'quiet' ORDER BY d.name",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))?;
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for row in rows {
+            let (name, w) = row?;
+            // Two runs' rows at the same millisecond: one figure per device.
+            if out.last().is_none_or(|(n, _)| *n != name) {
+                out.push((name, w));
             }
         }
         Ok(out)
@@ -643,6 +591,12 @@ impl Store {
                 .execute("DELETE FROM device_totals WHERE unix_ms < ?1", [cut])?;
             self.conn.execute(
                 "DELETE FROM rollup WHERE minute < ?1",
+                [cut.div_euclid(MINUTE_MS)],
+            )?;
+            // An hour partly deleted goes whole: its histograms would count deleted records
+            // (a summary's `quantiles_over` then says what the quantiles cover).
+            self.conn.execute(
+                "DELETE FROM rollup_hour WHERE hour * 60 < ?1",
                 [cut.div_euclid(MINUTE_MS)],
             )?;
         }

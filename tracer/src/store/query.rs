@@ -1,9 +1,9 @@
 //! Reading the store: pages of records, one record's neighbours, sums per group (from the
 //! records, or whole minutes from the rollups), records and device intervals for a bill.
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::{MINUTE_MS, Store, StoreError, StoredFilter};
+use super::{MINUTE_MS, Store, StoreError, StoredFilter, quantiles::JouleQuantiles};
 use crate::pipeline::FinalRecord;
 
 /// A stored record's run and the journal segment it was finalised in.
@@ -32,25 +32,48 @@ pub struct GroupSums {
     pub cost_nano: i64,
     /// `None`: no record had a cost; `Some("*")`: costs in more than one currency.
     pub currency: Option<String>,
+    /// Quantiles of J per request and per output token, over `quantiles.requests()` of the
+    /// requests (rollup rows from before schema 3 have none).
+    pub quantiles: JouleQuantiles,
 }
 
 impl GroupSums {
-    /// One record's contribution to group `key` (what the records' sums add per row).
-    pub fn of(key: String, r: &FinalRecord) -> Self {
+    /// Adds one record (in place: a group's histograms are not built per record).
+    pub fn add_record(&mut self, r: &FinalRecord) {
         let rec = &r.record;
-        let tokens = rec.completion_tokens.filter(|&t| t > 0);
         let (cost_nano, currency) = super::cost_nano(r);
-        GroupSums {
-            key,
-            requests: 1,
-            total_j: rec.total_j,
-            dynamic_j: rec.dynamic_j,
-            idle_j: rec.idle_j,
-            output_tokens: tokens.unwrap_or(0),
-            token_j: if tokens.is_some() { rec.total_j } else { 0.0 },
-            cost_nano: cost_nano.unwrap_or(0),
-            currency: currency.map(str::to_owned),
+        self.add_row(
+            rec.total_j,
+            rec.dynamic_j,
+            rec.idle_j,
+            rec.completion_tokens,
+            cost_nano,
+            currency.map(str::to_owned),
+        );
+    }
+
+    /// Adds one record's stored columns.
+    fn add_row(
+        &mut self,
+        total_j: f64,
+        dynamic_j: f64,
+        idle_j: f64,
+        completion_tokens: Option<u64>,
+        cost_nano: Option<i64>,
+        currency: Option<String>,
+    ) {
+        let tokens = completion_tokens.filter(|&t| t > 0);
+        self.requests += 1;
+        self.total_j += total_j;
+        self.dynamic_j += dynamic_j;
+        self.idle_j += idle_j;
+        self.output_tokens += tokens.unwrap_or(0);
+        if tokens.is_some() {
+            self.token_j += total_j;
         }
+        self.cost_nano += cost_nano.unwrap_or(0);
+        self.currency = merge_currency(self.currency.take(), currency);
+        self.quantiles.record(total_j, tokens);
     }
 
     /// Adds `other`'s sums (the same group).
@@ -63,7 +86,50 @@ impl GroupSums {
         self.token_j += other.token_j;
         self.cost_nano += other.cost_nano;
         self.currency = merge_currency(self.currency.take(), other.currency.clone());
+        self.quantiles.add(&other.quantiles);
     }
+}
+
+/// Group `key` in `groups`, created empty.
+/// Minutes per hour of `rollup_hour`.
+const HOUR_MINUTES: i64 = 60;
+
+/// `col >= ?1 AND col < ?2` and the filter's columns, with their arguments.
+fn rollup_conditions(
+    filter: &StoredFilter,
+    col: &str,
+    from: i64,
+    to: i64,
+) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = format!("{col} >= ?1 AND {col} < ?2");
+    let mut args: Vec<rusqlite::types::Value> = vec![from.into(), to.into()];
+    for (c, v) in [
+        ("service_name", &filter.service_name),
+        ("model", &filter.model),
+        ("tenant", &filter.tenant),
+        ("outcome", &filter.outcome),
+    ] {
+        if let Some(v) = v {
+            args.push(v.clone().into());
+            let _ = write!(sql, " AND {c} = ?{}", args.len());
+        }
+    }
+    (sql, args)
+}
+
+/// A column of an unexpected type, as rusqlite reports it.
+fn column(idx: usize) -> impl Fn(rusqlite::types::FromSqlError) -> StoreError {
+    move |e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Null, Box::new(e))
+            .into()
+    }
+}
+
+fn group(groups: &mut BTreeMap<String, GroupSums>, key: String) -> &mut GroupSums {
+    groups.entry(key).or_insert_with_key(|k| GroupSums {
+        key: k.clone(),
+        ..GroupSums::default()
+    })
 }
 
 /// The currency of two sums: one, the other, or `*` for two different ones.
@@ -71,14 +137,6 @@ pub fn merge_currency(a: Option<String>, b: Option<String>) -> Option<String> {
     match (a, b) {
         (None, x) | (x, None) => x,
         (Some(a), Some(b)) if a == b => Some(a),
-        _ => Some("*".into()),
-    }
-}
-
-fn currency_of(min: Option<String>, max: Option<String>) -> Option<String> {
-    match (min.filter(|c| !c.is_empty()), max.filter(|c| !c.is_empty())) {
-        (Some(a), Some(b)) if a == b => Some(a),
-        (None, None) => None,
         _ => Some("*".into()),
     }
 }
@@ -160,6 +218,35 @@ impl Store {
         .collect()
     }
 
+    /// As [`Store::page`], each record as its stored JSON (checked to be JSON, not decoded):
+    /// what the API sends, without a decode and an encode per record.
+    pub fn page_raw(
+        &self,
+        filter: &StoredFilter,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Box<serde_json::value::RawValue>)>, StoreError> {
+        let Some((clause, mut args)) = where_clause(filter, before) else {
+            return Ok(Vec::new());
+        };
+        args.push((limit as i64).into());
+        let sql = format!(
+            "SELECT id, json FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
+            args.len()
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        rows.map(|row| {
+            let (id, json) = row?;
+            let raw = serde_json::value::RawValue::from_string(json)
+                .map_err(|source| StoreError::Corrupt { id, source })?;
+            Ok((id as u64, raw))
+        })
+        .collect()
+    }
+
     /// Sums per group (`by`: model, service or tenant) over records with ids below `before`
     /// that `filter` keeps (what memory no longer holds).
     pub fn sums(
@@ -176,14 +263,25 @@ impl Store {
             GroupBy::Service => "service_name",
             GroupBy::Tenant => "COALESCE(tenant, '(none)')",
         };
+        // Row by row, not SQL's sums: the quantiles need each record's joules.
         let sql = format!(
-            "SELECT {key}, COUNT(*), SUM(total_j), SUM(dynamic_j), SUM(idle_j), \
-             SUM(CASE WHEN completion_tokens > 0 THEN completion_tokens ELSE 0 END), \
-             SUM(CASE WHEN completion_tokens > 0 THEN total_j ELSE 0 END), \
-             SUM(COALESCE(cost_nano, 0)), MIN(NULLIF(currency, '')), MAX(NULLIF(currency, '')) \
-             FROM records WHERE {clause} GROUP BY 1"
+            "SELECT {key}, total_j, dynamic_j, idle_j, completion_tokens, cost_nano, NULLIF(currency, '') \
+             FROM records WHERE {clause}"
         );
-        self.groups(&sql, args)
+        let mut st = self.conn.prepare(&sql)?;
+        let mut rows = st.query(rusqlite::params_from_iter(args))?;
+        let mut groups = BTreeMap::new();
+        while let Some(r) = rows.next()? {
+            group(&mut groups, r.get(0)?).add_row(
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                r.get(5)?,
+                r.get(6)?,
+            );
+        }
+        Ok(groups.into_values().collect())
     }
 
     /// Sums per group over every stored record `filter` keeps (all runs): whole minutes from
@@ -211,14 +309,8 @@ impl Store {
             first_id: 0,
             ..filter.clone()
         };
-        let mut groups = std::collections::BTreeMap::<String, GroupSums>::new();
-        let mut add = |g: GroupSums| {
-            let e = groups.entry(g.key.clone()).or_insert_with(|| GroupSums {
-                key: g.key.clone(),
-                ..GroupSums::default()
-            });
-            e.add(&g);
-        };
+        let mut groups = BTreeMap::new();
+        let mut add = |g: GroupSums| group(&mut groups, g.key.clone()).add(&g);
         if first >= last {
             for g in self.sums(&everyone, u64::MAX, by)? {
                 add(g);
@@ -259,6 +351,9 @@ impl Store {
         Ok(groups.into_values().collect())
     }
 
+    /// Sums per group over the whole minutes `[first, last)`: from the minute rollups (summed
+    /// in SQL); the quantiles from the hourly histograms for whole hours and the minute rows'
+    /// for the partial hours at the edges.
     fn rollup_sums(
         &self,
         filter: &StoredFilter,
@@ -271,49 +366,73 @@ impl Store {
             GroupBy::Service => "service_name",
             GroupBy::Tenant => "CASE tenant WHEN '' THEN '(none)' ELSE tenant END",
         };
-        let mut sql = String::from("minute >= ?1 AND minute < ?2");
-        let mut args: Vec<rusqlite::types::Value> = vec![first.into(), last.into()];
-        for (col, v) in [
-            ("service_name", &filter.service_name),
-            ("model", &filter.model),
-            ("tenant", &filter.tenant),
-            ("outcome", &filter.outcome),
-        ] {
-            if let Some(v) = v {
-                args.push(v.clone().into());
-                let _ = write!(sql, " AND {col} = ?{}", args.len());
-            }
-        }
+        let (conditions, args) = rollup_conditions(filter, "minute", first, last);
         let sql = format!(
             "SELECT {key}, SUM(requests), SUM(total_j), SUM(dynamic_j), SUM(idle_j), SUM(output_tokens), SUM(token_j), \
              SUM(cost_nano), MIN(NULLIF(currency, '')), MAX(NULLIF(currency, '')) \
-             FROM rollup WHERE {sql} GROUP BY 1"
+             FROM rollup WHERE {conditions} GROUP BY 1"
         );
-        self.groups(&sql, args)
-    }
-
-    /// Runs a sums query whose columns are: key, requests, total, dynamic and idle J, output
-    /// tokens, their J, cost in billionths, lowest and highest currency.
-    fn groups(
-        &self,
-        sql: &str,
-        args: Vec<rusqlite::types::Value>,
-    ) -> Result<Vec<GroupSums>, StoreError> {
-        let mut st = self.conn.prepare(sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(GroupSums {
-                key: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
-                dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
-                idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
-                output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
-                token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
-                cost_nano: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
-                currency: currency_of(r.get(8)?, r.get(9)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut groups: BTreeMap<String, GroupSums> = BTreeMap::new();
+        {
+            let mut st = self.conn.prepare(&sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(args))?;
+            while let Some(r) = rows.next()? {
+                let g = GroupSums {
+                    key: r.get(0)?,
+                    requests: r.get::<_, i64>(1)?.max(0) as u64,
+                    total_j: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                    dynamic_j: r.get::<_, Option<f64>>(3)?.unwrap_or(0.0),
+                    idle_j: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+                    output_tokens: r.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
+                    token_j: r.get::<_, Option<f64>>(6)?.unwrap_or(0.0),
+                    cost_nano: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+                    currency: merge_currency(r.get(8)?, r.get(9)?),
+                    ..GroupSums::default()
+                };
+                groups.insert(g.key.clone(), g);
+            }
+        }
+        // Whole hours inside the window, and the minutes around them.
+        let (h0, h1) = (
+            first.div_euclid(HOUR_MINUTES) + i64::from(first.rem_euclid(HOUR_MINUTES) != 0),
+            last.div_euclid(HOUR_MINUTES),
+        );
+        let spans: Vec<(&str, &str, i64, i64)> = if h0 < h1 {
+            vec![
+                ("rollup_hour", "hour", h0, h1),
+                ("rollup", "minute", first, h0 * HOUR_MINUTES),
+                ("rollup", "minute", h1 * HOUR_MINUTES, last),
+            ]
+        } else {
+            vec![("rollup", "minute", first, last)]
+        };
+        for (table, col, from, to) in spans {
+            if from >= to {
+                continue;
+            }
+            let (conditions, args) = rollup_conditions(filter, col, from, to);
+            let sql = format!("SELECT {key}, j_hist, token_hist FROM {table} WHERE {conditions}");
+            let mut st = self.conn.prepare(&sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(args))?;
+            while let Some(r) = rows.next()? {
+                // Borrowed from the row (a day is many rows of a few groups).
+                let key = r.get_ref(0)?.as_str().map_err(column(0))?;
+                let g = match groups.get_mut(key) {
+                    Some(g) => g,
+                    None => group(&mut groups, key.to_owned()),
+                };
+                let (j_hist, token_hist) = (
+                    r.get_ref(1)?.as_blob_or_null().map_err(column(1))?,
+                    r.get_ref(2)?.as_blob_or_null().map_err(column(2))?,
+                );
+                if let Err(e) = g.quantiles.add_bytes(j_hist, token_hist) {
+                    // One unreadable row must not hide the sums: its requests go uncounted
+                    // in `quantiles_over`.
+                    tracing::warn!("store: {table} row: {e}");
+                }
+            }
+        }
+        Ok(groups.into_values().collect())
     }
 
     /// Every record that ended in `[since, until)`, oldest first, with its run and the

@@ -5,7 +5,8 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema this build writes. 2: records carry the journal segment they were finalised in.
-pub const VERSION: i64 = 2;
+/// 3: rollup rows carry histograms of J per request and per output token (quantiles).
+pub const VERSION: i64 = 3;
 
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -57,7 +58,19 @@ CREATE TABLE IF NOT EXISTS rollup (
     token_j REAL NOT NULL,
     cost_nano INTEGER NOT NULL,
     currency TEXT NOT NULL,
+    j_hist BLOB,
+    token_hist BLOB,
     PRIMARY KEY (minute, service_name, model, tenant, outcome)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_hour (
+    hour INTEGER NOT NULL,
+    service_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    j_hist BLOB,
+    token_hist BLOB,
+    PRIMARY KEY (hour, service_name, model, tenant, outcome)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS learned (
     device TEXT NOT NULL,
@@ -115,12 +128,29 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
         |r| r.get(0),
     )?;
     conn.execute_batch(TABLES)?;
+    // The migrations and the version in one transaction: a crash between them cannot leave a
+    // column added and the version old.
+    let mut migrate = String::new();
     if existed && found < 2 {
         // Version 1 had one journal file per run: its records are all in segment 0.
-        // With the version, in one transaction: a crash between them cannot leave the column
-        // added and the version old.
+        migrate.push_str("ALTER TABLE records ADD COLUMN segment INTEGER NOT NULL DEFAULT 0;");
+    }
+    // Asked of the table, not the version: a rollup table created just now has the columns.
+    let hists: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('rollup') WHERE name = 'j_hist'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !hists {
+        // Rows from before version 3 keep NULL histograms: quantiles leave them out (and say
+        // how many requests they cover).
+        migrate.push_str(
+            "ALTER TABLE rollup ADD COLUMN j_hist BLOB; ALTER TABLE rollup ADD COLUMN token_hist BLOB;",
+        );
+    }
+    if !migrate.is_empty() {
         conn.execute_batch(&format!(
-            "BEGIN; ALTER TABLE records ADD COLUMN segment INTEGER NOT NULL DEFAULT 0; PRAGMA user_version = {VERSION}; COMMIT;"
+            "BEGIN; {migrate} PRAGMA user_version = {VERSION}; COMMIT;"
         ))?;
     }
     conn.pragma_update(None, "user_version", VERSION)?;

@@ -6,7 +6,8 @@ use std::{
 use super::*;
 use crate::{
     ids::{RequestId, ServiceId},
-    ledger::{Outcome, RequestRecord},
+    ledger::{IdleBasis, Outcome, RequestRecord},
+    pipeline::snapshot::Snapshot,
 };
 
 fn temp(name: &str) -> PathBuf {
@@ -79,6 +80,65 @@ fn ids_keep_growing_across_runs_and_nothing_is_stored_twice() {
     let s = Store::open(&dir).expect("reopen after the first let go");
     assert_eq!(s.count().expect("count"), 5);
     assert_eq!(s.last_request_id().expect("last"), 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A snapshot of one device named `name` with this idle figure.
+fn device_snapshot(unix_ms: i64, name: &str, idle_w: f64, basis: IdleBasis) -> Snapshot {
+    use crate::pipeline::snapshot::{Counts, DeviceSnapshot};
+    Snapshot {
+        ts_ns: 0,
+        unix_ms,
+        devices: vec![DeviceSnapshot {
+            id: crate::ids::DeviceId(0),
+            name: name.into(),
+            kind: crate::ledger::DeviceKind::Gpu,
+            estimated: false,
+            power_w: None,
+            power_age_ms: None,
+            totals: crate::ledger::DeviceTotals {
+                idle_w,
+                idle_basis: basis,
+                ..Default::default()
+            },
+        }],
+        services: Vec::new(),
+        in_flight: Vec::new(),
+        counts: Counts::default(),
+        kernel: None,
+        samplers: Vec::new(),
+        outputs: Vec::new(),
+        targets: None,
+        learned: Vec::new(),
+    }
+}
+
+/// The idle the next run starts from is each device's newest figure learned from quiet time,
+/// across runs; all-power guesses never are.
+#[test]
+fn the_newest_quiet_idle_of_each_device_is_kept_for_the_next_run() {
+    let dir = temp("idle");
+    let mut s = Store::open(&dir).expect("open");
+    let run = s.begin_run(1_000).expect("run").run;
+    for (ms, name, w, basis) in [
+        (1_000, "gpu0", 70.0, IdleBasis::Quiet),
+        (2_000, "gpu0", 72.0, IdleBasis::Quiet),
+        (3_000, "gpu0", 240.0, IdleBasis::AllPower),
+        (1_000, "gpu1", 200.0, IdleBasis::AllPower),
+    ] {
+        s.snapshot(run, &device_snapshot(ms, name, w, basis))
+            .expect("snapshot");
+    }
+    let later = s.begin_run(4_000).expect("run").run;
+    s.snapshot(
+        later,
+        &device_snapshot(5_000, "gpu2", 55.0, IdleBasis::Quiet),
+    )
+    .expect("snapshot");
+    assert_eq!(
+        s.learned_idle().expect("idle"),
+        vec![("gpu0".to_string(), 72.0), ("gpu2".to_string(), 55.0)]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -281,6 +341,9 @@ fn rollup_summaries_equal_sums_over_the_records() {
                     (&y.key, y.requests, y.output_tokens)
                 );
                 assert!((x.total_j - y.total_j).abs() < 1e-6, "{x:?} {y:?}");
+                // The same values in the same buckets: rollups' histograms add up exactly.
+                assert_eq!(x.quantiles, y.quantiles, "{since_ms:?}..{until_ms:?}");
+                assert_eq!(x.quantiles.requests(), x.requests);
             }
         }
     }
@@ -294,6 +357,313 @@ fn rollup_summaries_equal_sums_over_the_records() {
     let slow = s.sums(&f, u64::MAX, GroupBy::Model).expect("sums");
     assert_eq!(fast[0].requests, slow[0].requests);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A record like [`record`]'s with `tokens` output tokens (`None`: not reported).
+fn with_tokens(r: &FinalRecord, tokens: Option<u64>) -> Arc<FinalRecord> {
+    let mut r = r.clone();
+    r.record.completion_tokens = tokens;
+    r.record.joules_per_output_token = tokens
+        .filter(|&t| t > 0)
+        .map(|t| r.record.total_j / t as f64);
+    Arc::new(r)
+}
+
+/// Records over ten minutes from `t0`, three models, joules over four orders of magnitude,
+/// some without output tokens (or with 0), in id order but with their minutes mixed.
+fn varied(t0: i64) -> Vec<Arc<FinalRecord>> {
+    varied_over(t0, 600_000)
+}
+
+/// As `varied`, the ends spread over `span_ms`.
+fn varied_over(t0: i64, span_ms: u64) -> Vec<Arc<FinalRecord>> {
+    (1..=900u64)
+        .map(|i| {
+            let model = ["a", "b", "c"][(i % 3) as usize];
+            let total_j = 0.05 * 1.07f64.powi((i * 37 % 130) as i32);
+            let end = t0 + ((i * 7919) % span_ms) as i64;
+            let tokens = match i % 5 {
+                0 => None,
+                1 => Some(0),
+                _ => Some(1 + i * 13 % 500),
+            };
+            with_tokens(&record(i, end, model, total_j), tokens)
+        })
+        .collect()
+}
+
+/// The nearest-rank p50, p90, p99 and max of `values` (sorted, the value at rank
+/// `ceil(q * n)`), computed without histograms.
+fn nearest_rank(mut values: Vec<f64>) -> Option<[f64; 4]> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let at = |q: f64| values[((q * n as f64).ceil() as usize).max(1) - 1];
+    (n > 0).then(|| [at(0.5), at(0.9), at(0.99), values[n - 1]])
+}
+
+/// `got` (the API's JSON of a histogram's quantiles) is `want` within hdrhistogram's
+/// precision: at most 1 % above (a bucket's highest value), never below but for the rounding
+/// to whole microjoules.
+fn assert_quantiles(what: &str, got: &serde_json::Value, want: Option<[f64; 4]>) {
+    let Some(want) = want else {
+        assert!(got.is_null(), "{what}: {got}, not null");
+        return;
+    };
+    for (k, w) in ["p50", "p90", "p99", "max"].into_iter().zip(want) {
+        let g = got[k].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            g >= w - 1e-6 && g <= w * 1.01 + 1e-6,
+            "{what} {k}: {g}, not {w} within 1 % ({got})"
+        );
+    }
+}
+
+/// Quantiles from the rollups (whole minutes, merged across the batches that wrote each
+/// minute) and from the records at unaligned edges are the nearest-rank quantiles over the
+/// records themselves.
+#[test]
+fn rollup_quantiles_equal_nearest_rank_over_the_records() {
+    // Ten minutes (minute rows only), then three and a half hours (whole hours from the
+    // hourly histograms, the minutes around them from the minute rows).
+    const H: i64 = 3_600_000;
+    for (span, windows) in [
+        (
+            600_000,
+            vec![
+                (None, None),
+                (Some(12_345), Some(500_001)),
+                (Some(61_234), Some(599_999)),
+                (None, Some(400_001)),
+                (Some(100_000), Some(110_000)),
+            ],
+        ),
+        (
+            7 * H as u64 / 2,
+            vec![
+                (None, None),
+                (Some(12_345), Some(3 * H + 1_234)),
+                (Some(H), Some(3 * H)),
+                (None, Some(2 * H + 61_000)),
+                (Some(H - 60_000), Some(H + 60_000)),
+                (Some(H + 59_999), None),
+            ],
+        ),
+    ] {
+        quantiles_over_windows(span, &windows);
+    }
+}
+
+/// [`rollup_quantiles_equal_nearest_rank_over_the_records`] for records over `span_ms` and
+/// windows relative to the first minute.
+fn quantiles_over_windows(span_ms: u64, windows: &[(Option<i64>, Option<i64>)]) {
+    let dir = temp(&format!("quantiles-{span_ms}"));
+    let mut s = Store::open(&dir).expect("open");
+    let run = s.begin_run(0).expect("run");
+    let t0 = 1_800_000_000_000i64;
+    let all = varied_over(t0, span_ms);
+    // Several batches: every minute is written by more than one.
+    for batch in all.chunks(97) {
+        s.insert(run.run, batch, false).expect("insert");
+    }
+    let windows = windows
+        .iter()
+        .map(|(a, b)| (a.map(|a| t0 + a), b.map(|b| t0 + b)));
+    for (since_ms, until_ms) in windows {
+        let f = StoredFilter {
+            since_ms,
+            until_ms,
+            ..StoredFilter::default()
+        };
+        let groups = s.summary(&f, GroupBy::Model).expect("summary");
+        assert_eq!(groups.len(), 3, "{since_ms:?}..{until_ms:?}");
+        for g in &groups {
+            let kept: Vec<&FinalRecord> = all
+                .iter()
+                .map(Arc::as_ref)
+                .filter(|r| {
+                    r.record.model.as_deref() == Some(g.key.as_str())
+                        && since_ms.is_none_or(|t| r.end_unix_ms >= t)
+                        && until_ms.is_none_or(|t| r.end_unix_ms < t)
+                })
+                .collect();
+            let what = format!("{}, {since_ms:?}..{until_ms:?}", g.key);
+            assert_eq!(g.requests, kept.len() as u64, "{what}");
+            assert_eq!(g.quantiles.requests(), g.requests, "{what}");
+            let per_request = nearest_rank(kept.iter().map(|r| r.record.total_j).collect());
+            let per_token = nearest_rank(
+                kept.iter()
+                    .filter_map(|r| r.record.joules_per_output_token)
+                    .collect(),
+            );
+            assert_quantiles(&what, &g.quantiles.per_request_json(), per_request);
+            assert_quantiles(&what, &g.quantiles.per_token_json(), per_token);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The rollup rows' histograms decoded, by (minute, model).
+fn rollup_rows(s: &Store) -> Vec<((i64, String), u64, JouleQuantiles)> {
+    let mut st = s
+        .conn
+        .prepare("SELECT minute, model, requests, j_hist, token_hist FROM rollup ORDER BY 1, 2")
+        .expect("prepare");
+    let mut rows = st.query([]).expect("query");
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().expect("row") {
+        let (j, token): quantiles::HistBytes =
+            (r.get(3).expect("j_hist"), r.get(4).expect("token_hist"));
+        let mut q = JouleQuantiles::default();
+        q.add_bytes(j.as_deref(), token.as_deref())
+            .expect("readable histograms");
+        out.push((
+            (r.get(0).expect("minute"), r.get(1).expect("model")),
+            r.get::<_, i64>(2).expect("requests") as u64,
+            q,
+        ));
+    }
+    out
+}
+
+/// A minute written by three batches holds the histograms one batch would have written.
+#[test]
+fn rollup_histograms_merge_across_batches() {
+    let t0 = 1_800_000_000_000i64;
+    let all = varied(t0);
+    let (one, three) = (temp("merge-one"), temp("merge-three"));
+    let mut a = Store::open(&one).expect("open");
+    let mut b = Store::open(&three).expect("open");
+    let (ra, rb) = (a.begin_run(0).expect("run"), b.begin_run(0).expect("run"));
+    a.insert(ra.run, &all, false).expect("insert");
+    for batch in all.chunks(all.len() / 3) {
+        b.insert(rb.run, batch, false).expect("insert");
+    }
+    let (rows_a, rows_b) = (rollup_rows(&a), rollup_rows(&b));
+    assert!(rows_a.len() >= 30, "10 minutes, 3 models: {}", rows_a.len());
+    assert_eq!(rows_a, rows_b);
+    for (key, requests, q) in &rows_a {
+        assert_eq!(q.requests(), *requests, "{key:?}");
+    }
+    let _ = std::fs::remove_dir_all(&one);
+    let _ = std::fs::remove_dir_all(&three);
+}
+
+/// A version 2 store (its rollup table without histograms) opens as version 3: the table gains
+/// the columns, the old rows keep their sums, and the quantiles say they cover only the
+/// requests stored since.
+#[test]
+fn a_version_2_store_gains_the_histograms_and_says_what_they_cover() {
+    let dir = temp("migrate");
+    let t0 = 1_800_000_000_000i64;
+    let all = varied(t0);
+    let (before, after) = all.split_at(500);
+    {
+        let mut s = Store::open(&dir).expect("open");
+        let run = s.begin_run(0).expect("run");
+        s.insert(run.run, before, false).expect("insert");
+    }
+    {
+        // Version 2's rollup table, with these rows (and no hourly histograms).
+        let conn = Connection::open(dir.join(DB_FILE)).expect("db");
+        conn.execute_batch(
+            "ALTER TABLE rollup RENAME TO rollup_v3;
+             CREATE TABLE rollup (
+                 minute INTEGER NOT NULL,
+                 service_name TEXT NOT NULL,
+                 model TEXT NOT NULL,
+                 tenant TEXT NOT NULL,
+                 outcome TEXT NOT NULL,
+                 requests INTEGER NOT NULL,
+                 total_j REAL NOT NULL,
+                 dynamic_j REAL NOT NULL,
+                 idle_j REAL NOT NULL,
+                 output_tokens INTEGER NOT NULL,
+                 token_j REAL NOT NULL,
+                 cost_nano INTEGER NOT NULL,
+                 currency TEXT NOT NULL,
+                 PRIMARY KEY (minute, service_name, model, tenant, outcome)
+             ) WITHOUT ROWID;
+             INSERT INTO rollup SELECT minute, service_name, model, tenant, outcome, requests, total_j, \
+                 dynamic_j, idle_j, output_tokens, token_j, cost_nano, currency FROM rollup_v3;
+             DROP TABLE rollup_v3;
+             DROP TABLE rollup_hour;
+             PRAGMA user_version = 2;",
+        )
+        .expect("version 2");
+    }
+    let mut s = Store::open(&dir).expect("open version 2");
+    let version: i64 = s
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 3);
+    let run = s.begin_run(1).expect("run");
+    // The same minutes again: old rows (NULL histograms) gain this batch's.
+    s.insert(run.run, after, false).expect("insert");
+    let groups = s
+        .summary(&StoredFilter::default(), GroupBy::Model)
+        .expect("summary");
+    assert_eq!(groups.len(), 3);
+    for g in &groups {
+        let since: Vec<&FinalRecord> = after
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|r| r.record.model.as_deref() == Some(g.key.as_str()))
+            .collect();
+        let all_of_group = all
+            .iter()
+            .filter(|r| r.record.model.as_deref() == Some(g.key.as_str()))
+            .count();
+        assert_eq!(g.requests, all_of_group as u64, "{}", g.key);
+        assert_eq!(g.quantiles.requests(), since.len() as u64, "{}", g.key);
+        assert!(g.quantiles.requests() < g.requests, "{}", g.key);
+        assert_quantiles(
+            &g.key,
+            &g.quantiles.per_request_json(),
+            nearest_rank(since.iter().map(|r| r.record.total_j).collect()),
+        );
+    }
+    // Reopening a version 3 store changes nothing.
+    drop(s);
+    let s = Store::open(&dir).expect("reopen");
+    assert_eq!(
+        s.summary(&StoredFilter::default(), GroupBy::Model)
+            .expect("summary"),
+        groups
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Histograms read from the database are input: bytes that are not one are an error, not a
+/// panic, and leave the quantiles as they were.
+#[test]
+fn unreadable_histogram_bytes_are_an_error() {
+    let mut q = JouleQuantiles::default();
+    q.record(2.0, Some(4));
+    let (j, token) = q.to_bytes();
+    let before = q.clone();
+    // Nothing; another format; cut inside a number; a count of zero; a value above 10 MJ;
+    // a number over 64 bits.
+    let above = [&[1u8][..], &[0xff; 7], &[0x7f, 1]].concat();
+    for bad in [
+        &b""[..],
+        b"not a histogram at all",
+        b"\x01\x80",
+        b"\x01\x05\x00",
+        &above[..],
+        b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+    ] {
+        assert!(matches!(
+            q.add_bytes(j.as_deref(), Some(bad)),
+            Err(StoreError::Histogram(_))
+        ));
+        assert_eq!(q, before);
+    }
+    q.add_bytes(j.as_deref(), token.as_deref())
+        .expect("read back");
+    assert_eq!(q.requests(), 2);
+    assert_quantiles("2 J", &q.per_request_json(), Some([2.0; 4]));
+    assert_quantiles("0.5 J/token", &q.per_token_json(), Some([0.5; 4]));
 }
 
 /// Journals are pruned by whole runs (every segment of a run), and by bytes from the oldest

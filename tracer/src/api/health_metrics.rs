@@ -1,0 +1,242 @@
+//! `/metrics`, the host's half (root and the API group only): what each device draws and where
+//! its energy went, the samplers' cost and health, and every counted loss on the data path
+//! (probe records dropped on a full ring per kind, the probes' table-full counters, the
+//! pipeline's decode and tracking counters, outputs' drops, recoveries that lost requests).
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::{Shared, metrics::label, routes::STALE_AFTER_MS};
+use crate::pipeline::snapshot::{DeviceSnapshot, SamplerHealth, Snapshot};
+
+/// A series: its name, help, and how its value is read.
+type Series<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
+/// `# HELP` and `# TYPE` lines.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub(super) fn write(out: &mut String, shared: &Shared) {
+    if let Some(snap) = shared.snapshot() {
+        devices(out, &snap);
+        samplers(out, &snap);
+        losses(out, &snap);
+    }
+    recoveries(out, shared);
+}
+
+fn devices(out: &mut String, snap: &Snapshot) {
+    let name = "tracer_device_energy_joules_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Energy measured on each device, and where it went.",
+    );
+    for d in &snap.devices {
+        for (kind, j) in [
+            ("measured", d.totals.measured_j),
+            (
+                "requests",
+                d.totals.request_dynamic_j + d.totals.request_idle_j,
+            ),
+            ("idle", d.totals.idle_j),
+            ("unattributed", d.totals.unattributed_j),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{device=\"{}\",part=\"{kind}\"}} {j}",
+                label(&d.name)
+            );
+        }
+    }
+    let gauges: [Series<DeviceSnapshot, Option<f64>>; 3] = [
+        (
+            "tracer_device_power_watts",
+            "What each device draws now: its newest power sample or counter update.",
+            |d| d.power_w,
+        ),
+        (
+            "tracer_device_idle_watts",
+            "Each device's idle figure (the basis is in /v1/gpus).",
+            |d| Some(d.totals.idle_w),
+        ),
+        (
+            "tracer_device_sensor_stale",
+            "1 when a device's newest reading is over 2 s old (its sensor or sampler stopped).",
+            |d| {
+                Some(f64::from(u8::from(
+                    d.power_age_ms.is_none_or(|a| a > STALE_AFTER_MS),
+                )))
+            },
+        ),
+    ];
+    for (name, help, get) in gauges {
+        head(out, name, "gauge", help);
+        for d in &snap.devices {
+            if let Some(v) = get(d) {
+                let _ = writeln!(out, "{name}{{device=\"{}\"}} {v}", label(&d.name));
+            }
+        }
+    }
+}
+
+fn samplers(out: &mut String, snap: &Snapshot) {
+    let series: [Series<SamplerHealth, f64>; 3] = [
+        (
+            "tracer_sampler_cpu_seconds_total",
+            "CPU time each power sampler's thread has used.",
+            |s| s.cpu_ns as f64 / 1e9,
+        ),
+        (
+            "tracer_sampler_polls_total",
+            "Polls each power sampler made.",
+            |s| s.polls as f64,
+        ),
+        (
+            "tracer_sampler_late_polls_total",
+            "Polls that started late (the sampler could not keep up).",
+            |s| s.late as f64,
+        ),
+    ];
+    for (name, help, get) in series {
+        head(out, name, "counter", help);
+        for s in &snap.samplers {
+            let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", label(&s.source), get(s));
+        }
+    }
+}
+
+fn losses(out: &mut String, snap: &Snapshot) {
+    if let Some(k) = &snap.kernel {
+        let name = "tracer_probe_records_total";
+        head(
+            out,
+            name,
+            "counter",
+            "Probe records written to the ring buffer, and dropped because it was full, per kind.",
+        );
+        for kind in tracer_ebpf::abi::Kind::ALL {
+            for (result, n) in [("emitted", k.emitted(kind)), ("dropped", k.dropped(kind))] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{kind=\"{}\",result=\"{result}\"}} {n}",
+                    kind.name()
+                );
+            }
+        }
+        let name = "tracer_probe_events_total";
+        head(
+            out,
+            name,
+            "counter",
+            "The probes' own counters: tables full, user reads failed, truncations, wakeups.",
+        );
+        for st in tracer_ebpf::abi::Stat::ALL {
+            let _ = writeln!(out, "{name}{{counter=\"{}\"}} {}", st.name(), k.get(st));
+        }
+    }
+    let name = "tracer_pipeline_events_total";
+    head(
+        out,
+        name,
+        "counter",
+        "The pipeline's counters (decoding, HTTP tracking, the ledger), by name.",
+    );
+    if let Ok(v) = serde_json::to_value(snap.counts) {
+        let mut flat = Vec::new();
+        flatten(&v, String::new(), &mut flat);
+        for (counter, n) in flat {
+            let _ = writeln!(out, "{name}{{counter=\"{}\"}} {n}", label(&counter));
+        }
+    }
+    let name = "tracer_output_facts_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Facts each output took, and those a lossy output dropped on a full queue.",
+    );
+    for o in &snap.outputs {
+        for (result, n) in [("delivered", o.delivered), ("dropped", o.dropped)] {
+            let _ = writeln!(
+                out,
+                "{name}{{output=\"{}\",result=\"{result}\"}} {n}",
+                label(&o.name)
+            );
+        }
+    }
+    let name = "tracer_output_failed";
+    head(
+        out,
+        name,
+        "gauge",
+        "1 when an output gave up after an error (in the log).",
+    );
+    for o in &snap.outputs {
+        let _ = writeln!(
+            out,
+            "{name}{{output=\"{}\"}} {}",
+            label(&o.name),
+            u8::from(o.failed)
+        );
+    }
+}
+
+/// Numbers in a JSON tree as `(path_with_underscores, value)`; arrays by index.
+fn flatten(v: &Value, path: String, out: &mut Vec<(String, f64)>) {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}_{k}")
+        }
+    };
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                out.push((path, f));
+            }
+        }
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten(v, join(k), out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten(v, join(&i.to_string()), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn recoveries(out: &mut String, shared: &Shared) {
+    let recoveries = shared.recoveries();
+    let name = "tracer_store_recovered_records_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Records recovered at start from crashed runs' journals (incomplete: in flight at the crash).",
+    );
+    let (mut recovered, mut incomplete, mut lost_runs) = (0, 0, 0);
+    for r in &recoveries {
+        recovered += r.recovered - r.incomplete;
+        incomplete += r.incomplete;
+        lost_runs += u64::from(r.journal.is_none() || r.unreadable.is_some());
+    }
+    let _ = writeln!(out, "{name}{{state=\"complete\"}} {recovered}");
+    let _ = writeln!(out, "{name}{{state=\"incomplete\"}} {incomplete}");
+    let name = "tracer_store_runs_lost_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Crashed runs whose journal was missing or unreadable: their requests not final at the crash are lost (count unknown).",
+    );
+    let _ = writeln!(out, "{name} {lost_runs}");
+}
