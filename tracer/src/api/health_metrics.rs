@@ -7,11 +7,23 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::{Shared, metrics::label, routes::STALE_AFTER_MS};
+use super::Shared;
 use crate::pipeline::snapshot::{DeviceSnapshot, SamplerHealth, Snapshot};
 
 /// A series: its name, help, and how its value is read.
 type Series<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
+/// A sensor whose newest reading is older than this is reported stale: samplers poll at tens
+/// of hertz and counters update at least every few hundred milliseconds, so seconds of silence
+/// mean the sensor or its sampler stopped.
+pub(super) const STALE_AFTER_MS: u64 = 2_000;
+
+/// A Prometheus label value, escaped.
+pub(super) fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
 
 /// `# HELP` and `# TYPE` lines.
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {

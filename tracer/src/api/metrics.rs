@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Shared, Totals, access::Scope, reply::Reply};
+use super::{Shared, Totals, access::Scope, health_metrics::label, reply::Reply};
 
 /// How one counter is read from a group's totals.
 type Get = fn(&Totals) -> f64;
@@ -54,13 +54,6 @@ impl Histogram {
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
     }
-}
-
-/// A Prometheus label value, escaped.
-pub(super) fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Prometheus text: per (service, model) counters the caller may see (and per tenant, up to

@@ -8,6 +8,7 @@ use serde_json::{Value, json, value::RawValue};
 use super::{
     Shared,
     access::Scope,
+    health_metrics::STALE_AFTER_MS,
     index::Filter,
     query::{params, parse_time},
     reply::{Reply, error},
@@ -306,11 +307,6 @@ fn services(shared: &Shared, scope: &Scope) -> Reply {
     });
     Reply::Json(200, json!({ "services": list }))
 }
-
-/// A sensor whose newest reading is older than this is reported stale: samplers poll at tens
-/// of hertz and counters update at least every few hundred milliseconds, so seconds of silence
-/// mean the sensor or its sampler stopped.
-pub(super) const STALE_AFTER_MS: u64 = 2_000;
 
 /// Every measured device: its totals, what it draws now, who holds it (services, their
 /// processes, requests in flight) and its sensor's health.
