@@ -586,7 +586,7 @@ fn a_user_sees_its_own_services_only() {
     }
     let account = Account::create();
     let dir = TempDir::new("api-users");
-    let (mut mine, my_port) = listening(
+    let (mine, my_port) = listening(
         Command::new("setpriv")
             .args([
                 format!("--reuid={}", account.uid),
@@ -597,6 +597,8 @@ fn a_user_sees_its_own_services_only() {
             ])
             .arg(SERVER),
     );
+    // Dropped before the account (even on a failed assertion): its user can then be deleted.
+    let mine = Killed(mine);
     let (mut roots, root_port) = listening(Command::new("python3").arg(SERVER));
     let tracer = daemon_with(
         &dir,
@@ -664,16 +666,83 @@ fn a_user_sees_its_own_services_only() {
         200
     );
     let _ = tracer.stop();
-    for s in [&mut mine, &mut roots] {
-        let _ = s.kill();
-        let _ = s.wait();
+    drop(mine);
+    let _ = roots.kill();
+    let _ = roots.wait();
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
+/// Connections to `sock` held open by processes running as the given uids, started
+/// together (an idle connection lasts the daemon's 5 s head timeout): with a request, sent
+/// and the answer's status line read; without, idle. The processes (kill them to close the
+/// connections) and those lines (`idle` for an idle one).
+fn hold(sock: &Path, clients: &[(u32, Option<&str>)]) -> Vec<(std::process::Child, String)> {
+    const SCRIPT: &str = r"import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+line = 'idle'
+if len(sys.argv) > 2:
+    s.sendall(sys.argv[2].encode())
+    s.settimeout(10)
+    line = s.makefile('rb').readline().decode().strip()
+print(line, flush=True)
+time.sleep(60)
+";
+    let children: Vec<_> = clients
+        .iter()
+        .map(|(uid, request)| {
+            Command::new("setpriv")
+                .args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={NOBODY}"),
+                    "--clear-groups".into(),
+                    "/usr/bin/python3".into(),
+                    "-c".into(),
+                    SCRIPT.into(),
+                ])
+                .arg(sock)
+                .args(request)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("a holding client")
+        })
+        .collect();
+    let held = children
+        .into_iter()
+        .map(|mut child| {
+            let mut line = String::new();
+            let out = child.stdout.take().expect("stdout");
+            BufReader::new(out).read_line(&mut line).expect("its line");
+            (child, line.trim().to_string())
+        })
+        .collect();
+    // Time for the daemon to take the connections in.
+    std::thread::sleep(Duration::from_millis(200));
+    held
+}
+
+/// Kills holding clients (their connections close).
+fn release(clients: Vec<(std::process::Child, String)>) {
+    for (mut c, _) in clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 /// Slow and idle clients: one user's idle connections are capped (the next is told 429 at
-/// once) and cannot starve another user; streams are capped (503) and give their connection
-/// slot back; a head trickled byte by byte is cut off by the head timeout; and records keep
-/// becoming final throughout.
+/// once) while another user is served; a full house is answered 503 at once, except root;
+/// streams are capped (503) and give their connection slot back to queries; a head trickled
+/// byte by byte is cut off by the head timeout; records keep becoming final throughout.
 #[test]
 fn slow_and_idle_clients_never_stall_the_api() {
     if !privileged_or_skip("slow_and_idle_clients_never_stall_the_api") {
@@ -684,48 +753,73 @@ fn slow_and_idle_clients_never_stall_the_api() {
     let tracer = daemon_with(
         &dir,
         &[port],
-        "max_connections = 8\nmax_connections_per_user = 4\nmax_streams = 2",
+        "max_connections = 4\nmax_connections_per_user = 2\nmax_streams = 2",
     );
     let sock = dir.path().join("tracer.sock");
     post(port, "m", "slow-0");
     assert_eq!(records(&sock, 1).len(), 1);
-    // Root's four idle connections (connected, nothing sent), then a fifth: 429, at once.
-    let idle: Vec<UnixStream> = (0..4)
-        .map(|_| UnixStream::connect(&sock).expect("connect"))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let quick = Duration::from_secs(5);
+    let health = Some("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let stream = Some("GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n");
+    let line = |held: &[(std::process::Child, String)]| held[0].1.clone();
+    // One user's two idle connections, then a third from it: 429 at once; another user is
+    // served meanwhile.
+    let idle = hold(&sock, &[(NOBODY, None), (NOBODY, None)]);
     let t = Instant::now();
-    let status = raw(&sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(status.contains(" 429 "), "{status}");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    // Another user is served meanwhile, at once.
-    let t = Instant::now();
-    assert_eq!(curl(&sock, "/health", Some(NOBODY)).0, 200);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    drop(idle);
-    std::thread::sleep(Duration::from_millis(300));
-    // Two streams; a third is refused; queries still answered (streams gave their slots back).
-    let open_stream = || {
-        let mut s = UnixStream::connect(&sock).expect("connect");
-        s.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("write");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut b = [0u8; 64];
-        let n = s.read(&mut b).unwrap_or(0);
-        (s, String::from_utf8_lossy(&b[..n]).to_string())
-    };
-    let (s1, h1) = open_stream();
-    let (s2, h2) = open_stream();
-    assert!(
-        h1.starts_with("HTTP/1.1 200") && h2.starts_with("HTTP/1.1 200"),
-        "{h1} {h2}"
+    let third = hold(&sock, &[(NOBODY, health)]);
+    assert!(line(&third).contains(" 429 "), "{}", line(&third));
+    assert_eq!(curl(&sock, "/health", Some(NOBODY - 1)).0, 200);
+    assert!(t.elapsed() < quick, "{:?}", t.elapsed());
+    release(idle);
+    release(third);
+    // A full house (two users, two idle connections each): a third user is answered 503 at
+    // once; root is still served.
+    let full = hold(
+        &sock,
+        &[
+            (NOBODY, None),
+            (NOBODY, None),
+            (NOBODY - 1, None),
+            (NOBODY - 1, None),
+        ],
     );
-    let (_s3, h3) = open_stream();
-    assert!(h3.starts_with("HTTP/1.1 503"), "{h3}");
-    for _ in 0..8 {
-        assert_eq!(curl(&sock, "/health", Some(NOBODY)).0, 200);
-    }
+    let t = Instant::now();
+    let refused = hold(&sock, &[(NOBODY - 2, health)]);
+    assert!(line(&refused).contains(" 503 "), "{}", line(&refused));
+    assert_eq!(curl(&sock, "/health", None).0, 200);
+    assert!(t.elapsed() < quick, "{:?}", t.elapsed());
+    release(full);
+    release(refused);
+    // Two streams; a third is refused; the streams gave their connection slots back: four
+    // connections of two other users still fit, a fifth does not.
+    let streams = hold(&sock, &[(NOBODY, stream), (NOBODY, stream)]);
+    assert!(
+        streams.iter().all(|(_, l)| l.contains(" 200 ")),
+        "{streams:?}"
+    );
+    let third = hold(&sock, &[(NOBODY - 3, stream)]);
+    assert!(line(&third).contains(" 503 "), "{}", line(&third));
+    // (Its connection stays open, keep-alive, with its slot: closed.)
+    release(third);
+    // Each answered (a slot) and kept open (keep-alive): four connections held.
+    let four = hold(
+        &sock,
+        &[
+            (NOBODY - 1, health),
+            (NOBODY - 1, health),
+            (NOBODY - 2, health),
+            (NOBODY - 2, health),
+        ],
+    );
+    assert!(four.iter().all(|(_, l)| l.contains(" 200 ")), "{four:?}");
+    let fifth = hold(&sock, &[(NOBODY - 3, health)]);
+    assert!(
+        line(&fifth).contains(" 503 "),
+        "the four fit, a fifth is refused: {}",
+        line(&fifth)
+    );
+    release(four);
+    release(fifth);
     // A head trickled a byte at a time is cut off by the 5 s head timeout.
     let mut slow = UnixStream::connect(&sock).expect("connect");
     slow.set_write_timeout(Some(Duration::from_secs(1)))
@@ -748,10 +842,10 @@ fn slow_and_idle_clients_never_stall_the_api() {
     }
     assert!(cut, "a trickled head was cut off ({:?})", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
-    // Records kept becoming final throughout, and the open streams showed them.
+    // Records kept becoming final throughout.
     post(port, "m", "slow-1");
     assert_eq!(records(&sock, 2).len(), 2);
-    drop((s1, s2));
+    release(streams);
     let _ = tracer.stop();
     let _ = server.kill();
     let _ = server.wait();

@@ -259,10 +259,6 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
     out
 }
 
-/// Nothing the daemon writes by default holds prompt text or credentials: the store, the
-/// journal, a recording, the JSON-lines outputs, the log. The recording and the journal still
-/// replay to the records the daemon wrote. With `--record-payloads` the recording keeps them
-/// (what the check above would catch).
 /// A clean stop with a request in flight (the server still working on it): the request is
 /// stored as `incomplete`, not dropped, and the next run still lists it beside the others.
 #[test]
@@ -276,8 +272,8 @@ fn a_request_in_flight_at_a_clean_stop_is_stored_incomplete() {
     let sock = dir.path().join("tracer.sock");
     let tracer = daemon(&dir, port, 1000);
     assert!(post(port, "done-1"));
-    // The server works on this one for 20 s (`burn_ms`): in flight until the stop.
-    let body = r#"{"model":"m","max_tokens":3,"burn_ms":20000,"messages":[]}"#;
+    // The server works on this one for 8 s of CPU (`burn_ms`): in flight until the stop.
+    let body = r#"{"model":"m","max_tokens":3,"burn_ms":8000,"messages":[]}"#;
     let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     write!(
         held,
@@ -314,6 +310,10 @@ fn a_request_in_flight_at_a_clean_stop_is_stored_incomplete() {
     let _ = server.wait();
 }
 
+/// Nothing the daemon writes by default holds prompt text or credentials: the store, the
+/// journal, a recording, the JSON-lines outputs, the log. The recording and the journal still
+/// replay to the records the daemon wrote. With `--record-payloads` the recording keeps them
+/// (what the check above would catch).
 #[test]
 fn nothing_written_by_default_holds_a_prompt_or_a_credential() {
     const PROMPT: &str = "ZEBRA-PRIVATE-7731 tell me a secret";

@@ -150,19 +150,32 @@ fn losses(out: &mut String, snap: &Snapshot) {
             let _ = writeln!(out, "{name}{{counter=\"{}\"}} {}", st.name(), k.get(st));
         }
     }
+    // The pipeline's counters by name; those that are levels (`*_open`) as gauges.
+    let mut flat = Vec::new();
+    if let Ok(v) = serde_json::to_value(snap.counts) {
+        flatten(&v, String::new(), &mut flat);
+    }
+    let (open, counters): (Vec<_>, Vec<_>) =
+        flat.into_iter().partition(|(n, _)| n.ends_with("_open"));
     let name = "tracer_pipeline_events_total";
     head(
         out,
         name,
         "counter",
-        "The pipeline's counters (decoding, HTTP tracking, the ledger), by name.",
+        "The pipeline's counters (decoding per record kind, HTTP tracking, the ledger), by name.",
     );
-    if let Ok(v) = serde_json::to_value(snap.counts) {
-        let mut flat = Vec::new();
-        flatten(&v, String::new(), &mut flat);
-        for (counter, n) in flat {
-            let _ = writeln!(out, "{name}{{counter=\"{}\"}} {n}", label(&counter));
-        }
+    for (counter, n) in counters {
+        let _ = writeln!(out, "{name}{{counter=\"{}\"}} {n}", label(&counter));
+    }
+    let name = "tracer_pipeline_open";
+    head(
+        out,
+        name,
+        "gauge",
+        "What the pipeline holds open now (requests, connections), by name.",
+    );
+    for (what, n) in open {
+        let _ = writeln!(out, "{name}{{what=\"{}\"}} {n}", label(&what));
     }
     let name = "tracer_output_facts_total";
     head(
@@ -218,8 +231,14 @@ fn flatten(v: &Value, path: String, out: &mut Vec<(String, f64)>) {
             }
         }
         Value::Array(a) => {
+            // Arrays are per record kind (`decoded`): named by the kind (unused slots left out).
             for (i, v) in a.iter().enumerate() {
-                flatten(v, join(&i.to_string()), out);
+                if let Some(kind) = u16::try_from(i)
+                    .ok()
+                    .and_then(tracer_ebpf::abi::Kind::from_u16)
+                {
+                    flatten(v, join(kind.name()), out);
+                }
             }
         }
         _ => {}
@@ -237,7 +256,7 @@ fn recoveries(out: &mut String, shared: &Shared) {
     );
     let (mut recovered, mut incomplete, mut lost_runs) = (0, 0, 0);
     for r in &recoveries {
-        recovered += r.recovered - r.incomplete;
+        recovered += r.recovered.saturating_sub(r.incomplete);
         incomplete += r.incomplete;
         lost_runs += u64::from(r.journal.is_none() || r.unreadable.is_some());
     }

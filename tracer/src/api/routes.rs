@@ -245,40 +245,28 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 })
                 .collect::<Vec<_>>()
         });
-    // Each device's energy over the window, from the store's summary intervals (intervals
-    // that straddle an edge count whole, as on a bill): where the requests' share sits beside
-    // idle and unattributed energy for the same period.
+    // Each device's energy over the window (between the store's snapshots nearest its edges):
+    // where the requests' share sits beside idle and unattributed energy for the same period.
     let window = match (*scope == Scope::All, shared.store().as_ref()) {
         (true, Some(store)) => {
-            match store.intervals(
+            match store.device_window(
                 f.since_ms.unwrap_or(i64::MIN),
                 f.until_ms.unwrap_or(i64::MAX),
             ) {
-                Ok(intervals) => {
-                    let mut sums: BTreeMap<String, [f64; 4]> = BTreeMap::new();
-                    for i in intervals {
-                        let e = sums.entry(i.device).or_default();
-                        for (k, v) in [i.measured_j, i.request_j, i.idle_j, i.unattributed_j]
-                            .into_iter()
-                            .enumerate()
-                        {
-                            e[k] += v;
-                        }
-                    }
-                    Some(
-                        sums.into_iter()
-                            .map(|(device, v)| {
-                                json!({
-                                    "device": device,
-                                    "measured_j": v[0],
-                                    "requests_j": v[1],
-                                    "idle_j": v[2],
-                                    "unattributed_j": v[3],
-                                })
+                Ok(devices) => Some(
+                    devices
+                        .into_iter()
+                        .map(|(device, v)| {
+                            json!({
+                                "device": device,
+                                "measured_j": v[0],
+                                "requests_j": v[1],
+                                "idle_j": v[2],
+                                "unattributed_j": v[3],
                             })
-                            .collect::<Vec<_>>(),
-                    )
-                }
+                        })
+                        .collect::<Vec<_>>(),
+                ),
                 Err(e) => return error(500, format!("reading the store: {e}")),
             }
         }

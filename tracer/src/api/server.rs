@@ -1,8 +1,9 @@
 //! Serving: the Unix socket (created with the configured mode, a stale one replaced, a live
 //! one refused), one hyper HTTP/1.1 connection per client with a header timeout and size
-//! limit, at most `max_connections` at once (`max_connections_per_user` of them per uid, and
-//! `max_streams` streams, which give their connection slot back), the peer's credentials read
-//! once per connection.
+//! limit, at most `max_connections` at once (more are answered 503; root is never turned
+//! away), `max_connections_per_user` per uid (429), `max_streams` streams (503; they give their
+//! connection slot back), a write that makes no progress for 10 s ends its connection, the
+//! peer's credentials read once per connection.
 
 use std::{
     convert::Infallible,
@@ -229,9 +230,8 @@ impl Api {
         let per_user = PerUser::new(config.max_connections_per_user.max(1));
         let task = tokio::spawn(async move {
             loop {
-                let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
-                    return;
-                };
+                // Accepted at once, whatever is open: a full house is answered, never left
+                // waiting in the backlog.
                 let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
                 };
@@ -239,19 +239,39 @@ impl Api {
                 let (shared, proc_root) = (Arc::clone(&shared), proc_root.clone());
                 let streams = Arc::clone(&streams);
                 let per_user = per_user.clone();
+                let connections = Arc::clone(&connections);
                 tokio::spawn(async move {
                     let Some(cred) = cred else {
                         return;
                     };
-                    // One user cannot hold every slot (idle or slow connections): past its
-                    // share it is told so at once, and the slot goes back.
+                    // One user cannot hold more than its share of the slots (idle or slow
+                    // connections): past it, it is told so at once.
                     let Some(_user_slot) = per_user.take(cred.uid()) else {
-                        drop(permit);
-                        too_many(&mut stream).await;
+                        refuse(
+                            &mut stream,
+                            429,
+                            "too many connections from this user (api.max_connections_per_user)",
+                        )
+                        .await;
                         return;
                     };
+                    // Root is never turned away (it holds at most its own share); anyone else
+                    // gets a slot or a 503.
+                    let permit = match Arc::clone(&connections).try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) if cred.uid() == 0 => None,
+                        Err(_) => {
+                            refuse(
+                                &mut stream,
+                                503,
+                                "the API is serving api.max_connections already",
+                            )
+                            .await;
+                            return;
+                        }
+                    };
                     let slots = Arc::new(Slots {
-                        connection: std::sync::Mutex::new(Some(permit)),
+                        connection: std::sync::Mutex::new(permit),
                         streams,
                     });
                     let peer = (cred.uid(), cred.gid(), cred.pid().map(|p| p as u32));
@@ -288,7 +308,7 @@ impl Api {
                             })
                         }
                     });
-                    serve(stream, service).await;
+                    serve(WriteDeadline::new(stream), service).await;
                 });
             }
         });
@@ -352,21 +372,103 @@ impl Drop for UserSlot {
     }
 }
 
-/// Answers a connection over its user's share with 429 and closes it (without reading its
-/// request: the answer is the same whatever it asks).
-async fn too_many(stream: &mut tokio::net::UnixStream) {
-    use tokio::io::AsyncWriteExt as _;
-    let body =
-        "{\"error\":\"too many connections from this user (api.max_connections_per_user)\"}\n";
+/// Answers a connection it will not serve (`status`: 429 or 503) and closes it, without
+/// reading its request: the answer is the same whatever it asks.
+async fn refuse(stream: &mut tokio::net::UnixStream, status: u16, why: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = serde_json::json!({ "error": why }).to_string() + "\n";
+    let reason = if status == 429 {
+        "Too Many Requests"
+    } else {
+        "Service Unavailable"
+    };
     let head = format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let write = async {
+    let answer = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // What the client sent is read and dropped until it closes: a socket closed with
+        // unread data resets its peer, which could then lose the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
-    // A client that does not read is not waited for.
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    // A client that neither reads nor closes is not waited for.
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// How long a write may make no progress before the connection is dropped: a client that
+/// stops reading (a large page, a stream) gives its slot back instead of holding it forever.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// A connection whose writes fail once one has been pending for [`WRITE_STALL`].
+struct WriteDeadline<S> {
+    inner: S,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            stalled: None,
+        }
+    }
+
+    /// `Pending` from a write: starts the clock, or reports the stall once it ran out.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.pending(cx),
+            done @ Poll::Ready(_) => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.pending(cx),
+            done @ Poll::Ready(_) => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -142,7 +142,11 @@ pub(super) fn restore_idle(
 ) -> usize {
     let mut n = 0;
     for (device, watts) in learned {
-        let Some(device) = pipeline.device_id(&device) else {
+        // Only figures the ledger takes reach the journal (a NaN would not replay).
+        let (Some(device), true) = (
+            pipeline.device_id(&device),
+            watts.is_finite() && watts >= 0.0,
+        ) else {
             continue;
         };
         pipeline.apply(crate::pipeline::Input::LearnedIdle { device, watts });

@@ -44,10 +44,12 @@ pub(super) struct Device {
     pub(super) totals: DeviceTotals,
     pub(super) models: BTreeMap<ServiceId, CostModel>,
     /// The newest reading, for what the device draws now (display only: never attributed).
+    #[serde(default)]
     pub(super) now: PowerNow,
     /// Idle an earlier run learned from quiet time (the store keeps it): used until this run
     /// has quiet time of its own, rather than the all-power fallback, which overestimates a
     /// device restarted under sustained load.
+    #[serde(default)]
     pub(super) restored_idle_w: Option<f64>,
 }
 

@@ -463,23 +463,38 @@ impl Store {
     }
 
     /// Each device's newest idle figure learned from quiet time (`idle_basis` quiet), by
-    /// device name: what the next run starts from instead of the all-power fallback.
+    /// device name: what the next run starts from instead of the all-power fallback. Looks at
+    /// the newest rows of the newest runs only (an index walk back from each run's end, not a
+    /// scan of months of snapshots at every start).
     pub fn learned_idle(&self) -> Result<Vec<(String, f64)>, StoreError> {
+        /// Rows read back per run: at one snapshot a second, the last minutes of 8 devices.
+        const ROWS_PER_RUN: i64 = 10_000;
+        let mut runs = self
+            .conn
+            .prepare("SELECT run FROM runs ORDER BY run DESC LIMIT 16")?;
+        let runs: Vec<i64> = runs
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         let mut st = self.conn.prepare(
-            "SELECT d.name, d.idle_w FROM device_totals d \
-             JOIN (SELECT name, MAX(unix_ms) AS t FROM device_totals WHERE idle_basis = 'quiet' GROUP BY name) n \
-             ON d.name = n.name AND d.unix_ms = n.t AND d.idle_basis = 'quiet' ORDER BY d.name",
+            "SELECT name, idle_w, idle_basis FROM device_totals WHERE run = ?1 ORDER BY unix_ms DESC LIMIT ?2",
         )?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))?;
-        let mut out: Vec<(String, f64)> = Vec::new();
-        for row in rows {
-            let (name, w) = row?;
-            // Two runs' rows at the same millisecond: one figure per device.
-            if out.last().is_none_or(|(n, _)| *n != name) {
-                out.push((name, w));
+        let mut found: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+        for run in runs {
+            let rows = st.query_map(params![run, ROWS_PER_RUN], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (name, w, basis) = row?;
+                if basis.as_deref() == Some("quiet") {
+                    found.entry(name).or_insert(w);
+                }
             }
         }
-        Ok(out)
+        Ok(found.into_iter().collect())
     }
 
     /// The newest `n` records, oldest first (what the API's memory starts with).
@@ -631,6 +646,13 @@ impl Store {
                 {
                     self.conn
                         .execute("DELETE FROM device_totals WHERE unix_ms < ?1", [oldest])?;
+                    // The rollups go with the records they sum: left, they could fill the
+                    // budget alone and empty the records table pass after pass.
+                    let minute = oldest.div_euclid(MINUTE_MS);
+                    self.conn
+                        .execute("DELETE FROM rollup WHERE minute < ?1", [minute])?;
+                    self.conn
+                        .execute("DELETE FROM rollup_hour WHERE hour * 60 < ?1", [minute])?;
                 }
             }
         }

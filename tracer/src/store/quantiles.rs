@@ -1,10 +1,12 @@
-//! Exact-enough quantiles of J per request and J per output token: HDR histograms of integer
-//! microjoules (2 significant figures: any quantile within 1 %). Unlike the `/metrics`
-//! buckets, they merge without losing precision, so a rollup row keeps one per minute and
-//! group and a summary adds them up. A row's histogram is stored sparse: its recorded buckets
-//! as (value, count) varints. A summary over a day reads tens of thousands of rows, and adding
-//! a sparse row costs its few recorded buckets, where hdrhistogram's own format would allocate
-//! and add a whole histogram (thousands of counts) per row.
+//! Exact-enough quantiles of J per request and J per output token: counts per hdrhistogram
+//! bucket of integer microjoules (2 significant figures: any quantile within 1 %). Unlike the
+//! `/metrics` buckets, they merge without losing precision, so a rollup row keeps them per
+//! minute (and per hour) and group, and a summary adds them up. They are kept sparse, in
+//! memory and stored (the recorded buckets as (value, count) varints): a group costs the few
+//! buckets it holds, where a whole histogram is thousands of counts, and a summary over a day
+//! adds rows bucket by bucket.
+
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -15,27 +17,31 @@ use super::StoreError;
 const LOW_UJ: u64 = 1;
 /// The largest value kept: 10 MJ (larger values count as 10 MJ).
 const HIGH_UJ: u64 = 10_000_000_000_000;
-/// Significant figures: 1 % precision keeps a histogram near 20 KiB in memory, and small once
-/// serialised (zeros are run-length coded).
+/// Significant figures: any quantile within 1 %.
 const SIGFIG: u8 = 2;
 
-/// Counts per value: a rollup row or a summary never counts 2^32 requests in one 1 % bucket
-/// (additions saturate).
-type Hist = Histogram<u32>;
+/// The bucket layout every histogram shares (hdrhistogram's, at these bounds): values are
+/// kept as their bucket's lowest equivalent value, so two groups' buckets add exactly.
+static LAYOUT: LazyLock<Option<Histogram<u32>>> =
+    LazyLock::new(|| Histogram::new_with_bounds(LOW_UJ, HIGH_UJ, SIGFIG).ok());
 
-/// A rollup row's two histogram columns, serialised (`None`: NULL).
+/// Sparse counts per bucket (its lowest equivalent value, µJ): a group costs what it holds,
+/// not a whole histogram (thousands of counts; a batch or a summary by tenant may hold
+/// thousands of groups).
+type Buckets = BTreeMap<u64, u64>;
+
+/// A rollup row's two histogram columns, as stored (`None`: NULL).
 pub type HistBytes = (Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// J per request and J per output token of a set of records. `None`: no value yet (a group
-/// allocates nothing until it records one).
+/// J per request and J per output token of a set of records.
 #[derive(Clone, Default, PartialEq)]
 pub struct JouleQuantiles {
-    per_request: Option<Box<Hist>>,
-    per_token: Option<Box<Hist>>,
+    per_request: Buckets,
+    per_token: Buckets,
 }
 
 impl std::fmt::Debug for JouleQuantiles {
-    /// The counts (thousands of them) say nothing in a test's message; the quantiles do.
+    /// The quantiles say more in a test's message than the buckets.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JouleQuantiles")
             .field("per_request", &self.per_request_json())
@@ -44,27 +50,26 @@ impl std::fmt::Debug for JouleQuantiles {
     }
 }
 
-fn new_hist() -> Hist {
-    Hist::new_with_bounds(LOW_UJ, HIGH_UJ, SIGFIG)
-        .expect("constant bounds within hdrhistogram's (low >= 1, high >= 2 low, sigfig <= 5)")
-}
-
-/// Joules as whole microjoules, at least 1 (NaN and negatives too: they have no bucket).
+/// Joules as whole microjoules within the kept range (NaN and negatives count as 1 µJ).
 fn to_uj(j: f64) -> u64 {
-    (j * 1e6).round().max(1.0) as u64
+    ((j * 1e6).round().max(1.0) as u64).clamp(LOW_UJ, HIGH_UJ)
 }
 
-fn record(h: &mut Option<Box<Hist>>, j: f64) {
-    h.get_or_insert_with(|| Box::new(new_hist()))
-        .saturating_record(to_uj(j));
+/// The bucket of a value: its lowest equivalent value under the shared layout.
+fn bucket(uj: u64) -> u64 {
+    LAYOUT
+        .as_ref()
+        .map_or(uj, |h| h.lowest_equivalent(uj.clamp(LOW_UJ, HIGH_UJ)))
 }
 
-/// Adds `from`, whose values are within this module's bounds (its own histograms, or read ones
-/// that [`from_bytes`] checked): the addition cannot fail.
-fn merge(into: &mut Option<Box<Hist>>, from: &Hist) {
-    if !from.is_empty() {
-        // Its one error is a value above our highest, which `from` cannot hold.
-        let _ = into.get_or_insert_with(|| Box::new(new_hist())).add(from);
+fn record(b: &mut Buckets, j: f64) {
+    *b.entry(bucket(to_uj(j))).or_default() += 1;
+}
+
+fn merge(into: &mut Buckets, from: &Buckets) {
+    for (&v, &n) in from {
+        let c = into.entry(v).or_default();
+        *c = c.saturating_add(n);
     }
 }
 
@@ -94,18 +99,19 @@ fn get_varint(bytes: &mut &[u8]) -> Result<u64, StoreError> {
     Err(StoreError::Histogram("a number over 64 bits".into()))
 }
 
-fn to_bytes(h: Option<&Hist>) -> Option<Vec<u8>> {
-    h.filter(|h| !h.is_empty()).map(|h| {
-        let mut out = vec![FORMAT];
-        for v in h.iter_recorded() {
-            put_varint(&mut out, v.value_iterated_to());
-            put_varint(&mut out, u64::from(v.count_at_value()));
+fn to_bytes(b: &Buckets) -> Option<Vec<u8>> {
+    (!b.is_empty()).then(|| {
+        let mut out = Vec::with_capacity(1 + b.len() * 6);
+        out.push(FORMAT);
+        for (&v, &n) in b {
+            put_varint(&mut out, v);
+            put_varint(&mut out, n);
         }
         out
     })
 }
 
-/// A stored histogram's (value µJ, count) pairs, checked: its format, values within this
+/// A stored histogram's (bucket, count) pairs, checked: its format, values within this
 /// module's bounds, counts above zero, nothing cut short.
 fn pairs(bytes: &[u8]) -> Result<Vec<(u64, u64)>, StoreError> {
     let Some((&FORMAT, mut rest)) = bytes.split_first() else {
@@ -128,27 +134,41 @@ fn pairs(bytes: &[u8]) -> Result<Vec<(u64, u64)>, StoreError> {
     Ok(out)
 }
 
-fn add_pairs(into: &mut Option<Box<Hist>>, pairs: &[(u64, u64)]) {
-    if pairs.is_empty() {
-        return;
-    }
-    let h = into.get_or_insert_with(|| Box::new(new_hist()));
+fn add_pairs(into: &mut Buckets, pairs: &[(u64, u64)]) {
     for &(value, count) in pairs {
-        // Saturating at u32::MAX per bucket, as recording does.
-        h.saturating_record_n(value, u32::try_from(count).unwrap_or(u32::MAX));
+        // Stored by this layout already; `bucket` makes a foreign value fall in one.
+        let c = into.entry(bucket(value)).or_default();
+        *c = c.saturating_add(count);
     }
 }
 
-/// `{p50, p90, p99, max}` in joules, `null` without values. Each is the highest value
-/// equivalent to the nearest-rank quantile's (at most 1 % above it).
-fn quantiles_json(h: Option<&Hist>) -> Value {
-    match h.filter(|h| !h.is_empty()) {
-        None => Value::Null,
-        Some(h) => {
-            let j = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
-            json!({ "p50": j(0.5), "p90": j(0.9), "p99": j(0.99), "max": h.max() as f64 / 1e6 })
-        }
+/// `{p50, p90, p99, max}` in joules, `null` without values: each the highest value of the
+/// bucket holding the nearest-rank quantile (at most 1 % above it), as hdrhistogram reports.
+fn quantiles_json(b: &Buckets) -> Value {
+    let total: u64 = b.values().fold(0u64, |a, &n| a.saturating_add(n));
+    if total == 0 {
+        return Value::Null;
     }
+    let highest = |v: u64| {
+        LAYOUT
+            .as_ref()
+            .map_or(v, |h| h.highest_equivalent(v))
+            .min(HIGH_UJ)
+    };
+    let at = |q: f64| {
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0u64;
+        for (&v, &n) in b {
+            seen = seen.saturating_add(n);
+            if seen >= rank {
+                return highest(v) as f64 / 1e6;
+            }
+        }
+        b.keys()
+            .next_back()
+            .map_or(0.0, |&v| highest(v) as f64 / 1e6)
+    };
+    json!({ "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0) })
 }
 
 impl JouleQuantiles {
@@ -163,12 +183,8 @@ impl JouleQuantiles {
 
     /// Adds `other`'s values.
     pub fn add(&mut self, other: &JouleQuantiles) {
-        if let Some(h) = &other.per_request {
-            merge(&mut self.per_request, h);
-        }
-        if let Some(h) = &other.per_token {
-            merge(&mut self.per_token, h);
-        }
+        merge(&mut self.per_request, &other.per_request);
+        merge(&mut self.per_token, &other.per_token);
     }
 
     /// Adds stored histograms (a rollup row's columns; `None`: a row from before they
@@ -192,25 +208,24 @@ impl JouleQuantiles {
 
     /// The two histograms as stored, `None` where empty.
     pub fn to_bytes(&self) -> HistBytes {
-        (
-            to_bytes(self.per_request.as_deref()),
-            to_bytes(self.per_token.as_deref()),
-        )
+        (to_bytes(&self.per_request), to_bytes(&self.per_token))
     }
 
     /// Requests the quantiles cover (fewer than a group's requests where rollup rows from
     /// before schema 3 have no histograms).
     pub fn requests(&self) -> u64 {
-        self.per_request.as_ref().map_or(0, |h| h.len())
+        self.per_request
+            .values()
+            .fold(0u64, |a, &n| a.saturating_add(n))
     }
 
     /// Quantiles of J per request (`null` without values).
     pub fn per_request_json(&self) -> Value {
-        quantiles_json(self.per_request.as_deref())
+        quantiles_json(&self.per_request)
     }
 
     /// Quantiles of J per output token (`null` without values).
     pub fn per_token_json(&self) -> Value {
-        quantiles_json(self.per_token.as_deref())
+        quantiles_json(&self.per_token)
     }
 }

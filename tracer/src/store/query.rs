@@ -460,6 +460,46 @@ impl Store {
         .collect()
     }
 
+    /// Each device's energy between two instants: per run that overlaps `[since, until)`,
+    /// its devices' totals at the run's last snapshot at or before `until` less those at or
+    /// before `since` (zero before the run's first), summed by device name. Two indexed
+    /// lookups per run, whatever the window's length.
+    pub fn device_window(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(String, [f64; 4])>, StoreError> {
+        let mut runs = self.conn.prepare(
+            "SELECT run FROM runs WHERE started_unix_ms < ?2 AND COALESCE(ended_unix_ms, 9223372036854775807) >= ?1",
+        )?;
+        let runs: Vec<i64> = runs
+            .query_map([since_ms, until_ms], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut at = self.conn.prepare_cached(
+            "SELECT name, measured_j, request_j, idle_j, unattributed_j FROM device_totals \
+             WHERE run = ?1 AND unix_ms = (SELECT MAX(unix_ms) FROM device_totals WHERE run = ?1 AND unix_ms <= ?2)",
+        )?;
+        let mut out: BTreeMap<String, [f64; 4]> = BTreeMap::new();
+        for run in runs {
+            for (t, sign) in [(until_ms, 1.0), (since_ms, -1.0)] {
+                let rows = at.query_map(rusqlite::params![run, t], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?],
+                    ))
+                })?;
+                for row in rows {
+                    let (name, v): (String, [f64; 4]) = row?;
+                    let e = out.entry(name).or_default();
+                    for (k, x) in v.into_iter().enumerate() {
+                        e[k] += sign * x;
+                    }
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
     /// Each device's energy per summary interval within `[since, until)`: consecutive totals
     /// rows of a run, differenced (a run's first row starts nothing).
     pub fn intervals(

@@ -142,6 +142,48 @@ fn the_newest_quiet_idle_of_each_device_is_kept_for_the_next_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A device's energy over a window is its totals at the last snapshot at or before the end
+/// less those at or before the start, per run (a run's totals start from zero).
+#[test]
+fn device_energy_over_a_window_is_the_difference_at_its_edges() {
+    let dir = temp("window");
+    let mut s = Store::open(&dir).expect("open");
+    let snap = |ms: i64, measured_j: f64| {
+        let mut snap = device_snapshot(ms, "gpu0", 50.0, IdleBasis::Quiet);
+        let t = &mut snap.devices[0].totals;
+        t.measured_j = measured_j;
+        t.request_dynamic_j = measured_j / 2.0;
+        t.idle_j = measured_j / 4.0;
+        t.unattributed_j = measured_j / 4.0;
+        snap
+    };
+    let run = s.begin_run(500).expect("run").run;
+    for (ms, j) in [(1_000, 10.0), (2_000, 30.0), (3_000, 60.0)] {
+        s.snapshot(run, &snap(ms, j)).expect("snapshot");
+    }
+    let measured = |s: &Store, a: i64, b: i64| {
+        s.device_window(a, b)
+            .expect("window")
+            .into_iter()
+            .map(|(n, v)| (n, v[0], v[1]))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(measured(&s, 1_500, 2_500), [("gpu0".into(), 20.0, 10.0)]);
+    assert_eq!(
+        measured(&s, i64::MIN, i64::MAX),
+        [("gpu0".into(), 60.0, 30.0)]
+    );
+    s.close_run(run, 3_500, 10).expect("close");
+    let later = s.begin_run(4_000).expect("run").run;
+    s.snapshot(later, &snap(5_000, 7.0)).expect("snapshot");
+    assert_eq!(
+        measured(&s, i64::MIN, i64::MAX),
+        [("gpu0".into(), 67.0, 33.5)]
+    );
+    assert_eq!(measured(&s, 3_600, i64::MAX), [("gpu0".into(), 7.0, 3.5)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn queries_filter_page_and_sum_like_the_api() {
     let dir = temp("query");
@@ -662,6 +704,16 @@ fn unreadable_histogram_bytes_are_an_error() {
     q.add_bytes(j.as_deref(), token.as_deref())
         .expect("read back");
     assert_eq!(q.requests(), 2);
+    // The top of the range: 10 MJ and far above it are kept as 10 MJ, stored and read back.
+    let mut big = JouleQuantiles::default();
+    big.record(1e7, Some(1));
+    big.record(1e9, None);
+    let (j, token) = big.to_bytes();
+    let mut back = JouleQuantiles::default();
+    back.add_bytes(j.as_deref(), token.as_deref())
+        .expect("the top bucket reads back");
+    assert_eq!(back, big);
+    assert_quantiles("10 MJ", &back.per_request_json(), Some([1e7; 4]));
     assert_quantiles("2 J", &q.per_request_json(), Some([2.0; 4]));
     assert_quantiles("0.5 J/token", &q.per_token_json(), Some([0.5; 4]));
 }
