@@ -22,7 +22,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tracer_ebpf::abi::{
@@ -107,6 +107,14 @@ static CUDA_COUNTS: HashMap<u32, CudaCounts> = HashMap::with_max_entries(4096, 0
 /// leak entries forever.
 #[map]
 static STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// One byte per process (tgid; 8 per value): set when the process first stashes a syscall's
+/// entry, cleared when it exits. An exit reads its byte before looking for a stashed entry, so
+/// every other process on the host pays one array read at exit, not a hash lookup. Sized to
+/// `pid_max` by the loader (bytes: no atomic read-modify-write on the bpf target, and a byte
+/// store never touches its neighbours).
+#[map]
+static STASHERS: Array<u64> = Array::with_max_entries(4096, 0);
 
 /// OpenSSL calls in progress per thread (`pid_tgid`), until they return (`tls.rs`). LRU as
 /// `STASH`.
@@ -242,16 +250,54 @@ fn fd_key(id: u64, fd: i64) -> FdKey {
     }
 }
 
+/// The `STASHERS` byte of `id`'s process (`None`: a tgid beyond the map, never expected).
+#[inline(always)]
+fn stasher_byte(id: u64) -> Option<*mut u8> {
+    let tgid = (id >> 32) as u32;
+    let word = STASHERS.get_ptr_mut(tgid >> 3)?;
+    // SAFETY: within the 8-byte value (the offset is masked to 0..=7).
+    Some(unsafe { word.cast::<u8>().add((tgid & 7) as usize) })
+}
+
+/// Whether `id`'s process may have a stashed entry: false only when its byte says it never
+/// stashed one.
+#[inline(always)]
+fn may_have_stashed(id: u64) -> bool {
+    // SAFETY: a map value byte, read once.
+    stasher_byte(id).is_none_or(|b| unsafe { core::ptr::read_volatile(b) } != 0)
+}
+
+/// The process exited: its byte is cleared for whichever process gets its tgid next.
+#[inline(always)]
+fn forget_stasher(id: u64) {
+    if let Some(b) = stasher_byte(id) {
+        // SAFETY: a map value byte; the process is gone, nothing else writes it.
+        unsafe { core::ptr::write_volatile(b, 0) };
+    }
+}
+
 #[inline(always)]
 fn stash(id: u64, entry: &Stash) {
+    if let Some(b) = stasher_byte(id) {
+        // SAFETY: a map value byte; only this process's programs set it (to the same value).
+        unsafe {
+            if core::ptr::read_volatile(b) == 0 {
+                core::ptr::write_volatile(b, 1);
+            }
+        }
+    }
     if STASH.insert(id, entry, u64::from(BPF_ANY)).is_err() {
         bump(Stat::StashFull as u32);
     }
 }
 
-/// Takes this thread's stashed entry if it belongs to `syscall`.
+/// Takes this thread's stashed entry if it belongs to `syscall`. A process that never stashed
+/// (every process on the host that is not a target) is answered from its `STASHERS` byte.
 #[inline(always)]
 fn take(id: u64, syscall: Syscall) -> Option<Stash> {
+    if !may_have_stashed(id) {
+        return None;
+    }
     // SAFETY: copied out before the entry is removed.
     let entry = unsafe { STASH.get(id) }.copied()?;
     let _ = STASH.remove(id);

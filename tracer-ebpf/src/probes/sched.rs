@@ -99,7 +99,11 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: sched_process_exit: group_dead (bool) at offset 32.
     let group_dead = unsafe { *(ctx.as_ptr().cast::<u8>().add(32)) };
-    if group_dead == 0 || current_target().is_none() {
+    if group_dead == 0 {
+        return 0;
+    }
+    super::forget_stasher(id);
+    if current_target().is_none() {
         return 0;
     }
     let _ = TARGETS.remove(tgid);

@@ -177,6 +177,15 @@ pub fn ensure_tracefs() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// The kernel's largest pid plus one (`/proc/sys/kernel/pid_max`; its 64-bit ceiling when
+/// unreadable): `STASHERS` has a byte per possible tgid.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_194_304)
+}
+
 /// The loaded and attached probes.
 pub struct Probes {
     ebpf: Ebpf,
@@ -221,6 +230,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", settings.ring_bytes)
+            .map_max_entries("STASHERS", pid_max().div_ceil(8))
             .load(PROBES_OBJECT)?;
         for &(category, name) in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
@@ -371,10 +381,35 @@ impl Probes {
     /// the probes would have, so their return is reported. A thread that returned between the
     /// look and the stash has its entry taken back; the window left is a few microseconds, and
     /// what a stale entry could cause is one extra IPC read record of that thread.
+    /// Marks `tgid` in `STASHERS` as the probes' first stash of it would. The value holds 8
+    /// processes' bytes and is written whole: a neighbour's byte the probes set between this
+    /// read and write would be undone until that process's next stash sets it again. That
+    /// window is microseconds, once per adopted process at attach.
+    fn mark_stasher(&mut self, tgid: u32) {
+        let Some(map) = self.ebpf.map_mut("STASHERS") else {
+            return;
+        };
+        let Ok(mut words) = aya::maps::Array::<&mut MapData, u64>::try_from(map) else {
+            return;
+        };
+        let Ok(word) = words.get(&(tgid >> 3), 0) else {
+            return;
+        };
+        let mut bytes = word.to_ne_bytes();
+        if let Some(b) = bytes.get_mut((tgid & 7) as usize)
+            && *b == 0
+        {
+            *b = 1;
+            let _ = words.set(tgid >> 3, u64::from_ne_bytes(bytes), 0);
+        }
+    }
+
     fn adopt_blocked_reads(&mut self, tgid: u32, fd: u32, conn_id: u64) -> usize {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
             return 0;
         };
+        // The probes look for a stashed entry only in processes marked as stashers.
+        self.mark_stasher(tgid);
         let Ok(mut stash) = self.hash::<u64, abi::Stash>("STASH") else {
             return 0;
         };
