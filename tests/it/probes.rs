@@ -208,3 +208,17 @@ fn daemon_sees_exactly_the_targets_syscalls() {
     assert_eq!(num(ends[0], "pid"), thread);
     assert_eq!(ends[0]["thread"], true);
 }
+
+/// The benchmark's floor (`probe-floor`): the empty program loads and attaches to every
+/// tracepoint the daemon uses (the verifier and the kernel take it; a build that dropped it
+/// from the object, or a tracepoint it cannot attach to, fails here rather than in a bench).
+#[test]
+fn the_empty_program_floor_attaches_to_every_tracepoint() {
+    if !privileged_or_skip("the_empty_program_floor_attaches_to_every_tracepoint") {
+        return;
+    }
+    let floor = tracer::probe::Floor::attach().expect("the floor attaches");
+    // Attached: the syscalls it hooks still work with it in place.
+    let _ = std::fs::read_to_string("/proc/self/stat").expect("a read with the floor attached");
+    drop(floor);
+}
