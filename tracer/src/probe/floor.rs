@@ -3,9 +3,9 @@
 //! tracepoints costs (the kernel's tracepoint and program dispatch); the benchmark holds the
 //! probes' tax for processes that are not targets to this floor, measured in the same run.
 
-use aya::{EbpfLoader, programs::TracePoint};
+use aya::EbpfLoader;
 
-use super::{PROBES_OBJECT, ProbeError, TRACEPOINTS, ensure_tracefs};
+use super::{PROBES_OBJECT, ProbeError, TRACEPOINTS, ensure_tracefs, loaded_tracepoint};
 
 /// The floor program, attached until dropped.
 pub struct Floor {
@@ -18,14 +18,7 @@ impl Floor {
         ensure_tracefs()?;
         let mut ebpf = EbpfLoader::new().load(PROBES_OBJECT)?;
         let name = "floor";
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| ProbeError::Program { name, source })?;
+        let program = loaded_tracepoint(&mut ebpf, name)?;
         for &(category, tracepoint) in TRACEPOINTS {
             program
                 .attach(category, tracepoint)

@@ -177,6 +177,22 @@ pub fn ensure_tracefs() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// The object's tracepoint program `name`, loaded into the kernel (not yet attached).
+fn loaded_tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, ProbeError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    Ok(program)
+}
+
 /// The kernel's largest pid plus one (`/proc/sys/kernel/pid_max`; its 64-bit ceiling when
 /// unreadable): `STASHERS` has a byte per possible tgid.
 fn pid_max() -> u32 {
@@ -233,15 +249,7 @@ impl Probes {
             .map_max_entries("STASHERS", pid_max().div_ceil(8))
             .load(PROBES_OBJECT)?;
         for &(category, name) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            program
+            loaded_tracepoint(&mut ebpf, name)?
                 .attach(category, name)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }

@@ -199,23 +199,10 @@ impl Store {
         before: u64,
         limit: usize,
     ) -> Result<Vec<FinalRecord>, StoreError> {
-        let Some((clause, mut args)) = where_clause(filter, before) else {
-            return Ok(Vec::new());
-        };
-        args.push((limit as i64).into());
-        let sql = format!(
-            "SELECT id, json FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
-            args.len()
-        );
-        let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
-        rows.map(|row| {
-            let (id, json) = row?;
-            Self::decode(id, &json)
-        })
-        .collect()
+        self.page_raw(filter, before, limit)?
+            .into_iter()
+            .map(|(id, raw)| Self::decode(id as i64, raw.get()))
+            .collect()
     }
 
     /// As [`Store::page`], each record as its stored JSON (checked to be JSON, not decoded):
