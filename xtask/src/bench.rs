@@ -283,7 +283,9 @@ pub(crate) fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from)
 }
 
-pub fn bench_sampler(gpus: u32, hz: u32, seconds: u64) -> Result<()> {
+/// `costs`: the NVML emulation's per-call cost model (`none`, or `h200`: the CPU a real
+/// H200 driver takes per call, spent spinning as the driver does).
+pub fn bench_sampler(gpus: u32, hz: u32, seconds: u64, costs: &str) -> Result<()> {
     // Two builds: with a `--bin` filter the library of nvml-emu would be built only as a
     // dependency, and not copied to target/release where the bench loads it from.
     sh(Command::new("cargo").args(["build", "--release", "-p", "nvml-emu", "--lib"]))?;
@@ -301,5 +303,6 @@ pub fn bench_sampler(gpus: u32, hz: u32, seconds: u64) -> Result<()> {
         .arg(release.join("libnvidia_ml.so"))
         .args(["--gpus", &gpus.to_string()])
         .args(["--hz", &hz.to_string()])
-        .args(["--seconds", &seconds.to_string()]))
+        .args(["--seconds", &seconds.to_string()])
+        .env("TRACER_EMU_NVML_COSTS", costs))
 }

@@ -494,7 +494,12 @@ pub fn bench(quick: bool) -> Result<()> {
         crate::bench::bench_probes(200_000)?;
         println!();
         for gpus in [1, 8] {
-            crate::bench::bench_sampler(gpus, 100, 10)?;
+            crate::bench::bench_sampler(gpus, 100, 10, "none")?;
+        }
+        // The same sampler with the driver's per-call CPU (the H200's), at the daemon's
+        // default 50 Hz: what 1 and 8 real GPUs cost.
+        for gpus in [1, 8] {
+            crate::bench::bench_sampler(gpus, 50, 10, "h200")?;
         }
     }
     Ok(())

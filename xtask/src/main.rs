@@ -77,6 +77,10 @@ enum Task {
         /// Seconds per case.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// NVML calls cost what a real driver's do (`h200`: the per-call CPU measured on a lent
+        /// H200) instead of nothing (`none`).
+        #[arg(long, default_value = "none")]
+        costs: String,
     },
     /// setup, then the no-GPU demo: the emulated inference host (API process, engine on two
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
@@ -137,9 +141,14 @@ fn main() -> Result<()> {
             setup()?;
             bench::bench_probes(iterations)
         }
-        Task::BenchSampler { gpus, hz, seconds } => {
+        Task::BenchSampler {
+            gpus,
+            hz,
+            seconds,
+            costs,
+        } => {
             setup()?;
-            bench::bench_sampler(gpus, hz, seconds)
+            bench::bench_sampler(gpus, hz, seconds, &costs)
         }
         Task::Demo(opts) => {
             setup()?;

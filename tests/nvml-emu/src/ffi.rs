@@ -660,6 +660,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     device: nvmlDevice_t,
     energy: *mut c_ulonglong,
 ) -> nvmlReturn_t {
+    crate::cost::pay(crate::cost::Call::TotalEnergy);
     ret(snapshot(device).and_then(|s| {
         // SAFETY: per the caller.
         unsafe { put(energy, s.energy_mj) }
@@ -675,6 +676,7 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
     device: nvmlDevice_t,
     power: *mut c_uint,
 ) -> nvmlReturn_t {
+    crate::cost::pay(crate::cost::Call::PowerUsage);
     ret(snapshot(device).and_then(|s| {
         // SAFETY: per the caller.
         unsafe { put(power, s.power_usage_mw.min(u64::from(u32::MAX)) as c_uint) }
@@ -738,6 +740,16 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
         let now = monotonic_us();
         // SAFETY: valid for `n` elements per the caller.
         let values = unsafe { std::slice::from_raw_parts_mut(values, n) };
+        crate::cost::pay(
+            if values
+                .iter()
+                .any(|v| v.fieldId == NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION)
+            {
+                crate::cost::Call::FieldsWithEnergy
+            } else {
+                crate::cost::Call::FieldsPower
+            },
+        );
         for v in values {
             v.latencyUsec = 0;
             let answer = if v.scopeId == 0 {
@@ -803,6 +815,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     info_count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
+    crate::cost::pay(crate::cost::Call::Processes);
     ret(process_snapshot(device).and_then(|s| {
         if info_count.is_null() {
             return Err(NVML_ERROR_INVALID_ARGUMENT);
@@ -851,6 +864,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     process_samples_count: *mut c_uint,
     last_seen_time_stamp: c_ulonglong,
 ) -> nvmlReturn_t {
+    crate::cost::pay(crate::cost::Call::Processes);
     ret(process_snapshot(device).and_then(|s| {
         if process_samples_count.is_null() {
             return Err(NVML_ERROR_INVALID_ARGUMENT);

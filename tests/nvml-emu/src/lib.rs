@@ -7,9 +7,13 @@
 //! A GPU flagged lost answers `NVML_ERROR_GPU_IS_LOST` to every device query.
 //!
 //! Device handles are `index + 1` cast to a pointer; they stay valid across re-initialisation.
+//! Calls are free unless `TRACER_EMU_NVML_COSTS=h200` makes them cost what an H200's driver
+//! costs (`cost.rs`).
 #![allow(non_snake_case, non_camel_case_types)]
 
+mod cost;
 mod ffi;
 mod state;
 
+pub use cost::COSTS_ENV;
 pub use ffi::*;
