@@ -427,6 +427,17 @@ fn the_api_answers_over_its_unix_socket() {
         by_model.contains("m-0") && by_model.contains("m-live"),
         "{by_model}"
     );
+    // Its table shows the quantiles: every figure of a model's line is a number.
+    assert!(by_model.contains("J/req p50"), "{by_model}");
+    let m0: Vec<&str> = by_model
+        .lines()
+        .find(|l| l.starts_with("m-0 "))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    assert!(
+        m0.len() == 9 && m0[1..].iter().all(|f| f.parse::<f64>().is_ok()),
+        "{m0:?} in\n{by_model}"
+    );
     // The README's `curl --unix-socket` examples, as written (its example id made a real one):
     // each is answered 200 (the stream's headers, then curl's own time limit).
     let readme = include_str!("../../README.md");

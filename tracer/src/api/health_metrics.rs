@@ -26,7 +26,7 @@ pub(super) fn label(v: &str) -> String {
 }
 
 /// `# HELP` and `# TYPE` lines.
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(super) fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 

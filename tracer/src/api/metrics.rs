@@ -2,12 +2,15 @@
 
 use std::fmt::Write as _;
 
-use super::{Shared, Totals, access::Scope, health_metrics::label, reply::Reply};
+use super::{
+    Shared, Totals,
+    access::Scope,
+    health_metrics::{head, label},
+    reply::Reply,
+};
 
 /// How one counter is read from a group's totals.
 type Get = fn(&Totals) -> f64;
-/// How one per-tenant counter is read from (requests, joules).
-type Get2 = fn(&(u64, f64)) -> f64;
 /// How one histogram is found in a group's totals.
 type Hist = fn(&Totals) -> &Histogram;
 
@@ -87,7 +90,7 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         ),
     ];
     for (name, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        head(&mut out, name, "counter", help);
         for (s, m, t) in &totals {
             let _ = writeln!(
                 out,
@@ -113,7 +116,7 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         ),
     ];
     for (name, help, bounds, get) in histograms {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        head(&mut out, name, "histogram", help);
         for (s, m, t) in &totals {
             let labels = format!("service=\"{}\",model=\"{}\"", label(s), label(m));
             get(t).write(&mut out, name, &labels, bounds);
@@ -157,20 +160,20 @@ fn tenants(out: &mut String, shared: &Shared, scope: &Scope) {
         .into_iter()
         .filter(|((id, ..), _)| scope.sees(*id))
         .collect();
-    let series: [(&str, &str, Get2); 2] = [
+    let series: [(&str, &str, Get); 2] = [
         (
             "tracer_tenant_requests_total",
             "Requests with a final energy record, per tenant (capped; the rest are \"other\").",
-            |t| t.0 as f64,
+            |t| t.requests as f64,
         ),
         (
             "tracer_tenant_request_energy_joules_total",
             "Energy attributed to requests per tenant, joules (capped; the rest are \"other\").",
-            |t| t.1,
+            |t| t.joules,
         ),
     ];
     for (name, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        head(out, name, "counter", help);
         for ((_, s, m, t), v) in &rows {
             let _ = writeln!(
                 out,

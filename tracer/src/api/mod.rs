@@ -47,6 +47,20 @@ struct Totals {
     per_token: metrics::Histogram,
 }
 
+impl Totals {
+    /// One final record.
+    fn add(&mut self, r: &FinalRecord) {
+        self.requests += 1;
+        self.joules += r.record.total_j;
+        self.output_tokens += r.record.completion_tokens.unwrap_or(0);
+        self.per_request
+            .observe(&metrics::J_PER_REQUEST, r.record.total_j);
+        if let Some(j) = r.record.joules_per_output_token {
+            self.per_token.observe(&metrics::J_PER_TOKEN, j);
+        }
+    }
+}
+
 /// What the API serves from: shared between the pipeline (writer) and the server (readers).
 #[derive(Debug)]
 pub struct Shared {
@@ -79,7 +93,7 @@ type TenantKey = (ServiceId, String, String, String);
 struct Tenants {
     cap: usize,
     named: std::collections::BTreeSet<String>,
-    totals: BTreeMap<TenantKey, (u64, f64)>,
+    totals: BTreeMap<TenantKey, Totals>,
 }
 
 impl Tenants {
@@ -142,8 +156,8 @@ impl Shared {
             .clone()
     }
 
-    /// Per-tenant totals (requests, joules), keyed by (service, name, model, tenant label).
-    fn tenant_totals(&self) -> Vec<(TenantKey, (u64, f64))> {
+    /// Per-tenant totals, keyed by (service, name, model, tenant label).
+    fn tenant_totals(&self) -> Vec<(TenantKey, Totals)> {
         self.tenants
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -231,15 +245,7 @@ impl Shared {
                 r.service_name.clone(),
                 r.record.model.clone().unwrap_or_default(),
             );
-            let t = totals.entry(key).or_default();
-            t.requests += 1;
-            t.joules += r.record.total_j;
-            t.output_tokens += r.record.completion_tokens.unwrap_or(0);
-            t.per_request
-                .observe(&metrics::J_PER_REQUEST, r.record.total_j);
-            if let Some(j) = r.record.joules_per_output_token {
-                t.per_token.observe(&metrics::J_PER_TOKEN, j);
-            }
+            totals.entry(key).or_default().add(r);
         }
         if let Some(tenant) = &r.record.tenant {
             let mut tenants = self
@@ -253,9 +259,7 @@ impl Shared {
                 r.record.model.clone().unwrap_or_default(),
                 label,
             );
-            let t = tenants.totals.entry(key).or_default();
-            t.0 += 1;
-            t.1 += r.record.total_j;
+            tenants.totals.entry(key).or_default().add(r);
         }
         self.index().push(Arc::clone(r));
         // No receiver is not an error: nobody streams.

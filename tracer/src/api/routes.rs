@@ -278,6 +278,14 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
     )
 }
 
+/// Requests of `service` in flight at the snapshot.
+fn in_flight(snap: &crate::pipeline::snapshot::Snapshot, service: crate::ids::ServiceId) -> usize {
+    snap.in_flight
+        .iter()
+        .filter(|r| r.service == service)
+        .count()
+}
+
 fn services(shared: &Shared, scope: &Scope) -> Reply {
     let list: Vec<Value> = shared.snapshot().map_or_else(Vec::new, |s| {
         s.services
@@ -285,7 +293,7 @@ fn services(shared: &Shared, scope: &Scope) -> Reply {
             .filter(|svc| scope.sees(svc.id))
             .map(|svc| {
                 let mut v = serde_json::to_value(svc).unwrap_or(Value::Null);
-                let in_flight = s.in_flight.iter().filter(|r| r.service == svc.id).count();
+                let in_flight = in_flight(&s, svc.id);
                 if let Some(o) = v.as_object_mut() {
                     o.insert("in_flight".into(), in_flight.into());
                 }
@@ -322,7 +330,7 @@ fn gpus(shared: &Shared, scope: &Scope) -> Reply {
                         "service_name": svc.name,
                         "pids": g.holders.keys().collect::<Vec<_>>(),
                         "weight": g.weight,
-                        "in_flight": snap.in_flight.iter().filter(|r| r.service == svc.id).count(),
+                        "in_flight": in_flight(&snap, svc.id),
                     }))
                 })
                 .collect();

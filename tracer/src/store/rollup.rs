@@ -104,16 +104,7 @@ impl<'a> Rollups<'a> {
         )?;
         for ((minute, service, model, tenant, outcome), s) in &mut self.minutes {
             let key = params![minute, service, model, tenant, outcome];
-            let old: Option<HistBytes> = hists
-                .query_row(key, |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((j, token)) = old
-                && let Err(e) = s.quantiles.add_bytes(j.as_deref(), token.as_deref())
-            {
-                // Never a reason to lose records: the row's quantiles then cover this batch's
-                // alone (its `quantiles_over` says so).
-                tracing::warn!("store: rollup minute {minute}: {e}");
-            }
+            merge_stored(&mut s.quantiles, &mut hists, key, "minute", *minute)?;
             let (j_hist, token_hist) = s.quantiles.to_bytes();
             roll.execute(params![
                 minute,
@@ -137,18 +128,13 @@ impl<'a> Rollups<'a> {
             "SELECT j_hist, token_hist FROM rollup_hour WHERE hour = ?1 AND service_name = ?2 AND model = ?3 AND tenant = ?4 AND outcome = ?5",
         )?;
         let mut hour_roll = tx.prepare_cached(
-            "INSERT INTO rollup_hour (hour, service_name, model, tenant, outcome, j_hist, token_hist)              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)              ON CONFLICT DO UPDATE SET j_hist = excluded.j_hist, token_hist = excluded.token_hist",
+            "INSERT INTO rollup_hour (hour, service_name, model, tenant, outcome, j_hist, token_hist) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT DO UPDATE SET j_hist = excluded.j_hist, token_hist = excluded.token_hist",
         )?;
         for ((hour, service, model, tenant, outcome), q) in &mut self.hours {
             let key = params![hour, service, model, tenant, outcome];
-            let old: Option<HistBytes> = hour_hists
-                .query_row(key, |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((j, token)) = old
-                && let Err(e) = q.add_bytes(j.as_deref(), token.as_deref())
-            {
-                tracing::warn!("store: rollup hour {hour}: {e}");
-            }
+            merge_stored(q, &mut hour_hists, key, "hour", *hour)?;
             let (j_hist, token_hist) = q.to_bytes();
             hour_roll.execute(params![
                 hour, service, model, tenant, outcome, j_hist, token_hist
@@ -156,4 +142,25 @@ impl<'a> Rollups<'a> {
         }
         Ok(())
     }
+}
+
+/// Adds a row's stored buckets (read with `select` at `key`) to the batch's `q`: the upsert
+/// then writes the merge. An unreadable row is never a reason to lose records: its quantiles
+/// then cover this batch's alone (its `quantiles_over` says so).
+fn merge_stored(
+    q: &mut JouleQuantiles,
+    select: &mut rusqlite::CachedStatement<'_>,
+    key: impl rusqlite::Params,
+    what: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    let old: Option<HistBytes> = select
+        .query_row(key, |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((j, token)) = old
+        && let Err(e) = q.add_bytes(j.as_deref(), token.as_deref())
+    {
+        tracing::warn!("store: rollup {what} {at}: {e}");
+    }
+    Ok(())
 }
