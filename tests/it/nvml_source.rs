@@ -95,6 +95,8 @@ impl Emu {
             process_interval: Some(Duration::ZERO),
             // Counter read every poll, so each poll's readings are predictable.
             counter_cpu_budget: None,
+            // Instant power every poll (the buffered samples have their own tests below).
+            power_samples: false,
             ..NvmlOptions::default()
         }
     }
@@ -522,4 +524,183 @@ fn counter_is_read_twice_per_period_and_power_every_poll() {
         counter(&poll(&mut source), 0).is_some(),
         "due again after 50 ms"
     );
+}
+
+/// The power readings of `device`, in order: (stamp ns, watts, window ns).
+fn powers(readings: &[Reading], device: usize) -> Vec<(u64, f64, u64)> {
+    readings
+        .iter()
+        .filter_map(|r| match *r {
+            Reading::Power {
+                device: d,
+                ts_ns,
+                watts,
+                window_ns,
+            } if d == device => Some((ts_ns, watts, window_ns)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn buffered_power_samples_tile_time_and_integrate_to_the_true_energy() {
+    let emu = Emu::new("nvml-samples", 2);
+    let opened_us = monotonic_us();
+    let mut source = open(&NvmlOptions {
+        power_samples: true,
+        samples_interval: Duration::from_millis(100),
+        process_interval: None,
+        ..emu.options()
+    });
+    assert_eq!(source.samples_interval(0), Some(Duration::from_millis(100)));
+    // Power moves every 7 ms (not a multiple of the driver's 20 ms sampling period).
+    let mut schedule = vec![(0, emu.specs[0].idle_w)];
+    let mut readings = Vec::new();
+    let mut polls = 0;
+    for k in 0..120_u64 {
+        let (t, w) = (monotonic_us(), 150.0 + 40.0 * (k % 5) as f64);
+        emu.writer.set_power(0, t, w).expect("power");
+        schedule.push((t, w));
+        std::thread::sleep(Duration::from_millis(7));
+        readings.extend(poll(&mut source));
+        polls += 1;
+    }
+    std::thread::sleep(Duration::from_millis(120));
+    readings.extend(poll(&mut source));
+    let p = powers(&readings, 0);
+    // One driver read per 100 ms returns ~5 samples each: far fewer readings than polls, and
+    // nothing from before the source opened.
+    assert!(
+        p.len() > 30 && p.len() < polls,
+        "{} samples, {polls} polls",
+        p.len()
+    );
+    assert!(
+        p[0].0 > opened_us * 1000,
+        "{:?} before open {opened_us}",
+        p[0]
+    );
+    // Each sample after the first is the mean since the one before: the windows tile time.
+    assert_eq!(p[0].2, 0, "the first one seen is an instant reading");
+    for w in p.windows(2) {
+        assert_eq!(w[1].2, 20_000_000, "{w:?}");
+        assert_eq!(w[1].0 - w[1].2, w[0].0, "{w:?}");
+    }
+    // Integrated, they are the emulated GPU's true energy over the same span.
+    let (first_ns, last_ns) = (p[0].0, p[p.len() - 1].0);
+    let measured_j: f64 = p[1..].iter().map(|&(_, w, win)| w * win as f64 / 1e9).sum();
+    let true_j = schedule_energy_j(&schedule, first_ns / 1000, last_ns / 1000);
+    assert!(
+        (measured_j - true_j).abs() < 0.002 * true_j + 0.05,
+        "samples {measured_j} J, true {true_j} J"
+    );
+    // The second GPU, idle, gets its samples too, at the idle power.
+    let idle = powers(&readings, 1);
+    assert!(idle.len() > 30, "{idle:?}");
+    assert!(
+        idle.iter().all(|&(_, w, _)| (w - 70.0).abs() < 0.01),
+        "{idle:?}"
+    );
+    // The counter is still read, on its own cadence.
+    assert!(counter(&readings, 0).is_some());
+}
+
+/// The energy of a piecewise-constant power schedule (`(from µs, watts)`, in order) between
+/// two times: the truth the test itself set, independent of the emulation's bookkeeping.
+fn schedule_energy_j(schedule: &[(u64, f64)], from_us: u64, to_us: u64) -> f64 {
+    let mut j = 0.0;
+    for (k, &(t, w)) in schedule.iter().enumerate() {
+        let end = schedule.get(k + 1).map_or(u64::MAX, |n| n.0);
+        let (a, b) = (t.max(from_us), end.min(to_us));
+        if b > a {
+            j += w * (b - a) as f64 / 1e6;
+        }
+    }
+    j
+}
+
+/// `nvml_emu::COSTS_ENV` (not linked in: the library is loaded as the driver would be).
+const COSTS_ENV: &str = "TRACER_EMU_NVML_COSTS";
+
+/// Sets (or clears) the emulation's per-call cost model. Callers hold [`ENV_LOCK`] (through an
+/// [`Emu`]); a library copy reads it at its first call.
+fn set_costs_env(model: Option<&str>) {
+    // SAFETY: as in `set_state_env`.
+    unsafe {
+        match model {
+            Some(m) => std::env::set_var(COSTS_ENV, m),
+            None => std::env::remove_var(COSTS_ENV),
+        }
+    }
+}
+
+#[test]
+fn the_counter_budget_is_shared_by_the_gpus_and_their_reads_are_spread() {
+    // With the H200's per-call costs (4.3 ms of CPU per counter read) and the default budget
+    // (0.5 % of a core for all GPUs), one GPU's counter is read every ~0.85 s, each of four
+    // GPUs' every ~3.4 s.
+    let interval = |gpus: u32| {
+        let emu = Emu::new("nvml-budget", gpus);
+        set_costs_env(Some("h200"));
+        let mut source = open(&NvmlOptions {
+            counter_cpu_budget: Some(0.005),
+            process_interval: None,
+            power_samples: true,
+            ..emu.options()
+        });
+        set_costs_env(None);
+        let first = poll(&mut source);
+        let read: Vec<usize> = (0..gpus as usize)
+            .filter(|&d| counter(&first, d).is_some())
+            .collect();
+        (source.counter_interval(0).expect("rationed"), read)
+    };
+    let (one, read_one) = interval(1);
+    let (four, read_four) = interval(4);
+    assert!(
+        one > Duration::from_millis(400) && one < Duration::from_millis(2000),
+        "{one:?}"
+    );
+    let ratio = four.as_secs_f64() / one.as_secs_f64();
+    assert!(
+        (2.5..6.0).contains(&ratio),
+        "1 GPU {one:?}, 4 GPUs {four:?}"
+    );
+    assert_eq!(read_one, [0]);
+    // Spread: the first poll reads one GPU's counter, not all four (the rest follow at a
+    // quarter of the interval each).
+    assert_eq!(read_four, [0], "{four:?}");
+}
+
+#[test]
+fn a_lost_gpu_reading_buffered_samples_gives_one_lost_then_samples_resume() {
+    let emu = Emu::new("nvml-samples-lost", 2);
+    let mut source = open(&NvmlOptions {
+        power_samples: true,
+        samples_interval: Duration::from_millis(40),
+        process_interval: None,
+        ..emu.options()
+    });
+    let mut run = |ms: u64| {
+        let mut all = Vec::new();
+        for _ in 0..ms / 10 {
+            std::thread::sleep(Duration::from_millis(10));
+            all.extend(poll(&mut source));
+        }
+        all
+    };
+    assert!(!powers(&run(200), 1).is_empty());
+    emu.writer.set_lost(1, true).expect("lose gpu1");
+    let lost = run(300);
+    assert!(powers(&lost, 1).is_empty(), "{lost:?}");
+    assert!(!powers(&lost, 0).is_empty(), "gpu0 keeps answering");
+    assert_eq!(
+        count(&lost, |r| matches!(r, Reading::Lost { device: 1, .. })),
+        1,
+        "{lost:?}"
+    );
+    emu.writer.set_lost(1, false).expect("gpu1 back");
+    let back = run(300);
+    assert!(!powers(&back, 1).is_empty(), "{back:?}");
+    assert_eq!(count(&back, |r| matches!(r, Reading::Lost { .. })), 0);
 }

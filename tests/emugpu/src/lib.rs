@@ -25,10 +25,11 @@ mod writer;
 
 pub use clock::monotonic_us;
 pub use power::{PowerModel, StepCost, StepEntry};
-pub use reader::{GpuIdentity, GpuSnapshot, SensorReader};
+pub use reader::{GpuIdentity, GpuSnapshot, PowerSample, SensorReader};
 pub use shm::{
-    COUNTER_PERIOD_US, MAX_PROCESSES, MAX_UTIL_SAMPLES, POWER_AVG_PERIOD_US, POWER_AVG_WINDOW_US,
-    ProcessEntry, STATE_ENV, STATE_MAGIC, STATE_VERSION, UtilSample,
+    COUNTER_PERIOD_US, MAX_POWER_SAMPLES, MAX_PROCESSES, MAX_UTIL_SAMPLES, POWER_AVG_PERIOD_US,
+    POWER_AVG_WINDOW_US, POWER_SAMPLE_PERIOD_US, ProcessEntry, STATE_ENV, STATE_MAGIC,
+    STATE_VERSION, UtilSample,
 };
 pub use spec::GpuSpec;
 pub use writer::{SensorWriter, Ticker, spawn_ticker};

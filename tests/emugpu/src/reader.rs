@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::atomic::{Ordering, fence};
 
 use crate::shm::{
-    HEADER_SIZE, MAX_PROCESSES, MAX_UTIL_SAMPLES, Mapping, ProcessEntry, SLOT_SIZE, STATE_MAGIC,
-    STATE_VERSION, Slot, UtilSample, file_size, get_str,
+    HEADER_SIZE, MAX_POWER_SAMPLES, MAX_PROCESSES, MAX_UTIL_SAMPLES, Mapping, ProcessEntry,
+    SLOT_SIZE, STATE_MAGIC, STATE_VERSION, Slot, UtilSample, file_size, get_str,
 };
 use crate::{EmuError, monotonic_us};
 
@@ -69,6 +69,14 @@ pub struct GpuSnapshot {
     pub utilisation: Vec<UtilSample>,
     /// The seqlock sequence number the snapshot was taken at (even; grows with every update).
     pub seq: u64,
+}
+
+/// One of the driver's buffered power samples: the mean power over the
+/// [`crate::POWER_SAMPLE_PERIOD_US`] before `timestamp_us` (µs of `CLOCK_MONOTONIC`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PowerSample {
+    pub timestamp_us: u64,
+    pub mw: u64,
 }
 
 /// Read-only view of a state file created by a [`crate::SensorWriter`], possibly in another
@@ -181,47 +189,77 @@ impl SensorReader {
     /// A consistent snapshot of GPU `gpu`'s dynamic state (seqlock read; retries while the
     /// writer updates, fails if the writer stays mid-update for 200 ms, e.g. it crashed).
     pub fn snapshot(&self, gpu: usize) -> Result<GpuSnapshot, EmuError> {
-        let s = self.slot(gpu)?;
         let mut out = GpuSnapshot::default();
+        out.seq = self.consistent(gpu, |s| {
+            out.energy_mj = s.energy_mj.load(Ordering::Relaxed);
+            out.counter_update_us = s.counter_update_us.load(Ordering::Relaxed);
+            out.power_instant_mw = s.power_instant_mw.load(Ordering::Relaxed);
+            out.power_instant_us = s.power_instant_us.load(Ordering::Relaxed);
+            out.power_avg_mw = s.power_avg_mw.load(Ordering::Relaxed);
+            out.power_avg_us = s.power_avg_us.load(Ordering::Relaxed);
+            out.power_usage_mw = s.power_usage_mw.load(Ordering::Relaxed);
+            out.lost = s.lost.load(Ordering::Relaxed) != 0;
+            let n_proc = (s.n_processes.load(Ordering::Relaxed) as usize).min(MAX_PROCESSES);
+            out.processes.clear();
+            out.processes
+                .extend(s.processes[..n_proc].iter().map(|p| ProcessEntry {
+                    pid: p.pid.load(Ordering::Relaxed),
+                    used_gpu_memory: p.used_gpu_memory.load(Ordering::Relaxed),
+                }));
+            let n_util = (s.n_util.load(Ordering::Relaxed) as usize).min(MAX_UTIL_SAMPLES);
+            let next = s.util_next.load(Ordering::Relaxed) as usize % MAX_UTIL_SAMPLES;
+            // Oldest first: the ring's oldest entry is `next - n_util` (mod capacity).
+            let first = (next + MAX_UTIL_SAMPLES - n_util) % MAX_UTIL_SAMPLES;
+            out.utilisation.clear();
+            out.utilisation.extend((0..n_util).map(|k| {
+                let u = &s.util[(first + k) % MAX_UTIL_SAMPLES];
+                UtilSample {
+                    pid: u.pid.load(Ordering::Relaxed),
+                    timestamp_us: u.timestamp_us.load(Ordering::Relaxed),
+                    sm_util: u.sm_util.load(Ordering::Relaxed),
+                    mem_util: u.mem_util.load(Ordering::Relaxed),
+                }
+            }));
+        })?;
+        Ok(out)
+    }
+
+    /// GPU `gpu`'s buffered power samples, oldest first (the ring holds the newest
+    /// [`crate::MAX_POWER_SAMPLES`]); kept apart from [`Self::snapshot`], which every NVML call
+    /// takes.
+    pub fn power_samples(&self, gpu: usize) -> Result<Vec<PowerSample>, EmuError> {
+        let mut out = Vec::new();
+        self.consistent(gpu, |s| {
+            let n = (s.n_power.load(Ordering::Relaxed) as usize).min(MAX_POWER_SAMPLES);
+            let next = s.power_next.load(Ordering::Relaxed) as usize % MAX_POWER_SAMPLES;
+            let first = (next + MAX_POWER_SAMPLES - n) % MAX_POWER_SAMPLES;
+            out.clear();
+            out.extend((0..n).map(|k| {
+                let p = &s.power[(first + k) % MAX_POWER_SAMPLES];
+                PowerSample {
+                    timestamp_us: p.timestamp_us.load(Ordering::Relaxed),
+                    mw: p.mw.load(Ordering::Relaxed),
+                }
+            }));
+        })?;
+        Ok(out)
+    }
+
+    /// Runs `read` on GPU `gpu`'s slot until it saw one unchanged even sequence number before
+    /// and after (the seqlock), and returns that number; fails if the writer stays mid-update
+    /// for 200 ms (it crashed).
+    fn consistent(&self, gpu: usize, mut read: impl FnMut(&Slot)) -> Result<u64, EmuError> {
+        let s = self.slot(gpu)?;
         let mut spins = 0_u32;
         let mut since = None;
         loop {
             let seq1 = s.seq.load(Ordering::Acquire);
             if seq1 & 1 == 0 {
-                out.energy_mj = s.energy_mj.load(Ordering::Relaxed);
-                out.counter_update_us = s.counter_update_us.load(Ordering::Relaxed);
-                out.power_instant_mw = s.power_instant_mw.load(Ordering::Relaxed);
-                out.power_instant_us = s.power_instant_us.load(Ordering::Relaxed);
-                out.power_avg_mw = s.power_avg_mw.load(Ordering::Relaxed);
-                out.power_avg_us = s.power_avg_us.load(Ordering::Relaxed);
-                out.power_usage_mw = s.power_usage_mw.load(Ordering::Relaxed);
-                out.lost = s.lost.load(Ordering::Relaxed) != 0;
-                let n_proc = (s.n_processes.load(Ordering::Relaxed) as usize).min(MAX_PROCESSES);
-                out.processes.clear();
-                out.processes
-                    .extend(s.processes[..n_proc].iter().map(|p| ProcessEntry {
-                        pid: p.pid.load(Ordering::Relaxed),
-                        used_gpu_memory: p.used_gpu_memory.load(Ordering::Relaxed),
-                    }));
-                let n_util = (s.n_util.load(Ordering::Relaxed) as usize).min(MAX_UTIL_SAMPLES);
-                let next = s.util_next.load(Ordering::Relaxed) as usize % MAX_UTIL_SAMPLES;
-                // Oldest first: the ring's oldest entry is `next - n_util` (mod capacity).
-                let first = (next + MAX_UTIL_SAMPLES - n_util) % MAX_UTIL_SAMPLES;
-                out.utilisation.clear();
-                out.utilisation.extend((0..n_util).map(|k| {
-                    let u = &s.util[(first + k) % MAX_UTIL_SAMPLES];
-                    UtilSample {
-                        pid: u.pid.load(Ordering::Relaxed),
-                        timestamp_us: u.timestamp_us.load(Ordering::Relaxed),
-                        sm_util: u.sm_util.load(Ordering::Relaxed),
-                        mem_util: u.mem_util.load(Ordering::Relaxed),
-                    }
-                }));
+                read(s);
                 fence(Ordering::Acquire);
                 let seq2 = s.seq.load(Ordering::Relaxed);
                 if seq1 == seq2 {
-                    out.seq = seq1;
-                    return Ok(out);
+                    return Ok(seq1);
                 }
             }
             spins += 1;

@@ -18,13 +18,20 @@ pub const STATE_ENV: &str = "TRACER_EMU_STATE";
 /// First eight bytes of a state file: `"TREMUGPU"`, little-endian.
 pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"TREMUGPU");
 /// Layout version; bump on any change to [`Header`] or [`Slot`].
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Period of NVML's total-energy counter updates, in µs.
 pub const COUNTER_PERIOD_US: u64 = 100_000;
 /// Period at which the averaged power is refreshed, in µs.
 pub const POWER_AVG_PERIOD_US: u64 = 100_000;
 /// Window of the averaged power, in µs.
 pub const POWER_AVG_WINDOW_US: u64 = 25_000;
+/// Period of the driver's buffered power samples (`nvmlDeviceGetSamples` with
+/// `NVML_TOTAL_POWER_SAMPLES`), in µs: each sample is the mean power over the period before its
+/// stamp.
+pub const POWER_SAMPLE_PERIOD_US: u64 = 20_000;
+/// Capacity of the power-sample ring of a GPU (2.4 s at the period above, about what an A100's
+/// `nvidia-smi -q -d POWER` reports as its sample buffer).
+pub const MAX_POWER_SAMPLES: usize = 120;
 /// Capacity of the running-process table of a GPU.
 pub const MAX_PROCESSES: usize = 32;
 /// Capacity of the utilisation-sample ring of a GPU.
@@ -72,6 +79,12 @@ pub(crate) struct ProcSlot {
     pub pid: AtomicU32,
     pub _pad: u32,
     pub used_gpu_memory: AtomicU64,
+}
+
+#[repr(C)]
+pub(crate) struct PowerSlot {
+    pub mw: AtomicU64,
+    pub timestamp_us: AtomicU64,
 }
 
 #[repr(C)]
@@ -123,6 +136,10 @@ pub(crate) struct Slot {
     pub mig_enabled: AtomicU32,
     /// Non-zero: the per-process queries (running processes, process utilisation) fail.
     pub fail_process_queries: AtomicU32,
+    // Version 2: the power-sample ring.
+    pub n_power: AtomicU32,
+    pub power_next: AtomicU32,
+    pub power: [PowerSlot; MAX_POWER_SAMPLES],
 }
 
 pub(crate) const HEADER_SIZE: usize = size_of::<Header>();

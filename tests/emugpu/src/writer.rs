@@ -9,9 +9,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::shm::{
-    BUS_ID_LEN, COUNTER_PERIOD_US, HEADER_SIZE, MAX_PROCESSES, MAX_UTIL_SAMPLES, Mapping, NAME_LEN,
-    POWER_AVG_PERIOD_US, POWER_AVG_WINDOW_US, ProcessEntry, SLOT_SIZE, STATE_MAGIC, STATE_VERSION,
-    Slot, UUID_LEN, UtilSample, file_size, put_str,
+    BUS_ID_LEN, COUNTER_PERIOD_US, HEADER_SIZE, MAX_POWER_SAMPLES, MAX_PROCESSES, MAX_UTIL_SAMPLES,
+    Mapping, NAME_LEN, POWER_AVG_PERIOD_US, POWER_AVG_WINDOW_US, POWER_SAMPLE_PERIOD_US,
+    ProcessEntry, SLOT_SIZE, STATE_MAGIC, STATE_VERSION, Slot, UUID_LEN, UtilSample, file_size,
+    put_str,
 };
 use crate::{EmuError, GpuSpec, monotonic_us};
 
@@ -45,6 +46,11 @@ struct GpuState {
     instant_us: u64,
     util_next: u32,
     n_util: u32,
+    next_sample_us: u64,
+    /// Power samples taken since the last publish (at most a ring's worth are kept).
+    new_samples: VecDeque<(u64, u64)>,
+    /// Samples ever taken (the ring's write position is this modulo its capacity).
+    samples_taken: u64,
 }
 
 impl GpuState {
@@ -72,7 +78,10 @@ impl GpuState {
     fn advance(&mut self, to_us: u64) {
         let to_us = to_us.max(self.last_us);
         loop {
-            let next = self.next_counter_us.min(self.next_avg_us);
+            let next = self
+                .next_counter_us
+                .min(self.next_avg_us)
+                .min(self.next_sample_us);
             if next > to_us {
                 break;
             }
@@ -93,10 +102,25 @@ impl GpuState {
                 self.avg_us = next;
                 self.next_avg_us += POWER_AVG_PERIOD_US;
             }
+            if next == self.next_sample_us {
+                // The driver's buffered power sample: the mean over the period before it.
+                let start = next - POWER_SAMPLE_PERIOD_US;
+                let joules = self.energy_at(next) - self.energy_at(start);
+                let watts = joules / (POWER_SAMPLE_PERIOD_US as f64 / 1e6);
+                if self.new_samples.len() == MAX_POWER_SAMPLES {
+                    self.new_samples.pop_front();
+                }
+                self.new_samples
+                    .push_back((next, (watts * 1000.0).round().max(0.0) as u64));
+                self.samples_taken += 1;
+                self.next_sample_us += POWER_SAMPLE_PERIOD_US;
+            }
         }
         self.integrate_to(to_us);
         // Keep just enough history for any window that can still be asked for.
-        let keep_from = self.last_us.saturating_sub(POWER_AVG_WINDOW_US);
+        let keep_from = self
+            .last_us
+            .saturating_sub(POWER_AVG_WINDOW_US.max(POWER_SAMPLE_PERIOD_US));
         while self.history.len() >= 2 && self.history[1].t_us <= keep_from {
             self.history.pop_front();
         }
@@ -187,7 +211,7 @@ impl SensorWriter {
             let avg_phase =
                 POWER_AVG_WINDOW_US + (idx * 29_000) % (POWER_AVG_PERIOD_US - POWER_AVG_WINDOW_US);
             let watts = spec.idle_w;
-            let st = GpuState {
+            let mut st = GpuState {
                 last_us: now_us,
                 watts,
                 energy_j: 0.0,
@@ -207,12 +231,15 @@ impl SensorWriter {
                 instant_us: now_us,
                 util_next: 0,
                 n_util: 0,
+                next_sample_us: now_us + POWER_SAMPLE_PERIOD_US,
+                new_samples: VecDeque::new(),
+                samples_taken: 0,
             };
             // SAFETY: the file is not published yet: nobody else maps it, and the slot is in
             // bounds; the fresh file is zero-filled, a valid Slot.
             let slot = unsafe { &mut *map.slot_ptr(i) };
             write_static(slot, spec, i)?;
-            publish(slot, &st, None);
+            publish(slot, &mut st, None);
             gpus.push(Mutex::new(st));
         }
         // SAFETY: as above, the header of the unpublished file is ours alone.
@@ -252,7 +279,7 @@ impl SensorWriter {
         }
         let (mut st, slot) = self.gpu(gpu)?;
         st.set_power(now_us, watts);
-        publish(slot, &st, None);
+        publish(slot, &mut st, None);
         Ok(())
     }
 
@@ -260,10 +287,10 @@ impl SensorWriter {
     pub fn tick(&self, now_us: u64) {
         for (i, m) in self.gpus.iter().enumerate() {
             let mut st = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let before = (st.counter_us, st.avg_us);
+            let before = (st.counter_us, st.avg_us, st.samples_taken);
             st.advance(now_us);
-            if (st.counter_us, st.avg_us) != before {
-                publish(self.map.slot(i), &st, None);
+            if (st.counter_us, st.avg_us, st.samples_taken) != before {
+                publish(self.map.slot(i), &mut st, None);
             }
         }
     }
@@ -277,7 +304,7 @@ impl SensorWriter {
     pub fn true_energy_at(&self, gpu: usize, now_us: u64) -> Result<f64, EmuError> {
         let (mut st, slot) = self.gpu(gpu)?;
         st.advance(now_us);
-        publish(slot, &st, None);
+        publish(slot, &mut st, None);
         Ok(st.energy_j)
     }
 
@@ -294,10 +321,10 @@ impl SensorWriter {
                 procs.len()
             )));
         }
-        let (st, slot) = self.gpu(gpu)?;
+        let (mut st, slot) = self.gpu(gpu)?;
         publish(
             slot,
-            &st,
+            &mut st,
             Some(&|slot| {
                 for (dst, p) in slot.processes.iter().zip(procs) {
                     dst.pid.store(p.pid, Ordering::Relaxed);
@@ -324,7 +351,7 @@ impl SensorWriter {
         st.util_next = st.n_util % MAX_UTIL_SAMPLES as u32;
         publish(
             slot,
-            &st,
+            &mut st,
             Some(&|slot| {
                 for (dst, s) in slot.util.iter().zip(samples) {
                     write_util(dst, s);
@@ -340,17 +367,21 @@ impl SensorWriter {
         let at = st.util_next as usize;
         st.util_next = ((at + 1) % MAX_UTIL_SAMPLES) as u32;
         st.n_util = (st.n_util + 1).min(MAX_UTIL_SAMPLES as u32);
-        publish(slot, &st, Some(&|slot| write_util(&slot.util[at], &sample)));
+        publish(
+            slot,
+            &mut st,
+            Some(&|slot| write_util(&slot.util[at], &sample)),
+        );
         Ok(())
     }
 
     /// Mark GPU `gpu` as fallen off the bus (NVML then answers `NVML_ERROR_GPU_IS_LOST`), or
     /// back.
     pub fn set_lost(&self, gpu: usize, lost: bool) -> Result<(), EmuError> {
-        let (st, slot) = self.gpu(gpu)?;
+        let (mut st, slot) = self.gpu(gpu)?;
         publish(
             slot,
-            &st,
+            &mut st,
             Some(&|slot| {
                 slot.lost.store(u32::from(lost), Ordering::Relaxed);
             }),
@@ -406,7 +437,7 @@ fn write_static(slot: &mut Slot, spec: &GpuSpec, i: usize) -> Result<(), EmuErro
 
 /// Write `st`'s published values (and whatever `extra` writes) into `slot` under its seqlock.
 /// Callers hold the GPU's mutex, so there is a single writer per slot.
-fn publish(slot: &Slot, st: &GpuState, extra: Option<&dyn Fn(&Slot)>) {
+fn publish(slot: &Slot, st: &mut GpuState, extra: Option<&dyn Fn(&Slot)>) {
     let seq = slot.seq.load(Ordering::Relaxed);
     slot.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
     fence(Ordering::Release);
@@ -422,6 +453,20 @@ fn publish(slot: &Slot, st: &GpuState, extra: Option<&dyn Fn(&Slot)>) {
     slot.power_usage_mw.store(st.avg_mw, Ordering::Relaxed);
     slot.n_util.store(st.n_util, Ordering::Relaxed);
     slot.util_next.store(st.util_next, Ordering::Relaxed);
+    let first = st.samples_taken - st.new_samples.len() as u64;
+    for (k, (ts_us, mw)) in st.new_samples.drain(..).enumerate() {
+        let dst = &slot.power[((first + k as u64) % MAX_POWER_SAMPLES as u64) as usize];
+        dst.mw.store(mw, Ordering::Relaxed);
+        dst.timestamp_us.store(ts_us, Ordering::Relaxed);
+    }
+    slot.power_next.store(
+        (st.samples_taken % MAX_POWER_SAMPLES as u64) as u32,
+        Ordering::Relaxed,
+    );
+    slot.n_power.store(
+        st.samples_taken.min(MAX_POWER_SAMPLES as u64) as u32,
+        Ordering::Relaxed,
+    );
     if let Some(f) = extra {
         f(slot);
     }

@@ -24,7 +24,12 @@ pub(crate) enum Call {
     PowerUsage,
     /// `nvmlDeviceGetComputeRunningProcesses` and the per-process utilisation.
     Processes,
+    /// `nvmlDeviceGetSamples` (buffered power samples).
+    Samples,
 }
+
+/// Overrides the modelled cost of one `nvmlDeviceGetSamples` call, µs (see [`h200_us`]).
+pub const SAMPLES_COST_ENV: &str = "TRACER_EMU_NVML_SAMPLES_US";
 
 /// The H200's measured CPU per call, µs.
 fn h200_us(call: Call) -> u64 {
@@ -34,7 +39,22 @@ fn h200_us(call: Call) -> u64 {
         Call::FieldsPower => 111,
         Call::PowerUsage => 1,
         Call::Processes => 6,
+        // Not measured on the H200 (the lent run predates its use): assumed to cost what the
+        // instant-power field costs, a driver control answered from data the driver already
+        // holds. `TRACER_EMU_NVML_SAMPLES_US` sets another figure to see how the sampler's
+        // cost moves with it.
+        Call::Samples => samples_us(),
     }
+}
+
+fn samples_us() -> u64 {
+    static US: OnceLock<u64> = OnceLock::new();
+    *US.get_or_init(|| {
+        std::env::var(SAMPLES_COST_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(111)
+    })
 }
 
 fn model() -> bool {

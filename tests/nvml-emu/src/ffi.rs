@@ -151,7 +151,7 @@ pub struct nvmlMemory_v2_t {
 const NOT_AVAILABLE_U32: c_uint = 0xFFFF_FFFF;
 
 /// Turn a `Result` whose error is an NVML code into the code.
-fn ret(r: Result<(), nvmlReturn_t>) -> nvmlReturn_t {
+pub(crate) fn ret(r: Result<(), nvmlReturn_t>) -> nvmlReturn_t {
     r.err().unwrap_or(NVML_SUCCESS)
 }
 

@@ -13,7 +13,9 @@
 
 mod cost;
 mod ffi;
+mod samples;
 mod state;
 
-pub use cost::COSTS_ENV;
+pub use cost::{COSTS_ENV, SAMPLES_COST_ENV};
 pub use ffi::*;
+pub use samples::*;

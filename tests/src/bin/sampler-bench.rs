@@ -133,6 +133,9 @@ struct NvmlSummary {
     gpus: usize,
     period_ms: Option<(u128, bool)>,
     recommended: Duration,
+    /// How often GPU 0's counter is read, as opened (the budget adjusts it to real costs).
+    counter_every: Option<Duration>,
+    samples_every: Option<Duration>,
 }
 
 fn cpu_model() -> String {
@@ -209,18 +212,26 @@ fn main() -> Result<()> {
         process_interval: None,
         ..NvmlOptions::default()
     };
+    // (name, processes and utilisation every ..., buffered power samples)
     let cases = [
-        ("energy + power".to_owned(), None),
         (
-            "energy + power, processes + utilisation at 1 Hz".to_owned(),
+            "energy + instant power every poll (before)".to_owned(),
+            None,
+            false,
+        ),
+        ("energy + buffered power samples".to_owned(), None, true),
+        (
+            "the default: buffered samples, processes + utilisation at 1 Hz".to_owned(),
             Some(Duration::from_secs(1)),
+            true,
         ),
         (
             format!(
-                "energy + power, processes + utilisation every poll ({} Hz)",
+                "buffered samples, processes + utilisation every poll ({} Hz)",
                 args.hz
             ),
             Some(Duration::ZERO),
+            true,
         ),
     ];
     eprintln!("sampler-bench: sampler loop alone, {} s", args.seconds);
@@ -231,20 +242,25 @@ fn main() -> Result<()> {
         args.seconds,
     )?];
     let mut summary = None;
-    for (name, process_interval) in cases {
+    for (name, process_interval, power_samples) in cases {
         eprintln!("sampler-bench: {name}, {} s", args.seconds);
         let source = NvmlSource::open_with(&NvmlOptions {
             process_interval,
+            power_samples,
             ..base.clone()
         })
         .context("opening the emulated GPUs")?;
-        summary.get_or_insert_with(|| NvmlSummary {
-            gpus: source.devices().len(),
-            period_ms: source
-                .counter_period(0)
-                .map(|p| (p.period.as_millis(), p.measured)),
-            recommended: source.recommended_interval(),
-        });
+        if power_samples {
+            summary.get_or_insert_with(|| NvmlSummary {
+                gpus: source.devices().len(),
+                period_ms: source
+                    .counter_period(0)
+                    .map(|p| (p.period.as_millis(), p.measured)),
+                recommended: source.recommended_interval(),
+                counter_every: source.counter_interval(0),
+                samples_every: source.samples_interval(0),
+            });
+        }
         rows.push(run_case(&name, Box::new(source), period, args.seconds)?);
     }
     // The CPU source the daemon would choose here, on its own thread as in the daemon (the
@@ -282,11 +298,14 @@ fn main() -> Result<()> {
         );
         println!(
             "{} emulated GPUs through the NVML emulation, sampled at {} Hz for {} s per case; \
-             counter period {period}, recommended interval {} ms; {}",
+             counter period {period}, recommended interval {} ms; with samples, gpu0's counter \
+             read every {} ms at open, its samples every {} ms; {}",
             s.gpus,
             args.hz,
             args.seconds,
             s.recommended.as_millis(),
+            s.counter_every.map_or(0, |d| d.as_millis()),
+            s.samples_every.map_or(0, |d| d.as_millis()),
             cpu_model()
         );
         println!();

@@ -108,13 +108,17 @@ pub struct OpenedSources {
 }
 
 /// The NVML options the configuration asks for (library, counter-period measurement, process
-/// cadence; the counter CPU budget and measurement timing are the defaults).
+/// cadence, power samples, the counter's CPU budget; measurement timing is the default).
 pub fn nvml_options(cfg: &PowerConfig) -> NvmlOptions {
     NvmlOptions {
         lib: cfg.nvml_lib.clone(),
         measure_counter_period: cfg.measure_counter_period,
         process_interval: (cfg.gpu_process_interval_ms > 0)
             .then(|| Duration::from_millis(cfg.gpu_process_interval_ms)),
+        counter_cpu_budget: (cfg.gpu_counter_cpu_percent > 0.0)
+            .then_some(cfg.gpu_counter_cpu_percent / 100.0),
+        power_samples: cfg.gpu_power_samples,
+        samples_interval: Duration::from_millis(cfg.gpu_samples_interval_ms.max(1)),
         ..NvmlOptions::default()
     }
 }
@@ -219,6 +223,17 @@ mod tests {
         let o = nvml_options(&PowerConfig::default());
         assert!(o.measure_counter_period);
         assert_eq!(o.process_interval, Some(Duration::from_secs(1)));
+        assert!(o.power_samples);
+        assert_eq!(o.samples_interval, Duration::from_millis(500));
+        let o = nvml_options(&PowerConfig {
+            gpu_power_samples: false,
+            gpu_samples_interval_ms: 250,
+            gpu_counter_cpu_percent: 0.0,
+            ..PowerConfig::default()
+        });
+        assert!(!o.power_samples);
+        assert_eq!(o.samples_interval, Duration::from_millis(250));
+        assert_eq!(o.counter_cpu_budget, None);
     }
 
     #[test]

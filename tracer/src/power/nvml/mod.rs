@@ -41,6 +41,7 @@
 mod cadence;
 mod period;
 mod poll;
+mod samples;
 mod stamp;
 #[cfg(test)]
 mod tests;
@@ -85,14 +86,26 @@ pub struct NvmlOptions {
     pub measure_step: Duration,
     /// How often to read running processes and utilisation samples; `None`: never.
     pub process_interval: Option<Duration>,
-    /// CPU (fraction of one core, per GPU) the energy-counter reads may use. On GSP-based GPUs
-    /// one read costs milliseconds of CPU (3–4 ms measured on an H200), so the counter is read
-    /// every `max(period / 2, cost / budget)`, at least once a second, while the cheap instant
-    /// power field is read every poll. With the default, 0.5 %, a GPU's whole sampler took 1.2 %
-    /// of a core on the H200 (instant power at 50 Hz is another 0.5 %). `None`: the counter is
-    /// read every poll.
+    /// CPU (fraction of one core, all GPUs together) the energy-counter reads may use. On
+    /// GSP-based GPUs one read costs milliseconds of CPU (3–4 ms measured on an H200), so each
+    /// GPU's counter is read every `max(period / 2, cost × GPUs / budget)`, at least every
+    /// [`MAX_COUNTER_INTERVAL`], and the GPUs' reads are spread over that interval rather than
+    /// bunched in one poll. Power samples shape the energy between counter reads; the counter
+    /// keeps the total exact. `None`: the counter is read every poll.
     pub counter_cpu_budget: Option<f64>,
+    /// Read the driver's buffered power samples (`nvmlDeviceGetSamples`) every
+    /// `samples_interval` instead of the instant power field every poll, where the driver
+    /// keeps them (else instant power, as before). One call per GPU per interval replaces
+    /// fifty reads a second.
+    pub power_samples: bool,
+    /// How often the buffered samples are read; shortened by itself if the driver's buffer
+    /// overflows between reads.
+    pub samples_interval: Duration,
 }
+
+/// The longest gap between two reads of a GPU's energy counter, whatever the budget: records
+/// are final only once the counter has been read past their end.
+pub const MAX_COUNTER_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Default for NvmlOptions {
     fn default() -> Self {
@@ -103,6 +116,8 @@ impl Default for NvmlOptions {
             measure_step: Duration::from_millis(2),
             process_interval: Some(Duration::from_secs(1)),
             counter_cpu_budget: Some(0.005),
+            power_samples: true,
+            samples_interval: Duration::from_millis(500),
         }
     }
 }
@@ -153,6 +168,8 @@ struct Gpu {
     util_last_seen_us: u64,
     /// The energy field's stamps: whether they hold across reads (see [`stamp::EnergyStamps`]).
     energy_stamps: stamp::EnergyStamps,
+    /// The driver's buffered power samples, where used (see [`NvmlOptions::power_samples`]).
+    samples: Option<samples::PowerSamples>,
 }
 
 /// The NVML power source.
@@ -276,6 +293,7 @@ impl NvmlSource {
                 utilisation: Query::Answering,
                 util_last_seen_us: 0,
                 energy_stamps: stamp::EnergyStamps::default(),
+                samples: None,
             };
             let mut dev = PowerDevice {
                 name: format!("gpu{index}"),
@@ -318,6 +336,9 @@ impl NvmlSource {
             gpus.push(gpu);
         }
         period::set_counter_periods(&nvml, &mut gpus, options);
+        if options.power_samples {
+            samples::open_samples(&nvml, &mut gpus, options.samples_interval);
+        }
         if let Some(budget) = options.counter_cpu_budget {
             cadence::set_counter_cadence(&nvml, &mut gpus, budget);
         }
@@ -360,6 +381,13 @@ impl NvmlSource {
         (fastest / 2).max(Duration::from_millis(1))
     }
 
+    /// How often `device`'s buffered power samples are read (`None`: not used, instant power
+    /// is polled instead).
+    pub fn samples_interval(&self, device: usize) -> Option<Duration> {
+        let s = self.gpus.get(device)?.samples.as_ref()?;
+        Some(Duration::from_nanos(s.interval_ns))
+    }
+
     /// Whether `device` runs in MIG mode: its energy covers the physical GPU, all instances.
     pub fn mig_enabled(&self, device: usize) -> bool {
         self.gpus.get(device).is_some_and(|g| g.mig)
@@ -375,6 +403,11 @@ impl PowerSource for NvmlSource {
     /// processes and utilisation.
     fn poll(&mut self, out: &mut Vec<Reading>) {
         for index in 0..self.gpus.len() {
+            if self.gpus[index].samples.is_some() {
+                // Accounts its own counter reads.
+                self.poll_buffered(index, out);
+                continue;
+            }
             let due = monotonic_ns() >= self.gpus[index].next_counter_ns;
             let c0 = thread_cpu_ns();
             self.poll_energy(index, out);

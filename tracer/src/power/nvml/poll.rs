@@ -303,7 +303,13 @@ impl NvmlSource {
 }
 
 /// Reports a GPU lost, once per loss.
-fn mark_lost(gpu: &mut Gpu, index: usize, ts_ns: u64, e: &NvmlError, out: &mut Vec<Reading>) {
+pub(super) fn mark_lost(
+    gpu: &mut Gpu,
+    index: usize,
+    ts_ns: u64,
+    e: &NvmlError,
+    out: &mut Vec<Reading>,
+) {
     if !gpu.lost {
         gpu.lost = true;
         tracing::warn!("NVML gpu{index}: {e}; its energy is a gap until it answers again");
