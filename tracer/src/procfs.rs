@@ -133,23 +133,42 @@ pub struct TcpEntry {
 /// The kernel prints each 32-bit word of an address with `%08X` in host byte order, so the words
 /// are read back with native byte order.
 pub fn parse_tcp(text: &str, v6: bool) -> Vec<TcpEntry> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            let local = parse_tcp_addr(cols.nth(1)?, v6)?;
-            let remote = parse_tcp_addr(cols.next()?, v6)?;
-            let state = u8::from_str_radix(cols.next()?, 16).ok()?;
-            let inode = cols.nth(5)?.parse().ok()?;
-            Some(TcpEntry {
-                local,
-                remote,
-                state,
-                inode,
-                v6,
-            })
-        })
-        .collect()
+    let mut out = Vec::new();
+    parse_tcp_lines(text.as_bytes(), v6, &mut out);
+    out
+}
+
+/// [`parse_tcp`] from a reader, one line in memory at a time; a read error ends the table.
+fn parse_tcp_lines(mut r: impl std::io::BufRead, v6: bool, out: &mut Vec<TcpEntry>) {
+    let mut line = String::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if std::mem::take(&mut first) {
+            continue;
+        }
+        out.extend(parse_tcp_line(&line, v6));
+    }
+}
+
+/// One line of `/proc/net/tcp{,6}` (after the header); `None` when malformed.
+fn parse_tcp_line(line: &str, v6: bool) -> Option<TcpEntry> {
+    let mut cols = line.split_whitespace();
+    let local = parse_tcp_addr(cols.nth(1)?, v6)?;
+    let remote = parse_tcp_addr(cols.next()?, v6)?;
+    let state = u8::from_str_radix(cols.next()?, 16).ok()?;
+    let inode = cols.nth(5)?.parse().ok()?;
+    Some(TcpEntry {
+        local,
+        remote,
+        state,
+        inode,
+        v6,
+    })
 }
 
 fn parse_tcp_addr(text: &str, v6: bool) -> Option<SocketAddr> {
@@ -259,14 +278,21 @@ impl ProcFs {
     }
 
     /// The TCP sockets listed under `<proc>/<dir>/tcp{,6}`; `None` when neither file exists.
+    ///
+    /// Read line by line: with tens of thousands of connections the files are megabytes, and
+    /// holding one whole would grow the heap by that much at every discovery pass.
     pub fn tcp_entries_in(&self, dir: &str) -> Option<Vec<TcpEntry>> {
-        let v4 = self.read(format!("{dir}/tcp")).ok();
-        let v6 = self.read(format!("{dir}/tcp6")).ok();
+        let open = |name: &str| fs::File::open(self.proc_root.join(dir).join(name)).ok();
+        let (v4, v6) = (open("tcp"), open("tcp6"));
         if v4.is_none() && v6.is_none() {
             return None;
         }
-        let mut out = v4.map(|t| parse_tcp(&t, false)).unwrap_or_default();
-        out.extend(v6.map(|t| parse_tcp(&t, true)).unwrap_or_default());
+        let mut out = Vec::new();
+        for (file, is_v6) in [(v4, false), (v6, true)] {
+            if let Some(f) = file {
+                parse_tcp_lines(std::io::BufReader::new(f), is_v6, &mut out);
+            }
+        }
         Some(out)
     }
 

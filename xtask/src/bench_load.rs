@@ -307,6 +307,7 @@ fn rss_with_connections(
     port: u16,
     dir: &Path,
     n: u64,
+    extra_config: &str,
 ) -> Result<u64> {
     // A fresh store: what it holds per connection, not the API's memory of the records the
     // earlier cases stored (it loads up to `api.memory_records` of them at start). Records
@@ -314,7 +315,7 @@ fn rss_with_connections(
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("tracer.toml"),
-        "[ledger]\nmax_defer_ns = 2000000000\n",
+        format!("{extra_config}\n[ledger]\nmax_defer_ns = 2000000000\n"),
     )?;
     let d = Daemon::start(tracer, port, dir)?;
     let before = d.recorded()?;
@@ -341,6 +342,60 @@ fn rss_with_connections(
     let _ = hold.0.wait();
     drop(d);
     Ok(rss)
+}
+
+/// `cargo xtask bench-rss`: the daemon's RSS attached to the axum server, idle and with 1k
+/// and 10k connections, `extra` appended to its configuration.
+pub fn bench_rss(extra: Option<&Path>) -> Result<()> {
+    if !crate::is_root() {
+        bail!("cargo xtask bench-rss reads the daemon's memory in /proc: run it as root");
+    }
+    let extra = extra
+        .map(std::fs::read_to_string)
+        .transpose()?
+        .unwrap_or_default();
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer",
+        "--bin",
+        "tracer",
+        "-p",
+        "tracer-tests",
+        "--bin",
+        "openai-axum",
+        "--bin",
+        "loadgen",
+    ]))?;
+    let release = crate::bench::target_dir().join("release");
+    let (tracer, loadgen) = (release.join("tracer"), release.join("loadgen"));
+    let dir = std::env::temp_dir().join(format!("tracer-xbench-rss-{}", std::process::id()));
+    let (server, port) = spawn_listening(&mut unlimited(
+        &release.join("openai-axum").to_string_lossy(),
+    ))?;
+    let _server = Killed(server);
+    println!("| open connections (axum, traced, each served once) | daemon RSS, MiB |");
+    println!("|---|---|");
+    for n in [0, 1_000, 10_000] {
+        let kib = if n == 0 {
+            let d = Daemon::start(&tracer, port, &dir.join("rss-0"))?;
+            std::thread::sleep(Duration::from_secs(2));
+            rss_kib(d.pid())?
+        } else {
+            rss_with_connections(
+                &loadgen,
+                &tracer,
+                port,
+                &dir.join(format!("rss-{n}")),
+                n,
+                &extra,
+            )?
+        };
+        println!("| {n} | {:.1} |", kib as f64 / 1024.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 pub fn bench(quick: bool) -> Result<()> {
@@ -468,6 +523,7 @@ pub fn bench(quick: bool) -> Result<()> {
                         port,
                         &dir.join(format!("rss-{n}")),
                         n,
+                        "",
                     )?,
                 ));
             }

@@ -53,6 +53,10 @@ pub struct DemoOpts {
     /// Keep everything (store, records, logs) in this directory (default: a temporary one).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// A configuration file for the daemon (`tracer run --config`), e.g. to compare a
+    /// sampler setting on the same code; the demo's flags override what it says.
+    #[arg(long)]
+    pub tracer_config: Option<PathBuf>,
 }
 
 /// The replays scored by `--clocks`: row name and `tracer replay` flags.
@@ -168,6 +172,9 @@ pub fn demo(opts: &DemoOpts) -> Result<PathBuf> {
         .args(["--gpu-idle-watts", "70", "--idle-policy", "report"]);
     if opts.clocks {
         tracer_cmd.arg("--record").arg(&recording);
+    }
+    if let Some(config) = &opts.tracer_config {
+        tracer_cmd.arg("--config").arg(std::path::absolute(config)?);
     }
     let mut tracer = tracer_cmd
         .stderr(std::fs::File::create(&log)?)

@@ -82,6 +82,13 @@ enum Task {
         #[arg(long, default_value = "none")]
         costs: String,
     },
+    /// setup, then the daemon's RSS (default configuration, fresh store) attached to the axum
+    /// server, idle and with 1k and 10k keep-alive connections each served once.
+    BenchRss {
+        /// Appended to the daemon's configuration file (e.g. a setting to compare).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// setup, then the no-GPU demo: the emulated inference host (API process, engine on two
     /// emulated GPUs with honest sensors, NVML emulation), the tracer attached to it by port, a
     /// chat-like load, and per-request attribution beside the ground truth.
@@ -149,6 +156,10 @@ fn main() -> Result<()> {
         } => {
             setup()?;
             bench::bench_sampler(gpus, hz, seconds, &costs)
+        }
+        Task::BenchRss { config } => {
+            setup()?;
+            bench_load::bench_rss(config.as_deref())
         }
         Task::Demo(opts) => {
             setup()?;

@@ -61,6 +61,7 @@ pub fn run(seconds: u64) -> Result<()> {
             clocks: false,
             shared_prefix_fraction: Some(f64::from(share) / 100.0),
             dir: Some(dir.clone()),
+            tracer_config: None,
         })?;
         let store = dir.join("store");
         report(&store, "table", &dir.join("bill.txt"))?;

@@ -8,6 +8,7 @@
 mod attach;
 mod discovery;
 mod feeds;
+pub mod memory;
 mod outputs;
 pub mod privilege;
 mod storage;

@@ -21,7 +21,10 @@ use super::{
     weights::{self, Prices, Weights, WeightsOutcome},
 };
 
-/// Power coverage of a segment above which requests are split per slice, not per segment.
+/// Power coverage of a segment above which requests are split per slice, not per segment
+/// (counting only sample windows no longer than a slice: a coarser mean cannot tell one
+/// slice's power from its neighbour's, and splitting slice by slice on its smeared shape is
+/// worse than splitting the segment).
 const FINE_COVERAGE: f64 = 0.8;
 
 /// Borrowed ledger state an attribution needs.
@@ -269,7 +272,8 @@ pub(crate) fn segment(ctx: Ctx<'_>, d: &mut Device, seg: &Segment, requests: &mu
         }
     }
     let total_shape: f64 = scratch.shape.iter().sum();
-    let fine = curve && d.power.coverage(seg.start_ns, seg.end_ns) >= FINE_COVERAGE;
+    let fine =
+        curve && d.power.coverage(seg.start_ns, seg.end_ns, config.slice_ns) >= FINE_COVERAGE;
 
     let mut attributed_dyn = 0.0;
     let mut attributed_idle = 0.0;

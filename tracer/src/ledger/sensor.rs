@@ -439,8 +439,10 @@ impl PowerCurve {
         i < self.processed && self.points[i].mid_ns() <= b.saturating_add(1_000_000_000)
     }
 
-    /// Fraction of `[from, to)` covered by the windows of processed samples.
-    pub(crate) fn coverage(&self, from: u64, to: u64) -> f64 {
+    /// Fraction of `[from, to)` covered by the windows of processed samples no longer than
+    /// `max_window_ns`: a mean over a longer window does not say how the power moved within
+    /// a piece of that length.
+    pub(crate) fn coverage(&self, from: u64, to: u64, max_window_ns: u64) -> f64 {
         if to <= from {
             return 0.0;
         }
@@ -448,6 +450,9 @@ impl PowerCurve {
         let mut covered = 0u64;
         let mut upto = from;
         for p in self.points.range(first.min(self.processed)..self.processed) {
+            if p.window_ns > max_window_ns {
+                continue;
+            }
             let (start, end) = ((p.ts_ns - p.window_ns).max(upto), p.ts_ns.min(to));
             if end > start {
                 covered += end - start;
@@ -598,6 +603,8 @@ mod tests {
         assert!((total - 92.5).abs() < 1e-9, "{total}");
         let segs: Vec<Segment> = segs.into_iter().collect();
         assert!(segs.windows(2).all(|w| w[0].end_ns == w[1].start_ns));
-        assert!((p.coverage(100 * MS, 200 * MS) - 0.25).abs() < 1e-9);
+        assert!((p.coverage(100 * MS, 200 * MS, 25 * MS) - 0.25).abs() < 1e-9);
+        // Windows longer than the pieces asked about do not count.
+        assert!(p.coverage(100 * MS, 200 * MS, 10 * MS).abs() < 1e-12);
     }
 }

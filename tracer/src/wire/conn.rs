@@ -163,7 +163,8 @@ pub(super) struct Conn {
     pub(super) role: Role,
     /// Indexed by [`Kind`]: requests, then responses.
     pub(super) sides: [Side; 2],
-    pub(super) incoming: Option<Incoming>,
+    /// Boxed: most connections wait between requests most of the time.
+    pub(super) incoming: Option<Box<Incoming>>,
     pub(super) pending: VecDeque<Pending>,
     pub(super) next_seq: u32,
     pub(super) last_ns: u64,

@@ -335,7 +335,7 @@ impl Tracker {
                     // The request happened even if we lost its end: track it as truncated.
                     let p = self.arrive(
                         c,
-                        inc,
+                        *inc,
                         ts,
                         c.sides[side].msg_start_ns,
                         c.sides[side].msg_bytes,
@@ -404,7 +404,7 @@ impl Tracker {
                 .map(Framing::Length)
         };
         self.stats.requests += 1;
-        c.incoming = Some(inc);
+        c.incoming = Some(Box::new(inc));
         match framing {
             Some(f) => c.sides[0].state = State::Body(f),
             None => self.message_done(c, Kind::Request, ts),
@@ -546,12 +546,13 @@ impl Tracker {
             let s = &mut c.sides[side];
             s.state = State::Head;
             s.in_message = false;
-            s.buf.clear();
+            // Released, not cleared: an idle connection keeps no buffer.
+            s.buf = Vec::new();
         }
         match kind {
             Kind::Request => {
                 if let Some(inc) = c.incoming.take() {
-                    let p = self.arrive(c, inc, ts, start, bytes);
+                    let p = self.arrive(c, *inc, ts, start, bytes);
                     c.pending.push_back(p);
                 }
             }
@@ -559,6 +560,10 @@ impl Tracker {
                 if let Some(mut p) = c.pending.pop_front() {
                     p.resp_body_bytes = bytes;
                     self.end(p, ts, Outcome::Complete);
+                }
+                if c.pending.is_empty() {
+                    // Room for four requests stays otherwise (800 bytes) on an idle connection.
+                    c.pending = std::collections::VecDeque::new();
                 }
             }
         }

@@ -33,11 +33,24 @@ pub(super) struct PowerSamples {
     buf: Vec<nvmlSample_t>,
     /// Newest sample stamp seen (driver µs), passed back so samples are not repeated.
     pub last_seen_us: u64,
-    /// How often the buffer is read, ns.
+    /// How often the buffer is read, ns: the configured interval, longer if reads cost more
+    /// than [`SAMPLES_CPU_BUDGET`] allows, never past half what the buffer holds.
     pub interval_ns: u64,
+    /// The configured interval (halved when the buffer overflows between reads).
+    base_ns: u64,
+    /// Average CPU of a read, ns (0 until measured).
+    cost_ns: f64,
+    /// Time the driver's buffer spans (capacity × the gap between samples), once seen.
+    span_ns: Option<u64>,
     /// When the next read is due (`CLOCK_MONOTONIC` ns).
     pub next_ns: u64,
 }
+
+/// CPU the buffered-sample reads may use, all GPUs together (fraction of one core). The call's
+/// cost on a real driver is not known here (see `tests/nvml-emu/src/cost.rs`): if it is
+/// dear, reads are spaced out up to half the buffer's span, where samples would start to be
+/// lost, and cost what they must beyond that.
+pub(super) const SAMPLES_CPU_BUDGET: f64 = 0.0025;
 
 impl std::fmt::Debug for PowerSamples {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,13 +139,63 @@ impl PowerSamples {
             buf,
             last_seen_us: 0,
             interval_ns,
+            base_ns: interval_ns,
+            cost_ns: 0.0,
+            span_ns: None,
             next_ns: 0,
         })
+    }
+
+    #[cfg(test)]
+    fn with_capacity(capacity: usize, interval_ns: u64) -> Self {
+        let zero = nvmlSample_t {
+            timeStamp: 0,
+            sampleValue: nvml_wrapper_sys::bindings::nvmlValue_t { ullVal: 0 },
+        };
+        Self {
+            buf: vec![zero; capacity],
+            last_seen_us: 0,
+            interval_ns,
+            base_ns: interval_ns,
+            cost_ns: 0.0,
+            span_ns: None,
+            next_ns: 0,
+        }
     }
 
     /// The driver's buffer capacity, samples.
     pub fn capacity(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Accounts one read (`cpu_ns`; `gap_us`: the typical gap between the samples it
+    /// returned; `overran`: the buffer overflowed since the last read) and sets the interval:
+    /// the configured one, or what `budget` (this GPU's share of [`SAMPLES_CPU_BUDGET`])
+    /// affords, never longer than half the buffer's span.
+    pub fn account(&mut self, cpu_ns: u64, gap_us: Option<u64>, overran: bool, budget: f64) {
+        self.cost_ns = if self.cost_ns > 0.0 {
+            0.8 * self.cost_ns + 0.2 * cpu_ns as f64
+        } else {
+            cpu_ns as f64
+        };
+        if let Some(gap) = gap_us {
+            self.span_ns = Some(
+                gap.saturating_mul(1000)
+                    .saturating_mul(self.buf.len() as u64),
+            );
+        }
+        if overran {
+            self.base_ns = (self.base_ns / 2).max(20_000_000);
+        }
+        let affordable = (self.cost_ns / budget.max(1e-9)) as u64;
+        let limit = self.span_ns.map_or(u64::MAX, |s| (s / 2).max(self.base_ns));
+        let interval = self.base_ns.max(affordable).min(limit);
+        // Move the next read with the new interval (it was scheduled with the old one).
+        self.next_ns = self
+            .next_ns
+            .saturating_sub(self.interval_ns)
+            .saturating_add(interval);
+        self.interval_ns = interval;
     }
 
     /// Reads the samples newer than [`Self::last_seen_us`] (advancing it). `Ok` with none when
@@ -215,6 +278,13 @@ impl NvmlSource {
     /// nothing otherwise.
     pub(super) fn poll_buffered(&mut self, index: usize, out: &mut Vec<Reading>) {
         let mono = monotonic_ns();
+        let samples_budget = SAMPLES_CPU_BUDGET
+            / self
+                .gpus
+                .iter()
+                .filter(|g| g.samples.is_some())
+                .count()
+                .max(1) as f64;
         let gpu = &mut self.gpus[index];
         let Some(samples_next_ns) = gpu.samples.as_ref().map(|s| s.next_ns) else {
             return;
@@ -263,20 +333,29 @@ impl NvmlSource {
             samples.next_ns = mono.saturating_add(samples.interval_ns);
             let before_us = samples.last_seen_us;
             let capacity = samples.capacity();
+            let c0 = thread_cpu_ns();
             // SAFETY: as above.
             match unsafe { samples.read(&self.nvml, handle) } {
                 Ok(buf) => {
-                    let (pushed, overran) =
-                        push_samples(&buf, before_us, capacity, index, mono, real, out);
-                    if pushed > 0 {
+                    let got = push_samples(&buf, before_us, capacity, index, mono, real, out);
+                    if got.count > 0 {
                         log_clock(&mut self.field_clock_logged, "power sample", None);
                     }
-                    if overran {
-                        samples.interval_ns = (samples.interval_ns / 2).max(20_000_000);
+                    let old_ns = samples.interval_ns;
+                    let cost = thread_cpu_ns().saturating_sub(c0);
+                    samples.account(cost, got.gap_us, got.overran, samples_budget);
+                    if got.overran {
                         tracing::warn!(
                             "NVML gpu{index}: the driver's power-sample buffer filled between \
                              two reads (some samples lost; the counter keeps the total); \
                              reading it every {} ms now",
+                            samples.interval_ns / 1_000_000
+                        );
+                    } else if samples.interval_ns > 2 * old_ns {
+                        tracing::info!(
+                            "NVML gpu{index}: a power-sample read costs {} µs of CPU; reading \
+                             them every {} ms",
+                            cost / 1000,
                             samples.interval_ns / 1_000_000
                         );
                     }
@@ -305,10 +384,20 @@ impl NvmlSource {
     }
 }
 
+/// What [`push_samples`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pushed {
+    count: usize,
+    /// The median gap between the read's samples (µs), where it had two or more.
+    gap_us: Option<u64>,
+    /// The driver's buffer overflowed since the last read (a full buffer whose oldest sample
+    /// leaves a gap).
+    overran: bool,
+}
+
 /// Pushes one read's samples as power readings, each the mean since the sample before it
 /// (the first after `before_us` = 0, or after a gap longer than four of the read's typical
-/// gaps, as an instant reading). Returns how many were pushed and whether the driver's buffer
-/// overflowed since the last read (a full buffer whose oldest sample leaves a gap).
+/// gaps, as an instant reading).
 fn push_samples(
     buf: &SampleBuf<'_>,
     before_us: u64,
@@ -317,7 +406,7 @@ fn push_samples(
     mono: u64,
     real: u64,
     out: &mut Vec<Reading>,
-) -> (usize, bool) {
+) -> Pushed {
     let stamps: Vec<u64> = buf.iter().map(|(us, _)| us).collect();
     let mut gaps: Vec<u64> = stamps
         .windows(2)
@@ -350,7 +439,11 @@ fn push_samples(
         });
         pushed += 1;
     }
-    (pushed, overran)
+    Pushed {
+        count: pushed,
+        gap_us: typical_us,
+        overran,
+    }
 }
 
 #[cfg(test)]
@@ -374,9 +467,9 @@ mod tests {
         let b = SampleBuf(samples, SampleValueType::UnsignedInt);
         // Stamps on the monotonic clock (µs), "now" just after the newest.
         let now_ns = samples.last().map_or(0, |s| s.timeStamp * 1000) + 1_000_000;
-        let (n, overran) = push_samples(&b, before_us, capacity, 3, now_ns, 1 << 62, &mut out);
-        assert_eq!(n, out.len());
-        (out, overran)
+        let got = push_samples(&b, before_us, capacity, 3, now_ns, 1 << 62, &mut out);
+        assert_eq!(got.count, out.len());
+        (out, got.overran)
     }
 
     fn windows(out: &[Reading]) -> Vec<(u64, f64, u64)> {
@@ -432,12 +525,36 @@ mod tests {
     }
 
     #[test]
+    fn dear_reads_are_spaced_out_but_never_past_half_the_buffer() {
+        const MS: u64 = 1_000_000;
+        // 120 samples 20 ms apart: the buffer spans 2.4 s.
+        let mut s = PowerSamples::with_capacity(120, 500 * MS);
+        // Cheap reads (111 µs, 8 GPUs sharing 0.25 %): the configured 500 ms holds.
+        s.account(111_000, Some(20_000), false, SAMPLES_CPU_BUDGET / 8.0);
+        assert_eq!(s.interval_ns, 500 * MS);
+        // Reads as dear as a counter read (4.3 ms): what the budget affords is 13.8 s, but
+        // samples would be lost past 1.2 s.
+        for _ in 0..30 {
+            s.account(4_300_000, Some(20_000), false, SAMPLES_CPU_BUDGET / 8.0);
+        }
+        assert_eq!(s.interval_ns, 1_200 * MS);
+        // One GPU with moderately dear reads: spaced within the span.
+        let mut one = PowerSamples::with_capacity(120, 500 * MS);
+        one.account(2_000_000, Some(20_000), false, SAMPLES_CPU_BUDGET);
+        assert_eq!(one.interval_ns, 800 * MS);
+        // An overflow halves the configured interval.
+        let mut o = PowerSamples::with_capacity(120, 500 * MS);
+        o.account(1_000, Some(20_000), true, SAMPLES_CPU_BUDGET);
+        assert_eq!(o.interval_ns, 250 * MS);
+    }
+
+    #[test]
     fn stamps_on_no_known_clock_are_dropped() {
         let s = buf(&[(1, 100_000), (9_000_000, 100_000)]);
         let mut out = Vec::new();
         let b = SampleBuf(&s, SampleValueType::UnsignedInt);
         // "Now" is 10 minutes after the second stamp on both clocks' reading.
-        let (n, _) = push_samples(&b, 0, 120, 0, 609_000_000_000, 1 << 62, &mut out);
-        assert_eq!(n, 0, "{out:?}");
+        let got = push_samples(&b, 0, 120, 0, 609_000_000_000, 1 << 62, &mut out);
+        assert_eq!(got.count, 0, "{out:?}");
     }
 }
