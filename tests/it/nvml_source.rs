@@ -229,18 +229,7 @@ fn instant_power_is_stamped_on_the_monotonic_clock() {
     let readings = poll(&mut source);
     let now = monotonic_ns();
     for (device, watts) in [(0, 412.5), (1, 70.0)] {
-        let (ts, w, window) = readings
-            .iter()
-            .find_map(|r| match *r {
-                Reading::Power {
-                    device: d,
-                    ts_ns,
-                    watts,
-                    window_ns,
-                } if d == device => Some((ts_ns, watts, window_ns)),
-                _ => None,
-            })
-            .expect("a power reading");
+        let (ts, w, window) = *powers(&readings, device).first().expect("a power reading");
         assert_eq!(window, 0, "instant power");
         assert!((w - watts).abs() < 1e-9, "{w} W");
         assert!(now.abs_diff(ts) < 1_000_000_000, "stamp {ts}, now {now}");

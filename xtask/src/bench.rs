@@ -131,23 +131,23 @@ fn bench_case(
     Ok(values)
 }
 
+/// Builds, release, the `tracer` package's binaries `tracer_bins` and the test package's
+/// `test_bins`.
+pub(crate) fn build_release(tracer_bins: &[&str], test_bins: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--release", "-p", "tracer"]);
+    for b in tracer_bins {
+        cmd.args(["--bin", b]);
+    }
+    cmd.args(["-p", "tracer-tests"]);
+    for b in test_bins {
+        cmd.args(["--bin", b]);
+    }
+    sh(&mut cmd)
+}
+
 pub fn bench_probes(iterations: u32) -> Result<()> {
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "tracer",
-        "--bin",
-        "tracer",
-        "-p",
-        "tracer-tests",
-        "--bin",
-        "syscall-bench",
-        "--bin",
-        "probe-floor",
-        "--bin",
-        "cuda-steps",
-    ]))?;
+    build_release(&["tracer"], &["syscall-bench", "probe-floor", "cuda-steps"])?;
     // Apart: with a `--bin` filter the stand-in driver would be built only as a dependency,
     // and not copied to target/release.
     sh(Command::new("cargo").args(["build", "--release", "-p", "cuda-stub", "--lib"]))?;

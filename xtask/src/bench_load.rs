@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{privileged, sh};
+use crate::privileged;
 
 /// One load generator run, as `loadgen` prints it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -344,6 +344,11 @@ fn rss_with_connections(
     Ok(rss)
 }
 
+/// The daemon, the axum server and the load generator, release.
+fn build_load_bins() -> Result<()> {
+    crate::bench::build_release(&["tracer"], &["openai-axum", "loadgen"])
+}
+
 /// `cargo xtask bench-rss`: the daemon's RSS attached to the axum server, idle and with 1k
 /// and 10k connections, `extra` appended to its configuration.
 pub fn bench_rss(extra: Option<&Path>) -> Result<()> {
@@ -354,20 +359,7 @@ pub fn bench_rss(extra: Option<&Path>) -> Result<()> {
         .map(std::fs::read_to_string)
         .transpose()?
         .unwrap_or_default();
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "tracer",
-        "--bin",
-        "tracer",
-        "-p",
-        "tracer-tests",
-        "--bin",
-        "openai-axum",
-        "--bin",
-        "loadgen",
-    ]))?;
+    build_load_bins()?;
     let release = crate::bench::target_dir().join("release");
     let (tracer, loadgen) = (release.join("tracer"), release.join("loadgen"));
     let dir = std::env::temp_dir().join(format!("tracer-xbench-rss-{}", std::process::id()));
@@ -403,20 +395,7 @@ pub fn bench(quick: bool) -> Result<()> {
         // Under sudo the pid at hand would be sudo's, and its CPU and memory near zero.
         bail!("cargo xtask bench reads the daemon's CPU and memory in /proc: run it as root");
     }
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "tracer",
-        "--bin",
-        "tracer",
-        "-p",
-        "tracer-tests",
-        "--bin",
-        "openai-axum",
-        "--bin",
-        "loadgen",
-    ]))?;
+    build_load_bins()?;
     let release = crate::bench::target_dir().join("release");
     let (tracer, loadgen) = (release.join("tracer"), release.join("loadgen"));
     let dir = std::env::temp_dir().join(format!("tracer-xbench-{}", std::process::id()));

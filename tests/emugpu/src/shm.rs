@@ -269,8 +269,18 @@ mod tests {
     }
 
     #[test]
-    fn slot_size_is_that_of_version_1() {
-        // The fields added after version 1 must stay inside its tail padding.
-        assert_eq!(SLOT_SIZE, 2432);
+    fn version_2_appends_the_power_ring_to_version_1s_slot() {
+        // Version 1's fields (the last two added inside its 2432-byte slot's tail padding)
+        // keep their offsets; the power ring follows them.
+        assert!(std::mem::offset_of!(Slot, fail_process_queries) + 4 <= 2432);
+        assert!(
+            std::mem::offset_of!(Slot, n_power)
+                >= std::mem::offset_of!(Slot, fail_process_queries) + 4
+        );
+        assert_eq!(size_of::<PowerSlot>(), 16);
+        assert_eq!(
+            SLOT_SIZE,
+            (std::mem::offset_of!(Slot, power) + MAX_POWER_SAMPLES * 16).next_multiple_of(64)
+        );
     }
 }

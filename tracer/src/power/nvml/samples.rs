@@ -128,25 +128,10 @@ impl PowerSamples {
         if count == 0 {
             return Err(NvmlError::NotSupported);
         }
-        let buf = vec![
-            nvmlSample_t {
-                timeStamp: 0,
-                sampleValue: nvml_wrapper_sys::bindings::nvmlValue_t { ullVal: 0 },
-            };
-            count as usize
-        ];
-        Ok(Self {
-            buf,
-            last_seen_us: 0,
-            interval_ns,
-            base_ns: interval_ns,
-            cost_ns: 0.0,
-            span_ns: None,
-            next_ns: 0,
-        })
+        Ok(Self::with_capacity(count as usize, interval_ns))
     }
 
-    #[cfg(test)]
+    /// A buffer of `capacity` samples, read every `interval_ns` to start with.
     fn with_capacity(capacity: usize, interval_ns: u64) -> Self {
         let zero = nvmlSample_t {
             timeStamp: 0,
