@@ -273,10 +273,11 @@ pub(crate) fn segment(ctx: Ctx<'_>, d: &mut Device, seg: &Segment, requests: &mu
     }
     let total_shape: f64 = scratch.shape.iter().sum();
     let host = matches!(d.info.kind, DeviceKind::CpuPackage | DeviceKind::Dram);
-    // Host domains keep the slice path whatever their windows: the segment path is
-    // superlinear in the requests a segment holds (measured: 23 -> 49 µs of daemon CPU per
-    // request at 36k requests/s with the CPU model's 100 ms windows on it), to be fixed before
-    // they can follow the GPUs' rule.
+    // Host domains keep the slice path whatever their windows: the segment path costs more
+    // per request at high rates (with the CPU model's 100 ms windows on it, 24 -> 36 µs of
+    // daemon CPU per request at 36k requests/s, after `features::time_shares` became a
+    // sweep; finalising rescans the requests that wait), to be fixed before they can follow
+    // the GPUs' rule.
     let max_window_ns = if host { u64::MAX } else { config.slice_ns };
     let fine = curve && d.power.coverage(seg.start_ns, seg.end_ns, max_window_ns) >= FINE_COVERAGE;
 

@@ -1,6 +1,8 @@
 //! A request's features in one split unit: its time-sliced share of the busy time, and the
 //! prefill and decode tokens it processed there (what the split policies weigh).
 
+use std::collections::BTreeSet;
+
 use super::{
     state::Request,
     steps::{Chunk, StepClock, StepClockPolicy},
@@ -79,9 +81,23 @@ pub(super) fn time_shares(
     points.extend(pauses.iter().flat_map(|&(a, b)| [a, b]));
     points.sort_unstable();
     points.dedup();
+    // A sweep: only the requests in flight over an elementary interval can be present in
+    // it, so each interval looks at those alone (kept in index order: every sum adds the same
+    // terms in the same order as a scan of all of them, so the result is the same to the bit).
+    // A scan of all was O(intervals × requests): 3,600 requests in a 100 ms segment at 36k
+    // requests/s made this a fifth of the daemon's CPU.
+    let mut by_start: Vec<usize> = (0..m).collect();
+    by_start.sort_unstable_by_key(|&i| feats[i].a);
+    let mut next = 0;
+    let mut active: BTreeSet<usize> = BTreeSet::new();
     let mut busy = 0u64;
     for win in points.windows(2) {
         let (p, q) = (win[0], win[1]);
+        while next < m && feats[by_start[next]].a <= p {
+            active.insert(by_start[next]);
+            next += 1;
+        }
+        active.retain(|&i| feats[i].b >= q);
         let present = |f: &Feat| {
             f.a <= p
                 && f.b >= q
@@ -89,7 +105,7 @@ pub(super) fn time_shares(
                     .iter()
                     .any(|&(a, b)| a <= p && b >= q)
         };
-        let count = feats.iter().filter(|f| present(f)).count();
+        let count = active.iter().filter(|&&i| present(&feats[i])).count();
         if count == 0 {
             continue;
         }
@@ -106,15 +122,16 @@ pub(super) fn time_shares(
                 .map(|c| c.own_ns)
                 .sum()
         };
-        let ext: f64 = feats.iter().map(caused).sum();
+        let ext: f64 = active.iter().map(|&i| caused(&feats[i])).sum();
         let scale = if ext > 1.0 { 1.0 / ext } else { 1.0 };
         let shared = dt * (1.0 - ext.min(1.0)) / count as f64;
-        for f in feats.iter_mut() {
-            let own = caused(f);
+        for &i in &active {
+            let (own, here) = (caused(&feats[i]), present(&feats[i]));
+            let f = &mut feats[i];
             if own > 0.0 {
                 f.time_s += dt * own * scale;
             }
-            if present(f) {
+            if here {
                 f.time_s += shared;
                 f.plain_s += dt / count as f64;
             }
