@@ -99,7 +99,6 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let daemon = |config: Config| -> anyhow::Result<()> {
-        crate::daemon::memory::settle_allocator();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -288,15 +288,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cpu_time_ms = config.power.cpu.cpu_time_interval_ms;
     let mut cpu_time = every(cpu_time_ms);
 
+    let mut quiet = memory::Quiet::default();
+    let mut drained = 0;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(io_err("waiting on the ring buffer"))?;
-                drain(&mut pipeline, guard.get_inner_mut());
+                drained += drain(&mut pipeline, guard.get_inner_mut());
                 guard.clear_ready();
             }
             _ = poll.tick() => {
-                drain(&mut pipeline, ring.get_mut());
+                drained += drain(&mut pipeline, ring.get_mut());
+                quiet.tick(std::mem::take(&mut drained));
                 for feed in &feeds {
                     feed.drain(&mut pipeline);
                 }
