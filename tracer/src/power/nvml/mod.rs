@@ -184,6 +184,7 @@ pub struct NvmlSource {
     next_process_ns: u64,
     field_clock_logged: bool,
     util_clock_logged: bool,
+    samples_clock_logged: bool,
 }
 
 impl fmt::Debug for NvmlSource {
@@ -353,6 +354,7 @@ impl NvmlSource {
             next_process_ns: 0,
             field_clock_logged: false,
             util_clock_logged: false,
+            samples_clock_logged: false,
         })
     }
 

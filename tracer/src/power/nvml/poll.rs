@@ -3,8 +3,8 @@
 //! the bookkeeping of queries that fail and GPUs that stop answering.
 
 use nvml_wrapper::{
-    enums::device::SampleValue, error::NvmlError, struct_wrappers::device::FieldValueSample,
-    structs::device::FieldId,
+    Device, enums::device::SampleValue, error::NvmlError,
+    struct_wrappers::device::FieldValueSample, structs::device::FieldId,
 };
 
 use super::{
@@ -128,11 +128,7 @@ impl NvmlSource {
             due
         };
         if due && self.poll_combined(index, mono, real, out) {
-            let gpu = &mut self.gpus[index];
-            if gpu.lost {
-                gpu.lost = false;
-                tracing::info!("NVML gpu{index} answers again; its readings resume");
-            }
+            answering(&mut self.gpus[index], index);
             return;
         }
         let gpu = &mut self.gpus[index];
@@ -141,23 +137,11 @@ impl NvmlSource {
             Err(e) => return mark_lost(gpu, index, mono, &e, out),
         };
         let start = out.len();
-        if gpu.counter != Query::Off && due {
-            match dev.total_energy_consumption() {
-                Ok(energy_mj) => out.push(Reading::Counter {
-                    device: index,
-                    ts_ns: mono,
-                    energy_uj: energy_mj.saturating_mul(1000),
-                    wrap_uj: None,
-                }),
-                Err(e) if is_permanent(&e) => {
-                    gpu.counter = Query::Off;
-                    tracing::warn!(
-                        "NVML gpu{index}: no total-energy counter ({e}); its energy comes from \
-                         power readings alone"
-                    );
-                }
-                Err(e) => return mark_lost(gpu, index, mono, &e, out),
-            }
+        if gpu.counter != Query::Off
+            && due
+            && let Err(e) = read_counter(&dev, gpu, index, mono, out)
+        {
+            return mark_lost(gpu, index, mono, &e, out);
         }
         let mut power_err = None;
         if gpu.instant != Query::Off {
@@ -216,10 +200,7 @@ impl NvmlSource {
             let e = power_err.unwrap_or(NvmlError::NotSupported);
             return mark_lost(gpu, index, mono, &e, out);
         }
-        if gpu.lost {
-            gpu.lost = false;
-            tracing::info!("NVML gpu{index} answers again; its readings resume");
-        }
+        answering(gpu, index);
     }
 
     /// Reads one GPU's running processes and new utilisation samples.
@@ -299,6 +280,42 @@ impl NvmlSource {
                 Err(e) => failed(&mut gpu.utilisation, index, "process utilisation", &e),
             }
         }
+    }
+}
+
+/// Reads the total-energy counter into `out`, stamped `mono`. A counter the GPU does not have
+/// is switched off (warned once; `Ok`); `Err` is a failure that may pass (a lost GPU).
+pub(super) fn read_counter(
+    dev: &Device<'_>,
+    gpu: &mut Gpu,
+    index: usize,
+    mono: u64,
+    out: &mut Vec<Reading>,
+) -> Result<(), NvmlError> {
+    match dev.total_energy_consumption() {
+        Ok(energy_mj) => out.push(Reading::Counter {
+            device: index,
+            ts_ns: mono,
+            energy_uj: energy_mj.saturating_mul(1000),
+            wrap_uj: None,
+        }),
+        Err(e) if is_permanent(&e) => {
+            gpu.counter = Query::Off;
+            tracing::warn!(
+                "NVML gpu{index}: no total-energy counter ({e}); its energy comes from power \
+                 readings alone"
+            );
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// The GPU answered: say so if it had been lost.
+pub(super) fn answering(gpu: &mut Gpu, index: usize) {
+    if gpu.lost {
+        gpu.lost = false;
+        tracing::info!("NVML gpu{index} answers again; its readings resume");
     }
 }
 

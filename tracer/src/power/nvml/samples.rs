@@ -22,8 +22,8 @@ use nvml_wrapper_sys::bindings::{
 
 use super::{
     Gpu, NvmlSource, Query, device, is_permanent,
-    poll::mark_lost,
-    stamp::{UTIL_TRUST_NS, log_clock, stamp_to_monotonic},
+    poll::{answering, mark_lost, read_counter},
+    stamp::{StampClock, UTIL_TRUST_NS, log_clock, stamp_to_monotonic},
 };
 use crate::power::{Reading, clock::thread_cpu_ns, monotonic_ns, realtime_ns};
 
@@ -288,23 +288,12 @@ impl NvmlSource {
         if counter_due {
             gpu.next_counter_ns = mono.saturating_add(gpu.counter_interval_ns);
             let c0 = thread_cpu_ns();
-            match dev.total_energy_consumption() {
-                Ok(energy_mj) => {
-                    out.push(Reading::Counter {
-                        device: index,
-                        ts_ns: mono,
-                        energy_uj: energy_mj.saturating_mul(1000),
-                        wrap_uj: None,
-                    });
+            let before = out.len();
+            match read_counter(&dev, gpu, index, mono, out) {
+                Ok(()) if out.len() > before => {
                     counter_cost_ns = Some(thread_cpu_ns().saturating_sub(c0));
                 }
-                Err(e) if is_permanent(&e) => {
-                    gpu.counter = Query::Off;
-                    tracing::warn!(
-                        "NVML gpu{index}: no total-energy counter ({e}); its energy comes from \
-                         power samples alone"
-                    );
-                }
+                Ok(()) => {}
                 Err(e) => failure = Some(e),
             }
         }
@@ -323,8 +312,8 @@ impl NvmlSource {
             match unsafe { samples.read(&self.nvml, handle) } {
                 Ok(buf) => {
                     let got = push_samples(&buf, before_us, capacity, index, mono, real, out);
-                    if got.count > 0 {
-                        log_clock(&mut self.field_clock_logged, "power sample", None);
+                    if let Some(clock) = got.clock {
+                        log_clock(&mut self.samples_clock_logged, "power sample", Some(clock));
                     }
                     let old_ns = samples.interval_ns;
                     let cost = thread_cpu_ns().saturating_sub(c0);
@@ -359,10 +348,7 @@ impl NvmlSource {
         if let Some(e) = failure {
             return mark_lost(gpu, index, mono, &e, out);
         }
-        if gpu.lost {
-            gpu.lost = false;
-            tracing::info!("NVML gpu{index} answers again; its readings resume");
-        }
+        answering(gpu, index);
         if let Some(cost) = counter_cost_ns {
             self.account_counter_read(index, cost);
         }
@@ -378,6 +364,8 @@ struct Pushed {
     /// The driver's buffer overflowed since the last read (a full buffer whose oldest sample
     /// leaves a gap).
     overran: bool,
+    /// The clock the stamps were found on (the first one converted).
+    clock: Option<StampClock>,
 }
 
 /// Pushes one read's samples as power readings, each the mean since the sample before it
@@ -402,6 +390,7 @@ fn push_samples(
     let mut prev_us = (before_us > 0).then_some(before_us);
     let mut pushed = 0;
     let mut overran = false;
+    let mut clock = None;
     for (k, (us, watts)) in buf.iter().enumerate() {
         let gap = prev_us.map(|p| us.saturating_sub(p));
         let window_us = match (gap, typical_us) {
@@ -413,9 +402,10 @@ fn push_samples(
             (None, _) => 0,
         };
         prev_us = Some(us);
-        let Some((ts_ns, _)) = stamp_to_monotonic(us, mono, real, UTIL_TRUST_NS) else {
+        let Some((ts_ns, on)) = stamp_to_monotonic(us, mono, real, UTIL_TRUST_NS) else {
             continue;
         };
+        clock.get_or_insert(on);
         out.push(Reading::Power {
             device: index,
             ts_ns,
@@ -428,6 +418,7 @@ fn push_samples(
         count: pushed,
         gap_us: typical_us,
         overran,
+        clock,
     }
 }
 
