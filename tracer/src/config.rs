@@ -66,7 +66,10 @@ pub struct ProbeFileConfig {
     pub request_capture_bytes: u32,
     /// Directory holding the NVIDIA device nodes.
     pub device_root: PathBuf,
-    /// How often the ring buffer is drained when no forced wakeup arrives.
+    /// How often the ring buffer is drained when no forced wakeup arrives (one fills a
+    /// quarter of the ring), the ledger advanced and the journal written. Each tick has a
+    /// fixed cost whatever the load: at 10 ms it was a third of the daemon's CPU on a
+    /// streaming server (BENCHMARKS.md); records wait seconds for the power data anyway.
     pub poll_interval_ms: u64,
     /// Also report every ioctl on an NVIDIA fd (debugging; state changes are always reported).
     pub ioctl_events: bool,
@@ -75,6 +78,9 @@ pub struct ProbeFileConfig {
     pub standin_devices: bool,
     /// How often services are re-discovered from /proc (new IPC peers); 0 = only at attach.
     pub rediscover_ms: u64,
+    /// Passes that find nothing new space out, doubling up to this (an exec or exit among
+    /// the traced processes brings them back to `rediscover_ms`).
+    pub rediscover_max_ms: u64,
     /// The CUDA step clock: uprobes on the CUDA driver API of every service member that maps
     /// `libcuda.so*` (launches counted in the kernel, one record per synchronisation after
     /// launches).
@@ -98,10 +104,11 @@ impl Default for ProbeFileConfig {
             capture_bytes: 4096,
             request_capture_bytes: 65_536,
             device_root: PathBuf::from("/dev"),
-            poll_interval_ms: 10,
+            poll_interval_ms: 100,
             ioctl_events: false,
             standin_devices: false,
             rediscover_ms: 5000,
+            rediscover_max_ms: 60_000,
             cuda_clock: true,
             cuda_library: None,
             ipc_clock: true,

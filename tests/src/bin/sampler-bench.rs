@@ -26,7 +26,7 @@ use tracer_emugpu::{
 };
 
 /// The daemon's event-loop tick (`probe.poll_interval_ms` default), at which it drains readings.
-const DRAIN_TICK: Duration = Duration::from_millis(10);
+const DRAIN_TICK: Duration = Duration::from_millis(100);
 
 struct Args {
     lib: PathBuf,

@@ -174,6 +174,10 @@ pub struct RunArgs {
     /// [config: probe.rediscover_ms]
     #[arg(long)]
     pub rediscover_ms: Option<u64>,
+    /// Longest delay between re-discoveries that found nothing new, in milliseconds.
+    /// [config: probe.rediscover_max_ms]
+    #[arg(long)]
+    pub rediscover_max_ms: Option<u64>,
     /// Do not attach the CUDA step clock (driver API uprobes) to members that map libcuda.
     /// [config: probe.cuda_clock = false]
     #[arg(long)]
@@ -261,6 +265,9 @@ impl RunArgs {
         c.probe.standin_devices |= self.standin_devices;
         if let Some(v) = self.rediscover_ms {
             c.probe.rediscover_ms = v;
+        }
+        if let Some(v) = self.rediscover_max_ms {
+            c.probe.rediscover_max_ms = v;
         }
         if self.no_cuda_clock {
             c.probe.cuda_clock = false;

@@ -175,6 +175,7 @@ impl Services {
     ) -> Result<(), DaemonError> {
         let d = self.finder.discover()?;
         self.apply(&d, pipeline, probes, monotonic_ns(), true)
+            .map(|_| ())
     }
 
     /// Starts a re-discovery on a blocking thread, unless one is still running.
@@ -190,19 +191,20 @@ impl Services {
         });
     }
 
-    /// A re-discovery's result: new members only (a failure is logged, not fatal).
+    /// A re-discovery's result: new members only (a failure is logged, not fatal). Returns
+    /// whether it found anything new (a member, an IPC fd, a clock attached).
     pub fn refreshed(
         &mut self,
         result: Result<Found, ServiceError>,
         pipeline: &mut Pipeline,
         probes: &mut Probes,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<bool, DaemonError> {
         self.in_flight = false;
         match result {
             Ok(d) => self.apply(&d, pipeline, probes, monotonic_ns(), false),
             Err(e) => {
                 tracing::warn!("service re-discovery: {e}");
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -255,8 +257,8 @@ impl Services {
         probes: &mut Probes,
         ts_ns: u64,
         seed: bool,
-    ) -> Result<(), DaemonError> {
-        self.members(&found.discovery, pipeline, probes, ts_ns, seed)?;
+    ) -> Result<bool, DaemonError> {
+        let members = self.members(&found.discovery, pipeline, probes, ts_ns, seed)?;
         let (uprobes, ipc) = self.clocks(found, probes);
         if seed {
             tracing::info!(
@@ -265,7 +267,7 @@ impl Services {
         } else if ipc > 0 {
             tracing::debug!("{ipc} new IPC fds between members");
         }
-        Ok(())
+        Ok(members + uprobes + ipc > 0)
     }
 
     fn members(
@@ -275,7 +277,8 @@ impl Services {
         probes: &mut Probes,
         ts_ns: u64,
         seed: bool,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<usize, DaemonError> {
+        let mut added = 0;
         for w in &discovery.warnings {
             tracing::warn!("service discovery: {w}");
         }
@@ -291,6 +294,7 @@ impl Services {
                 if !self.known.insert(pid) {
                     continue;
                 }
+                added += 1;
                 let reason = m
                     .reasons
                     .iter()
@@ -336,7 +340,7 @@ impl Services {
                  SM utilisation where NVML reports it, else only among the traced services"
             );
         }
-        Ok(())
+        Ok(added)
     }
 }
 

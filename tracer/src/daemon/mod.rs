@@ -11,6 +11,7 @@ mod feeds;
 pub mod memory;
 mod outputs;
 pub mod privilege;
+mod rediscover;
 mod storage;
 
 use std::time::Duration;
@@ -283,8 +284,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut poll = every(config.probe.poll_interval_ms);
     let mut report = every(config.output.summary_interval_ms);
     report.tick().await;
-    let mut rediscover = every(config.probe.rediscover_ms.max(100));
-    rediscover.tick().await;
+    let mut backoff =
+        rediscover::Backoff::new(config.probe.rediscover_ms, config.probe.rediscover_max_ms);
+    let rediscover = tokio::time::sleep(Duration::from_millis(config.probe.rediscover_ms.max(100)));
+    tokio::pin!(rediscover);
     let cpu_time_ms = config.power.cpu.cpu_time_interval_ms;
     let mut cpu_time = every(cpu_time_ms);
 
@@ -312,6 +315,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 if let Some(log) = &mut ebpf_log {
                     log.flush();
                 }
+                if pipeline.take_process_changes() > 0
+                    && let Some(d) = backoff.processes_changed()
+                {
+                    let sooner = tokio::time::Instant::now() + d;
+                    if sooner < rediscover.deadline() {
+                        rediscover.as_mut().reset(sooner);
+                    }
+                }
                 for pid in pipeline.take_exited() {
                     services.forget(pid);
                     if let Err(e) = probes.forget_process(pid) {
@@ -329,9 +340,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 let extras = extras(&mut probes, &feeds)?;
                 pipeline.publish_snapshot(monotonic_ns(), extras);
             }
-            _ = rediscover.tick(), if config.probe.rediscover_ms > 0 => services.start_refresh(),
+            () = &mut rediscover, if config.probe.rediscover_ms > 0 => {
+                services.start_refresh();
+                // The next pass is timed from this one's end.
+                rediscover.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86_400));
+            }
             Some(found) = rediscovered.recv() => {
-                services.refreshed(found, &mut pipeline, &mut probes)?;
+                let changed = services.refreshed(found, &mut pipeline, &mut probes)?;
+                rediscover.as_mut().reset(tokio::time::Instant::now() + backoff.passed(changed));
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -31,6 +31,7 @@ use super::bodies::BodySizes;
 pub(crate) use context::ContextTime;
 
 mod context;
+mod gaps;
 
 /// Where a step end was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,7 +239,7 @@ pub(crate) struct StepClock {
     cuda: Marks,
     bursts: Bursts,
     /// Recent gaps between one request's consecutive events (a ring).
-    gaps: VecDeque<u64>,
+    gaps: gaps::Gaps,
     window_ns: Option<u64>,
     /// Requests' first events, in time order: a step that wrote one finished a prefill.
     firsts: VecDeque<u64>,
@@ -277,15 +278,13 @@ impl StepClock {
     /// A streamed event at `t`; `prev` is the same request's previous event, if any.
     pub(crate) fn event(&mut self, t: u64, prev: Option<u64>, initial_ns: u64, max_ns: u64) {
         if let Some(p) = prev.filter(|&p| p < t) {
-            if self.gaps.len() == GAP_SAMPLES {
-                self.gaps.pop_front();
-            }
-            self.gaps.push_back(t - p);
-            if self.gaps.len() >= MIN_GAPS && self.gaps.len().is_multiple_of(8) {
-                let mut g: Vec<u64> = self.gaps.iter().copied().collect();
-                let q = g.len() / 4;
-                let (_, p25, _) = g.select_nth_unstable(q);
-                self.window_ns = Some((*p25 / 2).clamp(MIN_WINDOW_NS, max_ns.max(MIN_WINDOW_NS)));
+            self.gaps.push(t - p, GAP_SAMPLES);
+            let n = self.gaps.len();
+            if n >= MIN_GAPS
+                && n.is_multiple_of(8)
+                && let Some(p25) = self.gaps.nth_smallest(n / 4)
+            {
+                self.window_ns = Some((p25 / 2).clamp(MIN_WINDOW_NS, max_ns.max(MIN_WINDOW_NS)));
             }
         }
         let window = self.window_ns.unwrap_or(initial_ns);

@@ -60,6 +60,8 @@ pub struct Pipeline {
     devices: std::collections::BTreeMap<DeviceId, DeviceSetup>,
     /// Processes that exited since the daemon last asked (their kernel entries go).
     exited: Vec<u32>,
+    /// Execs and exits of traced processes since the daemon last asked (re-discovery).
+    process_changes: u64,
     /// Processes that received HTTP requests: where an engine's IPC message is a step end.
     serving: std::collections::BTreeSet<Pid>,
     requests_done: u64,
@@ -93,6 +95,7 @@ impl Pipeline {
             changes: Vec::new(),
             devices: std::collections::BTreeMap::new(),
             exited: Vec::new(),
+            process_changes: 0,
             serving: std::collections::BTreeSet::new(),
             requests_done: 0,
             records_done: 0,
@@ -377,7 +380,12 @@ impl Pipeline {
                 self.gpu_change(tgid, change, ev.ts_ns);
                 return;
             }
+            Body::Exec { .. } => {
+                self.process_changes += 1;
+                return;
+            }
             Body::Exit { pid, .. } => {
+                self.process_changes += 1;
                 self.exited.push(pid);
                 self.serving.remove(&Pid(pid));
                 self.hops.process_exited(Pid(pid));
@@ -535,6 +543,11 @@ impl Pipeline {
     /// Processes that exited since the last call (the daemon removes their kernel entries).
     pub fn take_exited(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.exited)
+    }
+
+    /// Execs and exits of traced processes since the last call.
+    pub fn take_process_changes(&mut self) -> u64 {
+        std::mem::take(&mut self.process_changes)
     }
 
     /// Builds a snapshot of the whole state (with what only the daemon knows) and publishes it.

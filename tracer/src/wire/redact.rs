@@ -309,11 +309,63 @@ impl BodyState {
         }
     }
 
-    /// Redacts body bytes in place.
+    /// Redacts body bytes in place: runs the state allows in bulk (the inside of a string, an
+    /// opaque body), every other byte through the lexer. Same bytes out as [`Self::byte`] on
+    /// each: the bulk paths do what it would do to every byte of the run.
     pub(super) fn redact(&mut self, key: Key, data: &mut [u8]) {
-        for b in data {
-            self.byte(key, b);
+        let mut i = 0;
+        while let Some(rest) = data.get_mut(i..).filter(|r| !r.is_empty()) {
+            let n = self.run(key, rest);
+            if n > 0 {
+                i += n;
+            } else {
+                self.byte(key, &mut rest[0]);
+                i += 1;
+            }
         }
+    }
+
+    /// Bytes at the start of `rest` handled in bulk; 0 when the next one needs the lexer.
+    fn run(&mut self, key: Key, rest: &mut [u8]) -> usize {
+        match self.mode {
+            BodyMode::Opaque => {
+                for b in rest.iter_mut() {
+                    if !matches!(*b, b'\r' | b'\n') {
+                        *b = b'x';
+                    }
+                }
+                return rest.len();
+            }
+            BodyMode::Sse if self.sse_field || self.sse_value_start || self.sse_line_opaque => {
+                return 0;
+            }
+            BodyMode::Sniff => return 0,
+            BodyMode::Sse | BodyMode::Json => {}
+        }
+        // Inside a string, no escape pending: up to its closing quote, an escape or a line
+        // break (which ends an SSE line), every byte is string content.
+        let Some((is_key, kept, false)) = self.string else {
+            return 0;
+        };
+        let n = rest
+            .iter()
+            .position(|&b| matches!(b, b'"' | b'\\' | b'\n' | b'\r'))
+            .unwrap_or(rest.len());
+        let run = &mut rest[..n];
+        let replace = if is_key {
+            let room = KEY_MAX.saturating_sub(self.key.len()).min(n);
+            self.key.extend_from_slice(&run[..room]);
+            self.stack.len() > DEPTH_KEPT
+        } else {
+            !kept
+        };
+        if replace {
+            for b in run {
+                self.chain = key.step(self.chain, *b);
+                *b = letter(self.chain);
+            }
+        }
+        n
     }
 
     fn byte(&mut self, key: Key, b: &mut u8) {
@@ -522,6 +574,52 @@ mod tests {
             s.redact(K, chunk);
         }
         String::from_utf8(bytes).expect("ascii")
+    }
+
+    /// The bulk runs give the lexer's bytes, whatever the pieces' boundaries.
+    #[test]
+    fn bulk_runs_match_the_bytewise_lexer() {
+        let texts = [
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"a \"quoted\" \\ line\nbreak"}],"metadata":{"a":{"b":{"deep key":"v","n":[1,2]}}},"max_tokens":7}"#,
+                false,
+            ),
+            (
+                "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" tok\\\"en\"},\"finish_reason\":null}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":12}}\r\n\r\nevent: x\ndata: text line\ndata: {\"cut\":\"in a string\nnext\":1}\ndata: [DONE]\n\n",
+                true,
+            ),
+            ("plain text body, not JSON\r\nsecond line", false),
+            (
+                r#"{"a_key_longer_than_twenty_four_bytes_is_never_kept":"secret","model":"kept"}"#,
+                false,
+            ),
+        ];
+        for (text, sse) in texts {
+            for pieces in 1..=text.len() {
+                let mut bulk = BodyState::default();
+                let mut bytewise = BodyState::default();
+                bulk.reset(sse);
+                bytewise.reset(sse);
+                let mut a = text.as_bytes().to_vec();
+                let mut b = a.clone();
+                let n = a.len().div_ceil(pieces);
+                for (k, (ca, cb)) in a.chunks_mut(n).zip(b.chunks_mut(n)).enumerate() {
+                    if k == 3 && pieces > 6 {
+                        bulk.gap();
+                        bytewise.gap();
+                    }
+                    bulk.redact(K, ca);
+                    for x in cb {
+                        bytewise.byte(K, x);
+                    }
+                }
+                assert_eq!(
+                    String::from_utf8_lossy(&a),
+                    String::from_utf8_lossy(&b),
+                    "{pieces} pieces of {text:?}"
+                );
+            }
+        }
     }
 
     #[test]
