@@ -205,3 +205,82 @@ fn two_services_share_a_gpu_by_sm_utilisation() {
     );
     assert!(median <= 0.10, "median error {median}: B took A's energy");
 }
+
+/// An engine the server connects to only after the daemon attached is found by a later
+/// re-discovery, after passes that found nothing have already spaced out (`rediscover.rs`).
+#[test]
+fn a_peer_linked_after_attach_is_found_by_rediscovery() {
+    if !privileged_or_skip("a_peer_linked_after_attach_is_found_by_rediscovery") {
+        return;
+    }
+    let dir = tracer_tests::TempDir::new("rediscover");
+    let sock = dir.path().join("engine.sock");
+    // The engine: listens on a Unix socket and holds whatever connects.
+    let engine_py = "import socket,sys,time\n\
+        s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4)\n\
+        print('ready', flush=True)\n\
+        c,_=s.accept()\n\
+        time.sleep(60)\n";
+    let mut engine = Command::new("python3")
+        .args(["-c", engine_py, sock.to_str().expect("utf8")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("engine");
+    let mut line = String::new();
+    BufReader::new(engine.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("engine ready");
+    // The server: connects to the engine when told (stdin), then stays.
+    let server_py = "import socket,sys,time\n\
+        sys.stdin.readline()\n\
+        c=socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])\n\
+        print('linked', flush=True)\n\
+        time.sleep(60)\n";
+    let mut server = Command::new("python3")
+        .args(["-c", server_py, sock.to_str().expect("utf8")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let server_pid = server.id().to_string();
+    let tracer = Tracer::start(
+        TRACER,
+        dir.path(),
+        &[
+            "--pid",
+            &server_pid,
+            "--device-root",
+            dir.path().to_str().expect("utf8"),
+            "--no-nvml",
+            "--rediscover-ms",
+            "100",
+            "--rediscover-max-ms",
+            "400",
+            "--summary-interval-ms",
+            "0",
+        ],
+    );
+    let gained = format!("gained process {}", engine.id());
+    // Quiet passes first: the delay grows to its maximum, and nothing is found.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(!tracer.log_text().contains(&gained), "not linked yet");
+    writeln!(server.stdin.as_mut().expect("stdin"), "go").expect("tell the server");
+    let mut linked = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut linked)
+        .expect("server linked");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !tracer.log_text().contains(&gained) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = tracer.log_text();
+    let _ = tracer.stop();
+    let _ = server.kill();
+    let _ = engine.kill();
+    let _ = server.wait();
+    let _ = engine.wait();
+    assert!(
+        log.contains(&gained),
+        "the engine joined the service:\n{log}"
+    );
+}
