@@ -14,6 +14,8 @@
 //! - TGI sends the counts as `x-prompt-tokens` / `x-generated-tokens` response headers.
 //! - The output limit is `max_tokens`, `max_completion_tokens`, or llama.cpp's `n_predict`.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 
 use super::{Lifecycle, RequestKey, conn::Pending, header, json};
@@ -58,6 +60,15 @@ pub(super) fn usage_in_headers(headers: &[httparse::Header<'_>]) -> Option<Usage
     })
 }
 
+/// Needles searched in every streamed event, built once: `memmem::find` builds its searcher
+/// at each call, which on a 100-byte event costs more than the search.
+static USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static DONE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"done\":true"));
+static DONE_SPACED: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"done\": true"));
+
 /// What one streamed event (an SSE `data:` payload or an NDJSON line) says.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct EventSays {
@@ -68,9 +79,9 @@ pub(super) struct EventSays {
 /// Reads an event's server id (only when `want_id`) and token counts. Most events are token
 /// deltas: a payload is parsed only when it may hold something wanted.
 pub(super) fn event_says(payload: &[u8], ndjson: bool, want_id: bool) -> EventSays {
-    let has_usage = memmem::find(payload, b"\"usage\"").is_some();
-    let ollama_done = (ndjson && memmem::find(payload, b"\"done\":true").is_some())
-        || memmem::find(payload, b"\"done\": true").is_some();
+    let has_usage = USAGE.find(payload).is_some();
+    let ollama_done =
+        (ndjson && DONE.find(payload).is_some()) || DONE_SPACED.find(payload).is_some();
     if !(want_id || has_usage || ollama_done) {
         return EventSays::default();
     }
@@ -119,7 +130,7 @@ pub(super) fn read_body(p: &mut Pending, out: &mut Vec<Lifecycle>) {
 
 /// Finds a `"usage": {...}` object in `bytes` and reads its counts.
 pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
-    let at = memmem::find(bytes, b"\"usage\"")?;
+    let at = USAGE.find(bytes)?;
     let rest = &bytes[at + 7..];
     let brace = memchr::memchr(b'{', rest)?;
     let mut it =

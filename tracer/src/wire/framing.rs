@@ -4,6 +4,8 @@
 //! framing cannot be followed. Requests arrive here; streamed bodies go to `stream`,
 //! what heads and bodies say to `dialect`.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 
 use super::{
@@ -60,6 +62,10 @@ fn could_start(data: &[u8], kind: Kind) -> bool {
 pub(super) fn starts_request(data: &[u8]) -> bool {
     METHODS.iter().any(|m| data.starts_with(m))
 }
+
+/// The blank line that ends a head, searched at every head piece (built once).
+static HEAD_END: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 
 /// Offset of the next start line (request line or status line) at a line start in `data`.
 fn find_start(data: &[u8], kind: Kind) -> Option<usize> {
@@ -134,9 +140,7 @@ impl Tracker {
                         s.head_redact.redact(k, &mut data[..take]);
                     }
                     s.buf.extend_from_slice(&data[..take]);
-                    if let Some(end) =
-                        memmem::find(&s.buf[from..], b"\r\n\r\n").map(|p| p + from + 4)
-                    {
+                    if let Some(end) = HEAD_END.find(&s.buf[from..]).map(|p| p + from + 4) {
                         let extra = s.buf.len() - end;
                         let consumed = take - extra;
                         s.msg_bytes += consumed as u64;
