@@ -365,17 +365,19 @@ impl StepClock {
         self.window_ns.unwrap_or(initial_ns)
     }
 
-    /// The sources `policy` allows, best first (write bursts last, always).
-    fn sources(&self, policy: StepClockPolicy) -> impl Iterator<Item = &Marks> {
+    /// The engine's own sources `policy` allows, best first.
+    fn engine_sources(&self, policy: StepClockPolicy) -> impl Iterator<Item = &Marks> {
         let ipc = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Ipc);
         let cuda = matches!(policy, StepClockPolicy::Auto | StepClockPolicy::Cuda);
-        [
-            ipc.then_some(&self.ipc),
-            cuda.then_some(&self.cuda),
-            Some(&self.bursts.marks),
-        ]
-        .into_iter()
-        .flatten()
+        [ipc.then_some(&self.ipc), cuda.then_some(&self.cuda)]
+            .into_iter()
+            .flatten()
+    }
+
+    /// The sources `policy` allows, best first (write bursts last, always).
+    fn sources(&self, policy: StepClockPolicy) -> impl Iterator<Item = &Marks> {
+        self.engine_sources(policy)
+            .chain(std::iter::once(&self.bursts.marks))
     }
 
     /// Write bursts (steps in which the API process wrote to some request) that began after
@@ -386,9 +388,11 @@ impl StepClock {
             .saturating_sub(ends.partition_point(|&f| f <= a))
     }
 
-    /// The marks to step by near `t`.
+    /// The marks to step by near `t`: the first engine source that covers it, else the write
+    /// bursts (whether they cover it or not, so they are not searched for it: this runs for
+    /// every event of every request in every segment).
     fn marks(&self, t: u64, policy: StepClockPolicy) -> &Marks {
-        self.sources(policy)
+        self.engine_sources(policy)
             .find(|m| m.covers(t))
             .unwrap_or(&self.bursts.marks)
     }
