@@ -178,6 +178,11 @@ impl Services {
             .map(|_| ())
     }
 
+    /// A re-discovery is running.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
     /// Starts a re-discovery on a blocking thread, unless one is still running.
     pub fn start_refresh(&mut self) {
         if self.in_flight {

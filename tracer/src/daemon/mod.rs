@@ -315,8 +315,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 if let Some(log) = &mut ebpf_log {
                     log.flush();
                 }
+                // While a pass runs, the change is remembered for when it ends (`passed`).
                 if pipeline.take_process_changes() > 0
                     && let Some(d) = backoff.processes_changed()
+                    && !services.in_flight()
                 {
                     let sooner = tokio::time::Instant::now() + d;
                     if sooner < rediscover.deadline() {
@@ -342,6 +344,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             () = &mut rediscover, if config.probe.rediscover_ms > 0 => {
                 services.start_refresh();
+                backoff.started();
                 // The next pass is timed from this one's end.
                 rediscover.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86_400));
             }

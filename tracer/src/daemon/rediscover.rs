@@ -13,6 +13,8 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     now: Duration,
+    /// Processes started or ended while a pass ran: it may have read /proc before them.
+    changed_in_pass: bool,
 }
 
 impl Backoff {
@@ -22,12 +24,20 @@ impl Backoff {
             base,
             max: Duration::from_millis(max_ms).max(base),
             now: base,
+            changed_in_pass: false,
         }
     }
 
+    /// A pass starts.
+    pub fn started(&mut self) {
+        self.changed_in_pass = false;
+    }
+
     /// A pass ended: `changed` when it found a new member or IPC link or attached a clock.
-    /// Returns the delay before the next pass.
+    /// Returns the delay before the next pass (the base one too when processes changed while
+    /// it ran: what it read may predate them).
     pub fn passed(&mut self, changed: bool) -> Duration {
+        let changed = changed || std::mem::take(&mut self.changed_in_pass);
         self.now = if changed {
             self.base
         } else {
@@ -39,6 +49,7 @@ impl Backoff {
     /// Processes started or ended among the targets: back to the base delay, which is
     /// returned when it is sooner than the one in use.
     pub fn processes_changed(&mut self) -> Option<Duration> {
+        self.changed_in_pass = true;
         let sooner = self.now > self.base;
         self.now = self.base;
         sooner.then_some(self.base)
@@ -56,8 +67,17 @@ mod tests {
         assert_eq!(secs, [10, 20, 40, 60, 60, 60]);
         assert_eq!(b.passed(true).as_secs(), 5);
         assert_eq!(b.processes_changed(), None, "already at the base delay");
-        b.passed(false);
+        b.started();
+        assert_eq!(b.passed(false).as_secs(), 10);
+        // During a pass: remembered for its end (the daemon leaves the timer alone).
+        b.started();
         assert_eq!(b.processes_changed(), Some(Duration::from_secs(5)));
+        assert_eq!(b.passed(false).as_secs(), 5, "changed while that pass ran");
+        b.started();
+        assert_eq!(b.passed(false).as_secs(), 10);
+        // Before a pass: it comes sooner, and the change is not counted again after it.
+        assert_eq!(b.processes_changed(), Some(Duration::from_secs(5)));
+        b.started();
         assert_eq!(b.passed(false).as_secs(), 10);
         // A maximum below the base is the base: no backoff.
         let mut flat = Backoff::new(5_000, 1_000);
