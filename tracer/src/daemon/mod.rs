@@ -286,7 +286,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     report.tick().await;
     let mut backoff =
         rediscover::Backoff::new(config.probe.rediscover_ms, config.probe.rediscover_max_ms);
-    let rediscover = tokio::time::sleep(Duration::from_millis(config.probe.rediscover_ms.max(100)));
+    let rediscover = tokio::time::sleep(backoff.delay());
     tokio::pin!(rediscover);
     let cpu_time_ms = config.power.cpu.cpu_time_interval_ms;
     let mut cpu_time = every(cpu_time_ms);

@@ -28,6 +28,11 @@ impl Backoff {
         }
     }
 
+    /// The delay in use (the first pass's: the base one).
+    pub fn delay(&self) -> Duration {
+        self.now
+    }
+
     /// A pass starts.
     pub fn started(&mut self) {
         self.changed_in_pass = false;
