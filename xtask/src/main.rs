@@ -13,6 +13,7 @@ mod bench;
 mod bench_load;
 mod demo;
 mod layout;
+mod reference;
 mod report_demo;
 mod score;
 mod setup;
@@ -101,6 +102,21 @@ enum Task {
         #[arg(long, default_value_t = 40)]
         seconds: u64,
     },
+    /// The physical reference's tables (issue 18) from a folder `tests/device/reference.sh`
+    /// wrote (unpacked `reference.tgz`): the two-class Shapley split from the independent
+    /// counter beside tracer's class sums, the sequential per-request errors, tokens/s ratio.
+    Reference {
+        /// The run's folder.
+        dir: PathBuf,
+    },
+    /// Stage the reference run for a GPU host (release tracer at `.devbin/tracer`, serving
+    /// wheels at `.whl/`); with `--dry-run PYTHON`, also run it here on the CPU with that
+    /// Python (which must have torch and transformers) and make its tables.
+    GpuCheck {
+        /// A Python with torch and transformers, for a dry run on this machine's CPU.
+        #[arg(long)]
+        dry_run: Option<PathBuf>,
+    },
     /// setup, then the third-party check at scale on a release build: Node's `http`, uvicorn,
     /// llama.cpp's `llama-server` (built from source, a generated tiny model), an Ollama-shaped
     /// NDJSON front with its engine, and HTTPS through OpenSSL, each request compared with the
@@ -168,6 +184,11 @@ fn main() -> Result<()> {
         Task::ReportDemo { seconds } => {
             setup()?;
             report_demo::run(seconds)
+        }
+        Task::Reference { dir } => reference::run(&dir),
+        Task::GpuCheck { dry_run } => {
+            setup()?;
+            gpu_check(dry_run.as_deref())
         }
         Task::Thirdparty {
             requests,
@@ -299,4 +320,39 @@ fn build_release() -> Result<PathBuf> {
 fn run(args: &[String]) -> Result<()> {
     let bin = build_release()?;
     sh(privileged(&bin.to_string_lossy()).arg("run").args(args))
+}
+
+/// Stages the physical reference for a GPU host and, given a Python with torch and
+/// transformers, dry-runs it here on the CPU and makes its tables (`target/reference-dry/`).
+fn gpu_check(dry_run: Option<&Path>) -> Result<()> {
+    let mut stage = Command::new("bash");
+    stage.arg("tests/device/reference/stage.sh");
+    if let Some(py) = dry_run {
+        // The wheels must suit the Python that installs them.
+        let v = Command::new(py)
+            .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            .output()
+            .with_context(|| format!("running {}", py.display()))?;
+        stage.env("PYVER", String::from_utf8_lossy(&v.stdout).trim());
+    }
+    sh(&mut stage)?;
+    let Some(py) = dry_run else {
+        eprintln!(
+            "staged: on the GPU host run `bash tests/device/reference.sh` from the repository \
+             root, carrying .devbin and .whl; then `cargo xtask reference DIR` on its unpacked \
+             reference.tgz"
+        );
+        return Ok(());
+    };
+    let out = env::current_dir()?
+        .join(bench::target_dir())
+        .join("reference-dry");
+    let work = out.join("work");
+    sh(privileged("env")
+        .arg("DRY=1")
+        .arg(format!("PY={}", py.display()))
+        .arg(format!("OUT={}", out.display()))
+        .arg(format!("W={}", work.display()))
+        .args(["bash", "tests/device/reference.sh"]))?;
+    reference::run(&work)
 }
