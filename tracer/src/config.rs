@@ -46,6 +46,27 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     /// The tariff records are priced at (none: no cost on records).
     pub bill: crate::bill::BillConfig,
+    /// The daemon as a system service (privileges).
+    pub daemon: DaemonConfig,
+}
+
+/// The daemon as a system service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Before loading anything, give up every capability but those the daemon uses for its
+    /// whole life (`CAP_BPF`, `CAP_PERFMON`, `CAP_SYS_PTRACE`, `CAP_DAC_READ_SEARCH`, and
+    /// `CAP_SYS_ADMIN` while a uprobe step clock is on; see `daemon::privilege`), from every
+    /// set including the bounding set, and set no-new-privs.
+    pub drop_privileges: bool,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            drop_privileges: true,
+        }
+    }
 }
 
 /// Probe and ring-buffer settings.
@@ -247,6 +268,15 @@ mod tests {
             })
             .collect();
         toml::from_str::<Config>(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    }
+
+    /// The example the release tarball installs as /etc/tracer/tracer.toml.
+    #[test]
+    fn the_shipped_configuration_parses() {
+        let c = Config::from_toml(include_str!("../dist/tracer.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.daemon.drop_privileges);
+        assert_eq!(c.api.group.as_deref(), Some("tracer"));
     }
 
     #[test]

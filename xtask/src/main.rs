@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask setup | test | layout | run | demo | bench | bench-probes | bench-sampler`.
+//! Project tasks: `cargo xtask setup | test | layout | run | dist | demo | bench | bench-probes |
+//! bench-sampler | gpu-check | reference`.
 //!
 //! `setup` makes a fresh machine able to build and load the probes, and is idempotent: every step
 //! first checks whether it is needed and says what it found or did. `test` and `run` call it first.
@@ -12,6 +13,7 @@ use std::{
 mod bench;
 mod bench_load;
 mod demo;
+mod dist;
 mod layout;
 mod reference;
 mod report_demo;
@@ -102,6 +104,14 @@ enum Task {
         #[arg(long, default_value_t = 40)]
         seconds: u64,
     },
+    /// setup, then the release tarball (`target/dist/`): the binary with its probes, the
+    /// systemd unit, an example configuration, the README with every command's help,
+    /// checksums; `--check` also unpacks it in a clean directory and runs it from there.
+    Dist {
+        /// Unpack and run it (checksums, `systemd-analyze verify`, attach to a test server).
+        #[arg(long)]
+        check: bool,
+    },
     /// The physical reference's tables (issue 18) from a folder `tests/device/reference.sh`
     /// wrote (unpacked `reference.tgz`): the two-class Shapley split from the independent
     /// counter beside tracer's class sums, the sequential per-request errors, tokens/s ratio.
@@ -184,6 +194,11 @@ fn main() -> Result<()> {
         Task::ReportDemo { seconds } => {
             setup()?;
             report_demo::run(seconds)
+        }
+        Task::Dist { check } => {
+            setup()?;
+            let tarball = dist::dist()?;
+            if check { dist::check(&tarball) } else { Ok(()) }
         }
         Task::Reference { dir } => reference::run(&dir),
         Task::GpuCheck { dry_run } => {
@@ -308,6 +323,8 @@ fn test(extra: &[String]) -> Result<()> {
     if extra.is_empty() {
         // The overhead benchmark's correctness pass: every request recorded, nothing timed.
         bench_load::bench(true)?;
+        // The release tarball, unpacked in a clean directory and run with no toolchain.
+        dist::check(&dist::dist()?)?;
     }
     Ok(())
 }

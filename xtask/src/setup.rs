@@ -34,11 +34,13 @@ pub fn setup() -> Result<()> {
 
     // 1b. Node.js: the tests trace Node's own `http` server (its writev-ended streams); the
     // openssl command makes the HTTPS test's self-signed certificate;
-    // promtool (Debian's prometheus) checks the API's /metrics text.
+    // promtool (Debian's prometheus) checks the API's /metrics text; systemd-analyze the unit.
     for (tool, package) in [
         ("node", "nodejs"),
         ("openssl", "openssl"),
         ("promtool", "prometheus"),
+        // `cargo xtask dist --check` verifies the systemd unit offline.
+        ("systemd-analyze", "systemd"),
     ] {
         if succeeds(tool, &["version"]) || succeeds(tool, &["--version"]) {
             eprintln!("setup: {package} present");

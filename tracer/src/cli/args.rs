@@ -93,7 +93,7 @@ pub struct ReplayArgs {
 }
 
 /// `tracer run` flags. Each one overrides the same setting from `--config`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "independent switches, each a config key"
@@ -236,6 +236,12 @@ pub struct RunArgs {
     /// [config: power.cpu.cpu_time_interval_ms]
     #[arg(long)]
     pub cpu_time_interval_ms: Option<u64>,
+    /// Keep every capability the daemon was started with (by default it gives up all but
+    /// CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, and CAP_SYS_ADMIN while a
+    /// uprobe step clock is on, before loading anything).
+    /// [config: daemon.drop_privileges = false]
+    #[arg(long)]
+    pub keep_privileges: bool,
 }
 
 impl RunArgs {
@@ -313,6 +319,9 @@ impl RunArgs {
         }
         if let Some(v) = self.cpu_time_interval_ms {
             c.power.cpu.cpu_time_interval_ms = v;
+        }
+        if self.keep_privileges {
+            c.daemon.drop_privileges = false;
         }
         if let Some(v) = self.cpu_power {
             c.power.cpu.source = v;

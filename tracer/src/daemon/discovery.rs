@@ -29,6 +29,9 @@ pub(super) struct Services {
     finder: Arc<Finder>,
     /// Processes already fed to the pipeline and made kernel targets.
     known: BTreeSet<u32>,
+    /// Services already declared to the pipeline (a service first found by a re-discovery is
+    /// declared then, so that it is bound to the host's CPU and memory like the others).
+    declared: BTreeSet<u32>,
     /// (library, process) pairs the CUDA step clock or the TLS uprobes could not be attached
     /// to: not retried.
     cuda_failed: BTreeSet<(PathBuf, u32)>,
@@ -157,6 +160,7 @@ impl Services {
             Self {
                 finder,
                 known: BTreeSet::new(),
+                declared: BTreeSet::new(),
                 cuda_failed: BTreeSet::new(),
                 tls_failed: BTreeSet::new(),
                 in_flight: false,
@@ -176,6 +180,30 @@ impl Services {
         let d = self.finder.discover()?;
         self.apply(&d, pipeline, probes, monotonic_ns(), true)
             .map(|_| ())
+    }
+
+    /// Discovers from `roots` from the next pass on (SIGHUP: the targets re-resolved). What
+    /// was found from the old roots stays traced.
+    pub fn set_roots(&mut self, roots: Vec<ServiceRoot>) {
+        self.finder = Arc::new(Finder {
+            procfs: self.finder.procfs.clone(),
+            roots,
+            opts: self.finder.opts.clone(),
+            clocks: self.finder.clocks.clone(),
+            exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
+        });
+    }
+
+    /// A discovery now, on this thread (SIGHUP, after the roots changed): what it finds is in
+    /// the pipeline before the next ring drain, so the first requests of a new target already
+    /// belong to its service. Returns whether it found anything new.
+    pub fn discover_now(
+        &mut self,
+        pipeline: &mut Pipeline,
+        probes: &mut Probes,
+    ) -> Result<bool, DaemonError> {
+        let d = self.finder.discover()?;
+        self.apply(&d, pipeline, probes, monotonic_ns(), false)
     }
 
     /// A re-discovery is running.
@@ -288,7 +316,7 @@ impl Services {
             tracing::warn!("service discovery: {w}");
         }
         for s in &discovery.services {
-            if seed {
+            if self.declared.insert(s.id) || seed {
                 pipeline.apply(Input::Service {
                     id: ServiceId(s.id),
                     name: s.name.clone(),

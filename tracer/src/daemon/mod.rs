@@ -8,10 +8,13 @@
 mod attach;
 mod discovery;
 mod feeds;
+pub mod host;
 pub mod memory;
+mod notify;
 mod outputs;
 pub mod privilege;
 mod rediscover;
+pub mod reload;
 mod storage;
 
 use std::time::Duration;
@@ -70,6 +73,9 @@ pub enum DaemonError {
     /// The local-socket API could not start.
     #[error("the API: {0}")]
     Api(#[from] crate::api::ApiError),
+    /// The kernel is older than the daemon supports (checked at start).
+    #[error("tracer needs Linux {need} or later; this kernel is {release}")]
+    Kernel { release: String, need: String },
     /// The daemon lacks the privileges it needs (checked before anything else).
     #[error(
         "tracer needs root, or the capabilities {missing}: it loads eBPF programs and reads \
@@ -120,12 +126,32 @@ fn extras(probes: &mut Probes, feeds: &[feeds::SamplerFeed]) -> Result<Extras, D
     })
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGINT or SIGTERM; SIGHUP re-reads the configuration with `reload`
+/// (see [`reload`]).
+pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(), DaemonError> {
     privilege::check()?;
+    host::check()?;
+    // Mounting tracefs needs CAP_SYS_ADMIN, which the drop below gives up.
+    crate::probe::ensure_tracefs()?;
+    if config.daemon.drop_privileges {
+        let threads = privilege::threads();
+        if threads > 1 {
+            tracing::warn!("dropping privileges with {threads} threads: only this one drops");
+        }
+        let d = privilege::drop_unneeded(config.probe.cuda_clock || config.probe.tls_uprobes)?;
+        tracing::info!(
+            "privileges: kept {} and gave up {} others (bounding set too), no-new-privs set",
+            d.kept.join(", "),
+            d.dropped
+        );
+    }
     let procfs = ProcFs::default();
     let self_pid = std::process::id();
     let (mut probes, resolved) = attach::load(&config, &procfs, self_pid)?;
+    let loaded = reload::Loaded {
+        cgroups: !resolved.cgroup_ids.is_empty(),
+        comms: !config.targets.comms.is_empty(),
+    };
     let mut ebpf_log = probes.take_logger();
     let ring = probes.take_events()?;
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
@@ -272,6 +298,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         None => None,
     };
 
+    let notifier = notify::Notifier::from_env();
+    if let Some(n) = &notifier {
+        n.ready(&format!("tracing {} processes", resolved.processes.len()));
+    }
+    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("installing SIGHUP handler"))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(io_err("installing SIGINT handler"))?;
     let mut sigterm =
@@ -352,9 +383,29 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 let changed = services.refreshed(found, &mut pipeline, &mut probes)?;
                 rediscover.as_mut().reset(tokio::time::Instant::now() + backoff.passed(changed));
             }
+            _ = sighup.recv() => {
+                if let Some(n) = &notifier {
+                    n.reloading();
+                }
+                reload::on_hangup(reload.as_ref(), &mut reload::Daemon {
+                    config: &mut config,
+                    loaded,
+                    procfs: &procfs,
+                    self_pid,
+                    probes: &mut probes,
+                    services: &mut services,
+                    pipeline: &mut pipeline,
+                })?;
+                if let Some(n) = &notifier {
+                    n.ready(&format!("tracing {} processes", probes.targets()?.len()));
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
+    }
+    if let Some(n) = &notifier {
+        n.stopping();
     }
 
     // Final drain so nothing already in the ring is lost, then every request is finalised,

@@ -1,8 +1,102 @@
-//! The privilege check that comes before anything else: without it, the first failure a
-//! non-root user meets is a misleading one ("no process listens on TCP port N": the port's
-//! owner is only hidden from them).
+//! Privileges: the check that comes before anything else (without it, the first failure a
+//! non-root user meets is a misleading one: "no process listens on TCP port N", the port's
+//! owner being only hidden from them), then giving up everything else.
+//!
+//! What the daemon keeps for its whole life, and why (each is needed after start, when a new
+//! target appears or a re-discovery runs, not only while loading):
+//! - `CAP_BPF`: loading the probes, and attaching CUDA and OpenSSL uprobes to new processes;
+//! - `CAP_PERFMON`: tracepoints are perf events; RAPL's `power` PMU is read system-wide;
+//! - `CAP_SYS_PTRACE`: `/proc/<pid>/{maps,task/*/syscall,root}` of processes of other users
+//!   (which libraries a server mapped, a read it is blocked in, the files in its namespace);
+//! - `CAP_DAC_READ_SEARCH`: `/proc/<pid>/fd` of processes of other users (their sockets and
+//!   device nodes), and libraries in directories only their owner can read;
+//! - `CAP_SYS_ADMIN`, only while a uprobe step clock is on (`probe.cuda_clock`,
+//!   `probe.tls_uprobes`): the kernel creates a uprobe perf event for `CAP_SYS_ADMIN` only
+//!   (`perf_uprobe_event_init`; `CAP_PERFMON` was enough from 5.8 until the 2025 fix of the
+//!   probes' permission checks, backported to stable kernels), and a server's `libcuda` or
+//!   `libssl` is only known once it has started.
+//!
+//! Everything else goes, from every set (bounding included), before the first thread starts:
+//! capabilities are per thread, and threads inherit their creator's. No-new-privs is set, so
+//! nothing the daemon might execute regains them. Root stays root (uid 0 owns the state
+//! directory and reads root-owned sysfs files), but without `CAP_DAC_OVERRIDE` it can no longer
+//! write what it does not own, nor kill, mount, load modules or change identity.
+
+use caps::{CapSet, Capability, CapsHashSet};
 
 use super::DaemonError;
+
+/// What the daemon keeps (see the module's documentation).
+const KEEP: [Capability; 4] = [
+    Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_DAC_READ_SEARCH,
+];
+
+/// Kept too while uprobes may be attached to processes found later.
+const KEEP_FOR_UPROBES: Capability = Capability::CAP_SYS_ADMIN;
+
+/// What [`drop_unneeded`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Kept (the intersection of [`KEEP`] and what the process had).
+    pub kept: Vec<String>,
+    /// How many permitted capabilities were given up.
+    pub dropped: usize,
+}
+
+/// Gives up every capability but [`KEEP`] (and [`KEEP_FOR_UPROBES`] when `uprobes`), from the
+/// bounding, inheritable, ambient, permitted and effective sets of this thread (call it while
+/// it is the only one), and sets no-new-privs.
+pub fn drop_unneeded(uprobes: bool) -> Result<Dropped, DaemonError> {
+    let fail = |what: &'static str| {
+        move |e: caps::errors::CapsError| DaemonError::Io {
+            what: format!("dropping privileges: {what}"),
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let permitted = caps::read(None, CapSet::Permitted).map_err(fail("reading"))?;
+    let keep: CapsHashSet = KEEP
+        .iter()
+        .copied()
+        .chain(uprobes.then_some(KEEP_FOR_UPROBES))
+        .filter(|c| permitted.contains(c))
+        .collect();
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(DaemonError::Io {
+            what: "dropping privileges: no-new-privs".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // The bounding set first: dropping from it needs `CAP_SETPCAP`, which goes below.
+    if permitted.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::all() {
+            if !keep.contains(&cap)
+                && caps::has_cap(None, CapSet::Bounding, cap).map_err(fail("bounding"))?
+            {
+                caps::drop(None, CapSet::Bounding, cap).map_err(fail("bounding"))?;
+            }
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(fail("ambient"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(fail("inheritable"))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(fail("effective"))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(fail("permitted"))?;
+    let mut kept: Vec<String> = keep.iter().map(ToString::to_string).collect();
+    kept.sort();
+    Ok(Dropped {
+        kept,
+        dropped: permitted.len() - keep.len(),
+    })
+}
+
+/// How many threads this process has (`/proc/self/task`): capabilities are dropped per thread,
+/// so the drop must come while there is one.
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
+}
 
 /// A capability bit (`linux/capability.h`).
 const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -66,7 +160,7 @@ mod tests {
                 "CAP_DAC_READ_SEARCH"
             ]
         );
-        // Root's full set, and CAP_SYS_ADMIN standing in for the BPF pair.
+        // Root's full set, and `CAP_SYS_ADMIN` standing in for the BPF pair.
         assert!(missing(effective("CapEff:\t000001ffffffffff\n")).is_empty());
         let admin = (1u64 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
         assert!(missing(admin).is_empty());

@@ -37,6 +37,8 @@ impl Stream {
 pub struct JsonLines {
     stream: Stream,
     w: BufWriter<Box<dyn Write + Send>>,
+    /// The file it appends to, reopened on SIGHUP (none: a stream it was handed).
+    path: Option<std::path::PathBuf>,
     /// Events keep the bytes the probes captured (prompts, completions, credentials): off
     /// unless asked for (`output.events_payload`).
     payload: bool,
@@ -56,6 +58,7 @@ impl JsonLines {
         Self {
             stream,
             w: BufWriter::new(w),
+            path: None,
             payload: false,
         }
     }
@@ -84,7 +87,9 @@ impl JsonLines {
             .append(true)
             .open(path)?;
         let cut = cut_torn_line(&mut f)?;
-        Ok((Self::new(stream, Box::new(f)), cut))
+        let mut out = Self::new(stream, Box::new(f));
+        out.path = Some(path.to_path_buf());
+        Ok((out, cut))
     }
 
     fn line<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> Result<(), SubscriberError> {
@@ -158,6 +163,20 @@ impl Subscriber for JsonLines {
     fn flush(&mut self) -> Result<(), SubscriberError> {
         Ok(self.w.flush()?)
     }
+
+    fn reopen(&mut self) -> Result<bool, SubscriberError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        // Opened before the switch: on error nothing changes and no line is lost.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        self.w.flush()?;
+        self.w = BufWriter::new(Box::new(f));
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +184,33 @@ mod tests {
     use std::io::Write as _;
 
     use super::{JsonLines, Stream};
+
+    #[test]
+    fn reopening_after_a_rotation_loses_no_line() {
+        use crate::pipeline::Subscriber as _;
+        let dir = std::env::temp_dir().join(format!("tracer-reopen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("records.jsonl");
+        let (mut out, _) = JsonLines::create(Stream::Records, &path).expect("create");
+        out.line(&1).expect("line");
+        std::fs::rename(&path, dir.join("records.jsonl.1")).expect("rotate");
+        out.line(&2)
+            .expect("line, buffered: lands in the rotated file");
+        assert!(out.reopen().expect("reopen"));
+        out.line(&3).expect("line");
+        out.flush().expect("flush");
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("read");
+        assert_eq!(read("records.jsonl.1"), "1\n2\n");
+        assert_eq!(read("records.jsonl"), "3\n");
+        // A stream handed in has no file to reopen.
+        assert!(
+            !JsonLines::new(Stream::Records, Box::new(std::io::sink()))
+                .reopen()
+                .expect("no-op")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn appending_keeps_earlier_lines_and_drops_a_torn_last_one() {

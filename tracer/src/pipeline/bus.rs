@@ -105,6 +105,12 @@ pub trait Subscriber: Send {
     fn flush(&mut self) -> Result<(), SubscriberError> {
         Ok(())
     }
+    /// Write to its path's file anew (SIGHUP: logrotate moved the old one), after flushing
+    /// what it holds to the old. Returns whether it has such a file. On error it keeps writing
+    /// the old one.
+    fn reopen(&mut self) -> Result<bool, SubscriberError> {
+        Ok(false)
+    }
 }
 
 /// What a lossy subscriber's queue has seen; shared with its consumer.
@@ -274,6 +280,21 @@ impl Bus {
                 i += 1;
             }
         }
+    }
+
+    /// Reopens every lossless subscriber's file (see [`Subscriber::reopen`]); returns how
+    /// many were reopened and, by name, those that could not be (they keep their old file).
+    pub fn reopen(&mut self) -> (usize, Vec<(String, SubscriberError)>) {
+        let mut reopened = 0;
+        let mut failed = Vec::new();
+        for s in &mut self.lossless {
+            match s.sub.reopen() {
+                Ok(true) => reopened += 1,
+                Ok(false) => {}
+                Err(e) => failed.push((s.sub.name().to_string(), e)),
+            }
+        }
+        (reopened, failed)
     }
 
     /// Every subscriber's counters.

@@ -660,6 +660,11 @@ impl Pipeline {
         self.bus.flush();
     }
 
+    /// Reopens the output files at their paths (SIGHUP); see [`bus::Bus::reopen`].
+    pub fn reopen_outputs(&mut self) -> (usize, Vec<(String, SubscriberError)>) {
+        self.bus.reopen()
+    }
+
     fn unix_ms(&self, ts_ns: u64) -> i64 {
         ((i128::from(ts_ns) + self.wall_offset_ns) / 1_000_000) as i64
     }
