@@ -101,6 +101,7 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
             );
         }
     }
+    money(&mut out, shared.currency().as_deref(), &totals);
     let histograms: [(&str, &str, &[f64], Hist); 2] = [
         (
             "tracer_request_joules",
@@ -154,6 +155,49 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
 
 /// Requests and energy per tenant: a label only for the first `api.metrics_tenants` tenants
 /// seen (a series per tenant would otherwise grow without bound); the rest are `other`.
+/// Cost at the tariff (once one is configured and a record carried a cost) and emissions (once
+/// a carbon intensity is), per (service, model).
+fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, Totals)]) {
+    let Some(currency) = currency else {
+        return;
+    };
+    let name = "tracer_request_cost_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Cost of requests at the configured tariff (PUE and overhead included), in its currency.",
+    );
+    for (s, m, t) in totals {
+        let _ = writeln!(
+            out,
+            "{name}{{service=\"{}\",model=\"{}\",currency=\"{}\"}} {}",
+            label(s),
+            label(m),
+            label(currency),
+            t.cost
+        );
+    }
+    if totals.iter().any(|(_, _, t)| t.emissions_g > 0.0) {
+        let name = "tracer_request_emissions_grams_total";
+        head(
+            out,
+            name,
+            "counter",
+            "Emissions of requests at the configured carbon intensity (PUE included), grams CO2e.",
+        );
+        for (s, m, t) in totals {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\",model=\"{}\"}} {}",
+                label(s),
+                label(m),
+                t.emissions_g
+            );
+        }
+    }
+}
+
 fn tenants(out: &mut String, shared: &Shared, scope: &Scope) {
     let rows: Vec<_> = shared
         .tenant_totals()

@@ -45,6 +45,10 @@ struct Totals {
     /// at `metrics::J_PER_REQUEST` and `metrics::J_PER_TOKEN`).
     per_request: metrics::Histogram,
     per_token: metrics::Histogram,
+    /// Cost at the configured tariff, in its currency (a float for Prometheus, which sums it
+    /// across hosts; bills stay decimal), and emissions, grams `CO2e`.
+    cost: f64,
+    emissions_g: f64,
 }
 
 impl Totals {
@@ -57,6 +61,10 @@ impl Totals {
             .observe(&metrics::J_PER_REQUEST, r.record.total_j);
         if let Some(j) = r.record.joules_per_output_token {
             self.per_token.observe(&metrics::J_PER_TOKEN, j);
+        }
+        if let Some(c) = &r.cost {
+            self.cost += rust_decimal::prelude::ToPrimitive::to_f64(&c.amount).unwrap_or(0.0);
+            self.emissions_g += c.emissions_g.unwrap_or(0.0);
         }
     }
 }
@@ -83,6 +91,8 @@ pub struct Shared {
     tenants: Mutex<Tenants>,
     /// What recovering crashed runs did at start (`/health`, `/metrics`).
     recoveries: Mutex<Vec<crate::store::Recovery>>,
+    /// The tariff's currency, once a record carried a cost (`tracer_request_cost_total`).
+    currency: Mutex<Option<String>>,
 }
 
 /// (service, its name, model, tenant label).
@@ -130,6 +140,7 @@ impl Shared {
                 totals: BTreeMap::new(),
             }),
             recoveries: Mutex::new(Vec::new()),
+            currency: Mutex::new(None),
         })
     }
 
@@ -235,6 +246,15 @@ impl Shared {
     /// A record became final (and stored, when there is a store): into the totals, the
     /// index and the stream.
     pub fn add_record(&self, r: &Arc<FinalRecord>) {
+        if let Some(c) = &r.cost {
+            let mut currency = self
+                .currency
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if currency.is_none() {
+                *currency = Some(c.currency.clone());
+            }
+        }
         {
             let mut totals = self
                 .totals
@@ -264,6 +284,14 @@ impl Shared {
         self.index().push(Arc::clone(r));
         // No receiver is not an error: nobody streams.
         let _ = self.stream.send(Arc::clone(r));
+    }
+
+    /// The tariff's currency, once a record carried a cost.
+    fn currency(&self) -> Option<String> {
+        self.currency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, index::Index> {

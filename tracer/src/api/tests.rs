@@ -225,3 +225,40 @@ fn tenants_past_the_cap_are_counted_as_other() {
     assert!(text.contains(&(line("other") + "3")), "{text}");
     assert!(!text.contains("tenant-3"), "{text}");
 }
+
+/// With a tariff, `/metrics` sums each group's cost in the tariff's currency (and emissions
+/// once a carbon intensity is set); without one it has no cost series at all.
+#[test]
+fn cost_and_emissions_are_counted_in_the_tariffs_currency() {
+    let text = |shared: &Shared| match super::metrics::metrics(shared, &Scope::All) {
+        Reply::Text(200, _, text) => text,
+        _ => panic!("metrics"),
+    };
+    let shared = Shared::new(100);
+    shared.add_record(&record(1));
+    assert!(!text(&shared).contains("tracer_request_cost_total"));
+    for (id, amount, grams) in [(2, "0.000125", 0.5), (3, "0.000250", 1.0)] {
+        let mut r = (*record(id)).clone();
+        r.cost = Some(crate::bill::RecordCost {
+            amount: amount.parse().expect("decimal"),
+            bar: "0".parse().expect("decimal"),
+            currency: "EUR".into(),
+            price_per_kwh: "0.25".parse().expect("decimal"),
+            pue: "1.2".parse().expect("decimal"),
+            emissions_g: Some(grams),
+        });
+        shared.add_record(&Arc::new(r));
+    }
+    let t = text(&shared);
+    let cost = "tracer_request_cost_total{service=\"port 8000\",model=\"m\",currency=\"EUR\"} ";
+    let value: f64 = t
+        .lines()
+        .find_map(|l| l.strip_prefix(cost))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!((value - 0.000_375).abs() < 1e-12, "{value}");
+    assert!(
+        t.contains("tracer_request_emissions_grams_total{service=\"port 8000\",model=\"m\"} 1.5"),
+        "{t}"
+    );
+}
