@@ -20,6 +20,58 @@ fn shipped(name: &str) -> PathBuf {
         .join(name)
 }
 
+fn dashboard_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tracer/dist/grafana")
+        .join(name)
+}
+
+/// Every query of the shipped Grafana dashboard, its variables filled in (all hosts).
+fn dashboard_queries() -> Vec<String> {
+    let text = std::fs::read_to_string(dashboard_file("tracer-dashboard.json")).expect("dashboard");
+    let d: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    d["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| Some(t["expr"].as_str()?.replace("$instance", ".*")))
+        .collect()
+}
+
+/// The dashboard against its JSON schema (the subset of Grafana's model it uses), with the
+/// `jsonschema` package of the setup's Python environment.
+#[test]
+fn the_shipped_dashboard_matches_its_schema() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
+    let check = |dashboard: &str| {
+        Command::new(&python)
+            .args([
+                "-c",
+                "import json, sys, jsonschema\n\
+                 jsonschema.validate(json.loads(sys.argv[1]), json.load(open(sys.argv[2])))",
+                dashboard,
+            ])
+            .arg(dashboard_file("dashboard.schema.json"))
+            .output()
+            .expect("target/pyenv (cargo xtask setup makes it)")
+    };
+    let text = std::fs::read_to_string(dashboard_file("tracer-dashboard.json")).expect("dashboard");
+    let out = check(&text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The schema refuses what it should: a panel without queries.
+    let mut broken: Value = serde_json::from_str(&text).expect("JSON");
+    broken["panels"][0]["targets"] = Value::Array(Vec::new());
+    assert!(
+        !check(&broken.to_string()).status.success(),
+        "an empty panel passed"
+    );
+}
+
 fn promtool(args: &[&str], file: &Path) {
     let out = Command::new("promtool")
         .args(args)
@@ -216,6 +268,17 @@ fn prometheus_scrapes_tracer_and_evaluates_the_shipped_rules() {
         (scraped - recorded).abs() <= 1e-6 * recorded,
         "Prometheus {scraped} J, records {recorded} J"
     );
+    // Every query of the shipped dashboard is valid PromQL over these series.
+    for q in dashboard_queries() {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--get", "--data-urlencode"])
+            .arg(format!("query={q}"))
+            .arg(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
+            .output()
+            .expect("curl");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(v["status"], "success", "{q}: {v}");
+    }
     // Every rule of the shipped file evaluates without error.
     let rules = api(prom_port, "/api/v1/rules", None);
     let groups = rules["groups"].as_array().expect("rule groups");

@@ -210,6 +210,14 @@ fn after_dropping_privileges_the_daemon_still_does_its_work() {
             .log_text()
             .contains("the configuration was not read, nothing changed")
     });
+    // Nor does one that names no target (the daemon would have nothing left to trace).
+    std::fs::write(&config, ledger).expect("no targets");
+    hangup(&tracer, &notify);
+    wait_for("the empty target list refused", &tracer, || {
+        tracer
+            .log_text()
+            .contains("the configuration names no target, nothing changed")
+    });
 
     // A target started later: named in the file, re-resolved on SIGHUP, its service discovered
     // and its requests recorded.

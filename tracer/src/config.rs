@@ -279,6 +279,21 @@ mod tests {
         assert_eq!(c.api.group.as_deref(), Some("tracer"));
     }
 
+    /// The configuration the Kubernetes manifest carries (its `ConfigMap`).
+    #[test]
+    fn the_kubernetes_configuration_parses() {
+        let yaml = include_str!("../dist/kubernetes/tracer.yaml");
+        let start = yaml.find("tracer.toml: |\n").expect("the ConfigMap's file") + 15;
+        let block: String = yaml[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .flat_map(|l| [l.get(4..).unwrap_or(""), "\n"])
+            .collect();
+        let c = Config::from_toml(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        assert_eq!(c.probe.device_root, Path::new("/host/dev"));
+        assert!(c.api.metrics_listen.is_some() && !c.targets.comms.is_empty());
+    }
+
     #[test]
     fn defaults_and_partial_files() {
         let c = Config::from_toml("[targets]\nports = [8000]\n").expect("parses");

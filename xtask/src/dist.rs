@@ -306,5 +306,31 @@ pub fn check(tarball: &Path) -> Result<()> {
          server and wrote {got} records for {sent} requests"
     );
     let _ = fs::remove_dir_all(&dir);
+    deployments()
+}
+
+/// The container image's build script (its Dockerfile's builder stage runs exactly it; no
+/// container daemon here) and the Kubernetes manifest against the API's `OpenAPI` schemas.
+fn deployments() -> Result<()> {
+    let out = target_dir().join("container-out");
+    sh(Command::new("bash")
+        .arg("tracer/dist/container/build.sh")
+        .arg(&out))?;
+    let dockerfile = fs::read_to_string("tracer/dist/container/Dockerfile")?;
+    if !dockerfile.contains("RUN tracer/dist/container/build.sh /out") {
+        bail!(
+            "the Dockerfile's builder stage no longer runs build.sh: the image would be built by untested steps"
+        );
+    }
+    sh(
+        Command::new(crate::setup::pyenv_bin("kubernetes-validate")).args([
+            "--strict",
+            "--quiet",
+            "tracer/dist/kubernetes/tracer.yaml",
+        ]),
+    )?;
+    eprintln!(
+        "dist check: the image's build script built a working binary; the manifest validates (kubernetes-validate --strict)"
+    );
     Ok(())
 }

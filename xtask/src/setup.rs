@@ -19,6 +19,13 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// from; `tests/it/thirdparty.rs` expects it there.
 const PYENV: &str = "target/pyenv";
 const UVICORN: &str = "0.55.0";
+/// Validates the Kubernetes manifest against the API's `OpenAPI` schemas, offline.
+const KUBERNETES_VALIDATE: &str = "1.37.0";
+
+/// A program installed in the setup's Python environment.
+pub fn pyenv_bin(name: &str) -> std::path::PathBuf {
+    Path::new(PYENV).join("bin").join(name)
+}
 
 pub fn setup() -> Result<()> {
     // 1. LLVM 22 development files for bpf-linker.
@@ -117,24 +124,30 @@ pub fn setup() -> Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
 
-    // 5. A Python environment with uvicorn, for the third-party check's uvicorn server.
+    // 5. A Python environment with uvicorn, for the third-party check's uvicorn server, and
+    // kubernetes-validate (the Kubernetes OpenAPI schemas, offline) for the shipped manifest.
     let python = Path::new(PYENV).join("bin/python");
-    let has_uvicorn = python.exists()
+    let has_both = python.exists()
         && Command::new(&python)
-            .args(["-c", "import uvicorn"])
+            .args(["-c", "import uvicorn, kubernetes_validate"])
             .status()
             .is_ok_and(|s| s.success());
-    if has_uvicorn {
-        eprintln!("setup: {PYENV} has uvicorn");
+    if has_both {
+        eprintln!("setup: {PYENV} has uvicorn and kubernetes-validate");
     } else {
-        eprintln!("setup: creating {PYENV} with uvicorn {UVICORN} (pip)");
-        sh(Command::new("python3").args(["-m", "venv", PYENV]))?;
+        eprintln!(
+            "setup: {PYENV} with uvicorn {UVICORN} and kubernetes-validate {KUBERNETES_VALIDATE} (pip)"
+        );
+        if !python.exists() {
+            sh(Command::new("python3").args(["-m", "venv", PYENV]))?;
+        }
         sh(Command::new(&python).args([
             "-m",
             "pip",
             "install",
             "--quiet",
             &format!("uvicorn=={UVICORN}"),
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
         ]))?;
     }
 

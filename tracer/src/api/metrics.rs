@@ -153,8 +153,6 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
     Reply::Text(200, "text/plain; version=0.0.4", out)
 }
 
-/// Requests and energy per tenant: a label only for the first `api.metrics_tenants` tenants
-/// seen (a series per tenant would otherwise grow without bound); the rest are `other`.
 /// Cost at the tariff (once one is configured and a record carried a cost) and emissions (once
 /// a carbon intensity is), per (service, model).
 fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, Totals)]) {
@@ -198,6 +196,8 @@ fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, To
     }
 }
 
+/// Requests and energy per tenant: a label only for the first `api.metrics_tenants` tenants
+/// seen (a series per tenant would otherwise grow without bound); the rest are `other`.
 fn tenants(out: &mut String, shared: &Shared, scope: &Scope) {
     let rows: Vec<_> = shared
         .tenant_totals()

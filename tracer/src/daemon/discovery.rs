@@ -182,12 +182,22 @@ impl Services {
             .map(|_| ())
     }
 
-    /// Discovers from `roots` from the next pass on (SIGHUP: the targets re-resolved). What
-    /// was found from the old roots stays traced.
+    /// Discovers from the old roots and `roots` from now on (SIGHUP: the targets re-resolved).
+    /// A service's id is its root's position, so the roots it had keep theirs, in order, and
+    /// new ones come after them: no service is renumbered, and a re-discovery still running
+    /// with the old list numbers the same. A root no longer in the file stays (its service's
+    /// requests in flight end where they began; it goes at the next restart).
     pub fn set_roots(&mut self, roots: Vec<ServiceRoot>) {
+        let mut merged = self.finder.roots.clone();
+        for root in roots {
+            match merged.iter_mut().find(|r| r.spec == root.spec) {
+                Some(kept) => kept.pids.extend(root.pids),
+                None => merged.push(root),
+            }
+        }
         self.finder = Arc::new(Finder {
             procfs: self.finder.procfs.clone(),
-            roots,
+            roots: merged,
             opts: self.finder.opts.clone(),
             clocks: self.finder.clocks.clone(),
             exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
@@ -406,4 +416,53 @@ fn attach_each(
         }
     }
     attached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::occupancy::service::RootSpec;
+
+    fn root(spec: RootSpec, pid: u32) -> ServiceRoot {
+        ServiceRoot {
+            spec,
+            pids: BTreeSet::from([pid]),
+        }
+    }
+
+    /// A service's id is its root's position: a reload keeps the old roots where they were,
+    /// appends the new ones, and keeps a root the file no longer names.
+    #[test]
+    fn new_roots_come_after_the_old_ones() {
+        let (mut services, _rx) = Services::new(
+            ProcFs::default(),
+            vec![
+                root(RootSpec::Port(8000), 10),
+                root(RootSpec::Port(8001), 11),
+            ],
+            DiscoverOptions::default(),
+            Clocks::default(),
+        );
+        services.set_roots(vec![
+            root(RootSpec::Pid(5), 5),
+            root(RootSpec::Port(8001), 12),
+            root(RootSpec::Port(8002), 13),
+        ]);
+        let specs: Vec<_> = services
+            .finder
+            .roots
+            .iter()
+            .map(|r| r.spec.clone())
+            .collect();
+        assert_eq!(
+            specs,
+            [
+                RootSpec::Port(8000),
+                RootSpec::Port(8001),
+                RootSpec::Pid(5),
+                RootSpec::Port(8002)
+            ]
+        );
+        assert_eq!(services.finder.roots[1].pids, BTreeSet::from([11, 12]));
+    }
 }

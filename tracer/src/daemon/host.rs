@@ -5,10 +5,11 @@ use std::path::Path;
 
 use super::DaemonError;
 
-/// The oldest kernel the daemon runs on: `CAP_BPF`, `CAP_PERFMON` and the BPF ring buffer came in
-/// 5.8; from 5.11 BPF memory is charged to the memory cgroup, so no `RLIMIT_MEMLOCK` (and no
-/// `CAP_SYS_RESOURCE`) is needed. Tested on 6.18.
-pub const MIN_KERNEL: (u32, u32) = (5, 11);
+/// The oldest kernel the daemon runs on: the probes walk a write's iovec with `bpf_loop`
+/// (5.17); `CAP_BPF`, `CAP_PERFMON` and the BPF ring buffer came in 5.8, and from 5.11 BPF
+/// memory is charged to the memory cgroup (no `RLIMIT_MEMLOCK`, no `CAP_SYS_RESOURCE`). Tested
+/// on 6.18.
+pub const MIN_KERNEL: (u32, u32) = (5, 17);
 
 /// The kernel's own type information: the probes do not relocate against it (they walk no
 /// kernel structures), but distribution kernels without it are untested.
@@ -58,8 +59,8 @@ mod tests {
         assert_eq!(version("5.10.0-28-amd64"), Some((5, 10)));
         assert_eq!(version("4.18.0-553.el8_10.x86_64"), Some((4, 18)));
         assert_eq!(version("garbage"), None);
-        assert!(version("5.10.0").is_some_and(|v| v < MIN_KERNEL));
-        assert!(version("5.11.1").is_some_and(|v| v >= MIN_KERNEL));
+        assert!(version("5.15.0-91-generic").is_some_and(|v| v < MIN_KERNEL));
+        assert!(version("5.17.1").is_some_and(|v| v >= MIN_KERNEL));
         assert!(version("6.1.0").is_some_and(|v| v >= MIN_KERNEL));
     }
 }

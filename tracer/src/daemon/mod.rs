@@ -129,6 +129,13 @@ fn extras(probes: &mut Probes, feeds: &[feeds::SamplerFeed]) -> Result<Extras, D
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP re-reads the configuration with `reload`
 /// (see [`reload`]).
 pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(), DaemonError> {
+    // Handlers first: a SIGHUP (logrotate, `systemctl reload`) during start-up must not kill
+    // the daemon with the signal's default action. tokio starts no thread for them.
+    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("installing SIGHUP handler"))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(io_err("installing SIGINT handler"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(io_err("installing SIGTERM handler"))?;
     privilege::check()?;
     host::check()?;
     // Mounting tracefs needs CAP_SYS_ADMIN, which the drop below gives up.
@@ -140,9 +147,14 @@ pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(
         }
         let d = privilege::drop_unneeded(config.probe.cuda_clock || config.probe.tls_uprobes)?;
         tracing::info!(
-            "privileges: kept {} and gave up {} others (bounding set too), no-new-privs set",
+            "privileges: kept {} and gave up {} others ({}), no-new-privs set",
             d.kept.join(", "),
-            d.dropped
+            d.dropped,
+            if d.bounding {
+                "from the bounding set too"
+            } else {
+                "the bounding set was already limited: no CAP_SETPCAP to change it"
+            }
         );
     }
     let procfs = ProcFs::default();
@@ -302,11 +314,6 @@ pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(
     if let Some(n) = &notifier {
         n.ready(&format!("tracing {} processes", resolved.processes.len()));
     }
-    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("installing SIGHUP handler"))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(io_err("installing SIGINT handler"))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(io_err("installing SIGTERM handler"))?;
     let every = |ms: u64| {
         let mut i = tokio::time::interval(Duration::from_millis(ms.max(1)));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -395,7 +402,7 @@ pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(
                     probes: &mut probes,
                     services: &mut services,
                     pipeline: &mut pipeline,
-                })?;
+                });
                 if let Some(n) = &notifier {
                     n.ready(&format!("tracing {} processes", probes.targets()?.len()));
                 }

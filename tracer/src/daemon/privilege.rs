@@ -44,6 +44,9 @@ pub struct Dropped {
     pub kept: Vec<String>,
     /// How many permitted capabilities were given up.
     pub dropped: usize,
+    /// Whether the bounding set was cut too (it needs `CAP_SETPCAP`; under a unit whose
+    /// `CapabilityBoundingSet` already limits it, it is not there).
+    pub bounding: bool,
 }
 
 /// Gives up every capability but [`KEEP`] (and [`KEEP_FOR_UPROBES`] when `uprobes`), from the
@@ -57,10 +60,14 @@ pub fn drop_unneeded(uprobes: bool) -> Result<Dropped, DaemonError> {
         }
     };
     let permitted = caps::read(None, CapSet::Permitted).map_err(fail("reading"))?;
+    // `CAP_SYS_ADMIN` stands in for the BPF pair where a runtime grants it without them (the
+    // privilege check accepts that): then it is kept, or loading would fail.
+    let stands_in =
+        !permitted.contains(&Capability::CAP_BPF) || !permitted.contains(&Capability::CAP_PERFMON);
     let keep: CapsHashSet = KEEP
         .iter()
         .copied()
-        .chain(uprobes.then_some(KEEP_FOR_UPROBES))
+        .chain((uprobes || stands_in).then_some(KEEP_FOR_UPROBES))
         .filter(|c| permitted.contains(c))
         .collect();
     // SAFETY: prctl with integer arguments only.
@@ -71,7 +78,8 @@ pub fn drop_unneeded(uprobes: bool) -> Result<Dropped, DaemonError> {
         });
     }
     // The bounding set first: dropping from it needs `CAP_SETPCAP`, which goes below.
-    if permitted.contains(&Capability::CAP_SETPCAP) {
+    let bounding = permitted.contains(&Capability::CAP_SETPCAP);
+    if bounding {
         for cap in caps::all() {
             if !keep.contains(&cap)
                 && caps::has_cap(None, CapSet::Bounding, cap).map_err(fail("bounding"))?
@@ -89,6 +97,7 @@ pub fn drop_unneeded(uprobes: bool) -> Result<Dropped, DaemonError> {
     Ok(Dropped {
         kept,
         dropped: permitted.len() - keep.len(),
+        bounding,
     })
 }
 

@@ -61,8 +61,16 @@ pub(super) struct Daemon<'a> {
 }
 
 /// Handles one SIGHUP. A configuration that cannot be read or resolved changes nothing (the
-/// error is logged); the output files are reopened either way.
-pub(super) fn on_hangup(read: Option<&Reader>, d: &mut Daemon<'_>) -> Result<(), DaemonError> {
+/// error is logged); the output files are reopened either way. Never stops the daemon: an
+/// error while applying new targets is logged (what was applied stays), and the daemon goes on
+/// with what it traced.
+pub(super) fn on_hangup(read: Option<&Reader>, d: &mut Daemon<'_>) {
+    if let Err(e) = apply(read, d) {
+        tracing::error!("reload: {e}; tracing goes on with what was applied");
+    }
+}
+
+fn apply(read: Option<&Reader>, d: &mut Daemon<'_>) -> Result<(), DaemonError> {
     let (reopened, failed) = d.pipeline.reopen_outputs();
     for (name, e) in &failed {
         tracing::warn!("reload: reopening output {name} failed ({e}); still writing the old file");
@@ -87,6 +95,10 @@ pub(super) fn on_hangup(read: Option<&Reader>, d: &mut Daemon<'_>) -> Result<(),
     }
     if new.targets == d.config.targets {
         tracing::info!("reload: targets unchanged");
+        return Ok(());
+    }
+    if new.targets.is_empty() {
+        tracing::error!("reload: the configuration names no target, nothing changed");
         return Ok(());
     }
     if (!new.targets.cgroups.is_empty() && !d.loaded.cgroups)
