@@ -13,7 +13,7 @@
 use std::{ffi::OsStr, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
-use tracer_tests::{EmuEnv, Tracer, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, jsonl, privileged_or_skip, workspace_artifact};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -108,17 +108,11 @@ fn run_host(name: &str, seconds: u32, host_args: &[&OsStr]) -> Run {
     let (mut host, port) = env.start_host_with(2, host_args);
     let records_path = env.dir.path().join("records.jsonl");
     let recording = env.dir.path().join("run.rec");
-    let tracer = Tracer::start_env(
+    let tracer = env.start_tracer(
         TRACER,
-        env.dir.path(),
         &[
             "--port",
             &port.to_string(),
-            "--device-root",
-            env.dev.to_str().expect("utf8"),
-            "--standin-devices",
-            "--nvml-lib",
-            env.nvml.to_str().expect("utf8"),
             "--records-out",
             records_path.to_str().expect("utf8"),
             "--record",
@@ -130,8 +124,7 @@ fn run_host(name: &str, seconds: u32, host_args: &[&OsStr]) -> Run {
             "--idle-policy",
             "report",
         ],
-        false,
-        &[("TRACER_EMU_STATE", &env.state)],
+        &[],
     );
     let load = Command::new(workspace_artifact("emuload", "tracer-emuhost"))
         .args([

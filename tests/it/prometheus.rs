@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{EmuEnv, Tracer, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, jsonl, privileged_or_skip, workspace_artifact};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -158,26 +158,19 @@ fn prometheus_scrapes_tracer_and_evaluates_the_shipped_rules() {
         ),
     )
     .expect("config");
-    let tracer = Tracer::start_env(
+    let tracer = env.start_tracer(
         TRACER,
-        dir,
         &[
             "--config",
             config.to_str().expect("utf8"),
             "--port",
             &port.to_string(),
-            "--device-root",
-            env.dev.to_str().expect("utf8"),
-            "--standin-devices",
-            "--nvml-lib",
-            env.nvml.to_str().expect("utf8"),
             "--summary-interval-ms",
             "500",
             "--records-out",
             dir.join("records.jsonl").to_str().expect("utf8"),
         ],
-        false,
-        &[("TRACER_EMU_STATE", &env.state)],
+        &[],
     );
     // Prometheus: the shipped rules, scraping and evaluating every second.
     let prom_port = free_port();

@@ -125,27 +125,17 @@ fn after_dropping_privileges_the_daemon_still_does_its_work() {
     notify
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    let tracer = Tracer::start_env(
+    let tracer = env.start_tracer(
         TRACER,
-        dir,
         &[
             "--config",
             config.to_str().expect("utf8"),
-            "--device-root",
-            env.dev.to_str().expect("utf8"),
-            "--standin-devices",
-            "--nvml-lib",
-            env.nvml.to_str().expect("utf8"),
             "--records-out",
             records.to_str().expect("utf8"),
             "--summary-interval-ms",
             "500",
         ],
-        false,
-        &[
-            ("TRACER_EMU_STATE", &env.state),
-            ("NOTIFY_SOCKET", &notify_path),
-        ],
+        &[("NOTIFY_SOCKET", &notify_path)],
     );
     let ready = next_notification(&notify);
     assert!(ready.starts_with("READY=1\nSTATUS=tracing "), "{ready:?}");

@@ -346,6 +346,23 @@ impl EmuEnv {
         self
     }
 
+    /// Starts the daemon (`exe run`) on this host's stand-in device nodes and NVML emulation
+    /// (`--device-root`, `--standin-devices`, `--nvml-lib`, the sensor state), then `args`, with
+    /// `envs` added; no per-event output.
+    pub fn start_tracer(&self, exe: &str, args: &[&str], envs: &[(&str, &Path)]) -> Tracer {
+        let mut all = vec![
+            "--device-root",
+            self.dev.to_str().expect("utf8"),
+            "--standin-devices",
+            "--nvml-lib",
+            self.nvml.to_str().expect("utf8"),
+        ];
+        all.extend_from_slice(args);
+        let mut env_all = vec![("TRACER_EMU_STATE", self.state.as_path())];
+        env_all.extend_from_slice(envs);
+        Tracer::start_env(exe, self.dir.path(), &all, false, &env_all)
+    }
+
     /// Starts the emulated server on `gpus` GPUs.
     pub fn start_host(&self, gpus: u32) -> (EmuHost, u16) {
         self.start_host_with(gpus, &[])
