@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{EmuEnv, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, free_port, jsonl, privileged_or_skip, workspace_artifact};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -94,13 +94,6 @@ fn the_shipped_prometheus_files_pass_promtool() {
         &["check", "config", "--syntax-only"],
         &shipped("prometheus.yml"),
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// Prometheus's HTTP API, through curl: the `data` of a JSON answer.

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_tests::{EmuEnv, Tracer, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, Tracer, free_port, jsonl, privileged_or_skip, workspace_artifact};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 /// What the daemon keeps with its uprobe step clocks on (the default): `CAP_DAC_READ_SEARCH`
@@ -60,10 +60,7 @@ fn get(port: u16) {
 
 /// Python's stdlib HTTP server on a free port, listening.
 fn http_server(dir: &Path) -> (Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let child = Command::new("python3")
         .args([
             "-m",

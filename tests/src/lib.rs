@@ -26,6 +26,14 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
+/// A TCP port on loopback that nothing listens on now (for a server told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// The daemon under test, running with `--events-out`.
 pub struct Tracer {
     child: Option<Child>,

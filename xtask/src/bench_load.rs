@@ -230,11 +230,7 @@ fn run_load(loadgen: &Path, port: u16, m: &Mix, requests: u64) -> Result<Load> {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    crate::stats::median_in_place(&mut v)
 }
 
 /// One row of the table: a server and a mix, alternated with and without tracer.

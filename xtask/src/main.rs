@@ -19,6 +19,7 @@ mod reference;
 mod report_demo;
 mod score;
 mod setup;
+mod stats;
 mod thirdparty;
 
 use anyhow::{Context as _, Result, bail};

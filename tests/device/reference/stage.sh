@@ -6,10 +6,8 @@
 # the local Python's version). Both folders are git-ignored: name them in the device call's carry.
 set -eu
 PYVER=${PYVER:-3.12}
-cargo build --release -p tracer
-mkdir -p .devbin
-cp target/release/tracer .devbin/tracer
-strip .devbin/tracer
+# The same build the container image uses (release, probes embedded, stripped).
+bash tracer/dist/container/build.sh .devbin
 rm -rf .whl
 mkdir -p .whl
 grep -v '^#' tests/device/reference/wheels.txt | xargs python3 -m pip download -q --no-deps \

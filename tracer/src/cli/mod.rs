@@ -98,34 +98,28 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let daemon = |config: Config, reload: crate::daemon::reload::Reader| -> anyhow::Result<()> {
+    // The reader makes the configuration at start, and again on each SIGHUP.
+    let daemon = |read: crate::daemon::reload::Reader| -> anyhow::Result<()> {
+        let config = read().map_err(anyhow::Error::msg)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(crate::daemon::run(config, Some(reload)))?;
+        rt.block_on(crate::daemon::run(config, read))?;
         Ok(())
     };
     match cli.command {
-        Command::Run(args) => {
-            let again = args.clone();
-            let reload = Box::new(move || again.clone().into_config().map_err(|e| report(&e)));
-            daemon(args.into_config()?, reload)
-        }
+        Command::Run(args) => daemon(Box::new(move || {
+            args.clone().into_config().map_err(|e| report(&e))
+        })),
         Command::Query(args) => query::requests(&args),
         Command::Summary(args) => query::summary(&args),
         Command::Top(args) => top::run(&args),
         Command::Report(args) => report::run(&args),
-        Command::Record(args) => {
-            let (again, out) = (args.run.clone(), args.out.clone());
-            let reload = Box::new(move || {
-                let mut c = again.clone().into_config().map_err(|e| report(&e))?;
-                c.output.record = Some(out.clone());
-                Ok(c)
-            });
-            let mut config = args.run.into_config()?;
-            config.output.record = Some(args.out);
-            daemon(config, reload)
-        }
+        Command::Record(args) => daemon(Box::new(move || {
+            let mut c = args.run.clone().into_config().map_err(|e| report(&e))?;
+            c.output.record = Some(args.out.clone());
+            Ok(c)
+        })),
         Command::Services(args) => {
             use crate::{occupancy::service, procfs::ProcFs};
             if args.targets.is_empty() {

@@ -37,16 +37,27 @@ pub(super) fn load(
         ipc: config.probe.ipc_clock,
     };
     let mut probes = Probes::load(&settings)?;
+    add_targets(&mut probes, &resolved, &spec.comms)?;
+    Ok((probes, resolved))
+}
+
+/// Tells the probes whom to trace: the resolved processes and cgroups, and the names (at load,
+/// and on SIGHUP for targets new in the configuration).
+pub(super) fn add_targets(
+    probes: &mut Probes,
+    resolved: &Resolved,
+    comms: &[String],
+) -> Result<(), DaemonError> {
     for (&pid, &why) in &resolved.processes {
         probes.add_target(pid, why)?;
     }
     for &id in &resolved.cgroup_ids {
         probes.add_cgroup(id)?;
     }
-    for comm in &spec.comms {
+    for comm in comms {
         probes.add_comm(comm)?;
     }
-    Ok((probes, resolved))
+    Ok(())
 }
 
 /// Connections the targets already had: captured from now on, parsing resyncs at the next

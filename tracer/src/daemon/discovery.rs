@@ -74,6 +74,16 @@ struct Finder {
 }
 
 impl Finder {
+    fn new(procfs: ProcFs, roots: Vec<ServiceRoot>, opts: DiscoverOptions, clocks: Clocks) -> Self {
+        Self {
+            procfs,
+            roots,
+            opts,
+            clocks,
+            exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
     /// `path` as process `pid` names it, through its root (containers' mount namespaces).
     fn in_root(&self, pid: u32, path: &std::path::Path) -> PathBuf {
         let rel = path.strip_prefix("/").unwrap_or(path);
@@ -149,13 +159,7 @@ impl Services {
         clocks: Clocks,
     ) -> (Self, mpsc::Receiver<Result<Found, ServiceError>>) {
         let (tx, rx) = mpsc::channel(1);
-        let finder = Arc::new(Finder {
-            procfs,
-            roots,
-            opts,
-            clocks,
-            exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
-        });
+        let finder = Arc::new(Finder::new(procfs, roots, opts, clocks));
         (
             Self {
                 finder,
@@ -177,9 +181,7 @@ impl Services {
         pipeline: &mut Pipeline,
         probes: &mut Probes,
     ) -> Result<(), DaemonError> {
-        let d = self.finder.discover()?;
-        self.apply(&d, pipeline, probes, monotonic_ns(), true)
-            .map(|_| ())
+        self.discover_now_as(pipeline, probes, true).map(|_| ())
     }
 
     /// Discovers from the old roots and `roots` from now on (SIGHUP: the targets re-resolved).
@@ -195,13 +197,12 @@ impl Services {
                 None => merged.push(root),
             }
         }
-        self.finder = Arc::new(Finder {
-            procfs: self.finder.procfs.clone(),
-            roots: merged,
-            opts: self.finder.opts.clone(),
-            clocks: self.finder.clocks.clone(),
-            exports_ssl: std::sync::Mutex::new(BTreeMap::new()),
-        });
+        self.finder = Arc::new(Finder::new(
+            self.finder.procfs.clone(),
+            merged,
+            self.finder.opts.clone(),
+            self.finder.clocks.clone(),
+        ));
     }
 
     /// A discovery now, on this thread (SIGHUP, after the roots changed): what it finds is in
@@ -212,8 +213,18 @@ impl Services {
         pipeline: &mut Pipeline,
         probes: &mut Probes,
     ) -> Result<bool, DaemonError> {
+        self.discover_now_as(pipeline, probes, false)
+    }
+
+    /// A discovery on this thread, applied (`seed`: at attach, GPUs already held are seeded).
+    fn discover_now_as(
+        &mut self,
+        pipeline: &mut Pipeline,
+        probes: &mut Probes,
+        seed: bool,
+    ) -> Result<bool, DaemonError> {
         let d = self.finder.discover()?;
-        self.apply(&d, pipeline, probes, monotonic_ns(), false)
+        self.apply(&d, pipeline, probes, monotonic_ns(), seed)
     }
 
     /// A re-discovery is running.

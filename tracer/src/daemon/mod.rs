@@ -128,7 +128,7 @@ fn extras(probes: &mut Probes, feeds: &[feeds::SamplerFeed]) -> Result<Extras, D
 
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP re-reads the configuration with `reload`
 /// (see [`reload`]).
-pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(), DaemonError> {
+pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), DaemonError> {
     // Handlers first: a SIGHUP (logrotate, `systemctl reload`) during start-up must not kill
     // the daemon with the signal's default action. tokio starts no thread for them.
     let mut sighup = signal(SignalKind::hangup()).map_err(io_err("installing SIGHUP handler"))?;
@@ -394,7 +394,7 @@ pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(
                 if let Some(n) = &notifier {
                     n.reloading();
                 }
-                reload::on_hangup(reload.as_ref(), &mut reload::Daemon {
+                reload::on_hangup(&reload, &mut reload::Daemon {
                     config: &mut config,
                     loaded,
                     procfs: &procfs,
@@ -404,7 +404,9 @@ pub async fn run(mut config: Config, reload: Option<reload::Reader>) -> Result<(
                     pipeline: &mut pipeline,
                 });
                 if let Some(n) = &notifier {
-                    n.ready(&format!("tracing {} processes", probes.targets()?.len()));
+                    // Best effort: a map read that fails must not end the daemon here.
+                    let traced = probes.targets().map_or(0, |t| t.len());
+                    n.ready(&format!("tracing {traced} processes"));
                 }
             }
             _ = sigint.recv() => break,

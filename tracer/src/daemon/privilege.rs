@@ -107,25 +107,29 @@ pub fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
 }
 
-/// A capability bit (`linux/capability.h`).
-const CAP_DAC_READ_SEARCH: u32 = 2;
-const CAP_SYS_PTRACE: u32 = 19;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// What the daemon needs, each as alternatives (any one of them will do).
-const NEEDS: [(&str, &[u32]); 4] = [
-    ("CAP_BPF", &[CAP_BPF, CAP_SYS_ADMIN]),
-    ("CAP_PERFMON", &[CAP_PERFMON, CAP_SYS_ADMIN]),
-    ("CAP_SYS_PTRACE", &[CAP_SYS_PTRACE]),
-    ("CAP_DAC_READ_SEARCH", &[CAP_DAC_READ_SEARCH]),
+/// What the daemon needs, each as alternatives (any one of them will do): `CAP_SYS_ADMIN`
+/// stands in for the BPF pair on runtimes that grant it alone.
+const NEEDS: [(Capability, &[Capability]); 4] = [
+    (
+        Capability::CAP_BPF,
+        &[Capability::CAP_BPF, Capability::CAP_SYS_ADMIN],
+    ),
+    (
+        Capability::CAP_PERFMON,
+        &[Capability::CAP_PERFMON, Capability::CAP_SYS_ADMIN],
+    ),
+    (Capability::CAP_SYS_PTRACE, &[Capability::CAP_SYS_PTRACE]),
+    (
+        Capability::CAP_DAC_READ_SEARCH,
+        &[Capability::CAP_DAC_READ_SEARCH],
+    ),
 ];
 
 /// Fails, naming what is missing, unless this process holds every capability it needs.
 pub fn check() -> Result<(), DaemonError> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let missing = missing(effective(&status));
+    // Unreadable: nothing held, so every need is named.
+    let effective = caps::read(None, CapSet::Effective).unwrap_or_default();
+    let missing = missing(&effective);
     if missing.is_empty() {
         return Ok(());
     }
@@ -137,20 +141,11 @@ pub fn check() -> Result<(), DaemonError> {
     })
 }
 
-/// The effective capability set from `/proc/self/status` (empty when it cannot be read).
-fn effective(status: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0)
-}
-
-fn missing(eff: u64) -> Vec<&'static str> {
+fn missing(effective: &CapsHashSet) -> Vec<String> {
     NEEDS
         .iter()
-        .filter(|(_, any)| !any.iter().any(|&c| eff & (1 << c) != 0))
-        .map(|(name, _)| *name)
+        .filter(|(_, any)| !any.iter().any(|c| effective.contains(c)))
+        .map(|(name, _)| name.to_string())
         .collect()
 }
 
@@ -160,8 +155,9 @@ mod tests {
 
     #[test]
     fn names_each_missing_capability() {
+        let set = |caps: &[Capability]| caps.iter().copied().collect::<CapsHashSet>();
         assert_eq!(
-            missing(effective("Name:\tx\nCapEff:\t0000000000000000\n")),
+            missing(&set(&[])),
             [
                 "CAP_BPF",
                 "CAP_PERFMON",
@@ -170,11 +166,15 @@ mod tests {
             ]
         );
         // Root's full set, and `CAP_SYS_ADMIN` standing in for the BPF pair.
-        assert!(missing(effective("CapEff:\t000001ffffffffff\n")).is_empty());
-        let admin = (1u64 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
-        assert!(missing(admin).is_empty());
+        assert!(missing(&caps::all()).is_empty());
+        let admin = set(&[
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_SYS_PTRACE,
+            Capability::CAP_DAC_READ_SEARCH,
+        ]);
+        assert!(missing(&admin).is_empty());
         assert_eq!(
-            missing(1 << CAP_BPF),
+            missing(&set(&[Capability::CAP_BPF])),
             ["CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
         );
     }

@@ -64,21 +64,18 @@ pub(super) struct Daemon<'a> {
 /// error is logged); the output files are reopened either way. Never stops the daemon: an
 /// error while applying new targets is logged (what was applied stays), and the daemon goes on
 /// with what it traced.
-pub(super) fn on_hangup(read: Option<&Reader>, d: &mut Daemon<'_>) {
+pub(super) fn on_hangup(read: &Reader, d: &mut Daemon<'_>) {
     if let Err(e) = apply(read, d) {
         tracing::error!("reload: {e}; tracing goes on with what was applied");
     }
 }
 
-fn apply(read: Option<&Reader>, d: &mut Daemon<'_>) -> Result<(), DaemonError> {
+fn apply(read: &Reader, d: &mut Daemon<'_>) -> Result<(), DaemonError> {
     let (reopened, failed) = d.pipeline.reopen_outputs();
     for (name, e) in &failed {
         tracing::warn!("reload: reopening output {name} failed ({e}); still writing the old file");
     }
     tracing::info!("reload: {reopened} output files reopened");
-    let Some(read) = read else {
-        return Ok(());
-    };
     let new = match read() {
         Ok(c) => c,
         Err(e) => {
@@ -133,21 +130,12 @@ fn apply(read: Option<&Reader>, d: &mut Daemon<'_>) -> Result<(), DaemonError> {
     let fresh = targets::Resolved {
         processes: resolved
             .processes
-            .iter()
+            .into_iter()
             .filter(|(pid, _)| !known.contains(pid))
-            .map(|(&pid, &why)| (pid, why))
             .collect(),
-        cgroup_ids: resolved.cgroup_ids.clone(),
+        cgroup_ids: resolved.cgroup_ids,
     };
-    for (&pid, &why) in &fresh.processes {
-        d.probes.add_target(pid, why)?;
-    }
-    for &id in &resolved.cgroup_ids {
-        d.probes.add_cgroup(id)?;
-    }
-    for comm in &new.targets.comms {
-        d.probes.add_comm(comm)?;
-    }
+    attach::add_targets(d.probes, &fresh, &new.targets.comms)?;
     d.services.set_roots(roots);
     let found = d.services.discover_now(d.pipeline, d.probes)?;
     let seeded = attach::seed_connections(d.procfs, &fresh, d.probes, d.pipeline)?;

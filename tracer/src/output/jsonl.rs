@@ -81,12 +81,7 @@ impl JsonLines {
     /// an earlier run wrote. A last line a crash cut off (no newline) is removed first, so every
     /// line stays one JSON value; returns how many bytes that was.
     pub fn create(stream: Stream, path: &Path) -> std::io::Result<(Self, u64)> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
-        let cut = cut_torn_line(&mut f)?;
+        let (f, cut) = open_appending(path)?;
         let mut out = Self::new(stream, Box::new(f));
         out.path = Some(path.to_path_buf());
         Ok((out, cut))
@@ -126,6 +121,18 @@ fn cut_torn_line(f: &mut File) -> std::io::Result<u64> {
     }
     f.set_len(0)?;
     Ok(len)
+}
+
+/// The file at `path` for appending (created if missing), a last line cut off by a crash
+/// removed first; returns it and how many bytes were cut.
+fn open_appending(path: &Path) -> std::io::Result<(File, u64)> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let cut = cut_torn_line(&mut f)?;
+    Ok((f, cut))
 }
 
 impl Subscriber for JsonLines {
@@ -168,12 +175,11 @@ impl Subscriber for JsonLines {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        // Opened before the switch: on error nothing changes and no line is lost.
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        // Flushed first: the buffer may end inside a line already half written, which must be
+        // whole before the file at the path (the same one when it was not rotated) is checked
+        // for a torn line. On an error the old file stays in use and no line is lost.
         self.w.flush()?;
+        let (f, _) = open_appending(path)?;
         self.w = BufWriter::new(Box::new(f));
         Ok(true)
     }
@@ -203,6 +209,14 @@ mod tests {
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("read");
         assert_eq!(read("records.jsonl.1"), "1\n2\n");
         assert_eq!(read("records.jsonl"), "3\n");
+        // Reopened in place (no rotation) while the buffer holds the end of a line whose start
+        // is already in the file: the line stays whole.
+        let big = "x".repeat(20_000);
+        out.line(&big).expect("a line longer than the buffer");
+        assert!(out.reopen().expect("reopen in place"));
+        out.line(&4).expect("line");
+        out.flush().expect("flush");
+        assert_eq!(read("records.jsonl"), format!("3\n\"{big}\"\n4\n"));
         // A stream handed in has no file to reopen.
         assert!(
             !JsonLines::new(Stream::Records, Box::new(std::io::sink()))

@@ -58,7 +58,7 @@ impl Counter {
     /// Median time between updates (ns).
     pub fn median_update_ns(&self) -> f64 {
         let mut d: Vec<f64> = self.points.windows(2).map(|w| w[1].0 - w[0].0).collect();
-        super::stats::median_in_place(&mut d)
+        crate::stats::median_in_place(&mut d)
     }
 
     /// Cumulative energy at `t_ns` (mJ).

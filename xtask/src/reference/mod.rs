@@ -7,7 +7,6 @@
 //! the class split from the two-class Shapley value over four periods of equal length.
 
 mod counter;
-mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -16,8 +15,8 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+use crate::stats::{Mean, mean_ci, median};
 pub use counter::Counter;
-use stats::{Mean, mean_ci, median};
 
 /// Padding around a sequential request's counter window: a few counter updates (about 100 ms
 /// apart on NVIDIA GPUs), so the energy the request caused is inside the window and the idle

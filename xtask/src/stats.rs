@@ -1,4 +1,5 @@
-//! Means with Student-t confidence intervals over repetitions, and medians.
+//! Means with Student-t confidence intervals over repetitions, and medians (the bench's
+//! rounds, the reference's repetitions).
 
 use std::fmt;
 
