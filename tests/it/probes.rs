@@ -222,3 +222,114 @@ fn the_empty_program_floor_attaches_to_every_tracepoint() {
     let _ = std::fs::read_to_string("/proc/self/stat").expect("a read with the floor attached");
     drop(floor);
 }
+
+/// One run of the testbed's script under `launcher` (a shell line that ends by exec'ing the
+/// testbed with the arguments `"$@"`): its pid and the fd of the connection it accepted.
+fn serve_once(launcher: &str, testbed: &str, dev_root: &str) -> (u32, u64) {
+    let mut bed = Command::new("sh")
+        .args(["-c", launcher, "sh", "--device-root", dev_root])
+        .env("TESTBED", testbed)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn testbed");
+    let pid = bed.id();
+    let mut lines = BufReader::new(bed.stdout.take().expect("stdout"))
+        .lines()
+        .map(|l| l.expect("testbed stdout"));
+    let port = expect_line(&mut lines, "listening")[0];
+    let mut stdin = bed.stdin.take().expect("stdin");
+    writeln!(stdin, "go").expect("go");
+    let mut client = TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
+    client.write_all(REQUEST).expect("send request");
+    let mut response = Vec::new();
+    client.read_to_end(&mut response).expect("read response");
+    let fd = expect_line(&mut lines, "accepted")[0];
+    for line in lines.by_ref() {
+        if line == "done" {
+            break;
+        }
+    }
+    drop(stdin);
+    let _ = bed.wait();
+    (pid, fd)
+}
+
+/// Processes that become targets in the kernel, not through the daemon: a cgroup member
+/// started after attach and a process exec'd under a traced name. Their first syscalls get past
+/// the probes' not-a-target byte (set by the probes themselves), so their connection is seen
+/// whole, and an unrelated process next to them is not.
+#[test]
+fn targets_by_cgroup_and_by_name_are_traced_from_their_first_syscall() {
+    if !privileged_or_skip("targets_by_cgroup_and_by_name_are_traced_from_their_first_syscall") {
+        return;
+    }
+    let dir = TempDir::new("probes-cgroup-comm");
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(&dev).expect("dev dir");
+    std::fs::write(dev.join("nvidia0"), b"").expect("nvidia0");
+    std::fs::write(dev.join("nvidiactl"), b"").expect("nvidiactl");
+    let dev_root = dev.to_str().expect("utf8");
+    // The cgroup v2 hierarchy: /sys/fs/cgroup, or its `unified` mount on a hybrid host.
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("a cgroup v2 hierarchy");
+    let cgroup = root.join(format!("tracer-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).expect("create a cgroup");
+    // The same program under a name of its own (comm is the executable's file name).
+    let named = dir.path().join("namedbed");
+    std::fs::copy(TESTBED, &named).expect("copy the testbed");
+    let named = named.to_str().expect("utf8").to_string();
+
+    let cgroup_s = cgroup.to_str().expect("utf8").to_string();
+    let tracer = Tracer::start(
+        TRACER,
+        dir.path(),
+        &[
+            "--cgroup",
+            &cgroup_s,
+            "--comm",
+            "namedbed",
+            "--device-root",
+            dev_root,
+            "--poll-interval-ms",
+            "5",
+            "--summary-interval-ms",
+            "200",
+        ],
+    );
+    let in_cgroup = format!("echo $$ > {cgroup_s}/cgroup.procs && exec \"$TESTBED\" \"$@\"");
+    let (by_cgroup, cgroup_fd) = serve_once(&in_cgroup, TESTBED, dev_root);
+    let (by_name, name_fd) = serve_once("exec \"$TESTBED\" \"$@\"", &named, dev_root);
+    let (neither, _) = serve_once("exec \"$TESTBED\" \"$@\"", TESTBED, dev_root);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let events = tracer.stop();
+    let _ = std::fs::remove_dir(&cgroup);
+
+    for (pid, fd, how) in [(by_cgroup, cgroup_fd, "cgroup"), (by_name, name_fd, "name")] {
+        let conns = events_of(&events, "conn", pid);
+        assert_eq!(
+            conns.len(),
+            1,
+            "by {how}: one accepted connection: {conns:?}"
+        );
+        assert_eq!(num(conns[0], "fd"), fd, "by {how}");
+        let data = events_of(&events, "data", pid);
+        let inbound: Vec<_> = data.iter().filter(|d| d["inbound"] == true).collect();
+        assert_eq!(inbound.len(), 1, "by {how}: the request read: {data:?}");
+        assert_eq!(num(inbound[0], "total_len"), REQUEST.len() as u64);
+        assert_eq!(
+            data.iter().filter(|d| d["inbound"] == false).count(),
+            2,
+            "by {how}: write + writev: {data:?}"
+        );
+        assert_eq!(events_of(&events, "close", pid).len(), 1, "by {how}");
+        assert_eq!(events_of(&events, "dev_open", pid).len(), 1, "by {how}");
+    }
+    assert!(
+        events.iter().all(|e| num(e, "tgid") as u32 != neither),
+        "the process that is neither was not traced"
+    );
+}

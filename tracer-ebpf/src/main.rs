@@ -2,9 +2,8 @@
 //!
 //! Syscall tracepoints (stable argument offsets, no CO-RE) on the socket, device-open and ioctl
 //! paths, plus sched tracepoints to follow targets' children. Design rules:
-//! - the not-a-target path is one lookup at entry and, at exit, one array read (the process's
-//!   `STASHERS` byte: it never stashed an entry) and out: these programs run for every process
-//!   on the host that makes the syscall;
+//! - the not-a-target path is one array read at entry and at exit (the process's `TRACED`
+//!   byte) and out: these programs run for every process on the host that makes the syscall;
 //! - entry arguments are stashed per thread and the record is emitted at exit, with the syscall's
 //!   return value (never the requested length);
 //! - payload copies go through a per-CPU scratch buffer with masked lengths, and records are

@@ -146,7 +146,18 @@ pub(crate) fn build_release(tracer_bins: &[&str], test_bins: &[&str]) -> Result<
     sh(&mut cmd)
 }
 
-pub fn bench_probes(iterations: u32) -> Result<()> {
+/// What `bench-probes` compares.
+pub struct ProbesBench {
+    /// Iterations per measurement (each the best of 3 rounds of them).
+    pub iterations: u32,
+    /// Rounds of every case, alternated; each case's median is reported.
+    pub rounds: u32,
+    /// Another daemon binary (the build before a change), measured as a not-a-target case in
+    /// the same rounds.
+    pub baseline: Option<PathBuf>,
+}
+
+pub fn bench_probes(opts: &ProbesBench) -> Result<()> {
     build_release(&["tracer"], &["syscall-bench", "probe-floor", "cuda-steps"])?;
     // Apart: with a `--bin` filter the stand-in driver would be built only as a dependency,
     // and not copied to target/release.
@@ -156,35 +167,60 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
     let bench = release.join("syscall-bench");
     let dir = env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let cases = [
-        ("no tracer", Attach::None),
+    let mut cases = vec![
+        ("no tracer".to_string(), Attach::None, &tracer),
         (
-            "floor: an empty program on each of the same tracepoints",
+            "floor: an empty program on each of the same tracepoints".to_string(),
             Attach::Floor,
-        ),
-        (
-            "tracer attached, caller not a target",
-            Attach::Tracer { target: false },
-        ),
-        (
-            "tracer attached, caller is the target (data captured, ioctl recorded)",
-            Attach::Tracer { target: true },
+            &tracer,
         ),
     ];
-    let mut rows = Vec::new();
-    let args = [dir.to_string_lossy().into_owned(), iterations.to_string()];
-    for (name, target) in cases {
-        let v = bench_case(
-            &bench,
-            &args,
-            &tracer,
-            &dir,
-            target,
-            &[],
-            &["write_read_ns", "ioctl_ns", "getppid_ns"],
-        )?;
-        rows.push((name, v));
+    if let Some(b) = &opts.baseline {
+        cases.push((
+            format!("baseline `{}` attached, caller not a target", b.display()),
+            Attach::Tracer { target: false },
+            b,
+        ));
     }
+    cases.push((
+        "tracer attached, caller not a target".to_string(),
+        Attach::Tracer { target: false },
+        &tracer,
+    ));
+    cases.push((
+        "tracer attached, caller is the target (data captured, ioctl recorded)".to_string(),
+        Attach::Tracer { target: true },
+        &tracer,
+    ));
+    let args = [
+        dir.to_string_lossy().into_owned(),
+        opts.iterations.to_string(),
+    ];
+    // Every case once per round, so that a drift of the VM moves them all alike.
+    let mut runs: Vec<Vec<Vec<f64>>> = vec![Vec::new(); cases.len()];
+    for _ in 0..opts.rounds.max(1) {
+        for (i, (_, attach, daemon)) in cases.iter().enumerate() {
+            runs[i].push(bench_case(
+                &bench,
+                &args,
+                daemon,
+                &dir,
+                *attach,
+                &[],
+                &["write_read_ns", "ioctl_ns", "getppid_ns"],
+            )?);
+        }
+    }
+    let rows: Vec<(String, Vec<f64>)> = cases
+        .iter()
+        .zip(&runs)
+        .map(|((name, _, _), r)| {
+            let per_figure = (0..3)
+                .map(|k| crate::stats::median(&r.iter().map(|v| v[k]).collect::<Vec<_>>()))
+                .collect();
+            (name.clone(), per_figure)
+        })
+        .collect();
     // Added ns over no tracer; the floor's added ns is what the not-a-target tax is held to.
     let base = rows[0].1.clone();
     let floor = rows[1].1.clone();
@@ -213,7 +249,7 @@ pub fn bench_probes(iterations: u32) -> Result<()> {
             ratio(1),
         );
     }
-    bench_cuda(&release, &tracer, &dir, iterations)?;
+    bench_cuda(&release, &tracer, &dir, opts.iterations)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -522,7 +522,11 @@ pub fn bench(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     if !quick {
         println!();
-        crate::bench::bench_probes(200_000)?;
+        crate::bench::bench_probes(&crate::bench::ProbesBench {
+            iterations: 200_000,
+            rounds: 1,
+            baseline: None,
+        })?;
         println!();
         for gpus in [1, 8] {
             crate::bench::bench_sampler(gpus, 100, 10, "none")?;

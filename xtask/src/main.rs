@@ -67,6 +67,13 @@ enum Task {
         /// Iterations per measurement (best of 3 rounds is reported).
         #[arg(long, default_value_t = 200_000)]
         iterations: u32,
+        /// Rounds of every case, alternated; each case's median is reported.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Another daemon binary (the build before a change), measured as a not-a-target case
+        /// in the same rounds.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
     /// setup, then measure what the power sampler costs: the real NVML source on emulated GPUs
     /// through the NVML emulation library, per case (energy only, with processes at 1 Hz, with
@@ -171,9 +178,17 @@ fn main() -> Result<()> {
             setup()?;
             bench_load::bench(quick)
         }
-        Task::BenchProbes { iterations } => {
+        Task::BenchProbes {
+            iterations,
+            rounds,
+            baseline,
+        } => {
             setup()?;
-            bench::bench_probes(iterations)
+            bench::bench_probes(&bench::ProbesBench {
+                iterations,
+                rounds,
+                baseline,
+            })
         }
         Task::BenchSampler {
             gpus,

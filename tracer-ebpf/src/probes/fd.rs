@@ -14,8 +14,8 @@ use tracer_ebpf::abi::{
 };
 
 use super::{
-    CONFIG, CONNS, DEV_FDS, PATHBUF, arg, bump, current_target, emit, fd_key, header, ret, stash,
-    stash_entry, take,
+    CONFIG, CONNS, DEV_FDS, PATHBUF, arg, bump, current_target, emit, fd_key, header,
+    may_be_traced, ret, stash, stash_entry, take,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -24,6 +24,9 @@ use super::{
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
+    if !may_be_traced((id >> 32) as u32) {
+        return 0;
+    }
     let fd = arg(&ctx, 0) as u32;
     let key = FdKey {
         tgid: (id >> 32) as u32,

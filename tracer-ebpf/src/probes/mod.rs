@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_ANY, BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
@@ -108,13 +108,16 @@ static CUDA_COUNTS: HashMap<u32, CudaCounts> = HashMap::with_max_entries(4096, 0
 #[map]
 static STASH: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
 
-/// One byte per process (tgid; 8 per value): set when the process first stashes a syscall's
-/// entry, cleared when it exits. An exit reads its byte before looking for a stashed entry, so
-/// every other process on the host pays one array read at exit, not a hash lookup. Sized to
-/// `pid_max` by the loader (bytes: no atomic read-modify-write on the bpf target, and a byte
-/// store never touches its neighbours).
+/// One byte per process (tgid; 8 per value), the not-a-target check: set before the process
+/// can have an entry in a table the hot programs look up (a target, a followed socket or device
+/// fd, a stashed syscall entry), cleared when it exits. The read/write, ioctl, close and dup
+/// entries and every exit read it first, so each other process on the host pays one array
+/// read there and nothing else. Set by the probes (a byte store; the bpf target has no atomic
+/// read-modify-write, and a byte store never touches its neighbours) and by the daemon through
+/// the map's memory (mmapable: a byte store too, where a map update would rewrite 8
+/// processes' bytes). Sized to `pid_max` by the loader.
 #[map]
-static STASHERS: Array<u64> = Array::with_max_entries(4096, 0);
+static TRACED: Array<u64> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
 /// OpenSSL calls in progress per thread (`pid_tgid`), until they return (`tls.rs`). LRU as
 /// `STASH`.
@@ -132,9 +135,10 @@ static SSL_FDS: LruHashMap<SslKey, i64> = LruHashMap::with_max_entries(65536, 0)
 #[map]
 static LAST_READ: LruHashMap<u64, i64> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-CPU counters (see `Stat` and `Kind::{emitted,dropped}_stat`).
+/// Per-CPU counters (see `Stat` and `Kind::{emitted,dropped}_stat`), all in one value so the
+/// daemon reads them with one syscall.
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+static STATS: PerCpuArray<[u64; STAT_SLOTS as usize]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch for data records: twice the capture size so masked offset + clamped length
 /// always fit, which is what the verifier needs to see.
@@ -153,9 +157,11 @@ static PATHBUF: PerCpuArray<DevOpenEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(slot: u32) {
-    if let Some(p) = STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *p += 1 };
+    if let Some(p) = STATS.get_ptr_mut(0) {
+        // SAFETY: this CPU's value, no concurrent writer on this CPU while the program runs.
+        if let Some(c) = unsafe { (*p).get_mut(slot as usize) } {
+            *c += 1;
+        }
     }
 }
 
@@ -221,13 +227,14 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// Whether the current process is traced; returns its `pid_tgid`.
+/// Whether the current process is traced; returns its `pid_tgid`. Every `TARGETS` entry's
+/// byte is set first, so the byte answers for the rest of the host (but the cgroup filter).
 #[inline(always)]
 fn current_target() -> Option<u64> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     // SAFETY: the value is not held across helper calls that could free it.
-    if unsafe { TARGETS.get(tgid) }.is_some() {
+    if may_be_traced(tgid) && unsafe { TARGETS.get(tgid) }.is_some() {
         return Some(id);
     }
     if config!(filter_cgroup) != 0 {
@@ -250,27 +257,41 @@ fn fd_key(id: u64, fd: i64) -> FdKey {
     }
 }
 
-/// The `STASHERS` byte of `id`'s process (`None`: a tgid beyond the map, never expected).
+/// The `TRACED` byte of process `tgid` (`None`: a tgid beyond the map, never expected).
 #[inline(always)]
-fn stasher_byte(id: u64) -> Option<*mut u8> {
-    let tgid = (id >> 32) as u32;
-    let word = STASHERS.get_ptr_mut(tgid >> 3)?;
+fn traced_byte(tgid: u32) -> Option<*mut u8> {
+    let word = TRACED.get_ptr_mut(tgid >> 3)?;
     // SAFETY: within the 8-byte value (the offset is masked to 0..=7).
     Some(unsafe { word.cast::<u8>().add((tgid & 7) as usize) })
 }
 
-/// Whether `id`'s process may have a stashed entry: false only when its byte says it never
-/// stashed one.
+/// Whether process `tgid` may be traced: false only when its byte says it is none of what the
+/// byte covers (see `TRACED`).
 #[inline(always)]
-fn may_have_stashed(id: u64) -> bool {
+fn may_be_traced(tgid: u32) -> bool {
     // SAFETY: a map value byte, read once.
-    stasher_byte(id).is_none_or(|b| unsafe { core::ptr::read_volatile(b) } != 0)
+    traced_byte(tgid).is_none_or(|b| unsafe { core::ptr::read_volatile(b) } != 0)
 }
 
-/// The process exited: its byte is cleared for whichever process gets its tgid next.
+/// Marks process `tgid` before an entry of it is added to a table the byte covers.
 #[inline(always)]
-fn forget_stasher(id: u64) {
-    if let Some(b) = stasher_byte(id) {
+fn mark_traced(tgid: u32) {
+    if let Some(b) = traced_byte(tgid) {
+        // SAFETY: a map value byte; every writer but the exit stores the same value, and the
+        // store is skipped when it is already set (no cache line dirtied per syscall).
+        unsafe {
+            if core::ptr::read_volatile(b) == 0 {
+                core::ptr::write_volatile(b, 1);
+            }
+        }
+    }
+}
+
+/// Process (or thread id) `tgid` exited: its byte is cleared for whichever process gets the
+/// number next.
+#[inline(always)]
+fn forget_traced(tgid: u32) {
+    if let Some(b) = traced_byte(tgid) {
         // SAFETY: a map value byte; the process is gone, nothing else writes it.
         unsafe { core::ptr::write_volatile(b, 0) };
     }
@@ -278,24 +299,17 @@ fn forget_stasher(id: u64) {
 
 #[inline(always)]
 fn stash(id: u64, entry: &Stash) {
-    if let Some(b) = stasher_byte(id) {
-        // SAFETY: a map value byte; only this process's programs set it (to the same value).
-        unsafe {
-            if core::ptr::read_volatile(b) == 0 {
-                core::ptr::write_volatile(b, 1);
-            }
-        }
-    }
+    mark_traced((id >> 32) as u32);
     if STASH.insert(id, entry, u64::from(BPF_ANY)).is_err() {
         bump(Stat::StashFull as u32);
     }
 }
 
-/// Takes this thread's stashed entry if it belongs to `syscall`. A process that never stashed
-/// (every process on the host that is not a target) is answered from its `STASHERS` byte.
+/// Takes this thread's stashed entry if it belongs to `syscall`. A process that is not traced
+/// (every other process on the host) is answered from its `TRACED` byte.
 #[inline(always)]
 fn take(id: u64, syscall: Syscall) -> Option<Stash> {
-    if !may_have_stashed(id) {
+    if !may_be_traced((id >> 32) as u32) {
         return None;
     }
     // SAFETY: copied out before the entry is removed.

@@ -12,7 +12,7 @@ use tracer_ebpf::abi::{
 
 use super::{
     CONNS, SOCK_TYPES, arg, bump, capture::emit_data, current_target, emit, fd_key, header,
-    read_user, ret, stash, stash_entry, take,
+    mark_traced, may_be_traced, read_user, ret, stash, stash_entry, take,
 };
 
 const AF_UNIX: u16 = 1;
@@ -132,6 +132,8 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         role,
         pad: [0; 5],
     };
+    // Set already unless the entry was unseen (a cgroup member's first accept).
+    mark_traced(key.tgid);
     if CONNS.insert(key, state, u64::from(BPF_ANY)).is_err() {
         bump(Stat::ConnTableFull as u32);
     }
@@ -183,6 +185,9 @@ fn dup_enter(ctx: &TracePointContext, is_fcntl: bool) -> u32 {
         }
     }
     let id = bpf_get_current_pid_tgid();
+    if !may_be_traced((id >> 32) as u32) {
+        return 0;
+    }
     let fd = arg(ctx, 0);
     let key = fd_key(id, fd as i64);
     // SAFETY: copied out immediately.
@@ -278,9 +283,12 @@ pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn io_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let id = bpf_get_current_pid_tgid();
+    // Every other process on the host stops at its byte; targets' sockets are in CONNS.
+    if !may_be_traced((id >> 32) as u32) {
+        return 0;
+    }
     let fd = arg(ctx, 0);
     let key = fd_key(id, fd as i64);
-    // One lookup for everybody: only targets' sockets are in CONNS.
     // SAFETY: copied out immediately.
     let Some((conn_id, role)) = (unsafe { CONNS.get(key) }).map(|c| (c.conn_id, c.role)) else {
         return 0;

@@ -14,8 +14,8 @@ use tracer_ebpf::abi::{
 };
 
 use super::{
-    DEV_FDS, GPU_USE, RM_HANDLES, UVM_REGS, arg, bump, emit, fd_key, header, now_ns, read_user,
-    ret, stash, stash_entry, take,
+    DEV_FDS, GPU_USE, RM_HANDLES, UVM_REGS, arg, bump, emit, fd_key, header, may_be_traced, now_ns,
+    read_user, ret, stash, stash_entry, take,
 };
 
 /// `_IOC_TYPE` of the NVIDIA driver's ioctls.
@@ -52,9 +52,12 @@ fn is_path_class(class: u32) -> bool {
 #[tracepoint]
 pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
+    // Every other process on the host stops at its byte; targets' device fds are in DEV_FDS.
+    if !may_be_traced((id >> 32) as u32) {
+        return 0;
+    }
     let fd = arg(&ctx, 0);
     let key = fd_key(id, fd as i64);
-    // One lookup for everybody: only targets' device fds are in DEV_FDS.
     // SAFETY: copied out immediately.
     let Some(dev) = (unsafe { DEV_FDS.get(key) }).copied() else {
         return 0;

@@ -13,7 +13,9 @@ use tracer_ebpf::abi::{
     TARGET_COMM,
 };
 
-use super::{COMMS, TARGETS, bump, current_target, emit, header};
+use super::{
+    COMMS, TARGETS, bump, current_target, emit, forget_traced, header, mark_traced, may_be_traced,
+};
 
 #[inline(always)]
 fn proc_event(kind: Kind, id: u64, flags: u16, pid: u32, ppid: u32) {
@@ -32,11 +34,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let parent = (id >> 32) as u32;
     // SAFETY: presence check only.
-    if unsafe { TARGETS.get(parent) }.is_none() {
+    if !may_be_traced(parent) || unsafe { TARGETS.get(parent) }.is_none() {
         return 0;
     }
     // SAFETY: sched_process_fork: child_pid at offset 20.
     let child = unsafe { *(ctx.as_ptr().cast::<u8>().add(20).cast::<i32>()) } as u32;
+    mark_traced(child);
     if TARGETS
         .insert(child, TARGET_CHILD, u64::from(BPF_NOEXIST))
         .is_err()
@@ -73,6 +76,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     if unsafe { COMMS.get(comm) }.is_none() {
         return 0;
     }
+    mark_traced(tgid);
     if TARGETS
         .insert(tgid, TARGET_COMM, u64::from(BPF_ANY))
         .is_err()
@@ -90,11 +94,13 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     let tid = id as u32;
-    if tid != tgid {
-        // A thread: drop the entry its creation added, and say so (userspace followed it too).
+    if tid != tgid && may_be_traced(tid) {
+        // A thread: drop the entry its creation added (its number's byte was set then), and
+        // say so (userspace followed it too). No process has its number while it lives.
         if TARGETS.remove(tid).is_ok() {
             proc_event(Kind::ProcExit, id, EXIT_FLAG_THREAD, tid, 0);
         }
+        forget_traced(tid);
         // It may also be the process's last thread (the leader exited first): go on.
     }
     // SAFETY: sched_process_exit: group_dead (bool) at offset 32.
@@ -102,8 +108,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead == 0 {
         return 0;
     }
-    super::forget_stasher(id);
-    if current_target().is_none() {
+    let target = current_target().is_some();
+    forget_traced(tgid);
+    if !target {
         return 0;
     }
     let _ = TARGETS.remove(tgid);

@@ -66,10 +66,52 @@ pub fn parse_stat(text: &str) -> BTreeMap<usize, CpuTimes> {
     out
 }
 
+/// `/proc/stat`, kept open and read again from offset 0 at every poll (a seq file starts over
+/// there) into a buffer kept between polls: at 50 polls a second the open, `statx`, close and
+/// allocation of a fresh read cost as much as the read. A failed read closes it; the next poll
+/// opens it again.
+#[derive(Debug)]
+struct StatFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+}
+
+impl StatFile {
+    fn read(&mut self) -> std::io::Result<&str> {
+        use std::os::unix::fs::FileExt as _;
+
+        let file = match &self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::open(&self.path)?),
+        };
+        let mut n = 0;
+        let got = loop {
+            if n == self.buf.len() {
+                self.buf.resize((2 * n).max(4096), 0);
+            }
+            match file.read_at(&mut self.buf[n..], n as u64) {
+                Ok(0) => break Ok(n),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match got {
+            Ok(n) => std::str::from_utf8(&self.buf[..n])
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) => {
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// The modelled CPU power source.
 #[derive(Debug)]
 pub struct CpuModelSource {
-    stat_path: PathBuf,
+    stat: StatFile,
     sysfs_root: PathBuf,
     idle_w: f64,
     max_w: f64,
@@ -135,7 +177,11 @@ impl CpuModelSource {
             .map(|(&cpu, id)| (cpu, package_device.get(id).copied().unwrap_or(0)))
             .collect();
         Ok(Self {
-            stat_path,
+            stat: StatFile {
+                path: stat_path,
+                file: None,
+                buf: Vec::new(),
+            },
             sysfs_root: sysfs_root.to_owned(),
             idle_w,
             max_w,
@@ -166,15 +212,15 @@ impl PowerSource for CpuModelSource {
 
     fn poll(&mut self, out: &mut Vec<Reading>) {
         let ts_ns = monotonic_ns();
-        let snap = match std::fs::read_to_string(&self.stat_path) {
-            Ok(text) => parse_stat(&text),
+        let snap = match self.stat.read() {
+            Ok(text) => parse_stat(text),
             Err(e) => {
                 if !self.lost {
                     self.lost = true;
                     self.prev = None;
                     tracing::warn!(
                         "CPU model: {}: {e}; a gap until it reads again",
-                        self.stat_path.display()
+                        self.stat.path.display()
                     );
                     for device in 0..self.devices.len() {
                         out.push(Reading::Lost {

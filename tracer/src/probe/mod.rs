@@ -12,6 +12,7 @@ mod floor;
 mod stats;
 pub mod targets;
 mod tls;
+mod traced;
 mod uprobes;
 
 pub use self::{cuda::CUDA_SYMBOLS, floor::Floor, stats::KernelStats, tls::TLS_SYMBOLS};
@@ -194,7 +195,7 @@ fn loaded_tracepoint<'a>(
 }
 
 /// The kernel's largest pid plus one (`/proc/sys/kernel/pid_max`; its 64-bit ceiling when
-/// unreadable): `STASHERS` has a byte per possible tgid.
+/// unreadable): `TRACED` has a byte per possible tgid.
 fn pid_max() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()
@@ -209,6 +210,8 @@ pub struct Probes {
     uprobes: std::collections::BTreeMap<&'static str, uprobes::Links>,
     /// IPC fds seeded so far (their connection generations are this many apart).
     ipc_seeded: u64,
+    /// The probes' not-a-target bytes, marked before the daemon adds a process's entry.
+    traced: traced::TracedBytes,
 }
 
 impl Probes {
@@ -246,17 +249,19 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", settings.ring_bytes)
-            .map_max_entries("STASHERS", pid_max().div_ceil(8))
+            .map_max_entries("TRACED", pid_max().div_ceil(8))
             .load(PROBES_OBJECT)?;
         for &(category, name) in TRACEPOINTS {
             loaded_tracepoint(&mut ebpf, name)?
                 .attach(category, name)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
+        let traced = traced::TracedBytes::map(ebpf.map("TRACED"))?;
         Ok(Self {
             ebpf,
             uprobes: std::collections::BTreeMap::new(),
             ipc_seeded: 0,
+            traced,
         })
     }
 
@@ -299,6 +304,7 @@ impl Probes {
 
     /// Adds a process to the in-kernel target filter.
     pub fn add_target(&mut self, tgid: u32, reason: u32) -> Result<(), ProbeError> {
+        self.traced.mark(tgid);
         let mut map = self.hash::<u32, u32>("TARGETS")?;
         let reason = reason | map.get(&tgid, 0).unwrap_or(0);
         map.insert(tgid, reason, 0)
@@ -344,6 +350,7 @@ impl Probes {
         fd: u32,
         state: ConnState,
     ) -> Result<(), ProbeError> {
+        self.traced.mark(tgid);
         let mut map = self.hash::<FdKey, ConnState>("CONNS")?;
         map.insert(FdKey { tgid, fd }, state, 0)
             .map_err(|source| ProbeError::MapOp {
@@ -359,6 +366,7 @@ impl Probes {
         // A generation unique per (tgid, fd) lifetime, like the probes' (monotonic time).
         let conn_id = crate::power::monotonic_ns() + self.ipc_seeded;
         self.ipc_seeded += 1;
+        self.traced.mark(tgid);
         let mut map = self.hash::<FdKey, ConnState>("CONNS")?;
         let key = FdKey { tgid, fd };
         if map.get(&key, 0).is_ok() {
@@ -389,35 +397,12 @@ impl Probes {
     /// the probes would have, so their return is reported. A thread that returned between the
     /// look and the stash has its entry taken back; the window left is a few microseconds, and
     /// what a stale entry could cause is one extra IPC read record of that thread.
-    /// Marks `tgid` in `STASHERS` as the probes' first stash of it would. The value holds 8
-    /// processes' bytes and is written whole: a neighbour's byte the probes set between this
-    /// read and write would be undone until that process's next stash sets it again. That
-    /// window is microseconds, once per adopted process at attach.
-    fn mark_stasher(&mut self, tgid: u32) {
-        let Some(map) = self.ebpf.map_mut("STASHERS") else {
-            return;
-        };
-        let Ok(mut words) = aya::maps::Array::<&mut MapData, u64>::try_from(map) else {
-            return;
-        };
-        let Ok(word) = words.get(&(tgid >> 3), 0) else {
-            return;
-        };
-        let mut bytes = word.to_ne_bytes();
-        if let Some(b) = bytes.get_mut((tgid & 7) as usize)
-            && *b == 0
-        {
-            *b = 1;
-            let _ = words.set(tgid >> 3, u64::from_ne_bytes(bytes), 0);
-        }
-    }
-
     fn adopt_blocked_reads(&mut self, tgid: u32, fd: u32, conn_id: u64) -> usize {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
             return 0;
         };
-        // The probes look for a stashed entry only in processes marked as stashers.
-        self.mark_stasher(tgid);
+        // The probes look for a stashed entry only in processes whose byte is set.
+        self.traced.mark(tgid);
         let Ok(mut stash) = self.hash::<u64, abi::Stash>("STASH") else {
             return 0;
         };
@@ -520,20 +505,20 @@ impl Probes {
             name: "STATS",
             detail: "missing".into(),
         })?;
-        let array: PerCpuArray<&MapData, u64> =
+        let array: PerCpuArray<&MapData, [u64; STAT_SLOTS as usize]> =
             PerCpuArray::try_from(map).map_err(|e| ProbeError::Map {
                 name: "STATS",
                 detail: e.to_string(),
             })?;
+        let per_cpu = array.get(&0, 0).map_err(|source| ProbeError::MapOp {
+            name: "STATS",
+            source,
+        })?;
         let mut slots = [0u64; STAT_SLOTS as usize];
-        for (i, slot) in slots.iter_mut().enumerate() {
-            let values = array
-                .get(&(i as u32), 0)
-                .map_err(|source| ProbeError::MapOp {
-                    name: "STATS",
-                    source,
-                })?;
-            *slot = values.iter().sum();
+        for cpu in per_cpu.iter() {
+            for (slot, v) in slots.iter_mut().zip(cpu) {
+                *slot += v;
+            }
         }
         Ok(KernelStats { slots })
     }

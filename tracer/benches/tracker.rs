@@ -1,0 +1,75 @@
+//! The HTTP tracker's cost per streamed event and per non-streamed request, redacting and not
+//! (the daemon's per-event work before the ledger: framing, SSE lines, redaction, summaries).
+//! `cargo bench -p tracer --bench tracker` (issue 17; `BENCHMARKS.md`).
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tracer::wire::{ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig};
+
+const REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\
+user-agent: loadgen\r\ncontent-type: application/json\r\ncontent-length: 86\r\n\r\n\
+{\"model\":\"m\",\"stream\":true,\"max_tokens\":64,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+
+const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+cache-control: no-cache\r\ntransfer-encoding: chunked\r\ndate: Sun, 06 Dec 2026 05:55:20 GMT\r\n\r\n";
+
+/// Events per streamed response, as the load bench's (`--max-tokens 64`).
+const EVENTS: usize = 64;
+
+/// One chunk of the stream as the bench server writes it (one `write` each).
+fn event(i: usize) -> Vec<u8> {
+    let data = format!(
+        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"tok{i} \"}},\"index\":0}}],\
+         \"id\":\"chatcmpl-3\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}}\n\n"
+    );
+    let mut chunk = format!("{:X}\r\n", data.len()).into_bytes();
+    chunk.extend_from_slice(data.as_bytes());
+    chunk.extend_from_slice(b"\r\n");
+    chunk
+}
+
+fn stream(c: &mut Criterion) {
+    let events: Vec<Vec<u8>> = (0..EVENTS).map(event).collect();
+    let done = b"E\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+    let mut group = c.benchmark_group("tracker");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    for redact in [false, true] {
+        let name = if redact {
+            "sse_events_redacted"
+        } else {
+            "sse_events"
+        };
+        group.bench_function(name, |b| {
+            let mut t = Tracker::new(TrackerConfig {
+                redaction_key: redact.then_some([1, 2]),
+                ..TrackerConfig::default()
+            });
+            let mut out: Vec<Lifecycle> = Vec::new();
+            let conn = ConnKey {
+                tgid: 10,
+                fd: 3,
+                conn_id: 1,
+            };
+            t.on_open(conn, 0, Role::Server);
+            let mut ts = 1;
+            b.iter(|| {
+                let mut send = |dir: Direction, bytes: &[u8]| {
+                    ts += 1000;
+                    t.on_data(conn, ts, dir, bytes.len() as u64, bytes);
+                };
+                send(Direction::Inbound, REQUEST);
+                send(Direction::Outbound, HEAD);
+                for e in &events {
+                    send(Direction::Outbound, e);
+                }
+                send(Direction::Outbound, done);
+                t.drain_into(&mut out);
+                assert!(!out.is_empty());
+                out.clear();
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, stream);
+criterion_main!(benches);
