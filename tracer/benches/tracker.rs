@@ -6,7 +6,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tracer::wire::{ConnKey, Direction, Lifecycle, Role, Tracker, TrackerConfig};
 
 const REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\
-user-agent: loadgen\r\ncontent-type: application/json\r\ncontent-length: 86\r\n\r\n\
+user-agent: loadgen\r\ncontent-type: application/json\r\ncontent-length: 87\r\n\r\n\
 {\"model\":\"m\",\"stream\":true,\"max_tokens\":64,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
 
 const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
@@ -66,6 +66,10 @@ fn stream(c: &mut Criterion) {
                 assert!(!out.is_empty());
                 out.clear();
             });
+            // Every exchange framed as it was sent: no resync, one request each.
+            let stats = t.stats();
+            assert_eq!(stats.resyncs, 0, "{stats:?}");
+            assert!(stats.completed > 0, "{stats:?}");
         });
     }
     group.finish();

@@ -243,7 +243,9 @@ pub struct Tracker {
     /// Boxed: the table holds a pointer per slot, not a whole connection per slot (a hash
     /// table keeps ~40 % of its slots empty), and moving one in and out per syscall copies 8
     /// bytes.
-    conns: HashMap<ConnKey, Box<Conn>>,
+    /// Looked up, taken out and put back for every syscall's bytes: hashed with foldhash, not
+    /// SipHash (the keys are the kernel's tgid, fd and times, not a peer's choice).
+    conns: HashMap<ConnKey, Box<Conn>, foldhash::fast::RandomState>,
     next_id: u64,
     out: Vec<Lifecycle>,
     stats: TrackerStats,
@@ -271,7 +273,7 @@ impl Tracker {
         Tracker {
             redact: config.redaction_key.map(redact::Key::new),
             config,
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_id: 1,
             out: Vec::new(),
             stats: TrackerStats::default(),

@@ -29,6 +29,14 @@ fn bulk_runs_match_the_bytewise_lexer() {
         ),
         ("plain text body, not JSON\r\nsecond line", false),
         (
+            "{\r\n  \"model\" : \"m\",\n\t\"stream\": true, \"n\": null, \"t\": -1.5e3,\n  \"tools\": [ {\"type\": \"function\", \"x\": [[1, 2], {\"k\\\"ey\": \"v\"}]} ],\n  \"usage\": {\"prompt_tokens\": 9, \"completion_tokens\":4}, \"bad\": @, \"role\": \"user\"\r\n}",
+            false,
+        ),
+        (
+            "data:{\"choices\":[{\"delta\":{\"content\":\"tok0 \"},\"index\":0}],\"id\":\"chatcmpl-3\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}\n\ndat: {\"a\":1}\ndatax: {\"b\":2}\n: comment\ndata:  [1, true, \"s\"]\r\ndata: {\"usage\":{\"completion_tokens\":64},\"stop_reason\":\"end\"}\n\n",
+            true,
+        ),
+        (
             r#"{"a_key_longer_than_twenty_four_bytes_is_never_kept":"secret","model":"kept"}"#,
             false,
         ),
@@ -55,6 +63,12 @@ fn bulk_runs_match_the_bytewise_lexer() {
             assert_eq!(
                 String::from_utf8_lossy(&a),
                 String::from_utf8_lossy(&b),
+                "{pieces} pieces of {text:?}"
+            );
+            // And the lexer is left where it would be: the next piece is read alike.
+            assert_eq!(
+                format!("{bulk:?}"),
+                format!("{bytewise:?}"),
                 "{pieces} pieces of {text:?}"
             );
         }
