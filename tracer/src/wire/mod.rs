@@ -244,7 +244,7 @@ pub struct Tracker {
     /// table keeps ~40 % of its slots empty), and moving one in and out per syscall copies 8
     /// bytes.
     /// Looked up, taken out and put back for every syscall's bytes: hashed with foldhash, not
-    /// SipHash (the keys are the kernel's tgid, fd and times, not a peer's choice).
+    /// `SipHash` (the keys are the kernel's tgid, fd and times, not a peer's choice).
     conns: HashMap<ConnKey, Box<Conn>, foldhash::fast::RandomState>,
     next_id: u64,
     out: Vec<Lifecycle>,

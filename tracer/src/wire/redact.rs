@@ -343,9 +343,9 @@ impl BodyState {
         }
         match self.string {
             Some((_, _, false)) => self.string_run(key, rest),
-            Some(_) => 0,
             None if !self.number && self.literal.is_none() => self.structure(key, rest),
-            None => 0,
+            // An escape pending, a number or a literal: the lexer's.
+            _ => 0,
         }
     }
 
