@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
 };
 
 use serde_json::Value;
@@ -28,6 +28,31 @@ fn expect_line(lines: &mut impl Iterator<Item = String>, word: &str) -> Vec<u64>
     parts.map(|p| p.parse().expect("number")).collect()
 }
 
+/// Stand-in device nodes under `dir`/dev (regular files, so ioctls reach the tracepoints and
+/// fail with ENOTTY); the device root's path.
+fn standin_devices(dir: &TempDir) -> String {
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(&dev).expect("dev dir");
+    std::fs::write(dev.join("nvidia0"), b"").expect("nvidia0");
+    std::fs::write(dev.join("nvidiactl"), b"").expect("nvidiactl");
+    dev.to_str().expect("utf8").to_string()
+}
+
+/// Starts the testbed (`cmd`) with piped stdio: the child, its output lines, and the port it
+/// listens on.
+fn spawn_testbed(cmd: &mut Command) -> (Child, impl Iterator<Item = String> + use<>, u64) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn testbed");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout"))
+        .lines()
+        .map(|l| l.expect("testbed stdout"));
+    let port = expect_line(&mut lines, "listening")[0];
+    (child, lines, port)
+}
+
 fn num(v: &Value, field: &str) -> u64 {
     v[field]
         .as_u64()
@@ -40,29 +65,16 @@ fn daemon_sees_exactly_the_targets_syscalls() {
         return;
     }
     let dir = TempDir::new("probes");
-    let dev = dir.path().join("dev");
-    std::fs::create_dir_all(&dev).expect("dev dir");
-    // Stand-in device nodes: regular files, so ioctls reach the tracepoints and fail with ENOTTY.
-    std::fs::write(dev.join("nvidia0"), b"").expect("nvidia0");
-    std::fs::write(dev.join("nvidiactl"), b"").expect("nvidiactl");
-    let dev_root = dev.to_str().expect("utf8");
+    let dev_root = standin_devices(&dir);
+    let dev_root = dev_root.as_str();
 
     let mut args = vec!["--device-root".to_string(), dev_root.to_string()];
     for cmd in IOCTLS {
         args.extend(["--ioctl".into(), format!("{cmd:x}")]);
     }
     args.extend(["--child-ioctl".into(), format!("{CHILD_IOCTL:x}")]);
-    let mut testbed = Command::new(TESTBED)
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn testbed");
+    let (mut testbed, mut lines, port) = spawn_testbed(Command::new(TESTBED).args(&args));
     let pid = testbed.id();
-    let mut lines = BufReader::new(testbed.stdout.take().expect("stdout"))
-        .lines()
-        .map(|l| l.expect("testbed stdout"));
-    let port = expect_line(&mut lines, "listening")[0];
 
     let pid_s = pid.to_string();
     let tracer = Tracer::start(
@@ -226,18 +238,12 @@ fn the_empty_program_floor_attaches_to_every_tracepoint() {
 /// One run of the testbed's script under `launcher` (a shell line that ends by exec'ing the
 /// testbed with the arguments `"$@"`): its pid and the fd of the connection it accepted.
 fn serve_once(launcher: &str, testbed: &str, dev_root: &str) -> (u32, u64) {
-    let mut bed = Command::new("sh")
-        .args(["-c", launcher, "sh", "--device-root", dev_root])
-        .env("TESTBED", testbed)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn testbed");
+    let (mut bed, mut lines, port) = spawn_testbed(
+        Command::new("sh")
+            .args(["-c", launcher, "sh", "--device-root", dev_root])
+            .env("TESTBED", testbed),
+    );
     let pid = bed.id();
-    let mut lines = BufReader::new(bed.stdout.take().expect("stdout"))
-        .lines()
-        .map(|l| l.expect("testbed stdout"));
-    let port = expect_line(&mut lines, "listening")[0];
     let mut stdin = bed.stdin.take().expect("stdin");
     writeln!(stdin, "go").expect("go");
     let mut client = TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
@@ -265,11 +271,8 @@ fn targets_by_cgroup_and_by_name_are_traced_from_their_first_syscall() {
         return;
     }
     let dir = TempDir::new("probes-cgroup-comm");
-    let dev = dir.path().join("dev");
-    std::fs::create_dir_all(&dev).expect("dev dir");
-    std::fs::write(dev.join("nvidia0"), b"").expect("nvidia0");
-    std::fs::write(dev.join("nvidiactl"), b"").expect("nvidiactl");
-    let dev_root = dev.to_str().expect("utf8");
+    let dev_root = standin_devices(&dir);
+    let dev_root = dev_root.as_str();
     // The cgroup v2 hierarchy: /sys/fs/cgroup, or its `unified` mount on a hybrid host.
     let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .into_iter()

@@ -397,21 +397,11 @@ impl BodyState {
         let sse = self.mode == BodyMode::Sse;
         let mut i = 0;
         while let Some(&b) = rest.get(i) {
+            if self.punctuation(b) {
+                i += 1;
+                continue;
+            }
             match b {
-                b'{' => {
-                    self.stack.push(Container::Object);
-                    self.expect_key = true;
-                }
-                b'[' => {
-                    self.stack.push(Container::Array);
-                    self.expect_key = false;
-                }
-                b'}' | b']' => {
-                    self.stack.pop();
-                    self.expect_key = false;
-                }
-                b',' => self.expect_key = self.stack.last() == Some(&Container::Object),
-                b':' => self.expect_key = false,
                 b' ' | b'\t' => {}
                 b'\r' | b'\n' if !sse => {}
                 b'"' => {
@@ -429,6 +419,29 @@ impl BodyState {
             i += 1;
         }
         i
+    }
+
+    /// JSON's punctuation outside a string (`{}[],:`): the nesting, and whether the next
+    /// string is a key. False for any other byte.
+    fn punctuation(&mut self, b: u8) -> bool {
+        match b {
+            b'{' => {
+                self.stack.push(Container::Object);
+                self.expect_key = true;
+            }
+            b'[' => {
+                self.stack.push(Container::Array);
+                self.expect_key = false;
+            }
+            b'}' | b']' => {
+                self.stack.pop();
+                self.expect_key = false;
+            }
+            b',' => self.expect_key = self.stack.last() == Some(&Container::Object),
+            b':' => self.expect_key = false,
+            _ => return false,
+        }
+        true
     }
 
     /// An opening quote outside a string: a key or a value, kept or not.
@@ -594,21 +607,10 @@ impl BodyState {
             }
             self.literal = None;
         }
+        if self.punctuation(*b) {
+            return;
+        }
         match *b {
-            b'{' => {
-                self.stack.push(Container::Object);
-                self.expect_key = true;
-            }
-            b'[' => {
-                self.stack.push(Container::Array);
-                self.expect_key = false;
-            }
-            b'}' | b']' => {
-                self.stack.pop();
-                self.expect_key = false;
-            }
-            b',' => self.expect_key = self.stack.last() == Some(&Container::Object),
-            b':' => self.expect_key = false,
             b'"' => self.open_string(key),
             b'-' | b'0'..=b'9' => {
                 self.number = true;
