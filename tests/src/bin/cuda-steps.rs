@@ -166,6 +166,11 @@ fn main() {
         writeln!(out, "launch_ns {launch:.0}").expect("stdout");
         writeln!(out, "sync_ns {sync:.0}").expect("stdout");
         writeln!(out, "step_ns {step:.0}").expect("stdout");
+        // The waiting read ends with its bytes, not with a closed socket (a panic at exit).
+        waited_out
+            .write_all(&[0u8; 24])
+            .expect("write to the waiting reader");
+        waiting.join().expect("waiting reader");
         return;
     }
     let steps: u32 = arg(&args, 3, 5);
