@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
+use tracer_tests::{Killed, TempDir, Tracer, client::Client, listening, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 const SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
@@ -680,16 +680,6 @@ fn a_user_sees_its_own_services_only() {
     drop(mine);
     let _ = roots.kill();
     let _ = roots.wait();
-}
-
-/// A child process killed when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Connections to `sock` held open by processes running as the given uids, started

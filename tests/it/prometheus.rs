@@ -5,12 +5,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tracer_tests::{EmuEnv, free_port, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, Killed, free_port, jsonl, privileged_or_skip, workspace_artifact};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -122,15 +122,6 @@ fn values(port: u16, query: &str) -> Vec<f64> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -254,6 +254,16 @@ impl TempDir {
     }
 }
 
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         // KEEP_TEST_DIRS=1 keeps them for a look after a failure.

@@ -297,6 +297,27 @@ fn forget_traced(tgid: u32) {
     }
 }
 
+/// Adds a target (a followed child, a name match): its byte first, so that its syscalls get
+/// past the not-a-target check. False when the table is full or, with `BPF_NOEXIST`, it is
+/// there.
+#[inline(always)]
+fn insert_target(tgid: u32, why: u32, flags: u32) -> bool {
+    mark_traced(tgid);
+    TARGETS.insert(tgid, why, u64::from(flags)).is_ok()
+}
+
+/// Follows a socket of a target: its process's byte first (set already unless the entry was
+/// unseen, as a cgroup member's first accept). False, counted, when the table is full.
+#[inline(always)]
+fn insert_conn(key: FdKey, state: ConnState) -> bool {
+    mark_traced(key.tgid);
+    if CONNS.insert(key, state, u64::from(BPF_ANY)).is_err() {
+        bump(Stat::ConnTableFull as u32);
+        return false;
+    }
+    true
+}
+
 #[inline(always)]
 fn stash(id: u64, entry: &Stash) {
     mark_traced((id >> 32) as u32);

@@ -12,7 +12,7 @@ use tracer_ebpf::abi::{
 
 use super::{
     CONNS, SOCK_TYPES, arg, bump, capture::emit_data, current_target, emit, fd_key, header,
-    mark_traced, may_be_traced, read_user, ret, stash, stash_entry, take,
+    insert_conn, may_be_traced, read_user, ret, stash, stash_entry, take,
 };
 
 const AF_UNIX: u16 = 1;
@@ -132,11 +132,7 @@ fn conn_exit(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         role,
         pad: [0; 5],
     };
-    // Set already unless the entry was unseen (a cgroup member's first accept).
-    mark_traced(key.tgid);
-    if CONNS.insert(key, state, u64::from(BPF_ANY)).is_err() {
-        bump(Stat::ConnTableFull as u32);
-    }
+    insert_conn(key, state);
     emit(Kind::Conn, &ev);
     0
 }
@@ -217,8 +213,7 @@ fn dup_exit(ctx: &TracePointContext) -> u32 {
         tgid: old.tgid,
         fd: newfd as u32,
     };
-    if CONNS.insert(new, state, u64::from(BPF_ANY)).is_err() {
-        bump(Stat::ConnTableFull as u32);
+    if !insert_conn(new, state) {
         return 0;
     }
     // Reported as a connection record naming the original fd in `listen_fd`.

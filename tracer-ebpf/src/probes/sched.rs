@@ -14,7 +14,7 @@ use tracer_ebpf::abi::{
 };
 
 use super::{
-    COMMS, TARGETS, bump, current_target, emit, forget_traced, header, mark_traced, may_be_traced,
+    COMMS, TARGETS, bump, current_target, emit, forget_traced, header, insert_target, may_be_traced,
 };
 
 #[inline(always)]
@@ -39,11 +39,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: sched_process_fork: child_pid at offset 20.
     let child = unsafe { *(ctx.as_ptr().cast::<u8>().add(20).cast::<i32>()) } as u32;
-    mark_traced(child);
-    if TARGETS
-        .insert(child, TARGET_CHILD, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    if !insert_target(child, TARGET_CHILD, BPF_NOEXIST) {
         // SAFETY: presence check only.
         if unsafe { TARGETS.get(child) }.is_none() {
             bump(Stat::TargetTableFull as u32);
@@ -76,11 +72,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     if unsafe { COMMS.get(comm) }.is_none() {
         return 0;
     }
-    mark_traced(tgid);
-    if TARGETS
-        .insert(tgid, TARGET_COMM, u64::from(BPF_ANY))
-        .is_err()
-    {
+    if !insert_target(tgid, TARGET_COMM, BPF_ANY) {
         bump(Stat::TargetTableFull as u32);
         return 0;
     }

@@ -90,16 +90,7 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         ),
     ];
     for (name, help, get) in series {
-        head(&mut out, name, "counter", help);
-        for (s, m, t) in &totals {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\",model=\"{}\"}} {}",
-                label(s),
-                label(m),
-                get(t)
-            );
-        }
+        per_model(&mut out, (name, help), &totals, "", get);
     }
     money(&mut out, shared.currency().as_deref(), &totals);
     let histograms: [(&str, &str, &[f64], Hist); 2] = [
@@ -159,40 +150,47 @@ fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, To
     let Some(currency) = currency else {
         return;
     };
-    let name = "tracer_request_cost_total";
-    head(
+    per_model(
         out,
-        name,
-        "counter",
-        "Cost of requests at the configured tariff (PUE and overhead included), in its currency.",
+        (
+            "tracer_request_cost_total",
+            "Cost of requests at the configured tariff (PUE and overhead included), in its currency.",
+        ),
+        totals,
+        &format!(",currency=\"{}\"", label(currency)),
+        |t| t.cost,
     );
+    if totals.iter().any(|(_, _, t)| t.emissions_g > 0.0) {
+        per_model(
+            out,
+            (
+                "tracer_request_emissions_grams_total",
+                "Emissions of requests at the configured carbon intensity (PUE included), grams CO2e.",
+            ),
+            totals,
+            "",
+            |t| t.emissions_g,
+        );
+    }
+}
+
+/// One counter with a series per (service, model): `extra` is more labels (`,name="value"`).
+fn per_model(
+    out: &mut String,
+    (name, help): (&str, &str),
+    totals: &[(String, String, Totals)],
+    extra: &str,
+    get: Get,
+) {
+    head(out, name, "counter", help);
     for (s, m, t) in totals {
         let _ = writeln!(
             out,
-            "{name}{{service=\"{}\",model=\"{}\",currency=\"{}\"}} {}",
+            "{name}{{service=\"{}\",model=\"{}\"{extra}}} {}",
             label(s),
             label(m),
-            label(currency),
-            t.cost
+            get(t)
         );
-    }
-    if totals.iter().any(|(_, _, t)| t.emissions_g > 0.0) {
-        let name = "tracer_request_emissions_grams_total";
-        head(
-            out,
-            name,
-            "counter",
-            "Emissions of requests at the configured carbon intensity (PUE included), grams CO2e.",
-        );
-        for (s, m, t) in totals {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\",model=\"{}\"}} {}",
-                label(s),
-                label(m),
-                t.emissions_g
-            );
-        }
     }
 }
 
