@@ -31,6 +31,7 @@ fn record(id: u64, template: &RequestRecord) -> Arc<FinalRecord> {
     record.model = Some(format!("model-{}", id % 8));
     record.total_j = 1.0 + (id % 97) as f64;
     Arc::new(FinalRecord {
+        workload: None,
         record,
         service_name: format!("port {}", 8000 + id % 4),
         end_unix_ms: END_MS - ((N - id) as f64 * 86.4) as i64,

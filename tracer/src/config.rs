@@ -48,6 +48,8 @@ pub struct Config {
     pub bill: crate::bill::BillConfig,
     /// The daemon as a system service (privileges).
     pub daemon: DaemonConfig,
+    /// Workload identity: the kubelet that names pods and containers.
+    pub workload: crate::occupancy::workload::kubelet::KubeletConfig,
 }
 
 /// The daemon as a system service.
@@ -97,6 +99,10 @@ pub struct ProbeFileConfig {
     /// The device nodes under `device_root` are stand-in files of an emulated host: decode
     /// their ioctls although the kernel rejects them (`ENOTTY`). Never set on a real host.
     pub standin_devices: bool,
+    /// Follow the Unix-socket IPC of service processes in other network namespaces (a
+    /// server's engine in a container, a pod's sidecar): discovery dumps each namespace's
+    /// sockets from inside it, so the daemon keeps `CAP_SYS_ADMIN`.
+    pub other_netns_peers: bool,
     /// How often services are re-discovered from /proc (new IPC peers); 0 = only at attach.
     pub rediscover_ms: u64,
     /// Passes that find nothing new space out, doubling up to this (an exec or exit among
@@ -128,6 +134,7 @@ impl Default for ProbeFileConfig {
             poll_interval_ms: 100,
             ioctl_events: false,
             standin_devices: false,
+            other_netns_peers: true,
             rediscover_ms: 5000,
             rediscover_max_ms: 60_000,
             cuda_clock: true,

@@ -146,6 +146,7 @@ mod tests {
 
     fn rec(id: u64) -> Arc<FinalRecord> {
         Arc::new(FinalRecord {
+            workload: None,
             record: serde_json::from_value(serde_json::json!({
                 "id": id, "external_id": null, "service": 1, "model": "m", "arrive_ns": 0,
                 "first_byte_ns": null, "first_event_ns": null, "end_ns": 1, "outcome": "complete",

@@ -68,8 +68,16 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
-        .filter(|((id, _, _), _)| scope.sees(*id))
-        .map(|((_, s, m), t)| (s.clone(), m.clone(), *t))
+        .filter(|((id, ..), _)| scope.sees(*id))
+        .map(|((_, s, m, w), t)| {
+            // A series per pod and container too: a restarted pod starts new counters, the
+            // old pod's stop (`sum by (service, model)` still adds them up).
+            let workload = w.as_ref().map_or_else(String::new, |w| w.labels(label));
+            (
+                format!("service=\"{}\",model=\"{}\"{workload}", label(s), label(m)),
+                *t,
+            )
+        })
         .collect();
     let mut out = String::new();
     let series: [(&str, &str, Get); 3] = [
@@ -109,9 +117,8 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
     ];
     for (name, help, bounds, get) in histograms {
         head(&mut out, name, "histogram", help);
-        for (s, m, t) in &totals {
-            let labels = format!("service=\"{}\",model=\"{}\"", label(s), label(m));
-            get(t).write(&mut out, name, &labels, bounds);
+        for (labels, t) in &totals {
+            get(t).write(&mut out, name, labels, bounds);
         }
     }
     tenants(&mut out, shared, scope);
@@ -146,7 +153,7 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
 
 /// Cost at the tariff (once one is configured and a record carried a cost) and emissions (once
 /// a carbon intensity is), per (service, model).
-fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, Totals)]) {
+fn money(out: &mut String, currency: Option<&str>, totals: &[(String, Totals)]) {
     let Some(currency) = currency else {
         return;
     };
@@ -160,7 +167,7 @@ fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, To
         &format!(",currency=\"{}\"", label(currency)),
         |t| t.cost,
     );
-    if totals.iter().any(|(_, _, t)| t.emissions_g > 0.0) {
+    if totals.iter().any(|(_, t)| t.emissions_g > 0.0) {
         per_model(
             out,
             (
@@ -174,23 +181,18 @@ fn money(out: &mut String, currency: Option<&str>, totals: &[(String, String, To
     }
 }
 
-/// One counter with a series per (service, model): `extra` is more labels (`,name="value"`).
+/// One counter with a series per (service, model, workload), each given with its labels:
+/// `extra` is more labels (`,name="value"`).
 fn per_model(
     out: &mut String,
     (name, help): (&str, &str),
-    totals: &[(String, String, Totals)],
+    totals: &[(String, Totals)],
     extra: &str,
     get: Get,
 ) {
     head(out, name, "counter", help);
-    for (s, m, t) in totals {
-        let _ = writeln!(
-            out,
-            "{name}{{service=\"{}\",model=\"{}\"{extra}}} {}",
-            label(s),
-            label(m),
-            get(t)
-        );
+    for (labels, t) in totals {
+        let _ = writeln!(out, "{name}{{{labels}{extra}}} {}", get(t));
     }
 }
 

@@ -73,9 +73,9 @@ impl Totals {
 #[derive(Debug)]
 pub struct Shared {
     index: Mutex<index::Index>,
-    /// Running totals per (service, its name, model) since start, for `/metrics` (never
-    /// evicted, so they are counters).
-    totals: Mutex<BTreeMap<(ServiceId, String, String), Totals>>,
+    /// Running totals per (service, its name, model, workload) since start, for `/metrics`
+    /// (never evicted, so they are counters).
+    totals: Mutex<BTreeMap<TotalsKey, Totals>>,
     snapshot: Mutex<Option<Arc<Snapshot>>>,
     /// Records as they become final, for `/v1/stream` (a slow reader lags and is told so).
     stream: tokio::sync::broadcast::Sender<Arc<FinalRecord>>,
@@ -97,6 +97,13 @@ pub struct Shared {
 
 /// (service, its name, model, tenant label).
 type TenantKey = (ServiceId, String, String, String);
+/// (service, its name, model, where the service ran).
+type TotalsKey = (
+    ServiceId,
+    String,
+    String,
+    Option<Arc<crate::occupancy::workload::Workload>>,
+);
 
 /// Per-tenant totals under a cardinality cap.
 #[derive(Debug)]
@@ -264,6 +271,7 @@ impl Shared {
                 r.record.service,
                 r.service_name.clone(),
                 r.record.model.clone().unwrap_or_default(),
+                r.workload.clone(),
             );
             totals.entry(key).or_default().add(r);
         }

@@ -210,10 +210,19 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
             Err(e) => return error(500, format!("reading the store: {e}")),
         }
     }
+    // By service: where each runs now (pod, container, unit), as the services view says.
+    let snapshot = (by == "service").then(|| shared.snapshot()).flatten();
+    let workload_of = |name: &str| {
+        snapshot
+            .as_ref()
+            .and_then(|s| s.services.iter().find(|svc| svc.name == name))
+            .and_then(|svc| svc.workload.as_ref())
+            .map(|w| serde_json::to_value(w.as_ref()).unwrap_or(Value::Null))
+    };
     let groups: Vec<Value> = groups
         .into_iter()
         .map(|(k, g)| {
-            json!({
+            let mut v = json!({
                 by: k,
                 "requests": g.requests,
                 "joules": g.total_j,
@@ -226,7 +235,11 @@ fn summary(shared: &Shared, p: &BTreeMap<String, String>, scope: &Scope) -> Repl
                 "j_per_output_token": g.quantiles.per_token_json(),
                 "quantiles_over": g.quantiles.requests(),
                 "cost": cost_json(g.cost_nano, g.currency.as_deref()),
-            })
+            });
+            if let (Some(w), Some(o)) = (workload_of(&k), v.as_object_mut()) {
+                o.insert("workload".into(), w);
+            }
+            v
         })
         .collect();
     let devices = (*scope == Scope::All)

@@ -25,6 +25,7 @@ fn record(id: u64) -> Arc<FinalRecord> {
     );
     let record: RequestRecord = serde_json::from_str(&json).expect("a record");
     Arc::new(FinalRecord {
+        workload: None,
         record,
         service_name: "port 8000".into(),
         end_unix_ms: 1_796_464_800_000,

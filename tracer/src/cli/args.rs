@@ -27,6 +27,9 @@ pub struct ServicesArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// TOML configuration file: its `[workload]` section names pods and containers.
+    #[arg(long, short = 'c', env = "TRACER_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// `tracer sensors` flags.

@@ -129,12 +129,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let procfs = ProcFs::default();
             let self_pid = std::process::id();
             let roots = service::roots_from_spec(&procfs, &args.targets, self_pid)?;
+            let workload = match &args.config {
+                Some(path) => Config::from_file(path)?.workload,
+                None => crate::occupancy::workload::kubelet::KubeletConfig::default(),
+            };
+            let kubelet = crate::occupancy::workload::kubelet::Kubelet::new(&workload)?;
             let discovery = service::discover(
                 &procfs,
                 &roots,
                 &service::DiscoverOptions {
                     self_pid,
                     device_root: args.device_root,
+                    kubelet: kubelet.map(|k| std::sync::Arc::new(std::sync::Mutex::new(k))),
                     ..service::DiscoverOptions::default()
                 },
             )?;

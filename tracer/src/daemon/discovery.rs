@@ -15,7 +15,10 @@ use tracer_ebpf::abi::TARGET_PEER;
 use super::DaemonError;
 use crate::{
     ids::{Pid, ServiceId},
-    occupancy::service::{self, DiscoverOptions, Discovery, ServiceError, ServiceRoot},
+    occupancy::{
+        service::{self, DiscoverOptions, Discovery, ServiceError, ServiceRoot},
+        workload::Workload,
+    },
     pipeline::{Input, Pipeline},
     power::monotonic_ns,
     probe::Probes,
@@ -29,15 +32,19 @@ pub(super) struct Services {
     finder: Arc<Finder>,
     /// Processes already fed to the pipeline and made kernel targets.
     known: BTreeSet<u32>,
-    /// Services already declared to the pipeline (a service first found by a re-discovery is
-    /// declared then, so that it is bound to the host's CPU and memory like the others).
-    declared: BTreeSet<u32>,
+    /// Services already declared to the pipeline, with the workload they were declared with (a
+    /// service first found by a re-discovery is declared then, so that it is bound to the
+    /// host's CPU and memory like the others; one whose workload changed, e.g. named once the
+    /// kubelet answered, is declared again).
+    declared: BTreeMap<u32, Option<Workload>>,
     /// (library, process) pairs the CUDA step clock or the TLS uprobes could not be attached
     /// to: not retried.
     cuda_failed: BTreeSet<(PathBuf, u32)>,
     tls_failed: BTreeSet<(PathBuf, u32)>,
     /// A re-discovery is running.
     in_flight: bool,
+    /// Discovery warnings already logged.
+    warned: BTreeSet<String>,
     tx: mpsc::Sender<Result<Found, ServiceError>>,
 }
 
@@ -164,10 +171,11 @@ impl Services {
             Self {
                 finder,
                 known: BTreeSet::new(),
-                declared: BTreeSet::new(),
+                declared: BTreeMap::new(),
                 cuda_failed: BTreeSet::new(),
                 tls_failed: BTreeSet::new(),
                 in_flight: false,
+                warned: BTreeSet::new(),
                 tx,
             },
             rx,
@@ -333,15 +341,24 @@ impl Services {
         seed: bool,
     ) -> Result<usize, DaemonError> {
         let mut added = 0;
+        // Once each: a re-discovery every few seconds would repeat them.
         for w in &discovery.warnings {
-            tracing::warn!("service discovery: {w}");
+            if self.warned.insert(w.clone()) {
+                tracing::warn!("service discovery: {w}");
+            }
         }
         for s in &discovery.services {
-            if self.declared.insert(s.id) || seed {
+            let changed = self.declared.get(&s.id) != Some(&s.workload);
+            if changed || seed {
+                if changed && let Some(w) = &s.workload {
+                    tracing::info!("service {} runs in {}", s.name, w.text());
+                }
+                self.declared.insert(s.id, s.workload.clone());
                 pipeline.apply(Input::Service {
                     id: ServiceId(s.id),
                     name: s.name.clone(),
                     ts_ns,
+                    workload: s.workload.clone(),
                 });
             }
             for (&pid, m) in &s.members {

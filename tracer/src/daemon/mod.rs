@@ -17,7 +17,10 @@ mod rediscover;
 pub mod reload;
 mod storage;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -28,7 +31,10 @@ use tokio::{
 use crate::{
     config::Config,
     ledger,
-    occupancy::service::{self, DiscoverOptions, ServiceError},
+    occupancy::{
+        service::{self, DiscoverOptions, ServiceError},
+        workload::kubelet::Kubelet,
+    },
     output::summary,
     pipeline::{Input, Pipeline, PipelineConfig, snapshot::Extras},
     power::{self, monotonic_ns},
@@ -73,6 +79,9 @@ pub enum DaemonError {
     /// The local-socket API could not start.
     #[error("the API: {0}")]
     Api(#[from] crate::api::ApiError),
+    /// The kubelet client could not be set up (`[workload]`).
+    #[error("workload identity: {0}")]
+    Kubelet(#[from] crate::occupancy::workload::kubelet::KubeletError),
     /// The kernel is older than the daemon supports (checked at start).
     #[error("tracer needs Linux {need} or later; this kernel is {release}")]
     Kernel { release: String, need: String },
@@ -145,7 +154,9 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
         if threads > 1 {
             tracing::warn!("dropping privileges with {threads} threads: only this one drops");
         }
-        let d = privilege::drop_unneeded(config.probe.cuda_clock || config.probe.tls_uprobes)?;
+        let d = privilege::drop_unneeded(
+            config.probe.cuda_clock || config.probe.tls_uprobes || config.probe.other_netns_peers,
+        )?;
         tracing::info!(
             "privileges: kept {} and gave up {} others ({}), no-new-privs set",
             d.kept.join(", "),
@@ -208,7 +219,7 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
             state.report_recoveries(std::mem::take(&mut o.recoveries));
         }
         bus.subscribe(Box::new(crate::api::Feed {
-            shared: std::sync::Arc::clone(state),
+            shared: Arc::clone(state),
             records: opened.is_none(),
         }));
     }
@@ -223,7 +234,7 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
                         o.run.first_request_id,
                     )?;
                     tracing::info!("API: {loaded} stored records in memory");
-                    let state = std::sync::Arc::clone(state);
+                    let state = Arc::clone(state);
                     Box::new(move |records| {
                         for r in records {
                             state.add_record(r);
@@ -255,6 +266,8 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
     let opts = DiscoverOptions {
         self_pid,
         device_root: config.probe.device_root.clone(),
+        kubelet: Kubelet::new(&config.workload)?.map(|k| Arc::new(Mutex::new(k))),
+        other_netns: config.probe.other_netns_peers,
         ..DiscoverOptions::default()
     };
     let clocks = discovery::Clocks {

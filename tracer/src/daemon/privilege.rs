@@ -11,10 +11,12 @@
 //! - `CAP_DAC_READ_SEARCH`: `/proc/<pid>/fd` of processes of other users (their sockets and
 //!   device nodes), and libraries in directories only their owner can read;
 //! - `CAP_SYS_ADMIN`, only while a uprobe step clock is on (`probe.cuda_clock`,
-//!   `probe.tls_uprobes`): the kernel creates a uprobe perf event for `CAP_SYS_ADMIN` only
-//!   (`perf_uprobe_event_init`; `CAP_PERFMON` was enough from 5.8 until the 2025 fix of the
-//!   probes' permission checks, backported to stable kernels), and a server's `libcuda` or
-//!   `libssl` is only known once it has started.
+//!   `probe.tls_uprobes`) or IPC peers are followed into other network namespaces
+//!   (`probe.other_netns_peers`): the kernel creates a uprobe perf event for `CAP_SYS_ADMIN`
+//!   only (`perf_uprobe_event_init`; `CAP_PERFMON` was enough from 5.8 until the 2025 fix of
+//!   the probes' permission checks, backported to stable kernels), and a server's `libcuda` or
+//!   `libssl` is only known once it has started; `setns` into a container's network namespace
+//!   (to list its Unix sockets) needs it too.
 //!
 //! Everything else goes, from every set (bounding included), before the first thread starts:
 //! capabilities are per thread, and threads inherit their creator's. No-new-privs is set, so
@@ -34,7 +36,8 @@ const KEEP: [Capability; 4] = [
     Capability::CAP_DAC_READ_SEARCH,
 ];
 
-/// Kept too while uprobes may be attached to processes found later.
+/// Kept too while uprobes may be attached to processes found later, or other network
+/// namespaces joined.
 const KEEP_FOR_UPROBES: Capability = Capability::CAP_SYS_ADMIN;
 
 /// What [`drop_unneeded`] did.

@@ -11,13 +11,17 @@
 
 mod cputime;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::Serialize;
 
 use crate::{
     ids::{DeviceId, Pid, ServiceId},
     ledger::DeviceKind,
+    occupancy::workload::Workload,
 };
 
 /// The service processes of unknown membership fall into (a single-service daemon run).
@@ -82,6 +86,9 @@ pub struct ServiceState {
     pub name: String,
     /// Member processes and why each belongs.
     pub members: BTreeMap<Pid, String>,
+    /// Where it runs (pod, container, unit); shared with every record it finalises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// A GPU a service holds, who holds it and why.
@@ -99,6 +106,8 @@ pub struct ServiceGpu {
 pub struct ServiceView {
     pub id: ServiceId,
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
     pub members: BTreeMap<Pid, String>,
     pub gpus: Vec<ServiceGpu>,
 }
@@ -203,6 +212,19 @@ impl Binding {
                 }
             }
         }
+    }
+
+    /// Where a service runs (a later discovery may name what an earlier one could not).
+    pub fn set_workload(&mut self, id: ServiceId, workload: Option<Workload>) {
+        let svc = self.services.entry(id).or_default();
+        if svc.workload.as_deref() != workload.as_ref() {
+            svc.workload = workload.map(Arc::new);
+        }
+    }
+
+    /// Where a service runs, if known.
+    pub fn service_workload(&self, id: ServiceId) -> Option<&Arc<Workload>> {
+        self.services.get(&id).and_then(|s| s.workload.as_ref())
     }
 
     /// A process belongs to a service, and why.
@@ -487,6 +509,7 @@ impl Binding {
             .map(|(&id, s)| ServiceView {
                 id,
                 name: s.name.clone(),
+                workload: s.workload.clone(),
                 members: s.members.clone(),
                 gpus: self
                     .holders

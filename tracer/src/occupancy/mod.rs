@@ -5,3 +5,4 @@
 pub mod binding;
 pub mod devices;
 pub mod service;
+pub mod workload;

@@ -9,6 +9,7 @@ use super::{Input, snapshot::Snapshot};
 use crate::{
     ids::{DeviceId, Pid, ServiceId},
     ledger::RequestRecord,
+    occupancy::workload::Workload,
     probe::decode::Event,
     wire::summary::RequestSummary,
 };
@@ -20,6 +21,9 @@ pub struct FinalRecord {
     #[serde(flatten)]
     pub record: RequestRecord,
     pub service_name: String,
+    /// Where the service runs (pod, container, unit), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
     pub end_unix_ms: i64,
     /// Its cost at the configured tariff (none configured: absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

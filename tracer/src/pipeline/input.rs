@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ids::{DeviceId, Pid, ServiceId},
     ledger::{DeviceKind, LedgerConfig},
+    occupancy::workload::Workload,
     power::Reading,
     wire::TrackerConfig,
 };
@@ -26,6 +27,9 @@ pub enum Input {
         id: ServiceId,
         name: String,
         ts_ns: u64,
+        /// Where it runs (absent in recordings made before workload identity).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<Workload>,
     },
     /// A process belongs to a service, and why (target, descendant, cgroup, IPC peer...).
     Member {

@@ -115,8 +115,14 @@ impl Pipeline {
             Input::Probe { .. } => {}
             Input::Power { readings } => self.power(readings),
             Input::Device { id, setup } => self.add_device(id, setup),
-            Input::Service { id, name, ts_ns } => {
+            Input::Service {
+                id,
+                name,
+                ts_ns,
+                workload,
+            } => {
                 self.binding.add_service(id, name, ts_ns, &mut self.changes);
+                self.binding.set_workload(id, workload);
                 self.apply_changes();
             }
             Input::Member {

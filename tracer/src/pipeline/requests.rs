@@ -205,6 +205,7 @@ impl Pipeline {
             let rec = Arc::new(FinalRecord {
                 end_unix_ms,
                 service_name: self.binding.service_name(rec.service).to_string(),
+                workload: self.binding.service_workload(rec.service).cloned(),
                 record: rec,
                 cost,
             });

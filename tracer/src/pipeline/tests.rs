@@ -76,6 +76,7 @@ fn pipeline() -> Pipeline {
             id: ServiceId(id),
             name: name.into(),
             ts_ns: 0,
+            workload: None,
         });
         p.apply(Input::Member {
             pid: Pid(pid),

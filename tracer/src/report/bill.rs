@@ -320,6 +320,7 @@ mod tests {
         };
         let t0 = 1_800_000_000_000i64;
         let rec = |id: u64, j: f64| FinalRecord {
+            workload: None,
             record: serde_json::from_value(serde_json::json!({
                 "id": id, "external_id": null, "service": 1, "model": "m", "arrive_ns": 0,
                 "first_byte_ns": null, "first_event_ns": null, "end_ns": 1_000_000_000u64,

@@ -18,6 +18,7 @@ fn temp(name: &str) -> PathBuf {
 
 fn record(id: u64, end_unix_ms: i64, model: &str, total_j: f64) -> Arc<FinalRecord> {
     Arc::new(FinalRecord {
+        workload: None,
         record: RequestRecord {
             id: RequestId(id),
             external_id: None,

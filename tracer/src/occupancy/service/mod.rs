@@ -49,9 +49,11 @@
 //! or two targets that are IPC peers of each other).
 //!
 //! # Limits
-//! - `NETLINK_SOCK_DIAG` answers for the tracer's own network namespace: Unix links of processes
-//!   in other network namespaces (containers) are not seen; loopback TCP is read per namespace
-//!   from `/proc/<pid>/net/tcp{,6}`.
+//! - `NETLINK_SOCK_DIAG` answers for the network namespace its socket was made in: the Unix
+//!   sockets of every other namespace (containers') are dumped from inside each
+//!   ([`unix_diag::dump_in`]), which needs `CAP_SYS_ADMIN` ([`DiscoverOptions::other_netns`]);
+//!   without it those links are not seen, and discovery says so. Loopback TCP is read per
+//!   namespace from `/proc/<pid>/net/tcp{,6}`.
 //! - procfs is read without locks: processes that come and go during discovery may be missed.
 //! - `/proc/<pid>/fd` of other users' processes needs privileges; unreadable processes have no
 //!   sockets and no GPUs.
@@ -69,6 +71,7 @@ mod tests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::{Arc, Mutex},
 };
 
 use serde::Serialize;
@@ -77,7 +80,10 @@ use tracer_ebpf::abi::{TARGET_COMM, TARGET_PID, TARGET_PORT};
 pub use self::{glob::glob_match, render::render_text, unix_diag::UnixSocket};
 use self::{snapshot::Snapshot, walk::Walker};
 use crate::{
-    occupancy::devices::{self as gpu, GpuInfo, Majors, ProcessGpus},
+    occupancy::{
+        devices::{self as gpu, GpuInfo, Majors, ProcessGpus},
+        workload::{self, Workload, kubelet::Kubelet},
+    },
     probe::targets::{self as target, TargetError, TargetSpec},
     procfs::{self, ProcFs},
 };
@@ -235,6 +241,11 @@ pub struct DiscoverOptions {
     /// Unix socket name patterns that are never links (see [`DEFAULT_SYSTEM_SOCKETS`]).
     pub system_sockets: Vec<String>,
     pub unix: UnixSource,
+    /// Names pods and containers found in cgroup paths (none: UIDs and ids only).
+    pub kubelet: Option<Arc<Mutex<Kubelet>>>,
+    /// Follow Unix links of processes in other network namespaces (containers): their
+    /// sockets are dumped from inside each namespace, which needs `CAP_SYS_ADMIN`.
+    pub other_netns: bool,
 }
 
 impl Default for DiscoverOptions {
@@ -248,6 +259,8 @@ impl Default for DiscoverOptions {
                 .map(|s| (*s).to_string())
                 .collect(),
             unix: UnixSource::Kernel,
+            kubelet: None,
+            other_netns: true,
         }
     }
 }
@@ -339,6 +352,10 @@ pub struct Service {
     /// inside the service (vLLM's ZMQ, TGI's gRPC), both ends.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub ipc_fds: BTreeSet<(u32, u32)>,
+    /// The pod, container or unit its first root process runs in, as its cgroup path says
+    /// (names are the kubelet's, filled in by the daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
 }
 
 /// A process outside every service that holds one of the services' GPUs.
@@ -363,6 +380,62 @@ pub struct Discovery {
     pub warnings: Vec<String>,
 }
 
+/// Most network namespaces whose Unix sockets one discovery reads.
+const MAX_NAMESPACES: usize = 4096;
+
+/// The Unix sockets of every network namespace but the daemon's, each dumped from inside it
+/// (through one of its processes). All of them, not only the members': the socket an
+/// accepted connection gets is made in the *connecting* process's namespace, so a server's
+/// end of a link may sit in a namespace none of its known processes is in.
+fn other_namespaces(
+    procfs: &ProcFs,
+    snap: &Snapshot,
+    warnings: &mut Vec<String>,
+) -> Vec<UnixSocket> {
+    let own = std::fs::read_link(procfs.proc_root.join("self/ns/net"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let mut namespaces: BTreeMap<&str, u32> = BTreeMap::new();
+    for (&pid, p) in &snap.procs {
+        if let Some(ns) = p
+            .netns
+            .as_deref()
+            .filter(|ns| Some(*ns) != own.as_deref() && !p.kthread)
+        {
+            namespaces.entry(ns).or_insert(pid);
+        }
+    }
+    if namespaces.len() > MAX_NAMESPACES {
+        warnings.push(format!(
+            "{} network namespaces: the Unix sockets of the first {MAX_NAMESPACES} are read",
+            namespaces.len()
+        ));
+    }
+    let mut out = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    for (ns, pid) in namespaces.into_iter().take(MAX_NAMESPACES) {
+        match unix_diag::dump_in(&procfs.proc_root.join(format!("{pid}/ns/net"))) {
+            Ok(sockets) => out.extend(sockets),
+            // A process that exited since the snapshot: nothing lost.
+            Err(unix_diag::DiagError::Setns { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => failed.push(format!("{ns}: {e}")),
+        }
+    }
+    if let Some(first) = failed.first() {
+        let hint = if failed.iter().any(|f| f.contains("Operation not permitted")) {
+            " (joining a namespace needs CAP_SYS_ADMIN: probe.other_netns_peers)"
+        } else {
+            ""
+        };
+        warnings.push(format!(
+            "Unix socket peers in {} other network namespaces not followed{hint}: {first}",
+            failed.len()
+        ));
+    }
+    out
+}
+
 /// Builds the services of `roots` from procfs now. See the module doc for the rules.
 pub fn discover(
     procfs: &ProcFs,
@@ -375,10 +448,16 @@ pub fn discover(
     let mut warnings = Vec::new();
     let snap = Snapshot::take(procfs)?;
     let unix = match &opts.unix {
-        UnixSource::Kernel => unix_diag::dump().unwrap_or_else(|e| {
-            warnings.push(format!("Unix socket peers not followed: {e}"));
-            Vec::new()
-        }),
+        UnixSource::Kernel => {
+            let mut all = unix_diag::dump().unwrap_or_else(|e| {
+                warnings.push(format!("Unix socket peers not followed: {e}"));
+                Vec::new()
+            });
+            if opts.other_netns {
+                all.extend(other_namespaces(procfs, &snap, &mut warnings));
+            }
+            all
+        }
         UnixSource::Table(t) => t.clone(),
         UnixSource::Off => Vec::new(),
     };
@@ -443,6 +522,23 @@ pub fn discover(
         let member_pids: BTreeSet<u32> = members.keys().copied().collect();
         let ipc_fds = walker.ipc_fds(&member_pids);
         let roots_of: Vec<RootSpec> = group.iter().map(|&i| roots[i].spec.clone()).collect();
+        // The first root's lowest pid (a cgroup root has none of its own: its lowest member).
+        let workload = group
+            .iter()
+            .find_map(|&i| root_pids[i].first().copied())
+            .or_else(|| member_pids.first().copied())
+            .and_then(|pid| {
+                let text =
+                    std::fs::read_to_string(procfs.proc_root.join(pid.to_string()).join("cgroup"))
+                        .ok()?;
+                let mut w = workload::cgroup::parse(&text)?;
+                if let Some(k) = &opts.kubelet {
+                    k.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .enrich(&mut w);
+                }
+                Some(w)
+            });
         services.push(Service {
             id: u32::try_from(n + 1).unwrap_or(u32::MAX),
             name: roots_of
@@ -457,6 +553,7 @@ pub fn discover(
             fd_only_gpus,
             gpu_evidence,
             ipc_fds,
+            workload,
         });
     }
 

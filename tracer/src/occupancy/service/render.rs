@@ -56,6 +56,9 @@ pub fn render_text(d: &Discovery) -> String {
     let mut out = String::new();
     for s in &d.services {
         let _ = writeln!(out, "service {}: {}", s.id, s.name);
+        if let Some(w) = &s.workload {
+            let _ = writeln!(out, "  workload: {}", w.text());
+        }
         let ports: Vec<String> = s.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(
             out,

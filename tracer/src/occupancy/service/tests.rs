@@ -557,6 +557,46 @@ fn cgroup_roots_take_the_cgroup_and_below() {
     ));
 }
 
+/// The service's workload is its first root's: a pid root in a kubepods container (its child
+/// elsewhere does not change it), a cgroup root through its lowest member, and nothing for a
+/// process in a login session.
+#[test]
+fn a_services_workload_is_its_first_roots_cgroup() {
+    let id = "ab".repeat(32);
+    let t = Tree::new();
+    t.proc(10, "python3", 1, &[])
+        .cgroup(
+            10,
+            &format!(
+                "/kubepods.slice/kubepods-pod0a1b2c3d_0000_4000_8000_000000000001.slice/cri-containerd-{id}.scope"
+            ),
+        )
+        .proc(11, "engine", 10, &[])
+        .cgroup(11, "/system.slice/other.service")
+        .proc(20, "tgi", 1, &[])
+        .cgroup(20, "/system.slice/tgi.service")
+        .proc(30, "shell", 1, &[])
+        .cgroup(30, "/user.slice/user-0.slice/session-1.scope");
+    let d = t.discover(&[
+        root(RootSpec::Pid(10), &[10]),
+        root(RootSpec::Cgroup("system.slice/tgi.service".into()), &[]),
+        root(RootSpec::Pid(30), &[30]),
+    ]);
+    let w = d.services[0].workload.as_ref().expect("the pod");
+    assert_eq!(
+        w.pod_uid.as_deref(),
+        Some("0a1b2c3d-0000-4000-8000-000000000001")
+    );
+    assert_eq!(w.container_id.as_deref(), Some(id.as_str()));
+    assert!(
+        render_text(&d)
+            .contains("workload: pod 0a1b2c3d-0000-4000-8000-000000000001, container abababababab")
+    );
+    let unit = d.services[1].workload.as_ref().expect("the unit");
+    assert_eq!(unit.unit.as_deref(), Some("tgi.service"));
+    assert_eq!(d.services[2].workload, None);
+}
+
 // ---- the real kernel ------------------------------------------------------------------------
 
 /// A `sleep` child holding `fds` as its fds 3, 4, …; killed on drop.
@@ -644,6 +684,83 @@ fn kernel_socketpair_peer_is_found() {
     );
     assert_eq!(s.members[&kid.pid()].comm, "sleep");
     drop(mine);
+}
+
+/// A process started by `unshare --net` (a network namespace of its own, as a container's)
+/// running `script` with `arg`, once it printed a line; killed on drop.
+fn in_own_netns(script: &str, arg: &std::path::Path) -> Kid {
+    use std::io::BufRead as _;
+    let mut child = Command::new("unshare")
+        .args(["--net", "python3", "-c", script])
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    Kid(child)
+}
+
+/// A server in one network namespace and the process connected to its Unix socket in another
+/// (an engine and its API server in two containers sharing a volume): the link is found from
+/// inside both namespaces, and not without that (the daemon's own namespace holds neither end).
+#[test]
+fn unix_peers_in_other_network_namespaces_are_followed() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("SKIPPED: making network namespaces needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("engine.sock");
+    let server = in_own_netns(
+        "import socket,sys,time\n\
+         s=socket.socket(socket.AF_UNIX);s.bind(sys.argv[1]);s.listen()\n\
+         print('ready',flush=True);c,_=s.accept();open(sys.argv[1]+'.ok','w').close()\n\
+         time.sleep(60)",
+        &path,
+    );
+    let client = in_own_netns(
+        "import socket,sys,time\n\
+         c=socket.socket(socket.AF_UNIX);c.connect(sys.argv[1])\n\
+         print('ready',flush=True);time.sleep(60)",
+        &path,
+    );
+    let accepted = path.with_extension("sock.ok");
+    for _ in 0..500 {
+        if accepted.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(accepted.exists(), "the server accepted");
+    let netns = |pid: u32| fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns");
+    assert_ne!(netns(server.pid()), netns(client.pid()));
+    assert_ne!(netns(server.pid()), netns(std::process::id()));
+    let roots = [root(RootSpec::Pid(server.pid()), &[server.pid()])];
+    let d = real(&roots, &real_opts());
+    let s = &d.services[0];
+    let found = s.members.get(&client.pid()).map(|m| m.reasons.clone());
+    assert!(
+        matches!(found.as_deref(), Some([Reason::UnixPeer { peer, name: Some(name), .. }])
+            if *peer == server.pid() && name.ends_with("engine.sock")),
+        "{}",
+        render_text(&d)
+    );
+    assert!(s.ipc_fds.iter().any(|&(pid, _)| pid == client.pid()));
+    let own_only = real(
+        &roots,
+        &DiscoverOptions {
+            other_netns: false,
+            ..real_opts()
+        },
+    );
+    assert_eq!(pids(&own_only.services[0]), [server.pid()]);
 }
 
 #[test]

@@ -3,11 +3,17 @@
 //!
 //! The request and the replies are built and read byte by byte (native endian, as netlink is);
 //! every length is checked against the buffer before use.
+//!
+//! The kernel answers for the network namespace the netlink socket was created in. To see a
+//! container's sockets, [`dump_in`] creates the socket on a short-lived thread that first
+//! joins the container's namespace (`setns`, which needs `CAP_SYS_ADMIN`); the socket keeps
+//! that namespace, so the dump itself runs here, and no thread of the daemon stays moved.
 
 use std::{
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
 };
 
 use serde::Serialize;
@@ -87,6 +93,13 @@ pub enum DiagError {
     Truncated(usize),
     #[error("sock_diag: more than {MAX_SOCKETS} sockets")]
     TooMany,
+    /// Joining another network namespace failed (`EPERM`: the daemon lacks `CAP_SYS_ADMIN`).
+    #[error("joining network namespace {ns}: {source}")]
+    Setns {
+        ns: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn io_err(op: &'static str) -> DiagError {
@@ -220,6 +233,33 @@ pub fn parse_batch(buf: &[u8], out: &mut Vec<UnixSocket>) -> Result<bool, DiagEr
 /// Dumps every Unix socket of the caller's network namespace. Best effort: a dump the
 /// kernel marks inconsistent (`NLM_F_DUMP_INTR`, sockets changed meanwhile) is taken as is.
 pub fn dump() -> Result<Vec<UnixSocket>, DiagError> {
+    dump_on(&diag_socket()?)
+}
+
+/// Dumps every Unix socket of the network namespace `ns` names (`/proc/<pid>/ns/net`).
+pub fn dump_in(ns: &Path) -> Result<Vec<UnixSocket>, DiagError> {
+    let setns = |source| DiagError::Setns {
+        ns: ns.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(ns).map_err(setns)?;
+    // The namespace change is the thread's own and ends with it.
+    let fd = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns with a namespace fd that lives for the call.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(setns(io::Error::last_os_error()));
+            }
+            diag_socket()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(DiagError::Malformed("the namespace thread panicked")))
+    })?;
+    dump_on(&fd)
+}
+
+/// A `NETLINK_SOCK_DIAG` socket in the calling thread's network namespace.
+fn diag_socket() -> Result<OwnedFd, DiagError> {
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let raw = unsafe {
         libc::socket(
@@ -232,7 +272,10 @@ pub fn dump() -> Result<Vec<UnixSocket>, DiagError> {
         return Err(io_err("socket"));
     }
     // SAFETY: `raw` is a valid fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn dump_on(fd: &OwnedFd) -> Result<Vec<UnixSocket>, DiagError> {
     let timeout = libc::timeval {
         tv_sec: 5,
         tv_usec: 0,
