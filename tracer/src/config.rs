@@ -50,6 +50,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// Workload identity: the kubelet that names pods and containers.
     pub workload: crate::occupancy::workload::kubelet::KubeletConfig,
+    /// OTLP export of records and counters to a collector (off unless an endpoint is set).
+    pub otlp: crate::output::otlp::OtlpConfig,
 }
 
 /// The daemon as a system service.
@@ -238,6 +240,7 @@ impl Config {
                 "probe.poll_interval_ms must be > 0".into(),
             ));
         }
+        self.otlp.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
@@ -336,6 +339,10 @@ mod tests {
         ));
         assert!(matches!(
             Config::from_toml("[probe]\ncapture_bytes = 9000\n"),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            Config::from_toml("[otlp]\nendpoint = \"https://collector:4318\"\n"),
             Err(ConfigError::Invalid(_))
         ));
     }

@@ -7,48 +7,53 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use crate::output::family::{Family, Kind};
+pub(super) use crate::output::family::{head, label};
+
 use super::Shared;
 use crate::pipeline::snapshot::{DeviceSnapshot, SamplerHealth, Snapshot};
 
 /// A series: its name, help, and how its value is read.
 type Series<T, V> = (&'static str, &'static str, fn(&T) -> V);
 
+/// A series for OTLP too: its names (Prometheus, OpenTelemetry) and unit, help, and how its
+/// value is read.
+type Named<T, V> = (
+    (&'static str, &'static str, &'static str),
+    &'static str,
+    fn(&T) -> V,
+);
+
 /// A sensor whose newest reading is older than this is reported stale: samplers poll at tens
 /// of hertz and counters update at least every few hundred milliseconds, so seconds of silence
 /// mean the sensor or its sampler stopped.
 pub(super) const STALE_AFTER_MS: u64 = 2_000;
 
-/// A Prometheus label value, escaped.
-pub(super) fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// `# HELP` and `# TYPE` lines.
-pub(super) fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
 pub(super) fn write(out: &mut String, shared: &Shared) {
     if let Some(snap) = shared.snapshot() {
-        devices(out, &snap);
+        for f in device_families(&snap) {
+            f.write(out);
+        }
         samplers(out, &snap);
         losses(out, &snap);
     }
     recoveries(out, shared);
 }
 
-fn devices(out: &mut String, snap: &Snapshot) {
-    let name = "tracer_device_energy_joules_total";
-    head(
-        out,
-        name,
-        "counter",
+/// Each device's energy by part (measured, requests, idle, unattributed), what it draws now,
+/// its idle figure and whether its sensor went stale.
+pub(super) fn device_families(snap: &Snapshot) -> Vec<Family> {
+    let mut energy = Family::new(
+        (
+            "tracer_device_energy_joules_total",
+            "tracer.device.energy",
+            "J",
+        ),
         "Energy measured on each device, and where it went.",
+        Kind::Counter,
     );
     for d in &snap.devices {
-        for (kind, j) in [
+        for (part, j) in [
             ("measured", d.totals.measured_j),
             (
                 "requests",
@@ -57,26 +62,26 @@ fn devices(out: &mut String, snap: &Snapshot) {
             ("idle", d.totals.idle_j),
             ("unattributed", d.totals.unattributed_j),
         ] {
-            let _ = writeln!(
-                out,
-                "{name}{{device=\"{}\",part=\"{kind}\"}} {j}",
-                label(&d.name)
-            );
+            energy.point(vec![("device", d.name.clone()), ("part", part.into())], j);
         }
     }
-    let gauges: [Series<DeviceSnapshot, Option<f64>>; 3] = [
+    let gauges: [Named<DeviceSnapshot, Option<f64>>; 3] = [
         (
-            "tracer_device_power_watts",
+            ("tracer_device_power_watts", "tracer.device.power", "W"),
             "What each device draws now: its newest power sample or counter update.",
             |d| d.power_w,
         ),
         (
-            "tracer_device_idle_watts",
+            ("tracer_device_idle_watts", "tracer.device.idle_power", "W"),
             "Each device's idle figure (the basis is in /v1/gpus).",
             |d| Some(d.totals.idle_w),
         ),
         (
-            "tracer_device_sensor_stale",
+            (
+                "tracer_device_sensor_stale",
+                "tracer.device.sensor_stale",
+                "1",
+            ),
             "1 when a device's newest reading is over 2 s old (its sensor or sampler stopped).",
             |d| {
                 Some(f64::from(u8::from(
@@ -85,14 +90,17 @@ fn devices(out: &mut String, snap: &Snapshot) {
             },
         ),
     ];
-    for (name, help, get) in gauges {
-        head(out, name, "gauge", help);
+    let mut out = vec![energy];
+    for (names, help, get) in gauges {
+        let mut f = Family::new(names, help, Kind::Gauge);
         for d in &snap.devices {
             if let Some(v) = get(d) {
-                let _ = writeln!(out, "{name}{{device=\"{}\"}} {v}", label(&d.name));
+                f.point(vec![("device", d.name.clone())], v);
             }
         }
+        out.push(f);
     }
+    out
 }
 
 fn samplers(out: &mut String, snap: &Snapshot) {

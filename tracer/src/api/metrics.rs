@@ -2,15 +2,27 @@
 
 use std::fmt::Write as _;
 
-use super::{
-    Shared, Totals,
-    access::Scope,
-    health_metrics::{head, label},
-    reply::Reply,
-};
+use super::{Shared, Totals, access::Scope, reply::Reply};
+use crate::output::family::{Family, Kind, head, label};
+
+/// One (service, model, where the service ran) group's totals, as `/metrics` and OTLP see them.
+pub(crate) type ModelTotals = (
+    String,
+    String,
+    Option<std::sync::Arc<crate::occupancy::workload::Workload>>,
+    Totals,
+);
 
 /// How one counter is read from a group's totals.
 type Get = fn(&Totals) -> f64;
+/// A counter over groups' totals: its names (Prometheus, OpenTelemetry) and unit, help, how its
+/// value is read, and whether it counts whole things (sent as integers over OTLP).
+type Counter = (
+    (&'static str, &'static str, &'static str),
+    &'static str,
+    Get,
+    bool,
+);
 /// How one histogram is found in a group's totals.
 type Hist = fn(&Totals) -> &Histogram;
 
@@ -63,44 +75,11 @@ impl Histogram {
 /// `api.metrics_tenants` of them); the host's devices, samplers, losses and store for root and
 /// the API group.
 pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
-    let totals: Vec<_> = shared
-        .totals
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .filter(|((id, ..), _)| scope.sees(*id))
-        .map(|((_, s, m, w), t)| {
-            // A series per pod and container too: a restarted pod starts new counters, the
-            // old pod's stop (`sum by (service, model)` still adds them up).
-            let workload = w.as_ref().map_or_else(String::new, |w| w.labels(label));
-            (
-                format!("service=\"{}\",model=\"{}\"{workload}", label(s), label(m)),
-                *t,
-            )
-        })
-        .collect();
+    let totals = shared.model_totals(scope);
     let mut out = String::new();
-    let series: [(&str, &str, Get); 3] = [
-        (
-            "tracer_requests_total",
-            "Requests with a final energy record.",
-            |t| t.requests as f64,
-        ),
-        (
-            "tracer_request_energy_joules_total",
-            "Energy attributed to requests (dynamic and idle share), joules.",
-            |t| t.joules,
-        ),
-        (
-            "tracer_output_tokens_total",
-            "Completion tokens of requests with a final energy record.",
-            |t| t.output_tokens as f64,
-        ),
-    ];
-    for (name, help, get) in series {
-        per_model(&mut out, (name, help), &totals, "", get);
+    for f in model_families(&totals, shared.currency().as_deref()) {
+        f.write(&mut out);
     }
-    money(&mut out, shared.currency().as_deref(), &totals);
     let histograms: [(&str, &str, &[f64], Hist); 2] = [
         (
             "tracer_request_joules",
@@ -117,13 +96,20 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
     ];
     for (name, help, bounds, get) in histograms {
         head(&mut out, name, "histogram", help);
-        for (labels, t) in &totals {
-            get(t).write(&mut out, name, labels, bounds);
+        for (s, m, w, t) in &totals {
+            let workload = w.as_ref().map_or_else(String::new, |w| w.labels(label));
+            let labels = format!("service=\"{}\",model=\"{}\"{workload}", label(s), label(m));
+            get(t).write(&mut out, name, &labels, bounds);
         }
     }
-    tenants(&mut out, shared, scope);
+    for f in tenant_families(shared, scope) {
+        f.write(&mut out);
+    }
     if *scope == Scope::All {
         super::health_metrics::write(&mut out, shared);
+        for f in shared.sourced_families() {
+            f.write(&mut out);
+        }
     }
     if *scope == Scope::All
         && let Some(w) = shared.writer()
@@ -151,82 +137,139 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
     Reply::Text(200, "text/plain; version=0.0.4", out)
 }
 
-/// Cost at the tariff (once one is configured and a record carried a cost) and emissions (once
-/// a carbon intensity is), per (service, model).
-fn money(out: &mut String, currency: Option<&str>, totals: &[(String, Totals)]) {
+/// The per-(service, model) counters over `totals`: requests, energy, output tokens, and the
+/// cost at the tariff (once one is configured and a record carried a cost, its `currency`) and
+/// emissions (once a carbon intensity is).
+pub(super) fn model_families(totals: &[ModelTotals], currency: Option<&str>) -> Vec<Family> {
+    let series: [Counter; 3] = [
+        (
+            ("tracer_requests_total", "tracer.requests", "{request}"),
+            "Requests with a final energy record.",
+            |t| t.requests as f64,
+            true,
+        ),
+        (
+            (
+                "tracer_request_energy_joules_total",
+                "tracer.request.energy",
+                "J",
+            ),
+            "Energy attributed to requests (dynamic and idle share), joules.",
+            |t| t.joules,
+            false,
+        ),
+        (
+            (
+                "tracer_output_tokens_total",
+                "tracer.output_tokens",
+                "{token}",
+            ),
+            "Completion tokens of requests with a final energy record.",
+            |t| t.output_tokens as f64,
+            true,
+        ),
+    ];
+    let mut out: Vec<Family> = series
+        .into_iter()
+        .map(|(names, help, get, whole)| {
+            let f = per_model(names, help, totals, None, get);
+            if whole { f.whole() } else { f }
+        })
+        .collect();
     let Some(currency) = currency else {
-        return;
+        return out;
     };
-    per_model(
-        out,
+    out.push(per_model(
         (
             "tracer_request_cost_total",
-            "Cost of requests at the configured tariff (PUE and overhead included), in its currency.",
+            "tracer.request.cost",
+            &format!("{{{currency}}}"),
         ),
+        "Cost of requests at the configured tariff (PUE and overhead included), in its currency.",
         totals,
-        &format!(",currency=\"{}\"", label(currency)),
+        Some(("currency", currency)),
         |t| t.cost,
-    );
-    if totals.iter().any(|(_, t)| t.emissions_g > 0.0) {
-        per_model(
-            out,
+    ));
+    if totals.iter().any(|(.., t)| t.emissions_g > 0.0) {
+        out.push(per_model(
             (
                 "tracer_request_emissions_grams_total",
-                "Emissions of requests at the configured carbon intensity (PUE included), grams CO2e.",
+                "tracer.request.emissions",
+                "g",
             ),
+            "Emissions of requests at the configured carbon intensity (PUE included), grams CO2e.",
             totals,
-            "",
+            None,
             |t| t.emissions_g,
-        );
+        ));
     }
+    out
 }
 
-/// One counter with a series per (service, model, workload), each given with its labels:
-/// `extra` is more labels (`,name="value"`).
+/// One counter with a series per (service, model) and where the service ran (`namespace`,
+/// `pod`, `container` labels: a restarted pod starts new series, the old pod's stop, and
+/// `sum by (service, model)` still adds them up), and `extra` as one more label.
 fn per_model(
-    out: &mut String,
-    (name, help): (&str, &str),
-    totals: &[(String, Totals)],
-    extra: &str,
+    names: (&'static str, &'static str, &str),
+    help: &'static str,
+    totals: &[ModelTotals],
+    extra: Option<(&'static str, &str)>,
     get: Get,
-) {
-    head(out, name, "counter", help);
-    for (labels, t) in totals {
-        let _ = writeln!(out, "{name}{{{labels}{extra}}} {}", get(t));
+) -> Family {
+    let mut f = Family::new(names, help, Kind::Counter);
+    for (s, m, w, t) in totals {
+        let mut labels = vec![("service", s.clone()), ("model", m.clone())];
+        labels.extend(w.iter().flat_map(|w| w.label_pairs()));
+        labels.extend(extra.map(|(k, v)| (k, v.to_owned())));
+        f.point(labels, get(t));
     }
+    f
 }
 
 /// Requests and energy per tenant: a label only for the first `api.metrics_tenants` tenants
 /// seen (a series per tenant would otherwise grow without bound); the rest are `other`.
-fn tenants(out: &mut String, shared: &Shared, scope: &Scope) {
+pub(super) fn tenant_families(shared: &Shared, scope: &Scope) -> Vec<Family> {
     let rows: Vec<_> = shared
         .tenant_totals()
         .into_iter()
         .filter(|((id, ..), _)| scope.sees(*id))
         .collect();
-    let series: [(&str, &str, Get); 2] = [
+    let series: [Counter; 2] = [
         (
-            "tracer_tenant_requests_total",
+            (
+                "tracer_tenant_requests_total",
+                "tracer.tenant.requests",
+                "{request}",
+            ),
             "Requests with a final energy record, per tenant (capped; the rest are \"other\").",
             |t| t.requests as f64,
+            true,
         ),
         (
-            "tracer_tenant_request_energy_joules_total",
+            (
+                "tracer_tenant_request_energy_joules_total",
+                "tracer.tenant.request.energy",
+                "J",
+            ),
             "Energy attributed to requests per tenant, joules (capped; the rest are \"other\").",
             |t| t.joules,
+            false,
         ),
     ];
-    for (name, help, get) in series {
-        head(out, name, "counter", help);
-        for ((_, s, m, t), v) in &rows {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\",model=\"{}\",tenant=\"{}\"}} {}",
-                label(s),
-                label(m),
-                label(t),
-                get(v)
-            );
-        }
-    }
+    series
+        .into_iter()
+        .map(|(names, help, get, whole)| {
+            let mut f = Family::new(names, help, Kind::Counter);
+            f.integer = whole;
+            for ((_, s, m, t), v) in &rows {
+                let labels = vec![
+                    ("service", s.clone()),
+                    ("model", m.clone()),
+                    ("tenant", t.clone()),
+                ];
+                f.point(labels, get(v));
+            }
+            f
+        })
+        .collect()
 }

@@ -32,6 +32,7 @@ pub use server::{Api, ApiError};
 
 use crate::{
     ids::ServiceId,
+    output::family::Family,
     pipeline::{Fact, FinalRecord, Interest, Subscriber, SubscriberError, snapshot::Snapshot},
 };
 
@@ -93,6 +94,18 @@ pub struct Shared {
     recoveries: Mutex<Vec<crate::store::Recovery>>,
     /// The tariff's currency, once a record carried a cost (`tracer_request_cost_total`).
     currency: Mutex<Option<String>>,
+    /// More families for `/metrics` (root and the API group): other parts' own counters.
+    sources: Mutex<Vec<FamilySource>>,
+}
+
+/// Families another part of the daemon keeps (the OTLP exporter's counters), read at each
+/// scrape.
+pub struct FamilySource(pub Box<dyn Fn() -> Vec<Family> + Send + Sync>);
+
+impl std::fmt::Debug for FamilySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FamilySource")
+    }
 }
 
 /// (service, its name, model, tenant label).
@@ -148,7 +161,37 @@ impl Shared {
             }),
             recoveries: Mutex::new(Vec::new()),
             currency: Mutex::new(None),
+            sources: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Adds `source`'s families to `/metrics` (root and the API group).
+    pub fn add_families(&self, source: FamilySource) {
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(source);
+    }
+
+    fn sourced_families(&self) -> Vec<Family> {
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .flat_map(|s| (s.0)())
+            .collect()
+    }
+
+    /// What `/metrics` counts per (service, model), per tenant and per device, as root sees
+    /// it: the families the OTLP exporter sends.
+    pub fn families(&self) -> Vec<Family> {
+        let totals = self.model_totals(&access::Scope::All);
+        let mut out = metrics::model_families(&totals, self.currency().as_deref());
+        out.extend(metrics::tenant_families(self, &access::Scope::All));
+        if let Some(snap) = self.snapshot() {
+            out.extend(health_metrics::device_families(&snap));
+        }
+        out
     }
 
     /// At most `n` tenants get their own label in `/metrics` (the rest: `other`).
@@ -172,6 +215,17 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Per (service name, model) totals of the services `scope` sees.
+    fn model_totals(&self, scope: &access::Scope) -> Vec<metrics::ModelTotals> {
+        self.totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|((id, ..), _)| scope.sees(*id))
+            .map(|((_, s, m, w), t)| (s.clone(), m.clone(), w.clone(), *t))
+            .collect()
     }
 
     /// Per-tenant totals, keyed by (service, name, model, tenant label).

@@ -202,6 +202,11 @@ pub struct RunArgs {
     /// [config: api.metrics_listen]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Send every final record (OTLP logs) and the /metrics counters (OTLP metrics) to this
+    /// collector's OTLP/HTTP receiver, e.g. http://127.0.0.1:4318 (http:// only).
+    /// [config: otlp.endpoint]
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Members of this group see every service through the API, as root does.
     /// [config: api.group]
     #[arg(long, value_name = "GROUP")]
@@ -292,6 +297,9 @@ impl RunArgs {
         }
         if let Some(a) = self.metrics_listen {
             c.api.metrics_listen = Some(a);
+        }
+        if self.otlp_endpoint.is_some() {
+            c.otlp.endpoint = self.otlp_endpoint;
         }
         if let Some(g) = self.api_group {
             c.api.group = Some(g);

@@ -82,6 +82,9 @@ pub enum DaemonError {
     /// The kubelet client could not be set up (`[workload]`).
     #[error("workload identity: {0}")]
     Kubelet(#[from] crate::occupancy::workload::kubelet::KubeletError),
+    /// The OTLP exporter could not start.
+    #[error(transparent)]
+    Otlp(#[from] crate::output::otlp::OtlpError),
     /// The kernel is older than the daemon supports (checked at start).
     #[error("tracer needs Linux {need} or later; this kernel is {release}")]
     Kernel { release: String, need: String },
@@ -211,8 +214,10 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
         .map(|o| std::mem::take(&mut o.learned_idle))
         .unwrap_or_default();
     let (mut bus, journal_written) = outputs::bus(&config, &pipeline_config, journal.as_deref())?;
-    let api_state = (config.api.socket.is_some() || config.api.metrics_listen.is_some())
-        .then(|| crate::api::Shared::new(config.api.memory_records));
+    let otlp_metrics = config.otlp.enabled().is_some() && config.otlp.metrics;
+    let api_state =
+        (config.api.socket.is_some() || config.api.metrics_listen.is_some() || otlp_metrics)
+            .then(|| crate::api::Shared::new(config.api.memory_records));
     if let Some(state) = &api_state {
         state.limit_tenants(config.api.metrics_tenants);
         if let Some(o) = opened.as_mut() {
@@ -222,6 +227,25 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
             shared: Arc::clone(state),
             records: opened.is_none(),
         }));
+    }
+    let families = api_state
+        .clone()
+        .map(|s| Box::new(move || s.families()) as crate::output::otlp::Families);
+    let otlp = crate::output::otlp::Otlp::start(&config.otlp, &mut bus, families)?;
+    if let Some(o) = &otlp {
+        let c = &config.otlp;
+        tracing::info!(
+            "OTLP/HTTP export to {}: logs {}, metrics {} (every {} ms); queue {} records",
+            c.endpoint.as_deref().unwrap_or_default(),
+            if c.logs { "on" } else { "off" },
+            if c.metrics { "on" } else { "off" },
+            c.metrics_interval_ms,
+            c.queue_records
+        );
+        if let Some(state) = &api_state {
+            let stats = o.stats();
+            state.add_families(crate::api::FamilySource(Box::new(move || stats.families())));
+        }
     }
     // With a store, records reach the API once committed (what anyone sees as final is
     // stored).
@@ -465,6 +489,10 @@ pub async fn run(mut config: Config, reload: reload::Reader) -> Result<(), Daemo
                 "store: the writer stopped abnormally; run {run} stays open (recovered at next start)"
             );
         }
+    }
+    // After the store's last commit: the metrics' last export has every record.
+    if let Some(o) = otlp {
+        o.finish(Duration::from_millis(config.otlp.timeout_ms.min(10_000)));
     }
     drop(ring);
     drop(probes);

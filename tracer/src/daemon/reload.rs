@@ -46,6 +46,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     check("bill", old.bill == new.bill);
     check("daemon", old.daemon == new.daemon);
     check("output", old.output == new.output);
+    check("otlp", old.otlp == new.otlp);
     out
 }
 

@@ -74,18 +74,25 @@ impl Workload {
         }
     }
 
-    /// The Prometheus labels it adds to a per-service series (`,namespace="…",pod="…",
-    /// container="…"`; empty when there is no pod), with `escape` applied to each value.
-    pub fn labels(&self, escape: impl Fn(&str) -> String) -> String {
-        let mut s = String::new();
-        for (name, v) in [
+    /// The labels it adds to a per-service metric series: `namespace`, `pod`, `container`
+    /// where known (none outside a pod; ids stay out: they would only multiply series).
+    pub fn label_pairs(&self) -> Vec<(&'static str, String)> {
+        [
             ("namespace", &self.namespace),
             ("pod", &self.pod),
             ("container", &self.container),
-        ] {
-            if let Some(v) = v {
-                let _ = write!(s, ",{name}=\"{}\"", escape(v));
-            }
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.clone().map(|v| (name, v)))
+        .collect()
+    }
+
+    /// [`Self::label_pairs`] as Prometheus text (`,namespace="…",pod="…"`), with `escape`
+    /// applied to each value.
+    pub fn labels(&self, escape: impl Fn(&str) -> String) -> String {
+        let mut s = String::new();
+        for (name, v) in self.label_pairs() {
+            let _ = write!(s, ",{name}=\"{}\"", escape(&v));
         }
         s
     }
