@@ -119,7 +119,11 @@ fn post(port: u16, rid: &str) {
     let mut c = Client::connect(port).expect("connect");
     let body = r#"{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#;
     let ex = c
-        .post("/v1/chat/completions", body, &[("X-Request-Id", rid)])
+        .post(
+            "/v1/chat/completions",
+            body,
+            &[("X-Request-Id", rid), ("X-Tenant", "acme")],
+        )
         .expect("exchange");
     assert_eq!(ex.status, 200);
 }
@@ -172,7 +176,7 @@ fn records_services_summaries_and_metrics_name_the_pod_once_the_kubelet_answers(
     std::fs::write(
         &config,
         format!(
-            "[ledger]\nmax_defer_ns = 2000000000\n\
+            "[ledger]\nmax_defer_ns = 2000000000\n[http]\ntenant_header = \"x-tenant\"\n\
              [probe]\nrediscover_ms = 300\nrediscover_max_ms = 600\n\
              [workload]\nkubelet_url = \"http://127.0.0.1:${{TEST_KUBELET_PORT}}\"\n\
              kubelet_token_file = \"{}\"\nkubelet_refresh_ms = 200\nkubelet_timeout_ms = 500\n",
@@ -264,6 +268,19 @@ fn records_services_summaries_and_metrics_name_the_pod_once_the_kubelet_answers(
         )),
         "{metrics}"
     );
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&format!(
+            "tracer_tenant_requests_total{{{service},namespace=\"llm\",pod=\"vllm-0\",container=\"engine\",tenant="
+        )) && l.ends_with(" 3")),
+        "{metrics}"
+    );
+    let table = Command::new(TRACER)
+        .args(["summary", "--by", "service", "--socket"])
+        .arg(&sock)
+        .output()
+        .expect("tracer summary");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("  in llm/vllm-0/engine"), "{table}");
     // The one before the names: its own series, without pod labels.
     assert!(
         metrics.contains(&format!("tracer_requests_total{{{service}}} 1")),

@@ -261,12 +261,10 @@ pub(super) fn tenant_families(shared: &Shared, scope: &Scope) -> Vec<Family> {
         .map(|(names, help, get, whole)| {
             let mut f = Family::new(names, help, Kind::Counter);
             f.integer = whole;
-            for ((_, s, m, t), v) in &rows {
-                let labels = vec![
-                    ("service", s.clone()),
-                    ("model", m.clone()),
-                    ("tenant", t.clone()),
-                ];
+            for ((_, s, m, t, w), v) in &rows {
+                let mut labels = vec![("service", s.clone()), ("model", m.clone())];
+                labels.extend(w.iter().flat_map(|w| w.label_pairs()));
+                labels.push(("tenant", t.clone()));
                 f.point(labels, get(v));
             }
             f

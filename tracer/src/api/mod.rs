@@ -109,7 +109,14 @@ impl std::fmt::Debug for FamilySource {
 }
 
 /// (service, its name, model, tenant label).
-type TenantKey = (ServiceId, String, String, String);
+/// (service, its name, model, tenant label, where the service ran).
+type TenantKey = (
+    ServiceId,
+    String,
+    String,
+    String,
+    Option<Arc<crate::occupancy::workload::Workload>>,
+);
 /// (service, its name, model, where the service ran).
 type TotalsKey = (
     ServiceId,
@@ -340,6 +347,7 @@ impl Shared {
                 r.service_name.clone(),
                 r.record.model.clone().unwrap_or_default(),
                 label,
+                r.workload.clone(),
             );
             tenants.totals.entry(key).or_default().add(r);
         }

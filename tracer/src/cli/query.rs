@@ -172,6 +172,13 @@ pub fn summary(a: &SummaryArgs) -> anyhow::Result<()> {
             num(&g["j_per_output_token"]["p50"], 4),
             num(&g["j_per_output_token"]["p99"], 4),
         );
+        // By service: where it runs (pod, container or unit), under its row.
+        if let Ok(w) =
+            serde_json::from_value::<crate::occupancy::workload::Workload>(g["workload"].clone())
+            && !w.is_empty()
+        {
+            println!("  in {}", w.text());
+        }
         if let (Some(over), Some(all)) = (g["quantiles_over"].as_u64(), g["requests"].as_u64())
             && over < all
         {
