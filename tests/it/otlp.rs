@@ -29,9 +29,9 @@ use opentelemetry_proto::tonic::{
     logs::v1::LogRecord,
     metrics::v1::{AggregationTemporality, Metric, metric::Data, number_data_point},
 };
-use prost::Message as _;
+use prost::Message;
 use serde_json::Value;
-use tracer_tests::{EmuEnv, free_port, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, emuload, free_port, jsonl, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -72,20 +72,28 @@ fn answer(body: Vec<u8>) -> (StatusCode, [(header::HeaderName, &'static str); 1]
     )
 }
 
+/// The request's protobuf message, once its head is checked (what is wrong is kept, and
+/// answered 400).
+fn decode<M: Message + Default>(
+    got: &Shared,
+    what: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<M, StatusCode> {
+    check_head(headers)
+        .map_or_else(|| M::decode(body).map_err(|e| e.to_string()), Err)
+        .map_err(|why| {
+            lock(got).bad.push(format!("{what}: {why}"));
+            StatusCode::BAD_REQUEST
+        })
+}
+
 async fn logs(
     State(got): State<Shared>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, [(header::HeaderName, &'static str); 1], Vec<u8>), StatusCode> {
-    let req = check_head(&headers)
-        .map_or_else(
-            || ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string()),
-            Err,
-        )
-        .map_err(|why| {
-            lock(&got).bad.push(format!("logs: {why}"));
-            StatusCode::BAD_REQUEST
-        })?;
+    let req: ExportLogsServiceRequest = decode(&got, "logs", &headers, body)?;
     let records = req
         .resource_logs
         .into_iter()
@@ -100,15 +108,7 @@ async fn metrics(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, [(header::HeaderName, &'static str); 1], Vec<u8>), StatusCode> {
-    let req = check_head(&headers)
-        .map_or_else(
-            || ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string()),
-            Err,
-        )
-        .map_err(|why| {
-            lock(&got).bad.push(format!("metrics: {why}"));
-            StatusCode::BAD_REQUEST
-        })?;
+    let req: ExportMetricsServiceRequest = decode(&got, "metrics", &headers, body)?;
     lock(&got).metrics.push(req);
     Ok(answer(
         ExportMetricsServiceResponse::default().encode_to_vec(),
@@ -218,28 +218,12 @@ fn wait_for(what: &str, timeout_s: u64, mut done: impl FnMut() -> bool, log: imp
 
 /// `emuload` for `seconds`; returns how many requests it made.
 fn load(port: u16, seconds: &str, seed: &str, out: &std::path::Path) -> usize {
-    let ok = Command::new(workspace_artifact("emuload", "tracer-emuhost"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--seconds",
-            seconds,
-            "--seed",
-            seed,
-        ])
-        .args([
-            "--concurrency",
-            "4",
-            "--max-tokens-max",
-            "64",
-            "--fail-on-error",
-        ])
-        .arg("--out")
-        .arg(out)
-        .status()
-        .expect("emuload");
-    assert!(ok.success());
-    jsonl(out).len()
+    let args = ["--seconds", seconds, "--seed", seed, "--concurrency", "4"];
+    emuload(
+        port,
+        &[&args[..], &["--max-tokens-max", "64"]].concat(),
+        out,
+    )
 }
 
 fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Any> {

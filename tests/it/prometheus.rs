@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{EmuEnv, Killed, free_port, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, Killed, emuload, free_port, jsonl, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -182,21 +182,18 @@ fn prometheus_scrapes_tracer_and_evaluates_the_shipped_rules() {
             .expect("prometheus (cargo xtask setup installs Debian's prometheus)"),
     );
     let load_out = dir.join("load.jsonl");
-    let load = Command::new(workspace_artifact("emuload", "tracer-emuhost"))
-        .args(["--port", &port.to_string(), "--seconds", "8"])
-        .args([
+    let sent = emuload(
+        port,
+        &[
+            "--seconds",
+            "8",
             "--concurrency",
             "4",
             "--max-tokens-max",
             "96",
-            "--fail-on-error",
-        ])
-        .arg("--out")
-        .arg(&load_out)
-        .status()
-        .expect("emuload");
-    assert!(load.success());
-    let sent = jsonl(&load_out).len();
+        ],
+        &load_out,
+    );
     let wanted = [
         "tracer_request_energy_joules_total",
         "tracer:request_watts:rate5m",

@@ -15,20 +15,13 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_tests::{TempDir, Tracer, client::Client, listening, privileged_or_skip};
+use tracer_tests::{TempDir, Tracer, api_get, client::Client, listening, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 const SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/openai_stdlib.py");
 
 fn get(sock: &Path, path: &str) -> Value {
-    let out = Command::new("curl")
-        .args(["-sf", "--noproxy", "*", "--unix-socket"])
-        .arg(sock)
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("curl");
-    assert!(out.status.success(), "{path}: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("json")
+    serde_json::from_str(&api_get(sock, path)).expect("json")
 }
 
 /// Every record the API lists, paging with its cursor (memory, then the store).

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_tests::{EmuEnv, Tracer, free_port, jsonl, privileged_or_skip, workspace_artifact};
+use tracer_tests::{EmuEnv, Tracer, emuload, free_port, jsonl, privileged_or_skip};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 /// What the daemon keeps with its uprobe step clocks on (the default): `CAP_DAC_READ_SEARCH`
@@ -156,21 +156,18 @@ fn after_dropping_privileges_the_daemon_still_does_its_work() {
     // The ring drained and the GPU sampled: every request of a load gets a record with GPU
     // energy from the NVML emulation.
     let load_out = dir.join("load.jsonl");
-    let load = Command::new(workspace_artifact("emuload", "tracer-emuhost"))
-        .args(["--port", &port_a.to_string(), "--seconds", "2"])
-        .args([
+    let sent = emuload(
+        port_a,
+        &[
+            "--seconds",
+            "2",
             "--concurrency",
             "4",
             "--max-tokens-max",
             "64",
-            "--fail-on-error",
-        ])
-        .arg("--out")
-        .arg(&load_out)
-        .status()
-        .expect("emuload");
-    assert!(load.success());
-    let sent = lines(&load_out);
+        ],
+        &load_out,
+    );
     assert!(sent > 0);
     wait_for("a record per request", &tracer, || lines(&records) >= sent);
     let gpu_j: f64 = jsonl(&records)

@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::Value;
 use tracer_tests::{
-    Killed, TempDir, Tracer, client::Client, free_port, listening, privileged_or_skip,
+    Killed, TempDir, Tracer, api_get, client::Client, free_port, listening, privileged_or_skip,
 };
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
@@ -86,20 +86,8 @@ fn fake_kubelet(port: u16) -> Arc<Mutex<Vec<(String, String)>>> {
     seen
 }
 
-/// `curl --unix-socket` GET, parsed as JSON unless it is `/metrics`.
-fn get(sock: &Path, path: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-sf", "--noproxy", "*", "--unix-socket"])
-        .arg(sock)
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("curl");
-    assert!(out.status.success(), "GET {path}: {}", out.status);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn json(sock: &Path, path: &str) -> Value {
-    let body = get(sock, path);
+    let body = api_get(sock, path);
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
@@ -260,7 +248,7 @@ fn records_services_summaries_and_metrics_name_the_pod_once_the_kubelet_answers(
         summary["groups"][0]["workload"]["pod"], "vllm-0",
         "{summary:#}"
     );
-    let metrics = get(&sock, "/metrics");
+    let metrics = api_get(&sock, "/metrics");
     let service = format!("service=\"port {port}\",model=\"m\"");
     assert!(
         metrics.contains(&format!(

@@ -489,3 +489,29 @@ pub fn replay(exe: &str, recording: &Path, dir: &Path) -> String {
     );
     std::fs::read_to_string(&replayed).expect("replayed records")
 }
+
+/// The emulated load generator against `port` (`emuload --port P --fail-on-error` and `args`),
+/// each request a JSON line in `out`; returns how many requests it made.
+pub fn emuload(port: u16, args: &[&str], out: &Path) -> usize {
+    let status = Command::new(workspace_artifact("emuload", "tracer-emuhost"))
+        .args(["--port", &port.to_string(), "--fail-on-error"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .expect("emuload");
+    assert!(status.success(), "emuload {args:?}: {status}");
+    jsonl(out).len()
+}
+
+/// `GET path` on the daemon's API socket (`curl --unix-socket`): the body of a 2xx answer.
+pub fn api_get(sock: &Path, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", "--noproxy", "*", "--unix-socket"])
+        .arg(sock)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "GET {path}: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
