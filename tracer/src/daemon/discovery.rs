@@ -123,8 +123,20 @@ impl Finder {
         if exports { BTreeSet::from([exe]) } else { libs }
     }
 
-    fn discover(&self) -> Result<Found, ServiceError> {
-        let discovery = service::discover(&self.procfs, &self.roots, &self.opts)?;
+    /// A discovery; `fetch`: the kubelet may be asked (a blocking call of up to its timeout),
+    /// else names come from its cache only.
+    fn discover(&self, fetch: bool) -> Result<Found, ServiceError> {
+        let cached_only;
+        let opts = if fetch {
+            &self.opts
+        } else {
+            cached_only = DiscoverOptions {
+                kubelet_fetch: false,
+                ..self.opts.clone()
+            };
+            &cached_only
+        };
+        let discovery = service::discover(&self.procfs, &self.roots, opts)?;
         let mut cuda = BTreeMap::new();
         if self.clocks.cuda {
             for pid in discovery.services.iter().flat_map(|s| s.members.keys()) {
@@ -231,7 +243,9 @@ impl Services {
         probes: &mut Probes,
         seed: bool,
     ) -> Result<bool, DaemonError> {
-        let d = self.finder.discover()?;
+        // On the event loop after attach (SIGHUP): never wait for the kubelet there; the next
+        // re-discovery, on its own thread, names what the cache does not.
+        let d = self.finder.discover(seed)?;
         self.apply(&d, pipeline, probes, monotonic_ns(), seed)
     }
 
@@ -249,7 +263,7 @@ impl Services {
         let finder = Arc::clone(&self.finder);
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.blocking_send(finder.discover());
+            let _ = tx.blocking_send(finder.discover(true));
         });
     }
 

@@ -243,6 +243,9 @@ pub struct DiscoverOptions {
     pub unix: UnixSource,
     /// Names pods and containers found in cgroup paths (none: UIDs and ids only).
     pub kubelet: Option<Arc<Mutex<Kubelet>>>,
+    /// The kubelet may be asked for a pod it has not named yet (a blocking call of up to its
+    /// timeout); false: its cache only.
+    pub kubelet_fetch: bool,
     /// Follow Unix links of processes in other network namespaces (containers): their
     /// sockets are dumped from inside each namespace, which needs `CAP_SYS_ADMIN`.
     pub other_netns: bool,
@@ -260,6 +263,7 @@ impl Default for DiscoverOptions {
                 .collect(),
             unix: UnixSource::Kernel,
             kubelet: None,
+            kubelet_fetch: true,
             other_netns: true,
         }
     }
@@ -535,7 +539,7 @@ pub fn discover(
                 if let Some(k) = &opts.kubelet {
                     k.lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .enrich(&mut w);
+                        .enrich(&mut w, opts.kubelet_fetch);
                 }
                 Some(w)
             });

@@ -241,9 +241,9 @@ impl Kubelet {
         }))
     }
 
-    /// Fills in `w`'s names from the cache, fetching the list again first when its pod or
-    /// container is not there (and the last fetch is older than `refresh`).
-    pub fn enrich(&mut self, w: &mut Workload) {
+    /// Fills in `w`'s names from the cache, fetching the list again first (when `fetch`) if
+    /// its pod or container is not there and the last fetch is older than `refresh`.
+    pub fn enrich(&mut self, w: &mut Workload, fetch: bool) {
         let Some(uid) = w.pod_uid.clone() else {
             return;
         };
@@ -252,7 +252,7 @@ impl Kubelet {
                 .as_ref()
                 .is_none_or(|id| p.containers.contains_key(id))
         });
-        if !known && self.fetched.is_none_or(|t| t.elapsed() >= self.refresh) {
+        if fetch && !known && self.fetched.is_none_or(|t| t.elapsed() >= self.refresh) {
             self.fetched = Some(Instant::now());
             match self.fetch() {
                 Ok(pods) => {
@@ -411,7 +411,7 @@ mod tests {
             container_id: Some("bbbb".into()),
             ..Workload::default()
         };
-        k.enrich(&mut w);
+        k.enrich(&mut w, true);
         assert_eq!(server.join().expect("served"), 1);
         assert_eq!(
             (
@@ -428,7 +428,7 @@ mod tests {
             container: None,
             ..w.clone()
         };
-        k.enrich(&mut again);
+        k.enrich(&mut again, true);
         assert_eq!(again, w);
         assert_eq!(k.failures, 0);
         // An unknown pod within `refresh` of the last fetch: no fetch, no names.
@@ -436,11 +436,13 @@ mod tests {
             pod_uid: Some("6f9c3a1e-7b2d-4c8e-9a01-23456789abcd".into()),
             ..Workload::default()
         };
-        k.enrich(&mut unknown);
+        k.enrich(&mut unknown, true);
         assert_eq!((unknown.pod.as_deref(), k.failures), (None, 0));
         // Once `refresh` has passed, it tries, fails, and counts it.
         k.refresh = Duration::ZERO;
-        k.enrich(&mut unknown);
+        k.enrich(&mut unknown, false);
+        assert_eq!(k.failures, 0, "cache only: no fetch");
+        k.enrich(&mut unknown, true);
         assert_eq!((unknown.pod.as_deref(), k.failures), (None, 1));
     }
 
