@@ -31,7 +31,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use serde_json::Value;
-use tracer_tests::{EmuEnv, emuload, free_port, jsonl, privileged_or_skip};
+use tracer_tests::{EmuEnv, emuload, free_port, jsonl, privileged_or_skip, wait_until};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 
@@ -204,16 +204,8 @@ impl Counts {
     }
 }
 
-fn wait_for(what: &str, timeout_s: u64, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not after {timeout_s} s:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for(what: &str, timeout_s: u64, done: impl FnMut() -> bool, log: impl Fn() -> String) {
+    wait_until(what, Duration::from_secs(timeout_s), done, log);
 }
 
 /// `emuload` for `seconds`; returns how many requests it made.

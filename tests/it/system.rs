@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_tests::{EmuEnv, Tracer, emuload, free_port, jsonl, privileged_or_skip};
+use tracer_tests::{EmuEnv, Tracer, emuload, free_port, jsonl, privileged_or_skip, wait_until};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
 /// What the daemon keeps with its uprobe step clocks on (the default): `CAP_DAC_READ_SEARCH`
@@ -33,16 +33,8 @@ fn status_field(status: &str, key: &str) -> u64 {
     u64::from_str_radix(v, 16).unwrap_or_else(|_| panic!("{key} {v:?}"))
 }
 
-fn wait_for(what: &str, tracer: &Tracer, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within 30 s:\n{}",
-            tracer.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, tracer: &Tracer, done: impl FnMut() -> bool) {
+    wait_until(what, Duration::from_secs(30), done, || tracer.log_text());
 }
 
 fn lines(path: &Path) -> usize {

@@ -10,12 +10,13 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
 use tracer_tests::{
     Killed, TempDir, Tracer, api_get, client::Client, free_port, listening, privileged_or_skip,
+    wait_until,
 };
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer-under-test");
@@ -93,14 +94,17 @@ fn json(sock: &Path, path: &str) -> Value {
 
 /// Polls `f` for up to 30 s.
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut got = None;
+    wait_until(
+        what,
+        Duration::from_secs(30),
+        || {
+            got = f();
+            got.is_some()
+        },
+        String::new,
+    );
+    got.expect("waited for")
 }
 
 fn post(port: u16, rid: &str) {

@@ -515,3 +515,22 @@ pub fn api_get(sock: &Path, path: &str) -> String {
     assert!(out.status.success(), "GET {path}: {}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Polls `done` every 50 ms until it holds; after `timeout` fails the test with `what` and
+/// `context()` (the daemon's log, say).
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}:\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -417,17 +417,26 @@ fn other_namespaces(
     }
     let mut out = Vec::new();
     let mut failed: Vec<String> = Vec::new();
+    let mut refused = false;
     for (ns, pid) in namespaces.into_iter().take(MAX_NAMESPACES) {
         match unix_diag::dump_in(&procfs.proc_root.join(format!("{pid}/ns/net"))) {
             Ok(sockets) => out.extend(sockets),
-            // A process that exited since the snapshot: nothing lost.
-            Err(unix_diag::DiagError::Setns { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => failed.push(format!("{ns}: {e}")),
+            Err(e) => {
+                let errno = match &e {
+                    unix_diag::DiagError::Setns { source, .. } => source.raw_os_error(),
+                    _ => None,
+                };
+                // A process that exited since the snapshot: nothing lost.
+                if errno == Some(libc::ENOENT) {
+                    continue;
+                }
+                refused |= errno == Some(libc::EPERM);
+                failed.push(format!("{ns}: {e}"));
+            }
         }
     }
     if let Some(first) = failed.first() {
-        let hint = if failed.iter().any(|f| f.contains("Operation not permitted")) {
+        let hint = if refused {
             " (joining a namespace needs CAP_SYS_ADMIN: probe.other_netns_peers)"
         } else {
             ""
