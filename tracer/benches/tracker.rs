@@ -75,5 +75,68 @@ fn stream(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stream);
+/// A non-streamed request and its JSON answer as the bench server (`openai-axum`) sends them
+/// for the no-op mix (`--max-tokens 4`): one `read`, one `write` each.
+const NOOP_REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\
+content-type: application/json\r\ncontent-length: 85\r\n\r\n\
+{\"model\":\"bench\",\"max_tokens\":4,\"messages\":[{\"role\":\"user\",\"content\":\"hello world\"}]}";
+
+const NOOP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+content-length: 203\r\ndate: Sun, 06 Dec 2026 05:55:20 GMT\r\n\r\n\
+{\"choices\":[{\"index\":0,\"message\":{\"content\":\"xxxx\",\"role\":\"assistant\"}}],\
+\"id\":\"chatcmpl-4\",\"model\":\"bench\",\"object\":\"chat.completion\",\
+\"usage\":{\"completion_tokens\":4,\"prompt_tokens\":14,\"total_tokens\":18}}";
+
+fn noop(c: &mut Criterion) {
+    let mut group = c.benchmark_group("tracker");
+    group.throughput(Throughput::Elements(1));
+    for redact in [false, true] {
+        let name = if redact {
+            "noop_request_redacted"
+        } else {
+            "noop_request"
+        };
+        group.bench_function(name, |b| {
+            let mut t = Tracker::new(TrackerConfig {
+                redaction_key: redact.then_some([1, 2]),
+                ..TrackerConfig::default()
+            });
+            let mut out: Vec<Lifecycle> = Vec::new();
+            let conn = ConnKey {
+                tgid: 10,
+                fd: 3,
+                conn_id: 1,
+            };
+            t.on_open(conn, 0, Role::Server);
+            let mut ts = 1;
+            b.iter(|| {
+                ts += 1000;
+                t.on_data(
+                    conn,
+                    ts,
+                    Direction::Inbound,
+                    NOOP_REQUEST.len() as u64,
+                    NOOP_REQUEST,
+                );
+                ts += 1000;
+                t.on_data(
+                    conn,
+                    ts,
+                    Direction::Outbound,
+                    NOOP_RESPONSE.len() as u64,
+                    NOOP_RESPONSE,
+                );
+                t.drain_into(&mut out);
+                assert!(!out.is_empty());
+                out.clear();
+            });
+            let stats = t.stats();
+            assert_eq!(stats.resyncs, 0, "{stats:?}");
+            assert!(stats.completed > 0, "{stats:?}");
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, stream, noop);
 criterion_main!(benches);

@@ -127,6 +127,12 @@ pub(super) fn metrics(shared: &Shared, scope: &Scope) -> Reply {
         ] {
             let _ = writeln!(out, "{name}{{result=\"{result}\"}} {n}");
         }
+        let name = "tracer_store_transactions_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Group commits of records (records over transactions: the group size).\n# TYPE {name} counter\n{name} {}",
+            w.transactions.load(Relaxed)
+        );
         let name = "tracer_store_commit_seconds_total";
         let _ = writeln!(
             out,

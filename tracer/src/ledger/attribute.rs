@@ -108,7 +108,12 @@ struct Unit {
     clippy::many_single_char_names,
     reason = "segment maths uses its own notation"
 )]
-pub(crate) fn segment(ctx: Ctx<'_>, d: &mut Device, seg: &Segment, requests: &mut IdMap<Request>) {
+pub(crate) fn segment(
+    ctx: Ctx<'_>,
+    d: &mut Device,
+    seg: &Segment,
+    requests: &mut IdMap<Box<Request>>,
+) {
     let Ctx {
         dev_id,
         config,
@@ -462,7 +467,7 @@ fn split_unit(
     stats: &mut LedgerStats,
     scratch: &mut Scratch,
     (models, held): (&mut BTreeMap<ServiceId, CostModel>, &mut Vec<HeldUnit>),
-    requests: &mut IdMap<Request>,
+    requests: &mut IdMap<Box<Request>>,
     steps: &BTreeMap<ServiceId, StepClock>,
     svc: usize,
     (u0, u1): (u64, u64),

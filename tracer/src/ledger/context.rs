@@ -59,7 +59,7 @@ pub(super) fn decode_steps(
     clock: &StepClock,
     policy: StepClockPolicy,
     (from, to): (u64, u64),
-    (members, requests): (&[Member], &IdMap<Request>),
+    (members, requests): (&[Member], &IdMap<Box<Request>>),
     buf: &mut Vec<(u64, u64)>,
     out: &mut Vec<(u64, usize, f64, u64)>,
 ) {

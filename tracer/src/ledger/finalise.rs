@@ -214,7 +214,7 @@ impl Ledger {
                 self.pending.remove(r.service, rid, r.keys());
                 self.stats.requests_open = self.stats.requests_open.saturating_sub(1);
                 self.stats.records_emitted += 1;
-                out.push(self.record(rid, r));
+                out.push(self.record(rid, *r));
             }
         }
         // A burst (10k requests at once) leaves the map's table at its peak; give it back

@@ -179,7 +179,7 @@ pub use crate::ids::{DeviceId, RequestId, ServiceId};
 pub struct Ledger {
     config: LedgerConfig,
     devices: BTreeMap<DeviceId, Device>,
-    requests: IdMap<Request>,
+    requests: IdMap<Box<Request>>,
     /// Requests not yet emitted, indexed (`pending.rs`).
     pending: Pending,
     /// Per service, the ends of its engine steps (engine marks and write bursts).
@@ -456,13 +456,13 @@ impl Ledger {
             .arrive(arrival.ts_ns, &arrival.prefix_blocks);
         let r = Request::new(service, arrival);
         self.pending.insert(service, id, r.keys());
-        self.requests.insert(id, r);
+        self.requests.insert(id, Box::new(r));
         self.stats.requests_open += 1;
         Ok(())
     }
 
     fn request(&mut self, id: RequestId) -> Option<&mut Request> {
-        let r = self.requests.get_mut(&id);
+        let r = self.requests.get_mut(&id).map(|r| &mut **r);
         if r.is_none() {
             self.stats.unknown_requests += 1;
         }

@@ -100,13 +100,13 @@ impl Group {
 /// Places the prefills of the `fresh` requests (just resolved) in the stretched steps they ran
 /// in, as each one's own part of each step (`Request::prefill_chunks`). See the module docs.
 pub(super) fn allocate_prefills(
-    requests: &mut IdMap<Request>,
+    requests: &mut IdMap<Box<Request>>,
     fresh: &mut [RequestId],
     clock: Option<&mut StepClock>,
     prefixes: Option<&PrefixCache>,
     policy: StepClockPolicy,
 ) {
-    let key = |requests: &IdMap<Request>, id: &RequestId| {
+    let key = |requests: &IdMap<Box<Request>>, id: &RequestId| {
         requests
             .get(id)
             .map(|r| (r.prefill_to_ns, r.arrival.ts_ns, *id))
@@ -256,7 +256,7 @@ pub(super) fn allocate_prefills(
 
 /// A group's facts (`None` when its members were not resolved).
 fn group(
-    requests: &IdMap<Request>,
+    requests: &IdMap<Box<Request>>,
     ids: &[RequestId],
     members: (usize, usize),
     c: &StepClock,
@@ -369,7 +369,7 @@ fn cut_period(period: &[Group], closed: bool, rate: Option<f64>) -> Vec<f64> {
 
 /// Adds a group to its service's prefill period (see [`StepClock::period_group`]) and its
 /// prompts' sizes to what the clock knows of body sizes.
-fn learn_period(requests: &IdMap<Request>, ids: &[RequestId], g: &Group, c: &mut StepClock) {
+fn learn_period(requests: &IdMap<Box<Request>>, ids: &[RequestId], g: &Group, c: &mut StepClock) {
     for r in ids.iter().filter_map(|id| requests.get(id)) {
         if let (Some(prompt), Some(bytes)) = (r.arrival.prompt_tokens, r.arrival.body_bytes) {
             c.prompt_sample(bytes, prompt);
@@ -388,7 +388,7 @@ fn learn_period(requests: &IdMap<Request>, ids: &[RequestId], g: &Group, c: &mut
 
 /// Shares a group's `claimed` step parts (in time order) among its members.
 fn share_group(
-    requests: &mut IdMap<Request>,
+    requests: &mut IdMap<Box<Request>>,
     group: &[RequestId],
     need: &[Option<f64>],
     claimed: &[Chunk],
@@ -598,10 +598,10 @@ mod tests {
         rs: Vec<Request>,
         prefixes: Option<&PrefixCache>,
     ) -> Vec<Vec<(u64, u64, u64)>> {
-        let mut requests: IdMap<Request> = IdMap::default();
+        let mut requests: IdMap<Box<Request>> = IdMap::default();
         let mut fresh: Vec<RequestId> = Vec::new();
         for (i, r) in rs.into_iter().enumerate() {
-            requests.insert(RequestId(i as u64), r);
+            requests.insert(RequestId(i as u64), Box::new(r));
             fresh.push(RequestId(i as u64));
         }
         allocate_prefills(

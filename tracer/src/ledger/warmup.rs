@@ -45,7 +45,7 @@ pub(super) fn resplit(
     config: &LedgerConfig,
     unit: &HeldUnit,
     prices: Option<&Prices>,
-    requests: &mut IdMap<Request>,
+    requests: &mut IdMap<Box<Request>>,
     scratch: &mut Weights,
 ) {
     let outcome = prices.map(|p| weights::weights(config.split, &unit.feats, p, scratch));
@@ -107,7 +107,7 @@ mod tests {
             let acc = r.accounts.entry(dev).or_default();
             acc.dynamic_j = 5.0;
             acc.idle_j = 1.0;
-            requests.insert(id, r);
+            requests.insert(id, Box::new(r));
         }
         let unit = HeldUnit {
             service: ServiceId(1),
@@ -136,7 +136,7 @@ mod tests {
             &mut requests,
             &mut scratch,
         );
-        let got = |rs: &IdMap<Request>, i: usize| rs[&ids[i]].accounts[&dev];
+        let got = |rs: &IdMap<Box<Request>>, i: usize| rs[&ids[i]].accounts[&dev];
         let (a, b) = (5.1 / 13.2, 8.1 / 13.2);
         assert!((got(&requests, 0).dynamic_j - 10.0 * a).abs() < 1e-9);
         assert!((got(&requests, 1).dynamic_j - 10.0 * b).abs() < 1e-9);

@@ -110,11 +110,15 @@ pub(super) fn event_says(payload: &[u8], ndjson: bool, want_id: bool) -> EventSa
 /// Id and usage of a non-streamed JSON response, from its kept head and tail windows.
 pub(super) fn read_body(p: &mut Pending, out: &mut Vec<Lifecycle>) {
     if p.server_id.is_none() {
-        json::scan(&p.resp_head, |path, v| {
-            if path == ["id"] {
-                p.server_id = Some(v.text().to_string());
+        let mut id = None;
+        json::scan_until(&p.resp_head, |path, v| {
+            let found = path == ["id"];
+            if found {
+                id = Some(v.text().to_string());
             }
+            found
         });
+        p.server_id = id;
     }
     if p.usage_seen {
         return;
@@ -133,10 +137,9 @@ pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
     let at = USAGE.find(bytes)?;
     let rest = &bytes[at + 7..];
     let brace = memchr::memchr(b'{', rest)?;
-    let mut it =
-        serde_json::Deserializer::from_slice(&rest[brace..]).into_iter::<serde_json::Value>();
-    let v = it.next()?.ok()?;
-    Some(usage_of(&v))
+    let mut it = serde_json::Deserializer::from_slice(&rest[brace..])
+        .into_iter::<super::counts::UsageObject>();
+    Some(it.next()?.ok()?.0)
 }
 
 /// The counts of an OpenAI-style `usage` object.

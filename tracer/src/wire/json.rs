@@ -5,14 +5,15 @@
 //! (depth-1) keys with the raw text of scalar values. It never allocates per byte and stops at
 //! the end of the input without error.
 
-/// A top-level scalar: string contents (unescaped only for the simple escapes) or raw text.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Scalar {
-    Str(String),
-    Raw(String),
+/// A top-level scalar: string contents (unescaped) or raw text, lent for the visit (the
+/// scanner reuses its buffer: nothing is allocated per value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar<'a> {
+    Str(&'a str),
+    Raw(&'a str),
 }
 
-impl Scalar {
+impl Scalar<'_> {
     /// The value as text.
     pub fn text(&self) -> &str {
         match self {
@@ -23,8 +24,14 @@ impl Scalar {
 
 /// Calls `visit(path, value)` for scalars whose path is at most two keys deep, e.g.
 /// `["model"]` or `["stream_options", "include_usage"]`. Arrays are skipped.
-pub fn scan(bytes: &[u8], visit: impl FnMut(&[&str], Scalar)) {
+#[cfg(test)]
+pub fn scan(bytes: &[u8], visit: impl FnMut(&[&str], Scalar<'_>)) {
     Scanner::default().feed(bytes, visit);
+}
+
+/// [`scan`] that stops as soon as `visit` returns `true` (found what it wanted).
+pub fn scan_until(bytes: &[u8], mut visit: impl FnMut(&[&str], Scalar<'_>) -> bool) {
+    Scanner::default().walk(bytes, &mut visit);
 }
 
 /// Raw bytes of a string or scalar kept at most (enough for 256 decoded bytes of most text).
@@ -47,6 +54,12 @@ pub struct Scanner {
     outer: Option<String>,
     token: Token,
     buf: Vec<u8>,
+    /// The last token decoded, and a key's allocation kept for the next key (reused, not
+    /// state: a checkpoint does not carry them).
+    #[serde(skip)]
+    text: String,
+    #[serde(skip)]
+    spare: String,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,14 +79,20 @@ impl Scanner {
     }
 
     /// Scans the next piece.
-    pub fn feed(&mut self, bytes: &[u8], mut visit: impl FnMut(&[&str], Scalar)) {
+    pub fn feed(&mut self, bytes: &[u8], mut visit: impl FnMut(&[&str], Scalar<'_>)) {
+        self.walk(bytes, &mut |path, v| {
+            visit(path, v);
+            false
+        });
+    }
+
+    /// Scans until the input ends or `visit` returns `true`.
+    fn walk(&mut self, bytes: &[u8], visit: &mut impl FnMut(&[&str], Scalar<'_>) -> bool) {
         let mut i = 0;
         if !self.started {
-            while i < bytes.len() && bytes[i] != b'{' {
-                i += 1;
-            }
-            if i == bytes.len() {
-                return;
+            match memchr::memchr(b'{', bytes) {
+                Some(at) => i = at,
+                None => return,
             }
             self.started = true;
         }
@@ -81,11 +100,31 @@ impl Scanner {
             let b = bytes[i];
             match self.token {
                 Token::Str { escaped } => {
+                    // Only strings that can be a key or a value at depth 1 or 2 are kept;
+                    // the rest (a prompt's messages) go by in bulk.
+                    let keep = self.array_depth == 0 && self.depth <= 2;
+                    if !escaped {
+                        let run =
+                            memchr::memchr2(b'"', b'\\', &bytes[i..]).unwrap_or(bytes.len() - i);
+                        if run > 0 {
+                            if keep {
+                                let room = TOKEN_KEEP.saturating_sub(self.buf.len());
+                                self.buf.extend_from_slice(&bytes[i..i + run.min(room)]);
+                            }
+                            i += run;
+                            continue;
+                        }
+                    }
                     if b == b'"' && !escaped {
                         self.token = Token::None;
-                        let (text, _) = string(&self.buf, 0);
+                        self.text.clear();
+                        if keep {
+                            decode_into(&self.buf, &mut self.text);
+                        }
                         self.buf.clear();
-                        self.string_done(text, &mut visit);
+                        if self.string_done(visit) {
+                            return;
+                        }
                     } else {
                         if self.buf.len() < TOKEN_KEEP {
                             self.buf.push(b);
@@ -100,12 +139,17 @@ impl Scanner {
                 Token::Raw => {
                     if matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
                         self.token = Token::None;
-                        let raw = String::from_utf8_lossy(&self.buf).into_owned();
+                        self.text.clear();
+                        self.text.push_str(&String::from_utf8_lossy(&self.buf));
                         self.buf.clear();
                         if self.array_depth == 0
                             && let Some(k) = self.key.take()
                         {
-                            self.emit(&k, Scalar::Raw(raw), &mut visit);
+                            let stop = self.emit(&k, Scalar::Raw(&self.text), visit);
+                            self.spare = k;
+                            if stop {
+                                return;
+                            }
                         }
                         // The delimiter is handled below.
                     } else {
@@ -125,6 +169,8 @@ impl Scanner {
                         let k = self.key.take();
                         if self.depth == 2 {
                             self.outer = k;
+                        } else if let Some(k) = k {
+                            self.spare = k;
                         }
                         self.expect_key = true;
                     }
@@ -143,7 +189,9 @@ impl Scanner {
                 }
                 b'[' => {
                     self.array_depth += 1;
-                    self.key = None;
+                    if let Some(k) = self.key.take() {
+                        self.spare = k;
+                    }
                 }
                 b']' => self.array_depth = self.array_depth.saturating_sub(1),
                 b',' => {
@@ -162,41 +210,58 @@ impl Scanner {
         }
     }
 
-    fn string_done(&mut self, s: String, visit: &mut impl FnMut(&[&str], Scalar)) {
+    /// A string ended: it is the next key, or the value of the current one.
+    fn string_done(&mut self, visit: &mut impl FnMut(&[&str], Scalar<'_>) -> bool) -> bool {
         if self.array_depth > 0 {
-            return;
+            return false;
         }
         if self.expect_key {
-            self.key = Some(s);
+            let mut k = std::mem::take(&mut self.spare);
+            k.clear();
+            k.push_str(&self.text);
+            self.key = Some(k);
             self.expect_key = false;
         } else if let Some(k) = self.key.take() {
-            self.emit(&k, Scalar::Str(s), visit);
+            let stop = self.emit(&k, Scalar::Str(&self.text), visit);
+            self.spare = k;
+            return stop;
         }
+        false
     }
 
-    fn emit(&self, key: &str, v: Scalar, visit: &mut impl FnMut(&[&str], Scalar)) {
+    fn emit(
+        &self,
+        key: &str,
+        v: Scalar<'_>,
+        visit: &mut impl FnMut(&[&str], Scalar<'_>) -> bool,
+    ) -> bool {
         match (self.depth, &self.outer) {
             (1, _) => visit(&[key], v),
             (2, Some(outer)) => visit(&[outer, key], v),
-            _ => {}
+            _ => false,
         }
     }
 }
 
-/// Reads a JSON string starting after its opening quote; returns it and the index after the
-/// closing quote (or the end of input when it is cut off). Long strings are kept to 256 bytes.
-fn string(bytes: &[u8], mut i: usize) -> (String, usize) {
-    let mut out = Vec::new();
+/// Decodes a JSON string's contents (its bytes between the quotes, escapes and all) into
+/// `out`; long strings are kept to 256 bytes.
+fn decode_into(bytes: &[u8], out: &mut String) {
+    // Most strings have no escape: one copy.
+    if !bytes.contains(&b'\\') {
+        out.push_str(&String::from_utf8_lossy(&bytes[..bytes.len().min(256)]));
+        return;
+    }
+    let mut raw = Vec::new();
+    let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => return (String::from_utf8_lossy(&out).into_owned(), i + 1),
             b'\\' => {
                 match bytes.get(i + 1) {
                     Some(b'u') => {
                         let (ch, used) = unicode_escape(&bytes[i..]);
-                        if out.len() < 256 {
+                        if raw.len() < 256 {
                             let mut tmp = [0u8; 4];
-                            out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+                            raw.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
                         }
                         i += used;
                         continue;
@@ -210,8 +275,8 @@ fn string(bytes: &[u8], mut i: usize) -> (String, usize) {
                             b'f' => 12,
                             other => other,
                         };
-                        if out.len() < 256 {
-                            out.push(c);
+                        if raw.len() < 256 {
+                            raw.push(c);
                         }
                     }
                     None => {}
@@ -219,14 +284,14 @@ fn string(bytes: &[u8], mut i: usize) -> (String, usize) {
                 i += 2;
             }
             c => {
-                if out.len() < 256 {
-                    out.push(c);
+                if raw.len() < 256 {
+                    raw.push(c);
                 }
                 i += 1;
             }
         }
     }
-    (String::from_utf8_lossy(&out).into_owned(), bytes.len())
+    out.push_str(&String::from_utf8_lossy(&raw));
 }
 
 /// Decodes `\\uXXXX` (and a following low surrogate) at the start of `b`; returns the
@@ -327,6 +392,19 @@ mod tests {
         );
         s.feed(deep.as_bytes(), |_, _| n += 1);
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn scan_until_stops_at_what_it_wanted() {
+        let mut seen = Vec::new();
+        scan_until(
+            br#"{"choices":[{"id":"inner"}],"id":"chatcmpl-4","model":"m","usage":{"x":1}}"#,
+            |p, v| {
+                seen.push((p.join("."), v.text().to_string()));
+                p == ["id"]
+            },
+        );
+        assert_eq!(seen, vec![("id".to_string(), "chatcmpl-4".to_string())]);
     }
 
     #[test]

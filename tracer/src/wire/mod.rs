@@ -31,6 +31,7 @@
 //! and all of them use `conn`.
 
 mod conn;
+mod counts;
 mod dialect;
 mod framing;
 mod json;

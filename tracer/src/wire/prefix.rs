@@ -7,19 +7,28 @@
 //! block's hash covers every byte before it in the prompt (chained), so equal hashes mean an
 //! equal start. Only whole blocks within the captured head are hashed.
 
-use std::hash::Hasher as _;
+use std::{hash::Hasher as _, sync::LazyLock};
 
 use memchr::memmem;
 
 /// Bytes per block: about 16 tokens, the block size of vLLM's prefix cache.
 pub const BLOCK_BYTES: usize = 64;
 
-/// Keys a prompt can be under, most specific first.
-const PROMPT_KEYS: [&[u8]; 4] = [b"\"messages\"", b"\"prompt\"", b"\"inputs\"", b"\"input\""];
+/// Keys a prompt can be under, most specific first (searchers built once: one per request
+/// body otherwise).
+static PROMPT_KEYS: LazyLock<[memmem::Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        b"\"messages\"".as_slice(),
+        b"\"prompt\"",
+        b"\"inputs\"",
+        b"\"input\"",
+    ]
+    .map(memmem::Finder::new)
+});
 
 /// The chained hashes of the whole blocks of the prompt in `body_head` (empty without one).
 pub(super) fn prompt_blocks(body_head: &[u8]) -> Vec<u64> {
-    let Some(start) = PROMPT_KEYS.iter().find_map(|k| memmem::find(body_head, k)) else {
+    let Some(start) = PROMPT_KEYS.iter().find_map(|k| k.find(body_head)) else {
         return Vec::new();
     };
     let mut prev = 0u64;

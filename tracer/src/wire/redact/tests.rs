@@ -207,3 +207,25 @@ fn text_bodies_and_credentials_are_replaced() {
     assert!(text.contains("X-Request-Id: r1\r\n\r\n{\"a\":1}"), "{text}");
     assert!(text.starts_with("POST /v1/chat HTTP/1.1\r\nAuthorization: "));
 }
+
+#[test]
+fn heads_redact_the_same_whatever_the_pieces() {
+    let head = "POST /v1/chat?key=SECRET&x=1 HTTP/1.1\r\nHost: example\r\nAuthorization: Bearer sk-SECRET\r\nUser-Agent: a long agent value / 1.0\r\nCookie: a=1;\r\n\tb=SECRET\r\nX-Request-Id: r1\r\n\r\n{\"a\":1}";
+    let whole = {
+        let mut h = HeadState::default();
+        h.reset();
+        let mut v = head.as_bytes().to_vec();
+        h.redact(K, &mut v);
+        v
+    };
+    assert!(!String::from_utf8_lossy(&whole).contains("SECRET"));
+    for size in 1..head.len() {
+        let mut h = HeadState::default();
+        h.reset();
+        let mut v = head.as_bytes().to_vec();
+        for piece in v.chunks_mut(size) {
+            h.redact(K, piece);
+        }
+        assert_eq!(v, whole, "pieces of {size}");
+    }
+}
