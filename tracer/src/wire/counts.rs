@@ -9,10 +9,17 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::dialect::Usage;
-
-/// The counts of a `usage` object.
-pub(super) struct UsageObject(pub(super) Usage);
+/// The counts of a `usage` object (what `dialect::Usage` is made of).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "the servers' own field names, as `dialect::Usage` has them"
+)]
+pub(super) struct UsageObject {
+    pub(super) prompt_tokens: Option<u64>,
+    pub(super) completion_tokens: Option<u64>,
+    pub(super) cached_tokens: Option<u64>,
+}
 
 impl<'de> Deserialize<'de> for UsageObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -30,11 +37,7 @@ impl<'de> Visitor<'de> for UsageVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageObject, A::Error> {
-        let mut u = Usage {
-            prompt_tokens: None,
-            completion_tokens: None,
-            cached_tokens: None,
-        };
+        let mut u = UsageObject::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key {
                 Key::Prompt => u.prompt_tokens = map.next_value::<Count>()?.0,
@@ -45,7 +48,7 @@ impl<'de> Visitor<'de> for UsageVisitor {
                 }
             }
         }
-        Ok(UsageObject(u))
+        Ok(u)
     }
 }
 
@@ -196,9 +199,9 @@ mod tests {
     use super::*;
 
     /// What reading through a `Value` gave (the reference this replaces).
-    fn through_value(s: &str) -> Option<Usage> {
+    fn through_value(s: &str) -> Option<UsageObject> {
         let v: serde_json::Value = serde_json::from_str(s).ok()?;
-        Some(Usage {
+        Some(UsageObject {
             prompt_tokens: v["prompt_tokens"].as_u64(),
             completion_tokens: v["completion_tokens"].as_u64(),
             cached_tokens: v["prompt_tokens_details"]["cached_tokens"].as_u64(),
@@ -218,7 +221,7 @@ mod tests {
             r#"{"pr\u006fmpt_tokens":5,"completion_tokens":1e2}"#,
             "{}",
         ] {
-            let typed = serde_json::from_str::<UsageObject>(s).ok().map(|u| u.0);
+            let typed = serde_json::from_str::<UsageObject>(s).ok();
             assert_eq!(typed, through_value(s), "{s}");
         }
     }

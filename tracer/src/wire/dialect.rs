@@ -139,7 +139,12 @@ pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
     let brace = memchr::memchr(b'{', rest)?;
     let mut it = serde_json::Deserializer::from_slice(&rest[brace..])
         .into_iter::<super::counts::UsageObject>();
-    Some(it.next()?.ok()?.0)
+    let u = it.next()?.ok()?;
+    Some(Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_tokens: u.cached_tokens,
+    })
 }
 
 /// The counts of an OpenAI-style `usage` object.
