@@ -27,18 +27,18 @@ fn event(i: usize) -> Vec<u8> {
     chunk
 }
 
-fn stream(c: &mut Criterion) {
-    let events: Vec<Vec<u8>> = (0..EVENTS).map(event).collect();
-    let done = b"E\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+/// Benches one exchange, sent write by write on one connection, redacting and not; `units`
+/// is what a run counts (events, requests).
+fn exchange(c: &mut Criterion, name: &str, units: u64, writes: &[(Direction, &[u8])]) {
     let mut group = c.benchmark_group("tracker");
-    group.throughput(Throughput::Elements(EVENTS as u64));
+    group.throughput(Throughput::Elements(units));
     for redact in [false, true] {
-        let name = if redact {
-            "sse_events_redacted"
+        let id = if redact {
+            format!("{name}_redacted")
         } else {
-            "sse_events"
+            name.to_string()
         };
-        group.bench_function(name, |b| {
+        group.bench_function(id, |b| {
             let mut t = Tracker::new(TrackerConfig {
                 redaction_key: redact.then_some([1, 2]),
                 ..TrackerConfig::default()
@@ -52,16 +52,10 @@ fn stream(c: &mut Criterion) {
             t.on_open(conn, 0, Role::Server);
             let mut ts = 1;
             b.iter(|| {
-                let mut send = |dir: Direction, bytes: &[u8]| {
+                for &(dir, bytes) in writes {
                     ts += 1000;
                     t.on_data(conn, ts, dir, bytes.len() as u64, bytes);
-                };
-                send(Direction::Inbound, REQUEST);
-                send(Direction::Outbound, HEAD);
-                for e in &events {
-                    send(Direction::Outbound, e);
                 }
-                send(Direction::Outbound, done);
                 t.drain_into(&mut out);
                 assert!(!out.is_empty());
                 out.clear();
@@ -73,6 +67,15 @@ fn stream(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+fn stream(c: &mut Criterion) {
+    let events: Vec<Vec<u8>> = (0..EVENTS).map(event).collect();
+    let done = b"E\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+    let mut writes = vec![(Direction::Inbound, REQUEST), (Direction::Outbound, HEAD)];
+    writes.extend(events.iter().map(|e| (Direction::Outbound, e.as_slice())));
+    writes.push((Direction::Outbound, done.as_slice()));
+    exchange(c, "sse_events", EVENTS as u64, &writes);
 }
 
 /// A non-streamed request and its JSON answer as the bench server (`openai-axum`) sends them
@@ -88,54 +91,11 @@ content-length: 203\r\ndate: Sun, 06 Dec 2026 05:55:20 GMT\r\n\r\n\
 \"usage\":{\"completion_tokens\":4,\"prompt_tokens\":14,\"total_tokens\":18}}";
 
 fn noop(c: &mut Criterion) {
-    let mut group = c.benchmark_group("tracker");
-    group.throughput(Throughput::Elements(1));
-    for redact in [false, true] {
-        let name = if redact {
-            "noop_request_redacted"
-        } else {
-            "noop_request"
-        };
-        group.bench_function(name, |b| {
-            let mut t = Tracker::new(TrackerConfig {
-                redaction_key: redact.then_some([1, 2]),
-                ..TrackerConfig::default()
-            });
-            let mut out: Vec<Lifecycle> = Vec::new();
-            let conn = ConnKey {
-                tgid: 10,
-                fd: 3,
-                conn_id: 1,
-            };
-            t.on_open(conn, 0, Role::Server);
-            let mut ts = 1;
-            b.iter(|| {
-                ts += 1000;
-                t.on_data(
-                    conn,
-                    ts,
-                    Direction::Inbound,
-                    NOOP_REQUEST.len() as u64,
-                    NOOP_REQUEST,
-                );
-                ts += 1000;
-                t.on_data(
-                    conn,
-                    ts,
-                    Direction::Outbound,
-                    NOOP_RESPONSE.len() as u64,
-                    NOOP_RESPONSE,
-                );
-                t.drain_into(&mut out);
-                assert!(!out.is_empty());
-                out.clear();
-            });
-            let stats = t.stats();
-            assert_eq!(stats.resyncs, 0, "{stats:?}");
-            assert!(stats.completed > 0, "{stats:?}");
-        });
-    }
-    group.finish();
+    let writes = [
+        (Direction::Inbound, NOOP_REQUEST),
+        (Direction::Outbound, NOOP_RESPONSE),
+    ];
+    exchange(c, "noop_request", 1, &writes);
 }
 
 criterion_group!(benches, stream, noop);

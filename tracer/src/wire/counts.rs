@@ -9,6 +9,29 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+/// Visitor methods for the kinds of JSON value a field reads as absent (`$absent`); arrays are
+/// skipped whole.
+macro_rules! absent_otherwise {
+    ($ty:ty, $absent:expr) => {
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<$ty, E> {
+            Ok($absent)
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
+            Ok($absent)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<$ty, E> {
+            Ok($absent)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<$ty, E> {
+            Ok($absent)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($absent)
+        }
+    };
+}
+
 /// The counts of a `usage` object (what `dialect::Usage` is made of).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 #[expect(
@@ -104,22 +127,7 @@ impl<'de> Visitor<'de> for CountVisitor {
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
         Ok(Count(u64::try_from(v).ok()))
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Count(None))
-    }
+    absent_otherwise!(Count, Count(None));
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Count(None))
@@ -154,22 +162,7 @@ impl<'de> Deserialize<'de> for Details {
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
                 Ok(Details(None))
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Details, E> {
-                Ok(Details(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Details, E> {
-                Ok(Details(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Details, E> {
-                Ok(Details(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Details, E> {
-                Ok(Details(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Details, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Details(None))
-            }
+            absent_otherwise!(Details, Details(None));
         }
         d.deserialize_any(V)
     }
