@@ -216,6 +216,9 @@ mod tests {
         ] {
             let typed = serde_json::from_str::<UsageObject>(s).ok();
             assert_eq!(typed, through_value(s), "{s}");
+            // A parsed event's `usage` is read through the same visitors.
+            let tree: serde_json::Value = serde_json::from_str(s).expect("valid JSON");
+            assert_eq!(UsageObject::deserialize(&tree).ok(), typed, "{s}");
         }
     }
 

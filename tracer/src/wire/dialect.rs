@@ -18,7 +18,9 @@ use std::sync::LazyLock;
 
 use memchr::memmem;
 
-use super::{Lifecycle, RequestKey, conn::Pending, header, json};
+use serde::Deserialize as _;
+
+use super::{Lifecycle, RequestKey, conn::Pending, counts, header, json};
 
 /// Token counts reported by the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -137,21 +139,25 @@ pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
     let at = USAGE.find(bytes)?;
     let rest = &bytes[at + 7..];
     let brace = memchr::memchr(b'{', rest)?;
-    let mut it = serde_json::Deserializer::from_slice(&rest[brace..])
-        .into_iter::<super::counts::UsageObject>();
-    let u = it.next()?.ok()?;
-    Some(Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        cached_tokens: u.cached_tokens,
-    })
+    let mut it =
+        serde_json::Deserializer::from_slice(&rest[brace..]).into_iter::<counts::UsageObject>();
+    Some(it.next()?.ok()?.into())
 }
 
-/// The counts of an OpenAI-style `usage` object.
+/// The counts of an OpenAI-style `usage` object, read by the one lenient reader
+/// ([`counts::UsageObject`]) whole responses use too.
 fn usage_of(u: &serde_json::Value) -> Usage {
-    Usage {
-        prompt_tokens: u["prompt_tokens"].as_u64(),
-        completion_tokens: u["completion_tokens"].as_u64(),
-        cached_tokens: u["prompt_tokens_details"]["cached_tokens"].as_u64(),
+    counts::UsageObject::deserialize(u)
+        .unwrap_or_default()
+        .into()
+}
+
+impl From<counts::UsageObject> for Usage {
+    fn from(u: counts::UsageObject) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.cached_tokens,
+        }
     }
 }
