@@ -1,5 +1,5 @@
 //! The store's cost per record as the daemon pays it on its writer thread: records like the
-//! no-op load's (one CPU device, ~740 bytes of JSON) committed in groups of 2,000 (what a
+//! no-op load's (one CPU device; ~740 bytes as JSON, ~190 as the stored row) committed in groups of 2,000 (what a
 //! 100 ms tick finalises at 20,000 requests/s) into a fresh store, CPU time of the thread
 //! (user and system: the WAL's and the checkpoints' writes are system time) over the records.
 //! `cargo bench -p tracer --bench store_write` (issue 17; `BENCHMARKS.md`).
@@ -55,10 +55,12 @@ fn main() {
                 .expect("insert");
         }
         let cpu_ns = thread_cpu_ns() - cpu;
+        let bytes = store.used_bytes().expect("size");
         println!(
-            "round {round}: {N} records in groups of {GROUP}: {:.2} µs CPU per record ({:.2} µs wall)",
+            "round {round}: {N} records in groups of {GROUP}: {:.2} µs CPU per record ({:.2} µs wall), {} database bytes per record",
             cpu_ns as f64 / N as f64 / 1e3,
             wall.elapsed().as_nanos() as f64 / N as f64 / 1e3,
+            bytes / N,
         );
     }
 }

@@ -17,6 +17,7 @@ mod quantiles;
 mod query;
 mod recover;
 mod rollup;
+mod row;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -90,6 +91,13 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A stored record's binary row does not read as one ([`row`]).
+    #[error("stored record {id}: {source}")]
+    Row {
+        id: i64,
+        #[source]
+        source: row::RowError,
+    },
     /// The database was written by a newer tracer.
     #[error("the store's schema version {found} is newer than this tracer's ({supported})")]
     Schema { found: i64, supported: i64 },
@@ -158,6 +166,8 @@ pub struct Store {
     dir: PathBuf,
     /// The exclusive lock: held for the store's life (writers only).
     _lock: Option<std::fs::File>,
+    /// The row being written, reused from record to record.
+    row: Vec<u8>,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,6 +212,7 @@ impl Store {
             conn,
             dir: dir.to_owned(),
             _lock: Some(lock),
+            row: Vec::new(),
         })
     }
 
@@ -217,6 +228,7 @@ impl Store {
             conn,
             dir: dir.to_owned(),
             _lock: None,
+            row: Vec::new(),
         })
     }
 
@@ -320,11 +332,11 @@ impl Store {
         let mut new = 0;
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency, segment) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                "INSERT OR IGNORE INTO records (id, run, end_unix_ms, service, service_name, model, tenant, outcome, total_j, dynamic_j, idle_j, completion_tokens, recovered, json, cost_nano, currency, segment, rec) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, '', ?14, ?15, ?16, ?17)",
             )?;
             let mut rollups = rollup::Rollups::default();
             for r in records {
-                let json = serde_json::to_string(&**r).map_err(|source| StoreError::Corrupt {
+                row::encode(r, &mut self.row).map_err(|source| StoreError::Row {
                     id: r.record.id.0 as i64,
                     source,
                 })?;
@@ -343,10 +355,10 @@ impl Store {
                     r.record.idle_j,
                     r.record.completion_tokens.map(|t| t as i64),
                     recovered,
-                    json,
                     cost_nano,
                     currency,
                     segment,
+                    self.row,
                 ])?;
                 if added > 0 {
                     rollups.add(r, cost_nano, currency);
@@ -417,6 +429,15 @@ impl Store {
 
     fn decode(id: i64, json: &str) -> Result<FinalRecord, StoreError> {
         serde_json::from_str(json).map_err(|source| StoreError::Corrupt { id, source })
+    }
+
+    /// A stored record from its columns: the binary row (`rec`, schema 4 on) or, in rows
+    /// written before, the JSON.
+    fn decode_row(id: i64, json: &str, rec: Option<&[u8]>) -> Result<FinalRecord, StoreError> {
+        match rec {
+            Some(bytes) => row::decode(bytes).map_err(|source| StoreError::Row { id, source }),
+            None => Self::decode(id, json),
+        }
     }
 
     /// Every run: (run, first request id, next request id when closed, recovered records).
@@ -501,14 +522,18 @@ impl Store {
     pub fn newest(&self, n: usize) -> Result<Vec<FinalRecord>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT id, json FROM records ORDER BY id DESC LIMIT ?1")?;
+            .prepare("SELECT id, json, rec FROM records ORDER BY id DESC LIMIT ?1")?;
         let rows = st.query_map([n as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, json) = row?;
-            match Self::decode(id, &json) {
+            let (id, json, rec) = row?;
+            match Self::decode_row(id, &json, rec.as_deref()) {
                 Ok(r) => out.push(r),
                 // One unreadable row must not keep the daemon from starting.
                 Err(e) => tracing::warn!("store: skipping {e}"),
@@ -555,13 +580,16 @@ impl Store {
 
     /// One record by id.
     pub fn get(&self, id: u64) -> Result<Option<FinalRecord>, StoreError> {
-        let json: Option<String> = self
+        let row: Option<(String, Option<Vec<u8>>)> = self
             .conn
-            .query_row("SELECT json FROM records WHERE id = ?1", [id as i64], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT json, rec FROM records WHERE id = ?1",
+                [id as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        json.map(|j| Self::decode(id as i64, &j)).transpose()
+        row.map(|(json, rec)| Self::decode_row(id as i64, &json, rec.as_deref()))
+            .transpose()
     }
 
     /// Stored records (all runs).

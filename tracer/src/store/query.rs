@@ -205,8 +205,8 @@ impl Store {
             .collect()
     }
 
-    /// As [`Store::page`], each record as its stored JSON (checked to be JSON, not decoded):
-    /// what the API sends, without a decode and an encode per record.
+    /// As [`Store::page`], each record as the JSON the API sends: a binary row decoded and
+    /// encoded, a JSON row (written before schema 4) as stored (checked to be JSON).
     pub fn page_raw(
         &self,
         filter: &StoredFilter,
@@ -218,17 +218,27 @@ impl Store {
         };
         args.push((limit as i64).into());
         let sql = format!(
-            "SELECT id, json FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
+            "SELECT id, json, rec FROM records WHERE {clause} ORDER BY id DESC LIMIT ?{}",
             args.len()
         );
         let mut st = self.conn.prepare(&sql)?;
         let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
         })?;
         rows.map(|row| {
-            let (id, json) = row?;
-            let raw = serde_json::value::RawValue::from_string(json)
-                .map_err(|source| StoreError::Corrupt { id, source })?;
+            let (id, json, rec) = row?;
+            let raw = match rec {
+                Some(bytes) => {
+                    let record = Self::decode_row(id, &json, Some(&bytes))?;
+                    serde_json::value::to_raw_value(&record)
+                }
+                None => serde_json::value::RawValue::from_string(json),
+            }
+            .map_err(|source| StoreError::Corrupt { id, source })?;
             Ok((id as u64, raw))
         })
         .collect()
@@ -430,7 +440,7 @@ impl Store {
         until_ms: i64,
     ) -> Result<Vec<(RunSegment, FinalRecord)>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, run, segment, json FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
+            "SELECT id, run, segment, json, rec FROM records WHERE end_unix_ms >= ?1 AND end_unix_ms < ?2 ORDER BY id",
         )?;
         let rows = st.query_map([since_ms, until_ms], |r| {
             Ok((
@@ -438,11 +448,12 @@ impl Store {
                 r.get::<_, i64>(1)?,
                 r.get::<_, u32>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
             ))
         })?;
         rows.map(|row| {
-            let (id, run, segment, json) = row?;
-            Ok(((run, segment), Self::decode(id, &json)?))
+            let (id, run, segment, json, rec) = row?;
+            Ok(((run, segment), Self::decode_row(id, &json, rec.as_deref())?))
         })
         .collect()
     }

@@ -6,7 +6,9 @@ use super::StoreError;
 
 /// The schema this build writes. 2: records carry the journal segment they were finalised in.
 /// 3: rollup rows carry histograms of J per request and per output token (quantiles).
-pub const VERSION: i64 = 3;
+/// 4: records are stored as binary rows (`rec`, [`super::row`]); `json` is '' in them and
+/// keeps the record in rows written before.
+pub const VERSION: i64 = 4;
 
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -41,7 +43,8 @@ CREATE TABLE IF NOT EXISTS records (
     currency TEXT,
     recovered INTEGER NOT NULL DEFAULT 0,
     json TEXT NOT NULL,
-    segment INTEGER NOT NULL DEFAULT 0
+    segment INTEGER NOT NULL DEFAULT 0,
+    rec BLOB
 );
 CREATE INDEX IF NOT EXISTS records_end ON records (end_unix_ms);
 CREATE TABLE IF NOT EXISTS rollup (
@@ -147,6 +150,15 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
         migrate.push_str(
             "ALTER TABLE rollup ADD COLUMN j_hist BLOB; ALTER TABLE rollup ADD COLUMN token_hist BLOB;",
         );
+    }
+    let rows: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = 'rec'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !rows {
+        // Rows from before version 4 keep their JSON (and NULL here); both read back.
+        migrate.push_str("ALTER TABLE records ADD COLUMN rec BLOB;");
     }
     if !migrate.is_empty() {
         conn.execute_batch(&format!(
