@@ -114,8 +114,8 @@ pub fn render(s: &Snapshot, prev: Option<&Snapshot>) -> String {
     if s.counts.hop_calls_paired + s.counts.hop_inner_found > 0 {
         let _ = write!(
             out,
-            " | hops calls={} inner={}",
-            s.counts.hop_calls_paired, s.counts.hop_inner_found
+            " | hops calls={} (by arrival {}) inner={}",
+            s.counts.hop_calls_paired, s.counts.hop_calls_by_arrival, s.counts.hop_inner_found
         );
     }
     let sum = |f: fn(&crate::ledger::DeviceTotals) -> f64| {

@@ -75,6 +75,10 @@ pub(super) struct Hops {
     /// Calls paired with an outer request, and inner exchanges found.
     pub(super) calls_paired: u64,
     pub(super) inner_found: u64,
+    /// Calls paired by arrival order (the writing thread named no unpaired request): the
+    /// weaker rule, counted so a wrong pairing can be told from a right one.
+    #[serde(default)]
+    pub(super) calls_by_arrival: u64,
 }
 
 /// What to do with a server-side arrival.
@@ -135,7 +139,11 @@ impl Hops {
             });
             let o = match pick {
                 Some(o) => o,
-                None => list.values_mut().find(|o| !o.paired)?,
+                None => {
+                    let o = list.values_mut().find(|o| !o.paired)?;
+                    self.calls_by_arrival += 1;
+                    o
+                }
             };
             o.paired = true;
             Some(o.id)
@@ -268,5 +276,38 @@ impl Hops {
         {
             self.loopback.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRONT: Pid = Pid(100);
+    const MSG: Message = (300, 7);
+
+    /// Two requests in flight at a front; each thread's call goes to the request it read, and
+    /// a call from a thread that read none falls back to arrival order, counted as such.
+    #[test]
+    fn calls_pair_by_the_thread_that_read_else_by_arrival_and_say_which() {
+        let mut h = Hops::default();
+        for (id, conn, tid) in [(1, 10, 1), (2, 11, 2)] {
+            assert_eq!(h.arrive(id, (FRONT, conn), id, MSG, false), Arrival::Outer);
+            h.data(tid, FRONT, conn, true, true);
+        }
+        // Thread 2 (serving request 2) calls first, on client connection 20.
+        h.data(2, FRONT, 20, false, false);
+        h.call(50, (FRONT, 20), (10, MSG, None), true);
+        assert_eq!(h.calls[&50].outer, Some(2));
+        assert_eq!((h.calls_paired, h.calls_by_arrival), (1, 0));
+        // A thread that read no request (a task moved to another thread) calls on 21.
+        h.data(9, FRONT, 21, false, false);
+        h.call(51, (FRONT, 21), (11, MSG, None), true);
+        assert_eq!(h.calls[&51].outer, Some(1));
+        assert_eq!((h.calls_paired, h.calls_by_arrival), (2, 1));
+        // Nothing left unpaired: a third call pairs with nothing.
+        h.call(52, (FRONT, 22), (12, MSG, None), true);
+        assert_eq!(h.calls[&52].outer, None);
+        assert_eq!((h.calls_paired, h.calls_by_arrival), (2, 1));
     }
 }

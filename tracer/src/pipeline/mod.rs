@@ -609,6 +609,7 @@ impl Pipeline {
             data_pieces_lost: self.conns.pieces_lost(),
             hop_calls_paired: self.hops.calls_paired,
             hop_inner_found: self.hops.inner_found,
+            hop_calls_by_arrival: self.hops.calls_by_arrival,
         }
     }
 

@@ -101,6 +101,8 @@ pub struct Counts {
     /// other ends found (not requests of their own, `hops.rs`).
     pub hop_calls_paired: u64,
     pub hop_inner_found: u64,
+    /// Of the calls paired, those paired by arrival order, not by the thread that wrote them.
+    pub hop_calls_by_arrival: u64,
 }
 
 /// A power sampler's health.
