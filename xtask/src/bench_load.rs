@@ -117,8 +117,12 @@ impl Daemon {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting tracer")?;
+        // Attached, and its API answering: the socket is bound just after the "attached"
+        // line, so a query right after that line could find no socket yet.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("attached")) {
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("attached"))
+            || std::os::unix::net::UnixStream::connect(&sock).is_err()
+        {
             if Instant::now() > deadline {
                 bail!("tracer did not attach: {}", log.display());
             }

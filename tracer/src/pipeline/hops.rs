@@ -137,13 +137,12 @@ impl Hops {
                     .rev()
                     .find(|o| o.conn_id == s && !o.paired)
             });
-            let o = match pick {
-                Some(o) => o,
-                None => {
-                    let o = list.values_mut().find(|o| !o.paired)?;
-                    self.calls_by_arrival += 1;
-                    o
-                }
+            let o = if let Some(o) = pick {
+                o
+            } else {
+                let o = list.values_mut().find(|o| !o.paired)?;
+                self.calls_by_arrival += 1;
+                o
             };
             o.paired = true;
             Some(o.id)
