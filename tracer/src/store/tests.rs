@@ -594,6 +594,19 @@ fn rollup_histograms_merge_across_batches() {
 /// A version 2 store (its rollup table without histograms) opens as version 3: the table gains
 /// the columns, the old rows keep their sums, and the quantiles say they cover only the
 /// requests stored since.
+/// The store in `dir` opened by this build (migrated to its version), a new run storing `after`.
+fn upgraded(dir: &Path, after: &[Arc<FinalRecord>]) -> Store {
+    let mut s = Store::open(dir).expect("open an older store");
+    let version: i64 = s
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, schema::VERSION);
+    let run = s.begin_run(1).expect("run");
+    s.insert(run.run, after, false).expect("insert");
+    s
+}
+
 #[test]
 fn a_version_2_store_gains_the_histograms_and_says_what_they_cover() {
     let dir = temp("migrate");
@@ -634,15 +647,8 @@ fn a_version_2_store_gains_the_histograms_and_says_what_they_cover() {
         )
         .expect("version 2");
     }
-    let mut s = Store::open(&dir).expect("open version 2");
-    let version: i64 = s
-        .conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .expect("version");
-    assert_eq!(version, 4);
-    let run = s.begin_run(1).expect("run");
     // The same minutes again: old rows (NULL histograms) gain this batch's.
-    s.insert(run.run, after, false).expect("insert");
+    let s = upgraded(&dir, after);
     let groups = s
         .summary(&StoredFilter::default(), GroupBy::Model)
         .expect("summary");
@@ -703,14 +709,7 @@ fn a_version_3_store_reads_its_json_rows_beside_the_binary_ones() {
             .execute_batch("ALTER TABLE records DROP COLUMN rec; PRAGMA user_version = 3;")
             .expect("version 3");
     }
-    let mut s = Store::open(&dir).expect("open version 3");
-    let version: i64 = s
-        .conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .expect("version");
-    assert_eq!(version, 4);
-    let run = s.begin_run(1).expect("run");
-    s.insert(run.run, after, false).expect("insert");
+    let s = upgraded(&dir, after);
     let (json_rows, binary_rows): (i64, i64) = s
         .conn
         .query_row(
