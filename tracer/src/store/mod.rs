@@ -4,8 +4,8 @@
 //! Why `SQLite` (through `rusqlite`, bundled): its write-ahead log makes every committed
 //! transaction survive a `kill -9` of the daemon (and, with `synchronous = NORMAL`, everything
 //! but the last commits before a power cut), one file holds everything, operators can read it
-//! with the `sqlite3` shell, and indexed range queries serve what the in-memory index does
-//! not hold. Records are written by one thread ([`writer`]) in group commits; the API and the
+//! with the `sqlite3` shell (a record's columns; the whole record is a binary row, [`row`]),
+//! and indexed range queries serve what the in-memory index does not hold. Records are written by one thread ([`writer`]) in group commits; the API and the
 //! stream see a record only once it is committed, so "final" means "stored".
 //!
 //! Ids: each daemon start is a run (`runs` table); a run's first request id follows every id

@@ -32,17 +32,22 @@ macro_rules! absent_otherwise {
     };
 }
 
-/// The counts of a `usage` object (what `dialect::Usage` is made of).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Token counts reported by the server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[expect(
     clippy::struct_field_names,
-    reason = "the servers' own field names, as `dialect::Usage` has them"
+    reason = "the names of `Lifecycle::Usage` and of the servers' own fields"
 )]
-pub(super) struct UsageObject {
+pub(super) struct Usage {
     pub(super) prompt_tokens: Option<u64>,
     pub(super) completion_tokens: Option<u64>,
     pub(super) cached_tokens: Option<u64>,
 }
+
+/// A `usage` object as the server wrote it, read leniently into its [`Usage`] (the derived
+/// `Deserialize` is the strict one, for the tracker's own state).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct UsageObject(pub(super) Usage);
 
 impl<'de> Deserialize<'de> for UsageObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -60,7 +65,7 @@ impl<'de> Visitor<'de> for UsageVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageObject, A::Error> {
-        let mut u = UsageObject::default();
+        let mut u = Usage::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key {
                 Key::Prompt => u.prompt_tokens = map.next_value::<Count>()?.0,
@@ -71,7 +76,7 @@ impl<'de> Visitor<'de> for UsageVisitor {
                 }
             }
         }
-        Ok(u)
+        Ok(UsageObject(u))
     }
 }
 
@@ -194,11 +199,11 @@ mod tests {
     /// What reading through a `Value` gave (the reference this replaces).
     fn through_value(s: &str) -> Option<UsageObject> {
         let v: serde_json::Value = serde_json::from_str(s).ok()?;
-        Some(UsageObject {
+        Some(UsageObject(Usage {
             prompt_tokens: v["prompt_tokens"].as_u64(),
             completion_tokens: v["completion_tokens"].as_u64(),
             cached_tokens: v["prompt_tokens_details"]["cached_tokens"].as_u64(),
-        })
+        }))
     }
 
     #[test]

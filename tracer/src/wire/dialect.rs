@@ -20,19 +20,8 @@ use memchr::memmem;
 
 use serde::Deserialize as _;
 
+use super::counts::Usage;
 use super::{Lifecycle, RequestKey, conn::Pending, counts, header, json};
-
-/// Token counts reported by the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[expect(
-    clippy::struct_field_names,
-    reason = "the names of `Lifecycle::Usage` and of the servers' own fields"
-)]
-pub(super) struct Usage {
-    pub(super) prompt_tokens: Option<u64>,
-    pub(super) completion_tokens: Option<u64>,
-    pub(super) cached_tokens: Option<u64>,
-}
 
 impl Usage {
     /// The lifecycle event telling these counts for `req`.
@@ -141,23 +130,11 @@ pub(super) fn usage_in(bytes: &[u8]) -> Option<Usage> {
     let brace = memchr::memchr(b'{', rest)?;
     let mut it =
         serde_json::Deserializer::from_slice(&rest[brace..]).into_iter::<counts::UsageObject>();
-    Some(it.next()?.ok()?.into())
+    Some(it.next()?.ok()?.0)
 }
 
 /// The counts of an OpenAI-style `usage` object, read by the one lenient reader
 /// ([`counts::UsageObject`]) whole responses use too.
 fn usage_of(u: &serde_json::Value) -> Usage {
-    counts::UsageObject::deserialize(u)
-        .unwrap_or_default()
-        .into()
-}
-
-impl From<counts::UsageObject> for Usage {
-    fn from(u: counts::UsageObject) -> Self {
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cached_tokens: u.cached_tokens,
-        }
-    }
+    counts::UsageObject::deserialize(u).unwrap_or_default().0
 }
